@@ -1,0 +1,73 @@
+# Build, test and benchmark entry points of bpflb (BPF objects, Python environment, tests, lab demo).
+.DELETE_ON_ERROR:
+.PHONY: all bpf clean venv test test-unit test-bpf test-lab lint typecheck demo bench deps
+
+CLANG ?= clang
+ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
+BPF_CFLAGS ?= -O2 -g -target bpf -Wall -Wextra -Werror -Wno-unused-parameter \
+	-I$(ARCH_INCLUDE) -Ibpf_objects/include
+BPF_SRCS := $(wildcard bpf_objects/*.c)
+BPF_OBJS := $(patsubst bpf_objects/%.c,bpf_objects/build/%.o,$(BPF_SRCS))
+BPF_HDRS := $(wildcard bpf_objects/include/*.h)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+all: bpf
+
+bpf: $(BPF_OBJS)
+
+bpf_objects/build/%.o: bpf_objects/%.c $(BPF_HDRS) | bpf_objects/build
+	@echo "  CLANG-BPF $@"
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+bpf_objects/build:
+	$(Q)mkdir -p $@
+
+clean:
+	rm -rf bpf_objects/build
+
+# System packages (Debian) and the Python virtualenv; both idempotent.
+deps:
+	$(Q)scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(Q)python3 -m venv $(VENV)
+	$(Q)$(VENV)/bin/pip install -q --upgrade pip
+	$(Q)$(VENV)/bin/pip install -q -e '.[test]'
+	$(Q)touch $@
+
+lint: venv
+	$(Q)$(VENV)/bin/ruff check operator tests
+	$(Q)$(VENV)/bin/mypy
+
+typecheck: lint
+
+# The README's test command: everything a fresh Debian machine needs, then every test.
+test: deps venv bpf lint
+	$(Q)$(VENV)/bin/pytest -v tests
+
+test-unit: venv
+	$(Q)$(VENV)/bin/pytest tests/unit
+
+test-bpf: venv bpf
+	$(Q)$(VENV)/bin/pytest tests/bpf
+
+test-lab: venv bpf
+	$(Q)$(VENV)/bin/pytest tests/lab
+
+# The README's demo command: build, bring the lab up, check it, print the table.
+demo: deps venv bpf
+	$(Q)$(VENV)/bin/bpflb lab down >/dev/null 2>&1 || true
+	$(Q)$(VENV)/bin/bpflb lab up
+	$(Q)$(VENV)/bin/bpflb lab status
+	$(Q)$(VENV)/bin/bpflb lab check
+
+bench: venv bpf
+	$(Q)$(VENV)/bin/bpflb bench

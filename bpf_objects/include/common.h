@@ -1,0 +1,32 @@
+/* Includes, constants and small helpers every bpflb BPF object shares. */
+#ifndef BPFLB_COMMON_H
+#define BPFLB_COMMON_H
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_structs.h"
+
+#define NSEC_PER_SEC 1000000000ULL
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+/* Tunable limits (override with -D at build time). */
+#ifndef NAT_PORT_TRIES
+#define NAT_PORT_TRIES 32   /* random SNAT source ports tried before giving up on a new flow */
+#endif
+
+#endif

@@ -1,0 +1,127 @@
+/* Structs and constants shared by the BPF programs and the Python datapath adapter.
+ *
+ * This file is the contract between C and Python: bpflb.datapath.structs reads it with
+ * cffi (so it must stay plain C: #define NAME <integer>, typedef-free structs of __u8..__u64),
+ * and tests/bpf/test_layout.py checks every struct against the BTF of the compiled object.
+ * Addresses and ports are in network byte order, as on the wire. */
+#ifndef BPFLB_LB_STRUCTS_H
+#define BPFLB_LB_STRUCTS_H
+
+/* bpfLBMode, stored in lb_config.mode and in every conntrack entry (a flow keeps its mode). */
+#define LB_MODE_SNAT 0
+#define LB_MODE_DSR 1
+#define LB_MODE_HYBRID 2
+
+/* lb_svc_val.flags on the master slot (slot 0) of a frontend. */
+#define LB_SVC_F_NODEPORT 1
+#define LB_SVC_F_LOADBALANCER 2
+#define LB_SVC_F_EXTERNAL_IP 4
+#define LB_SVC_F_LOCAL 8
+#define LB_SVC_F_NO_ENDPOINTS 16
+
+/* lb_svc_val.algorithm */
+#define LB_ALG_RANDOM 0
+#define LB_ALG_MAGLEV 1
+
+/* lb_backend.flags */
+#define LB_BE_F_LOCAL 1
+
+/* ct_entry.flags */
+#define CT_F_SNAT 1
+#define CT_F_LOCAL 2
+#define CT_F_DSR 4
+#define CT_F_CLOSING 8
+#define CT_F_SEEN_REPLY 16
+
+/* Statistic counters (index into the per-CPU lb_stats array). */
+#define STAT_PASS_NOT_SERVICE 0
+#define STAT_NEW_FLOW 1
+#define STAT_FWD_ESTABLISHED 2
+#define STAT_REPLY_SNAT 3
+#define STAT_REPLY_DNAT 4
+#define STAT_DROP_NO_LOCAL_BACKEND 5
+#define STAT_REJECT_NO_ENDPOINTS 6
+#define STAT_PASS_FRAGMENT 7
+#define STAT_PASS_TRUNCATED 8
+#define STAT_DROP_NAT_EXHAUSTED 9
+#define STAT_PASS_FIB_FAILED 10
+#define STAT_DROP_NO_BACKEND 11
+#define STAT_DROP_ERROR 12
+#define STAT_MAX 16
+
+/* Map sizes; the Python side reads them to size its own bookkeeping. */
+#define LB_SERVICES_MAX 65536
+#define LB_SVC_SLOTS_MAX 262144
+#define LB_BACKENDS_MAX 65536
+#define CT_MAX 262144
+
+/* A frontend slot: slot 0 is the frontend itself, slots 1..count name its backends. */
+struct lb_svc_key {
+	__u32 addr;
+	__u16 port;
+	__u16 slot;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct lb_svc_val {
+	__u32 id;              /* slot 0: service id; slot > 0: backend id */
+	__u16 count;           /* slot 0: number of backend slots */
+	__u16 flags;           /* slot 0: LB_SVC_F_* */
+	__u32 affinity_timeout;/* slot 0: sessionAffinity ClientIP timeout in seconds, 0 = off */
+	__u8 algorithm;        /* slot 0: LB_ALG_* */
+	__u8 pad[3];
+};
+
+struct lb_backend {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 flags;            /* LB_BE_F_* */
+};
+
+/* A connection's 5-tuple as it appears on the wire in one direction. */
+struct ct_tuple {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Forward entry (key: the client's tuple as received) or reverse entry (key: the reply's
+ * tuple as it leaves the backend).  Forward: rewrite the destination to backend_addr:port
+ * and, with CT_F_SNAT, the source to nat_addr:nat_port.  Reverse: rewrite the source to
+ * the frontend (fe_addr:fe_port) and, with CT_F_SNAT, the destination to the client. */
+struct ct_entry {
+	__u64 last_seen;       /* bpf_ktime_get_ns() of the last packet, refreshed at most once a second */
+	__u32 backend_id;
+	__u32 backend_addr;
+	__u32 nat_addr;
+	__u32 fe_addr;
+	__u32 client_addr;
+	__u16 backend_port;
+	__u16 nat_port;
+	__u16 fe_port;
+	__u16 client_port;
+	__u32 svc_id;
+	__u8 flags;            /* CT_F_* */
+	__u8 mode;             /* LB_MODE_* the flow started with */
+	__u8 pad[2];
+};
+
+/* Runtime settings of a node's datapath (a one-entry array): changed live by the agent. */
+struct lb_config {
+	__u32 mode;            /* LB_MODE_* for new flows */
+	__u32 snat_addr;       /* this node's address, the source of SNAT'd requests */
+	__u16 nat_port_min;    /* host order: SNAT source ports are allocated in [min, max] */
+	__u16 nat_port_max;
+	__u32 ext_ifindex;     /* the external device the programs are attached to */
+	__u32 tcp_timeout;     /* seconds an established TCP flow lives without packets */
+	__u32 udp_timeout;     /* seconds a UDP flow lives without packets */
+	__u32 closing_timeout; /* seconds after FIN/RST */
+	__u32 pad;
+};
+
+#endif

@@ -1,0 +1,196 @@
+/* North-south load balancing on the node's external device: new flows, established flows,
+ * replies, in SNAT mode (DSR and Hybrid plug in at the marked places). */
+#ifndef BPFLB_NODEPORT_H
+#define BPFLB_NODEPORT_H
+
+#include "common.h"
+#include "maps.h"
+#include "parse.h"
+#include "nat.h"
+#include "conntrack.h"
+#include "lb.h"
+#include "icmp.h"
+#include "fib.h"
+
+/* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
+ * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
+static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg,
+					 __u64 now)
+{
+	struct ct_entry *rev;
+	__u16 dport = bpf_ntohs(p->t.dport);
+
+	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
+		return -1;
+	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
+	if (!rev || !(rev->flags & CT_F_SNAT))
+		return -1;
+	ct_touch(rev, p, now);
+	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(STAT_REPLY_SNAT);
+	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto, p->tot_len);
+}
+
+/* Translate a packet of a known flow towards its backend and forward it. */
+static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e)
+{
+	__be32 saddr = p->t.saddr;
+	__be16 sport = p->t.sport;
+
+	if (e->flags & CT_F_SNAT) {
+		saddr = e->nat_addr;
+		sport = e->nat_port;
+	}
+	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return fib_forward(skb, saddr, e->backend_addr, p->t.proto, p->tot_len);
+}
+
+/* Create the flow's entries for a freshly selected backend; 0 on success, else a verdict. */
+static __always_inline int np_new_flow(struct pkt *p, const struct lb_config *cfg, const struct lb_svc_val *svc,
+				       __u32 be_id, const struct lb_backend *be, struct ct_entry *e, __u64 now)
+{
+	struct ct_entry rev = {};
+	struct ct_tuple rkey;
+	__u32 span = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
+	int i;
+
+	e->last_seen = now;
+	e->backend_id = be_id;
+	e->backend_addr = be->addr;
+	e->backend_port = be->port;
+	e->fe_addr = p->t.daddr;
+	e->fe_port = p->t.dport;
+	e->client_addr = p->t.saddr;
+	e->client_port = p->t.sport;
+	e->svc_id = svc->id;
+	e->mode = cfg->mode;
+
+	rev = *e;
+	if (be->flags & LB_BE_F_LOCAL) {
+		/* Local backend: DNAT only, the pod sees the client; its reply leaves via egress. */
+		e->flags = CT_F_LOCAL;
+		rev.flags = CT_F_LOCAL;
+		ct_reply_tuple(&rkey, be->addr, be->port, p->t.saddr, p->t.sport, p->t.proto);
+		if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0)
+			return TC_ACT_SHOT;
+	} else {
+		/* Remote backend in SNAT mode: source becomes this node with a free port. */
+		e->flags = CT_F_SNAT;
+		rev.flags = CT_F_SNAT;
+		e->nat_addr = cfg->snat_addr;
+		rev.nat_addr = cfg->snat_addr;
+		if (span == 0 || span > 65536)
+			return TC_ACT_SHOT;
+		for (i = 0; i < NAT_PORT_TRIES; i++) {
+			__be16 port = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % span));
+
+			ct_reply_tuple(&rkey, be->addr, be->port, cfg->snat_addr, port, p->t.proto);
+			rev.nat_port = port;
+			if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_NOEXIST) == 0) {
+				e->nat_port = port;
+				break;
+			}
+		}
+		if (i == NAT_PORT_TRIES) {
+			stat_inc(STAT_DROP_NAT_EXHAUSTED);
+			return TC_ACT_SHOT;
+		}
+	}
+	if (p->tcp_flags & (TCPF_FIN | TCPF_RST))
+		e->flags |= CT_F_CLOSING;
+	if (bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_ANY) < 0)
+		return TC_ACT_SHOT;
+	return 0;
+}
+
+/* tc ingress on the external device. */
+static __always_inline int np_ingress(struct __sk_buff *skb)
+{
+	struct lb_config *cfg = config_get();
+	struct pkt p = {};
+	struct ct_entry *e, fresh = {};
+	struct lb_svc_val *svc;
+	struct lb_backend *be;
+	__u32 be_id = 0;
+	__u64 now;
+	int rc;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	switch (parse_pkt(skb, &p)) {
+	case PARSE_OK:
+		break;
+	case PARSE_FRAGMENT:
+		stat_inc(STAT_PASS_FRAGMENT);
+		return TC_ACT_OK;
+	case PARSE_TRUNCATED:
+		stat_inc(STAT_PASS_TRUNCATED);
+		return TC_ACT_OK;
+	default:
+		return TC_ACT_OK;
+	}
+	now = bpf_ktime_get_ns();
+
+	rc = np_snat_reply(skb, &p, cfg, now);
+	if (rc >= 0)
+		return rc;
+
+	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
+	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
+		ct_touch(e, &p, now);
+		stat_inc(STAT_FWD_ESTABLISHED);
+		return np_forward(skb, &p, e);
+	}
+
+	svc = lb_lookup_service(&p);
+	if (!svc) {
+		stat_inc(STAT_PASS_NOT_SERVICE);
+		return TC_ACT_OK;
+	}
+	if (svc->count == 0) {
+		if (svc->flags & LB_SVC_F_NO_ENDPOINTS) {
+			stat_inc(STAT_REJECT_NO_ENDPOINTS);
+			return icmp_send_unreach(skb, &p, ICMP_PORT_UNREACH, 0);
+		}
+		stat_inc(STAT_DROP_NO_LOCAL_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	be = lb_select_backend(&p, svc, &be_id);
+	if (!be) {
+		stat_inc(STAT_DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	rc = np_new_flow(&p, cfg, svc, be_id, be, &fresh, now);
+	if (rc)
+		return rc;
+	stat_inc(STAT_NEW_FLOW);
+	return np_forward(skb, &p, &fresh);
+}
+
+/* tc egress on the external device: replies of flows DNAT'd to a local backend. */
+static __always_inline int np_egress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct ct_entry *rev;
+
+	if (parse_pkt(skb, &p) != PARSE_OK)
+		return TC_ACT_OK;
+	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
+	if (!rev || !(rev->flags & CT_F_LOCAL))
+		return TC_ACT_OK;
+	ct_touch(rev, &p, bpf_ktime_get_ns());
+	if (nat_addr(skb, &p, 1, p.t.saddr, rev->fe_addr) < 0 || nat_port(skb, &p, 1, p.t.sport, rev->fe_port) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(STAT_REPLY_DNAT);
+	return TC_ACT_OK;
+}
+
+#endif

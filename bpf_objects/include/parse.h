@@ -1,0 +1,108 @@
+/* Packet parsing: Ethernet + IPv4 + TCP/UDP into a struct pkt, refusing anything malformed. */
+#ifndef BPFLB_PARSE_H
+#define BPFLB_PARSE_H
+
+#include "common.h"
+
+enum parse_result {
+	PARSE_OK = 0,        /* a whole, unfragmented IPv4 TCP/UDP header: may be translated */
+	PARSE_NOT_IPV4,      /* another EtherType: not ours */
+	PARSE_OTHER_L4,      /* IPv4 but not TCP/UDP: not ours */
+	PARSE_FRAGMENT,      /* an IP fragment: no trustworthy L4 header, never translated */
+	PARSE_TRUNCATED,     /* headers cut short or inconsistent: never translated */
+};
+
+struct pkt {
+	struct ct_tuple t;   /* as on the wire, network byte order */
+	__u32 l4_off;        /* offset of the TCP/UDP header from the start of the frame */
+	__u32 csum_off;      /* offset of the L4 checksum field */
+	__u16 tot_len;       /* IPv4 total length, host order */
+	__u8 tcp_flags;      /* TCP flag byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 for UDP */
+	__u8 ihl_bytes;      /* IPv4 header length including options */
+};
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+/* Parse the frame's headers; the verdict says whether the packet may be translated. */
+static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__u32 ihl, tot_len;
+
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_TRUNCATED;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return PARSE_NOT_IPV4;
+
+	/* Headers of a non-linear skb may sit outside the linear area: pull them in once. */
+	{
+		__u32 want = skb->len;
+
+		if (want > ETH_HLEN + 60 + sizeof(struct tcphdr))
+			want = ETH_HLEN + 60 + sizeof(struct tcphdr);
+		if (data + want > data_end) {
+			bpf_skb_pull_data(skb, want);
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+			eth = data;
+			if ((void *)(eth + 1) > data_end)
+				return PARSE_TRUNCATED;
+		}
+	}
+
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_TRUNCATED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return PARSE_TRUNCATED;
+	ihl = ip->ihl * 4;
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < ihl || tot_len > skb->len - ETH_HLEN)
+		return PARSE_TRUNCATED;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return PARSE_FRAGMENT;
+
+	p->t.saddr = ip->saddr;
+	p->t.daddr = ip->daddr;
+	p->t.proto = ip->protocol;
+	p->t.pad[0] = p->t.pad[1] = p->t.pad[2] = 0;
+	p->tot_len = tot_len;
+	p->ihl_bytes = ihl;
+	p->l4_off = ETH_HLEN + ihl;
+
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)ip + ihl;
+
+		if ((void *)(th + 1) > data_end || tot_len < ihl + sizeof(*th))
+			return PARSE_TRUNCATED;
+		if (th->doff < 5 || tot_len < ihl + th->doff * 4)
+			return PARSE_TRUNCATED;
+		p->t.sport = th->source;
+		p->t.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
+		return PARSE_OK;
+	}
+	if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)ip + ihl;
+
+		if ((void *)(uh + 1) > data_end || tot_len < ihl + sizeof(*uh))
+			return PARSE_TRUNCATED;
+		if (bpf_ntohs(uh->len) < sizeof(*uh) || bpf_ntohs(uh->len) > tot_len - ihl)
+			return PARSE_TRUNCATED;
+		p->t.sport = uh->source;
+		p->t.dport = uh->dest;
+		p->tcp_flags = 0;
+		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
+		return PARSE_OK;
+	}
+	return PARSE_OTHER_L4;
+}
+
+#endif

@@ -1,0 +1,281 @@
+"""Loading bpflb's BPF objects through libbpf: bpffs, pinned maps, tc attachment, test runs."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpflb.datapath.libbpf import (
+    BPF_ANY,
+    BPF_TC_F_REPLACE,
+    BpfError,
+    check,
+    ffi,
+    lib,
+    objects_dir,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/bpflb")
+LB_OBJECT = "bpf_lb.o"
+TC_HANDLE = 0xB1B
+TC_PRIORITY = 1
+
+
+def bpffs_mountpoint(path: Path) -> Path | None:
+    """The bpffs mount that holds path, or None when no bpf filesystem covers it."""
+    best: Path | None = None
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 3 or fields[2] != "bpf":
+                continue
+            mnt = Path(fields[1].replace("\\040", " "))
+            if (path == mnt or mnt in path.parents) and (best is None or len(mnt.parts) > len(best.parts)):
+                best = mnt
+    return best
+
+
+def ensure_bpffs(pin_root: Path) -> None:
+    """Mount bpffs at /sys/fs/bpf when the pin root is not on one (the agent's job on a fresh node)."""
+    if bpffs_mountpoint(pin_root) is not None:
+        return
+    target = Path("/sys/fs/bpf")
+    if target not in pin_root.parents:
+        raise BpfError(22, f"pin root {pin_root} is not on a bpf filesystem and not under {target}")
+    target.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(target).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"mount -t bpf bpf {target}: {os.strerror(err)}")
+    log.info("mounted bpffs at %s (it was missing)", target)
+
+
+@dataclass
+class TestRun:
+    """The outcome of one BPF_PROG_TEST_RUN."""
+
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+class Map:
+    """A loaded BPF map addressed by its struct types from lb_structs.h."""
+
+    def __init__(self, name: str, fd: int, key_type: str, value_type: str) -> None:
+        self.name = name
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.key_size = ffi().sizeof(key_type)
+        self.value_size = ffi().sizeof(value_type)
+
+    def new_key(self, **fields: Any) -> Any:
+        return ffi().new(f"{self.key_type} *", fields) if fields else ffi().new(f"{self.key_type} *")
+
+    def new_value(self, **fields: Any) -> Any:
+        return ffi().new(f"{self.value_type} *", fields) if fields else ffi().new(f"{self.value_type} *")
+
+    def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+        check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+
+    def update_raw(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+
+    def lookup(self, key: Any) -> Any | None:
+        value = self.new_value()
+        rc = lib().bpf_map_lookup_elem(self.fd, key, value)
+        if rc < 0:
+            if -rc == 2 or (rc == -1 and ffi().errno == 2):
+                return None
+            check(rc, f"lookup in map {self.name}")
+        return value
+
+    def delete_raw(self, key: bytes) -> bool:
+        rc = lib().bpf_map_delete_elem(self.fd, key)
+        if rc < 0:
+            if -rc == 2 or (rc == -1 and ffi().errno == 2):
+                return False
+            check(rc, f"delete from map {self.name}")
+        return True
+
+    def items_raw(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) as bytes; tolerant of concurrent deletes."""
+        f, cur, nxt = ffi(), None, ffi().new("char[]", self.key_size)
+        value = f.new("char[]", self.value_size)
+        while True:
+            rc = lib().bpf_map_get_next_key(self.fd, cur if cur is not None else f.NULL, nxt)
+            if rc < 0:
+                return
+            key = bytes(f.buffer(nxt))
+            if lib().bpf_map_lookup_elem(self.fd, nxt, value) == 0:
+                yield key, bytes(f.buffer(value))
+            cur = f.new("char[]", key)
+
+    def decode_key(self, raw: bytes) -> Any:
+        return decode(self.key_type, raw)
+
+    def decode_value(self, raw: bytes) -> Any:
+        return decode(self.value_type, raw)
+
+
+def decode(ctype: str, raw: bytes) -> Any:
+    """A fresh cffi struct of ctype holding the bytes raw."""
+    obj = ffi().new(f"{ctype} *")
+    ffi().memmove(obj, raw, min(len(raw), ffi().sizeof(ctype)))
+    return obj
+
+
+# Map name -> (key struct, value struct), as declared in bpf_objects/include/maps.h.
+MAP_TYPES: dict[str, tuple[str, str]] = {
+    "lb_services": ("struct lb_svc_key", "struct lb_svc_val"),
+    "lb_backends": ("__u32", "struct lb_backend"),
+    "ct_fwd": ("struct ct_tuple", "struct ct_entry"),
+    "ct_rev": ("struct ct_tuple", "struct ct_entry"),
+    "lb_config": ("__u32", "struct lb_config"),
+    "lb_stats": ("__u32", "__u64"),
+}
+
+
+class BpfObject:
+    """A loaded BPF object file whose pinned maps live under pin_root (shared across loads)."""
+
+    def __init__(self, path: Path, pin_root: Path | None) -> None:
+        self.path = path
+        self.pin_root = pin_root
+        f, l = ffi(), lib()
+        self._keep: list[Any] = []
+        opts = f.new("struct bpf_object_open_opts *")
+        opts.sz = f.sizeof("struct bpf_object_open_opts")
+        if pin_root is not None:
+            ensure_bpffs(pin_root)
+            pin_root.mkdir(parents=True, exist_ok=True)
+            root = f.new("char[]", str(pin_root).encode())
+            self._keep.append(root)
+            opts.pin_root_path = root
+        obj = l.bpf_object__open_file(str(path).encode(), opts)
+        if obj == f.NULL:
+            err = f.errno
+            raise BpfError(err, f"cannot open BPF object {path}: {os.strerror(err)} (was `make bpf` run?)")
+        self._obj = obj
+        if pin_root is None:
+            m = l.bpf_object__next_map(obj, f.NULL)
+            while m != f.NULL:
+                l.bpf_map__set_pin_path(m, f.NULL)
+                m = l.bpf_object__next_map(obj, m)
+        rc = l.bpf_object__load(obj)
+        if rc < 0:
+            l.bpf_object__close(obj)
+            self._obj = f.NULL
+            check(rc, f"loading BPF object {path} (the verifier log is above)")
+
+    def prog_fd(self, name: str) -> int:
+        prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
+        if prog == ffi().NULL:
+            raise BpfError(2, f"program {name} not found in {self.path}")
+        return int(lib().bpf_program__fd(prog))
+
+    def map(self, name: str) -> Map:
+        m = lib().bpf_object__find_map_by_name(self._obj, name.encode())
+        if m == ffi().NULL:
+            raise BpfError(2, f"map {name} not found in {self.path}")
+        key_type, value_type = MAP_TYPES[name]
+        return Map(name, int(lib().bpf_map__fd(m)), key_type, value_type)
+
+    def close(self) -> None:
+        if self._obj != ffi().NULL:
+            lib().bpf_object__close(self._obj)
+            self._obj = ffi().NULL
+
+    def test_run(self, prog: str, data: bytes, *, ifindex: int = 0, repeat: int = 1,
+                 out_size: int = 4096) -> TestRun:
+        """Run a program on one frame with BPF_PROG_TEST_RUN; the context carries ifindex."""
+        f = ffi()
+        opts = f.new("struct bpf_test_run_opts *")
+        opts.sz = f.sizeof("struct bpf_test_run_opts")
+        data_in = f.new("char[]", data)
+        data_out = f.new("char[]", out_size)
+        opts.data_in = data_in
+        opts.data_size_in = len(data)
+        opts.data_out = data_out
+        opts.data_size_out = out_size
+        ctx = f.new("struct sk_buff_ctx *")
+        if ifindex:
+            ctx.ifindex = ifindex
+            ctx.ingress_ifindex = ifindex
+        ctx_out = f.new("struct sk_buff_ctx *")
+        opts.ctx_in = ctx
+        opts.ctx_size_in = f.sizeof("struct sk_buff_ctx")
+        opts.ctx_out = ctx_out
+        opts.ctx_size_out = f.sizeof("struct sk_buff_ctx")
+        opts.repeat = repeat
+        check(lib().bpf_prog_test_run_opts(self.prog_fd(prog), opts), f"test run of {prog}")
+        return TestRun(int(opts.retval), bytes(f.buffer(data_out, opts.data_size_out)), int(opts.duration))
+
+
+def _tc_hook(ifindex: int, point: int) -> Any:
+    hook = ffi().new("struct bpf_tc_hook *")
+    hook.sz = ffi().sizeof("struct bpf_tc_hook")
+    hook.ifindex = ifindex
+    hook.attach_point = point
+    return hook
+
+
+def tc_attach(prog_fd: int, ifindex: int, *, ingress: bool) -> None:
+    """Attach (or atomically replace) a tc program on a device's clsact hook."""
+    point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
+    hook = _tc_hook(ifindex, point)
+    rc = lib().bpf_tc_hook_create(hook)
+    if rc < 0 and -rc != 17:  # EEXIST: clsact already there
+        check(rc, f"creating clsact on ifindex {ifindex}")
+    opts = ffi().new("struct bpf_tc_opts *")
+    opts.sz = ffi().sizeof("struct bpf_tc_opts")
+    opts.prog_fd = prog_fd
+    opts.handle = TC_HANDLE
+    opts.priority = TC_PRIORITY
+    opts.flags = BPF_TC_F_REPLACE
+    check(lib().bpf_tc_attach(hook, opts), f"attaching tc program on ifindex {ifindex}")
+
+
+def tc_detach(ifindex: int, *, ingress: bool) -> bool:
+    """Remove bpflb's filter from a device's clsact hook; False when it was not there."""
+    point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
+    hook = _tc_hook(ifindex, point)
+    opts = ffi().new("struct bpf_tc_opts *")
+    opts.sz = ffi().sizeof("struct bpf_tc_opts")
+    opts.handle = TC_HANDLE
+    opts.priority = TC_PRIORITY
+    rc = lib().bpf_tc_detach(hook, opts)
+    return bool(rc == 0)
+
+
+def tc_attached_prog_id(ifindex: int, *, ingress: bool) -> int | None:
+    """The id of the program bpflb attached on the hook, or None."""
+    point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
+    hook = _tc_hook(ifindex, point)
+    opts = ffi().new("struct bpf_tc_opts *")
+    opts.sz = ffi().sizeof("struct bpf_tc_opts")
+    opts.handle = TC_HANDLE
+    opts.priority = TC_PRIORITY
+    if lib().bpf_tc_query(hook, opts) < 0:
+        return None
+    return int(opts.prog_id)
+
+
+def load_lb(pin_root: Path | None, obj_dir: Path | None = None) -> BpfObject:
+    """Load bpf_lb.o; its maps are pinned under pin_root (None: unpinned, for tests and benchmarks)."""
+    return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root)
+
+
+def remove_pins(pin_root: Path) -> None:
+    """Remove every pinned map of a node (uninstall)."""
+    if pin_root.exists():
+        shutil.rmtree(pin_root)

@@ -1,0 +1,116 @@
+"""The load-balancer model: what one node's datapath should hold, independent of BPF and of Kubernetes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+
+class Proto(enum.IntEnum):
+    """IP protocol numbers of the L4 protocols the datapath balances."""
+
+    TCP = 6
+    UDP = 17
+
+
+class Mode(enum.IntEnum):
+    """bpfLBMode; the values are the datapath's LB_MODE_* constants."""
+
+    SNAT = 0
+    DSR = 1
+    HYBRID = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        """Map a ModuleConfig spelling (SNAT, DSR, Hybrid) to a Mode; ValueError names the choices."""
+        for mode in cls:
+            if mode.label == text:
+                return mode
+        raise ValueError(f"must be one of SNAT, DSR, Hybrid; got {text!r}")
+
+    @property
+    def label(self) -> str:
+        return {Mode.SNAT: "SNAT", Mode.DSR: "DSR", Mode.HYBRID: "Hybrid"}[self]
+
+
+class Algorithm(enum.IntEnum):
+    """Backend selection; the values are the datapath's LB_ALG_* constants."""
+
+    RANDOM = 0
+    MAGLEV = 1
+
+
+class FrontendKind(enum.Enum):
+    NODEPORT = "NodePort"
+    LOADBALANCER = "LoadBalancer"
+    EXTERNAL_IP = "ExternalIP"
+
+
+@dataclass(frozen=True, order=True)
+class L4Addr:
+    """An address:port/protocol triple, the identity of a frontend or a backend."""
+
+    addr: IPv4Address
+    port: int
+    proto: Proto
+
+    def __str__(self) -> str:
+        return f"{self.addr}:{self.port}/{self.proto.name}"
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """One endpoint of a Service port, as this node sees it."""
+
+    l4: L4Addr
+    name: str            # stable identity across nodes (pod name or address), used to order backends
+    node_name: str | None
+    local: bool          # on this node: reached without SNAT, and the only kind eTP Local may use
+    terminating: bool = False
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """One address:port a client can hit, with the backends this node may pick for it."""
+
+    l4: L4Addr
+    kind: FrontendKind
+    service: str                      # "namespace/name" of the Service
+    port_name: str                    # the Service port's name ("" when unnamed)
+    local_only: bool                  # externalTrafficPolicy: Local
+    backends: tuple[Backend, ...]     # eligible for new flows on this node, in a stable order
+    no_endpoints: bool                # the Service has no usable endpoint anywhere: reject
+    algorithm: Algorithm = Algorithm.RANDOM
+    affinity_timeout: int = 0         # sessionAffinity ClientIP timeout in seconds; 0 = none
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad input that was skipped: which object, which field, and why."""
+
+    obj: str      # "Service default/echo", "EndpointSlice default/echo-abc"
+    field: str    # "spec.ports[1].protocol"
+    reason: str   # "SCTP is not supported; expected TCP or UDP"
+
+    def __str__(self) -> str:
+        return f"{self.obj}: {self.field}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Runtime settings of a node's datapath (from the agent configuration)."""
+
+    mode: Mode = Mode.SNAT
+    algorithm: Algorithm = Algorithm.RANDOM
+
+
+@dataclass
+class DesiredState:
+    """Everything one node's datapath should hold after a sync."""
+
+    node_name: str
+    node_addrs: tuple[IPv4Address, ...]
+    frontends: dict[L4Addr, Frontend] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    settings: AgentSettings = field(default_factory=AgentSettings)

@@ -1,0 +1,35 @@
+"""The interface every source of cluster state implements (files today, the Kubernetes API later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+KubeObject = dict[str, Any]
+
+# The agent's configuration is a ConfigMap with this namespace/name, in whatever source feeds it.
+AGENT_CONFIG_NAMESPACE = "kube-system"
+AGENT_CONFIG_NAME = "bpflb-agent"
+
+
+@dataclass
+class Snapshot:
+    """A consistent view of the objects the agent programs its node from (raw Kubernetes dicts)."""
+
+    services: list[KubeObject] = field(default_factory=list)
+    endpointslices: list[KubeObject] = field(default_factory=list)
+    nodes: list[KubeObject] = field(default_factory=list)
+    config: dict[str, str] | None = None      # data of the bpflb-agent ConfigMap, None when absent
+    problems: list[str] = field(default_factory=list)  # unreadable files / documents, already explained
+
+
+class Source(Protocol):
+    """A source yields snapshots and tells when the next one may differ."""
+
+    def snapshot(self) -> Snapshot:
+        """Return the current state; never raises for a bad object, records it in problems."""
+        ...
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to timeout seconds; True when something may have changed since the last snapshot."""
+        ...

@@ -1,0 +1,234 @@
+"""BPF unit tests of the SNAT datapath: the real bpf_lb.o, maps programmed by LBMaps, scapy frames
+run through BPF_PROG_TEST_RUN, verdicts and whole output frames (checksums included) asserted."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
+from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Proto
+
+from .conftest import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    LOCAL_POD_MAC,
+    LXC_MAC,
+    NODE1,
+    NODE2,
+    NODE2_MAC,
+    REMOTE_POD,
+    Node,
+)
+
+pytestmark = pytest.mark.privileged
+
+LB_IP = "198.18.1.10"
+EXT_IP = "198.18.2.20"
+
+
+def l4(addr: str, port: int, proto: Proto = Proto.TCP) -> L4Addr:
+    return L4Addr(IPv4Address(addr), port, proto)
+
+
+def backend(addr: str, port: int, *, local: bool, proto: Proto = Proto.TCP, name: str = "") -> Backend:
+    return Backend(l4(addr, port, proto), name or addr, "node1" if local else "node2", local)
+
+
+def fe(addr: str, port: int, backends: tuple[Backend, ...], *, proto: Proto = Proto.TCP,
+       kind: FrontendKind = FrontendKind.NODEPORT, local_only: bool = False,
+       no_endpoints: bool = False) -> Frontend:
+    return Frontend(l4(addr, port, proto), kind, "default/echo", "", local_only, backends, no_endpoints)
+
+
+def state(*frontends: Frontend) -> DesiredState:
+    return DesiredState("node1", (IPv4Address(NODE1),), {f.l4: f for f in frontends})
+
+
+REMOTE = backend(REMOTE_POD, 8080, local=False)
+LOCAL = backend(LOCAL_POD, 8080, local=True)
+
+
+def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: object) -> bytes:
+    pkt = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=64, id=7, **ip) / l4hdr
+    if payload:
+        pkt = pkt / Raw(payload)
+    return bytes(pkt)
+
+
+def recomputed(frame: bytes) -> bytes:
+    """The frame with every IPv4/TCP/UDP/ICMP checksum recomputed by scapy."""
+    pkt = Ether(frame)
+    for layer in (IP, TCP, UDP, ICMP):
+        if pkt.haslayer(layer):
+            if layer is UDP and pkt[UDP].chksum == 0:
+                continue
+            del pkt[layer].chksum
+    return bytes(Ether(bytes(pkt)))
+
+
+def assert_frame(out: bytes, expected: bytes) -> None:
+    """Whole-frame equality, with a readable diff, and checksums that scapy agrees with."""
+    if out != expected:
+        pytest.fail(f"output frame differs\n got:      {Ether(out)!r}\n expected: {Ether(expected)!r}")
+    assert recomputed(out) == out, "checksums in the output frame are wrong"
+
+
+def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
+    node.program(state(fe(NODE1, 30080, (REMOTE,))))
+    syn = TCP(sport=40000, dport=30080, flags="S", seq=1000)
+    run = node.ingress(frame_in(syn, payload=b"hello"))
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    nat_port = out[TCP].sport
+    assert 61000 <= nat_port <= 65535
+    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+        TCP(sport=nat_port, dport=8080, flags="S", seq=1000) / Raw(b"hello")
+    assert_frame(run.data, bytes(expected))
+
+    # The reply from the remote pod is translated back to the frontend and sent to the client.
+    synack = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63, id=9) / \
+        TCP(sport=8080, dport=nat_port, flags="SA", seq=5000, ack=1001) / Raw(b"world")
+    reply = node.ingress(bytes(synack))
+    assert reply.retval == TC_ACT_REDIRECT
+    expected_reply = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=NODE1, dst=CLIENT, ttl=62, id=9) / \
+        TCP(sport=30080, dport=40000, flags="SA", seq=5000, ack=1001) / Raw(b"world")
+    assert_frame(reply.data, bytes(expected_reply))
+
+    # A later packet of the flow keeps the backend and the SNAT port.
+    ack = node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="A", seq=1001, ack=5001)))
+    assert ack.retval == TC_ACT_REDIRECT
+    assert Ether(ack.data)[TCP].sport == nat_port
+    assert Ether(ack.data)[IP].dst == REMOTE_POD
+    stats = node.maps.stats()
+    assert stats["new_flow"] == 1 and stats["fwd_established"] == 1 and stats["reply_snat"] == 1
+
+
+def test_local_backend_is_dnat_only_and_reply_is_translated_on_egress(node: Node) -> None:
+    node.program(state(fe(NODE1, 30080, (LOCAL,))))
+    run = node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S", seq=1)))
+    assert run.retval == TC_ACT_REDIRECT
+    expected = Ether(src=LXC_MAC, dst=LOCAL_POD_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=7) / \
+        TCP(sport=40001, dport=8080, flags="S", seq=1)
+    assert_frame(run.data, bytes(expected))
+
+    reply_in = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=63, id=3) / \
+        TCP(sport=8080, dport=40001, flags="SA", seq=9, ack=2)
+    out = node.egress(bytes(reply_in))
+    assert out.retval == TC_ACT_OK
+    expected_reply = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=NODE1, dst=CLIENT, ttl=63, id=3) / \
+        TCP(sport=30080, dport=40001, flags="SA", seq=9, ack=2)
+    assert_frame(out.data, bytes(expected_reply))
+
+
+def test_udp_remote_backend_with_and_without_checksum(node: Node) -> None:
+    udp_remote = backend(REMOTE_POD, 8081, local=False, proto=Proto.UDP)
+    node.program(state(fe(NODE1, 30081, (udp_remote,), proto=Proto.UDP)))
+    run = node.ingress(frame_in(UDP(sport=5353, dport=30081), payload=b"clientip"))
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+        UDP(sport=out[UDP].sport, dport=8081) / Raw(b"clientip")
+    assert_frame(run.data, bytes(expected))
+
+    # UDP checksum 0 ("none") stays 0 after translation.
+    raw = Ether(frame_in(UDP(sport=5354, dport=30081), payload=b"hostname"))
+    raw[UDP].chksum = 0
+    run0 = node.ingress(bytes(raw))
+    assert run0.retval == TC_ACT_REDIRECT
+    assert Ether(run0.data)[UDP].chksum == 0
+    assert Ether(run0.data)[IP].dst == REMOTE_POD
+
+
+def test_loadbalancer_ip_and_external_ip(node: Node) -> None:
+    node.program(state(fe(LB_IP, 80, (REMOTE,), kind=FrontendKind.LOADBALANCER),
+                       fe(EXT_IP, 8443, (LOCAL,), kind=FrontendKind.EXTERNAL_IP)))
+    run = node.ingress(frame_in(TCP(sport=40002, dport=80, flags="S"), dst=LB_IP))
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (NODE1, REMOTE_POD, 8080)
+    assert recomputed(run.data) == run.data
+    run2 = node.ingress(frame_in(TCP(sport=40003, dport=8443, flags="S"), dst=EXT_IP))
+    out2 = Ether(run2.data)
+    assert (out2[IP].src, out2[IP].dst, out2[TCP].dport) == (CLIENT, LOCAL_POD, 8080)
+
+
+def test_local_policy_without_local_backend_drops(node: Node) -> None:
+    node.program(state(fe(NODE1, 30180, (), local_only=True)))
+    run = node.ingress(frame_in(TCP(sport=40004, dport=30180, flags="S")))
+    assert run.retval == TC_ACT_SHOT
+    assert node.maps.stats()["drop_no_local_backend"] == 1
+    assert not node.maps.flows()
+
+
+def test_no_endpoints_answers_icmp_port_unreachable(node: Node) -> None:
+    node.program(state(fe(NODE1, 30090, (), no_endpoints=True)))
+    original = frame_in(TCP(sport=40005, dport=30090, flags="S", seq=77), payload=b"x" * 30)
+    run = node.ingress(original)
+    assert run.retval == TC_ACT_REDIRECT
+    quoted = bytes(Ether(original)[IP])[:28]
+    expected = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / \
+        IP(src=NODE1, dst=CLIENT, ttl=64, id=0, tos=0xC0, proto=1) / ICMP(type=3, code=3) / Raw(quoted)
+    assert_frame(run.data, bytes(expected))
+    assert node.maps.stats()["reject_no_endpoints"] == 1
+
+
+def test_non_service_packets_pass_untouched(node: Node) -> None:
+    node.program(state(fe(NODE1, 30080, (REMOTE,))))
+    for frame in (
+        frame_in(TCP(sport=40006, dport=22, flags="S")),                     # other port on the node
+        frame_in(TCP(sport=40006, dport=30080, flags="S"), dst="198.18.0.99"),  # other address
+        frame_in(UDP(sport=40006, dport=30080)),                            # other protocol
+        bytes(Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1) / ICMP()),
+    ):
+        run = node.ingress(frame)
+        assert run.retval == TC_ACT_OK
+        assert run.data == frame
+    assert not node.maps.flows()
+
+
+def test_truncated_and_fragmented_packets_are_never_translated(node: Node) -> None:
+    node.program(state(fe(NODE1, 30080, (REMOTE,))))
+    whole = frame_in(TCP(sport=40007, dport=30080, flags="S"), payload=b"abcdefgh")
+    cases = {
+        "tcp header cut short": whole[:14 + 20 + 12],
+        "ip header length beyond frame": whole[:14] + bytes([0x4F]) + whole[15:14 + 20 + 8],
+        "ip total length beyond frame": whole[:-4],
+        "first fragment (MF)": frame_in(TCP(sport=40007, dport=30080, flags="S"), flags="MF"),
+        "later fragment": frame_in(TCP(sport=40007, dport=30080, flags="S"), frag=100),
+        "tcp data offset too small": bytes(whole[:14 + 20 + 12]) + bytes([0x30]) + whole[14 + 20 + 13:],
+    }
+    for what, frame in cases.items():
+        run = node.ingress(frame)
+        assert run.retval == TC_ACT_OK, what
+        assert run.data == frame, what
+    assert not node.maps.flows()
+    stats = node.maps.stats()
+    assert stats["pass_fragment"] == 2
+    assert stats["pass_truncated"] == 4
+
+
+def test_ip_options_are_kept_and_checksums_stay_right(node: Node) -> None:
+    node.program(state(fe(NODE1, 30080, (REMOTE,))))
+    frame = frame_in(TCP(sport=40008, dport=30080, flags="S"), options=[IPOption_Router_Alert()])
+    run = node.ingress(frame)
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    assert out[IP].ihl == 6 and out[IP].dst == REMOTE_POD and out[TCP].dport == 8080
+    assert recomputed(run.data) == run.data
+
+
+def test_removed_backend_steers_flow_to_another(node: Node) -> None:
+    other = backend("10.244.2.11", 8080, local=False)
+    node.program(state(fe(NODE1, 30080, (REMOTE,))))
+    first = Ether(node.ingress(frame_in(TCP(sport=40009, dport=30080, flags="S"))).data)
+    assert first[IP].dst == REMOTE_POD
+    node.program(state(fe(NODE1, 30080, (other,))))
+    again = Ether(node.ingress(frame_in(TCP(sport=40009, dport=30080, flags="A"))).data)
+    assert again[IP].dst == "10.244.2.11"
