@@ -7,18 +7,27 @@
 #include "parse.h"
 #include "nat.h"
 
-/* Decrement the IPv4 TTL with its checksum; returns the TTL before, 0 on error. */
-static __always_inline __u8 ttl_dec(struct __sk_buff *skb)
+/* Decrement the IPv4 TTL (RFC 1624 incremental checksum) and set the MACs when given, with
+ * direct packet access.  Returns 0, or -1 when the TTL is exhausted or the headers are gone. */
+static __always_inline int l2_l3_forward_edit(struct __sk_buff *skb, const __u8 *dmac, const __u8 *smac)
 {
-	__u8 ttl;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 check;
 
-	if (bpf_skb_load_bytes(skb, IP_TTL_OFF, &ttl, 1) < 0 || ttl <= 1)
-		return 0;
-	/* TTL is the high byte of the 16-bit word it shares with the protocol. */
-	bpf_l3_csum_replace(skb, IP_CSUM_OFF, bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
-	ttl -= 1;
-	bpf_skb_store_bytes(skb, IP_TTL_OFF, &ttl, 1, 0);
-	return ttl + 1;
+	if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+		return -1;
+	ip->ttl--;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	if (dmac) {
+		__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	}
+	return 0;
 }
 
 /* Send the (already translated) packet towards its destination like a router would.
@@ -39,18 +48,15 @@ static __always_inline int fib_forward(struct __sk_buff *skb, __be32 saddr, __be
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (!ttl_dec(skb))
-			return TC_ACT_OK;
-		if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), fib.dmac, ETH_ALEN, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), fib.smac, ETH_ALEN, 0) < 0)
-			return TC_ACT_SHOT;
+		if (l2_l3_forward_edit(skb, fib.dmac, fib.smac) < 0)
+			return TC_ACT_OK;   /* TTL exhausted: the stack sends time-exceeded */
 		return bpf_redirect(fib.ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* The lookup left the next hop in ipv4_dst; let the kernel resolve its MAC. */
 		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
 
-		if (!ttl_dec(skb))
+		if (l2_l3_forward_edit(skb, NULL, NULL) < 0)
 			return TC_ACT_OK;
 		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 	}

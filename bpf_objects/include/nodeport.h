@@ -14,8 +14,7 @@
 
 /* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
  * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
-static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg,
-					 __u64 now)
+static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg)
 {
 	struct ct_entry *rev;
 	__u16 dport = bpf_ntohs(p->t.dport);
@@ -25,7 +24,7 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
 	if (!rev || !(rev->flags & CT_F_SNAT))
 		return -1;
-	ct_touch(rev, p, now);
+	ct_touch(rev, p, bpf_ktime_get_ns());
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
@@ -135,12 +134,17 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	default:
 		return TC_ACT_OK;
 	}
-	now = bpf_ktime_get_ns();
-
-	rc = np_snat_reply(skb, &p, cfg, now);
+	rc = np_snat_reply(skb, &p, cfg);
 	if (rc >= 0)
 		return rc;
 
+	/* Every packet of a flow is addressed to its frontend: one lookup settles non-service traffic. */
+	svc = lb_lookup_service(&p);
+	if (!svc) {
+		stat_inc(STAT_PASS_NOT_SERVICE);
+		return TC_ACT_OK;
+	}
+	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		ct_touch(e, &p, now);
@@ -148,11 +152,6 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		return np_forward(skb, &p, e);
 	}
 
-	svc = lb_lookup_service(&p);
-	if (!svc) {
-		stat_inc(STAT_PASS_NOT_SERVICE);
-		return TC_ACT_OK;
-	}
 	if (svc->count == 0) {
 		if (svc->flags & LB_SVC_F_NO_ENDPOINTS) {
 			stat_inc(STAT_REJECT_NO_ENDPOINTS);
@@ -185,7 +184,7 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	if (!rev || !(rev->flags & CT_F_LOCAL))
 		return TC_ACT_OK;
 	ct_touch(rev, &p, bpf_ktime_get_ns());
-	if (nat_addr(skb, &p, 1, p.t.saddr, rev->fe_addr) < 0 || nat_port(skb, &p, 1, p.t.sport, rev->fe_port) < 0) {
+	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
