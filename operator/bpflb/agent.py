@@ -1,0 +1,192 @@
+"""The node agent: loads the datapath, attaches it to the external device, and keeps its maps
+equal to what the cluster's Services, EndpointSlices and Nodes say (source → model → datapath)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
+from bpflb.datapath.loader import BpfObject, load_lb, remove_pins, tc_attach, tc_detach
+from bpflb.model.translate import translate
+from bpflb.model.types import DesiredState, Frontend, L4Addr, Mode
+from bpflb.sources.base import Source
+
+log = logging.getLogger("bpflb.agent")
+
+# Modes the datapath implements today; others are refused (the previous mode is kept).
+SUPPORTED_MODES = frozenset({Mode.SNAT})
+
+
+@dataclass
+class AgentOptions:
+    node_name: str
+    pin_root: Path
+    device: str | None = None          # external device; default: the one holding the node's InternalIP
+    ready_file: Path | None = None     # written after the first successful sync
+    resync_interval: float = 30.0      # full resync even without a change signal
+
+
+def device_for_address(addr: IPv4Address) -> str | None:
+    """The interface (in this network namespace) that holds addr."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            if msg.get_attr("IFA_ADDRESS") == str(addr):
+                idx = msg["index"]
+                links = ipr.get_links(idx)
+                return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+    return None
+
+
+def _describe(fe: Frontend) -> str:
+    names = ", ".join(b.name for b in fe.backends) or ("reject: no endpoints" if fe.no_endpoints
+                                                        else "drop: no local endpoint")
+    policy = " (eTP Local)" if fe.local_only else ""
+    return f"{fe.kind.value} {fe.l4} of Service {fe.service}{policy} -> [{names}]"
+
+
+class Agent:
+    """One node's agent: owns the loaded object, the attachment and the map programming."""
+
+    def __init__(self, opts: AgentOptions, source: Source) -> None:
+        self.opts = opts
+        self.source = source
+        self.obj: BpfObject | None = None
+        self.maps: LBMaps | None = None
+        self.ifindex = 0
+        self.state: DesiredState | None = None
+        self.mode: Mode | None = None
+        self._problems_seen: set[str] = set()
+        self._stop = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the object (reusing pinned maps) and attach it; idempotent across restarts."""
+        self.obj = load_lb(self.opts.pin_root)
+        self.maps = LBMaps(self.obj)
+        self.mode = self.maps.mode()
+        log.info("loaded %s with maps pinned under %s", self.obj.path, self.opts.pin_root)
+
+    def attach(self, device: str) -> None:
+        assert self.obj is not None
+        self.ifindex = socket.if_nametoindex(device)
+        tc_attach(self.obj.prog_fd("lb_ingress"), self.ifindex, ingress=True)
+        tc_attach(self.obj.prog_fd("lb_egress"), self.ifindex, ingress=False)
+        log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def uninstall(self, device: str | None) -> None:
+        """Detach the programs and remove the pinned maps (the operator's 'uninstall' instruction)."""
+        if device:
+            idx = socket.if_nametoindex(device)
+            for ingress in (True, False):
+                if tc_detach(idx, ingress=ingress):
+                    log.info("detached %s program from %s", "ingress" if ingress else "egress", device)
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+        remove_pins(self.opts.pin_root)
+        log.info("removed pinned maps under %s", self.opts.pin_root)
+
+    # -- reconcile ---------------------------------------------------------------------------
+    def sync_once(self) -> SyncReport | None:
+        """Read the source, translate, program the maps. None when the node is not known yet."""
+        assert self.maps is not None
+        snap = self.source.snapshot()
+        for text in snap.problems:
+            self._problem(text)
+        state = translate(snap, self.opts.node_name)
+        for problem in state.problems:
+            self._problem(str(problem))
+        if not state.node_addrs:
+            log.warning("Node %s has no IPv4 address in the source yet; not programming", self.opts.node_name)
+            return None
+        if self.ifindex == 0:
+            device = self.opts.device or device_for_address(state.node_addrs[0])
+            if device is None:
+                log.error("no device holds %s (Node %s InternalIP); pass --device", state.node_addrs[0],
+                          self.opts.node_name)
+                return None
+            self.attach(device)
+        mode = state.settings.mode
+        if mode not in SUPPORTED_MODES:
+            keep = self.mode if self.mode in SUPPORTED_MODES else Mode.SNAT
+            self._problem(f"bpfLBMode {mode.label} is not implemented by this datapath yet; keeping {keep.label}")
+            mode = keep
+        report = SyncReport()
+        report.config_changed = self.maps.set_config(NodeConfig(mode=mode, snat_addr=state.node_addrs[0],
+                                                                ext_ifindex=self.ifindex))
+        if report.config_changed:
+            log.info("datapath mode is %s for new flows (SNAT source %s)", mode.label, state.node_addrs[0])
+        self.mode = mode
+        self._log_frontend_changes(self.state, state)
+        sync = self.maps.sync(state)
+        sync.config_changed = report.config_changed
+        self.state = state
+        return sync
+
+    def _log_frontend_changes(self, old: DesiredState | None, new: DesiredState) -> None:
+        before: dict[L4Addr, Frontend] = old.frontends if old else {}
+        for key, fe in new.frontends.items():
+            if before.get(key) != fe:
+                log.info("%s %s", "updated" if key in before else "added", _describe(fe))
+        for key, fe in before.items():
+            if key not in new.frontends:
+                log.info("removed %s %s of Service %s", fe.kind.value, fe.l4, fe.service)
+
+    def _problem(self, text: str) -> None:
+        if text not in self._problems_seen:
+            self._problems_seen.add(text)
+            log.warning("skipped: %s", text)
+
+    def run(self) -> None:
+        """Sync, then re-sync whenever the source changes, until stopped."""
+        self.start()
+        last_full = 0.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                report = self.sync_once()
+            except Exception:
+                log.exception("sync failed; the datapath keeps its current state, retrying")
+                report = None
+                self._stop.wait(1.0)
+            if report is not None:
+                if report.changed:
+                    log.info("sync: %d frontends added, %d removed; %d slots written, %d removed; "
+                             "%d backends written, %d removed (%.1f ms)",
+                             report.frontends_added, report.frontends_removed, report.slots_written,
+                             report.slots_removed, report.backends_written, report.backends_removed,
+                             (time.monotonic() - started) * 1000)
+                if self.opts.ready_file and not self.opts.ready_file.exists():
+                    self.opts.ready_file.parent.mkdir(parents=True, exist_ok=True)
+                    self.opts.ready_file.write_text(f"{os.getpid()}\n")
+                    log.info("ready: first sync done")
+                last_full = time.monotonic()
+            while not self._stop.is_set():
+                if self.source.wait_for_change(0.5):
+                    break
+                if time.monotonic() - last_full > self.opts.resync_interval:
+                    break
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT end the loop; programs stay attached and maps stay pinned."""
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received signal %d: stopping (datapath stays in place)", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,90 @@
+"""The `bpflb` command line: agent, lab, bench and inspect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bpflb.datapath.loader import DEFAULT_PIN_ROOT
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+    from bpflb.sources.files import FileSource
+
+    _setup_logging(args.verbose)
+    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
+                        ready_file=Path(args.ready_file) if args.ready_file else None)
+    agent = Agent(opts, FileSource(Path(args.source_dir)))
+    if args.uninstall:
+        agent.uninstall(args.device)
+        return 0
+    install_signal_handlers(agent.stop)
+    if args.once:
+        agent.start()
+        return 0 if agent.sync_once() is not None else 1
+    agent.run()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bpflb.inspect import show
+
+    return show(Path(args.pin_root), as_json=args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bpflb.bench import run_bench
+
+    return run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpflb", description="BPF load balancer for Kubernetes Services")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run the node agent (programs this node's datapath)")
+    agent.add_argument("--node-name", required=True, help="the Node object this agent runs for")
+    agent.add_argument("--source-dir", required=True,
+                       help="directory of Kubernetes YAML (Services, EndpointSlices, Nodes, agent ConfigMap)")
+    agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
+    agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--ready-file", help="file written after the first successful sync")
+    agent.add_argument("--once", action="store_true", help="sync once and exit")
+    agent.add_argument("--uninstall", action="store_true",
+                       help="detach the programs from --device and remove the pinned maps, then exit")
+    agent.add_argument("-v", "--verbose", action="store_true")
+    agent.set_defaults(func=cmd_agent)
+
+    insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
+    insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))
+    insp.add_argument("--json", action="store_true")
+    insp.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN)")
+    bench.add_argument("--quick", action="store_true", help="fewer services and repetitions (CI)")
+    bench.add_argument("--out", help="directory for results (default: results/)")
+    bench.set_defaults(func=cmd_bench)
+
+    from bpflb.lab.commands import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

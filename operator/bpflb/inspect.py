@@ -1,0 +1,100 @@
+"""`bpflb inspect`: a node's datapath as tables read from its pinned maps (frontends, backends, flows, counters)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from bpflb.datapath.libbpf import BpfError, const, ffi, lib
+from bpflb.datapath.loader import MAP_TYPES, Map
+from bpflb.datapath.lbmaps import possible_cpus
+from bpflb.model.types import Mode, Proto
+
+
+def _addr(v: int) -> str:
+    return str(IPv4Address(int(v).to_bytes(4, "little")))
+
+
+def _port(v: int) -> int:
+    return int.from_bytes(int(v).to_bytes(2, "little"), "big")
+
+
+def open_pinned(pin_root: Path, name: str) -> Map:
+    fd = lib().bpf_obj_get(str(pin_root / name).encode())
+    if fd < 0:
+        raise BpfError(2, f"no pinned map {pin_root / name} (is the agent running with --pin-root {pin_root}?)")
+    key_type, value_type = MAP_TYPES[name]
+    return Map(name, fd, key_type, value_type)
+
+
+def collect(pin_root: Path) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain data."""
+    svc, bes = open_pinned(pin_root, "lb_services"), open_pinned(pin_root, "lb_backends")
+    backends: dict[int, dict[str, Any]] = {}
+    for k, v in bes.items_raw():
+        be = bes.decode_value(v)
+        backends[int.from_bytes(k, "little")] = {
+            "address": f"{_addr(be.addr)}:{_port(be.port)}", "proto": Proto(be.proto).name,
+            "local": bool(be.flags & const("LB_BE_F_LOCAL"))}
+    frontends: dict[tuple[str, int, str], dict[str, Any]] = {}
+    slots: dict[tuple[str, int, str], dict[int, int]] = {}
+    for k, v in svc.items_raw():
+        key, val = svc.decode_key(k), svc.decode_value(v)
+        ident = (_addr(key.addr), _port(key.port), Proto(key.proto).name)
+        if key.slot == 0:
+            flags = val.flags
+            kind = ("NodePort" if flags & const("LB_SVC_F_NODEPORT") else
+                    "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else "ExternalIP")
+            frontends[ident] = {"frontend": f"{ident[0]}:{ident[1]}/{ident[2]}", "kind": kind, "id": val.id,
+                                "policy": "Local" if flags & const("LB_SVC_F_LOCAL") else "Cluster",
+                                "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS"))}
+        else:
+            slots.setdefault(ident, {})[key.slot] = val.id
+    for ident, fe in frontends.items():
+        ids = [slots.get(ident, {}).get(i) for i in range(1, fe["count"] + 1)]
+        fe["backends"] = [backends[i]["address"] if i in backends else f"?{i}" for i in ids]
+    cfg_map = open_pinned(pin_root, "lb_config")
+    cfg = cfg_map.lookup(ffi().new("__u32 *", 0))
+    stats_map = open_pinned(pin_root, "lb_stats")
+    ncpu = possible_cpus()
+    buf = ffi().new("__u64[]", ncpu)
+    stats: dict[str, int] = {}
+    for name in ("PASS_NOT_SERVICE", "NEW_FLOW", "FWD_ESTABLISHED", "REPLY_SNAT", "REPLY_DNAT",
+                 "DROP_NO_LOCAL_BACKEND", "REJECT_NO_ENDPOINTS", "PASS_FRAGMENT", "PASS_TRUNCATED",
+                 "DROP_NAT_EXHAUSTED", "PASS_FIB_FAILED", "DROP_NO_BACKEND", "DROP_ERROR"):
+        if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", const("STAT_" + name)), buf) == 0:
+            stats[name.lower()] = sum(int(buf[i]) for i in range(ncpu))
+    flows = sum(1 for _ in open_pinned(pin_root, "ct_fwd").items_raw())
+    return {"mode": Mode(cfg.mode).label if cfg is not None else None,
+            "snat_address": _addr(cfg.snat_addr) if cfg is not None else None,
+            "frontends": sorted(frontends.values(), key=lambda f: f["frontend"]),
+            "backends": backends, "flows": flows, "counters": stats}
+
+
+def show(pin_root: Path, as_json: bool = False) -> int:
+    try:
+        data = collect(pin_root)
+    except BpfError as exc:
+        print(f"bpflb inspect: {exc.strerror}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"mode {data['mode']}, SNAT source {data['snat_address']}, {data['flows']} tracked flows\n")
+    rows = [(f["frontend"], f["kind"], f["policy"],
+             "reject (no endpoints)" if f["reject"] else (", ".join(f["backends"]) or "drop (no local)"))
+            for f in data["frontends"]]
+    _table(("FRONTEND", "KIND", "POLICY", "BACKENDS"), rows)
+    print()
+    _table(("COUNTER", "PACKETS"), [(k, str(v)) for k, v in data["counters"].items() if v])
+    return 0
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
