@@ -5,10 +5,7 @@
 #include "common.h"
 #include "parse.h"
 
-#define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
-#define IP_TTL_OFF (ETH_HLEN + offsetof(struct iphdr, ttl))
 
 /* UDP's checksum 0 means "none": the helpers must keep it 0 and never produce it. */
 static __always_inline __u64 l4_csum_flags(const struct pkt *p)
@@ -16,36 +13,65 @@ static __always_inline __u64 l4_csum_flags(const struct pkt *p)
 	return p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
-/* Rewrite both endpoints of the packet to (saddr:sport -> daddr:dport).  Source and destination
- * are adjacent in both headers, so each pair costs one checksum delta and one store.  Addresses
- * are part of the L4 pseudo-header (BPF_F_PSEUDO_HDR keeps CHECKSUM_PARTIAL packets right);
- * ports are not. */
+/* Ones-complement helpers on raw (network-order) words: byte order does not change the sum. */
+static __always_inline __u32 csum_add32(__u32 csum, __u32 addend)
+{
+	csum += addend;
+	return csum + (csum < addend);
+}
+
+static __always_inline __u16 csum_apply(__u16 check, __u32 diff)
+{
+	__u32 s = csum_add32((__u16)~check, diff);
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Rewrite both endpoints of the packet to (saddr:sport -> daddr:dport).
+ * The L4 checksum goes through bpf_l4_csum_replace, which alone knows how to keep
+ * CHECKSUM_PARTIAL/COMPLETE skbs right (addresses are in the pseudo-header, ports are not);
+ * the IPv4 checksum and the fields themselves are written directly. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *p,
 				       __be32 saddr, __be16 sport, __be32 daddr, __be16 dport)
 {
-	if (saddr != p->t.saddr || daddr != p->t.daddr) {
-		__be32 from[2] = { p->t.saddr, p->t.daddr };
-		__be32 to[2] = { saddr, daddr };
-		__s64 diff = bpf_csum_diff(from, sizeof(from), to, sizeof(to), 0);
+	__u32 addr_diff = 0, l4_off = p->l4_off & 0x7f;
+	int addrs = saddr != p->t.saddr || daddr != p->t.daddr;
+	int ports = sport != p->t.sport || dport != p->t.dport;
+	__be16 to_ports[2] = { sport, dport };
+	void *data, *data_end;
+	struct iphdr *ip;
 
-		if (diff < 0)
-			return -1;
-		if (bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | l4_csum_flags(p)) < 0 ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, diff, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, to, sizeof(to), 0) < 0)
+	if (addrs) {
+		addr_diff = csum_add32(addr_diff, ~p->t.saddr);
+		addr_diff = csum_add32(addr_diff, saddr);
+		addr_diff = csum_add32(addr_diff, ~p->t.daddr);
+		addr_diff = csum_add32(addr_diff, daddr);
+		if (bpf_l4_csum_replace(skb, p->csum_off, 0, addr_diff, BPF_F_PSEUDO_HDR | l4_csum_flags(p)) < 0)
 			return -1;
 	}
-	if (sport != p->t.sport || dport != p->t.dport) {
-		__be16 from[2] = { p->t.sport, p->t.dport };
-		__be16 to[2] = { sport, dport };
+	if (ports) {
+		__be16 from_ports[2] = { p->t.sport, p->t.dport };
 		__be32 old, new;
 
-		__builtin_memcpy(&old, from, sizeof(old));
-		__builtin_memcpy(&new, to, sizeof(new));
-		if (bpf_l4_csum_replace(skb, p->csum_off, old, new, sizeof(new) | l4_csum_flags(p)) < 0 ||
-		    bpf_skb_store_bytes(skb, p->l4_off, to, sizeof(to), 0) < 0)
+		__builtin_memcpy(&old, from_ports, sizeof(old));
+		__builtin_memcpy(&new, to_ports, sizeof(new));
+		if (bpf_l4_csum_replace(skb, p->csum_off, old, new, sizeof(new) | l4_csum_flags(p)) < 0)
 			return -1;
 	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end || data + l4_off + sizeof(to_ports) > data_end)
+		return -1;
+	if (addrs) {
+		ip->saddr = saddr;
+		ip->daddr = daddr;
+		ip->check = csum_apply(ip->check, addr_diff);
+	}
+	if (ports)
+		__builtin_memcpy(data + l4_off, to_ports, sizeof(to_ports));
 	return 0;
 }
 
