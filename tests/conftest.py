@@ -15,10 +15,10 @@ def _privilege_problem() -> str | None:
     if os.geteuid() != 0:
         return "these tests need root (network namespaces, BPF); run them as root, as CI does"
     probe = f"bpflb-probe-{uuid.uuid4().hex[:6]}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"cannot create a network namespace (`ip netns add`): {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
     return None

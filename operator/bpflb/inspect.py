@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from bpflb.datapath.lbmaps import possible_cpus
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib
 from bpflb.datapath.loader import MAP_TYPES, Map
-from bpflb.datapath.lbmaps import possible_cpus
 from bpflb.model.types import Mode, Proto
 
 
@@ -30,9 +32,38 @@ def open_pinned(pin_root: Path, name: str) -> Map:
     return Map(name, fd, key_type, value_type)
 
 
+class MapSet(Protocol):
+    """The maps `inspect` reads: a node's pinned maps, or an LBMaps of a loaded object."""
+
+    services: Map
+    backends: Map
+    config: Map
+    stats_map: Map
+    ct_fwd: Map
+
+
+@dataclass
+class PinnedMaps:
+    services: Map
+    backends: Map
+    config: Map
+    stats_map: Map
+    ct_fwd: Map
+
+    @classmethod
+    def open(cls, pin_root: Path) -> PinnedMaps:
+        return cls(*(open_pinned(pin_root, n) for n in ("lb_services", "lb_backends", "lb_config", "lb_stats",
+                                                        "ct_fwd")))
+
+
 def collect(pin_root: Path) -> dict[str, Any]:
+    """Everything `inspect` shows for the node whose maps are pinned under pin_root."""
+    return collect_maps(PinnedMaps.open(pin_root))
+
+
+def collect_maps(maps: MapSet) -> dict[str, Any]:
     """Everything `inspect` shows, as plain data."""
-    svc, bes = open_pinned(pin_root, "lb_services"), open_pinned(pin_root, "lb_backends")
+    svc, bes = maps.services, maps.backends
     backends: dict[int, dict[str, Any]] = {}
     for k, v in bes.items_raw():
         be = bes.decode_value(v)
@@ -56,9 +87,8 @@ def collect(pin_root: Path) -> dict[str, Any]:
     for ident, fe in frontends.items():
         ids = [slots.get(ident, {}).get(i) for i in range(1, fe["count"] + 1)]
         fe["backends"] = [backends[i]["address"] if i in backends else f"?{i}" for i in ids]
-    cfg_map = open_pinned(pin_root, "lb_config")
-    cfg = cfg_map.lookup(ffi().new("__u32 *", 0))
-    stats_map = open_pinned(pin_root, "lb_stats")
+    cfg = maps.config.lookup(ffi().new("__u32 *", 0))
+    stats_map = maps.stats_map
     ncpu = possible_cpus()
     buf = ffi().new("__u64[]", ncpu)
     stats: dict[str, int] = {}
@@ -67,7 +97,7 @@ def collect(pin_root: Path) -> dict[str, Any]:
                  "DROP_NAT_EXHAUSTED", "PASS_FIB_FAILED", "DROP_NO_BACKEND", "DROP_ERROR"):
         if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", const("STAT_" + name)), buf) == 0:
             stats[name.lower()] = sum(int(buf[i]) for i in range(ncpu))
-    flows = sum(1 for _ in open_pinned(pin_root, "ct_fwd").items_raw())
+    flows = sum(1 for _ in maps.ct_fwd.items_raw())
     return {"mode": Mode(cfg.mode).label if cfg is not None else None,
             "snat_address": _addr(cfg.snat_addr) if cfg is not None else None,
             "frontends": sorted(frontends.values(), key=lambda f: f["frontend"]),
@@ -93,7 +123,7 @@ def show(pin_root: Path, as_json: bool = False) -> int:
     return 0
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for r in rows:

@@ -21,7 +21,6 @@ from .conftest import (
     LOCAL_POD_MAC,
     LXC_MAC,
     NODE1,
-    NODE2,
     NODE2_MAC,
     REMOTE_POD,
     Node,

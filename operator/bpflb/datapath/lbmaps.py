@@ -255,7 +255,8 @@ _STAT_NAMES = [
 
 def possible_cpus() -> int:
     """Number of possible CPUs (the per-CPU map value count)."""
-    text = open("/sys/devices/system/cpu/possible").read().strip()
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
     total = 0
     for part in text.split(","):
         lo, _, hi = part.partition("-")

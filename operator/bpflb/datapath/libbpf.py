@@ -132,8 +132,8 @@ def _header_for_cffi(text: str) -> str:
 
 
 @cache
-def ffi() -> cffi.FFI:
-    """The FFI holding libbpf's declarations and the shared structs."""
+def ffi() -> Any:
+    """The FFI holding libbpf's declarations and the shared structs (typed Any: cdata fields are dynamic)."""
     f = cffi.FFI()
     f.cdef(_LIBBPF_CDEF)
     f.cdef(_header_for_cffi(structs_header().read_text()))

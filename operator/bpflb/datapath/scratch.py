@@ -33,7 +33,7 @@ class ScratchNode:
 
 
 def _ip(ns: str, *cmd: str) -> None:
-    done = subprocess.run(["ip", "-n", ns, *cmd], capture_output=True, text=True)
+    done = subprocess.run(["ip", "-n", ns, *cmd], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"ip -n {ns} {' '.join(cmd)}: {done.stderr.strip()}")
 
@@ -61,4 +61,4 @@ def scratch_node(prefix: str = "bpflb-ut") -> Iterator[ScratchNode]:
             eth0, lxc0 = socket.if_nametoindex("eth0"), socket.if_nametoindex("lxc0")
         yield ScratchNode(ns, eth0, lxc0)
     finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)

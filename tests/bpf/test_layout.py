@@ -1,0 +1,53 @@
+"""The struct layouts Python writes into maps equal the ones the compiled BPF object was built with:
+every shared struct's size and member offsets from the object's BTF, compared with cffi's view."""
+
+from __future__ import annotations
+
+import re
+
+import cffi
+
+from bpflb.datapath.libbpf import ffi, objects_dir, structs_header
+
+_BTF_CDEF = """
+struct btf;
+struct btf_type { uint32_t name_off; uint32_t info; uint32_t size; };
+struct btf_member { uint32_t name_off; uint32_t type; uint32_t offset; };
+struct btf *btf__parse_elf(const char *path, void *btf_ext);
+void btf__free(struct btf *btf);
+int btf__find_by_name_kind(const struct btf *btf, const char *type_name, uint32_t kind);
+const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
+const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
+"""
+BTF_KIND_STRUCT = 4
+
+
+def _btf_layout(obj_path: str, struct: str) -> tuple[int, dict[str, int]]:
+    f = cffi.FFI()
+    f.cdef(_BTF_CDEF)
+    lib = f.dlopen("libbpf.so.1")
+    btf = lib.btf__parse_elf(obj_path.encode(), f.NULL)
+    assert btf != f.NULL, f"no BTF in {obj_path}"
+    try:
+        tid = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
+        assert tid > 0, f"struct {struct} is not in the BTF of {obj_path}"
+        t = lib.btf__type_by_id(btf, tid)
+        vlen, kflag = t.info & 0xFFFF, (t.info >> 31) & 1
+        members = f.cast("struct btf_member *", t + 1)
+        offsets = {}
+        for i in range(vlen):
+            bits = members[i].offset & 0xFFFFFF if kflag else members[i].offset
+            offsets[f.string(lib.btf__name_by_offset(btf, members[i].name_off)).decode()] = bits // 8
+        return int(t.size), offsets
+    finally:
+        lib.btf__free(btf)
+
+
+def test_every_shared_struct_matches_the_compiled_object() -> None:
+    names = re.findall(r"^struct (\w+) \{", structs_header().read_text(), re.MULTILINE)
+    assert {"lb_svc_key", "lb_svc_val", "lb_backend", "ct_tuple", "ct_entry", "lb_config"} <= set(names)
+    for name in names:
+        size, offsets = _btf_layout(str(objects_dir() / "bpf_lb.o"), name)
+        assert ffi().sizeof(f"struct {name}") == size, name
+        for member, off in offsets.items():
+            assert ffi().offsetof(f"struct {name}", member) == off, f"{name}.{member}"

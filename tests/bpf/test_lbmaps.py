@@ -1,0 +1,135 @@
+"""Translation down to the kernel: Kubernetes objects → translate() → LBMaps.sync() → the loaded object's
+maps, checked entry by entry; syncs are diffs (nothing rewritten that did not change, live flows kept),
+bad objects leave everything else programmed, and a restart on pinned maps recovers its ids."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from bpflb.datapath.lbmaps import LBMaps, NodeConfig
+from bpflb.datapath.loader import load_lb, remove_pins
+from bpflb.inspect import collect, collect_maps
+from bpflb.model.translate import translate
+from bpflb.model.types import Mode
+from bpflb.sources.base import Snapshot
+
+from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
+
+pytestmark = pytest.mark.privileged
+
+
+def node_obj(name: str, ip: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+def service(name: str, ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "NodePort", "selector": {"app": name}, "ports": ports, **spec}}
+
+
+def slice_(svc: str, endpoints: list[tuple[str, str, str]], ports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{svc}-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "ports": ports,
+            "endpoints": [{"addresses": [ip], "nodeName": node, "targetRef": {"kind": "Pod", "name": pod},
+                           "conditions": {"ready": True}} for pod, ip, node in endpoints]}
+
+
+HTTP = [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+HTTP_EP = [{"name": "http", "protocol": "TCP", "port": 8080}]
+
+
+def cluster() -> Snapshot:
+    return Snapshot(
+        services=[service("echo", HTTP),
+                  service("bad", [{"name": "sctp", "protocol": "SCTP", "port": 9, "nodePort": 30009},
+                                  {"name": "range", "protocol": "TCP", "port": 9, "nodePort": 40000}])],
+        endpointslices=[slice_("echo", [("echo-a", "10.244.2.10", "node2"), ("echo-b", "10.244.1.10", "node1")],
+                               HTTP_EP),
+                        slice_("bad", [("bad-a", "10.244.2.20", "node2")], HTTP_EP)],
+        nodes=[node_obj("node1", NODE1), node_obj("node2", "198.18.0.12")])
+
+
+def test_services_and_slices_become_map_entries_and_bad_ports_are_skipped(node: Node) -> None:
+    state = translate(cluster(), "node1")
+    assert any("SCTP" in str(p) and "Service default/bad" in str(p) for p in state.problems)
+    assert any("nodePort" in str(p) and "40000" in str(p) for p in state.problems)
+    node.program(state)
+    view = {f["frontend"]: f for f in _collect(node)["frontends"]}
+    assert list(view) == [f"{NODE1}:30080/TCP"]
+    fe = view[f"{NODE1}:30080/TCP"]
+    assert fe["kind"] == "NodePort" and fe["policy"] == "Cluster"
+    assert fe["backends"] == ["10.244.2.10:8080", "10.244.1.10:8080"]   # ordered by pod name: echo-a, echo-b
+    backends = {b["address"]: b["local"] for b in _collect(node)["backends"].values()}
+    assert backends == {"10.244.2.10:8080": False, "10.244.1.10:8080": True}
+
+
+def test_sync_is_a_diff_and_live_flows_survive_unrelated_changes(node: Node) -> None:
+    snap = cluster()
+    node.program(translate(snap, "node1"))
+    # A live flow to the frontend...
+    syn = bytes(Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1) / TCP(sport=41000, dport=30080,
+                                                                                         flags="S"))
+    first = Ether(node.ingress(syn).data)[IP].dst
+    # ...the same state again writes nothing.
+    again = node.maps.sync(translate(snap, "node1"))
+    assert not again.changed
+    # Adding an unrelated Service writes only its entries; the flow keeps its backend.
+    snap2 = copy.deepcopy(snap)
+    snap2.services.append(service("other", [{"name": "http", "protocol": "TCP", "port": 81, "targetPort": 8080,
+                                             "nodePort": 30081}]))
+    snap2.endpointslices.append(slice_("other", [("other-a", "10.244.2.30", "node2")], HTTP_EP))
+    report = node.maps.sync(translate(snap2, "node1"))
+    assert report.frontends_added == 1 and report.slots_written == 2 and report.backends_written == 1
+    assert report.slots_removed == 0 and report.backends_removed == 0
+    ack = bytes(Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1) / TCP(sport=41000, dport=30080,
+                                                                                         flags="A"))
+    assert Ether(node.ingress(ack).data)[IP].dst == first
+    # Removing it removes exactly its entries.
+    report = node.maps.sync(translate(snap, "node1"))
+    assert (report.frontends_removed, report.slots_removed, report.backends_removed) == (1, 2, 1)
+
+
+@pytest.fixture
+def pin_root() -> Iterator[Path]:
+    root = Path(f"/sys/fs/bpf/bpflb-test-{uuid.uuid4().hex[:8]}")
+    try:
+        yield root
+    finally:
+        remove_pins(root)
+
+
+def test_restart_on_pinned_maps_recovers_ids_and_writes_nothing(pin_root: Path) -> None:
+    state = translate(cluster(), "node1")
+    obj = load_lb(pin_root)
+    maps = LBMaps(obj)
+    maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=1))
+    maps.sync(state)
+    before = collect(pin_root)
+    obj.close()
+    assert (pin_root / "ct_fwd").exists() and (pin_root / "lb_services").exists()
+
+    obj2 = load_lb(pin_root)          # a restarted agent: same pins, new programs
+    try:
+        maps2 = LBMaps(obj2)
+        assert not maps2.sync(state).changed
+        assert not maps2.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=1))
+        assert collect(pin_root) == before
+    finally:
+        obj2.close()
+
+
+def _collect(node: Node) -> dict[str, Any]:
+    """inspect's view of an unpinned object's maps."""
+    return collect_maps(node.maps)
