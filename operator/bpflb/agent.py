@@ -31,7 +31,6 @@ class AgentOptions:
     node_name: str
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
-    ready_file: Path | None = None     # written after the first successful sync
     resync_interval: float = 30.0      # full resync even without a change signal
 
 
@@ -70,9 +69,16 @@ class Agent:
         self._stop = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def ready_marker(self) -> Path:
+        """Exists once this process has done its first sync (a symlink: bpffs holds no regular files)."""
+        return self.opts.pin_root / "ready"
+
     def start(self) -> None:
         """Load the object (reusing pinned maps) and attach it; idempotent across restarts."""
         self.obj = load_lb(self.opts.pin_root)
+        if self.ready_marker.is_symlink():
+            self.ready_marker.unlink()
         self.maps = LBMaps(self.obj)
         self.mode = self.maps.mode()
         log.info("loaded %s with maps pinned under %s", self.obj.path, self.opts.pin_root)
@@ -141,7 +147,8 @@ class Agent:
         before: dict[L4Addr, Frontend] = old.frontends if old else {}
         for key, fe in new.frontends.items():
             if before.get(key) != fe:
-                log.info("%s %s", "updated" if key in before else "added", _describe(fe))
+                verb = "serving" if old is None else "updated" if key in before else "added"
+                log.info("%s %s", verb, _describe(fe))
         for key, fe in before.items():
             if key not in new.frontends:
                 log.info("removed %s %s of Service %s", fe.kind.value, fe.l4, fe.service)
@@ -164,16 +171,17 @@ class Agent:
                 report = None
                 self._stop.wait(1.0)
             if report is not None:
+                if not report.changed and self.opts.pin_root.exists() and last_full == 0.0:
+                    log.info("sync: the pinned maps already hold this state; nothing written")
                 if report.changed:
                     log.info("sync: %d frontends added, %d removed; %d slots written, %d removed; "
                              "%d backends written, %d removed (%.1f ms)",
                              report.frontends_added, report.frontends_removed, report.slots_written,
                              report.slots_removed, report.backends_written, report.backends_removed,
                              (time.monotonic() - started) * 1000)
-                if self.opts.ready_file and not self.opts.ready_file.exists():
-                    self.opts.ready_file.parent.mkdir(parents=True, exist_ok=True)
-                    self.opts.ready_file.write_text(f"{os.getpid()}\n")
-                    log.info("ready: first sync done")
+                if not self.ready_marker.is_symlink():
+                    os.symlink(str(os.getpid()), self.ready_marker)
+                    log.info("ready: first sync done (%s)", self.ready_marker)
                 last_full = time.monotonic()
             while not self._stop.is_set():
                 if self.source.wait_for_change(0.5):

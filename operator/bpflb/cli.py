@@ -20,8 +20,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)
-    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
-                        ready_file=Path(args.ready_file) if args.ready_file else None)
+    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device)
     agent = Agent(opts, FileSource(Path(args.source_dir)))
     if args.uninstall:
         agent.uninstall(args.device)
@@ -56,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory of Kubernetes YAML (Services, EndpointSlices, Nodes, agent ConfigMap)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
-    agent.add_argument("--ready-file", help="file written after the first successful sync")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")

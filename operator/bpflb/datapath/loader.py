@@ -229,13 +229,22 @@ def _tc_hook(ifindex: int, point: int) -> Any:
     return hook
 
 
+def _has_clsact(ifindex: int) -> bool:
+    """Whether the device already has a clsact qdisc (libbpf would log EEXIST noise otherwise)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
+
+
 def tc_attach(prog_fd: int, ifindex: int, *, ingress: bool) -> None:
     """Attach (or atomically replace) a tc program on a device's clsact hook."""
     point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
     hook = _tc_hook(ifindex, point)
-    rc = lib().bpf_tc_hook_create(hook)
-    if rc < 0 and -rc != 17:  # EEXIST: clsact already there
-        check(rc, f"creating clsact on ifindex {ifindex}")
+    if not _has_clsact(ifindex):
+        rc = lib().bpf_tc_hook_create(hook)
+        if rc < 0 and -rc != 17:  # EEXIST: created meanwhile
+            check(rc, f"creating clsact on ifindex {ifindex}")
     opts = ffi().new("struct bpf_tc_opts *")
     opts.sz = ffi().sizeof("struct bpf_tc_opts")
     opts.prog_fd = prog_fd

@@ -1,0 +1,64 @@
+"""Fixtures for the lab tests. Tests marked `privileged` need root and network namespaces: without them they
+FAIL with an explanation (never skip; tests/conftest.py guards every marked test, and the `privileged`
+fixture here guards the session-scoped lab, which is set up before any function-scoped guard runs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpflb.lab import Lab
+from tests.lab.lab_helpers import unique_lab_name
+
+
+@pytest.fixture(scope="session")
+def privileged() -> None:
+    """Fail every privileged test at once, with the reason, when this machine cannot run the lab."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(f"not root (euid {os.geteuid()})")
+    for tool in ("ip", "nsenter"):
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} is not installed")
+    if not problems:
+        probe = f"{unique_lab_name()}-fabric"
+        add = subprocess.run(["ip", "netns", "add", probe], check=False, capture_output=True, text=True)
+        if add.returncode != 0:
+            problems.append(f"`ip netns add` failed: {add.stderr.strip()}")
+        else:
+            subprocess.run(["ip", "netns", "del", probe], check=False, capture_output=True, text=True)
+    if problems:
+        pytest.fail("the lab tests need root and network namespaces (run them as root on Linux): "
+                    + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def lab(privileged: None) -> Iterator[Lab]:
+    """A lab with the default workload and no agents, shared by the read-only tests of a session."""
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up(agents=False)
+        yield shared
+    finally:
+        shared.down()
+
+
+@pytest.fixture
+def fresh_lab_name(privileged: None) -> Iterator[str]:
+    """A unique lab name whose lab is taken down after the test, whatever happened."""
+    name = unique_lab_name()
+    try:
+        yield name
+    finally:
+        Lab(name).down()
+
+
+@pytest.fixture
+def pin_base(tmp_path: Path) -> Path:
+    """A pin base outside bpffs, for fake agents that only write their ready link."""
+    return tmp_path / "pins"

@@ -1,0 +1,157 @@
+"""The SNAT datapath on the wire: a lab whose nodes run the real `bpflb agent` (real BPF programs in the
+kernel, maps programmed from the lab's Kubernetes YAML), real packets from the client namespace, and the
+echo pods telling which pod answered and which source address they saw."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from bpflb.lab import Lab
+from tests.lab.lab_helpers import unique_lab_name
+
+pytestmark = pytest.mark.privileged
+
+CLIENT = "198.18.0.100"
+NODE1, NODE2 = "198.18.0.11", "198.18.0.12"
+LB_IP = "198.18.1.10"
+
+
+@pytest.fixture(scope="module")
+def lab(privileged: None) -> Iterator[Lab]:
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up()          # real agents: bpflb agent in every node namespace
+        yield shared
+    finally:
+        shared.down()
+
+
+def seen_ip(body: str | None) -> str | None:
+    return body.rsplit(":", 1)[0] if body else None
+
+
+def test_the_lab_check_passes_and_every_verdict_is_what_kube_proxy_would_give(lab: Lab) -> None:
+    lab.apply("kind: Service\nmetadata: {name: empty}\nspec: {type: NodePort, selector: {app: none}, "
+              "ports: [{port: 80, nodePort: 30400}]}\n")
+    time.sleep(1.5)   # the agents notice the new files and program the frontend
+    report = lab.check()
+    assert report.ok, report.render()
+    by = {(r.service, r.frontend, r.request): r for r in report.rows}
+    assert by[("default/echo-local", f"{NODE1}:30180", "GET /hostname")].error == "timeout"
+    assert by[("default/empty", f"{NODE2}:30400", "GET /hostname")].error == "connection refused"
+    lb = by[("default/echo-lb", f"{LB_IP}:80", "GET /clientip")]
+    assert lb.answered in ("echo-a", "echo-b") and (lb.client_seen or "").startswith(f"{NODE1}:")
+    lab.delete("service", "empty")
+
+
+def test_node1_nodeport_is_snat_to_remote_pods(lab: Lab) -> None:
+    results = lab.connections("client", NODE1, 30080, 20, request="/clientip")
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert {r.pod for r in results} <= {"echo-a", "echo-b"}
+    assert {seen_ip(r.replies[0]) for r in results} == {NODE1}
+
+
+def test_node2_nodeport_keeps_the_client_address_for_its_local_pod(lab: Lab) -> None:
+    results = lab.connections("client", NODE2, 30080, 30, request="/clientip")
+    assert all(r.ok for r in results)
+    seen = {(r.pod, seen_ip(r.replies[0])) for r in results}
+    assert ("echo-a", CLIENT) in seen, seen          # local pod: client address intact
+    assert seen <= {("echo-a", CLIENT), ("echo-b", NODE2)}
+
+
+def test_external_traffic_policy_local(lab: Lab) -> None:
+    body, err = lab.http_get("client", f"http://{NODE1}:30180/clientip")
+    assert body is None and err == "timeout"          # no local pod on node1: dropped
+    results = lab.connections("client", NODE2, 30180, 10, request="/clientip")
+    assert {(r.pod, seen_ip(r.replies[0])) for r in results} == {("echo-a", CLIENT)}
+
+
+def test_udp_nodeport(lab: Lab) -> None:
+    results = lab.connections("client", NODE1, 30081, 10, proto="UDP", request="clientip")
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert {seen_ip(r.replies[0]) for r in results} == {NODE1}
+
+
+def test_loadbalancer_ip(lab: Lab) -> None:
+    results = lab.connections("client", LB_IP, 80, 10, request="/clientip")
+    assert all(r.ok for r in results)
+    assert {seen_ip(r.replies[0]) for r in results} == {NODE1}   # routed via node1, SNAT to remote pods
+
+
+def test_200_new_connections_spread_over_both_pods(lab: Lab) -> None:
+    results = lab.connections("client", NODE1, 30080, 200, parallel=20)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:5]
+    counts = Counter(r.pod for r in results)
+    assert set(counts) == {"echo-a", "echo-b"}
+    assert min(counts.values()) >= 50, counts
+
+
+def _long_lived(stop_after: float) -> list[str]:
+    """In the client: one TCP connection, a GET /hostname every 0.2 s for stop_after seconds."""
+    pods = []
+    with socket.create_connection((NODE1, 30080), timeout=2) as s:
+        deadline = time.monotonic() + stop_after
+        buf = b""
+        while time.monotonic() < deadline:
+            s.sendall(f"GET /hostname HTTP/1.1\r\nHost: {NODE1}\r\n\r\n".encode())
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(4096)
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                         .split(b":")[1])
+            while len(rest) < length:
+                rest += s.recv(4096)
+            pods.append(rest[:length].decode())
+            buf = rest[length:]
+            time.sleep(0.2)
+    return pods
+
+
+def test_a_long_lived_connection_keeps_its_backend_across_changes(lab: Lab) -> None:
+    out: list[list[str]] = []
+    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", _long_lived, 4.0, timeout=15)))
+    worker.start()
+    time.sleep(1.0)
+    # Meanwhile the Service gains a third pod: slots are rewritten, the flow must not move.
+    lab.apply("kind: Pod\nmetadata: {name: echo-c, labels: {app: echo}}\nspec: {nodeName: node1, containers: "
+              "[{name: echo, ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, "
+              "protocol: UDP}]}]}\n")
+    worker.join()
+    try:
+        pods = out[0]
+        assert len(pods) >= 10 and len(set(pods)) == 1, pods
+        # ...while new connections can now reach echo-c too (node1's local pod: client address kept).
+        results = lab.connections("client", NODE1, 30080, 60, request="/clientip")
+        seen = {(r.pod, seen_ip(r.replies[0])) for r in results}
+        assert ("echo-c", CLIENT) in seen, seen
+    finally:
+        lab.delete("pod", "echo-c")
+
+
+def test_node_namespaces_hold_no_nat_rules(lab: Lab) -> None:
+    for node in ("node1", "node2", "node3"):
+        ipt = lab.exec(node, ["iptables-save", "-t", "nat"])
+        assert "-A " not in ipt.stdout, ipt.stdout
+        nft = lab.exec(node, ["nft", "list", "ruleset"])
+        assert nft.returncode == 0 and "nat" not in nft.stdout, nft.stdout
+        tc = lab.exec(node, ["tc", "filter", "show", "dev", "eth0", "ingress"])
+        assert "lb_ingress" in tc.stdout, tc.stdout       # the BPF program is what does the work
+
+
+def test_a_broken_datapath_fails_the_check(lab: Lab) -> None:
+    """The check is not a rubber stamp: without node1's program, node1's frontends fail."""
+    lab.exec("node1", ["tc", "filter", "del", "dev", "eth0", "ingress"], check=True)
+    try:
+        report = lab.check()
+        failed = {r.via for r in report.rows if r.verdict == "FAIL"}
+        assert not report.ok and failed == {"node1"}, report.render()
+    finally:
+        # restart node1's agent: it re-attaches its programs on the pinned maps
+        lab.restart_agent("node1")
+    assert lab.check().ok
