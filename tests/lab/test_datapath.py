@@ -154,4 +154,59 @@ def test_a_broken_datapath_fails_the_check(lab: Lab) -> None:
     finally:
         # restart node1's agent: it re-attaches its programs on the pinned maps
         lab.restart_agent("node1")
-    assert lab.check().ok
+    after = lab.check()
+    assert after.ok, after.render()
+
+
+BAD_OBJECTS = """\
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports:
+  - {name: sctp, protocol: SCTP, port: 9, nodePort: 30009}
+  - {name: far, protocol: TCP, port: 80, targetPort: 8080, nodePort: 40000}
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bad-1, namespace: default, labels: {kubernetes.io/service-name: bad}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}, {name: far, protocol: TCP, port: 8080}]
+endpoints: [{addresses: [10.244.2.10], nodeName: node2, targetRef: {kind: Pod, name: echo-a}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nosel, namespace: default}
+spec:
+  type: NodePort
+  ports: [{port: 80, nodePort: 30555}]
+---
+this: is: not yaml
+"""
+
+
+def test_bad_objects_are_skipped_with_their_reason_and_the_rest_keeps_working(lab: Lab) -> None:
+    """Written straight into the agents' source (the lab's own apply would refuse some of them)."""
+    bad = lab.paths.cluster / "zz-bad-objects.yaml"
+    bad.write_text(BAD_OBJECTS)
+    try:
+        log = lab.paths.agent_log("node1")
+        deadline = time.monotonic() + 10
+        wanted = ["Service default/bad: spec.ports[0].protocol: SCTP is not supported",
+                  "Service default/bad: spec.ports[1].nodePort: must be an integer in 30000..32767; got 40000",
+                  "Service default/nosel: spec.selector: selector-less Service without EndpointSlices",
+                  "zz-bad-objects.yaml"]
+        while time.monotonic() < deadline and not all(w in log.read_text() for w in wanted):
+            time.sleep(0.2)
+        text = log.read_text()
+        for w in wanted:
+            assert w in text, f"agent log lacks {w!r}"
+        # The good port of the bad Service is programmed and answers, and everything else still works.
+        body, err = lab.http_get("client", f"http://{NODE1}:30090/hostname")
+        assert (body, err) == ("echo-a", None)
+        assert lab.check().ok
+    finally:
+        bad.unlink()
