@@ -82,6 +82,36 @@ def _u32(value: int) -> bytes:
     return value.to_bytes(4, "little")
 
 
+class IdPool:
+    """Ids for frontends or backends: recovered from the maps, never reused while recorded."""
+
+    def __init__(self) -> None:
+        self._ids: dict[L4Addr, int] = {}
+        self._next = 1
+
+    def record(self, l4: L4Addr, ident: int) -> None:
+        self._ids[l4] = ident
+        self._next = max(self._next, ident + 1)
+
+    def get(self, l4: L4Addr) -> int:
+        """The id of l4, allocating the next one for a newcomer."""
+        ident = self._ids.get(l4)
+        if ident is None:
+            ident = self._next
+            self._next += 1
+            self._ids[l4] = ident
+        return ident
+
+    def known(self, l4: L4Addr) -> int | None:
+        return self._ids.get(l4)
+
+    def forget(self, l4: L4Addr) -> None:
+        self._ids.pop(l4, None)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 class LBMaps:
     """The load-balancer maps of one node and the ids recorded in them."""
 
@@ -94,42 +124,30 @@ class LBMaps:
         self.ct_rev: Map = obj.map("ct_rev")
         self._svc: dict[bytes, bytes] = dict(self.services.items_raw())
         self._be: dict[bytes, bytes] = dict(self.backends.items_raw())
-        self._be_ids: dict[L4Addr, int] = {}
+        self._be_ids = IdPool()
         for k, v in self._be.items():
             be = self.backends.decode_value(v)
             l4 = L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto))
-            self._be_ids[l4] = int.from_bytes(k, "little")
-        self._svc_ids: dict[L4Addr, int] = {}
+            self._be_ids.record(l4, int.from_bytes(k, "little"))
+        self._svc_ids = IdPool()
         for k, v in self._svc.items():
             key = self.services.decode_key(k)
             if key.slot == 0:
                 l4 = L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto))
-                self._svc_ids[l4] = self.services.decode_value(v).id
-        self._next_be = max(self._be_ids.values(), default=0) + 1
-        self._next_svc = max(self._svc_ids.values(), default=0) + 1
+                self._svc_ids.record(l4, self.services.decode_value(v).id)
         if self._svc or self._be:
             log.info("recovered %d frontends and %d backends from pinned maps",
                      len(self._svc_ids), len(self._be_ids))
 
     # -- ids ---------------------------------------------------------------------------------
     def _backend_id(self, l4: L4Addr) -> int:
-        bid = self._be_ids.get(l4)
-        if bid is None:
-            bid = self._next_be
-            self._next_be += 1
-            self._be_ids[l4] = bid
-        return bid
+        return self._be_ids.get(l4)
 
     def _service_id(self, l4: L4Addr) -> int:
-        sid = self._svc_ids.get(l4)
-        if sid is None:
-            sid = self._next_svc
-            self._next_svc += 1
-            self._svc_ids[l4] = sid
-        return sid
+        return self._svc_ids.get(l4)
 
     def backend_id(self, l4: L4Addr) -> int | None:
-        return self._be_ids.get(l4)
+        return self._be_ids.known(l4)
 
     # -- encoding ----------------------------------------------------------------------------
     def _frontend_entries(self, fe: Frontend, out: dict[bytes, bytes]) -> None:
@@ -167,12 +185,10 @@ class LBMaps:
         want_svc: dict[bytes, bytes] = {}
         masters: list[bytes] = []
         for fe in state.frontends.values():
-            before = len(want_svc)
             self._frontend_entries(fe, want_svc)
             masters.append(svc_key(fe.l4, 0))
             if svc_key(fe.l4, 0) not in self._svc:
                 report.frontends_added += 1
-            assert len(want_svc) == before + len(fe.backends) + 1
         # 1. backends first: a slot must never name a backend the datapath cannot find.
         for k, v in want_be.items():
             if self._be.get(k) != v:
@@ -199,14 +215,14 @@ class LBMaps:
             key = self.services.decode_key(k)
             if key.slot == 0:
                 report.frontends_removed += 1
-                self._svc_ids.pop(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)), None)
+                self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
             self.services.delete_raw(k)
             del self._svc[k]
             report.slots_removed += 1
         # 4. backends nobody references any more; their flows are steered away on next packet.
         for k in [k for k in self._be if k not in want_be]:
             be = self.backends.decode_value(self._be[k])
-            self._be_ids.pop(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)), None)
+            self._be_ids.forget(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)))
             self.backends.delete_raw(k)
             del self._be[k]
             report.backends_removed += 1

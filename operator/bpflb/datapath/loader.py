@@ -245,36 +245,32 @@ def tc_attach(prog_fd: int, ifindex: int, *, ingress: bool) -> None:
         rc = lib().bpf_tc_hook_create(hook)
         if rc < 0 and -rc != 17:  # EEXIST: created meanwhile
             check(rc, f"creating clsact on ifindex {ifindex}")
+    check(lib().bpf_tc_attach(hook, _tc_opts(prog_fd, BPF_TC_F_REPLACE)),
+          f"attaching tc program on ifindex {ifindex}")
+
+
+def _tc_opts(prog_fd: int = 0, flags: int = 0) -> Any:
+    """bpf_tc_opts naming bpflb's filter (fixed handle and priority)."""
     opts = ffi().new("struct bpf_tc_opts *")
     opts.sz = ffi().sizeof("struct bpf_tc_opts")
     opts.prog_fd = prog_fd
+    opts.flags = flags
     opts.handle = TC_HANDLE
     opts.priority = TC_PRIORITY
-    opts.flags = BPF_TC_F_REPLACE
-    check(lib().bpf_tc_attach(hook, opts), f"attaching tc program on ifindex {ifindex}")
+    return opts
 
 
 def tc_detach(ifindex: int, *, ingress: bool) -> bool:
     """Remove bpflb's filter from a device's clsact hook; False when it was not there."""
     point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
-    hook = _tc_hook(ifindex, point)
-    opts = ffi().new("struct bpf_tc_opts *")
-    opts.sz = ffi().sizeof("struct bpf_tc_opts")
-    opts.handle = TC_HANDLE
-    opts.priority = TC_PRIORITY
-    rc = lib().bpf_tc_detach(hook, opts)
-    return bool(rc == 0)
+    return bool(lib().bpf_tc_detach(_tc_hook(ifindex, point), _tc_opts()) == 0)
 
 
 def tc_attached_prog_id(ifindex: int, *, ingress: bool) -> int | None:
     """The id of the program bpflb attached on the hook, or None."""
     point = lib().BPF_TC_INGRESS if ingress else lib().BPF_TC_EGRESS
-    hook = _tc_hook(ifindex, point)
-    opts = ffi().new("struct bpf_tc_opts *")
-    opts.sz = ffi().sizeof("struct bpf_tc_opts")
-    opts.handle = TC_HANDLE
-    opts.priority = TC_PRIORITY
-    if lib().bpf_tc_query(hook, opts) < 0:
+    opts = _tc_opts()
+    if lib().bpf_tc_query(_tc_hook(ifindex, point), opts) < 0:
         return None
     return int(opts.prog_id)
 
