@@ -49,8 +49,8 @@ lint: venv
 
 typecheck: lint
 
-# The README's test command: everything a fresh Debian machine needs, then every test.
-test: deps venv bpf lint
+# The README's test command (after scripts/install-deps.sh): build, lint, every test.
+test: venv bpf lint
 	$(Q)$(VENV)/bin/pytest -v tests
 
 test-unit: venv
@@ -62,12 +62,14 @@ test-bpf: venv bpf
 test-lab: venv bpf
 	$(Q)$(VENV)/bin/pytest tests/lab
 
-# The README's demo command: build, bring the lab up, check it, print the table.
-demo: deps venv bpf
+# The README's demo command (after scripts/install-deps.sh): build, bring the lab up, check it.
+demo: venv bpf
 	$(Q)$(VENV)/bin/bpflb lab down >/dev/null 2>&1 || true
 	$(Q)$(VENV)/bin/bpflb lab up
 	$(Q)$(VENV)/bin/bpflb lab status
 	$(Q)$(VENV)/bin/bpflb lab check
+	@echo "The lab keeps running: try '$(VENV)/bin/bpflb inspect --pin-root /sys/fs/bpf/bpflb-lab/bpflb/node1';"
+	@echo "'$(VENV)/bin/bpflb lab down' removes it."
 
 bench: venv bpf
 	$(Q)$(VENV)/bin/bpflb bench
