@@ -61,6 +61,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 @_errors
+def cmd_mode(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    took = lab.set_mode(args.mode, timeout=args.timeout)
+    _say(f"lab {lab.name}: every node runs {args.mode} for new flows ({took:.1f}s); open flows keep their mode")
+    return 0
+
+
+@_errors
 def cmd_down(args: argparse.Namespace) -> int:
     lab = _lab(args)
     report = lab.down()
@@ -183,6 +191,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                  "{source_dir} {pin_root} {device} {lab} {netns} {mode} {log}.")
 
     add("down", cmd_down, "remove the lab: processes, namespaces, state and pinned BPF objects")
+
+    mo = add("mode", cmd_mode, "switch bpfLBMode live (rewrites the agents' ConfigMap, waits for every node)")
+    mo.add_argument("mode", metavar="SNAT|DSR|Hybrid")
+    mo.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
     status = add("status", cmd_status, "show the lab's hosts, agents and Services")
     status.add_argument("--json", action="store_true", help="machine-readable output")

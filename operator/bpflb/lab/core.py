@@ -190,6 +190,39 @@ class Lab:
         state.phase = "up"
         state.save(self.paths)
 
+    def set_mode(self, mode: str, timeout: float = 10.0) -> float:
+        """Switch bpfLBMode on the running lab the way the operator will: rewrite the agents' ConfigMap,
+        then wait until every node's datapath (its pinned lb_config map) runs the new mode for new flows.
+        Returns the seconds it took; flows already open keep the mode they started with."""
+        mode = canonical_mode(mode)
+        if mode not in SUPPORTED_MODES:
+            raise LabUnsupported(f"mode {mode}: not implemented yet (this release supports "
+                                 f"{', '.join(SUPPORTED_MODES)})")
+        state = self.state()
+        start = time.monotonic()
+        with self.paths.locked():
+            self.cluster.write(cluster.agent_config(mode))
+            state.mode = mode
+            state.save(self.paths)
+        if not state.agents:
+            return 0.0
+        from bpflb.inspect import PinnedMaps, collect_maps
+
+        waiting = {topology.node_name(k) for k in range(1, state.nodes + 1)}
+        while waiting:
+            for node in sorted(waiting):
+                with contextlib.suppress(Exception):
+                    if collect_maps(PinnedMaps.open(self.pin_root / node))["mode"] == mode:
+                        waiting.discard(node)
+                        self._log(f"{node}: datapath runs {mode} for new flows "
+                                  f"({time.monotonic() - start:.1f}s)")
+            if waiting and time.monotonic() - start > timeout:
+                raise LabError(f"{', '.join(sorted(waiting))} still not on {mode} after {timeout:.0f}s; "
+                               f"see {self.paths.logs}")
+            if waiting:
+                time.sleep(0.05)
+        return time.monotonic() - start
+
     def down(self) -> DownReport:
         """Remove everything of this lab: processes in its namespaces, the namespaces, the state directory
         and the pin root. Works after a crash (everything is found by name) and when nothing exists."""
