@@ -29,4 +29,22 @@
 #define NAT_PORT_TRIES 32   /* random SNAT source ports tried before giving up on a new flow */
 #endif
 
+/* skb->data and skb->data_end loaded straight off the context register: clang may otherwise keep
+ * a pointer to the field around, and the verifier only accepts ctx loads at fixed offsets. */
+static __always_inline void *skb_data(const struct __sk_buff *skb)
+{
+	void *ptr;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(ptr) : "r"(skb), "i"(offsetof(struct __sk_buff, data)));
+	return ptr;
+}
+
+static __always_inline void *skb_data_end(const struct __sk_buff *skb)
+{
+	void *ptr;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(ptr) : "r"(skb), "i"(offsetof(struct __sk_buff, data_end)));
+	return ptr;
+}
+
 #endif

@@ -47,7 +47,17 @@
 #define STAT_PASS_FIB_FAILED 10
 #define STAT_DROP_NO_BACKEND 11
 #define STAT_DROP_ERROR 12
-#define STAT_MAX 16
+#define STAT_DROP_DSR_SPOOFED 13
+#define STAT_DROP_DSR_NO_STATE 14
+#define STAT_ICMP_FRAG_NEEDED 15
+#define STAT_DSR_ACCEPTED 16
+#define STAT_DSR_OPT_INSERTED 17
+#define STAT_MAX 32
+
+/* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
+ * then the frontend's port and address in network order. */
+#define DSR_OPT_TYPE 154
+#define DSR_OPT_LEN 8
 
 /* Map sizes; the Python side reads them to size its own bookkeeping. */
 #define LB_SERVICES_MAX 65536
@@ -109,6 +119,20 @@ struct ct_entry {
 	__u8 flags;            /* CT_F_* */
 	__u8 mode;             /* LB_MODE_* the flow started with */
 	__u8 pad[2];
+};
+
+/* An address:port/protocol (DSR frontends known cluster-wide, this node's backend endpoints). */
+struct lb_l4_key {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* An IPv4 prefix in an LPM trie (the cluster's node addresses and pod CIDRs). */
+struct lb_cidr_key {
+	__u32 prefixlen;
+	__u32 addr;
 };
 
 /* Runtime settings of a node's datapath (a one-entry array): changed live by the agent. */

@@ -60,8 +60,8 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 		if (bpf_l4_csum_replace(skb, p->csum_off, old, new, sizeof(new) | l4_csum_flags(p)) < 0)
 			return -1;
 	}
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end || data + l4_off + sizeof(to_ports) > data_end)
 		return -1;

@@ -11,6 +11,7 @@
 #include "lb.h"
 #include "icmp.h"
 #include "fib.h"
+#include "dsr.h"
 
 /* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
  * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
@@ -30,7 +31,29 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 		return TC_ACT_SHOT;
 	}
 	stat_inc(STAT_REPLY_SNAT);
-	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto, p->tot_len);
+	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto);
+}
+
+/* A packet of a DSR flow: DNAT only (the client's address stays), the frontend in an IPv4 option
+ * when dsr_needs_opt(); the route is looked up first so an option that would not fit the path MTU
+ * turns into ICMP fragmentation-needed for the client instead of a silent drop. */
+static __always_inline int np_forward_dsr(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e)
+{
+	struct bpf_fib_lookup fib;
+	int opt = dsr_needs_opt(p);
+	__u16 len = opt && !skb->gso_size ? p->tot_len + sizeof(struct dsr_opt_v4) : 0;
+	int rc = fib_lookup_v4(skb, &fib, p->t.saddr, e->backend_addr, p->t.proto, len);
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		stat_inc(STAT_ICMP_FRAG_NEEDED);
+		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - sizeof(struct dsr_opt_v4));
+	}
+	if (nat_rewrite(skb, p, p->t.saddr, p->t.sport, e->backend_addr, e->backend_port) < 0 ||
+	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return fib_redirect(skb, &fib, rc);
 }
 
 /* Translate a packet of a known flow towards its backend and forward it. */
@@ -39,6 +62,8 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__be32 saddr = p->t.saddr;
 	__be16 sport = p->t.sport;
 
+	if (e->flags & CT_F_DSR)
+		return np_forward_dsr(skb, p, e);
 	if (e->flags & CT_F_SNAT) {
 		saddr = e->nat_addr;
 		sport = e->nat_port;
@@ -47,7 +72,7 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
-	return fib_forward(skb, saddr, e->backend_addr, p->t.proto, p->tot_len);
+	return fib_forward(skb, saddr, e->backend_addr, p->t.proto);
 }
 
 /* Create the flow's entries for a freshly selected backend; 0 on success, else a verdict. */
@@ -78,6 +103,9 @@ static __always_inline int np_new_flow(struct pkt *p, const struct lb_config *cf
 		ct_reply_tuple(&rkey, be->addr, be->port, p->t.saddr, p->t.sport, p->t.proto);
 		if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0)
 			return TC_ACT_SHOT;
+	} else if (dsr_mode_applies(cfg->mode, p->t.proto)) {
+		/* Remote backend by DSR: the backend's node keeps the reply state, not this one. */
+		e->flags = CT_F_DSR;
 	} else {
 		/* Remote backend in SNAT mode: source becomes this node with a free port. */
 		e->flags = CT_F_SNAT;
@@ -137,6 +165,14 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	rc = np_snat_reply(skb, &p, cfg);
 	if (rc >= 0)
 		return rc;
+	if (p.ihl_bytes > sizeof(struct iphdr)) {
+		/* Only packets with IP options can be DSR requests for a pod of this node. */
+		rc = dsr_backend_ingress(skb, &p, bpf_ktime_get_ns());
+		if (rc == -2)
+			return fib_forward(skb, p.t.saddr, p.t.daddr, p.t.proto);
+		if (rc >= 0)
+			return rc;
+	}
 
 	/* Every packet of a flow is addressed to its frontend: one lookup settles non-service traffic. */
 	svc = lb_lookup_service(&p);
@@ -172,7 +208,8 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	return np_forward(skb, &p, &fresh);
 }
 
-/* tc egress on the external device: replies of flows DNAT'd to a local backend. */
+/* tc egress on the external device: replies of flows DNAT'd to a local backend, and replies of
+ * DSR flows whose requests this node delivered to a local pod. */
 static __always_inline int np_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
@@ -181,7 +218,14 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	if (parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
-	if (!rev || !(rev->flags & CT_F_LOCAL))
+	if (!rev) {
+		if (dsr_untracked_reply(&p)) {
+			stat_inc(STAT_DROP_DSR_NO_STATE);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
+	if (!(rev->flags & (CT_F_LOCAL | CT_F_DSR)))
 		return TC_ACT_OK;
 	ct_touch(rev, &p, bpf_ktime_get_ns());
 	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {

@@ -29,8 +29,8 @@ struct pkt {
 /* Parse the frame's headers; the verdict says whether the packet may be translated. */
 static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct pkt *p)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u32 ihl, tot_len;
@@ -48,8 +48,8 @@ static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct
 			want = ETH_HLEN + 60 + sizeof(struct tcphdr);
 		if (data + want > data_end) {
 			bpf_skb_pull_data(skb, want);
-			data = (void *)(long)skb->data;
-			data_end = (void *)(long)skb->data_end;
+			data = skb_data(skb);
+			data_end = skb_data_end(skb);
 			eth = data;
 			if ((void *)(eth + 1) > data_end)
 				return PARSE_TRUNCATED;

@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import BpfObject, load_lb, remove_pins, tc_attach, tc_detach
+from bpflb.model.cluster import cluster_prefixes, dsr_frontends, local_backends, node_addresses
 from bpflb.model.translate import translate
 from bpflb.model.types import DesiredState, Frontend, L4Addr, Mode
 from bpflb.sources.base import Source
 
 log = logging.getLogger("bpflb.agent")
 
-# Modes the datapath implements today; others are refused (the previous mode is kept).
-SUPPORTED_MODES = frozenset({Mode.SNAT})
+# Modes the datapath implements; others would be refused (the previous mode is kept).
+SUPPORTED_MODES = frozenset({Mode.SNAT, Mode.DSR, Mode.HYBRID})
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Agent:
         self.source = source
         self.obj: BpfObject | None = None
         self.maps: LBMaps | None = None
+        self.cluster_maps: ClusterMaps | None = None
         self.ifindex = 0
         self.state: DesiredState | None = None
         self.mode: Mode | None = None
@@ -80,6 +83,7 @@ class Agent:
         if self.ready_marker.is_symlink():
             self.ready_marker.unlink()
         self.maps = LBMaps(self.obj)
+        self.cluster_maps = ClusterMaps(self.obj)
         self.mode = self.maps.mode()
         log.info("loaded %s with maps pinned under %s", self.obj.path, self.opts.pin_root)
 
@@ -131,6 +135,15 @@ class Agent:
             keep = self.mode if self.mode in SUPPORTED_MODES else Mode.SNAT
             self._problem(f"bpfLBMode {mode.label} is not implemented by this datapath yet; keeping {keep.label}")
             mode = keep
+        # Cluster-wide facts first: this node must accept DSR requests for every frontend before any
+        # node (itself included) starts sending them.
+        assert self.cluster_maps is not None
+        cluster_changes = self.cluster_maps.sync(dsr_frontends(state, node_addresses(snap)), local_backends(state),
+                                                 cluster_prefixes(snap))
+        if cluster_changes:
+            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
+                     "(%d keys changed)", len(self.cluster_maps.dsr_frontends.keys),
+                     len(self.cluster_maps.local_backends.keys), len(self.cluster_maps.cidrs.keys), cluster_changes)
         report = SyncReport()
         report.config_changed = self.maps.set_config(NodeConfig(mode=mode, snat_addr=state.node_addrs[0],
                                                                 ext_ifindex=self.ifindex))

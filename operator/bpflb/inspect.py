@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Protocol
 
-from bpflb.datapath.lbmaps import possible_cpus
+from bpflb.datapath.lbmaps import read_stats
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib
 from bpflb.datapath.loader import MAP_TYPES, Map
 from bpflb.model.types import Mode, Proto
@@ -88,15 +88,7 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
         ids = [slots.get(ident, {}).get(i) for i in range(1, fe["count"] + 1)]
         fe["backends"] = [backends[i]["address"] if i in backends else f"?{i}" for i in ids]
     cfg = maps.config.lookup(ffi().new("__u32 *", 0))
-    stats_map = maps.stats_map
-    ncpu = possible_cpus()
-    buf = ffi().new("__u64[]", ncpu)
-    stats: dict[str, int] = {}
-    for name in ("PASS_NOT_SERVICE", "NEW_FLOW", "FWD_ESTABLISHED", "REPLY_SNAT", "REPLY_DNAT",
-                 "DROP_NO_LOCAL_BACKEND", "REJECT_NO_ENDPOINTS", "PASS_FRAGMENT", "PASS_TRUNCATED",
-                 "DROP_NAT_EXHAUSTED", "PASS_FIB_FAILED", "DROP_NO_BACKEND", "DROP_ERROR"):
-        if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", const("STAT_" + name)), buf) == 0:
-            stats[name.lower()] = sum(int(buf[i]) for i in range(ncpu))
+    stats = read_stats(maps.stats_map)
     flows = sum(1 for _ in maps.ct_fwd.items_raw())
     return {"mode": Mode(cfg.mode).label if cfg is not None else None,
             "snat_address": _addr(cfg.snat_addr) if cfg is not None else None,

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.loader import BpfObject, TestRun, load_lb
 from bpflb.datapath.netns import entered
@@ -37,6 +38,10 @@ class Node:
     maps: LBMaps
     eth0: int
     lxc0: int
+
+    @property
+    def cluster(self) -> ClusterMaps:
+        return ClusterMaps(self.obj)
 
     def program(self, state: DesiredState, mode: Mode = Mode.SNAT) -> None:
         self.maps.set_config(NodeConfig(mode=mode, snat_addr=IPv4Address(NODE1), ext_ifindex=self.eth0))

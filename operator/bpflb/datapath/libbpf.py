@@ -157,6 +157,16 @@ def check(rc: int, what: str) -> int:
     return rc
 
 
+@cache
+def stat_names() -> dict[int, str]:
+    """Counter index -> name ("new_flow", ...) from the STAT_* #defines of lb_structs.h."""
+    names = {}
+    for match in re.finditer(r"^#define STAT_(\w+)\s+(\d+)", structs_header().read_text(), re.MULTILINE):
+        if match.group(1) != "MAX":
+            names[int(match.group(2))] = match.group(1).lower()
+    return names
+
+
 def const(name: str) -> int:
     """An integer #define of lb_structs.h (e.g. LB_MODE_DSR)."""
     value: int = getattr(lib(), name)

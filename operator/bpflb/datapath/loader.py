@@ -142,6 +142,9 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "ct_rev": ("struct ct_tuple", "struct ct_entry"),
     "lb_config": ("__u32", "struct lb_config"),
     "lb_stats": ("__u32", "__u64"),
+    "lb_dsr_frontends": ("struct lb_l4_key", "__u8"),
+    "lb_local_backends": ("struct lb_l4_key", "__u8"),
+    "lb_cluster_cidrs": ("struct lb_cidr_key", "__u8"),
 }
 
 

@@ -35,7 +35,7 @@ DEFAULT_NAME = "bpflb"
 ENV_AGENT_CMD = "BPFLB_LAB_AGENT_CMD"
 DEFAULT_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --source-dir {source_dir} "
                      "--pin-root {pin_root} --device {device}")
-SUPPORTED_MODES = ("SNAT",)
+SUPPORTED_MODES = ("SNAT", "DSR", "Hybrid")
 SUPPORTED_TUNNELS = ("Disabled",)
 TUNNELS = ("Disabled", "VXLAN")
 ECHO_START_TIMEOUT = 15.0

@@ -1,0 +1,201 @@
+/* Direct server return: the frontend travels to the backend's node in an IPv4 option (Cilium's
+ * format), the backend's node records it and rewrites the pod's replies to come from the frontend,
+ * straight to the client. */
+#ifndef BPFLB_DSR_H
+#define BPFLB_DSR_H
+
+#include "common.h"
+#include "maps.h"
+#include "parse.h"
+#include "nat.h"
+#include "conntrack.h"
+
+/* Every frontend of the cluster a DSR option may name (all nodes' NodePorts, LB IPs, external IPs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_l4_key);
+	__type(value, __u8);
+	__uint(max_entries, LB_SERVICES_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_dsr_frontends SEC(".maps");
+
+/* This node's backend endpoints: their replies must never leave untranslated. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_l4_key);
+	__type(value, __u8);
+	__uint(max_entries, LB_BACKENDS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_local_backends SEC(".maps");
+
+/* The cluster's own addresses (node addresses, pod CIDRs): replies to them need no DSR state. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb_cidr_key);
+	__type(value, __u8);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_cluster_cidrs SEC(".maps");
+
+struct dsr_opt_v4 {
+	__u8 type;
+	__u8 len;
+	__be16 port;
+	__be32 addr;
+};
+
+/* Should a new flow to a remote backend go by DSR in this mode? */
+static __always_inline int dsr_mode_applies(__u32 mode, __u8 proto)
+{
+	return mode == LB_MODE_DSR || (mode == LB_MODE_HYBRID && proto == IPPROTO_TCP);
+}
+
+/* Does this packet of a DSR flow carry the option?  TCP: only SYNs (first and retransmitted);
+ * UDP: every datagram. */
+static __always_inline int dsr_needs_opt(const struct pkt *p)
+{
+	if (p->t.proto == IPPROTO_UDP)
+		return 1;
+	return (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+}
+
+/* Grow the IPv4 header by the option, right after the 20-byte base header, and fix IHL, total
+ * length and the header checksum.  The L4 header and its checksum are untouched (the pseudo-header
+ * length does not change).  Updates p's offsets; 0 on success. */
+static __always_inline int dsr_insert_opt(struct __sk_buff *skb, struct pkt *p, __be32 fe_addr, __be16 fe_port)
+{
+	struct dsr_opt_v4 opt = { .type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = fe_port, .addr = fe_addr };
+	void *data, *data_end;
+	struct iphdr *ip;
+	__u32 old_w, new_w, diff, opt_w[2];
+
+	if (p->ihl_bytes + sizeof(opt) > 60)
+		return -1;
+	if (bpf_skb_adjust_room(skb, sizeof(opt), BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &opt, sizeof(opt), 0) < 0)
+		return -1;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__builtin_memcpy(&old_w, ip, sizeof(old_w));          /* version/IHL, TOS, total length */
+	ip->ihl += sizeof(opt) / 4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + sizeof(opt));
+	__builtin_memcpy(&new_w, ip, sizeof(new_w));
+	__builtin_memcpy(opt_w, &opt, sizeof(opt_w));
+	diff = csum_add32(0, ~old_w);
+	diff = csum_add32(diff, new_w);
+	diff = csum_add32(diff, opt_w[0]);
+	diff = csum_add32(diff, opt_w[1]);
+	ip->check = csum_apply(ip->check, diff);
+	p->ihl_bytes += sizeof(opt);
+	p->l4_off += sizeof(opt);
+	p->csum_off += sizeof(opt);
+	p->tot_len += sizeof(opt);
+	stat_inc(STAT_DSR_OPT_INSERTED);
+	return 0;
+}
+
+/* The frontend named by a DSR option in first position, if the packet carries one; 1 when found. */
+static __always_inline int dsr_read_opt(struct __sk_buff *skb, const struct pkt *p, struct dsr_opt_v4 *opt)
+{
+	if (p->ihl_bytes < sizeof(struct iphdr) + sizeof(*opt))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), opt, sizeof(*opt)) < 0)
+		return 0;
+	return opt->type == DSR_OPT_TYPE && opt->len == DSR_OPT_LEN;
+}
+
+/* Remove the option again so the pod receives the packet as the client sent it (bar the DNAT). */
+static __always_inline int dsr_strip_opt(struct __sk_buff *skb, struct pkt *p, const struct dsr_opt_v4 *opt)
+{
+	void *data, *data_end;
+	struct iphdr *ip;
+	__u32 old_w, new_w, diff, opt_w[2];
+
+	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(*opt), BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__builtin_memcpy(&old_w, ip, sizeof(old_w));
+	ip->ihl -= sizeof(*opt) / 4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(*opt));
+	__builtin_memcpy(&new_w, ip, sizeof(new_w));
+	__builtin_memcpy(opt_w, opt, sizeof(opt_w));
+	diff = csum_add32(0, ~old_w);
+	diff = csum_add32(diff, new_w);
+	diff = csum_add32(diff, ~opt_w[0]);
+	diff = csum_add32(diff, ~opt_w[1]);
+	ip->check = csum_apply(ip->check, diff);
+	p->ihl_bytes -= sizeof(*opt);
+	p->l4_off -= sizeof(*opt);
+	p->csum_off -= sizeof(*opt);
+	p->tot_len -= sizeof(*opt);
+	return 0;
+}
+
+/* Backend node, ingress: a request carrying a DSR option.  A known frontend: record how to
+ * translate the pod's replies, strip the option, deliver.  Anything else: drop and count.
+ * Returns a verdict, or -1 when the packet carries no DSR option. */
+static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt *p, __u64 now)
+{
+	struct dsr_opt_v4 opt;
+	struct lb_l4_key fe = {};
+	struct ct_entry rev = {};
+	struct ct_tuple rkey;
+
+	if (!dsr_read_opt(skb, p, &opt))
+		return -1;
+	fe.addr = opt.addr;
+	fe.port = opt.port;
+	fe.proto = p->t.proto;
+	if (!bpf_map_lookup_elem(&lb_dsr_frontends, &fe)) {
+		stat_inc(STAT_DROP_DSR_SPOOFED);
+		return TC_ACT_SHOT;
+	}
+	rev.last_seen = now;
+	rev.fe_addr = opt.addr;
+	rev.fe_port = opt.port;
+	rev.client_addr = p->t.saddr;
+	rev.client_port = p->t.sport;
+	rev.backend_addr = p->t.daddr;
+	rev.backend_port = p->t.dport;
+	rev.flags = CT_F_DSR;
+	rev.mode = LB_MODE_DSR;
+	ct_reply_tuple(&rkey, p->t.daddr, p->t.dport, p->t.saddr, p->t.sport, p->t.proto);
+	if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	if (dsr_strip_opt(skb, p, &opt) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(STAT_DSR_ACCEPTED);
+	return -2;   /* accepted: the caller forwards it like any packet to a pod */
+}
+
+/* Egress: a TCP packet from one of this node's backend endpoints to outside the cluster with no
+ * translation state (a DSR flow whose SYN this node never saw, or lost state) must not leak the
+ * pod's address.  True when the packet must be dropped. */
+static __always_inline int dsr_untracked_reply(const struct pkt *p)
+{
+	struct lb_l4_key be = { .addr = p->t.saddr, .port = p->t.sport, .proto = p->t.proto };
+	struct lb_cidr_key dst = { .prefixlen = 32, .addr = p->t.daddr };
+
+	if (p->t.proto != IPPROTO_TCP || !bpf_map_lookup_elem(&lb_local_backends, &be))
+		return 0;
+	if ((p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+		return 0;   /* the pod opening a connection of its own */
+	return !bpf_map_lookup_elem(&lb_cluster_cidrs, &dst);
+}
+
+#endif
