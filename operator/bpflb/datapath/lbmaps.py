@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.datapath.libbpf import const, ffi, lib
+from bpflb.datapath.libbpf import const, ffi, lib, stat_names
 from bpflb.datapath.loader import BpfObject, Map
 from bpflb.model.types import DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 
@@ -246,27 +246,23 @@ class LBMaps:
         return None if current is None else Mode(current.mode)
 
     def stats(self) -> dict[str, int]:
-        """Packet counters summed over CPUs, by STAT_* name."""
-        ncpu = possible_cpus()
-        names = {const(n): n[5:].lower() for n in _STAT_NAMES}
-        out: dict[str, int] = {}
-        buf = ffi().new("__u64[]", ncpu)
-        for idx, name in sorted(names.items()):
-            key = ffi().new("__u32 *", idx)
-            if lib().bpf_map_lookup_elem(self.stats_map.fd, key, buf) == 0:
-                out[name] = sum(int(buf[i]) for i in range(ncpu))
-        return out
+        """Packet counters summed over CPUs, by name (STAT_* in lb_structs.h, lower case)."""
+        return read_stats(self.stats_map)
 
     def flows(self) -> list[Any]:
         """Decoded forward conntrack entries (for `bpflb flows` and tests)."""
         return [(self.ct_fwd.decode_key(k), self.ct_fwd.decode_value(v)) for k, v in self.ct_fwd.items_raw()]
 
 
-_STAT_NAMES = [
-    "STAT_PASS_NOT_SERVICE", "STAT_NEW_FLOW", "STAT_FWD_ESTABLISHED", "STAT_REPLY_SNAT", "STAT_REPLY_DNAT",
-    "STAT_DROP_NO_LOCAL_BACKEND", "STAT_REJECT_NO_ENDPOINTS", "STAT_PASS_FRAGMENT", "STAT_PASS_TRUNCATED",
-    "STAT_DROP_NAT_EXHAUSTED", "STAT_PASS_FIB_FAILED", "STAT_DROP_NO_BACKEND", "STAT_DROP_ERROR",
-]
+def read_stats(stats_map: Map) -> dict[str, int]:
+    """Every per-CPU counter of lb_stats summed over CPUs, by name."""
+    ncpu = possible_cpus()
+    buf = ffi().new("__u64[]", ncpu)
+    out: dict[str, int] = {}
+    for idx, name in sorted(stat_names().items()):
+        if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", idx), buf) == 0:
+            out[name] = sum(int(buf[i]) for i in range(ncpu))
+    return out
 
 
 def possible_cpus() -> int:
