@@ -1,0 +1,114 @@
+"""DSR and Hybrid on the wire, with the real agents: the backend sees the client's address, the reply
+leaves from the backend's node (its MAC) with the frontend as source and never crosses node1; modes
+switch live through the agents' ConfigMap, and open connections keep the mode they started with."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bpflb.lab import Lab
+from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
+from tests.lab.test_datapath import NODE1, _long_lived, seen_ip
+
+pytestmark = pytest.mark.privileged
+
+CLIENT = "198.18.0.100"
+LB_IP = "198.18.1.10"
+
+
+@pytest.fixture(scope="module")
+def lab(privileged: None) -> Iterator[Lab]:
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up(mode="DSR")
+        yield shared
+    finally:
+        shared.down()
+
+
+@pytest.mark.parametrize(("frontend", "port"), [(NODE1, 30080), (LB_IP, 80)])
+def test_dsr_reply_comes_straight_from_the_backends_node(lab: Lab, frontend: str, port: int) -> None:
+    lab.set_mode("DSR")
+    backend_macs = {mac_of(lab, "node2"), mac_of(lab, "node3")}
+    node1_mac = mac_of(lab, "node1")
+    with capture(lab, "node1", "tcp") as at_node1, capture(lab, "client", "tcp") as at_client:
+        results = lab.connections("client", frontend, port, 6, request="/clientip")
+    assert all(r.ok for r in results), [r.error for r in results]
+    # The pods saw the client's own address...
+    assert {seen_ip(r.replies[0]) for r in results} == {CLIENT}
+    assert {r.pod for r in results} <= {"echo-a", "echo-b"}
+    # ...the requests entered node1 and went on to a pod with the client's address intact...
+    assert at_node1.matching(src=CLIENT, dst=frontend, dport=port)
+    forwarded = at_node1.matching(src=CLIENT, dport=8080)
+    assert forwarded and {f.dst for f in forwarded} <= {"10.244.2.10", "10.244.3.10"}
+    # ...and no reply crossed node1 in either form.
+    assert not at_node1.matching(src=frontend, sport=port, dst=CLIENT)
+    assert not at_node1.matching(sport=8080, dst=CLIENT)
+    # The client got its replies from frontend:port, in frames sent by node2's or node3's interface.
+    replies = at_client.matching(src=frontend, sport=port, dst=CLIENT)
+    assert replies, at_client.frames
+    assert {f.smac for f in replies} <= backend_macs and node1_mac not in {f.smac for f in replies}
+
+
+def test_hybrid_tcp_by_dsr_udp_by_snat(lab: Lab) -> None:
+    lab.set_mode("Hybrid")
+    try:
+        tcp = lab.connections("client", NODE1, 30080, 6, request="/clientip")
+        assert {seen_ip(r.replies[0]) for r in tcp} == {CLIENT}
+        udp = lab.connections("client", NODE1, 30081, 6, proto="UDP", request="clientip")
+        assert all(r.ok for r in udp) and {seen_ip(r.replies[0]) for r in udp} == {NODE1}
+    finally:
+        lab.set_mode("DSR")
+
+
+def test_pure_dsr_udp_preserves_the_client_address(lab: Lab) -> None:
+    lab.set_mode("DSR")
+    udp = lab.connections("client", NODE1, 30081, 6, proto="UDP", request="clientip")
+    assert all(r.ok for r in udp) and {seen_ip(r.replies[0]) for r in udp} == {CLIENT}
+
+
+def test_an_open_connection_survives_snat_dsr_snat_switches(lab: Lab) -> None:
+    lab.set_mode("SNAT")
+    out: list[list[str]] = []
+    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", _long_lived, 5.0, timeout=20)))
+    worker.start()
+    try:
+        time.sleep(1.2)
+        lab.set_mode("DSR")
+        # New connections are DSR now, while the open one keeps going (it started in SNAT).
+        fresh = lab.connections("client", NODE1, 30080, 4, request="/clientip")
+        assert {seen_ip(r.replies[0]) for r in fresh} == {CLIENT}
+        time.sleep(1.2)
+        lab.set_mode("SNAT")
+        time.sleep(1.2)
+    finally:
+        worker.join()
+    pods = out[0]
+    assert len(pods) >= 15 and len(set(pods)) == 1, pods
+    lab.set_mode("DSR")
+
+
+def test_the_lab_check_passes_in_every_mode(lab: Lab) -> None:
+    try:
+        for mode in ("SNAT", "DSR", "Hybrid"):
+            lab.set_mode(mode)
+            report = lab.check()
+            assert report.ok, report.render()
+            assert report.mode == mode
+    finally:
+        lab.set_mode("DSR")
+
+
+def test_datapath_counters_show_the_dsr_work(lab: Lab) -> None:
+    from bpflb.inspect import collect
+
+    lab.set_mode("DSR")
+    lab.connections("client", NODE1, 30080, 4)
+    counters = [collect(lab.pin_root / n)["counters"] for n in ("node1", "node2", "node3")]
+    assert counters[0]["dsr_opt_inserted"] >= 4
+    assert counters[1]["dsr_accepted"] + counters[2]["dsr_accepted"] >= 4
+    assert all(c.get("drop_dsr_spoofed", 0) == 0 for c in counters)
