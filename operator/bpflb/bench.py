@@ -12,18 +12,31 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, IPOption
 from scapy.layers.l2 import Ether
 
+from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import objects_dir
 from bpflb.datapath.loader import BpfObject, load_lb
 from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2_MAC, REMOTE_POD, scratch_node
+from bpflb.datapath.scratch import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    NODE1,
+    NODE2_MAC,
+    REMOTE_POD,
+    scratch_node,
+)
 from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 
 SERVICE_COUNTS = (1, 1_000, 10_000)
-PATHS = ("pass-through program", "non-service packet", "new NodePort flow", "established flow", "reply (SNAT)")
+OTHER_NODE = "198.18.0.13"   # the node a DSR request entered through, seen from a backend's node
+PATHS = ("pass-through program", "non-service packet",
+         "SNAT new flow", "SNAT established flow", "SNAT reply (node1)",
+         "DSR new flow (SYN + option)", "DSR established flow", "DSR reply (backend node)")
 
 
 @dataclass
@@ -92,13 +105,32 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
                                                             repeat=loops).duration_ns
             # New flows need distinct packets; the established and reply rows repeat one packet of
             # one flow (each run gets a fresh copy of it), exactly like the pass-through floor.
-            new_flows = [_syn(20000 + i) for i in range(samples)]
-            col.single["new NodePort flow"] = _median(lb, new_flows)
-            col.single["established flow"] = _median(lb, [_syn(20000, "A")] * samples)
+            col.single["SNAT new flow"] = _median(lb, [_syn(20000 + i) for i in range(samples)])
+            col.single["SNAT established flow"] = _median(lb, [_syn(20000, "A")] * samples)
             nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 20000)
             reply = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
                           TCP(sport=8080, dport=nat_port, flags="A"))
-            col.single["reply (SNAT)"] = _median(lb, [reply] * samples)
+            col.single["SNAT reply (node1)"] = _median(lb, [reply] * samples)
+
+            maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            col.single["DSR new flow (SYN + option)"] = _median(lb, [_syn(30000 + i) for i in range(samples)])
+            col.single["DSR established flow"] = _median(lb, [_syn(30000, "A")] * samples)
+            # The same node as a backend's node: a DSR request for its pod records the reply state,
+            # then the pod's reply is rewritten on egress.
+            ClusterMaps(obj).sync({L4Addr(IPv4Address(OTHER_NODE), 30080, Proto.TCP)}, set(), set())
+            request = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) /
+                            IP(src=CLIENT, dst=LOCAL_POD, ttl=63,
+                               options=[IPOption(b"\x9a\x08" + (30080).to_bytes(2, "big") +
+                                                 IPv4Address(OTHER_NODE).packed)]) /
+                            TCP(sport=45000, dport=8080, flags="S"))
+            obj.test_run("lb_ingress", request, ifindex=eth0)
+            pod_reply = bytes(Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=64) /
+                              TCP(sport=8080, dport=45000, flags="A"))
+
+            def egress(frame: bytes) -> int:
+                return obj.test_run("lb_egress", frame, ifindex=eth0).duration_ns
+
+            col.single["DSR reply (backend node)"] = _median(egress, [pod_reply] * samples)
     finally:
         obj.close()
     return col
@@ -106,18 +138,18 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
 
 def _table(cols: list[Column]) -> str:
     floor = {c.services: c.single["pass-through program"] for c in cols}
-    head = f"{'path (median ns, repeat=1)':<28}" + "".join(f"{c.services:>10,} svc" for c in cols) + \
+    head = f"{'path (median ns, repeat=1)':<30}" + "".join(f"{c.services:>10,} svc" for c in cols) + \
         f"{'x pass':>9}{'growth':>9}"
     lines = [head, "-" * len(head)]
     for path in PATHS:
         row = [c.single[path] for c in cols]
         ratio = row[-1] / floor[cols[-1].services]
         growth = row[-1] / row[0] if row[0] else float("nan")
-        lines.append(f"{path:<28}" + "".join(f"{v:>14.0f}" for v in row) + f"{ratio:>8.2f}x{growth:>8.2f}x")
+        lines.append(f"{path:<30}" + "".join(f"{v:>14.0f}" for v in row) + f"{ratio:>8.2f}x{growth:>8.2f}x")
     lines.append("")
-    lines.append(f"{'same packet, repeat loop (ns)':<28}" + "".join(f"{c.services:>10,} svc" for c in cols))
+    lines.append(f"{'same packet, repeat loop (ns)':<30}" + "".join(f"{c.services:>10,} svc" for c in cols))
     for path in ("pass-through program", "non-service packet"):
-        lines.append(f"{path:<28}" + "".join(f"{c.looped[path]:>14.0f}" for c in cols))
+        lines.append(f"{path:<30}" + "".join(f"{c.looped[path]:>14.0f}" for c in cols))
     lines.append("")
     lines.append("map programming (LBMaps.sync): " +
                  ", ".join(f"{c.services:,} services in {c.sync_seconds * 1000:.0f} ms" for c in cols))
@@ -128,7 +160,8 @@ NOTE = """\
 Method: BPF_PROG_TEST_RUN repeats a program on the same skb, and every translating path changes
 it, so each figure is the median of single runs (repeat=1), each on a fresh copy of the packet:
 one packet of one flow for the established and reply rows (like the pass-through floor), a new
-flow per run for the new-flow row (so it includes creating the conntrack and NAT entries).
+flow per run for the new-flow rows (so they include creating the conntrack and NAT entries).
+The DSR reply row runs the egress program of a backend's node on a pod's reply.
 A repeat=1 figure includes the kernel's timer overhead and the caches the Python caller cooled
 between runs; compare the repeat-loop figures of the two rows that leave the packet unchanged.
 'x pass' = cost at the largest Service count / pass-through; 'growth' = largest / 1 Service."""
