@@ -30,10 +30,7 @@ def test_register_adds_the_lab_tree() -> None:
     assert args.host == "node1" and args.cmd[-3:] == ["ip", "-o", "link"]
 
 
-def test_unsupported_mode_exits_2_with_a_clear_message() -> None:
-    proc = cli("up", "--name", "bpflb-tnever", "--mode", "DSR")
-    assert proc.returncode == 2
-    assert "--mode DSR: not implemented yet (this release supports SNAT)" in proc.stderr
+def test_unsupported_option_exits_2_with_a_clear_message() -> None:
     proc = cli("up", "--name", "bpflb-tnever", "--tunnel", "VXLAN", "--no-agents")
     assert proc.returncode == 2 and "--tunnel VXLAN: not implemented yet" in proc.stderr
 

@@ -31,8 +31,6 @@ def service(name: str = "s", **spec: Any) -> dict[str, Any]:
 
 def test_unsupported_options_are_refused_before_anything_is_created() -> None:
     name = unique_lab_name()
-    with pytest.raises(LabUnsupported, match=r"--mode DSR: not implemented yet \(this release supports SNAT\)"):
-        Lab(name).up(mode="DSR", agents=False)
     with pytest.raises(LabUnsupported, match="--tunnel VXLAN: not implemented yet"):
         Lab(name).up(tunnel="vxlan", agents=False)
     with pytest.raises(LabError, match="must be one of"):
