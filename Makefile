@@ -28,6 +28,16 @@ bpf_objects/build/%.o: bpf_objects/%.c $(BPF_HDRS) | bpf_objects/build
 bpf_objects/build:
 	$(Q)mkdir -p $@
 
+# The agent's native helper, loaded with ctypes (bpflb.model.maglev): the Maglev table fill loop.
+NATIVE_LIBS := bpf_objects/build/libbpflb_maglev.so
+NATIVE_CFLAGS ?= -O2 -Wall -Wextra -Werror -fPIC -shared
+
+bpf: $(NATIVE_LIBS)
+
+bpf_objects/build/libbpflb_maglev.so: native/maglev.c | bpf_objects/build
+	@echo "  CC-SO     $@"
+	$(Q)$(CC) $(NATIVE_CFLAGS) $< -o $@
+
 clean:
 	rm -rf bpf_objects/build
 

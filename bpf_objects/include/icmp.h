@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "parse.h"
+#include "nat.h"
 
 #define ICMP_QUOTE_MAX (60 + 8)
 #define ICMP_DEST_UNREACH 3
@@ -28,12 +29,6 @@ struct icmphdr {
 	} un;
 };   /* the offending IP header with options, plus 8 bytes of L4 */
 
-static __always_inline __u16 csum_fold32(__u32 csum)
-{
-	csum = (csum & 0xffff) + (csum >> 16);
-	csum = (csum & 0xffff) + (csum >> 16);
-	return (__u16)~csum;
-}
 
 /* Turn the packet into an ICMP destination-unreachable (type 3, code, next-hop MTU for code 4)
  * addressed to its sender and send it back out of the device it came in on.

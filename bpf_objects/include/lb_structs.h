@@ -12,6 +12,12 @@
 #define LB_MODE_DSR 1
 #define LB_MODE_HYBRID 2
 
+/* tunnelMode, stored in lb_config.tunnel_mode. */
+#define TUNNEL_DISABLED 0
+#define TUNNEL_VXLAN 1
+#define VXLAN_PORT 8472        /* the overlay's UDP port, as Cilium and flannel use */
+#define VXLAN_OVERHEAD 50      /* outer IPv4 + UDP + VXLAN + inner Ethernet */
+
 /* lb_svc_val.flags on the master slot (slot 0) of a frontend. */
 #define LB_SVC_F_NODEPORT 1
 #define LB_SVC_F_LOADBALANCER 2
@@ -52,6 +58,7 @@
 #define STAT_ICMP_FRAG_NEEDED 15
 #define STAT_DSR_ACCEPTED 16
 #define STAT_DSR_OPT_INSERTED 17
+#define STAT_TUNNEL_ENCAP 18
 #define STAT_MAX 32
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
@@ -135,6 +142,11 @@ struct lb_cidr_key {
 	__u32 addr;
 };
 
+/* Where a cluster address lives: the underlay address of the node that holds it (LPM value). */
+struct lb_tunnel_ep {
+	__u32 node_addr;
+};
+
 /* Runtime settings of a node's datapath (a one-entry array): changed live by the agent. */
 struct lb_config {
 	__u32 mode;            /* LB_MODE_* for new flows */
@@ -145,7 +157,55 @@ struct lb_config {
 	__u32 tcp_timeout;     /* seconds an established TCP flow lives without packets */
 	__u32 udp_timeout;     /* seconds a UDP flow lives without packets */
 	__u32 closing_timeout; /* seconds after FIN/RST */
+	__u32 tunnel_mode;     /* TUNNEL_* : how requests reach a backend on another node */
+	__u32 tunnel_vni;      /* VXLAN network identifier of the overlay */
+};
+
+/* ---- Backend selection: Maglev tables and session affinity (issue 8; lb.h, maglev.h, affinity.h) ---- */
+
+/* A frontend's Maglev table is M slot numbers (1..count, 0 = unset), stored in blocks of
+ * LB_MAGLEV_BLOCK entries: lb_maglev[{svc_id, i}] holds table entries i*BLOCK .. i*BLOCK+BLOCK-1.
+ * M (a prime up to LB_MAGLEV_M_MAX) and the hash seed are cluster-wide, in lb_maglev_cfg. */
+#define LB_MAGLEV_BLOCK 8192
+#define LB_MAGLEV_BLOCK_SHIFT 13
+#define LB_MAGLEV_BLOCKS_MAX 65536
+#define LB_MAGLEV_M_MAX 131071
+#define LB_AFFINITY_MAX 131072
+#define LB_AFFINITY_MEMBERS_MAX 262144
+
+struct lb_maglev_key {
+	__u32 svc_id;          /* the frontend's service id (lb_svc_val.id of slot 0) */
+	__u32 block;           /* table index >> LB_MAGLEV_BLOCK_SHIFT */
+};
+
+struct lb_maglev_block {
+	__u16 slot[LB_MAGLEV_BLOCK];   /* host order: the frontend slot a table entry names */
+};
+
+/* Cluster-wide Maglev parameters (a one-entry array). */
+struct lb_maglev_config {
+	__u32 table_size;      /* M; 0 = no table (every frontend selects at random) */
+	__u32 hash_seed;       /* initval of the packet hash: equal on every node */
+};
+
+/* sessionAffinity ClientIP: the backend a client's new flows to a frontend keep using. */
+struct lb_affinity_key {
+	__u32 svc_id;
+	__u32 client_addr;     /* network order */
+};
+
+struct lb_affinity_val {
+	__u64 last_used;       /* bpf_ktime_get_ns() of the client's last new flow */
+	__u32 backend_id;
 	__u32 pad;
 };
+
+/* A backend a frontend with session affinity may still give new flows to (present = eligible). */
+struct lb_affinity_member {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
+/* ---- end of backend selection ---- */
 
 #endif

@@ -14,6 +14,13 @@ static __always_inline __u64 l4_csum_flags(const struct pkt *p)
 }
 
 /* Ones-complement helpers on raw (network-order) words: byte order does not change the sum. */
+static __always_inline __u16 csum_fold32(__u32 csum)
+{
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__u16)~csum;
+}
+
 static __always_inline __u32 csum_add32(__u32 csum, __u32 addend)
 {
 	csum += addend;

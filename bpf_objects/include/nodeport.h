@@ -12,6 +12,7 @@
 #include "icmp.h"
 #include "fib.h"
 #include "dsr.h"
+#include "tunnel.h"
 
 /* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
  * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
@@ -34,45 +35,59 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto);
 }
 
-/* A packet of a DSR flow: DNAT only (the client's address stays), the frontend in an IPv4 option
- * when dsr_needs_opt(); the route is looked up first so an option that would not fit the path MTU
- * turns into ICMP fragmentation-needed for the client instead of a silent drop. */
-static __always_inline int np_forward_dsr(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e)
+/* Translate a packet of a known flow towards its backend and forward it.
+ * SNAT: source becomes this node.  DSR: DNAT only, plus the frontend in an IPv4 option when
+ * dsr_needs_opt().  A remote backend behind the VXLAN overlay: the result is encapsulated to its
+ * node.  The route is looked up before the packet is touched, so growth (option, overlay) that
+ * would not fit the path MTU becomes ICMP fragmentation-needed for the client, never a silent drop. */
+static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e,
+				      const struct lb_config *cfg)
 {
 	struct bpf_fib_lookup fib;
-	int opt = dsr_needs_opt(p);
-	__u16 len = opt && !skb->gso_size ? p->tot_len + sizeof(struct dsr_opt_v4) : 0;
-	int rc = fib_lookup_v4(skb, &fib, p->t.saddr, e->backend_addr, p->t.proto, len);
-
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		stat_inc(STAT_ICMP_FRAG_NEEDED);
-		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - sizeof(struct dsr_opt_v4));
-	}
-	if (nat_rewrite(skb, p, p->t.saddr, p->t.sport, e->backend_addr, e->backend_port) < 0 ||
-	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
-		stat_inc(STAT_DROP_ERROR);
-		return TC_ACT_SHOT;
-	}
-	return fib_redirect(skb, &fib, rc);
-}
-
-/* Translate a packet of a known flow towards its backend and forward it. */
-static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e)
-{
-	__be32 saddr = p->t.saddr;
+	struct lb_tunnel_ep *ep = NULL;
+	__be32 saddr = p->t.saddr, node = 0;
 	__be16 sport = p->t.sport;
+	int opt = (e->flags & CT_F_DSR) && dsr_needs_opt(p);
+	__u32 growth = opt ? sizeof(struct dsr_opt_v4) : 0;
+	int rc;
 
-	if (e->flags & CT_F_DSR)
-		return np_forward_dsr(skb, p, e);
 	if (e->flags & CT_F_SNAT) {
 		saddr = e->nat_addr;
 		sport = e->nat_port;
 	}
-	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0) {
+	if (cfg->tunnel_mode == TUNNEL_VXLAN && !(e->flags & CT_F_LOCAL)) {
+		ep = tunnel_endpoint(e->backend_addr);
+		if (ep && ep->node_addr != cfg->snat_addr) {
+			node = ep->node_addr;
+			growth += VXLAN_OVERHEAD;
+		}
+	}
+	if (node)
+		rc = fib_lookup_v4(skb, &fib, cfg->snat_addr, node, IPPROTO_UDP,
+				   skb->gso_size ? 0 : p->tot_len + growth);
+	else
+		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto,
+				   growth && !skb->gso_size ? p->tot_len + growth : 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		stat_inc(STAT_ICMP_FRAG_NEEDED);
+		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
+	}
+	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
+	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
-	return fib_forward(skb, saddr, e->backend_addr, p->t.proto);
+	if (!node)
+		return fib_redirect(skb, &fib, rc);
+	/* Forwarding the inner packet decrements its TTL; the outer header is new. */
+	if (l2_l3_forward_edit(skb, NULL, NULL, 1) < 0)
+		return TC_ACT_OK;
+	if (vxlan_encap(skb, cfg->snat_addr, node, cfg->tunnel_vni) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(STAT_TUNNEL_ENCAP);
+	return fib_redirect_ttl(skb, &fib, rc, 0);
 }
 
 /* Create the flow's entries for a freshly selected backend; 0 on success, else a verdict. */
@@ -185,7 +200,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		ct_touch(e, &p, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
-		return np_forward(skb, &p, e);
+		return np_forward(skb, &p, e, cfg);
 	}
 
 	if (svc->count == 0) {
@@ -205,17 +220,19 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	if (rc)
 		return rc;
 	stat_inc(STAT_NEW_FLOW);
-	return np_forward(skb, &p, &fresh);
+	return np_forward(skb, &p, &fresh, cfg);
 }
 
 /* tc egress on the external device: replies of flows DNAT'd to a local backend, and replies of
  * DSR flows whose requests this node delivered to a local pod. */
 static __always_inline int np_egress(struct __sk_buff *skb)
 {
+	struct lb_config *cfg = config_get();
 	struct pkt p = {};
 	struct ct_entry *rev;
+	int rc;
 
-	if (parse_pkt(skb, &p) != PARSE_OK)
+	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
 	if (!rev) {
@@ -223,7 +240,8 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 			stat_inc(STAT_DROP_DSR_NO_STATE);
 			return TC_ACT_SHOT;
 		}
-		return TC_ACT_OK;
+		rc = tunnel_egress(skb, &p, cfg);
+		return rc >= 0 ? rc : TC_ACT_OK;
 	}
 	if (!(rev->flags & (CT_F_LOCAL | CT_F_DSR)))
 		return TC_ACT_OK;

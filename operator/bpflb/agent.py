@@ -17,10 +17,22 @@ from pathlib import Path
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import BpfObject, load_lb, remove_pins, tc_attach, tc_detach
-from bpflb.model.cluster import cluster_prefixes, dsr_frontends, local_backends, node_addresses
+from bpflb.datapath.overlay import VXLAN_DEV, Overlay
+from bpflb.model.cluster import (
+    Tunnel,
+    cluster_prefixes,
+    dsr_frontends,
+    local_backends,
+    node_addresses,
+    nodes_info,
+    parse_network_settings,
+)
 from bpflb.model.translate import translate
-from bpflb.model.types import DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
 from bpflb.sources.base import Source
+
+# The agent configuration's instruction to remove the datapath (written by the operator on enabled: false).
+UNINSTALL_KEY = "uninstall"
 
 log = logging.getLogger("bpflb.agent")
 
@@ -53,18 +65,29 @@ def _describe(fe: Frontend) -> str:
     names = ", ".join(b.name for b in fe.backends) or ("reject: no endpoints" if fe.no_endpoints
                                                         else "drop: no local endpoint")
     policy = " (eTP Local)" if fe.local_only else ""
-    return f"{fe.kind.value} {fe.l4} of Service {fe.service}{policy} -> [{names}]"
+    selection = ""
+    if fe.algorithm == Algorithm.MAGLEV or fe.affinity_timeout:
+        selection = " " + ", ".join(filter(None, ["Maglev" if fe.algorithm == Algorithm.MAGLEV else "",
+                                                  f"affinity {fe.affinity_timeout}s" if fe.affinity_timeout else ""]))
+    draining = f"; draining [{', '.join(b.name for b in fe.draining)}]" if fe.draining else ""
+    return f"{fe.kind.value} {fe.l4} of Service {fe.service}{policy}{selection} -> [{names}]{draining}"
 
 
 class Agent:
     """One node's agent: owns the loaded object, the attachment and the map programming."""
 
-    def __init__(self, opts: AgentOptions, source: Source) -> None:
+    def __init__(self, opts: AgentOptions, source: Source,
+                 on_sync: Callable[[Agent, SyncReport | None], None] | None = None) -> None:
         self.opts = opts
         self.source = source
+        self.on_sync = on_sync             # called after every sync attempt of run() (node reports)
+        self.uninstalled = False           # the configuration said uninstall, and it was done
+        self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
         self.obj: BpfObject | None = None
         self.maps: LBMaps | None = None
         self.cluster_maps: ClusterMaps | None = None
+        self.overlay: Overlay | None = None
+        self.tunnel_ifindex = 0
         self.ifindex = 0
         self.state: DesiredState | None = None
         self.mode: Mode | None = None
@@ -92,6 +115,7 @@ class Agent:
         self.ifindex = socket.if_nametoindex(device)
         tc_attach(self.obj.prog_fd("lb_ingress"), self.ifindex, ingress=True)
         tc_attach(self.obj.prog_fd("lb_egress"), self.ifindex, ingress=False)
+        self.overlay = Overlay(device)
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
 
     def stop(self) -> None:
@@ -104,6 +128,8 @@ class Agent:
             for ingress in (True, False):
                 if tc_detach(idx, ingress=ingress):
                     log.info("detached %s program from %s", "ingress" if ingress else "egress", device)
+        for action in Overlay(device or "eth0").remove():
+            log.info("%s", action)
         if self.obj is not None:
             self.obj.close()
             self.obj = None
@@ -112,8 +138,8 @@ class Agent:
 
     # -- reconcile ---------------------------------------------------------------------------
     def sync_once(self) -> SyncReport | None:
-        """Read the source, translate, program the maps. None when the node is not known yet."""
-        assert self.maps is not None
+        """Read the source, translate, program the maps. None when the node is not known yet, or when the
+        configuration says uninstall (then the datapath is removed; it is loaded again once it no longer does)."""
         snap = self.source.snapshot()
         for text in snap.problems:
             self._problem(text)
@@ -123,6 +149,14 @@ class Agent:
         if not state.node_addrs:
             log.warning("Node %s has no IPv4 address in the source yet; not programming", self.opts.node_name)
             return None
+        if str((snap.config or {}).get(UNINSTALL_KEY, "")).lower() == "true":
+            self._obey_uninstall(state.node_addrs[0])
+            return None
+        if self.uninstalled:
+            log.info("the agent configuration no longer says uninstall: loading the datapath again")
+            self.start()
+            self.uninstalled = False
+        assert self.maps is not None
         if self.ifindex == 0:
             device = self.opts.device or device_for_address(state.node_addrs[0])
             if device is None:
@@ -135,26 +169,64 @@ class Agent:
             keep = self.mode if self.mode in SUPPORTED_MODES else Mode.SNAT
             self._problem(f"bpfLBMode {mode.label} is not implemented by this datapath yet; keeping {keep.label}")
             mode = keep
-        # Cluster-wide facts first: this node must accept DSR requests for every frontend before any
-        # node (itself included) starts sending them.
+        # The pod network across nodes (VXLAN device and routes, or native routes) comes first, then
+        # the cluster-wide facts: this node must accept DSR requests for every frontend, and know
+        # every tunnel endpoint, before any node (itself included) starts sending them.
+        network, net_problems = parse_network_settings(snap.config)
+        for problem in net_problems:
+            self._problem(str(problem))
+        nodes = nodes_info(snap)
+        me = next((n for n in nodes if n.name == self.opts.node_name), None)
+        if me is not None and self.overlay is not None:
+            for action in self.overlay.apply(network, me, [n for n in nodes if n.name != me.name]):
+                log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
+            self._attach_tunnel(network.tunnel)
         assert self.cluster_maps is not None
         cluster_changes = self.cluster_maps.sync(dsr_frontends(state, node_addresses(snap)), local_backends(state),
-                                                 cluster_prefixes(snap))
+                                                 cluster_prefixes(snap), nodes)
         if cluster_changes:
             log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
                      "(%d keys changed)", len(self.cluster_maps.dsr_frontends.keys),
                      len(self.cluster_maps.local_backends.keys), len(self.cluster_maps.cidrs.keys), cluster_changes)
         report = SyncReport()
-        report.config_changed = self.maps.set_config(NodeConfig(mode=mode, snat_addr=state.node_addrs[0],
-                                                                ext_ifindex=self.ifindex))
+        report.config_changed = self.maps.set_config(NodeConfig(
+            mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=self.ifindex,
+            tunnel_mode=int(network.tunnel), tunnel_vni=network.vni))
         if report.config_changed:
-            log.info("datapath mode is %s for new flows (SNAT source %s)", mode.label, state.node_addrs[0])
+            log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
+                     network.tunnel.label, state.node_addrs[0])
         self.mode = mode
         self._log_frontend_changes(self.state, state)
         sync = self.maps.sync(state)
         sync.config_changed = report.config_changed
         self.state = state
         return sync
+
+    def _obey_uninstall(self, node_addr: IPv4Address) -> None:
+        """Detach the programs and remove the pinned maps once, as the agent configuration says."""
+        if self.uninstalled:
+            return
+        device = socket.if_indextoname(self.ifindex) if self.ifindex else \
+            (self.opts.device or device_for_address(node_addr))
+        log.info("the agent configuration says %s=true: detaching the programs from %s and removing the "
+                 "pinned maps", UNINSTALL_KEY, device or "(no device found)")
+        self.uninstall(device)
+        self.maps = None
+        self.cluster_maps = None
+        self.ifindex = 0
+        self.state = None
+        self.mode = None
+        self.uninstalled = True
+
+    def _attach_tunnel(self, tunnel: Tunnel) -> None:
+        """Requests and replies that crossed the overlay arrive on the VXLAN device: the same ingress
+        program handles them there (DSR options, SNAT replies)."""
+        assert self.obj is not None and self.overlay is not None
+        idx = self.overlay.vxlan_ifindex() if tunnel is Tunnel.VXLAN else None
+        if idx and idx != self.tunnel_ifindex:
+            tc_attach(self.obj.prog_fd("lb_ingress"), idx, ingress=True)
+            log.info("attached lb_ingress to %s (ifindex %d)", VXLAN_DEV, idx)
+        self.tunnel_ifindex = idx or 0
 
     def _log_frontend_changes(self, old: DesiredState | None, new: DesiredState) -> None:
         before: dict[L4Addr, Frontend] = old.frontends if old else {}
@@ -179,10 +251,17 @@ class Agent:
             started = time.monotonic()
             try:
                 report = self.sync_once()
-            except Exception:
+                self.last_error = None
+            except Exception as exc:
                 log.exception("sync failed; the datapath keeps its current state, retrying")
                 report = None
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 self._stop.wait(1.0)
+            if self.on_sync is not None:
+                try:
+                    self.on_sync(self, report)
+                except Exception:
+                    log.exception("the after-sync hook failed (the datapath is not affected)")
             if report is not None:
                 if not report.changed and self.opts.pin_root.exists() and last_full == 0.0:
                     log.info("sync: the pinned maps already hold this state; nothing written")
@@ -192,6 +271,9 @@ class Agent:
                              report.frontends_added, report.frontends_removed, report.slots_written,
                              report.slots_removed, report.backends_written, report.backends_removed,
                              (time.monotonic() - started) * 1000)
+                if report.maglev_blocks_written or report.maglev_blocks_removed or report.maglev_config_changed:
+                    log.info("sync: Maglev %d tables built, %d blocks written, %d removed",
+                             report.maglev_tables_built, report.maglev_blocks_written, report.maglev_blocks_removed)
                 if not self.ready_marker.is_symlink():
                     os.symlink(str(os.getpid()), self.ready_marker)
                     log.info("ready: first sync done (%s)", self.ready_marker)

@@ -1,4 +1,4 @@
-"""The `bpflb` command line: agent, lab, bench and inspect."""
+"""The `bpflb` command line: agent, operator, lab, bench and inspect."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device)
+    if args.kube:
+        from bpflb.control.node import run_kube_agent
+
+        return run_kube_agent(opts, kubeconfig=args.kubeconfig, uninstall=args.uninstall, once=args.once)
     agent = Agent(opts, FileSource(Path(args.source_dir)))
     if args.uninstall:
         agent.uninstall(args.device)
@@ -33,6 +37,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from bpflb.control.operator import OperatorOptions, run
+
+    _setup_logging(args.verbose)
+    options = OperatorOptions(kubeconfig=args.kubeconfig, namespace=args.namespace,
+                              webhook_listen=args.webhook_listen, webhook_host=args.webhook_host,
+                              webhook_cadump=args.webhook_cadump, webhook_managed=args.webhook_managed)
+    if args.image:
+        options.image = args.image
+    run(options)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bpflb.inspect import show
 
@@ -40,6 +57,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.maglev:
+        from bpflb.bench_maglev import run_maglev_bench
+
+        return run_maglev_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
     from bpflb.bench import run_bench
 
     return run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
@@ -51,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="run the node agent (programs this node's datapath)")
     agent.add_argument("--node-name", required=True, help="the Node object this agent runs for")
-    agent.add_argument("--source-dir", required=True,
+    where = agent.add_mutually_exclusive_group(required=True)
+    where.add_argument("--source-dir",
                        help="directory of Kubernetes YAML (Services, EndpointSlices, Nodes, agent ConfigMap)")
+    where.add_argument("--kube", action="store_true",
+                       help="list+watch the Kubernetes API instead (and report this node's state there)")
+    agent.add_argument("--kubeconfig", help="with --kube: kubeconfig file (default: $KUBECONFIG, else the "
+                       "in-cluster service account)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
@@ -60,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="detach the programs from --device and remove the pinned maps, then exit")
     agent.add_argument("-v", "--verbose", action="store_true")
     agent.set_defaults(func=cmd_agent)
+
+    op = sub.add_parser("operator", help="run the operator (kopf): cni-cilium ModuleConfig -> agents")
+    op.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else the in-cluster service account)")
+    op.add_argument("--namespace", default="kube-system", help="where the agents' objects live (default kube-system)")
+    op.add_argument("--image", help="the agents' container image")
+    op.add_argument("--webhook-listen", metavar="ADDR:PORT", help="serve the validating admission webhook (HTTPS)")
+    op.add_argument("--webhook-host", help="host name or address the API server reaches the webhook by")
+    op.add_argument("--webhook-cadump", metavar="PATH", help="write the webhook's CA bundle there")
+    op.add_argument("--webhook-managed", metavar="NAME",
+                    help="keep a ValidatingWebhookConfiguration of this name pointing at the webhook")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=cmd_operator)
 
     insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
     insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))
@@ -69,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN)")
     bench.add_argument("--quick", action="store_true", help="fewer services and repetitions (CI)")
     bench.add_argument("--out", help="directory for results (default: results/)")
+    bench.add_argument("--maglev", action="store_true",
+                       help="instead: Maglev table builds and programming 1,000 Maglev services (control plane)")
     bench.set_defaults(func=cmd_bench)
 
     from bpflb.lab.commands import register

@@ -14,7 +14,18 @@ from scapy.packet import Raw
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 from bpflb.model.types import Mode, Proto
 
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, LOCAL_POD_MAC, LXC_MAC, NODE1, NODE2_MAC, REMOTE_POD, Node
+from .conftest import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    LOCAL_POD_MAC,
+    LXC_MAC,
+    NODE1,
+    NODE2_MAC,
+    REMOTE_POD,
+    Node,
+)
 from .test_nodeport_snat import REMOTE, assert_frame, backend, fe, frame_in, l4, recomputed, state
 
 pytestmark = pytest.mark.privileged

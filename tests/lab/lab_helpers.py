@@ -21,14 +21,14 @@ def root_netns_snapshot() -> dict[str, str]:
 
 # --- packet captures inside lab namespaces -------------------------------------------------------------
 
-import re  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import re
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-from bpflb.lab import Lab, netns  # noqa: E402
+from bpflb.lab import Lab, netns
 
 _LINE = re.compile(r"(?P<smac>[0-9a-f:]{17}) > (?P<dmac>[0-9a-f:]{17}), .*?: "
                    r"(?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): (?P<rest>.*)")

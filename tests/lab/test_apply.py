@@ -124,4 +124,5 @@ def test_cluster_directory_holds_what_the_agents_read(mlab: Lab) -> None:
     assert {"type": "InternalIP", "address": "198.18.0.12"} in node2["status"]["addresses"]
     assert {"type": "Hostname", "address": "node2"} in node2["status"]["addresses"]
     config = yaml.safe_load((mlab.paths.cluster / "configmap-kube-system-bpflb-agent.yaml").read_text())
-    assert config["data"] == {"bpfLBMode": "SNAT"}
+    assert config["data"]["bpfLBMode"] == "SNAT"
+    assert config["data"]["tunnelMode"] == "Disabled" and config["data"]["createNodeRoutes"] == "true"

@@ -2,7 +2,10 @@
 
 Entries are compared as the exact bytes the kernel holds, so a sync writes only what changed
 and never flushes: live flows keep their backends.  Ids of services and backends are recovered
-from the pinned maps, so an agent restart picks up where the last one left off."""
+from the pinned maps, so an agent restart picks up where the last one left off.  Maglev tables
+(lb_maglev) are built per frontend from its backends' names, cached by those names, and written
+in blocks with batch updates; frontends with session affinity list their eligible backends in
+lb_affinity_members."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.datapath.libbpf import const, ffi, lib, stat_names
+from bpflb.datapath.libbpf import check, const, ffi, lib, stat_names
 from bpflb.datapath.loader import BpfObject, Map
-from bpflb.model.types import DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
+from bpflb.model import maglev
+from bpflb.model.types import Algorithm, Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ class NodeConfig:
     tcp_timeout: int = 21600
     udp_timeout: int = 60
     closing_timeout: int = 10
+    tunnel_mode: int = 0          # TUNNEL_* of lb_structs.h
+    tunnel_vni: int = 1
 
 
 @dataclass
@@ -49,11 +55,19 @@ class SyncReport:
     frontends_added: int = 0
     frontends_removed: int = 0
     config_changed: bool = False
+    maglev_tables_built: int = 0      # tables computed (not found in the cache of this agent)
+    maglev_blocks_written: int = 0
+    maglev_blocks_removed: int = 0
+    maglev_config_changed: bool = False
+    affinity_members_written: int = 0
+    affinity_members_removed: int = 0
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
-                    or self.slots_removed or self.config_changed)
+                    or self.slots_removed or self.config_changed or self.maglev_blocks_written
+                    or self.maglev_blocks_removed or self.maglev_config_changed
+                    or self.affinity_members_written or self.affinity_members_removed)
 
 
 def _be16(port: int) -> int:
@@ -80,6 +94,59 @@ def svc_key(l4: L4Addr, slot: int) -> bytes:
 
 def _u32(value: int) -> bytes:
     return value.to_bytes(4, "little")
+
+
+def _pair(a: int, b: int) -> bytes:
+    """Two host-order __u32 (struct lb_maglev_key, struct lb_affinity_member)."""
+    return a.to_bytes(4, "little") + b.to_bytes(4, "little")
+
+
+_BLOCK = 8192                        # LB_MAGLEV_BLOCK (checked against the header in LBMaps.__init__)
+_BLOCK_BYTES = 2 * _BLOCK
+_MEMBER = _u32(1)
+_TableKey = tuple[tuple[str, ...], int, int]
+
+
+def maglev_names(backends: tuple[Backend, ...]) -> tuple[str, ...]:
+    """The names a frontend's Maglev table is built from, in slot order: the backend's stable name (so a
+    pod that comes back with a new address keeps its entries), its address added where a name repeats."""
+    names = [b.name for b in backends]
+    if len(set(names)) == len(names):
+        return tuple(names)
+    repeated = {n for n in names if names.count(n) > 1}
+    return tuple(f"{b.name}@{b.l4}" if b.name in repeated else b.name for b in backends)
+
+
+def table_blocks(slots: bytes) -> tuple[bytes, ...]:
+    """A table of 16-bit slot numbers cut into lb_maglev values (the last one zero-padded)."""
+    return tuple(slots[i:i + _BLOCK_BYTES].ljust(_BLOCK_BYTES, b"\0") for i in range(0, len(slots), _BLOCK_BYTES))
+
+
+def update_batch(m: Map, items: list[tuple[bytes, bytes]]) -> None:
+    """Write many entries in one bpf_map_update_batch call (one syscall instead of len(items)): 3-4x faster
+    for small entries, on par for 16 KiB Maglev blocks, whose cost is the copy itself (bpflb bench --maglev)."""
+    if not items:
+        return
+    f = ffi()
+    keys = f.from_buffer(b"".join(k for k, _ in items))          # read-only views: no second copy
+    values = f.from_buffer(b"".join(v for _, v in items))
+    count = f.new("__u32 *", len(items))
+    opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
+    check(lib().bpf_map_update_batch(m.fd, keys, values, count, opts),
+          f"batch update of map {m.name} ({count[0]} of {len(items)} entries written)")
+
+
+def delete_batch(m: Map, keys: list[bytes]) -> None:
+    """Delete many entries in one bpf_map_delete_batch call; keys already gone are no error."""
+    if not keys:
+        return
+    f = ffi()
+    buf = f.from_buffer(b"".join(keys))
+    count = f.new("__u32 *", len(keys))
+    opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
+    if lib().bpf_map_delete_batch(m.fd, buf, count, opts) < 0:
+        for k in keys[int(count[0]):]:      # the batch stops at the first missing key: go on one by one
+            m.delete_raw(k)
 
 
 class IdPool:
@@ -122,8 +189,17 @@ class LBMaps:
         self.stats_map: Map = obj.map("lb_stats")
         self.ct_fwd: Map = obj.map("ct_fwd")
         self.ct_rev: Map = obj.map("ct_rev")
+        self.maglev: Map = obj.map("lb_maglev")
+        self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
+        self.affinity: Map = obj.map("lb_affinity")
+        self.affinity_members: Map = obj.map("lb_affinity_members")
+        if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
+            raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc: dict[bytes, bytes] = dict(self.services.items_raw())
         self._be: dict[bytes, bytes] = dict(self.backends.items_raw())
+        self._mg: dict[bytes, bytes] = dict(self.maglev.items_raw())
+        self._am: dict[bytes, bytes] = dict(self.affinity_members.items_raw())
+        self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
             be = self.backends.decode_value(v)
@@ -169,13 +245,48 @@ class LBMaps:
         out: dict[bytes, bytes] = {}
         local_flag = const("LB_BE_F_LOCAL")
         for fe in state.frontends.values():
-            for be in fe.backends:
+            for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
                 bid = self._backend_id(be.l4)
                 val = ffi().new("struct lb_backend *", {
                     "addr": _be32(be.l4.addr), "port": _be16(be.l4.port), "proto": int(be.l4.proto),
                     "flags": local_flag if be.local else 0})
                 out[_u32(bid)] = bytes(ffi().buffer(val))
         return out
+
+    def _selection_entries(self, state: DesiredState, report: SyncReport
+                           ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        """The Maglev table blocks and the affinity members the state's frontends need."""
+        want_mg: dict[bytes, bytes] = {}
+        want_am: dict[bytes, bytes] = {}
+        used: dict[_TableKey, tuple[bytes, ...]] = {}
+        m, seed = state.settings.maglev_table_size, state.settings.maglev_seed
+        for fe in state.frontends.values():
+            if not fe.backends:
+                continue
+            sid = self._service_id(fe.l4)
+            if fe.algorithm == Algorithm.MAGLEV:
+                key = (maglev_names(fe.backends), m, seed)
+                blocks = used.get(key) or self._tables.get(key)
+                if blocks is None:
+                    blocks = table_blocks(maglev.build_slots(key[0], m, seed).tobytes())
+                    report.maglev_tables_built += 1
+                used[key] = blocks
+                for i, block in enumerate(blocks):
+                    want_mg[_pair(sid, i)] = block
+            if fe.affinity_timeout:
+                for be in fe.backends:
+                    want_am[_pair(sid, self._backend_id(be.l4))] = _MEMBER
+        self._tables = used          # the cache keeps exactly what is programmed
+        return want_mg, want_am
+
+    def _set_maglev_config(self, m: int, seed: int) -> bool:
+        zero = ffi().new("__u32 *", 0)
+        want = ffi().new("struct lb_maglev_config *", {"table_size": m, "hash_seed": seed})
+        current = self.maglev_cfg.lookup(zero)
+        if current is not None and bytes(ffi().buffer(current)) == bytes(ffi().buffer(want)):
+            return False
+        self.maglev_cfg.update(zero, want)
+        return True
 
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: DesiredState) -> SyncReport:
@@ -189,43 +300,73 @@ class LBMaps:
             masters.append(svc_key(fe.l4, 0))
             if svc_key(fe.l4, 0) not in self._svc:
                 report.frontends_added += 1
+        want_mg, want_am = self._selection_entries(state, report)
+        # Every phase is one batch call (one syscall for many small entries); the phases keep the order
+        # that makes every intermediate state valid for the datapath.
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        for k, v in want_be.items():
-            if self._be.get(k) != v:
-                self.backends.update_raw(k, v)
-                self._be[k] = v
-                report.backends_written += 1
+        backends = [(k, v) for k, v in want_be.items() if self._be.get(k) != v]
+        update_batch(self.backends, backends)
+        self._be.update(backends)
+        report.backends_written = len(backends)
         # 2. backend slots before their master entry, so a grown count never points past them.
         master_set = set(masters)
-        for k, v in want_svc.items():
-            if k not in master_set and self._svc.get(k) != v:
-                self.services.update_raw(k, v)
-                self._svc[k] = v
-                report.slots_written += 1
-        for k in masters:
-            v = want_svc[k]
-            if self._svc.get(k) != v:
-                self.services.update_raw(k, v)
-                self._svc[k] = v
-                report.slots_written += 1
-        # 3. stale entries: masters before slots (a shrunk count stops using them first).
-        stale = [k for k in self._svc if k not in want_svc]
-        stale.sort(key=lambda k: self.services.decode_key(k).slot != 0)
-        for k in stale:
-            key = self.services.decode_key(k)
-            if key.slot == 0:
-                report.frontends_removed += 1
-                self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
-            self.services.delete_raw(k)
-            del self._svc[k]
-            report.slots_removed += 1
-        # 4. backends nobody references any more; their flows are steered away on next packet.
-        for k in [k for k in self._be if k not in want_be]:
+        slots = [(k, v) for k, v in want_svc.items() if k not in master_set and self._svc.get(k) != v]
+        update_batch(self.services, slots)
+        self._svc.update(slots)
+        # 2b. Maglev tables and affinity members name slots and backends that now exist; the table size
+        # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
+        # Table blocks (16 KiB each) are written one by one: batching them saves nothing measurable.
+        blocks = [(k, v) for k, v in want_mg.items() if self._mg.get(k) != v]
+        for k, v in blocks:
+            self.maglev.update_raw(k, v)
+            self._mg[k] = v
+        report.maglev_blocks_written = len(blocks)
+        members = [(k, v) for k, v in want_am.items() if self._am.get(k) != v]
+        update_batch(self.affinity_members, members)
+        self._am.update(members)
+        report.affinity_members_written = len(members)
+        report.maglev_config_changed = self._set_maglev_config(state.settings.maglev_table_size,
+                                                               state.settings.maglev_seed)
+        # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
+        new_masters = [(k, want_svc[k]) for k in masters if self._svc.get(k) != want_svc[k]]
+        update_batch(self.services, new_masters)
+        self._svc.update(new_masters)
+        report.slots_written = len(slots) + len(new_masters)
+        # 4. stale entries: masters before slots (a shrunk count stops using them first).
+        stale_masters: list[bytes] = []
+        stale_slots: list[bytes] = []
+        for k in self._svc:
+            if k not in want_svc:
+                key = self.services.decode_key(k)
+                (stale_masters if key.slot == 0 else stale_slots).append(k)
+                if key.slot == 0:
+                    self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
+        for stale in (stale_masters, stale_slots):
+            delete_batch(self.services, stale)
+            for k in stale:
+                del self._svc[k]
+        report.frontends_removed = len(stale_masters)
+        report.slots_removed = len(stale_masters) + len(stale_slots)
+        # 5. tables and members of frontends gone, shrunk or switched off (their master no longer uses them).
+        stale_mg = [k for k in self._mg if k not in want_mg]
+        delete_batch(self.maglev, stale_mg)
+        for k in stale_mg:
+            del self._mg[k]
+        report.maglev_blocks_removed = len(stale_mg)
+        stale_am = [k for k in self._am if k not in want_am]
+        delete_batch(self.affinity_members, stale_am)
+        for k in stale_am:
+            del self._am[k]
+        report.affinity_members_removed = len(stale_am)
+        # 6. backends nobody references any more; their flows are steered away on next packet.
+        stale_be = [k for k in self._be if k not in want_be]
+        for k in stale_be:
             be = self.backends.decode_value(self._be[k])
             self._be_ids.forget(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)))
-            self.backends.delete_raw(k)
+        delete_batch(self.backends, stale_be)
+        for k in stale_be:
             del self._be[k]
-            report.backends_removed += 1
+        report.backends_removed = len(stale_be)
         return report
 
     def set_config(self, cfg: NodeConfig) -> bool:
@@ -235,7 +376,8 @@ class LBMaps:
         want = ffi().new("struct lb_config *", {
             "mode": int(cfg.mode), "snat_addr": _be32(cfg.snat_addr), "nat_port_min": cfg.nat_port_min,
             "nat_port_max": cfg.nat_port_max, "ext_ifindex": cfg.ext_ifindex, "tcp_timeout": cfg.tcp_timeout,
-            "udp_timeout": cfg.udp_timeout, "closing_timeout": cfg.closing_timeout})
+            "udp_timeout": cfg.udp_timeout, "closing_timeout": cfg.closing_timeout,
+            "tunnel_mode": cfg.tunnel_mode, "tunnel_vni": cfg.tunnel_vni})
         if current is not None and bytes(ffi().buffer(current)) == bytes(ffi().buffer(want)):
             return False
         self.config.update(zero, want)

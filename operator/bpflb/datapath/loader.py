@@ -145,6 +145,12 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_dsr_frontends": ("struct lb_l4_key", "__u8"),
     "lb_local_backends": ("struct lb_l4_key", "__u8"),
     "lb_cluster_cidrs": ("struct lb_cidr_key", "__u8"),
+    "lb_tunnel_map": ("struct lb_cidr_key", "struct lb_tunnel_ep"),
+    # backend selection (bpf_objects/include/maglev.h, affinity.h)
+    "lb_maglev": ("struct lb_maglev_key", "struct lb_maglev_block"),
+    "lb_maglev_cfg": ("__u32", "struct lb_maglev_config"),
+    "lb_affinity": ("struct lb_affinity_key", "struct lb_affinity_val"),
+    "lb_affinity_members": ("struct lb_affinity_member", "__u32"),
 }
 
 

@@ -337,12 +337,17 @@ def node_object(k: int) -> KubeObject:
     }
 
 
-def agent_config(mode: str) -> KubeObject:
+def agent_config(mode: str, algorithm: str | None = None, tunnel: str = "Disabled") -> KubeObject:
+    """The agents' configuration: the lab's nodes share one L2 segment, so with tunnelMode Disabled the
+    agents install native routes to each other's pod CIDRs (createNodeRoutes), as Deckhouse would."""
+    data = {"bpfLBMode": mode, "tunnelMode": tunnel, "createNodeRoutes": "true"}
+    if algorithm is not None:
+        data["lbAlgorithm"] = algorithm
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": AGENT_CONFIG_NAME, "namespace": AGENT_CONFIG_NAMESPACE},
-        "data": {"bpfLBMode": mode},
+        "data": data,
     }
 
 

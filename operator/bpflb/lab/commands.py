@@ -54,7 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab(args)
     lab.up(nodes=args.nodes, mode=args.mode, tunnel=args.tunnel, agents=not args.no_agents,
            workload=not args.no_workload, recreate=args.recreate, agent_timeout=args.agent_timeout,
-           keep_on_failure=args.keep_on_failure)
+           keep_on_failure=args.keep_on_failure, algorithm=args.algorithm)
     _say(f"next: `bpflb lab check --name {lab.name}`, `bpflb lab status --name {lab.name}`, "
          f"`bpflb lab down --name {lab.name}`")
     return 0
@@ -178,6 +178,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up = add("up", cmd_up, "create the lab, its default workload and its agents")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--mode", default="SNAT", metavar="SNAT|DSR|Hybrid", help="bpfLBMode (default SNAT)")
+    up.add_argument("--algorithm", default="Random", metavar="Random|Maglev",
+                    help="lbAlgorithm, the cluster-wide backend selection (default Random; a Service's "
+                         "service.cilium.io/lb-algorithm annotation overrides it)")
     up.add_argument("--tunnel", default="Disabled", metavar="Disabled|VXLAN",
                     help="tunnelMode (default Disabled: native routing)")
     up.add_argument("--no-agents", action="store_true", help="do not start the agents (lab plumbing only)")

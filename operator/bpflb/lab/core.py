@@ -36,7 +36,8 @@ ENV_AGENT_CMD = "BPFLB_LAB_AGENT_CMD"
 DEFAULT_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --source-dir {source_dir} "
                      "--pin-root {pin_root} --device {device}")
 SUPPORTED_MODES = ("SNAT", "DSR", "Hybrid")
-SUPPORTED_TUNNELS = ("Disabled",)
+ALGORITHMS = ("Random", "Maglev")
+SUPPORTED_TUNNELS = ("Disabled", "VXLAN")
 TUNNELS = ("Disabled", "VXLAN")
 ECHO_START_TIMEOUT = 15.0
 BPFFS = Path("/sys/fs/bpf")
@@ -48,6 +49,14 @@ def canonical_mode(text: str) -> str:
         if mode.label.lower() == text.lower():
             return mode.label
     raise LabError(f"--mode {text}: must be one of SNAT, DSR, Hybrid")
+
+
+def canonical_algorithm(text: str) -> str:
+    """Random / Maglev in their ConfigMap spelling (lbAlgorithm), whatever the case given."""
+    for algorithm in ALGORITHMS:
+        if algorithm.lower() == text.lower():
+            return algorithm
+    raise LabError(f"--algorithm {text}: must be one of {', '.join(ALGORITHMS)}")
 
 
 def canonical_tunnel(text: str) -> str:
@@ -126,14 +135,16 @@ class Lab:
 
     def up(self, *, nodes: int = 3, mode: str = "SNAT", tunnel: str = "Disabled", agents: bool = True,
            workload: bool = True, recreate: bool = False, agent_timeout: float = 60.0,
-           keep_on_failure: bool = False) -> None:
+           keep_on_failure: bool = False, algorithm: str = "Random") -> None:
         """Create the namespaces, the cluster objects, the default workload (workload=True) and start the
-        agents (agents=True), waiting until each has written <pin-root>/ready.
+        agents (agents=True), waiting until each has written <pin-root>/ready. algorithm is the cluster-wide
+        lbAlgorithm the agents' ConfigMap carries (Random or Maglev).
 
         Raises LabUnsupported for modes/tunnels this release lacks, LabError when the lab exists (unless
         recreate) or anything fails; on failure what was created is removed unless keep_on_failure.
         """
         mode, tunnel = canonical_mode(mode), canonical_tunnel(tunnel)
+        algorithm = canonical_algorithm(algorithm)
         if mode not in SUPPORTED_MODES:
             raise LabUnsupported(f"--mode {mode}: not implemented yet (this release supports "
                                  f"{', '.join(SUPPORTED_MODES)})")
@@ -150,7 +161,7 @@ class Lab:
             self.down()
         start = time.monotonic()
         try:
-            self._up(nodes, mode, tunnel, agents, workload, agent_timeout)
+            self._up(nodes, mode, tunnel, agents, workload, agent_timeout, algorithm)
         except BaseException:
             if not keep_on_failure:
                 self._log(f"bring-up of lab {self.name} failed: removing what was created")
@@ -160,20 +171,23 @@ class Lab:
         self._log(f"lab {self.name} is up ({time.monotonic() - start:.1f}s): mode {mode}, {nodes} nodes, "
                   f"state in {self.paths.root}")
 
-    def _up(self, nodes: int, mode: str, tunnel: str, agents: bool, workload: bool, agent_timeout: float) -> None:
+    def _up(self, nodes: int, mode: str, tunnel: str, agents: bool, workload: bool, agent_timeout: float,
+            algorithm: str = "Random") -> None:
         for d in (self.paths.cluster, self.paths.logs, self.paths.run):
             d.mkdir(parents=True, exist_ok=True)
         state = LabState(name=self.name, nodes=nodes, mode=mode, tunnel=tunnel, agents=agents,
-                         created=time.time(), agent_cmd=self._agent_template() if agents else None)
+                         created=time.time(), agent_cmd=self._agent_template() if agents else None,
+                         algorithm=algorithm)
         state.save(self.paths)
         hosts = topology.base_hosts(self.name, nodes)
         self._log(f"creating namespaces {', '.join(h.netns for h in hosts)}")
-        topology.create_base(self.name, nodes)
+        topology.create_base(self.name, nodes, native_routes=tunnel == "Disabled")
+        crossing = "native routing" if tunnel == "Disabled" else "VXLAN overlay (built by the agents)"
         self._log(f"fabric {topology.FABRIC_NET}: client {topology.CLIENT_IP}, nodes "
-                  f"{topology.node_ip(1)}..{topology.node_ip(nodes)}; pod CIDRs 10.244.K.0/24, native routing")
+                  f"{topology.node_ip(1)}..{topology.node_ip(nodes)}; pod CIDRs 10.244.K.0/24, {crossing}")
         for k in range(1, nodes + 1):
             self.cluster.write(cluster.node_object(k))
-        self.cluster.write(cluster.agent_config(mode))
+        self.cluster.write(cluster.agent_config(mode, algorithm, tunnel))
         if workload:
             docs = cluster.load_documents(default_manifests(), "default workload")
             for doc in docs:  # fewer than 3 nodes: put the pods on the last node
@@ -201,7 +215,7 @@ class Lab:
         state = self.state()
         start = time.monotonic()
         with self.paths.locked():
-            self.cluster.write(cluster.agent_config(mode))
+            self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel))
             state.mode = mode
             state.save(self.paths)
         if not state.agents:

@@ -127,6 +127,7 @@ class LabState:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     phase: str = "creating"   # creating | up
     version: int = STATE_VERSION
+    algorithm: str = "Random"  # lbAlgorithm of the agents' ConfigMap: Random | Maglev
 
     def save(self, paths: LabPaths) -> None:
         atomic_write(paths.state_file, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -137,8 +137,10 @@ _NODE_BEFORE_LINKS = {
 _NODE_AFTER_LINKS = {f"net.ipv4.conf.{DEVICE}.rp_filter": "0", f"net.ipv4.conf.{DEVICE}.send_redirects": "0"}
 
 
-def create_base(lab: str, nodes: int) -> None:
-    """Create and wire the fabric, the client and nodes 1..N (no pods)."""
+def create_base(lab: str, nodes: int, native_routes: bool = True) -> None:
+    """Create and wire the fabric, the client and nodes 1..N (no pods).  native_routes: routes to the
+    other nodes' pod CIDRs via the underlay (tunnelMode Disabled); with VXLAN the agents build the
+    overlay and the underlay never learns a pod address."""
     fabric, client = ns_name(lab, "fabric"), ns_name(lab, "client")
     node_ns = [ns_name(lab, node_name(k)) for k in range(1, nodes + 1)]
     netns.add_netns([fabric, client, *node_ns])
@@ -162,7 +164,8 @@ def create_base(lab: str, nodes: int) -> None:
         cmds = [f"addr add {node_ip(k)}/{prefix} dev {DEVICE}", f"link set {DEVICE} up",
                 "link add cni0 type bridge", f"addr add {pod_gateway(k)}/{cidr.prefixlen} dev cni0",
                 "link set cni0 up"]
-        cmds += [f"route add {pod_cidr(j)} via {node_ip(j)}" for j in range(1, nodes + 1) if j != k]
+        if native_routes:
+            cmds += [f"route add {pod_cidr(j)} via {node_ip(j)}" for j in range(1, nodes + 1) if j != k]
         netns.ip_batch(node_ns[k - 1], cmds)
         netns.write_sysctls(node_ns[k - 1], _NODE_AFTER_LINKS)
 

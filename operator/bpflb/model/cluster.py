@@ -1,12 +1,14 @@
 """The cluster-wide facts a node's datapath needs besides its own frontends: every node's addresses,
-the pod CIDRs, and which frontends a DSR option may name."""
+the pod CIDRs, which frontends a DSR option may name, and how pod traffic crosses nodes."""
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
-from bpflb.model.types import DesiredState, FrontendKind, L4Addr
-from bpflb.sources.base import Snapshot
+from bpflb.model.types import DesiredState, FrontendKind, L4Addr, Problem
+from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
 
 
 def node_addresses(snapshot: Snapshot) -> set[IPv4Address]:
@@ -64,3 +66,92 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
 def local_backends(state: DesiredState) -> set[L4Addr]:
     """This node's backend endpoints."""
     return {be.l4 for fe in state.frontends.values() for be in fe.backends if be.local}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the overlay and the routes need to know of a Node."""
+
+    name: str
+    addr: IPv4Address                 # InternalIP (the underlay address)
+    pod_cidrs: tuple[IPv4Network, ...]
+
+
+def nodes_info(snapshot: Snapshot) -> list[NodeInfo]:
+    """Every Node with an IPv4 InternalIP, sorted by name."""
+    out = []
+    for node in snapshot.nodes:
+        name = str((node.get("metadata") or {}).get("name") or "")
+        internal = [e.get("address") for e in ((node.get("status") or {}).get("addresses") or [])
+                    if isinstance(e, dict) and e.get("type") == "InternalIP"]
+        addr = None
+        for text in internal:
+            try:
+                candidate = ip_address(str(text))
+            except ValueError:
+                continue
+            if isinstance(candidate, IPv4Address):
+                addr = candidate
+                break
+        if not name or addr is None:
+            continue
+        spec = node.get("spec") or {}
+        cidrs = []
+        for text in list(spec.get("podCIDRs") or []) + ([spec["podCIDR"]] if spec.get("podCIDR") else []):
+            try:
+                net = ip_network(str(text), strict=False)
+            except ValueError:
+                continue
+            if isinstance(net, IPv4Network) and net not in cidrs:
+                cidrs.append(net)
+        out.append(NodeInfo(name, addr, tuple(cidrs)))
+    return sorted(out, key=lambda n: n.name)
+
+
+class Tunnel(enum.IntEnum):
+    """tunnelMode; the values are the datapath's TUNNEL_* constants."""
+
+    DISABLED = 0
+    VXLAN = 1
+
+    @property
+    def label(self) -> str:
+        return {Tunnel.DISABLED: "Disabled", Tunnel.VXLAN: "VXLAN"}[self]
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How pod traffic crosses nodes (the agent ConfigMap's tunnelMode and createNodeRoutes)."""
+
+    tunnel: Tunnel = Tunnel.DISABLED
+    create_node_routes: bool = False
+    vni: int = 1
+
+
+CONFIG_TUNNEL_KEY = "tunnelMode"
+CONFIG_ROUTES_KEY = "createNodeRoutes"
+_CONFIG_OBJ = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
+
+
+def parse_network_settings(config: dict[str, str] | None) -> tuple[NetworkSettings, list[Problem]]:
+    """Read tunnelMode (Disabled|VXLAN) and createNodeRoutes (true|false); invalid values keep the
+    default and come back as Problems naming the field, the allowed values and what was given."""
+    problems: list[Problem] = []
+    data = config or {}
+    tunnel = Tunnel.DISABLED
+    raw = data.get(CONFIG_TUNNEL_KEY)
+    if raw is not None:
+        match = [t for t in Tunnel if t.label == str(raw)]
+        if match:
+            tunnel = match[0]
+        else:
+            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_TUNNEL_KEY}",
+                                    f'must be one of Disabled, VXLAN; got "{raw}"'))
+    routes = False
+    raw = data.get(CONFIG_ROUTES_KEY)
+    if raw is not None:
+        if str(raw).lower() in ("true", "false"):
+            routes = str(raw).lower() == "true"
+        else:
+            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_ROUTES_KEY}", f'must be true or false; got "{raw}"'))
+    return NetworkSettings(tunnel, routes), problems

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from bpflb.model.maglev import SEED_MAX, TABLE_SIZES
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -29,6 +30,8 @@ SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 LB_ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
 CONFIG_MODE_KEY = "bpfLBMode"
 CONFIG_ALGORITHM_KEY = "lbAlgorithm"
+CONFIG_MAGLEV_TABLE_SIZE_KEY = "maglevTableSize"
+CONFIG_MAGLEV_SEED_KEY = "maglevHashSeed"
 CONFIG_OBJECT = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
 
 NODEPORT_MIN = 30000
@@ -232,8 +235,8 @@ def _meta(kind: str, obj: Any, index: int, problems: list[Problem]) -> _Meta | N
 def parse_settings(config: dict[str, str] | None) -> tuple[AgentSettings, list[Problem]]:
     """Read the agent ConfigMap data into AgentSettings; an invalid value keeps its default and is a Problem.
 
-    Absent keys (or an absent ConfigMap) mean the defaults: bpfLBMode SNAT, lbAlgorithm Random.
-    Unknown keys are left alone (other components may read them).
+    Absent keys (or an absent ConfigMap) mean the defaults: bpfLBMode SNAT, lbAlgorithm Random,
+    maglevTableSize 16381, maglevHashSeed 0. Unknown keys are left alone (other components may read them).
     """
     problems: list[Problem] = []
     mode = Mode.SNAT
@@ -243,6 +246,7 @@ def parse_settings(config: dict[str, str] | None) -> tuple[AgentSettings, list[P
     if not isinstance(config, dict):
         problems.append(Problem(CONFIG_OBJECT, "data", f"must be a mapping of strings; {_got(config)}"))
         return AgentSettings(mode, algorithm), problems
+    defaults = AgentSettings()
 
     raw_mode = config.get(CONFIG_MODE_KEY)
     if raw_mode is not None:
@@ -261,7 +265,31 @@ def parse_settings(config: dict[str, str] | None) -> tuple[AgentSettings, list[P
                                     f"must be one of Random, Maglev; got {_show(raw_alg)}"))
         else:
             algorithm = parsed_alg
-    return AgentSettings(mode, algorithm), problems
+
+    table_size = _config_int(config, CONFIG_MAGLEV_TABLE_SIZE_KEY, defaults.maglev_table_size, problems,
+                             allowed=TABLE_SIZES)
+    seed = _config_int(config, CONFIG_MAGLEV_SEED_KEY, defaults.maglev_seed, problems, high=SEED_MAX)
+    return AgentSettings(mode, algorithm, maglev_table_size=table_size, maglev_seed=seed), problems
+
+
+def _config_int(config: dict[str, Any], key: str, default: int, problems: list[Problem], *,
+                allowed: tuple[int, ...] = (), high: int = 0) -> int:
+    """Return an integer ConfigMap value (a decimal string, or an integer in a hand-written file) that is one
+    of `allowed`, or in 0..high; absent means the default, anything else is a Problem and the default."""
+    raw = config.get(key)
+    if raw is None:
+        return default
+    expected = (f"one of {', '.join(map(str, allowed))}" if allowed else f"an integer in 0..{high}")
+    value: int | None = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
+        value = int(raw.strip())
+    if value is None or (value not in allowed if allowed else not 0 <= value <= high):
+        problems.append(Problem(CONFIG_OBJECT, f"data.{key}",
+                                f"must be {expected}; got {_show(raw)}; the default {default} is used"))
+        return default
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,12 +455,15 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
 
 
 def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str,
-              local_only: bool) -> tuple[tuple[Backend, ...], bool]:
-    """Return (the backends this node may pick for new flows, whether the Service has no endpoints at all).
+              local_only: bool) -> tuple[tuple[Backend, ...], tuple[Backend, ...], bool]:
+    """Return (the backends this node may pick for new flows, the draining ones, whether the Service has no
+    endpoints at all).
 
     kube-proxy's rules: ready endpoints; when none is ready, the serving-and-terminating ones. For
     externalTrafficPolicy Local the same rule is applied to this node's endpoints only, while "no
-    endpoints" (reject rather than drop) still looks at the whole cluster.
+    endpoints" (reject rather than drop) still looks at the whole cluster. Draining: every other endpoint
+    still listed (terminating, or not ready) that this node could have picked; it gets no new flow, but
+    its open flows continue until it leaves the EndpointSlices.
     """
     chosen: dict[tuple[int, int], _Endpoint] = {}        # (address, port) -> endpoint
     for one in slices:
@@ -445,16 +476,18 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
                 chosen[ep.ip, port] = ep
 
     no_endpoints = not any(ep.ready or (ep.serving and ep.terminating) for ep in chosen.values())
-    if no_endpoints:
-        return (), True
     pool = [(port, ep) for (_, port), ep in chosen.items() if not local_only or ep.node == node_name]
-    eligible = [(port, ep) for port, ep in pool if ep.ready]
-    if not eligible:
+    eligible = [] if no_endpoints else [(port, ep) for port, ep in pool if ep.ready]
+    if not eligible and not no_endpoints:
         eligible = [(port, ep) for port, ep in pool if ep.serving and ep.terminating]
+    picked = {(ep.ip, port) for port, ep in eligible}
     backends = [Backend(L4Addr(ep.addr, port, proto), ep.name, ep.node, ep.node == node_name, ep.terminating)
                 for port, ep in eligible]
+    draining = [Backend(L4Addr(ep.addr, port, proto), ep.name, ep.node, ep.node == node_name, ep.terminating)
+                for port, ep in pool if (ep.ip, port) not in picked]
     backends.sort(key=lambda b: (b.name, b.l4))
-    return tuple(backends), False
+    draining.sort(key=lambda b: (b.name, b.l4))
+    return tuple(backends), tuple(draining), no_endpoints
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -575,7 +608,7 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         wanted += [(L4Addr(a, port, proto), FrontendKind.EXTERNAL_IP, path) for a, path in ext_ips]
         if not wanted:
             continue
-        backends, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
+        backends, draining, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
         owner = _Owner(meta.key, i)
         for l4, fe_kind, path in wanted:
             first = ctx.owners.get(l4)
@@ -590,7 +623,7 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
             ctx.frontends[l4] = Frontend(
                 l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=local_only,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
-                affinity_timeout=affinity_timeout)
+                affinity_timeout=affinity_timeout, draining=draining)
 
 
 def _affinity_timeout(spec: dict[str, Any]) -> int:

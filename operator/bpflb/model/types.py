@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from bpflb.model.maglev import DEFAULT_SEED, DEFAULT_TABLE_SIZE
+
 
 class Proto(enum.IntEnum):
     """IP protocol numbers of the L4 protocols the datapath balances."""
@@ -83,6 +85,9 @@ class Frontend:
     no_endpoints: bool                # the Service has no usable endpoint anywhere: reject
     algorithm: Algorithm = Algorithm.RANDOM
     affinity_timeout: int = 0         # sessionAffinity ClientIP timeout in seconds; 0 = none
+    # Endpoints still listed for the Service port but not eligible for new flows (terminating, or not
+    # ready): kept in the datapath's backends so their open flows continue, never selected.
+    draining: tuple[Backend, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class AgentSettings:
 
     mode: Mode = Mode.SNAT
     algorithm: Algorithm = Algorithm.RANDOM
+    maglev_table_size: int = DEFAULT_TABLE_SIZE    # M, a prime of bpflb.model.maglev.TABLE_SIZES
+    maglev_seed: int = DEFAULT_SEED                # cluster-wide: every node must build the same tables
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""The agent on a Kubernetes node: the datapath agent fed by the API (KubeSource) and reporting its
+state per node (NodeReporter); what `bpflb agent --kube` runs."""
+
+from __future__ import annotations
+
+import logging
+
+from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+from bpflb.control.kubeapi import KubeClient, load_credentials
+from bpflb.control.report import NodeReporter, agent_report
+from bpflb.datapath.lbmaps import SyncReport
+from bpflb.sources.kube import KubeSource
+
+log = logging.getLogger("bpflb.agent")
+
+
+def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninstall: bool = False,
+                   once: bool = False) -> int:
+    """Run the agent against the API until SIGTERM/SIGINT (exit code 0), or do one sync (once)."""
+    try:
+        creds = load_credentials(kubeconfig)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    client = KubeClient(creds, user_agent=f"bpflb-agent/{opts.node_name}")
+    source = KubeSource(client, opts.node_name)
+    reporter = NodeReporter(client, opts.node_name)
+
+    def on_sync(agent: Agent, report: SyncReport | None) -> None:
+        reporter.update(agent_report(agent, source, report))
+
+    agent = Agent(opts, source, on_sync=on_sync)
+    if uninstall:
+        agent.uninstall(opts.device)
+        return 0
+
+    def stop() -> None:
+        agent.stop()
+        source.close()
+
+    install_signal_handlers(stop)
+    log.info("Kubernetes API source: %s (credentials: %s); reporting to ConfigMap %s", creds.server,
+             creds.source, reporter.path)
+    reporter.start()
+    try:
+        if once:
+            agent.start()
+            report = agent.sync_once()
+            on_sync(agent, report)
+            return 0 if report is not None else 1
+        agent.run()
+        return 0
+    finally:
+        source.close()
+        reporter.close()

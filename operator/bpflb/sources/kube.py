@@ -1,0 +1,263 @@
+"""A Source reading the Kubernetes API: list+watch of Services, EndpointSlices, Nodes and the agent
+ConfigMap, one thread per resource, behind the same interface as the file source.
+
+Failure handling is the point of this module:
+- the first snapshot() waits until every resource has been listed once, so the agent never programs a
+  datapath from a partial view;
+- when the API goes away the objects last seen are kept (the datapath stays as programmed), each watcher
+  retries with exponential backoff, and a successful re-list replaces its resource's objects whole
+  (a resync: the agent then writes only what differs);
+- a failed request is never an empty list: objects are only ever replaced by a list that succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpflb.control.kubeapi import ApiError, KubeClient, KubeObject
+from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
+
+log = logging.getLogger("bpflb.sources.kube")
+
+BACKOFF_FIRST = 0.2          # seconds before the first retry after an error
+BACKOFF_MAX = 10.0           # seconds between retries at most
+WATCH_TIMEOUT = 300          # the server ends each watch after this many seconds; the watcher re-watches
+
+
+def _node_view(obj: KubeObject) -> KubeObject:
+    """What the agent uses of a Node (name, labels, pod CIDRs, addresses): heartbeats do not change it."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {},
+                     "resourceVersion": meta.get("resourceVersion")},
+        "spec": {k: spec[k] for k in ("podCIDR", "podCIDRs") if k in spec},
+        "status": {"addresses": status.get("addresses") or []},
+    }
+
+
+@dataclass
+class _Resource:
+    """One watched resource: where it is, which objects count, and what was last seen."""
+
+    name: str                                    # for messages: "Services"
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    keep: Callable[[KubeObject], bool] = lambda obj: True
+    view: Callable[[KubeObject], KubeObject] = lambda obj: obj
+    objects: dict[tuple[str, str], KubeObject] = field(default_factory=dict)
+    listed: bool = False                         # one list succeeded since start
+    connected: bool = False
+    error: str | None = None
+
+
+def _key(obj: KubeObject) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _same(a: KubeObject, b: KubeObject) -> bool:
+    """Equal for the agent: same resourceVersion when both have one, else equal content."""
+    rv_a = (a.get("metadata") or {}).get("resourceVersion")
+    rv_b = (b.get("metadata") or {}).get("resourceVersion")
+    if rv_a and rv_b and rv_a == rv_b:
+        return True
+    return a == b
+
+
+class KubeSource:
+    """Services, EndpointSlices, Nodes and the agent ConfigMap from the API, kept current by watches."""
+
+    def __init__(self, client: KubeClient, node_name: str, *, backoff_first: float = BACKOFF_FIRST,
+                 backoff_max: float = BACKOFF_MAX, watch_timeout: int = WATCH_TIMEOUT) -> None:
+        self.client = client
+        self.node_name = node_name
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
+        self.watch_timeout = watch_timeout
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
+        self.resources = [
+            _Resource("Services", "/api/v1/services"),
+            _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices"),
+            _Resource("Nodes", "/api/v1/nodes", view=_node_view),
+            _Resource(f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}",
+                      f"/api/v1/namespaces/{AGENT_CONFIG_NAMESPACE}/configmaps",
+                      params={"fieldSelector": f"metadata.name={AGENT_CONFIG_NAME}"},
+                      keep=lambda obj: _key(obj)[1] == AGENT_CONFIG_NAME),
+        ]
+        self._services, self._slices, self._nodes, self._config = self.resources
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one watcher thread per resource (snapshot() starts them when needed)."""
+        if self._threads:
+            return
+        for res in self.resources:
+            thread = threading.Thread(target=self._run, args=(res,), name=f"watch-{res.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop the watchers (they end at their next event or error; they are daemon threads)."""
+        self._stop.set()
+        self._changed.set()
+
+    @property
+    def synced(self) -> bool:
+        """Every resource has been listed at least once."""
+        with self._lock:
+            return all(res.listed for res in self.resources)
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return all(res.connected for res in self.resources)
+
+    def errors(self) -> list[str]:
+        """The current error of each resource that has one."""
+        with self._lock:
+            return [f"{res.name}: {res.error}" for res in self.resources if res.error]
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until every resource was listed once (True), the timeout passed or close() was called."""
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_note = time.monotonic()
+        while not self.synced:
+            if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return False
+            if time.monotonic() - last_note > 10:
+                log.warning("still waiting for the first list of every resource from %s: %s",
+                            self.client.creds.server, "; ".join(self.errors()) or "no answer yet")
+                last_note = time.monotonic()
+            self._changed.wait(0.1)
+        return True
+
+    # -- the Source interface ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The objects as last seen; the first call waits until every resource has been listed once.
+        Raises RuntimeError when closed before that: a partial view must never be programmed."""
+        if not self.wait_synced():
+            raise RuntimeError("the Kubernetes source was closed before every resource was listed; "
+                               "nothing to program")
+        self._changed.clear()
+        with self._lock:
+            snap = Snapshot(services=list(self._services.objects.values()),
+                            endpointslices=list(self._slices.objects.values()),
+                            nodes=list(self._nodes.objects.values()))
+            config = next(iter(self._config.objects.values()), None)
+        if config is not None:
+            data = config.get("data")
+            if isinstance(data, dict):
+                snap.config = {str(k): v if isinstance(v, str) else str(v) for k, v in data.items()}
+            elif data is None:
+                snap.config = {}
+            else:
+                snap.problems.append(f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}: data must be a "
+                                     f"mapping of strings; got a {type(data).__name__}")
+                snap.config = {}
+        self.last_config = snap.config
+        return snap
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """True as soon as a watched object changed since the last snapshot (False after timeout)."""
+        self.start()
+        return self._changed.wait(max(timeout, 0.0)) and not self._stop.is_set()
+
+    # -- watchers ---------------------------------------------------------------------------------------
+
+    def _run(self, res: _Resource) -> None:
+        backoff = self.backoff_first
+        outage_since: float | None = None
+        while not self._stop.is_set():
+            try:
+                version = self._list(res)
+                if outage_since is not None:
+                    log.info("%s: API reachable again after %.1fs; re-listed %d objects (resync)",
+                             res.name, time.monotonic() - outage_since, len(res.objects))
+                    outage_since = None
+                backoff = self.backoff_first
+                while not self._stop.is_set():
+                    version, relist = self._watch(res, version)
+                    if relist:
+                        break
+            except ApiError as exc:
+                with self._lock:
+                    res.connected = False
+                    res.error = str(exc)
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning("%s: %s; keeping the %d objects last seen (the datapath stays as programmed) "
+                                "and retrying with backoff", res.name, exc, len(res.objects))
+                else:
+                    log.debug("%s: still failing: %s", res.name, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+            except Exception:       # a bug must not silently kill the watcher: log it, keep going
+                log.exception("%s: watcher failed; retrying in %.1fs", res.name, self.backoff_max)
+                self._stop.wait(self.backoff_max)
+
+    def _list(self, res: _Resource) -> str | None:
+        items, version = self.client.list(res.path, **res.params)
+        fresh = {_key(obj): res.view(obj) for obj in items if res.keep(obj)}
+        with self._lock:
+            changed = not res.listed or fresh.keys() != res.objects.keys() or \
+                any(not _same(obj, res.objects[key]) for key, obj in fresh.items())
+            res.objects = fresh
+            res.listed = True
+            res.connected = True
+            res.error = None
+        if changed:
+            self._changed.set()
+        return version
+
+    def _watch(self, res: _Resource, version: str | None) -> tuple[str | None, bool]:
+        """Follow one watch stream; return (the last resourceVersion, whether a re-list is needed)."""
+        for event in self.client.watch(res.path, version, timeout_seconds=self.watch_timeout, stop=self._stop,
+                                       params=res.params):
+            kind = event.get("type")
+            obj = event.get("object")
+            if not isinstance(obj, dict):
+                continue
+            if kind == "ERROR":
+                code = obj.get("code")
+                if code == 410:         # our resourceVersion is too old: list again
+                    log.info("%s: watch expired (410 Gone); re-listing", res.name)
+                    return None, True
+                raise ApiError(int(code or 0), "WATCH", res.path, str(obj.get("message") or obj))
+            version = (obj.get("metadata") or {}).get("resourceVersion") or version
+            if kind == "BOOKMARK" or not res.keep(obj):
+                continue
+            self._apply(res, kind, obj)
+        return version, False
+
+    def _apply(self, res: _Resource, kind: Any, obj: KubeObject) -> None:
+        key = _key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                changed = res.objects.pop(key, None) is not None
+            elif kind in ("ADDED", "MODIFIED"):
+                view = res.view(obj)
+                old = res.objects.get(key)
+                changed = old is None or not _same(view, old)
+                if changed and old is not None and res.view is _node_view:
+                    changed = {**view, "metadata": {**view["metadata"], "resourceVersion": None}} != \
+                        {**old, "metadata": {**old["metadata"], "resourceVersion": None}}
+                res.objects[key] = view
+            else:
+                changed = False
+        if changed:
+            self._changed.set()

@@ -1,0 +1,134 @@
+"""BPF unit tests of the VXLAN paths: load-balanced requests to a backend on another node leave
+encapsulated (outer IPv4/UDP 8472/VXLAN VNI 1, the destination node's VTEP MAC inside), SNAT and DSR
+alike; replies from a local pod to another node's address are encapsulated on egress; growth past the
+path MTU answers ICMP fragmentation-needed.  Whole frames, outer and inner checksums asserted."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.packet import Packet, Raw, bind_layers
+
+from bpflb.datapath.lbmaps import NodeConfig
+from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
+from bpflb.model.cluster import NodeInfo
+from bpflb.model.types import Mode, Proto
+
+from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE1, NODE2, NODE2_MAC, REMOTE_POD, Node
+from .test_dsr import dsr_option
+from .test_nodeport_snat import REMOTE, backend, fe, frame_in, state
+
+pytestmark = pytest.mark.privileged
+bind_layers(UDP, VXLAN, dport=8472)
+
+NODES = [NodeInfo("node1", IPv4Address(NODE1), (IPv4Network("10.244.1.0/24"),)),
+         NodeInfo("node2", IPv4Address(NODE2), (IPv4Network("10.244.2.0/24"),))]
+
+
+def vtep(addr: str) -> str:
+    return "0e:b1:" + ":".join(f"{b:02x}" for b in IPv4Address(addr).packed)
+
+
+def overlay(node: Node, mode: Mode, *frontends: object) -> None:
+    node.maps.set_config(NodeConfig(mode=mode, snat_addr=IPv4Address(NODE1), ext_ifindex=node.eth0,
+                                    tunnel_mode=1, tunnel_vni=1))
+    node.maps.sync(state(*frontends))   # type: ignore[arg-type]
+    node.cluster.sync(set(), {backend(LOCAL_POD, 8080, local=True).l4},
+                      {IPv4Network(f"{NODE1}/32"), IPv4Network(f"{NODE2}/32"), IPv4Network("10.244.0.0/16")}, NODES)
+
+
+def encapsulated(outer_sport: int, inner: Packet) -> bytes:
+    return bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) /
+                 IP(src=NODE1, dst=NODE2, ttl=64, id=0, flags=0, proto=17) /
+                 UDP(sport=outer_sport, dport=8472, chksum=0) / VXLAN(flags=0x08, vni=1) /
+                 Ether(dst=vtep(NODE2), src=vtep(NODE1)) / inner)
+
+
+def checksums_ok(frame: bytes) -> None:
+    """Every IPv4/TCP/UDP/ICMP checksum in the frame, outer and inner, is what scapy computes for the
+    whole frame (pseudo-headers included); a UDP checksum of 0 means none, and an ICMP error's quote
+    keeps the checksums it quotes."""
+    pkt = Ether(frame)
+    layer: Packet | None = pkt
+    while layer is not None and not isinstance(layer, (Raw, IPerror)):
+        if isinstance(layer, (IP, TCP, ICMP)) or (isinstance(layer, UDP) and layer.chksum != 0):
+            layer.chksum = None
+        layer = layer.payload if layer.payload else None
+    assert bytes(pkt) == frame, f"checksums differ:\n{Ether(frame)!r}"
+
+
+def test_snat_request_to_a_remote_backend_is_encapsulated(node: Node) -> None:
+    overlay(node, Mode.SNAT, fe(NODE1, 30080, (REMOTE,)))
+    run = node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="S", seq=3), payload=b"hello"))
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    nat_port, outer_sport = out[VXLAN][TCP].sport, out[UDP].sport
+    assert 32768 <= outer_sport < 61000 and 61000 <= nat_port <= 65535
+    inner = IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / TCP(sport=nat_port, dport=8080, flags="S", seq=3) / \
+        Raw(b"hello")
+    assert run.data == encapsulated(outer_sport, inner), f"\n{out!r}"
+    checksums_ok(run.data)
+    assert node.maps.stats()["tunnel_encap"] == 1
+
+
+def test_dsr_request_carries_the_option_inside_the_tunnel(node: Node) -> None:
+    overlay(node, Mode.DSR, fe(NODE1, 30080, (REMOTE,)))
+    run = node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S", seq=9)))
+    assert run.retval == TC_ACT_REDIRECT
+    out = Ether(run.data)
+    inner = IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7, options=[dsr_option(NODE1, 30080)]) / \
+        TCP(sport=40001, dport=8080, flags="S", seq=9)
+    assert run.data == encapsulated(out[UDP].sport, inner), f"\n{out!r}"
+    checksums_ok(run.data)
+
+
+def test_the_outer_source_port_follows_the_flow(node: Node) -> None:
+    overlay(node, Mode.SNAT, fe(NODE1, 30080, (REMOTE,)))
+    ports = {Ether(node.ingress(frame_in(TCP(sport=41000 + i, dport=30080, flags="S"))).data)[UDP].sport
+             for i in range(16)}
+    assert len(ports) > 4   # entropy for ECMP on the underlay
+    again = Ether(node.ingress(frame_in(TCP(sport=41000, dport=30080, flags="A"))).data)[UDP].sport
+    first = Ether(node.ingress(frame_in(TCP(sport=41000, dport=30080, flags="A"))).data)[UDP].sport
+    assert again == first
+
+
+@pytest.mark.parametrize(("mode", "mtu"), [(Mode.SNAT, 1450), (Mode.DSR, 1442)])
+def test_overlay_growth_past_the_mtu_answers_fragmentation_needed(node: Node, mode: Mode, mtu: int) -> None:
+    udp_be = backend(REMOTE_POD, 8081, local=False, proto=Proto.UDP)
+    overlay(node, mode, fe(NODE1, 30081, (udp_be,), proto=Proto.UDP))
+    big = frame_in(UDP(sport=5000, dport=30081), payload=b"q" * (mtu + 1 - 28), flags="DF")
+    run = node.ingress(big)
+    assert run.retval == TC_ACT_REDIRECT
+    reply = Ether(run.data)
+    assert (reply[IP].src, reply[IP].dst, reply[ICMP].type, reply[ICMP].code) == (NODE1, CLIENT, 3, 4)
+    assert reply[ICMP].nexthopmtu == mtu
+    assert bytes(reply[ICMP].payload)[:28] == bytes(Ether(big)[IP])[:28]
+    checksums_ok(run.data)
+    fits = node.ingress(frame_in(UDP(sport=5000, dport=30081), payload=b"q" * (mtu - 28), flags="DF"))
+    assert fits.retval == TC_ACT_REDIRECT and len(Ether(fits.data)[IP]) == 1500
+
+
+def test_local_pod_reply_to_another_node_is_encapsulated_on_egress(node: Node) -> None:
+    overlay(node, Mode.SNAT)
+    reply = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=LOCAL_POD, dst=NODE2, ttl=63, id=4) / \
+        TCP(sport=8080, dport=62000, flags="SA", seq=1, ack=2)
+    out = node.egress(bytes(reply))
+    assert out.retval == TC_ACT_OK
+    pkt = Ether(out.data)
+    expected = encapsulated(pkt[UDP].sport, reply[IP])
+    assert out.data == expected, f"\n{pkt!r}"
+    checksums_ok(out.data)
+
+
+def test_traffic_that_is_not_for_the_tunnel_stays_native(node: Node) -> None:
+    overlay(node, Mode.SNAT)
+    for frame in (
+        Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT) / TCP(sport=5555, dport=80),   # outside
+        Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=NODE2) / UDP(sport=40000, dport=8472),      # node's own
+    ):
+        run = node.egress(bytes(frame))
+        assert run.retval == TC_ACT_OK and run.data == bytes(frame)
