@@ -50,6 +50,7 @@ class Frame:
 @dataclass
 class Capture:
     frames: list[Frame]
+    lines: list[str] | None = None      # every line tcpdump printed (frames of any kind)
 
     def matching(self, *, src: str | None = None, dst: str | None = None, sport: int | None = None,
                  dport: int | None = None) -> list[Frame]:
@@ -60,7 +61,8 @@ class Capture:
 @contextmanager
 def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Iterator[Capture]:
     """tcpdump on a lab host's device for the duration of the block (frames in both directions)."""
-    argv = netns.nsenter_argv(lab.netns(host), ["tcpdump", "-i", device, "-nn", "-e", "-l", "-Q", "inout",
+    direction = [] if device == "any" else ["-Q", "inout"]
+    argv = netns.nsenter_argv(lab.netns(host), ["tcpdump", "-i", device, "-nn", "-e", "-l", *direction,
                                                 bpf_filter])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     result = Capture([])
@@ -74,6 +76,7 @@ def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Itera
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
+        result.lines = out.splitlines()
         for line in out.splitlines():
             m = _LINE.search(line)
             if m:

@@ -1,0 +1,105 @@
+"""The whole matrix on the wire: {SNAT, DSR, Hybrid} x {tunnelMode Disabled, VXLAN} x {TCP, UDP} x
+{externalTrafficPolicy Cluster, Local}.  Each case asserts which address the pod saw and which way the
+reply went (through node1, or straight from the backend's node: the MAC of the frames the client
+received); with VXLAN, that the underlay carried UDP 8472 between node addresses and never a pod address."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from bpflb.lab import Lab
+from bpflb.lab.probe import HttpProbe, Probe, UdpProbe
+from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
+from tests.lab.test_datapath import seen_ip
+
+pytestmark = pytest.mark.privileged
+
+CLIENT = "198.18.0.100"
+NODE1, NODE2 = "198.18.0.11", "198.18.0.12"
+UDP_LOCAL = """\
+kind: Service
+metadata: {name: echo-local-udp}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports: [{name: udp, protocol: UDP, port: 8081, targetPort: 8081, nodePort: 30181}]
+"""
+# (policy, proto) -> (receiving node, its address, node port)
+FRONTENDS = {("Cluster", "TCP"): ("node1", NODE1, 30080), ("Cluster", "UDP"): ("node1", NODE1, 30081),
+             ("Local", "TCP"): ("node2", NODE2, 30180), ("Local", "UDP"): ("node2", NODE2, 30181)}
+
+
+@pytest.fixture(scope="module", params=["Disabled", "VXLAN"])
+def lab(request: pytest.FixtureRequest, privileged: None) -> Iterator[Lab]:
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up(tunnel=request.param)
+        shared.apply(UDP_LOCAL)
+        yield shared
+    finally:
+        shared.down()
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+@pytest.mark.parametrize("mode", ["SNAT", "DSR", "Hybrid"])
+def test_matrix(lab: Lab, mode: str, proto: str, policy: str) -> None:
+    tunnel = lab.state().tunnel
+    lab.set_mode(mode)
+    via, addr, port = FRONTENDS[(policy, proto)]
+    dsr = policy == "Cluster" and (mode == "DSR" or (mode == "Hybrid" and proto == "TCP"))
+    macs = {n: mac_of(lab, n) for n in ("node1", "node2", "node3")}
+    probes: list[Probe] = ([HttpProbe(addr, port, ("/clientip",), 1.0) for _ in range(4)] if proto == "TCP"
+                           else [UdpProbe(addr, port, ("hostname", "clientip"), 1.0) for _ in range(4)])
+    # tcpdump's filter reads the outer headers: "net 10.244.0.0/16" matches only pod addresses that
+    # travel bare on the underlay, never ones inside VXLAN.
+    with capture(lab, "client", "tcp or udp") as at_client, \
+            capture(lab, "fabric", "net 10.244.0.0/16", device="any") as bare_pods, \
+            capture(lab, "fabric", "udp port 8472", device="any") as vxlan:
+        results = lab.probe("client", probes, parallel=1)
+    case = f"{mode}/{tunnel}/{proto}/{policy} via {via}"
+    assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
+    pods = {r.pod for r in results}
+    seen = {seen_ip(r.replies[-1]) for r in results}
+    replies = at_client.matching(src=addr, sport=port, dst=CLIENT)
+    senders = {f.smac for f in replies}
+    assert replies, f"{case}: the client captured no reply from {addr}:{port}"
+    if policy == "Local":
+        # Only node2's own pod; the client's address intact; the reply leaves node2 itself.
+        assert pods == {"echo-a"} and seen == {CLIENT}, case
+        assert senders == {macs["node2"]}, case
+    elif dsr:
+        # The pod sees the client; replies come straight from the backends' nodes, never via node1.
+        assert seen == {CLIENT}, case
+        assert senders <= {macs["node2"], macs["node3"]} and macs["node1"] not in senders, case
+    else:
+        # SNAT: the pod sees node1; replies return through node1.
+        assert seen == {NODE1}, case
+        assert senders == {macs["node1"]}, case
+    pod_on_underlay = [ln for ln in bare_pods.lines or [] if "10.244." in ln]
+    tunnelled = [ln for ln in vxlan.lines or [] if ".8472:" in ln]
+    if tunnel == "VXLAN":
+        assert not pod_on_underlay, f"{case}: pod addresses on the underlay:\n" + "\n".join(pod_on_underlay[:5])
+        if policy == "Cluster":
+            assert tunnelled, f"{case}: no VXLAN on the underlay"
+    else:
+        assert not tunnelled, f"{case}: VXLAN without tunnelMode VXLAN"
+        if policy == "Cluster":
+            assert pod_on_underlay, f"{case}: native routing should carry pod addresses"
+
+
+@pytest.mark.parametrize("lab", ["VXLAN"], indirect=True)
+def test_pod_to_pod_over_vxlan_never_shows_pod_addresses_on_the_underlay(lab: Lab) -> None:
+    assert lab.state().tunnel == "VXLAN"
+    with capture(lab, "fabric", "net 10.244.0.0/16", device="any") as bare_pods, \
+            capture(lab, "fabric", "udp port 8472", device="any") as vxlan:
+        body, err = lab.http_get("echo-a", "http://10.244.3.10:8080/clientip")
+        udp, uerr = lab.udp_request("echo-b", "10.244.2.10", 8081, "clientip")
+    assert err is None and seen_ip(body) == "10.244.2.10", err     # pod to pod, addresses intact
+    assert uerr is None and seen_ip(udp) == "10.244.3.10", uerr
+    outer = [ln for ln in vxlan.lines or [] if ".8472:" in ln]
+    assert any(f"{NODE2}." in ln and "198.18.0.13." in ln for ln in outer), vxlan.lines
+    assert not [ln for ln in bare_pods.lines or [] if "10.244." in ln], bare_pods.lines
