@@ -1,8 +1,11 @@
-/* bpflb's tc datapath: two programs attached with tc clsact on the node's external device.
- * lb_ingress (ingress hook): load-balances packets addressed to Service frontends
- * (NodePort on the node's addresses, LoadBalancer IPs, externalIPs) and translates replies
- * of flows this node SNAT'd.  lb_egress (egress hook): translates replies of flows that
- * were DNAT'd to a backend on this node.  All state lives in pinned maps (maps.h). */
+/* bpflb's tc datapath: two programs attached with tc clsact.
+ * lb_ingress, on the ingress hook of the node's external device (and, with tunnelMode VXLAN, of the
+ * overlay device bpflb_vxlan, where decapsulated requests and replies arrive): load-balances packets
+ * addressed to Service frontends (NodePort on the node's addresses, LoadBalancer IPs, externalIPs)
+ * by SNAT or DSR, translates replies of flows this node SNAT'd, and accepts DSR requests for its pods.
+ * lb_egress, on the egress hook of the external device: translates replies of flows DNAT'd to a pod
+ * of this node (local backends, DSR), and sends pods' replies to other nodes through the overlay.
+ * All state lives in pinned maps (maps.h, dsr.h, tunnel.h, and the selection headers). */
 #include "include/nodeport.h"
 
 SEC("tc")

@@ -31,9 +31,11 @@ struct icmphdr {
 
 
 /* Turn the packet into an ICMP destination-unreachable (type 3, code, next-hop MTU for code 4)
- * addressed to its sender and send it back out of the device it came in on.
+ * addressed to its sender.  From ingress it goes back out of the device it came in on; from
+ * egress (to_stack) it goes back into this node's stack, which delivers it to the local sender.
  * Returns a tc verdict. */
-static __always_inline int icmp_send_unreach(struct __sk_buff *skb, const struct pkt *p, __u8 code, __u16 mtu)
+static __always_inline int icmp_reply_unreach(struct __sk_buff *skb, const struct pkt *p, __u8 code, __u16 mtu,
+					      int to_stack)
 {
 	__u8 quote[ICMP_QUOTE_MAX] = {};
 	struct ethhdr eth;
@@ -82,7 +84,12 @@ static __always_inline int icmp_send_unreach(struct __sk_buff *skb, const struct
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(hdr), quote, qlen, 0) < 0)
 		return TC_ACT_SHOT;
-	return bpf_redirect(skb->ifindex, 0);
+	return bpf_redirect(skb->ifindex, to_stack ? BPF_F_INGRESS : 0);
+}
+
+static __always_inline int icmp_send_unreach(struct __sk_buff *skb, const struct pkt *p, __u8 code, __u16 mtu)
+{
+	return icmp_reply_unreach(skb, p, code, mtu, 0);
 }
 
 #endif

@@ -8,6 +8,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "nat.h"
+#include "icmp.h"
 
 /* Cluster prefixes (pod CIDRs, node addresses /32) -> the underlay address of the node holding them. */
 struct {
@@ -100,6 +101,15 @@ static __always_inline int tunnel_egress(struct __sk_buff *skb, const struct pkt
 	if (!dst || dst->node_addr == cfg->snat_addr)
 		return -1;
 	remote = dst->node_addr;
+	if (!skb->gso_size) {
+		/* A pod sized for the underlay, not the overlay: tell it (never a silent drop). */
+		__u32 mtu = 0;
+
+		if (bpf_check_mtu(skb, 0, &mtu, VXLAN_OVERHEAD, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+			stat_inc(STAT_ICMP_FRAG_NEEDED);
+			return icmp_reply_unreach(skb, p, ICMP_FRAG_NEEDED, mtu - VXLAN_OVERHEAD, 1);
+		}
+	}
 	if (vxlan_encap(skb, cfg->snat_addr, remote, cfg->tunnel_vni) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;

@@ -132,3 +132,22 @@ def test_traffic_that_is_not_for_the_tunnel_stays_native(node: Node) -> None:
     ):
         run = node.egress(bytes(frame))
         assert run.retval == TC_ACT_OK and run.data == bytes(frame)
+
+
+def test_pod_packet_too_big_for_the_overlay_answers_fragmentation_needed_to_the_pod(node: Node) -> None:
+    overlay(node, Mode.SNAT)
+    big = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=LOCAL_POD, dst=NODE2, ttl=63, id=4, flags="DF") / \
+        TCP(sport=8080, dport=62000, flags="PA") / Raw(b"r" * (1500 - 40))
+    run = node.egress(bytes(big))
+    assert run.retval == TC_ACT_REDIRECT        # back into this node's stack, towards the pod
+    expected = Ether(src=NODE2_MAC, dst=ETH0_MAC) / \
+        IP(src=NODE2, dst=LOCAL_POD, ttl=64, id=0, tos=0xC0, proto=1) / ICMP(type=3, code=4, nexthopmtu=1450) / \
+        Raw(bytes(big[IP])[:28])
+    assert run.data == bytes(expected), f"\n{Ether(run.data)!r}"
+    checksums_ok(run.data)
+    fits = big.copy()
+    fits[Raw].load = b"r" * (1450 - 40)
+    fits[IP].len = None
+    fits[IP].chksum = None
+    out = node.egress(bytes(Ether(bytes(fits))))
+    assert out.retval == TC_ACT_OK and Ether(out.data)[UDP].dport == 8472

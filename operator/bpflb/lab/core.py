@@ -461,7 +461,8 @@ class Lab:
                                 udp_ports=list(ports.udp))
                 state.pods[key] = rec
                 state.save(self.paths)  # recorded before it exists: a crash leaves nothing unnamed
-                topology.create_pod(self.name, k, rec.netns, rec.veth, IPv4Address(addr))
+                topology.create_pod(self.name, k, rec.netns, rec.veth, IPv4Address(addr),
+                                    mtu=topology.POD_MTU.get(state.tunnel, 1500))
                 started.append((rec, self._start_echo(rec)))
                 lines.append(f"pod/{name} {'configured' if old else 'created'} ({node}, {addr})")
             self._wait_echo(started)

@@ -170,8 +170,11 @@ def create_base(lab: str, nodes: int, native_routes: bool = True) -> None:
         netns.write_sysctls(node_ns[k - 1], _NODE_AFTER_LINKS)
 
 
-def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address) -> None:
-    """Create a pod namespace on node K: eth0 with addr, default route via the node's cni0."""
+POD_MTU = {"Disabled": 1500, "VXLAN": 1450}   # the overlay costs 50 bytes; a CNI sizes pods for it
+
+
+def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address, mtu: int = 1500) -> None:
+    """Create a pod namespace on node K: eth0 with addr and mtu, default route via the node's cni0."""
     node_ns = ns_name(lab, node_name(node_k))
     if not netns.netns_exists(node_ns):
         raise LabError(f"node namespace {node_ns} does not exist")
@@ -180,4 +183,5 @@ def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address)
     netns.ip_batch(node_ns, [f"link add {veth} type veth peer name {DEVICE} netns {pod_ns}",
                              f"link set {veth} master cni0", f"link set {veth} up"])
     netns.ip_batch(pod_ns, [f"addr add {addr}/{pod_cidr(node_k).prefixlen} dev {DEVICE}",
-                            f"link set {DEVICE} up", f"route add default via {pod_gateway(node_k)}"])
+                            f"link set {DEVICE} mtu {mtu}", f"link set {DEVICE} up",
+                            f"route add default via {pod_gateway(node_k)}"])
