@@ -59,6 +59,8 @@
 #define STAT_DSR_ACCEPTED 16
 #define STAT_DSR_OPT_INSERTED 17
 #define STAT_TUNNEL_ENCAP 18
+#define STAT_XDP_TX 19
+#define STAT_XDP_TO_TC 20
 #define STAT_MAX 32
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,

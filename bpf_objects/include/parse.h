@@ -26,11 +26,10 @@ struct pkt {
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
 
-/* Parse the frame's headers; the verdict says whether the packet may be translated. */
-static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct pkt *p)
+/* Parse Ethernet + IPv4 + TCP/UDP between data and data_end (len: the whole frame's length);
+ * the verdict says whether the packet may be translated.  Shared by tc and XDP. */
+static __always_inline enum parse_result parse_frame(void *data, void *data_end, __u32 len, struct pkt *p)
 {
-	void *data = skb_data(skb);
-	void *data_end = skb_data_end(skb);
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u32 ihl, tot_len;
@@ -39,23 +38,6 @@ static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct
 		return PARSE_TRUNCATED;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return PARSE_NOT_IPV4;
-
-	/* Headers of a non-linear skb may sit outside the linear area: pull them in once. */
-	{
-		__u32 want = skb->len;
-
-		if (want > ETH_HLEN + 60 + sizeof(struct tcphdr))
-			want = ETH_HLEN + 60 + sizeof(struct tcphdr);
-		if (data + want > data_end) {
-			bpf_skb_pull_data(skb, want);
-			data = skb_data(skb);
-			data_end = skb_data_end(skb);
-			eth = data;
-			if ((void *)(eth + 1) > data_end)
-				return PARSE_TRUNCATED;
-		}
-	}
-
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return PARSE_TRUNCATED;
@@ -63,7 +45,7 @@ static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct
 		return PARSE_TRUNCATED;
 	ihl = ip->ihl * 4;
 	tot_len = bpf_ntohs(ip->tot_len);
-	if (tot_len < ihl || tot_len > skb->len - ETH_HLEN)
+	if (tot_len < ihl || tot_len > len - ETH_HLEN)
 		return PARSE_TRUNCATED;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return PARSE_FRAGMENT;
@@ -103,6 +85,18 @@ static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct
 		return PARSE_OK;
 	}
 	return PARSE_OTHER_L4;
+}
+
+/* tc: headers of a non-linear skb may sit outside the linear area; pull them in once, then parse. */
+static __always_inline enum parse_result parse_pkt(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 want = skb->len;
+
+	if (want > ETH_HLEN + 60 + sizeof(struct tcphdr))
+		want = ETH_HLEN + 60 + sizeof(struct tcphdr);
+	if (skb_data(skb) + want > skb_data_end(skb))
+		bpf_skb_pull_data(skb, want);
+	return parse_frame(skb_data(skb), skb_data_end(skb), skb->len, p);
 }
 
 #endif

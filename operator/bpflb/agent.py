@@ -16,7 +16,16 @@ from pathlib import Path
 
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
-from bpflb.datapath.loader import BpfObject, load_lb, remove_pins, tc_attach, tc_detach
+from bpflb.datapath.loader import (
+    BpfObject,
+    load_lb,
+    load_xdp,
+    remove_pins,
+    tc_attach,
+    tc_detach,
+    xdp_attach,
+    xdp_detach,
+)
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.model.cluster import (
     Tunnel,
@@ -25,6 +34,7 @@ from bpflb.model.cluster import (
     local_backends,
     node_addresses,
     nodes_info,
+    parse_acceleration,
     parse_network_settings,
 )
 from bpflb.model.translate import translate
@@ -88,6 +98,8 @@ class Agent:
         self.cluster_maps: ClusterMaps | None = None
         self.overlay: Overlay | None = None
         self.tunnel_ifindex = 0
+        self.xdp_obj: BpfObject | None = None
+        self.acceleration: str | None = None      # what this process last applied
         self.ifindex = 0
         self.state: DesiredState | None = None
         self.mode: Mode | None = None
@@ -125,6 +137,8 @@ class Agent:
         """Detach the programs and remove the pinned maps (the operator's 'uninstall' instruction)."""
         if device:
             idx = socket.if_nametoindex(device)
+            if xdp_detach(idx):
+                log.info("detached the XDP program from %s", device)
             for ingress in (True, False):
                 if tc_detach(idx, ingress=ingress):
                     log.info("detached %s program from %s", "ingress" if ingress else "egress", device)
@@ -188,6 +202,10 @@ class Agent:
             log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
                      "(%d keys changed)", len(self.cluster_maps.dsr_frontends.keys),
                      len(self.cluster_maps.local_backends.keys), len(self.cluster_maps.cidrs.keys), cluster_changes)
+        acceleration, accel_problems = parse_acceleration(snap.config)
+        for problem in accel_problems:
+            self._problem(str(problem))
+        self._apply_acceleration(acceleration)
         report = SyncReport()
         report.config_changed = self.maps.set_config(NodeConfig(
             mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=self.ifindex,
@@ -217,6 +235,30 @@ class Agent:
         self.state = None
         self.mode = None
         self.uninstalled = True
+
+    def _apply_acceleration(self, acceleration: str) -> None:
+        """xdpAcceleration: put the XDP fast path in front of tc (sharing the pinned maps), or take it away."""
+        if acceleration == self.acceleration:
+            return
+        if acceleration == "Disabled":
+            if xdp_detach(self.ifindex):
+                log.info("xdpAcceleration Disabled: detached the XDP program; tc handles everything")
+            if self.xdp_obj is not None:
+                self.xdp_obj.close()
+                self.xdp_obj = None
+            self.acceleration = acceleration
+            return
+        try:
+            if self.xdp_obj is None:
+                self.xdp_obj = load_xdp(self.opts.pin_root)
+            got = xdp_attach(self.xdp_obj.prog_fd("xdp_lb_prog"), self.ifindex, acceleration)
+        except OSError as exc:
+            self._problem(f"xdpAcceleration {acceleration}: cannot attach XDP to ifindex {self.ifindex}: {exc}; "
+                          "tc keeps handling all traffic")
+            return
+        log.info("xdpAcceleration %s: XDP program attached in %s mode; remote-backend flows and SNAT "
+                 "replies are forwarded at XDP, everything else by tc", acceleration, got)
+        self.acceleration = acceleration
 
     def _attach_tunnel(self, tunnel: Tunnel) -> None:
         """Requests and replies that crossed the overlay arrive on the VXLAN device: the same ingress

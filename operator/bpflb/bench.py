@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import objects_dir
-from bpflb.datapath.loader import BpfObject, load_lb
+from bpflb.datapath.loader import BpfObject, load_lb, load_xdp
 from bpflb.datapath.netns import entered
 from bpflb.datapath.scratch import (
     CLIENT,
@@ -36,7 +36,15 @@ SERVICE_COUNTS = (1, 1_000, 10_000)
 OTHER_NODE = "198.18.0.13"   # the node a DSR request entered through, seen from a backend's node
 PATHS = ("pass-through program", "non-service packet",
          "SNAT new flow", "SNAT established flow", "SNAT reply (node1)",
-         "DSR new flow (SYN + option)", "DSR established flow", "DSR reply (backend node)")
+         "DSR new flow (SYN + option)", "DSR established flow", "DSR reply (backend node)",
+         "XDP pass-through program", "XDP non-service packet",
+         "XDP SNAT new flow", "XDP SNAT established flow", "XDP SNAT reply (node1)",
+         "XDP DSR new flow (SYN + option)", "XDP DSR established flow")
+
+
+def floor_of(path: str) -> str:
+    """The floor a path is compared with: the minimal program of its own hook."""
+    return "XDP pass-through program" if path.startswith("XDP") else "pass-through program"
 
 
 @dataclass
@@ -79,9 +87,11 @@ def _median(run: Callable[[bytes], int], frames: list[bytes]) -> float:
     return float(statistics.median(run(f) for f in frames))
 
 
-def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: BpfObject) -> Column:
+def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: BpfObject,
+             xdp_pass: BpfObject) -> Column:
     col = Column(n)
     obj = load_lb(None)
+    xdp = load_xdp(None, share_with=obj)
     try:
         maps = LBMaps(obj)
         maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
@@ -131,25 +141,46 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
                 return obj.test_run("lb_egress", frame, ifindex=eth0).duration_ns
 
             col.single["DSR reply (backend node)"] = _median(egress, [pod_reply] * samples)
+
+            # The same paths at XDP (its own flows; the maps are the tc object's).
+            def at_xdp(frame: bytes) -> int:
+                return xdp.test_run_xdp("xdp_lb_prog", frame, ifindex=eth0).duration_ns
+
+            def xdp_floor(frame: bytes) -> int:
+                return xdp_pass.test_run_xdp("xdp_pass", frame, ifindex=eth0).duration_ns
+
+            col.single["XDP pass-through program"] = _median(xdp_floor, [other] * samples)
+            col.single["XDP non-service packet"] = _median(at_xdp, [other] * samples)
+            maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            col.single["XDP SNAT new flow"] = _median(at_xdp, [_syn(50000 + i) for i in range(samples)])
+            col.single["XDP SNAT established flow"] = _median(at_xdp, [_syn(50000, "A")] * samples)
+            nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 50000)
+            reply = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
+                          TCP(sport=8080, dport=nat_port, flags="A"))
+            col.single["XDP SNAT reply (node1)"] = _median(at_xdp, [reply] * samples)
+            maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            col.single["XDP DSR new flow (SYN + option)"] = _median(at_xdp, [_syn(56000 + i)
+                                                                             for i in range(samples)])
+            col.single["XDP DSR established flow"] = _median(at_xdp, [_syn(56000, "A")] * samples)
     finally:
+        xdp.close()
         obj.close()
     return col
 
 
 def _table(cols: list[Column]) -> str:
-    floor = {c.services: c.single["pass-through program"] for c in cols}
-    head = f"{'path (median ns, repeat=1)':<30}" + "".join(f"{c.services:>10,} svc" for c in cols) + \
+    head = f"{'path (median ns, repeat=1)':<33}" + "".join(f"{c.services:>10,} svc" for c in cols) + \
         f"{'x pass':>9}{'growth':>9}"
     lines = [head, "-" * len(head)]
     for path in PATHS:
         row = [c.single[path] for c in cols]
-        ratio = row[-1] / floor[cols[-1].services]
+        ratio = row[-1] / cols[-1].single[floor_of(path)]
         growth = row[-1] / row[0] if row[0] else float("nan")
-        lines.append(f"{path:<30}" + "".join(f"{v:>14.0f}" for v in row) + f"{ratio:>8.2f}x{growth:>8.2f}x")
+        lines.append(f"{path:<33}" + "".join(f"{v:>14.0f}" for v in row) + f"{ratio:>8.2f}x{growth:>8.2f}x")
     lines.append("")
-    lines.append(f"{'same packet, repeat loop (ns)':<30}" + "".join(f"{c.services:>10,} svc" for c in cols))
+    lines.append(f"{'same packet, repeat loop (ns)':<33}" + "".join(f"{c.services:>10,} svc" for c in cols))
     for path in ("pass-through program", "non-service packet"):
-        lines.append(f"{path:<30}" + "".join(f"{c.looped[path]:>14.0f}" for c in cols))
+        lines.append(f"{path:<33}" + "".join(f"{c.looped[path]:>14.0f}" for c in cols))
     lines.append("")
     lines.append("map programming (LBMaps.sync): " +
                  ", ".join(f"{c.services:,} services in {c.sync_seconds * 1000:.0f} ms" for c in cols))
@@ -164,20 +195,23 @@ flow per run for the new-flow rows (so they include creating the conntrack and N
 The DSR reply row runs the egress program of a backend's node on a pod's reply.
 A repeat=1 figure includes the kernel's timer overhead and the caches the Python caller cooled
 between runs; compare the repeat-loop figures of the two rows that leave the packet unchanged.
-'x pass' = cost at the largest Service count / pass-through; 'growth' = largest / 1 Service."""
+'x pass' = cost at the largest Service count / the pass-through program of the same hook (tc or
+XDP); 'growth' = largest / 1 Service."""
 
 
 def run_bench(quick: bool = False, out_dir: Path | None = None) -> int:
     samples, loops = (300, 100_000) if quick else (3000, 1_000_000)
     print(f"bpflb bench: per-packet BPF cost, {samples} packets per figure", file=sys.stderr)
     pass_obj = BpfObject(objects_dir() / "bpf_pass.o", None)
+    xdp_pass = BpfObject(objects_dir() / "bpf_xdp_pass.o", None)
     cols: list[Column] = []
     try:
         with scratch_node("bpflb-bench") as sn:
             for n in SERVICE_COUNTS:
                 _progress(f"{n:,} services: programming maps and timing {len(PATHS)} paths")
-                cols.append(_measure(sn.ns, sn.eth0, n, samples, loops, pass_obj))
+                cols.append(_measure(sn.ns, sn.eth0, n, samples, loops, pass_obj, xdp_pass))
     finally:
+        xdp_pass.close()
         pass_obj.close()
     table = _table(cols)
     print(table)

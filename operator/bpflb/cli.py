@@ -50,6 +50,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kube(args: argparse.Namespace) -> int:
+    from bpflb.control.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bpflb.inspect import show
 
@@ -63,7 +69,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_maglev_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
     from bpflb.bench import run_bench
 
-    return run_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out)
+    if not args.no_rates:
+        from bpflb.bench_rates import run_rate_bench
+
+        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,16 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
 
+    bk = sub.add_parser("bench-kube", help="control-plane benchmarks: `latency` (lab --kube) and `fullsync`",
+                        add_help=False)
+    bk.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bk.set_defaults(func=cmd_bench_kube)
+
     insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
     insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=cmd_inspect)
 
-    bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN)")
+    bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN), then "
+                                          "forwarding and connection rates against kube-proxy in labs")
     bench.add_argument("--quick", action="store_true", help="fewer services and repetitions (CI)")
     bench.add_argument("--out", help="directory for results (default: results/)")
     bench.add_argument("--maglev", action="store_true",
                        help="instead: Maglev table builds and programming 1,000 Maglev services (control plane)")
+    rates = bench.add_mutually_exclusive_group()
+    rates.add_argument("--no-rates", action="store_true",
+                       help="only the per-packet cost, not the forwarding and connection rates against kube-proxy")
+    rates.add_argument("--rates-only", action="store_true",
+                       help="only the forwarding and connection rates (bpflb XDP and tc, kube-proxy iptables and "
+                            "nftables, each in a lab of its own)")
+    bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
+                       help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
     bench.set_defaults(func=cmd_bench)
 
     from bpflb.lab.commands import register

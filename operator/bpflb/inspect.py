@@ -50,6 +50,16 @@ class PinnedMaps:
     stats_map: Map
     ct_fwd: Map
 
+    def close(self) -> None:
+        for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd):
+            m.close()
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     @classmethod
     def open(cls, pin_root: Path) -> PinnedMaps:
         return cls(*(open_pinned(pin_root, n) for n in ("lb_services", "lb_backends", "lb_config", "lb_stats",
@@ -58,7 +68,8 @@ class PinnedMaps:
 
 def collect(pin_root: Path) -> dict[str, Any]:
     """Everything `inspect` shows for the node whose maps are pinned under pin_root."""
-    return collect_maps(PinnedMaps.open(pin_root))
+    with PinnedMaps.open(pin_root) as maps:
+        return collect_maps(maps)
 
 
 def collect_maps(maps: MapSet) -> dict[str, Any]:

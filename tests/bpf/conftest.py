@@ -11,7 +11,7 @@ import pytest
 
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
-from bpflb.datapath.loader import BpfObject, TestRun, load_lb
+from bpflb.datapath.loader import BpfObject, TestRun, load_lb, load_xdp
 from bpflb.datapath.netns import entered
 from bpflb.datapath.scratch import (  # noqa: F401  (re-exported for the tests)
     CLIENT,
@@ -63,4 +63,28 @@ def node() -> Iterator[Node]:
         try:
             yield Node(sn.ns, obj, LBMaps(obj), sn.eth0, sn.lxc0)
         finally:
+            obj.close()
+
+
+@dataclass
+class XdpNode(Node):
+    """node1 with the XDP object loaded too, sharing every map with the tc object."""
+
+    xdp_obj: BpfObject | None = None
+
+    def xdp(self, frame: bytes) -> TestRun:
+        assert self.xdp_obj is not None
+        with entered(self.ns):
+            return self.xdp_obj.test_run_xdp("xdp_lb_prog", frame, ifindex=self.eth0)
+
+
+@pytest.fixture
+def xnode() -> Iterator[XdpNode]:
+    with scratch_node() as sn:
+        obj = load_lb(None)
+        xdp = load_xdp(None, share_with=obj)
+        try:
+            yield XdpNode(sn.ns, obj, LBMaps(obj), sn.eth0, sn.lxc0, xdp)
+        finally:
+            xdp.close()
             obj.close()

@@ -223,6 +223,8 @@ class EmulatedAPI:
                 self.call(self.emulator.__aexit__(None, None, None))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()          # its selector and self-pipe: file descriptors, not to leak per test
 
     # -- object access from other threads ------------------------------------------------------------
 

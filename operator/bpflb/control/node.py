@@ -4,6 +4,7 @@ state per node (NodeReporter); what `bpflb agent --kube` runs."""
 from __future__ import annotations
 
 import logging
+import time
 
 from bpflb.agent import Agent, AgentOptions, install_signal_handlers
 from bpflb.control.kubeapi import KubeClient, load_credentials
@@ -44,9 +45,16 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     reporter.start()
     try:
         if once:
+            started = time.monotonic()
+            source.wait_synced()
+            listed = time.monotonic()
             agent.start()
             report = agent.sync_once()
+            done = time.monotonic()
             on_sync(agent, report)
+            objects = sum(len(res.objects) for res in source.resources)
+            log.info("once: listed %d objects in %.3fs; loaded, translated and programmed %d frontends in %.3fs",
+                     objects, listed - started, len(agent.state.frontends) if agent.state else 0, done - listed)
             return 0 if report is not None else 1
         agent.run()
         return 0

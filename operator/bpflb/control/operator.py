@@ -8,14 +8,17 @@ Handlers (registered by make_registry):
 - reconcile (resume/create/update): validates again; an invalid spec never replaces the configuration in
   force, a valid one is written to the ConfigMap and the DaemonSet is created and kept in shape;
   enabled: false tells the agents to uninstall, waits for their reports, then deletes the DaemonSet;
-- status (a timer): conditions, effective mode/tunnel and node counts from the indexed reports and Nodes;
-  every few seconds it also restores the ConfigMap and DaemonSet if they drifted.
+- status (a loop started at start-up): conditions, effective mode/tunnel and node counts from the indexed
+  ModuleConfig, reports and Nodes; now and then it also restores the ConfigMap and DaemonSet if they drifted.
 Only the ModuleConfig named cni-cilium is acted on; other ModuleConfigs belong to other modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import datetime
 import logging
 import time
 from collections.abc import Mapping
@@ -44,7 +47,6 @@ from bpflb.control.settings import (
     Invalid,
     ModuleSpec,
     agent_config_data,
-    not_implemented,
     validate_spec,
 )
 from bpflb.control.status import compute_status, same_status
@@ -59,6 +61,7 @@ WEBHOOK_ID = "validate-cni-cilium"
 
 CM_PATH = resource_path("v1", "configmaps", NAMESPACE, AGENT_CONFIG_NAME)
 DS_PATH = resource_path("apps/v1", "daemonsets", NAMESPACE, DAEMONSET_NAME)
+MC_STATUS_PATH = resource_path(f"{GROUP}/{VERSION}", PLURAL, None, MODULE_NAME, "status")
 
 
 @dataclass
@@ -84,6 +87,8 @@ class State:
     applied_loaded: bool = False
     last_assert: float = 0.0
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)   # type -> (status, reason) posted
+    last_status: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = None
 
 
 def _state(memo: Any) -> State:
@@ -168,7 +173,7 @@ def validate(name: str | None, body: kopf.Body, warnings: list[str], **_: Any) -
     except Invalid as exc:
         log.info("admission: refused ModuleConfig %s: %s", name, exc)
         raise kopf.AdmissionError(str(exc), code=422) from None
-    warnings.extend(not_implemented(spec.settings))
+    log.debug("admission: allowed ModuleConfig %s (%s)", name, spec.settings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,23 +265,42 @@ def apply_module(state: State, spec: ModuleSpec, reports: Mapping[str, Mapping[s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Status
+# Status: a loop of the operator's own (a kopf timer would put a finalizer on the ModuleConfig, which
+# would then block its deletion whenever the operator is not running).
 
 
-async def status(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
-                 **kwargs: Any) -> None:
-    """Aggregate the node reports into the status; post an Event when a condition changes; every
-    reassert_interval seconds restore the ConfigMap/DaemonSet if they drifted."""
-    state = _state(memo)
+def module_index(name: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]] | None:
+    """The cni-cilium ModuleConfig as last seen (the status loop reads it from here)."""
+    return {name: copy.deepcopy(dict(body))} if name == MODULE_NAME else None
+
+
+async def status_loop(state: State, indices: Mapping[str, Any]) -> None:
+    """Every STATUS_INTERVAL: compute the status from the indexed Nodes and reports, patch it when it
+    changed, post an Event for every condition change, and now and then restore drifted objects."""
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL)
+        try:
+            await update_status(state, indices)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the API may be away: try again next round
+            log.warning("status update failed: %s; retrying in %.0fs", exc, STATUS_INTERVAL)
+
+
+async def update_status(state: State, indices: Mapping[str, Any]) -> None:
+    bodies = [b for store in indices["module_index"].values() for b in store]
+    if not bodies:
+        return
+    body = bodies[-1]
     if not state.applied_loaded:
         await asyncio.to_thread(_load_applied, state)
-    node_index: kopf.Index[str, bool] = kwargs["node_index"]
-    reports = _reports(kwargs["report_index"])
-    previous = body.get("status") or {}
-    new = compute_status(_raw_spec(body), state.applied, sorted(node_index.keys()), reports, time.time(),
-                         previous=previous, generation=meta.get("generation"))
-    if not same_status(previous, new):
-        patch["status"] = new
+    reports = _reports(indices["report_index"])
+    observed = body.get("status") or {}
+    new = compute_status(body.get("spec"), state.applied, sorted(indices["node_index"].keys()), reports,
+                         time.time(), previous=observed, generation=(body.get("metadata") or {}).get("generation"))
+    if not same_status(observed, new) and not same_status(state.last_status, new):
+        await asyncio.to_thread(state.client.merge_patch, MC_STATUS_PATH, {"status": new})
+        state.last_status = new
     for cond in new["conditions"]:
         key = (cond["status"], cond["reason"])
         if state.conditions.get(cond["type"]) == key:
@@ -287,20 +311,52 @@ async def status(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, memo: kopf
             continue                      # nothing happened: the operator just (re)started
         warning = cond["type"] == "Degraded" and cond["status"] == "True"
         text = f"{cond['type']}={cond['status']} ({cond['reason']}): {cond['message']}"
-        (logger.warning if warning else logger.info)(text)
-        kopf.event(body, type="Warning" if warning else "Normal", reason=cond["reason"], message=text)
+        log.log(logging.WARNING if warning else logging.INFO, "ModuleConfig %s: %s", MODULE_NAME, text)
+        await asyncio.to_thread(post_event, state.client, body, "Warning" if warning else "Normal",
+                                cond["reason"], text)
 
     if state.applied and time.monotonic() - state.last_assert > state.options.reassert_interval:
         state.last_assert = time.monotonic()
+        state.last_status = None
         try:
-            spec = validate_spec(_raw_spec(body))
+            spec = validate_spec(body.get("spec"))
         except Invalid:
             return
         if spec.enabled:
             events, _pending = await asyncio.to_thread(apply_module, state, spec, reports)
             for kind, reason, message in events:
-                logger.info(message)
-                kopf.event(body, type=kind, reason=reason, message=message)
+                log.info("ModuleConfig %s: %s", MODULE_NAME, message)
+                await asyncio.to_thread(post_event, state.client, body, kind, reason, message)
+
+
+def post_event(client: KubeClient, obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event about obj (cluster-scoped objects' Events go to the default namespace)."""
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    client.create(resource_path("v1", "events", namespace), {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name', 'bpflb')}.", "namespace": namespace},
+        "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "type": kind, "reason": reason, "message": message[:1024],
+        "source": {"component": "bpflb-operator"}, "reportingComponent": "bpflb-operator",
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    })
+
+
+async def start_status_loop(memo: kopf.Memo, **kwargs: Any) -> None:
+    state = _state(memo)
+    indices = {name: kwargs[name] for name in ("module_index", "node_index", "report_index")}
+    state.task = asyncio.get_running_loop().create_task(status_loop(state, indices))
+
+
+async def stop_status_loop(memo: kopf.Memo, **_: Any) -> None:
+    task = _state(memo).task
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +375,9 @@ def make_registry(*, webhook: bool) -> kopf.OperatorRegistry:
                          registry=reg)(validate)
     for cause in (kopf.on.resume, kopf.on.create, kopf.on.update):
         cause(GROUP, VERSION, PLURAL, when=_ours, registry=reg)(reconcile)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL, when=_ours, registry=reg)(status)
+    kopf.index(GROUP, VERSION, PLURAL, registry=reg)(module_index)
+    kopf.on.startup(registry=reg)(start_status_loop)
+    kopf.on.cleanup(registry=reg)(stop_status_loop)
     return reg
 
 

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from bpflb.control.kubeapi import ApiError, KubeClient, resource_path
-from bpflb.control.settings import CONFIG_GENERATION_KEY, IMPLEMENTED_TUNNELS
+from bpflb.control.settings import CONFIG_GENERATION_KEY
+from bpflb.model.cluster import parse_network_settings
 from bpflb.sources.base import AGENT_CONFIG_NAMESPACE
 
 if TYPE_CHECKING:
@@ -140,8 +141,7 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
     tunnel it runs, the configuration generation it applied, and counts."""
     config = source.last_config or {}
     generation = config.get(CONFIG_GENERATION_KEY, "")
-    wanted_tunnel = config.get("tunnelMode", "Disabled")
-    tunnel = wanted_tunnel if wanted_tunnel in IMPLEMENTED_TUNNELS else "Disabled"
+    tunnel = parse_network_settings(config)[0].tunnel.label
     frontends = len(agent.state.frontends) if agent.state is not None else 0
     problems = len(agent.state.problems) if agent.state is not None else 0
     if getattr(agent, "uninstalled", False):

@@ -20,8 +20,6 @@ MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131
 
 # What the agents implement today; a valid setting outside these is forwarded to the agents' ConfigMap
 # (so it takes effect the day they do) and reported as Degraded by the operator meanwhile.
-IMPLEMENTED_TUNNELS = frozenset({"Disabled"})
-IMPLEMENTED_ACCELERATION = frozenset({"Disabled"})
 
 Mode = Literal["SNAT", "DSR", "Hybrid"]
 Tunnel = Literal["Disabled", "VXLAN"]
@@ -172,18 +170,6 @@ def validate_spec(spec: Any) -> ModuleSpec:
     return ModuleSpec(enabled=bool(enabled), version=int(version), settings=settings)
 
 
-def not_implemented(settings: CiliumSettings) -> list[str]:
-    """Valid settings the agents do not implement yet, as 'setting value: consequence' lines."""
-    out = []
-    if settings.tunnelMode not in IMPLEMENTED_TUNNELS:
-        out.append(f"tunnelMode {settings.tunnelMode} is not implemented by the agents yet; "
-                   "nodes keep native routing (Disabled)")
-    if settings.xdpAcceleration not in IMPLEMENTED_ACCELERATION:
-        out.append(f"xdpAcceleration {settings.xdpAcceleration} is not implemented by the agents yet; "
-                   "the datapath stays on tc")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The agents' ConfigMap (kube-system/bpflb-agent): what the operator writes and the agents read.
 
@@ -203,6 +189,8 @@ def agent_config_data(settings: CiliumSettings, *, uninstall: bool = False) -> d
         "debugLogging": json.dumps(settings.debugLogging),
         UNINSTALL_KEY: json.dumps(uninstall),
     }
+    if settings.createNodeRoutes is not None:
+        data["createNodeRoutes"] = json.dumps(settings.createNodeRoutes)
     data[CONFIG_GENERATION_KEY] = config_generation(data)
     return data
 

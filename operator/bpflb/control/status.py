@@ -13,9 +13,7 @@ from bpflb.control.settings import (
     CONFIG_GENERATION_KEY,
     SETTINGS_VERSIONS,
     UNINSTALL_KEY,
-    CiliumSettings,
     Invalid,
-    not_implemented,
     validate_spec,
 )
 
@@ -85,9 +83,6 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
             runs = ", ".join(f"{n} runs {fresh[n].get('bpfLBMode') or 'nothing'}" for n in wrong_mode[:5])
             degraded.append(("ModeNotSupported", (f"{runs} instead of {mode_wanted}: the datapath of "
                              f"{'this node' if len(wrong_mode) == 1 else 'these nodes'} does not implement it")))
-        lacking = not_implemented(_settings_of(applied))
-        if lacking:
-            degraded.append(("NotImplemented", "; ".join(lacking)))
 
     conditions: list[Condition] = []
     if not applied:
@@ -151,15 +146,6 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
     if generation is not None:
         status["observedGeneration"] = generation
     return status
-
-
-def _settings_of(applied: Mapping[str, str]) -> CiliumSettings:
-    """The settings an applied ConfigMap stands for (only the fields not_implemented looks at)."""
-    try:
-        return CiliumSettings.model_validate({k: applied[k] for k in ("tunnelMode", "xdpAcceleration")
-                                              if k in applied})
-    except ValueError:
-        return CiliumSettings()
 
 
 def _rfc3339(now: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,18 @@ struct bpf_test_run_opts {
 };
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 
+/* struct xdp_md (uapi linux/bpf.h), the XDP test-run context. */
+struct xdp_md_ctx {
+    __u32 data; __u32 data_end; __u32 data_meta; __u32 ingress_ifindex; __u32 rx_queue_index;
+    __u32 egress_ifindex;
+};
+
+struct bpf_xdp_attach_opts { size_t sz; int old_prog_fd; };
+int bpf_xdp_attach(int ifindex, int prog_fd, __u32 flags, const struct bpf_xdp_attach_opts *opts);
+int bpf_xdp_detach(int ifindex, __u32 flags, const struct bpf_xdp_attach_opts *opts);
+int bpf_xdp_query_id(int ifindex, int flags, __u32 *prog_id);
+int bpf_map__reuse_fd(struct bpf_map *map, int fd);
+
 /* struct __sk_buff prefix used as test-run context (uapi linux/bpf.h). */
 struct sk_buff_ctx {
     __u32 len; __u32 pkt_type; __u32 mark; __u32 queue_mapping; __u32 protocol; __u32 vlan_present;
@@ -92,7 +105,11 @@ struct sk_buff_ctx {
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+BPF_F_TEST_XDP_LIVE_FRAMES = 2  # test_run flag: XDP frames really transmitted (Linux 5.18+)
 BPF_TC_F_REPLACE = 1
+XDP_FLAGS_SKB_MODE = 2      # generic XDP
+XDP_FLAGS_DRV_MODE = 4      # native XDP in the driver
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
@@ -131,9 +148,18 @@ def _header_for_cffi(text: str) -> str:
     return "\n".join(kept)
 
 
-@cache
+_FFI_LOCK = threading.Lock()
+
+
 def ffi() -> Any:
-    """The FFI holding libbpf's declarations and the shared structs (typed Any: cdata fields are dynamic)."""
+    """The FFI holding libbpf's declarations and the shared structs (typed Any: cdata fields are dynamic).
+    Built once, under a lock: two FFI instances must never meet."""
+    with _FFI_LOCK:
+        return _ffi()
+
+
+@cache
+def _ffi() -> Any:
     f = cffi.FFI()
     f.cdef(_LIBBPF_CDEF)
     f.cdef(_header_for_cffi(structs_header().read_text()))

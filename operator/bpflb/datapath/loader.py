@@ -13,7 +13,10 @@ from typing import Any
 
 from bpflb.datapath.libbpf import (
     BPF_ANY,
+    BPF_F_TEST_XDP_LIVE_FRAMES,
     BPF_TC_F_REPLACE,
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_SKB_MODE,
     BpfError,
     check,
     ffi,
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/bpflb")
 LB_OBJECT = "bpf_lb.o"
+XDP_OBJECT = "bpf_xdp.o"
 TC_HANDLE = 0xB1B
 TC_PRIORITY = 1
 
@@ -77,6 +81,12 @@ class Map:
         self.value_type = value_type
         self.key_size = ffi().sizeof(key_type)
         self.value_size = ffi().sizeof(value_type)
+
+    def close(self) -> None:
+        """Close a map opened on its own (a pin); maps of a loaded object close with the object."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def new_key(self, **fields: Any) -> Any:
         return ffi().new(f"{self.key_type} *", fields) if fields else ffi().new(f"{self.key_type} *")
@@ -157,7 +167,9 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
 class BpfObject:
     """A loaded BPF object file whose pinned maps live under pin_root (shared across loads)."""
 
-    def __init__(self, path: Path, pin_root: Path | None) -> None:
+    def __init__(self, path: Path, pin_root: Path | None, share_with: BpfObject | None = None) -> None:
+        """share_with: an object already loaded whose maps of the same names this one uses (how an
+        unpinned XDP object and tc object share state in tests; pinned objects share by their pins)."""
         self.path = path
         self.pin_root = pin_root
         f, l = ffi(), lib()
@@ -179,6 +191,9 @@ class BpfObject:
             m = l.bpf_object__next_map(obj, f.NULL)
             while m != f.NULL:
                 l.bpf_map__set_pin_path(m, f.NULL)
+                name = f.string(l.bpf_map__name(m)).decode()
+                if share_with is not None and name in MAP_TYPES:
+                    check(l.bpf_map__reuse_fd(m, share_with.map(name).fd), f"sharing map {name}")
                 m = l.bpf_object__next_map(obj, m)
         rc = l.bpf_object__load(obj)
         if rc < 0:
@@ -228,6 +243,79 @@ class BpfObject:
         opts.repeat = repeat
         check(lib().bpf_prog_test_run_opts(self.prog_fd(prog), opts), f"test run of {prog}")
         return TestRun(int(opts.retval), bytes(f.buffer(data_out, opts.data_size_out)), int(opts.duration))
+
+
+    def test_run_xdp(self, prog: str, data: bytes, *, ifindex: int = 0, repeat: int = 1,
+                     out_size: int = 4096) -> TestRun:
+        """Run an XDP program on one frame with BPF_PROG_TEST_RUN, received on ifindex."""
+        f = ffi()
+        opts = f.new("struct bpf_test_run_opts *")
+        opts.sz = f.sizeof("struct bpf_test_run_opts")
+        data_in, data_out = f.new("char[]", data), f.new("char[]", out_size)
+        opts.data_in, opts.data_size_in = data_in, len(data)
+        opts.data_out, opts.data_size_out = data_out, out_size
+        ctx = f.new("struct xdp_md_ctx *", {"data_end": len(data), "ingress_ifindex": ifindex})
+        opts.ctx_in, opts.ctx_size_in = ctx, f.sizeof("struct xdp_md_ctx")
+        opts.repeat = repeat
+        check(lib().bpf_prog_test_run_opts(self.prog_fd(prog), opts), f"test run of {prog}")
+        return TestRun(int(opts.retval), bytes(f.buffer(data_out, opts.data_size_out)), int(opts.duration))
+
+    def test_run_xdp_live(self, prog: str, data: bytes, *, ifindex: int, repeat: int,
+                          batch_size: int = 64) -> int:
+        """Run an XDP program `repeat` times in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES, Linux 5.18+):
+        each run gets a frame initialised from data as if received on ifindex (of the caller's
+        namespace), and XDP_TX / XDP_REDIRECT really transmit it. Frames are recycled without being
+        reset, so a program that edits them must write every field it relies on. Returns the ns taken."""
+        f = ffi()
+        opts = f.new("struct bpf_test_run_opts *")
+        opts.sz = f.sizeof("struct bpf_test_run_opts")
+        data_in = f.new("char[]", data)
+        opts.data_in, opts.data_size_in = data_in, len(data)
+        ctx = f.new("struct xdp_md_ctx *", {"data_end": len(data), "ingress_ifindex": ifindex})
+        opts.ctx_in, opts.ctx_size_in = ctx, f.sizeof("struct xdp_md_ctx")
+        opts.repeat = repeat
+        opts.flags = BPF_F_TEST_XDP_LIVE_FRAMES
+        opts.batch_size = batch_size
+        check(lib().bpf_prog_test_run_opts(self.prog_fd(prog), opts), f"live-frames run of {prog}")
+        return int(opts.duration) * repeat
+
+    def map_fd(self, name: str) -> int:
+        """The fd of any map of the object by name (for maps without a MAP_TYPES entry)."""
+        m = lib().bpf_object__find_map_by_name(self._obj, name.encode())
+        if m == ffi().NULL:
+            raise BpfError(2, f"map {name} not found in {self.path}")
+        return int(lib().bpf_map__fd(m))
+
+
+def xdp_attach(prog_fd: int, ifindex: int, mode: str) -> str:
+    """Attach an XDP program: mode "Native" (driver mode, or fail) or "BestEffort" (driver mode where the
+    driver has it, generic XDP elsewhere).  Returns the mode it got ("native" or "generic")."""
+    try:
+        check(lib().bpf_xdp_attach(ifindex, prog_fd, XDP_FLAGS_DRV_MODE, ffi().NULL), "native XDP attach")
+        return "native"
+    except BpfError:
+        if mode != "BestEffort":
+            raise
+    check(lib().bpf_xdp_attach(ifindex, prog_fd, XDP_FLAGS_SKB_MODE, ffi().NULL), "generic XDP attach")
+    return "generic"
+
+
+def xdp_detach(ifindex: int) -> bool:
+    """Remove whatever XDP program (native or generic) the device has; True when there was one."""
+    removed = False
+    for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+        prog_id = ffi().new("__u32 *")
+        if lib().bpf_xdp_query_id(ifindex, flags, prog_id) == 0 and prog_id[0]:
+            removed |= lib().bpf_xdp_detach(ifindex, flags, ffi().NULL) == 0
+    return removed
+
+
+def xdp_attached_prog_id(ifindex: int) -> int | None:
+    for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+        prog_id = ffi().new("__u32 *")
+        if lib().bpf_xdp_query_id(ifindex, flags, prog_id) == 0 and prog_id[0]:
+            return int(prog_id[0])
+    return None
 
 
 def _tc_hook(ifindex: int, point: int) -> Any:
@@ -287,6 +375,12 @@ def tc_attached_prog_id(ifindex: int, *, ingress: bool) -> int | None:
 def load_lb(pin_root: Path | None, obj_dir: Path | None = None) -> BpfObject:
     """Load bpf_lb.o; its maps are pinned under pin_root (None: unpinned, for tests and benchmarks)."""
     return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root)
+
+
+def load_xdp(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir: Path | None = None) -> BpfObject:
+    """Load bpf_xdp.o sharing the tc object's maps: through the pins under pin_root, or (unpinned)
+    the maps of share_with."""
+    return BpfObject((obj_dir or objects_dir()) / XDP_OBJECT, pin_root, share_with)
 
 
 def remove_pins(pin_root: Path) -> None:

@@ -337,10 +337,11 @@ def node_object(k: int) -> KubeObject:
     }
 
 
-def agent_config(mode: str, algorithm: str | None = None, tunnel: str = "Disabled") -> KubeObject:
+def agent_config(mode: str, algorithm: str | None = None, tunnel: str = "Disabled",
+                 acceleration: str = "Disabled") -> KubeObject:
     """The agents' configuration: the lab's nodes share one L2 segment, so with tunnelMode Disabled the
     agents install native routes to each other's pod CIDRs (createNodeRoutes), as Deckhouse would."""
-    data = {"bpfLBMode": mode, "tunnelMode": tunnel, "createNodeRoutes": "true"}
+    data = {"bpfLBMode": mode, "tunnelMode": tunnel, "createNodeRoutes": "true", "xdpAcceleration": acceleration}
     if algorithm is not None:
         data["lbAlgorithm"] = algorithm
     return {

@@ -54,7 +54,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab(args)
     lab.up(nodes=args.nodes, mode=args.mode, tunnel=args.tunnel, agents=not args.no_agents,
            workload=not args.no_workload, recreate=args.recreate, agent_timeout=args.agent_timeout,
-           keep_on_failure=args.keep_on_failure, algorithm=args.algorithm)
+           keep_on_failure=args.keep_on_failure, kube=args.kube, algorithm=args.algorithm,
+           acceleration=args.acceleration)
     _say(f"next: `bpflb lab check --name {lab.name}`, `bpflb lab status --name {lab.name}`, "
          f"`bpflb lab down --name {lab.name}`")
     return 0
@@ -178,6 +179,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up = add("up", cmd_up, "create the lab, its default workload and its agents")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--mode", default="SNAT", metavar="SNAT|DSR|Hybrid", help="bpfLBMode (default SNAT)")
+    up.add_argument("--acceleration", default="Disabled", metavar="Disabled|Native|BestEffort",
+                    help="xdpAcceleration: the XDP fast path on every node's eth0 (default Disabled)")
     up.add_argument("--algorithm", default="Random", metavar="Random|Maglev",
                     help="lbAlgorithm, the cluster-wide backend selection (default Random; a Service's "
                          "service.cilium.io/lb-algorithm annotation overrides it)")
@@ -188,6 +191,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument("--recreate", action="store_true", help="take an existing lab of this name down first")
     up.add_argument("--agent-timeout", type=float, default=60.0, metavar="SECONDS",
                     help="how long to wait for every agent's ready file (default 60)")
+    up.add_argument("--kube", action="store_true",
+                    help="add a control-plane host (198.18.0.2) running an emulated Kubernetes API (kmock) and the "
+                         "operator; the agents list+watch that API; the mode is set through the ModuleConfig")
     up.add_argument("--keep-on-failure", action="store_true",
                     help="leave a failed lab in place for inspection (then `lab down`)")
     up.epilog = (f"The agent command comes from ${ENV_AGENT_CMD} when set, a template with {{python}} {{node}} "

@@ -51,6 +51,16 @@ def canonical_mode(text: str) -> str:
     raise LabError(f"--mode {text}: must be one of SNAT, DSR, Hybrid")
 
 
+ACCELERATIONS = ("Disabled", "Native", "BestEffort")
+
+
+def canonical_acceleration(text: str) -> str:
+    for acceleration in ACCELERATIONS:
+        if acceleration.lower() == text.lower():
+            return acceleration
+    raise LabError(f"--acceleration {text}: must be one of {', '.join(ACCELERATIONS)}")
+
+
 def canonical_algorithm(text: str) -> str:
     """Random / Maglev in their ConfigMap spelling (lbAlgorithm), whatever the case given."""
     for algorithm in ALGORITHMS:
@@ -135,7 +145,8 @@ class Lab:
 
     def up(self, *, nodes: int = 3, mode: str = "SNAT", tunnel: str = "Disabled", agents: bool = True,
            workload: bool = True, recreate: bool = False, agent_timeout: float = 60.0,
-           keep_on_failure: bool = False, algorithm: str = "Random") -> None:
+           keep_on_failure: bool = False, algorithm: str = "Random", kube: bool = False,
+           acceleration: str = "Disabled") -> None:
         """Create the namespaces, the cluster objects, the default workload (workload=True) and start the
         agents (agents=True), waiting until each has written <pin-root>/ready. algorithm is the cluster-wide
         lbAlgorithm the agents' ConfigMap carries (Random or Maglev).
@@ -145,6 +156,7 @@ class Lab:
         """
         mode, tunnel = canonical_mode(mode), canonical_tunnel(tunnel)
         algorithm = canonical_algorithm(algorithm)
+        acceleration = canonical_acceleration(acceleration)
         if mode not in SUPPORTED_MODES:
             raise LabUnsupported(f"--mode {mode}: not implemented yet (this release supports "
                                  f"{', '.join(SUPPORTED_MODES)})")
@@ -161,7 +173,8 @@ class Lab:
             self.down()
         start = time.monotonic()
         try:
-            self._up(nodes, mode, tunnel, agents, workload, agent_timeout, algorithm)
+            self._up(nodes, mode, tunnel, agents, workload, agent_timeout, algorithm, kube,
+                     acceleration=acceleration)
         except BaseException:
             if not keep_on_failure:
                 self._log(f"bring-up of lab {self.name} failed: removing what was created")
@@ -172,12 +185,12 @@ class Lab:
                   f"state in {self.paths.root}")
 
     def _up(self, nodes: int, mode: str, tunnel: str, agents: bool, workload: bool, agent_timeout: float,
-            algorithm: str = "Random") -> None:
+            algorithm: str = "Random", kube: bool = False, acceleration: str = "Disabled") -> None:
         for d in (self.paths.cluster, self.paths.logs, self.paths.run):
             d.mkdir(parents=True, exist_ok=True)
         state = LabState(name=self.name, nodes=nodes, mode=mode, tunnel=tunnel, agents=agents,
-                         created=time.time(), agent_cmd=self._agent_template() if agents else None,
-                         algorithm=algorithm)
+                         created=time.time(), agent_cmd=self._agent_template(kube) if agents else None,
+                         algorithm=algorithm, kube=kube, acceleration=acceleration)
         state.save(self.paths)
         hosts = topology.base_hosts(self.name, nodes)
         self._log(f"creating namespaces {', '.join(h.netns for h in hosts)}")
@@ -187,7 +200,13 @@ class Lab:
                   f"{topology.node_ip(1)}..{topology.node_ip(nodes)}; pod CIDRs 10.244.K.0/24, {crossing}")
         for k in range(1, nodes + 1):
             self.cluster.write(cluster.node_object(k))
-        self.cluster.write(cluster.agent_config(mode, algorithm, tunnel))
+        self.cluster.write(cluster.agent_config(mode, algorithm, tunnel, acceleration))
+        if acceleration != "Disabled":
+            topology.prepare_for_xdp(self.name, nodes)
+        if kube:
+            from bpflb.lab import kube as kube_lab
+
+            kube_lab.start_control_plane(self, state)
         if workload:
             docs = cluster.load_documents(default_manifests(), "default workload")
             for doc in docs:  # fewer than 3 nodes: put the pods on the last node
@@ -215,18 +234,22 @@ class Lab:
         state = self.state()
         start = time.monotonic()
         with self.paths.locked():
-            self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel))
+            self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel, state.acceleration))
+            if state.kube:          # the operator's way: the ModuleConfig, through the API
+                from bpflb.lab import kube as kube_lab
+
+                kube_lab.set_mode(self, mode)
             state.mode = mode
             state.save(self.paths)
         if not state.agents:
             return 0.0
-        from bpflb.inspect import PinnedMaps, collect_maps
+        from bpflb.inspect import collect
 
         waiting = {topology.node_name(k) for k in range(1, state.nodes + 1)}
         while waiting:
             for node in sorted(waiting):
                 with contextlib.suppress(Exception):
-                    if collect_maps(PinnedMaps.open(self.pin_root / node))["mode"] == mode:
+                    if collect(self.pin_root / node)["mode"] == mode:
                         waiting.discard(node)
                         self._log(f"{node}: datapath runs {mode} for new flows "
                                   f"({time.monotonic() - start:.1f}s)")
@@ -287,13 +310,18 @@ class Lab:
     def hosts(self, state: LabState | None = None) -> list[topology.Host]:
         state = state or self.state()
         hosts = topology.base_hosts(self.name, state.nodes)
+        if state.kube:
+            from bpflb.lab import kube as kube_lab
+
+            hosts.append(topology.Host(kube_lab.HOST, "control-plane", topology.ns_name(self.name, kube_lab.HOST),
+                                       str(kube_lab.API_IP), topology.DEVICE))
         hosts += [topology.Host(p.name, "pod", p.netns, p.ip, topology.DEVICE, p.node)
                   for p in sorted(state.pods.values(), key=lambda p: p.key)]
         return hosts
 
     def netns(self, host: str) -> str:
         """The namespace of a host: fabric, client, nodeK, a pod name (or namespace/name), or a namespace name."""
-        if host in ("fabric", "client") or topology.node_index(host):
+        if host in ("fabric", "client", "control-plane") or topology.node_index(host):
             ns = topology.ns_name(self.name, host)
         elif topology.lab_netns_regex(self.name).match(host):
             ns = host
@@ -367,7 +395,13 @@ class Lab:
         return {"name": self.name, "mode": state.mode, "tunnel": state.tunnel, "nodes": state.nodes,
                 "phase": state.phase, "agents_enabled": state.agents, "state_dir": str(self.paths.root),
                 "cluster_dir": str(self.paths.cluster), "pin_root": str(self.pin_root),
-                "hosts": hosts, "agents": agents, "pods": pods, "services": services}
+                "hosts": hosts, "agents": agents, "pods": pods, "services": services,
+                **({"kube": self._kube_status()} if state.kube else {})}
+
+    def _kube_status(self) -> dict[str, str]:
+        from bpflb.lab import kube as kube_lab
+
+        return kube_lab.status(self)
 
     # ------------------------------------------------------------------------------------------ workload
 
@@ -408,6 +442,7 @@ class Lab:
                     raise LabError(f"service {key} does not exist")
                 self.cluster.replace_slices(key, [])
                 self.cluster.remove(svc)
+                self._publish(state)
                 return f"service/{name} deleted"
         raise LabError(f"cannot delete kind {kind!r}: pod or service")
 
@@ -462,7 +497,8 @@ class Lab:
                 state.pods[key] = rec
                 state.save(self.paths)  # recorded before it exists: a crash leaves nothing unnamed
                 topology.create_pod(self.name, k, rec.netns, rec.veth, IPv4Address(addr),
-                                    mtu=topology.POD_MTU.get(state.tunnel, 1500))
+                                    mtu=topology.POD_MTU.get(state.tunnel, 1500),
+                                    full_checksums=state.acceleration != "Disabled")
                 started.append((rec, self._start_echo(rec)))
                 lines.append(f"pod/{name} {'configured' if old else 'created'} ({node}, {addr})")
             self._wait_echo(started)
@@ -480,6 +516,14 @@ class Lab:
         for key, svc in sorted(services.items()):
             if current.get(key) != svc:
                 self.cluster.write(svc)
+        self._publish(state)
+
+    def _publish(self, state: LabState) -> None:
+        """With --kube, mirror the cluster objects into the emulated API (the agents read them there)."""
+        if state.kube:
+            from bpflb.lab import kube as kube_lab
+
+            kube_lab.publish(self)
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -544,7 +588,11 @@ class Lab:
 
     # ------------------------------------------------------------------------------------------ agents
 
-    def _agent_template(self) -> list[str]:
+    def _agent_template(self, kube: bool = False) -> list[str]:
+        if kube and self._agent_cmd is None:
+            from bpflb.lab.kube import KUBE_AGENT_CMD
+
+            return shlex.split(KUBE_AGENT_CMD)
         template = self._agent_cmd if self._agent_cmd is not None else \
             os.environ.get(ENV_AGENT_CMD) or DEFAULT_AGENT_CMD
         return shlex.split(template) if isinstance(template, str) else list(template)
@@ -554,7 +602,7 @@ class Lab:
         values = {"python": sys.executable, "node": node, "source_dir": str(self.paths.cluster),
                   "pin_root": str(self.pin_root / node), "device": topology.DEVICE, "lab": self.name,
                   "netns": topology.ns_name(self.name, node), "mode": state.mode,
-                  "log": str(self.paths.agent_log(node))}
+                  "log": str(self.paths.agent_log(node)), "kubeconfig": str(self.paths.root / "kubeconfig")}
         try:
             return [token.format(**values) for token in (state.agent_cmd or self._agent_template())]
         except (KeyError, IndexError, ValueError) as exc:

@@ -169,8 +169,10 @@ def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 10.
             if left <= 0:
                 os.kill(pid, signal.SIGKILL)
                 raise LabError(f"{getattr(fn, '__name__', fn)} in namespace {ns} took longer than {timeout:.1f}s")
-            ready, _, _ = select.select([rfd], [], [], left)
-            if ready:
+            # poll, not select: select() fails outright once a process holds over 1024 descriptors.
+            poller = select.poll()
+            poller.register(rfd, select.POLLIN | select.POLLHUP)
+            if poller.poll(left * 1000):
                 chunk = os.read(rfd, 1 << 16)
                 if not chunk:
                     break

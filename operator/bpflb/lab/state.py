@@ -128,6 +128,8 @@ class LabState:
     phase: str = "creating"   # creating | up
     version: int = STATE_VERSION
     algorithm: str = "Random"  # lbAlgorithm of the agents' ConfigMap: Random | Maglev
+    acceleration: str = "Disabled"  # xdpAcceleration of the agents' ConfigMap: Disabled | Native | BestEffort
+    kube: bool = False         # --kube: emulated API + operator on the control-plane host, agents on the API
 
     def save(self, paths: LabPaths) -> None:
         atomic_write(paths.state_file, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -109,7 +109,7 @@ def pod_veth(namespace: str, pod: str) -> str:
 
 def lab_netns_regex(lab: str) -> re.Pattern[str]:
     """Matches exactly the namespaces of lab (not those of a lab whose name merely starts the same)."""
-    return re.compile(rf"^{re.escape(lab)}-(fabric|client|node[1-9][0-9]*|pod-.+)$")
+    return re.compile(rf"^{re.escape(lab)}-(fabric|client|control-plane|node[1-9][0-9]*|pod-.+)$")
 
 
 def lab_namespaces(lab: str) -> list[str]:
@@ -173,8 +173,10 @@ def create_base(lab: str, nodes: int, native_routes: bool = True) -> None:
 POD_MTU = {"Disabled": 1500, "VXLAN": 1450}   # the overlay costs 50 bytes; a CNI sizes pods for it
 
 
-def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address, mtu: int = 1500) -> None:
-    """Create a pod namespace on node K: eth0 with addr and mtu, default route via the node's cni0."""
+def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address, mtu: int = 1500,
+               full_checksums: bool = False) -> None:
+    """Create a pod namespace on node K: eth0 with addr and mtu, default route via the node's cni0.
+    full_checksums: the pod computes its own checksums (see prepare_for_xdp)."""
     node_ns = ns_name(lab, node_name(node_k))
     if not netns.netns_exists(node_ns):
         raise LabError(f"node namespace {node_ns} does not exist")
@@ -185,3 +187,20 @@ def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address,
     netns.ip_batch(pod_ns, [f"addr add {addr}/{pod_cidr(node_k).prefixlen} dev {DEVICE}",
                             f"link set {DEVICE} mtu {mtu}", f"link set {DEVICE} up",
                             f"route add default via {pod_gateway(node_k)}"])
+    if full_checksums:
+        netns.run(netns.nsenter_argv(pod_ns, ["ethtool", "-K", DEVICE, "tx", "off"]))
+
+
+def prepare_for_xdp(lab: str, nodes: int) -> None:
+    """What a physical network gives XDP for free, the lab's veths must be asked for: the fabric end
+    of every node's veth runs a pass-through XDP program (veth delivers XDP_TX frames only to a peer
+    with NAPI, and GRO-based NAPI was seen holding them back), and hosts send complete checksums
+    (tx checksumming off: veth would otherwise hand XDP partial ones, as no NIC would; pods get the
+    same in create_pod)."""
+    from bpflb.datapath.libbpf import objects_dir
+
+    fabric = ns_name(lab, "fabric")
+    xdp_pass = str(objects_dir() / "bpf_xdp_pass.o")
+    for host in ["client", *(node_name(k) for k in range(1, nodes + 1))]:
+        netns.run(["ip", "-n", fabric, "link", "set", "dev", host, "xdpdrv", "obj", xdp_pass, "sec", "xdp"])
+        netns.run(netns.nsenter_argv(ns_name(lab, host), ["ethtool", "-K", DEVICE, "tx", "off"]))

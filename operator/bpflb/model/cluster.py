@@ -64,8 +64,8 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:
-    """This node's backend endpoints."""
-    return {be.l4 for fe in state.frontends.values() for be in fe.backends if be.local}
+    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply."""
+    return {be.l4 for fe in state.frontends.values() for be in (*fe.backends, *fe.draining) if be.local}
 
 
 @dataclass(frozen=True)
@@ -155,3 +155,19 @@ def parse_network_settings(config: dict[str, str] | None) -> tuple[NetworkSettin
         else:
             problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_ROUTES_KEY}", f'must be true or false; got "{raw}"'))
     return NetworkSettings(tunnel, routes), problems
+
+
+ACCELERATIONS = ("Disabled", "Native", "BestEffort")
+CONFIG_ACCELERATION_KEY = "xdpAcceleration"
+
+
+def parse_acceleration(config: dict[str, str] | None) -> tuple[str, list[Problem]]:
+    """xdpAcceleration (Disabled|Native|BestEffort, default Disabled); an invalid value keeps Disabled
+    and comes back as a Problem naming the field, the allowed values and what was given."""
+    raw = (config or {}).get(CONFIG_ACCELERATION_KEY)
+    if raw is None:
+        return "Disabled", []
+    if str(raw) in ACCELERATIONS:
+        return str(raw), []
+    return "Disabled", [Problem(_CONFIG_OBJ, f"data.{CONFIG_ACCELERATION_KEY}",
+                                f'must be one of {", ".join(ACCELERATIONS)}; got "{raw}"')]

@@ -1,0 +1,225 @@
+/* The XDP fast path (xdpAcceleration): requests for remote backends (SNAT, DSR, Hybrid) and the
+ * replies of SNAT'd flows, translated and transmitted straight back out.  It shares every map with
+ * tc, so a flow is handled the same whichever layer sees its packets; anything it cannot finish
+ * before touching the packet (local backends, rejects, MTU, unresolved neighbours, IP options, the
+ * overlay) is passed on, unmodified, to the tc programs. */
+#ifndef BPFLB_XDP_H
+#define BPFLB_XDP_H
+
+#include "common.h"
+#include "maps.h"
+#include "parse.h"
+#include "nat.h"
+#include "conntrack.h"
+#include "lb.h"
+#include "flow.h"
+
+static __always_inline int xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr,
+				   __u8 proto, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->l4_protocol = proto;
+	fib->tot_len = tot_len;
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Rewrite addresses and ports with full incremental checksums (XDP frames carry complete ones).
+ * 0 on success. */
+static __always_inline int xdp_rewrite(struct xdp_md *ctx, const struct pkt *p, __be32 saddr, __be16 sport,
+				       __be32 daddr, __be16 dport)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 l4_off = p->l4_off & 0x7f, csum_off = p->csum_off & 0x7f;
+	__be16 from_ports[2] = { p->t.sport, p->t.dport }, to_ports[2] = { sport, dport };
+	__u32 addr_diff = 0, diff, old_w, new_w;
+	__u16 *l4csum;
+
+	if ((void *)(ip + 1) > data_end || data + l4_off + sizeof(to_ports) > data_end ||
+	    data + csum_off + sizeof(__u16) > data_end)
+		return -1;
+	l4csum = data + csum_off;
+	addr_diff = csum_add32(addr_diff, ~p->t.saddr);
+	addr_diff = csum_add32(addr_diff, saddr);
+	addr_diff = csum_add32(addr_diff, ~p->t.daddr);
+	addr_diff = csum_add32(addr_diff, daddr);
+	__builtin_memcpy(&old_w, from_ports, sizeof(old_w));
+	__builtin_memcpy(&new_w, to_ports, sizeof(new_w));
+	diff = csum_add32(addr_diff, ~old_w);
+	diff = csum_add32(diff, new_w);
+	if (!(p->t.proto == IPPROTO_UDP && *l4csum == 0)) {
+		__u16 sum = csum_apply(*l4csum, diff);
+
+		*l4csum = (p->t.proto == IPPROTO_UDP && sum == 0) ? 0xffff : sum;
+	}
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = csum_apply(ip->check, addr_diff);
+	__builtin_memcpy(data + l4_off, to_ports, sizeof(to_ports));
+	return 0;
+}
+
+/* Grow the IPv4 header by the DSR option (right after the base header, as on tc). 0 on success. */
+static __always_inline int xdp_insert_dsr_opt(struct xdp_md *ctx, struct pkt *p, __be32 fe_addr, __be16 fe_port)
+{
+	struct dsr_opt_v4 opt = { .type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = fe_port, .addr = fe_addr };
+	__u8 head[ETH_HLEN + sizeof(struct iphdr)];
+	__u32 old_w, new_w, diff, opt_w[2];
+	void *data, *data_end;
+	struct iphdr *ip;
+
+	if (p->ihl_bytes + sizeof(opt) > 60 || bpf_xdp_adjust_head(ctx, -(int)sizeof(opt)) < 0)
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + sizeof(opt) + sizeof(head) > data_end)
+		return -1;
+	__builtin_memcpy(head, data + sizeof(opt), sizeof(head));     /* Ethernet + base IPv4 header */
+	__builtin_memcpy(data, head, sizeof(head));
+	__builtin_memcpy(data + sizeof(head), &opt, sizeof(opt));
+	ip = data + ETH_HLEN;
+	__builtin_memcpy(&old_w, ip, sizeof(old_w));
+	ip->ihl += sizeof(opt) / 4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + sizeof(opt));
+	__builtin_memcpy(&new_w, ip, sizeof(new_w));
+	__builtin_memcpy(opt_w, &opt, sizeof(opt_w));
+	diff = csum_add32(0, ~old_w);
+	diff = csum_add32(diff, new_w);
+	diff = csum_add32(diff, opt_w[0]);
+	diff = csum_add32(diff, opt_w[1]);
+	ip->check = csum_apply(ip->check, diff);
+	p->ihl_bytes += sizeof(opt);
+	p->l4_off += sizeof(opt);
+	p->csum_off += sizeof(opt);
+	p->tot_len += sizeof(opt);
+	stat_inc(STAT_DSR_OPT_INSERTED);
+	return 0;
+}
+
+/* TTL, MACs, and out: back out of the device it came in on (XDP_TX) or to another one. */
+static __always_inline int xdp_transmit(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 check;
+
+	if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+		return XDP_DROP;
+	ip->ttl--;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	stat_inc(STAT_XDP_TX);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+static __always_inline int xdp_to_tc(void)
+{
+	stat_inc(STAT_XDP_TO_TC);
+	return XDP_PASS;
+}
+
+/* The reply of a flow this node SNAT'd: back to the frontend -> client, and out. -1: not one. */
+static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, const struct lb_config *cfg)
+{
+	struct bpf_fib_lookup fib;
+	struct ct_entry *rev;
+	__u16 dport = bpf_ntohs(p->t.dport);
+
+	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
+		return -1;
+	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
+	if (!rev || !(rev->flags & CT_F_SNAT))
+		return -1;
+	if (xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return xdp_to_tc();
+	ct_touch(rev, p, bpf_ktime_get_ns());
+	if (xdp_rewrite(ctx, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0)
+		return XDP_DROP;
+	stat_inc(STAT_REPLY_SNAT);
+	return xdp_transmit(ctx, &fib);
+}
+
+/* A packet of a flow to a remote backend: route first (nothing changed yet, so tc can take over),
+ * then SNAT or DNAT + DSR option, then out. */
+static __always_inline int xdp_forward(struct xdp_md *ctx, struct pkt *p, const struct ct_entry *e)
+{
+	struct bpf_fib_lookup fib;
+	__be32 saddr = p->t.saddr;
+	__be16 sport = p->t.sport;
+	int opt = (e->flags & CT_F_DSR) && dsr_needs_opt(p);
+	int rc;
+
+	if (e->flags & CT_F_SNAT) {
+		saddr = e->nat_addr;
+		sport = e->nat_port;
+	}
+	rc = xdp_fib(ctx, &fib, saddr, e->backend_addr, p->t.proto,
+		     opt ? p->tot_len + sizeof(struct dsr_opt_v4) : 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return xdp_to_tc();   /* unresolved neighbour, MTU (ICMP from tc), not forwardable */
+	if (xdp_rewrite(ctx, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
+	    (opt && xdp_insert_dsr_opt(ctx, p, e->fe_addr, e->fe_port) < 0)) {
+		stat_inc(STAT_DROP_ERROR);
+		return XDP_DROP;
+	}
+	return xdp_transmit(ctx, &fib);
+}
+
+static __always_inline int xdp_lb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct lb_config *cfg = config_get();
+	struct ct_entry *e, fresh = {};
+	struct lb_svc_val *svc;
+	struct lb_backend *be;
+	struct pkt p = {};
+	__u32 be_id = 0;
+	__u64 now;
+	int rc;
+
+	if (!cfg || cfg->tunnel_mode != TUNNEL_DISABLED)
+		return XDP_PASS;
+	if (parse_frame(data, data_end, bpf_xdp_get_buff_len(ctx), &p) != PARSE_OK)
+		return XDP_PASS;
+	rc = xdp_snat_reply(ctx, &p, cfg);
+	if (rc >= 0)
+		return rc;
+	if (p.ihl_bytes > sizeof(struct iphdr))
+		return XDP_PASS;              /* IP options: DSR requests for this node's pods, and rarities */
+	svc = lb_lookup_service(&p);
+	if (!svc)
+		return XDP_PASS;
+	now = bpf_ktime_get_ns();
+	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
+	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
+		if (e->flags & CT_F_LOCAL)
+			return xdp_to_tc();
+		ct_touch(e, &p, now);
+		stat_inc(STAT_FWD_ESTABLISHED);
+		return xdp_forward(ctx, &p, e);
+	}
+	if (svc->count == 0)
+		return xdp_to_tc();           /* reject or drop: tc answers */
+	be = lb_select_backend(&p, svc, &be_id);
+	if (!be || (be->flags & LB_BE_F_LOCAL))
+		return xdp_to_tc();           /* tc selects again; nothing was recorded */
+	if (np_new_flow(&p, cfg, svc, be_id, be, &fresh, now))
+		return XDP_DROP;
+	stat_inc(STAT_NEW_FLOW);
+	return xdp_forward(ctx, &p, &fresh);
+}
+
+#endif

@@ -1,0 +1,225 @@
+"""The agent's Kubernetes source against the emulated API: list+watch of Services, EndpointSlices, Nodes and
+the agent ConfigMap; an API outage keeps the last objects (never an empty view), then a resync. The
+privileged tests run the real agent (BPF maps in the kernel, tc on a scratch namespace's eth0) on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpflb.agent import Agent, AgentOptions
+from bpflb.control.apiserver import EmulatedAPI
+from bpflb.control.kubeapi import Credentials, KubeClient
+from bpflb.control.report import NodeReporter, agent_report
+from bpflb.datapath.libbpf import ffi
+from bpflb.datapath.netns import entered
+from bpflb.datapath.scratch import NODE1, scratch_node
+from bpflb.inspect import collect
+from bpflb.sources.kube import KubeSource
+from tests.control.conftest import wait_for
+
+SVC = "/api/v1/namespaces/default/services"
+EPS = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+
+
+def node(name: str = "node1", ip: str = NODE1) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+def service(name: str, node_port: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "NodePort", "selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": node_port}]}}
+
+
+def endpoint_slice(service_name: str, *ips: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service_name}-abc", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node2"} for ip in ips]}
+
+
+def config(mode: str = "SNAT", **extra: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bpflb-agent", "namespace": "kube-system"},
+            "data": {"bpfLBMode": mode, **extra}}
+
+
+@pytest.fixture
+def source(api: EmulatedAPI, client: KubeClient) -> Iterator[KubeSource]:
+    src = KubeSource(KubeClient(Credentials(server=api.url)), "node1", backoff_first=0.05, backoff_max=0.2)
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def test_the_first_snapshot_waits_for_every_list_and_then_holds_everything(
+        client: KubeClient, source: KubeSource) -> None:
+    client.create("/api/v1/nodes", node())
+    client.create("/api/v1/nodes", node("node2", "198.18.0.12"))
+    client.create(SVC, service("echo", 30080))
+    client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
+    client.create("/api/v1/namespaces/kube-system/configmaps", config("DSR"))
+    client.create("/api/v1/namespaces/kube-system/configmaps",
+                  {"metadata": {"name": "unrelated", "namespace": "kube-system"}, "data": {"bpfLBMode": "x"}})
+    snap = source.snapshot()
+    assert [s["metadata"]["name"] for s in snap.services] == ["echo"]
+    assert [s["metadata"]["name"] for s in snap.endpointslices] == ["echo-abc"]
+    assert sorted(n["metadata"]["name"] for n in snap.nodes) == ["node1", "node2"]
+    assert snap.config == {"bpfLBMode": "DSR"}
+    assert source.last_config == {"bpfLBMode": "DSR"}
+
+
+def test_watch_events_are_followed(client: KubeClient, source: KubeSource) -> None:
+    client.create("/api/v1/nodes", node())
+    source.snapshot()
+    client.create(SVC, service("echo", 30080))
+    assert source.wait_for_change(5)
+    assert [s["metadata"]["name"] for s in source.snapshot().services] == ["echo"]
+    client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30081}]}})
+    assert source.wait_for_change(5)
+    assert source.snapshot().services[0]["spec"]["ports"][0]["nodePort"] == 30081
+    client.delete(f"{SVC}/echo")
+    assert source.wait_for_change(5)
+    assert source.snapshot().services == []
+    # A Node heartbeat (status other than addresses) is not a change for the datapath.
+    client.merge_patch("/api/v1/nodes/node1", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    assert not source.wait_for_change(0.5)
+
+
+def test_an_outage_keeps_the_objects_and_a_reconnect_resyncs(
+        api: EmulatedAPI, client: KubeClient, source: KubeSource) -> None:
+    client.create("/api/v1/nodes", node())
+    client.create(SVC, service("echo", 30080))
+    assert len(source.snapshot().services) == 1
+    api.stop()
+    wait_for("the outage noticed", lambda: not source.connected)
+    time.sleep(0.5)                       # several failed retries
+    assert any("cannot reach" in e for e in source.errors())
+    snap = source.snapshot()              # the last objects, not an empty view
+    assert [s["metadata"]["name"] for s in snap.services] == ["echo"]
+    assert [n["metadata"]["name"] for n in snap.nodes] == ["node1"]
+
+    # Changes made while the watchers were away arrive with the re-list.
+    api.emulator.preload("v1", "services", [service("late", 30090)])   # no client connected now
+    api.start()
+    wait_for("the resync", lambda: {s["metadata"]["name"] for s in source.snapshot().services} == {"echo", "late"})
+    wait_for("connected again", lambda: source.connected)
+
+
+def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source: KubeSource) -> None:
+    api.stop()
+    threading.Timer(0.3, source.close).start()
+    with pytest.raises(RuntimeError, match="closed before every resource was listed"):
+        source.snapshot()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real agent on the API
+
+
+@pytest.fixture
+def pin_root() -> Iterator[Path]:
+    bpffs = Path("/sys/fs/bpf")
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1:3] == [str(bpffs), "bpf"] for line in f)
+    if not mounted:
+        os.system("mount -t bpf bpf /sys/fs/bpf")
+    root = bpffs / f"bpflb-kt-{uuid.uuid4().hex[:8]}"
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def frontends(pin_root: Path) -> dict[str, list[str]]:
+    try:
+        return {f["frontend"]: f["backends"] for f in collect(pin_root)["frontends"]}
+    except Exception:  # noqa: BLE001 - maps not there (yet or any more)
+        return {}
+
+
+@pytest.mark.privileged
+def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
+        api: EmulatedAPI, client: KubeClient, pin_root: Path) -> None:
+    client.create("/api/v1/nodes", node())
+    client.create("/api/v1/namespaces/kube-system/configmaps", config("SNAT", configGeneration="g1"))
+    client.create(SVC, service("echo", 30080))
+    client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
+    agent_client = KubeClient(Credentials(server=api.url))
+    source = KubeSource(agent_client, "node1", backoff_first=0.05, backoff_max=0.2)
+    source.start()                        # watchers in this (root) namespace, where the API listens
+    ffi()                                 # the binding is built once, before two threads may use it
+    reporter = NodeReporter(agent_client, "node1")
+    reporter.start()
+    with scratch_node("bpflb-kt") as sn:
+        agent = Agent(AgentOptions(node_name="node1", pin_root=pin_root, device="eth0"), source,
+                      on_sync=lambda a, r: reporter.update(agent_report(a, source, r)))
+
+        def run() -> None:
+            with entered(sn.ns):
+                agent.run()
+
+        worker = threading.Thread(target=run, name="agent")
+        worker.start()
+        try:
+            fe = f"{NODE1}:30080/TCP"
+            wait_for("the frontend", lambda: frontends(pin_root).get(fe) == ["10.244.2.10:8080"])
+            report = wait_for("the node report", lambda: (c := client.get(
+                "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")) and
+                c["data"].get("state") == "Ready" and c["data"])
+            assert report["bpfLBMode"] == "SNAT" and report["configGeneration"] == "g1"
+            assert report["frontends"] == "1"
+
+            # EndpointSlice changed -> backends follow; Service changed -> frontend follows; deleted -> gone.
+            client.merge_patch(f"{EPS}/echo-abc", endpoint_slice("echo", "10.244.2.10", "10.244.3.10"))
+            wait_for("two backends", lambda: sorted(frontends(pin_root).get(fe) or []) ==
+                     ["10.244.2.10:8080", "10.244.3.10:8080"])
+            client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                                                    "nodePort": 30081}]}})
+            wait_for("the new nodePort", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
+            client.create(SVC, service("other", 30082))
+            wait_for("a second Service", lambda: f"{NODE1}:30082/TCP" in frontends(pin_root))
+            client.delete(f"{SVC}/other")
+            wait_for("the Service removed", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
+
+            # The API goes away for a while: the datapath stays exactly as programmed.
+            before = frontends(pin_root)
+            api.stop()
+            time.sleep(1.5)
+            assert frontends(pin_root) == before
+            assert not source.connected
+            # ... changes made meanwhile are picked up by the resync once it is back.
+            api.emulator.preload("discovery.k8s.io/v1", "endpointslices",
+                                 [endpoint_slice("echo", "10.244.3.10")])
+            api.start()
+            wait_for("the resync", lambda: frontends(pin_root).get(f"{NODE1}:30081/TCP") == ["10.244.3.10:8080"])
+
+            # The uninstall instruction: programs detached, pinned maps removed, reported; then back.
+            client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
+                               {"data": {"uninstall": "true"}})
+            wait_for("the pins removed", lambda: not pin_root.exists())
+            tc = os.popen(f"ip netns exec {sn.ns} tc filter show dev eth0 ingress").read()
+            assert "lb_ingress" not in tc
+            wait_for("the Uninstalled report", lambda: client.get(
+                "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")["data"]["state"] == "Uninstalled")
+            client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
+                               {"data": {"uninstall": "false"}})
+            wait_for("the datapath back", lambda: f"{NODE1}:30081/TCP" in frontends(pin_root))
+        finally:
+            agent.stop()
+            source.close()
+            worker.join(10)
+            reporter.close()
+            assert not worker.is_alive()
