@@ -51,3 +51,27 @@ def test_every_shared_struct_matches_the_compiled_object() -> None:
         assert ffi().sizeof(f"struct {name}") == size, name
         for member, off in offsets.items():
             assert ffi().offsetof(f"struct {name}", member) == off, f"{name}.{member}"
+
+
+def test_the_packed_encoders_match_the_structs() -> None:
+    """LBMaps packs its hottest entries with struct layouts; they must equal cffi's (hence BTF's) layout."""
+    from ipaddress import IPv4Address
+
+    from bpflb.datapath.lbmaps import BACKEND, SVC_KEY, SVC_VAL, svc_key
+    from bpflb.model.types import L4Addr, Proto
+
+    f = ffi()
+    for name, st in (("lb_svc_key", SVC_KEY), ("lb_svc_val", SVC_VAL), ("lb_backend", BACKEND)):
+        assert st.size == f.sizeof(f"struct {name}"), name
+    l4 = L4Addr(IPv4Address("198.18.0.11"), 30080, Proto.UDP)
+    want = f.new("struct lb_svc_key *", {"addr": int.from_bytes(l4.addr.packed, "little"),
+                                        "port": int.from_bytes((30080).to_bytes(2, "big"), "little"),
+                                        "slot": 513, "proto": 17})
+    assert svc_key(l4, 513) == bytes(f.buffer(want))
+    val = f.new("struct lb_svc_val *", {"id": 0x01020304, "count": 0x0506, "flags": 0x0708,
+                                       "affinity_timeout": 0x090A0B0C, "algorithm": 1})
+    assert SVC_VAL.pack(0x01020304, 0x0506, 0x0708, 0x090A0B0C, 1) == bytes(f.buffer(val))
+    be = f.new("struct lb_backend *", {"addr": int.from_bytes(bytes([10, 244, 2, 10]), "little"),
+                                      "port": int.from_bytes((8080).to_bytes(2, "big"), "little"),
+                                      "proto": 6, "flags": 1})
+    assert BACKEND.pack(bytes([10, 244, 2, 10]), (8080).to_bytes(2, "big"), 6, 1) == bytes(f.buffer(be))

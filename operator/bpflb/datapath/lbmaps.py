@@ -10,6 +10,7 @@ lb_affinity_members."""
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -86,10 +87,17 @@ def _from_be16(value: int) -> int:
     return int.from_bytes(value.to_bytes(2, "little"), "big")
 
 
+# The three structs written by the hundred thousand, packed with precompiled layouts rather than a cffi
+# allocation each (the agent's full-sync hot path).  tests/bpf/test_layout.py holds them to cffi's view
+# of lb_structs.h, which the same test holds to the compiled object's BTF.  Addresses and ports go in
+# network order, the rest in host order, exactly as the C structs lay them out.
+SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot, proto, pad
+SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
+BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
+
+
 def svc_key(l4: L4Addr, slot: int) -> bytes:
-    key = ffi().new("struct lb_svc_key *", {"addr": _be32(l4.addr), "port": _be16(l4.port),
-                                             "slot": slot, "proto": int(l4.proto)})
-    return bytes(ffi().buffer(key))
+    return SVC_KEY.pack(l4.addr.packed, l4.port.to_bytes(2, "big"), slot, int(l4.proto))
 
 
 def _u32(value: int) -> bytes:
@@ -232,14 +240,12 @@ class LBMaps:
             flags |= const("LB_SVC_F_LOCAL")
         if fe.no_endpoints:
             flags |= const("LB_SVC_F_NO_ENDPOINTS")
-        new = ffi().new
+        addr, port, proto = fe.l4.addr.packed, fe.l4.port.to_bytes(2, "big"), int(fe.l4.proto)
+        key, val = SVC_KEY.pack, SVC_VAL.pack
         for slot, be in enumerate(fe.backends, start=1):
-            val = new("struct lb_svc_val *", {"id": self._backend_id(be.l4)})
-            out[svc_key(fe.l4, slot)] = bytes(ffi().buffer(val))
-        master = new("struct lb_svc_val *", {
-            "id": self._service_id(fe.l4), "count": len(fe.backends), "flags": flags,
-            "affinity_timeout": fe.affinity_timeout, "algorithm": int(fe.algorithm)})
-        out[svc_key(fe.l4, 0)] = bytes(ffi().buffer(master))
+            out[key(addr, port, slot, proto)] = val(self._backend_id(be.l4), 0, 0, 0, 0)
+        out[key(addr, port, 0, proto)] = val(self._service_id(fe.l4), len(fe.backends), flags,
+                                             fe.affinity_timeout, int(fe.algorithm))
 
     def _backend_entries(self, state: DesiredState) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
@@ -247,10 +253,8 @@ class LBMaps:
         for fe in state.frontends.values():
             for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
                 bid = self._backend_id(be.l4)
-                val = ffi().new("struct lb_backend *", {
-                    "addr": _be32(be.l4.addr), "port": _be16(be.l4.port), "proto": int(be.l4.proto),
-                    "flags": local_flag if be.local else 0})
-                out[_u32(bid)] = bytes(ffi().buffer(val))
+                out[_u32(bid)] = BACKEND.pack(be.l4.addr.packed, be.l4.port.to_bytes(2, "big"), int(be.l4.proto),
+                                              local_flag if be.local else 0)
         return out
 
     def _selection_entries(self, state: DesiredState, report: SyncReport

@@ -149,13 +149,23 @@ def _header_for_cffi(text: str) -> str:
 
 
 _FFI_LOCK = threading.Lock()
+_FFI: Any = None
 
 
 def ffi() -> Any:
     """The FFI holding libbpf's declarations and the shared structs (typed Any: cdata fields are dynamic).
-    Built once, under a lock: two FFI instances must never meet."""
+    Built once, under a lock (two FFI instances must never meet); afterwards a plain read."""
+    if _FFI is not None:
+        return _FFI
+    return _build_ffi()
+
+
+def _build_ffi() -> Any:
+    global _FFI
     with _FFI_LOCK:
-        return _ffi()
+        if _FFI is None:
+            _FFI = _ffi()
+        return _FFI
 
 
 @cache

@@ -57,6 +57,16 @@ class L4Addr:
     port: int
     proto: Proto
 
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Hashed by the hundred thousand on every sync, and IPv4Address's own hash goes through hex():
+        # computed once per address.
+        object.__setattr__(self, "_hash", hash((int(self.addr), self.port, int(self.proto))))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def __str__(self) -> str:
         return f"{self.addr}:{self.port}/{self.proto.name}"
 
