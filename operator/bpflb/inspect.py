@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from bpflb.datapath.lbmaps import read_stats
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib
@@ -54,7 +54,7 @@ class PinnedMaps:
         for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd):
             m.close()
 
-    def __enter__(self) -> PinnedMaps:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
