@@ -7,10 +7,13 @@
 #include "parse.h"
 
 #define CT_REFRESH_NS NSEC_PER_SEC   /* write last_seen at most once a second per entry */
+#define CT_RESET_LIFETIME_NS NSEC_PER_SEC   /* an RST-closed flow: a second for packets in flight */
 
 /* Lifetime of an entry in nanoseconds, by protocol and state. */
 static __always_inline __u64 ct_lifetime(const struct ct_entry *e, __u8 proto, const struct lb_config *cfg)
 {
+	if (e->flags & CT_F_RESET)
+		return CT_RESET_LIFETIME_NS;
 	if (e->flags & CT_F_CLOSING)
 		return (__u64)cfg->closing_timeout * NSEC_PER_SEC;
 	if (proto == IPPROTO_TCP)
@@ -29,16 +32,24 @@ static __always_inline int ct_usable(const struct ct_entry *e, const struct pkt 
 	return 1;
 }
 
-/* Record that a packet used the entry: refresh its timestamp, note FIN/RST. */
-static __always_inline void ct_touch(struct ct_entry *e, const struct pkt *p, __u64 now)
+/* The end of a flow, seen in one direction: mark the entry closing (FIN) or reset (RST). */
+static __always_inline void ct_close(struct ct_entry *e, __u8 tcp_flags, __u64 now)
+{
+	e->flags |= CT_F_CLOSING | ((tcp_flags & TCPF_RST) ? CT_F_RESET : 0);
+	e->last_seen = now;
+}
+
+/* Record that a packet used the entry: refresh its timestamp, note FIN/RST.  True when the packet
+ * ended the flow, so the caller closes the other direction's entry too (ct_close_peer). */
+static __always_inline int ct_touch(struct ct_entry *e, const struct pkt *p, __u64 now)
 {
 	if (p->tcp_flags & (TCPF_FIN | TCPF_RST)) {
-		if (!(e->flags & CT_F_CLOSING))
-			e->flags |= CT_F_CLOSING;
-		e->last_seen = now;
-	} else if (now - e->last_seen > CT_REFRESH_NS) {
-		e->last_seen = now;
+		ct_close(e, p->tcp_flags, now);
+		return 1;
 	}
+	if (now - e->last_seen > CT_REFRESH_NS)
+		e->last_seen = now;
+	return 0;
 }
 
 /* The reverse-direction key of a flow whose reply travels backend -> (nat or client). */
@@ -51,6 +62,30 @@ static __always_inline void ct_reply_tuple(struct ct_tuple *r, __be32 be_addr, _
 	r->dport = peer_port;
 	r->proto = proto;
 	r->pad[0] = r->pad[1] = r->pad[2] = 0;
+}
+
+/* A flow ended in the direction of entry e (forward: is_fwd): close the other direction's entry
+ * as well, so an SNAT port is free again once the flow is over, whichever side ended it. */
+static __always_inline void ct_close_peer(const struct ct_entry *e, int is_fwd, __u8 proto, __u8 tcp_flags,
+					  __u64 now)
+{
+	struct ct_tuple key;
+	struct ct_entry *peer;
+
+	if (is_fwd) {
+		if (e->flags & CT_F_SNAT)
+			ct_reply_tuple(&key, e->backend_addr, e->backend_port, e->nat_addr, e->nat_port, proto);
+		else if (e->flags & CT_F_LOCAL)
+			ct_reply_tuple(&key, e->backend_addr, e->backend_port, e->client_addr, e->client_port, proto);
+		else
+			return;   /* DSR: the reply state lives on the backend's node */
+		peer = bpf_map_lookup_elem(&ct_rev, &key);
+	} else {
+		ct_reply_tuple(&key, e->client_addr, e->client_port, e->fe_addr, e->fe_port, proto);
+		peer = bpf_map_lookup_elem(&ct_fwd, &key);
+	}
+	if (peer)
+		ct_close(peer, tcp_flags, now);
 }
 
 #endif

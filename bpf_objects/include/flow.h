@@ -52,14 +52,21 @@ static __always_inline int np_new_flow(struct pkt *p, const struct lb_config *cf
 			return TC_ACT_SHOT;
 		for (i = 0; i < NAT_PORT_TRIES; i++) {
 			__be16 port = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % span));
+			struct ct_entry *old;
 
 			ct_reply_tuple(&rkey, be->addr, be->port, cfg->snat_addr, port, p->t.proto);
 			rev.nat_port = port;
-			if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_NOEXIST) == 0) {
-				e->nat_port = port;
+			if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_NOEXIST) == 0)
 				break;
-			}
+			/* Taken: by a live flow, or by one that ended (closed or idle past its lifetime),
+			 * whose port is free again. */
+			old = bpf_map_lookup_elem(&ct_rev, &rkey);
+			if (old && now - old->last_seen > ct_lifetime(old, p->t.proto, cfg) &&
+			    bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_EXIST) == 0)
+				break;
 		}
+		if (i < NAT_PORT_TRIES)
+			e->nat_port = rev.nat_port;
 		if (i == NAT_PORT_TRIES) {
 			stat_inc(STAT_DROP_NAT_EXHAUSTED);
 			return TC_ACT_SHOT;

@@ -37,7 +37,7 @@
 #define CT_F_LOCAL 2
 #define CT_F_DSR 4
 #define CT_F_CLOSING 8
-#define CT_F_SEEN_REPLY 16
+#define CT_F_RESET 16         /* closed by RST: no TIME_WAIT on either side, reusable at once */
 
 /* Statistic counters (index into the per-CPU lb_stats array). */
 #define STAT_PASS_NOT_SERVICE 0

@@ -21,13 +21,16 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 {
 	struct ct_entry *rev;
 	__u16 dport = bpf_ntohs(p->t.dport);
+	__u64 now;
 
 	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
 		return -1;
 	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
 	if (!rev || !(rev->flags & CT_F_SNAT))
 		return -1;
-	ct_touch(rev, p, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	if (ct_touch(rev, p, now))
+		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
@@ -138,7 +141,8 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
-		ct_touch(e, &p, now);
+		if (ct_touch(e, &p, now))
+			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return np_forward(skb, &p, e, cfg);
 	}
@@ -170,6 +174,7 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	struct lb_config *cfg = config_get();
 	struct pkt p = {};
 	struct ct_entry *rev;
+	__u64 now;
 	int rc;
 
 	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
@@ -185,7 +190,9 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	}
 	if (!(rev->flags & (CT_F_LOCAL | CT_F_DSR)))
 		return TC_ACT_OK;
-	ct_touch(rev, &p, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	if (ct_touch(rev, &p, now))
+		ct_close_peer(rev, 0, p.t.proto, p.tcp_flags, now);
 	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;

@@ -136,6 +136,7 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 	struct bpf_fib_lookup fib;
 	struct ct_entry *rev;
 	__u16 dport = bpf_ntohs(p->t.dport);
+	__u64 now;
 
 	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
 		return -1;
@@ -144,7 +145,9 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 		return -1;
 	if (xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return xdp_to_tc();
-	ct_touch(rev, p, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	if (ct_touch(rev, p, now))
+		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
 	if (xdp_rewrite(ctx, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0)
 		return XDP_DROP;
 	stat_inc(STAT_REPLY_SNAT);
@@ -207,7 +210,8 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		if (e->flags & CT_F_LOCAL)
 			return xdp_to_tc();
-		ct_touch(e, &p, now);
+		if (ct_touch(e, &p, now))
+			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return xdp_forward(ctx, &p, e);
 	}

@@ -231,3 +231,44 @@ def test_removed_backend_steers_flow_to_another(node: Node) -> None:
     node.program(state(fe(NODE1, 30080, (other,))))
     again = Ether(node.ingress(frame_in(TCP(sport=40009, dport=30080, flags="A"))).data)
     assert again[IP].dst == "10.244.2.11"
+
+
+def _one_port(node: Node, closing_timeout: int) -> None:
+    from bpflb.datapath.lbmaps import NodeConfig
+    from bpflb.model.types import Mode
+
+    node.maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=node.eth0,
+                                    nat_port_min=61000, nat_port_max=61000, closing_timeout=closing_timeout))
+    node.maps.sync(state(fe(NODE1, 30080, (REMOTE,))))
+
+
+def test_a_snat_port_is_free_again_once_its_flow_ends(node: Node) -> None:
+    _one_port(node, closing_timeout=0)
+    first = node.ingress(frame_in(TCP(sport=42000, dport=30080, flags="S")))
+    assert Ether(first.data)[TCP].sport == 61000
+    # The only port is taken by a live flow: a second flow to the same backend cannot have it.
+    assert node.ingress(frame_in(TCP(sport=42001, dport=30080, flags="S"))).retval == TC_ACT_SHOT
+    assert node.maps.stats()["drop_nat_exhausted"] == 1
+    # The client ends the first flow: both of its entries close, and the port can be reused.
+    node.ingress(frame_in(TCP(sport=42000, dport=30080, flags="FA")))
+    again = node.ingress(frame_in(TCP(sport=42001, dport=30080, flags="S")))
+    assert again.retval == TC_ACT_REDIRECT and Ether(again.data)[TCP].sport == 61000
+
+
+def test_a_reset_from_the_backend_closes_the_clients_entry_too(node: Node) -> None:
+    import time
+
+    from bpflb.datapath.libbpf import const
+
+    _one_port(node, closing_timeout=3600)
+    node.ingress(frame_in(TCP(sport=42002, dport=30080, flags="S")))
+    rst = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1) / \
+        TCP(sport=8080, dport=61000, flags="R")
+    node.ingress(bytes(rst))
+    [(_key, entry)] = node.maps.flows()
+    assert entry.flags & const("CT_F_CLOSING") and entry.flags & const("CT_F_RESET")
+    # A reset flow needs no TIME_WAIT: after a second its port serves a new flow (closing_timeout
+    # of an hour notwithstanding).
+    time.sleep(1.1)
+    again = node.ingress(frame_in(TCP(sport=42003, dport=30080, flags="S")))
+    assert again.retval == TC_ACT_REDIRECT and Ether(again.data)[TCP].sport == 61000
