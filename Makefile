@@ -1,6 +1,7 @@
 # Build, test and benchmark entry points of bpflb (BPF objects, Python environment, tests, lab demo).
 .DELETE_ON_ERROR:
 .PHONY: all bpf clean venv test test-unit test-bpf test-lab lint typecheck demo bench deps
+.PHONY: chart
 
 CLANG ?= clang
 ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
@@ -83,3 +84,7 @@ demo: venv bpf
 
 bench: venv bpf
 	$(Q)$(VENV)/bin/bpflb bench
+
+# The Helm chart, linted and packaged with Helm's own library into dist/ (the CRD link resolved).
+chart: venv
+	$(Q)$(PY) scripts/chart.py --out dist

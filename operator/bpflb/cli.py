@@ -43,9 +43,19 @@ def cmd_operator(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     options = OperatorOptions(kubeconfig=args.kubeconfig, namespace=args.namespace,
                               webhook_listen=args.webhook_listen, webhook_host=args.webhook_host,
-                              webhook_cadump=args.webhook_cadump, webhook_managed=args.webhook_managed)
+                              webhook_cadump=args.webhook_cadump, webhook_managed=args.webhook_managed,
+                              webhook_configuration=args.webhook_configuration,
+                              webhook_cert_dir=args.webhook_cert_dir, health_listen=args.health_listen)
     if args.image:
         options.image = args.image
+    if args.agent_pod_config:
+        from bpflb.control.manifests import AgentPod
+
+        try:
+            options.agent_pod = AgentPod.load(args.agent_pod_config)
+        except ValueError as exc:
+            print(f"bpflb operator: {exc}", file=sys.stderr)
+            return 2
     run(options)
     return 0
 
@@ -108,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--webhook-cadump", metavar="PATH", help="write the webhook's CA bundle there")
     op.add_argument("--webhook-managed", metavar="NAME",
                     help="keep a ValidatingWebhookConfiguration of this name pointing at the webhook")
+    op.add_argument("--webhook-configuration", metavar="NAME",
+                    help="publish the webhook's CA bundle into this (chart-made) ValidatingWebhookConfiguration")
+    op.add_argument("--webhook-cert-dir", metavar="DIR",
+                    help="serve the webhook with DIR/tls.crt and DIR/tls.key instead of a self-signed certificate")
+    op.add_argument("--health-listen", metavar="ADDR:PORT", help="serve the liveness probe (GET /healthz) there")
+    op.add_argument("--agent-pod-config", metavar="FILE",
+                    help="YAML: the agents' pod settings (resources, tolerations, nodeSelector, ...; the Helm chart's)")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
 

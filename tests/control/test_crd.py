@@ -102,3 +102,64 @@ def test_compatible_with_deckhouse() -> None:
     assert columns == {"Enabled": ".spec.enabled", "Version": ".status.version", "Mode": ".status.bpfLBMode",
                        "Tunnel": ".status.tunnelMode", "Ready Nodes": ".status.nodes.ready",
                        "Age": ".metadata.creationTimestamp", "Message": ".status.message"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kubectl: what `kubectl get mc` and `kubectl explain mc` show.
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    """The simple JSONPath of a printer column (.a.b.c), as kubectl evaluates it; None when absent."""
+    for key in path.lstrip(".").split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def test_kubectl_get_shows_mode_tunnel_ready_nodes_and_message() -> None:
+    """The printer columns read the status the operator really writes (compute_status)."""
+    import time
+
+    from bpflb.control.report import now_rfc3339
+    from bpflb.control.settings import agent_config_data, validate_spec
+    from bpflb.control.status import compute_status
+
+    mc = yaml.safe_load(SEED_EXAMPLE)
+    mc["spec"]["settings"] = {"bpfLBMode": "DSR", "tunnelMode": "VXLAN"}
+    mc["metadata"]["creationTimestamp"] = "2026-11-21T10:00:00Z"
+    applied = agent_config_data(validate_spec(mc["spec"]).settings)
+    reports = {n: {"node": n, "state": "Ready", "bpfLBMode": "DSR", "tunnelMode": "VXLAN",
+                   "configGeneration": applied["configGeneration"], "updated": now_rfc3339()}
+               for n in ("node1", "node2", "node3")}
+    mc["status"] = compute_status(mc["spec"], applied, ["node1", "node2", "node3"], reports, time.time())
+    [version] = crd()["spec"]["versions"]
+    row = {c["name"]: _json_path(mc, c["jsonPath"]) for c in version["additionalPrinterColumns"]}
+    assert row == {"Enabled": True, "Version": "1", "Mode": "DSR", "Tunnel": "VXLAN", "Ready Nodes": "3/3",
+                   "Age": "2026-11-21T10:00:00Z", "Message": "Ready: 3/3 nodes run DSR, tunnel VXLAN"}
+    types = {c["name"]: c["type"] for c in version["additionalPrinterColumns"]}
+    assert types["Enabled"] == "boolean" and types["Age"] == "date"
+
+
+def _undescribed(node: dict[str, Any], where: str) -> list[str]:
+    missing = [] if node.get("description", "").strip() else [where]
+    for name, child in (node.get("properties") or {}).items():
+        missing += _undescribed(child, f"{where}.{name}")
+    if isinstance(node.get("items"), dict):
+        missing += _undescribed(node["items"], f"{where}[]")
+    return missing
+
+
+def test_kubectl_explain_has_a_description_for_every_field() -> None:
+    assert _undescribed(schema(), "mc") == []
+
+
+def test_kubectl_explain_settings_names_every_cni_cilium_setting_and_its_choices() -> None:
+    from bpflb.control.settings import MAGLEV_TABLE_SIZES, SETTING_NAMES, _choices
+
+    text = schema()["properties"]["spec"]["properties"]["settings"]["description"]
+    for name in SETTING_NAMES:
+        assert name in text, name
+        for choice in _choices(name) or ():
+            assert choice in text, (name, choice)
+    assert " | ".join(str(s) for s in MAGLEV_TABLE_SIZES) in text

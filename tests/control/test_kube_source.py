@@ -82,18 +82,22 @@ def test_the_first_snapshot_waits_for_every_list_and_then_holds_everything(
 
 
 def test_watch_events_are_followed(client: KubeClient, source: KubeSource) -> None:
+    # Each step waits for its own event in the snapshot: a change signal can come from the step before
+    # (the Node's ADDED event may land after a snapshot), so "a change happened" is not "this change".
     client.create("/api/v1/nodes", node())
-    source.snapshot()
+    wait_for("the Node", lambda: source.snapshot().nodes)
     client.create(SVC, service("echo", 30080))
     assert source.wait_for_change(5)
-    assert [s["metadata"]["name"] for s in source.snapshot().services] == ["echo"]
+    wait_for("the Service", lambda: [s["metadata"]["name"] for s in source.snapshot().services] == ["echo"])
     client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30081}]}})
     assert source.wait_for_change(5)
-    assert source.snapshot().services[0]["spec"]["ports"][0]["nodePort"] == 30081
+    wait_for("the new nodePort", lambda: source.snapshot().services[0]["spec"]["ports"][0]["nodePort"] == 30081)
     client.delete(f"{SVC}/echo")
     assert source.wait_for_change(5)
-    assert source.snapshot().services == []
+    wait_for("the Service gone", lambda: source.snapshot().services == [])
     # A Node heartbeat (status other than addresses) is not a change for the datapath.
+    source.wait_for_change(0.2)
+    source.snapshot()
     client.merge_patch("/api/v1/nodes/node1", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert not source.wait_for_change(0.5)
 

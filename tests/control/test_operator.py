@@ -227,3 +227,67 @@ def test_other_module_configs_are_ignored(client: KubeClient,
     assert client.get(CM_PATH) is None and client.get(DS_PATH) is None
     mc = client.get(f"{MC_PATH}/prometheus") or {}
     assert "status" not in mc and not mc["metadata"].get("annotations")
+
+
+def test_the_agents_pod_settings_reach_the_daemonset_and_a_removed_node_label_goes(
+        client: KubeClient, start_operator: Callable[..., RunningOperator]) -> None:
+    """--agent-pod-config (the chart's values) shapes the DaemonSet; an operator restarted with other
+    settings (the chart's checksum restarts it) rolls them out, a nodeSelector key it no longer has included."""
+    from bpflb.control.manifests import AgentPod
+
+    add_nodes(client)
+    client.create(MC_PATH, module_config("SNAT"))
+    first = start_operator(agent_pod=AgentPod(nodeSelector={"kubernetes.io/os": "linux", "edge": "true"},
+                                              tolerations=[], priorityClassName="", imagePullSecrets=("regcred",)))
+    ds = wait_for("the DaemonSet", lambda: client.get(DS_PATH))
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "edge": "true"}
+    assert "tolerations" not in spec and "priorityClassName" not in spec
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    first.stop()
+    start_operator(agent_pod=AgentPod())
+    wait_for("the DaemonSet rolled to the new settings", lambda: (
+        (spec := client.get(DS_PATH)["spec"]["template"]["spec"])["nodeSelector"] == {"kubernetes.io/os": "linux"}
+        and spec["tolerations"] == [{"operator": "Exists"}] and "imagePullSecrets" not in spec
+        and spec["priorityClassName"] == "system-node-critical"))
+
+
+def test_a_report_under_another_nodes_name_is_ignored(
+        client: KubeClient, start_operator: Callable[..., RunningOperator]) -> None:
+    """data.node must match the ConfigMap's name (the chart's admission policy enforces it; the operator
+    checks it too): a report claiming node2 from bpflb-node-node1 does not make node2 ready."""
+    add_nodes(client, ("node1", "node2"))
+    client.create(MC_PATH, module_config("DSR"))
+    start_operator()
+    generation = wait_for("the ConfigMap", lambda: client.get(CM_PATH))["data"]["configGeneration"]
+    report(client, "node1", generation, "DSR")
+    body = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "bpflb-node-impostor", "namespace": "kube-system",
+                         "labels": {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "node-report"}},
+            "data": {"node": "node2", "state": "Ready", "bpfLBMode": "DSR", "tunnelMode": "Disabled",
+                     "configGeneration": generation, "updated": now_rfc3339()}}
+    client.create("/api/v1/namespaces/kube-system/configmaps", body)
+    wait_for("node1 counted", lambda: mc_status(client).get("nodes", {}).get("current") == 1)
+    time.sleep(1.5)
+    assert mc_status(client)["nodes"]["ready"] == "1/2"
+    report(client, "node2", generation, "DSR")
+    wait_for("both ready", lambda: mc_status(client).get("nodes", {}).get("ready") == "2/2")
+
+
+def test_the_liveness_endpoint_answers(start_operator: Callable[..., RunningOperator]) -> None:
+    """--health-listen: kopf's liveness endpoint, which the chart's livenessProbe GETs."""
+    import urllib.request
+
+    from tests.control.test_webhook import free_port
+
+    port = free_port()
+    start_operator(health_listen=f"127.0.0.1:{port}")
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    wait_for("GET /healthz to answer 200", answers)

@@ -208,11 +208,18 @@ class EmulatedAPI:
         if server is None:
             return
         raw = server.server
-        # Cut the live watch streams first: a graceful shutdown would wait for them forever.
+        # Stop accepting first, then cut the live connections (watch streams included): a graceful shutdown
+        # would wait for them. In the other order a client reconnecting in between (a watcher's retry)
+        # gets a fresh stream that the shutdown then waits for, up to aiohttp's 60 s.
         with contextlib.suppress(Exception):
-            if raw.runner is not None and raw.runner.server is not None:
-                for proto in list(raw.runner.server.connections):
-                    proto.force_close()
+            runner = raw.runner
+            if runner is not None:
+                for site in list(runner.sites):
+                    await site.stop()
+                await asyncio.sleep(0)          # connections accepted just before: let them register
+                if runner.server is not None:
+                    for proto in list(runner.server.connections):
+                        proto.force_close()
         await server.__aexit__(None, None, None)
 
     def close(self) -> None:

@@ -1,9 +1,15 @@
 """The objects the operator keeps in shape: the agents' ConfigMap and DaemonSet (kube-system/bpflb-agent),
-and the subset comparison that decides whether a live object still matches what the operator wants."""
+the agents' pod settings the Helm chart hands the operator (AgentPod, read from --agent-pod-config), and
+the subset comparison that decides whether a live object still matches what the operator wants."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bpflb.control.kubeapi import KubeObject
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
@@ -19,6 +25,74 @@ MANAGED = {"app.kubernetes.io/managed-by": "bpflb-operator"}
 CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
 
 
+@dataclass(frozen=True)
+class AgentPod:
+    """How the agents' pods are scheduled and sized: the Helm chart's agent values (image pull policy and
+    secrets, service account, resources, tolerations, nodeSelector, priorityClassName), which the chart
+    writes into the operator's ConfigMap and the operator reads with --agent-pod-config. The defaults are
+    what the operator uses without a chart."""
+
+    imagePullPolicy: str = "IfNotPresent"
+    imagePullSecrets: tuple[str, ...] = ()
+    serviceAccountName: str = "bpflb-agent"
+    priorityClassName: str = "system-node-critical"
+    resources: dict[str, Any] = field(default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}})
+    tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
+    nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str = "agent pod settings") -> AgentPod:
+        """Build from the chart's YAML; raise ValueError naming the key, what it must be and what it is."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: must be a mapping; got {type(data).__name__}")  # noqa: TRY004 - bad config
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {', '.join(unknown)}; known keys are "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        out: dict[str, Any] = {}
+
+        def expect(key: str, kind: type | tuple[type, ...], what: str) -> Any:
+            value = data[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{where}: {key}: must be {what}; got {value!r}")  # noqa: TRY004 - bad config
+            return value
+
+        for key in ("imagePullPolicy", "serviceAccountName", "priorityClassName"):
+            if key in data:
+                out[key] = expect(key, str, "a string")
+        if out.get("imagePullPolicy", "IfNotPresent") not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError(f"{where}: imagePullPolicy: must be one of Always, IfNotPresent, Never; "
+                             f"got {out['imagePullPolicy']!r}")
+        if "imagePullSecrets" in data:
+            secrets = expect("imagePullSecrets", list, "a list of Secret names")
+            names = [s.get("name") if isinstance(s, dict) else s for s in secrets]
+            if not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"{where}: imagePullSecrets: must be Secret names (or {{name: ...}}); got {secrets!r}")
+            out["imagePullSecrets"] = tuple(names)
+        if "resources" in data:
+            out["resources"] = copy.deepcopy(expect("resources", dict, "a mapping (requests, limits)"))
+        if "tolerations" in data:
+            tolerations = expect("tolerations", list, "a list of tolerations")
+            if not all(isinstance(t, dict) for t in tolerations):
+                raise ValueError(f"{where}: tolerations: every toleration must be a mapping; got {tolerations!r}")
+            out["tolerations"] = copy.deepcopy(tolerations)
+        if "nodeSelector" in data:
+            selector = expect("nodeSelector", dict, "a mapping of label to value")
+            out["nodeSelector"] = {str(k): str(v) for k, v in selector.items()}
+        return cls(**out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AgentPod:
+        """Read the chart's agent pod settings file (YAML)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read the agent pod settings {path}: {exc}") from None
+        return cls.from_mapping(data, where=str(path))
+
+
 def agent_configmap(data: dict[str, str]) -> KubeObject:
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -27,48 +101,99 @@ def agent_configmap(data: dict[str, str]) -> KubeObject:
     }
 
 
-def agent_daemonset(image: str = DEFAULT_IMAGE) -> KubeObject:
+def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> KubeObject:
     """The agents' DaemonSet. Its pod template carries nothing of the configuration: agents read the
     ConfigMap through the API, so a mode change reprograms them without restarting a pod."""
+    pod = pod or AgentPod()
+    spec: dict[str, Any] = {
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "serviceAccountName": pod.serviceAccountName,
+        "terminationGracePeriodSeconds": 10,
+        "containers": [{
+            "name": "agent",
+            "image": image,
+            "imagePullPolicy": pod.imagePullPolicy,
+            "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
+                        "--pin-root", PIN_ROOT],
+            "env": [{"name": "NODE_NAME",
+                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+            # Root with three capabilities, not privileged: the image's default user is unprivileged
+            # (the operator's), so the agent says it runs as uid 0.
+            "securityContext": {
+                "privileged": False,
+                "runAsUser": 0,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"], "add": list(CAPABILITIES)},
+            },
+            "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
+                              "mountPropagation": "HostToContainer"}],
+        }],
+        # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
+        # frontend and every open flow.
+        "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}],
+    }
+    # The optional fields appear only when set: the API server drops empty ones, and an empty value the
+    # live object cannot hold would read as drift forever. daemonset_drifted/daemonset_patch remove them.
+    optional: dict[str, Any] = {
+        "priorityClassName": pod.priorityClassName,
+        "tolerations": copy.deepcopy(pod.tolerations),
+        "nodeSelector": dict(pod.nodeSelector),
+        "imagePullSecrets": [{"name": name} for name in pod.imagePullSecrets],
+    }
+    spec.update({k: v for k, v in optional.items() if v})
+    if pod.resources:
+        spec["containers"][0]["resources"] = copy.deepcopy(pod.resources)
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": DAEMONSET_NAME, "namespace": NAMESPACE, "labels": {**SELECTOR, **MANAGED}},
         "spec": {
             "selector": {"matchLabels": dict(SELECTOR)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
-            "template": {
-                "metadata": {"labels": dict(SELECTOR)},
-                "spec": {
-                    "hostNetwork": True,
-                    "dnsPolicy": "ClusterFirstWithHostNet",
-                    "priorityClassName": "system-node-critical",
-                    "serviceAccountName": "bpflb-agent",
-                    "tolerations": [{"operator": "Exists"}],
-                    "terminationGracePeriodSeconds": 10,
-                    "containers": [{
-                        "name": "agent",
-                        "image": image,
-                        "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                                    "--pin-root", PIN_ROOT],
-                        "env": [{"name": "NODE_NAME",
-                                 "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
-                        "securityContext": {
-                            "privileged": False,
-                            "allowPrivilegeEscalation": False,
-                            "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"], "add": list(CAPABILITIES)},
-                        },
-                        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
-                                          "mountPropagation": "HostToContainer"}],
-                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
-                    }],
-                    # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
-                    # frontend and every open flow.
-                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}],
-                },
-            },
+            "template": {"metadata": {"labels": dict(SELECTOR)}, "spec": spec},
         },
     }
+
+
+# Pod-template fields the operator owns whole: when the wanted DaemonSet leaves one out, the live one must
+# not have it either.
+OWNED_POD_FIELDS = ("priorityClassName", "tolerations", "nodeSelector", "imagePullSecrets")
+
+
+def _pod_spec(ds: KubeObject) -> dict[str, Any]:
+    spec: dict[str, Any] = ((ds.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return spec
+
+
+def daemonset_drifted(live: KubeObject, wanted: KubeObject) -> bool:
+    """True when the live DaemonSet lacks something wanted, or holds an owned field (or nodeSelector key, or
+    container resources) that the wanted one no longer has."""
+    if not contains(live, wanted):
+        return True
+    live_pod, wanted_pod = _pod_spec(live), _pod_spec(wanted)
+    if any(live_pod.get(f) and f not in wanted_pod for f in OWNED_POD_FIELDS):
+        return True
+    if not set(live_pod.get("nodeSelector") or {}) <= set(wanted_pod.get("nodeSelector") or {}):
+        return True
+    live_containers = live_pod.get("containers") or []
+    return any(c.get("resources") and not w.get("resources")
+               for c, w in zip(live_containers, wanted_pod["containers"], strict=False))
+
+
+def daemonset_patch(live: KubeObject, wanted: KubeObject) -> KubeObject:
+    """The merge patch that puts a drifted DaemonSet back: labels and spec as wanted, owned fields the wanted
+    one leaves out set to null, and so are nodeSelector keys it no longer has (a merge patch replaces lists,
+    the containers included, whole, but merges mappings key by key)."""
+    spec = copy.deepcopy(wanted["spec"])
+    live_pod, pod = _pod_spec(live), spec["template"]["spec"]
+    for name in OWNED_POD_FIELDS:
+        if name not in pod and live_pod.get(name):
+            pod[name] = None
+    if pod.get("nodeSelector"):
+        pod["nodeSelector"] = {**{k: None for k in live_pod.get("nodeSelector") or {}
+                                  if k not in pod["nodeSelector"]}, **pod["nodeSelector"]}
+    return {"metadata": {"labels": wanted["metadata"]["labels"]}, "spec": spec}
 
 
 def contains(live: Any, wanted: Any) -> bool:

@@ -32,11 +32,14 @@ from bpflb.control.manifests import (
     DAEMONSET_NAME,
     DEFAULT_IMAGE,
     NAMESPACE,
+    AgentPod,
     agent_configmap,
     agent_daemonset,
     contains,
+    daemonset_drifted,
+    daemonset_patch,
 )
-from bpflb.control.report import LABELS, REPORT_NAMESPACE, UNINSTALLED
+from bpflb.control.report import LABELS, REPORT_NAMESPACE, UNINSTALLED, report_name
 from bpflb.control.settings import (
     CONFIG_GENERATION_KEY,
     GROUP,
@@ -50,7 +53,7 @@ from bpflb.control.settings import (
     validate_spec,
 )
 from bpflb.control.status import compute_status, same_status
-from bpflb.control.webhook import WebhookServer
+from bpflb.control.webhook import WebhookServer, publish_ca_bundle
 from bpflb.sources.base import AGENT_CONFIG_NAME
 
 log = logging.getLogger("bpflb.operator")
@@ -72,7 +75,11 @@ class OperatorOptions:
     webhook_listen: str | None = None        # "ADDR:PORT": serve the admission webhook there (HTTPS)
     webhook_host: str | None = None          # the host name/address the API server reaches it by
     webhook_cadump: str | None = None        # write the webhook's CA bundle there
-    webhook_managed: str | None = None       # name of the ValidatingWebhookConfiguration to keep in shape
+    webhook_managed: str | None = None       # kopf-managed ValidatingWebhookConfiguration (development)
+    webhook_configuration: str | None = None # chart-made ValidatingWebhookConfiguration: publish the CA there
+    webhook_cert_dir: str | None = None      # serve tls.crt/tls.key from there instead of a self-signed pair
+    health_listen: str | None = None         # "ADDR:PORT": kopf's liveness endpoint, GET /healthz
+    agent_pod: AgentPod | None = None        # the agents' pod settings (the chart's values); None: defaults
     uninstall_timeout: float = 120.0         # enabled: false: how long to wait for the agents' reports
     reassert_interval: float = 30.0          # how often drift of the ConfigMap/DaemonSet is looked for
 
@@ -123,8 +130,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     if options.webhook_listen:
         addr, _colon, port = options.webhook_listen.rpartition(":")
-        settings.admission.server = WebhookServer(addr=addr or None, port=int(port), host=options.webhook_host,
-                                                  cadump=options.webhook_cadump)
+        client, vwc = _state(memo).client, options.webhook_configuration
+        certdir = options.webhook_cert_dir
+        settings.admission.server = WebhookServer(
+            addr=addr or None, port=int(port), host=options.webhook_host, cadump=options.webhook_cadump,
+            certfile=f"{certdir}/tls.crt" if certdir else None, pkeyfile=f"{certdir}/tls.key" if certdir else None,
+            publish=(lambda cadata: publish_ca_bundle(client, vwc, cadata)) if vwc else None)
         if options.webhook_managed:
             settings.admission.managed = options.webhook_managed
 
@@ -147,7 +158,9 @@ def node_index(name: str, **_: Any) -> dict[str, bool]:
 def report_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, str]] | None:
     data = body.get("data") or {}
     node = data.get("node")
-    if namespace != REPORT_NAMESPACE or not isinstance(node, str):
+    # A report counts only under its own node's name (the agents' admission policy enforces the same).
+    if namespace != REPORT_NAMESPACE or not isinstance(node, str) or \
+            (body.get("metadata") or {}).get("name") != report_name(node):
         return None
     return {node: {str(k): str(v) for k, v in data.items()}}
 
@@ -238,14 +251,13 @@ def apply_module(state: State, spec: ModuleSpec, reports: Mapping[str, Mapping[s
 
     ds = client.get(DS_PATH)
     if spec.enabled:
-        wanted = agent_daemonset(options.image)
+        wanted = agent_daemonset(options.image, options.agent_pod)
         if ds is None:
             client.create(resource_path("apps/v1", "daemonsets", NAMESPACE), wanted)
             events.append(("Normal", "AgentsCreated", (f"created DaemonSet {NAMESPACE}/{DAEMONSET_NAME} "
                            f"(image {options.image})")))
-        elif not contains(ds, wanted):
-            client.merge_patch(DS_PATH, {"metadata": {"labels": wanted["metadata"]["labels"]},
-                                         "spec": wanted["spec"]})
+        elif daemonset_drifted(ds, wanted):
+            client.merge_patch(DS_PATH, daemonset_patch(ds, wanted))
             events.append(("Normal", "AgentsUpdated", (f"restored DaemonSet {NAMESPACE}/{DAEMONSET_NAME} to "
                            f"its expected spec (image {options.image})")))
     elif ds is not None:
@@ -388,9 +400,13 @@ def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = No
     log.info("operator: watching ModuleConfig %s (%s/%s) and namespace %s at %s%s", MODULE_NAME, GROUP,
              VERSION, options.namespace, client.creds.server,
              f"; admission webhook on {options.webhook_listen}" if options.webhook_listen else "")
+    liveness = None
+    if options.health_listen:
+        addr, _colon, port = options.health_listen.rpartition(":")
+        liveness = f"http://{addr or '0.0.0.0'}:{int(port)}/healthz"
     asyncio.run(kopf.operator(registry=make_registry(webhook=bool(options.webhook_listen)), standalone=True,
                               namespaces=[options.namespace], memo=memo, stop_flag=stop_flag,
-                              ready_flag=ready_flag))
+                              ready_flag=ready_flag, liveness_endpoint=liveness))
 
 
 __all__ = ["UNINSTALL_KEY", "WEBHOOK_ID", "OperatorOptions", "State", "apply_module", "make_registry", "run"]

@@ -14,6 +14,7 @@ from bpflb.control.settings import (
     SETTINGS_VERSIONS,
     UNINSTALL_KEY,
     Invalid,
+    agent_config_data,
     validate_spec,
 )
 
@@ -45,10 +46,13 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
     reports by node name; previous: the current status (keeps lastTransitionTime of unchanged conditions).
     """
     invalid: Invalid | None = None
+    wanted_generation: str | None = None
     try:
-        validate_spec(spec)
+        valid = validate_spec(spec)
     except Invalid as exc:
         invalid = exc
+    else:
+        wanted_generation = agent_config_data(valid.settings, uninstall=not valid.enabled)[CONFIG_GENERATION_KEY]
     applied = applied or {}
     generation_wanted = applied.get(CONFIG_GENERATION_KEY, "")
     enabled = applied.get(UNINSTALL_KEY, "false") != "true"
@@ -84,10 +88,19 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
             degraded.append(("ModeNotSupported", (f"{runs} instead of {mode_wanted}: the datapath of "
                              f"{'this node' if len(wrong_mode) == 1 else 'these nodes'} does not implement it")))
 
+    # A valid spec whose configuration is not the one in force yet: the operator has not reconciled it (the
+    # status loop can run between a spec change and its reconciliation). Never Ready on the old one then.
+    pending = bool(applied) and wanted_generation is not None and wanted_generation != generation_wanted
+
     conditions: list[Condition] = []
     if not applied:
         conditions += [Condition("Ready", False, "NotConfigured", "no valid configuration applied yet"),
                        Condition("Progressing", False, "NotConfigured", "nothing to roll out")]
+    elif pending:
+        text = (f"configuration {wanted_generation} from the current spec is not applied yet; "
+                f"{generation_wanted} is in force")
+        conditions += [Condition("Ready", False, "Reconciling", text),
+                       Condition("Progressing", True, "Reconciling", text)]
     elif not enabled:
         left = [n for n in nodes if n not in uninstalled]
         conditions += [Condition("Ready", False, "Disabled", "spec.enabled is false: agents removed"),
@@ -113,6 +126,8 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
         message = f"Degraded: {degraded[0][1]}"
     elif not applied:
         message = "waiting for a valid configuration"
+    elif pending:
+        message = f"Progressing: {conditions[1].message}"
     elif not enabled:
         message = "Disabled: " + next(c.message for c in conditions if c.type == "Progressing")
     elif conditions[0].status:
