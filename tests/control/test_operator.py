@@ -76,7 +76,7 @@ def test_module_config_creates_the_daemonset_and_the_agents_configuration(
     assert {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"} \
         in container["volumeMounts"]
     assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}} in pod["volumes"]
-    assert any("created DaemonSet kube-system/bpflb-agent" in e for e in events(client))
+    wait_for("the Event", lambda: any("created DaemonSet kube-system/bpflb-agent" in e for e in events(client)))
     # kopf's timers would have put a finalizer on the ModuleConfig; the status loop does not.
     assert not (client.get(f"{MC_PATH}/cni-cilium") or {})["metadata"].get("finalizers")
 

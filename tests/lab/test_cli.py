@@ -31,8 +31,11 @@ def test_register_adds_the_lab_tree() -> None:
 
 
 def test_invalid_option_exits_with_a_clear_message() -> None:
-    proc = cli("up", "--name", "bpflb-tnever", "--tunnel", "Geneve", "--no-agents")
-    assert proc.returncode != 0 and "Geneve" in proc.stderr and "VXLAN" in proc.stderr
+    try:
+        proc = cli("up", "--name", "bpflb-tnever", "--tunnel", "Geneve", "--no-agents")
+        assert proc.returncode != 0 and "Geneve" in proc.stderr and "VXLAN" in proc.stderr
+    finally:
+        Lab("bpflb-tnever").down()     # should a future change accept the option, nothing stays behind
 
 
 @pytest.mark.privileged
