@@ -64,6 +64,19 @@ static __always_inline void ct_reply_tuple(struct ct_tuple *r, __be32 be_addr, _
 	r->pad[0] = r->pad[1] = r->pad[2] = 0;
 }
 
+/* The reverse entry of a flow this node SNAT'd, when the packet is its reply (addressed to this
+ * node's SNAT address, in the NAT port range); NULL otherwise. */
+static __always_inline struct ct_entry *ct_snat_reply(const struct pkt *p, const struct lb_config *cfg)
+{
+	__u16 dport = bpf_ntohs(p->t.dport);
+	struct ct_entry *rev;
+
+	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
+		return NULL;
+	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
+	return rev && (rev->flags & CT_F_SNAT) ? rev : NULL;
+}
+
 /* A flow ended in the direction of entry e (forward: is_fwd): close the other direction's entry
  * as well, so an SNAT port is free again once the flow is over, whichever side ended it. */
 static __always_inline void ct_close_peer(const struct ct_entry *e, int is_fwd, __u8 proto, __u8 tcp_flags,

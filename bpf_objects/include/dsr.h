@@ -62,6 +62,30 @@ static __always_inline int dsr_needs_opt(const struct pkt *p)
 	return (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
 }
 
+/* Fix IHL, total length and the header checksum after the option was inserted (grow) or removed
+ * right after the base header, and move p's offsets with it.  The L4 header and its checksum are
+ * untouched: the pseudo-header's length does not change. */
+static __always_inline void dsr_opt_fixup(struct iphdr *ip, struct pkt *p, const struct dsr_opt_v4 *opt, int grow)
+{
+	__u32 old_w, new_w, diff, opt_w[2];
+	__s32 delta = grow ? (__s32)sizeof(*opt) : -(__s32)sizeof(*opt);
+
+	__builtin_memcpy(&old_w, ip, sizeof(old_w));          /* version/IHL, TOS, total length */
+	ip->ihl += delta / 4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + delta);
+	__builtin_memcpy(&new_w, ip, sizeof(new_w));
+	__builtin_memcpy(opt_w, opt, sizeof(opt_w));
+	diff = csum_add32(0, ~old_w);
+	diff = csum_add32(diff, new_w);
+	diff = csum_add32(diff, grow ? opt_w[0] : ~opt_w[0]);
+	diff = csum_add32(diff, grow ? opt_w[1] : ~opt_w[1]);
+	ip->check = csum_apply(ip->check, diff);
+	p->ihl_bytes += delta;
+	p->l4_off += delta;
+	p->csum_off += delta;
+	p->tot_len += delta;
+}
+
 /* Grow the IPv4 header by the option, right after the 20-byte base header, and fix IHL, total
  * length and the header checksum.  The L4 header and its checksum are untouched (the pseudo-header
  * length does not change).  Updates p's offsets; 0 on success. */
@@ -70,7 +94,6 @@ static __always_inline int dsr_insert_opt(struct __sk_buff *skb, struct pkt *p, 
 	struct dsr_opt_v4 opt = { .type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = fe_port, .addr = fe_addr };
 	void *data, *data_end;
 	struct iphdr *ip;
-	__u32 old_w, new_w, diff, opt_w[2];
 
 	if (p->ihl_bytes + sizeof(opt) > 60)
 		return -1;
@@ -83,20 +106,7 @@ static __always_inline int dsr_insert_opt(struct __sk_buff *skb, struct pkt *p, 
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return -1;
-	__builtin_memcpy(&old_w, ip, sizeof(old_w));          /* version/IHL, TOS, total length */
-	ip->ihl += sizeof(opt) / 4;
-	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + sizeof(opt));
-	__builtin_memcpy(&new_w, ip, sizeof(new_w));
-	__builtin_memcpy(opt_w, &opt, sizeof(opt_w));
-	diff = csum_add32(0, ~old_w);
-	diff = csum_add32(diff, new_w);
-	diff = csum_add32(diff, opt_w[0]);
-	diff = csum_add32(diff, opt_w[1]);
-	ip->check = csum_apply(ip->check, diff);
-	p->ihl_bytes += sizeof(opt);
-	p->l4_off += sizeof(opt);
-	p->csum_off += sizeof(opt);
-	p->tot_len += sizeof(opt);
+	dsr_opt_fixup(ip, p, &opt, 1);
 	stat_inc(STAT_DSR_OPT_INSERTED);
 	return 0;
 }
@@ -116,7 +126,6 @@ static __always_inline int dsr_strip_opt(struct __sk_buff *skb, struct pkt *p, c
 {
 	void *data, *data_end;
 	struct iphdr *ip;
-	__u32 old_w, new_w, diff, opt_w[2];
 
 	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(*opt), BPF_ADJ_ROOM_NET, 0) < 0)
 		return -1;
@@ -125,20 +134,7 @@ static __always_inline int dsr_strip_opt(struct __sk_buff *skb, struct pkt *p, c
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return -1;
-	__builtin_memcpy(&old_w, ip, sizeof(old_w));
-	ip->ihl -= sizeof(*opt) / 4;
-	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(*opt));
-	__builtin_memcpy(&new_w, ip, sizeof(new_w));
-	__builtin_memcpy(opt_w, opt, sizeof(opt_w));
-	diff = csum_add32(0, ~old_w);
-	diff = csum_add32(diff, new_w);
-	diff = csum_add32(diff, ~opt_w[0]);
-	diff = csum_add32(diff, ~opt_w[1]);
-	ip->check = csum_apply(ip->check, diff);
-	p->ihl_bytes -= sizeof(*opt);
-	p->l4_off -= sizeof(*opt);
-	p->csum_off -= sizeof(*opt);
-	p->tot_len -= sizeof(*opt);
+	dsr_opt_fixup(ip, p, opt, 0);
 	return 0;
 }
 

@@ -38,8 +38,8 @@ static __always_inline int l2_l3_forward_edit(struct __sk_buff *skb, const __u8 
 
 /* Route a packet like a router would; fills *fib.  tot_len 0 skips the MTU check (GSO packets
  * are segmented later); otherwise BPF_FIB_LKUP_RET_FRAG_NEEDED reports fib->mtu_result. */
-static __always_inline int fib_lookup_v4(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __be32 saddr,
-					 __be32 daddr, __u8 proto, __u16 tot_len)
+static __always_inline void fib_params(struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr, __u8 proto,
+				       __u16 tot_len, __u32 ifindex)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET;
@@ -47,7 +47,13 @@ static __always_inline int fib_lookup_v4(struct __sk_buff *skb, struct bpf_fib_l
 	fib->tot_len = tot_len;
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
-	fib->ifindex = skb->ingress_ifindex;
+	fib->ifindex = ifindex;
+}
+
+static __always_inline int fib_lookup_v4(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __be32 saddr,
+					 __be32 daddr, __u8 proto, __u16 tot_len)
+{
+	fib_params(fib, saddr, daddr, proto, tot_len, skb->ingress_ifindex);
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 

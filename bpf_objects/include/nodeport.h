@@ -19,14 +19,10 @@
  * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
 static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg)
 {
-	struct ct_entry *rev;
-	__u16 dport = bpf_ntohs(p->t.dport);
+	struct ct_entry *rev = ct_snat_reply(p, cfg);
 	__u64 now;
 
-	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
-		return -1;
-	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
-	if (!rev || !(rev->flags & CT_F_SNAT))
+	if (!rev)
 		return -1;
 	now = bpf_ktime_get_ns();
 	if (ct_touch(rev, p, now))

@@ -13,17 +13,13 @@
 #include "conntrack.h"
 #include "lb.h"
 #include "flow.h"
+#include "fib.h"
+#include "dsr.h"
 
 static __always_inline int xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr,
 				   __u8 proto, __u16 tot_len)
 {
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET;
-	fib->l4_protocol = proto;
-	fib->tot_len = tot_len;
-	fib->ipv4_src = saddr;
-	fib->ipv4_dst = daddr;
-	fib->ifindex = ctx->ingress_ifindex;
+	fib_params(fib, saddr, daddr, proto, tot_len, ctx->ingress_ifindex);
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
@@ -69,9 +65,7 @@ static __always_inline int xdp_insert_dsr_opt(struct xdp_md *ctx, struct pkt *p,
 {
 	struct dsr_opt_v4 opt = { .type = DSR_OPT_TYPE, .len = DSR_OPT_LEN, .port = fe_port, .addr = fe_addr };
 	__u8 head[ETH_HLEN + sizeof(struct iphdr)];
-	__u32 old_w, new_w, diff, opt_w[2];
 	void *data, *data_end;
-	struct iphdr *ip;
 
 	if (p->ihl_bytes + sizeof(opt) > 60 || bpf_xdp_adjust_head(ctx, -(int)sizeof(opt)) < 0)
 		return -1;
@@ -82,21 +76,7 @@ static __always_inline int xdp_insert_dsr_opt(struct xdp_md *ctx, struct pkt *p,
 	__builtin_memcpy(head, data + sizeof(opt), sizeof(head));     /* Ethernet + base IPv4 header */
 	__builtin_memcpy(data, head, sizeof(head));
 	__builtin_memcpy(data + sizeof(head), &opt, sizeof(opt));
-	ip = data + ETH_HLEN;
-	__builtin_memcpy(&old_w, ip, sizeof(old_w));
-	ip->ihl += sizeof(opt) / 4;
-	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + sizeof(opt));
-	__builtin_memcpy(&new_w, ip, sizeof(new_w));
-	__builtin_memcpy(opt_w, &opt, sizeof(opt_w));
-	diff = csum_add32(0, ~old_w);
-	diff = csum_add32(diff, new_w);
-	diff = csum_add32(diff, opt_w[0]);
-	diff = csum_add32(diff, opt_w[1]);
-	ip->check = csum_apply(ip->check, diff);
-	p->ihl_bytes += sizeof(opt);
-	p->l4_off += sizeof(opt);
-	p->csum_off += sizeof(opt);
-	p->tot_len += sizeof(opt);
+	dsr_opt_fixup(data + ETH_HLEN, p, &opt, 1);
 	stat_inc(STAT_DSR_OPT_INSERTED);
 	return 0;
 }
@@ -134,14 +114,10 @@ static __always_inline int xdp_to_tc(void)
 static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, const struct lb_config *cfg)
 {
 	struct bpf_fib_lookup fib;
-	struct ct_entry *rev;
-	__u16 dport = bpf_ntohs(p->t.dport);
+	struct ct_entry *rev = ct_snat_reply(p, cfg);
 	__u64 now;
 
-	if (p->t.daddr != cfg->snat_addr || dport < cfg->nat_port_min || dport > cfg->nat_port_max)
-		return -1;
-	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
-	if (!rev || !(rev->flags & CT_F_SNAT))
+	if (!rev)
 		return -1;
 	if (xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return xdp_to_tc();

@@ -11,15 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bpflb.model.messages import json_kind as _kind
+from bpflb.model.messages import show as _show
+
 MODULE_NAME = "cni-cilium"                 # the only ModuleConfig bpflb acts on
 GROUP = "deckhouse.io"
 VERSION = "v1alpha1"
 PLURAL = "moduleconfigs"
 SETTINGS_VERSIONS = (1,)                   # spec.version values whose settings schema bpflb knows
 MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
-
-# What the agents implement today; a valid setting outside these is forwarded to the agents' ConfigMap
-# (so it takes effect the day they do) and reported as Degraded by the operator meanwhile.
 
 Mode = Literal["SNAT", "DSR", "Hybrid"]
 Tunnel = Literal["Disabled", "VXLAN"]
@@ -67,33 +67,6 @@ class Invalid(Exception):
 
     def __str__(self) -> str:
         return "; ".join(self.problems)
-
-
-def _show(value: Any) -> str:
-    """A value as it appears in JSON ("dsr", 2, true), shortened for messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
 
 
 def _choices(name: str) -> tuple[str, ...] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from bpflb.model.maglev import SEED_MAX, TABLE_SIZES
+from bpflb.model.messages import json_kind as _type_name
+from bpflb.model.messages import show as _show
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -59,34 +60,6 @@ class _Invalid(Exception):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-def _show(value: Any) -> str:
-    """Return a value as it would appear in JSON (strings double-quoted), shortened for messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
-
-
-def _type_name(value: Any) -> str:
-    """Return the JSON type of a value, as the user wrote it, for 'got X (a string)' messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
 
 
 def _got(value: Any) -> str:
