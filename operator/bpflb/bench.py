@@ -79,6 +79,13 @@ def _syn(sport: int, flags: str = "S", dst: str = NODE1, dport: int = 30080) -> 
                  TCP(sport=sport, dport=dport, flags=flags))
 
 
+def _clear_conntrack(maps: LBMaps) -> None:
+    """Each new-flow row starts from empty conntrack tables: rows do not share the SNAT port space."""
+    for m in (maps.ct_fwd, maps.ct_rev):
+        for key in [k for k, _ in m.items_raw()]:
+            m.delete_raw(key)
+
+
 def _host16(be: int) -> int:
     return int.from_bytes(int(be).to_bytes(2, "little"), "big")
 
@@ -115,6 +122,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
                                                             repeat=loops).duration_ns
             # New flows need distinct packets; the established and reply rows repeat one packet of
             # one flow (each run gets a fresh copy of it), exactly like the pass-through floor.
+            _clear_conntrack(maps)
             col.single["SNAT new flow"] = _median(lb, [_syn(20000 + i) for i in range(samples)])
             col.single["SNAT established flow"] = _median(lb, [_syn(20000, "A")] * samples)
             nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 20000)
@@ -123,6 +131,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
             col.single["SNAT reply (node1)"] = _median(lb, [reply] * samples)
 
             maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            _clear_conntrack(maps)
             col.single["DSR new flow (SYN + option)"] = _median(lb, [_syn(30000 + i) for i in range(samples)])
             col.single["DSR established flow"] = _median(lb, [_syn(30000, "A")] * samples)
             # The same node as a backend's node: a DSR request for its pod records the reply state,
@@ -152,6 +161,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
             col.single["XDP pass-through program"] = _median(xdp_floor, [other] * samples)
             col.single["XDP non-service packet"] = _median(at_xdp, [other] * samples)
             maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            _clear_conntrack(maps)
             col.single["XDP SNAT new flow"] = _median(at_xdp, [_syn(50000 + i) for i in range(samples)])
             col.single["XDP SNAT established flow"] = _median(at_xdp, [_syn(50000, "A")] * samples)
             nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 50000)
@@ -159,6 +169,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
                           TCP(sport=8080, dport=nat_port, flags="A"))
             col.single["XDP SNAT reply (node1)"] = _median(at_xdp, [reply] * samples)
             maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+            _clear_conntrack(maps)
             col.single["XDP DSR new flow (SYN + option)"] = _median(at_xdp, [_syn(56000 + i)
                                                                              for i in range(samples)])
             col.single["XDP DSR established flow"] = _median(at_xdp, [_syn(56000, "A")] * samples)
@@ -191,7 +202,8 @@ NOTE = """\
 Method: BPF_PROG_TEST_RUN repeats a program on the same skb, and every translating path changes
 it, so each figure is the median of single runs (repeat=1), each on a fresh copy of the packet:
 one packet of one flow for the established and reply rows (like the pass-through floor), a new
-flow per run for the new-flow rows (so they include creating the conntrack and NAT entries).
+flow per run for the new-flow rows (so they include creating the conntrack and NAT entries; each
+new-flow row starts from empty conntrack tables).
 The DSR reply row runs the egress program of a backend's node on a pod's reply.
 A repeat=1 figure includes the kernel's timer overhead and the caches the Python caller cooled
 between runs; compare the repeat-loop figures of the two rows that leave the packet unchanged.
