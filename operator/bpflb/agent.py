@@ -192,9 +192,12 @@ class Agent:
         nodes = nodes_info(snap)
         me = next((n for n in nodes if n.name == self.opts.node_name), None)
         if me is not None and self.overlay is not None:
-            for action in self.overlay.apply(network, me, [n for n in nodes if n.name != me.name]):
+            actions = self.overlay.apply(network, me, [n for n in nodes if n.name != me.name])
+            for action in actions:
                 log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
-            self._attach_tunnel(network.tunnel)
+            # The device's ifindex only changes when the overlay does: no netlink round trip per sync.
+            if actions or bool(self.tunnel_ifindex) != (network.tunnel is Tunnel.VXLAN):
+                self._attach_tunnel(network.tunnel)
         assert self.cluster_maps is not None
         cluster_changes = self.cluster_maps.sync(dsr_frontends(state, node_addresses(snap)), local_backends(state),
                                                  cluster_prefixes(snap), nodes)

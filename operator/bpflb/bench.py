@@ -79,6 +79,25 @@ def _syn(sport: int, flags: str = "S", dst: str = NODE1, dport: int = 30080) -> 
                  TCP(sport=sport, dport=dport, flags=flags))
 
 
+def _flow_rows(col: Column, maps: LBMaps, eth0: int, run: Callable[[bytes], int], hook: str,
+               samples: int) -> None:
+    """The new-flow, established and reply rows of SNAT and DSR through one hook (tc: "", XDP: "XDP "),
+    each mode from empty conntrack tables.  The SNAT reply row answers the flow the established row used."""
+    for mode, name, base in ((Mode.SNAT, "SNAT", 20000), (Mode.DSR, "DSR", 30000)):
+        if hook:
+            base += 30000
+        maps.set_config(NodeConfig(mode=mode, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
+        _clear_conntrack(maps)
+        label = "new flow" if mode is Mode.SNAT else "new flow (SYN + option)"
+        col.single[f"{hook}{name} {label}"] = _median(run, [_syn(base + i) for i in range(samples)])
+        col.single[f"{hook}{name} established flow"] = _median(run, [_syn(base, "A")] * samples)
+        if mode is Mode.SNAT:
+            nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == base)
+            reply = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
+                          TCP(sport=8080, dport=nat_port, flags="A"))
+            col.single[f"{hook}SNAT reply (node1)"] = _median(run, [reply] * samples)
+
+
 def _clear_conntrack(maps: LBMaps) -> None:
     """Each new-flow row starts from empty conntrack tables: rows do not share the SNAT port space."""
     for m in (maps.ct_fwd, maps.ct_rev):
@@ -122,18 +141,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
                                                             repeat=loops).duration_ns
             # New flows need distinct packets; the established and reply rows repeat one packet of
             # one flow (each run gets a fresh copy of it), exactly like the pass-through floor.
-            _clear_conntrack(maps)
-            col.single["SNAT new flow"] = _median(lb, [_syn(20000 + i) for i in range(samples)])
-            col.single["SNAT established flow"] = _median(lb, [_syn(20000, "A")] * samples)
-            nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 20000)
-            reply = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
-                          TCP(sport=8080, dport=nat_port, flags="A"))
-            col.single["SNAT reply (node1)"] = _median(lb, [reply] * samples)
-
-            maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
-            _clear_conntrack(maps)
-            col.single["DSR new flow (SYN + option)"] = _median(lb, [_syn(30000 + i) for i in range(samples)])
-            col.single["DSR established flow"] = _median(lb, [_syn(30000, "A")] * samples)
+            _flow_rows(col, maps, eth0, lb, "", samples)
             # The same node as a backend's node: a DSR request for its pod records the reply state,
             # then the pod's reply is rewritten on egress.
             ClusterMaps(obj).sync({L4Addr(IPv4Address(OTHER_NODE), 30080, Proto.TCP)}, set(), set())
@@ -160,19 +168,7 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
 
             col.single["XDP pass-through program"] = _median(xdp_floor, [other] * samples)
             col.single["XDP non-service packet"] = _median(at_xdp, [other] * samples)
-            maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
-            _clear_conntrack(maps)
-            col.single["XDP SNAT new flow"] = _median(at_xdp, [_syn(50000 + i) for i in range(samples)])
-            col.single["XDP SNAT established flow"] = _median(at_xdp, [_syn(50000, "A")] * samples)
-            nat_port = next(_host16(e.nat_port) for k, e in maps.flows() if _host16(k.sport) == 50000)
-            reply = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
-                          TCP(sport=8080, dport=nat_port, flags="A"))
-            col.single["XDP SNAT reply (node1)"] = _median(at_xdp, [reply] * samples)
-            maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
-            _clear_conntrack(maps)
-            col.single["XDP DSR new flow (SYN + option)"] = _median(at_xdp, [_syn(56000 + i)
-                                                                             for i in range(samples)])
-            col.single["XDP DSR established flow"] = _median(at_xdp, [_syn(56000, "A")] * samples)
+            _flow_rows(col, maps, eth0, at_xdp, "XDP ", samples)
     finally:
         xdp.close()
         obj.close()

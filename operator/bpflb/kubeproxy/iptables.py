@@ -21,7 +21,7 @@ import base64
 import hashlib
 from dataclasses import dataclass, field
 
-from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, service_order
+from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
 
 MASQ_MARK = "0x4000"
 
@@ -148,18 +148,13 @@ def render(view: NodeView) -> Ruleset:
 
 
 def _service_port(sp: ServicePort, local_cidr: str | None, nat: _Table, flt: _Table) -> None:
-    cat = sp.categorize()
+    pol = policy(sp)
+    cat, uses_cluster, uses_local, uses_ext = pol.cat, pol.uses_cluster, pol.uses_local, pol.uses_ext
+    has_internal, has_external = pol.has_internal, pol.has_external
     key = sp.key
     svc, svl, ext = svc_chain(sp), svl_chain(sp), ext_chain(sp)
-    uses_cluster = bool(cat.cluster) and sp.uses_cluster_endpoints
-    uses_local = bool(cat.local) and sp.uses_local_endpoints
-    internal_chain, has_internal = svc, cat.has_endpoints
-    if sp.internal_local:
-        internal_chain, has_internal = svl, bool(cat.local)
-    external_policy_chain, has_external = svc, cat.has_endpoints
-    if sp.external_local:
-        external_policy_chain, has_external = svl, bool(cat.local)
-    uses_ext = cat.has_endpoints and sp.externally_accessible
+    internal_chain = svl if sp.internal_local else svc
+    external_policy_chain = svl if sp.external_local else svc
 
     internal_target = external_target = "REJECT --reject-with icmp-port-unreachable"
     internal_comment = external_comment = f"{key} has no endpoints"

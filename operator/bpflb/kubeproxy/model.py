@@ -116,6 +116,30 @@ class Categorized:
     has_endpoints: bool
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What both renderers derive from a Service port's endpoints and traffic policies (kube-proxy's
+    syncProxyRules preamble): which endpoint chains exist and whether internal/external traffic has
+    somewhere to go (else it is rejected, or dropped when only the local policy leaves it nowhere)."""
+
+    cat: Categorized
+    uses_cluster: bool      # the cluster-wide endpoint chain is written
+    uses_local: bool        # the local-only endpoint chain is written
+    has_internal: bool      # the clusterIP leads to an endpoint (through the local chain if internal_local)
+    has_external: bool      # external addresses lead to an endpoint (through the local chain if external_local)
+    uses_ext: bool          # the external chain is written
+
+
+def policy(sp: ServicePort) -> Policy:
+    cat = sp.categorize()
+    return Policy(cat=cat,
+                  uses_cluster=bool(cat.cluster) and sp.uses_cluster_endpoints,
+                  uses_local=bool(cat.local) and sp.uses_local_endpoints,
+                  has_internal=bool(cat.local) if sp.internal_local else cat.has_endpoints,
+                  has_external=bool(cat.local) if sp.external_local else cat.has_endpoints,
+                  uses_ext=cat.has_endpoints and sp.externally_accessible)
+
+
 @dataclass
 class NodeView:
     """Everything a kube-proxy renderer needs for one node."""

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, service_order
+from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
 
 TABLE = "kube-proxy"
 MASQ_MARK = "0x4000"
@@ -173,17 +173,12 @@ def render(view: NodeView) -> Ruleset:
 
 def _service_port(sp: ServicePort, local_cidr: str | None, rule: _Rule, elements: dict[str, list[str]],
                   affinity_sets: list[str], cluster_ips: set[str]) -> None:
-    cat = sp.categorize()
+    pol = policy(sp)
+    cat, uses_cluster, uses_local, uses_ext = pol.cat, pol.uses_cluster, pol.uses_local, pol.uses_ext
+    has_internal, has_external = pol.has_internal, pol.has_external
     svc, loc, ext = service_chain(sp), local_chain(sp), external_chain(sp)
-    uses_cluster = bool(cat.cluster) and sp.uses_cluster_endpoints
-    uses_local = bool(cat.local) and sp.uses_local_endpoints
-    internal_chain, has_internal = svc, cat.has_endpoints
-    if sp.internal_local:
-        internal_chain, has_internal = loc, bool(cat.local)
-    external_policy_chain, has_external = svc, cat.has_endpoints
-    if sp.external_local:
-        external_policy_chain, has_external = loc, bool(cat.local)
-    uses_ext = cat.has_endpoints and sp.externally_accessible
+    internal_chain = loc if sp.internal_local else svc
+    external_policy_chain = loc if sp.external_local else svc
     comment = f'comment "{sp.key}"'
     internal_verdict = external_verdict = "goto reject-chain"
     if cat.has_endpoints:
