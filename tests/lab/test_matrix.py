@@ -114,3 +114,10 @@ def test_full_size_packets_cross_in_both_directions(lab: Lab, mode: str) -> None
     for _ in range(3):
         body, err = lab.http_get("client", f"http://{NODE1}:30080/echo?msg={msg}", timeout=3.0)
         assert err is None and body == msg, (lab.state().tunnel, mode, err, len(body or ""))
+
+
+@pytest.mark.parametrize("mode", ["SNAT", "DSR", "Hybrid"])
+def test_the_lab_check_passes_on_either_tunnel(lab: Lab, mode: str) -> None:
+    lab.set_mode(mode)
+    report = lab.check()
+    assert report.ok, f"tunnel {lab.state().tunnel}:\n{report.render()}"
