@@ -5,6 +5,7 @@ received); with VXLAN, that the underlay carried UDP 8472 between node addresses
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -32,12 +33,29 @@ FRONTENDS = {("Cluster", "TCP"): ("node1", NODE1, 30080), ("Cluster", "UDP"): ("
              ("Local", "TCP"): ("node2", NODE2, 30180), ("Local", "UDP"): ("node2", NODE2, 30181)}
 
 
+def wait_programmed(lab: Lab, node_port: int, proto: str, timeout: float = 10.0) -> None:
+    """Until every node's datapath holds the NodePort frontend (agents pick up applied objects
+    asynchronously, as they would from the API)."""
+    from bpflb.inspect import collect
+
+    nodes = [f"node{k}" for k in range(1, lab.state().nodes + 1)]
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [n for n in nodes if f"{lab.node_ip(int(n[4:]))}:{node_port}/{proto}"
+                   not in {f["frontend"] for f in collect(lab.pin_root / n)["frontends"]}]
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"{missing} never programmed NodePort {node_port}/{proto}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module", params=["Disabled", "VXLAN"])
 def lab(request: pytest.FixtureRequest, privileged: None) -> Iterator[Lab]:
     shared = Lab(unique_lab_name())
     try:
         shared.up(tunnel=request.param)
         shared.apply(UDP_LOCAL)
+        wait_programmed(shared, 30181, "UDP")
         yield shared
     finally:
         shared.down()
