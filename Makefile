@@ -51,12 +51,14 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(Q)python3 -m venv $(VENV)
 	$(Q)$(VENV)/bin/pip install -q --upgrade pip
-	$(Q)$(VENV)/bin/pip install -q -e '.[test]'
+	$(Q)$(VENV)/bin/pip install -q -e '.[lab,test]'
 	$(Q)touch $@
 
+# ruff, mypy --strict over both packages, and the import contracts of .importlinter (the layers).
 lint: venv
 	$(Q)$(VENV)/bin/ruff check operator tests
 	$(Q)$(VENV)/bin/mypy
+	$(Q)cd operator && ../$(VENV)/bin/lint-imports --config ../.importlinter --no-cache
 
 typecheck: lint
 

@@ -2,7 +2,7 @@
 server keeping objects in memory) with the resources bpflb uses declared for discovery, and the object
 metadata a real API server maintains (uid, resourceVersion, creationTimestamp, generation, generateName,
 status-subresource separation). EmulatedAPI runs it on a thread of its own; `python -m
-bpflb.control.apiserver` runs it as the lab's control-plane process.
+bpflb_lab.apiserver` runs it as the lab's control-plane process.
 
 It is not a kube-apiserver: no admission webhooks, no label or field selectors (clients filter), no
 garbage collection, no PUT. A watch always starts by replaying every current object as ADDED.
@@ -30,7 +30,7 @@ import attrs
 import kmock
 from kmock._internal import parsing as _kmock_parsing
 
-from bpflb.control.kubeapi import write_kubeconfig
+from bpflb.kubeapi import write_kubeconfig
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ class EmulatedAPI:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve the emulated API until SIGTERM/SIGINT (the lab's control-plane host runs this)."""
-    parser = argparse.ArgumentParser(prog="python -m bpflb.control.apiserver",
+    parser = argparse.ArgumentParser(prog="python -m bpflb_lab.apiserver",
                                      description="an emulated Kubernetes API (kmock) for the bpflb lab")
     parser.add_argument("--listen", default="127.0.0.1:6443", metavar="ADDR:PORT")
     parser.add_argument("--kubeconfig-out", metavar="PATH", help="write a kubeconfig for this API there")

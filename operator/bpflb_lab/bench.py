@@ -19,8 +19,9 @@ from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import objects_dir
 from bpflb.datapath.loader import BpfObject, load_lb, load_xdp
-from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import (
+from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
@@ -30,7 +31,6 @@ from bpflb.datapath.scratch import (
     REMOTE_POD,
     scratch_node,
 )
-from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 
 SERVICE_COUNTS = (1, 1_000, 10_000)
 OTHER_NODE = "198.18.0.13"   # the node a DSR request entered through, seen from a backend's node

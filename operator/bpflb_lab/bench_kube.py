@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bpflb.control.kubeapi import Credentials, KubeClient, resource_path
+from bpflb.kubeapi import Credentials, KubeClient, resource_path
 
 BENCH_PORT = 30600
 POD_POOL = 60000
@@ -102,7 +102,7 @@ def _latency_in_control_plane(server: str, pin_root: str, changes: int) -> list[
 
 
 def latency(lab_name: str, changes: int = 200) -> dict[str, Any]:
-    from bpflb.lab import Lab, kube
+    from bpflb_lab.lab import Lab, kube
 
     lab = Lab(lab_name)
     if not lab.state().kube:
@@ -127,11 +127,11 @@ def latency(lab_name: str, changes: int = 200) -> dict[str, Any]:
 def fullsync(services: int = 10000, endpoints: int = 10) -> dict[str, Any]:
     """An agent process (`bpflb agent --kube --once`) syncing services x endpoints from an emulated API, in a
     scratch namespace that looks like node1; wall time, the agent's own timings and its peak memory."""
-    from bpflb.control.apiserver import EmulatedAPI
-    from bpflb.control.kubeapi import write_kubeconfig
-    from bpflb.datapath.netns import entered
-    from bpflb.datapath.scratch import NODE1 as NODE
-    from bpflb.datapath.scratch import scratch_node
+    from bpflb.kubeapi import write_kubeconfig
+    from bpflb_lab.apiserver import EmulatedAPI
+    from bpflb_lab.lab.netns import entered
+    from bpflb_lab.scratch import NODE1 as NODE
+    from bpflb_lab.scratch import scratch_node
 
     svcs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"svc{i}", "namespace": "bench"},
              "spec": {"type": "NodePort", "selector": {"app": f"a{i}"},

@@ -23,8 +23,6 @@ from scapy.layers.l2 import Ether
 
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, table_blocks, update_batch
 from bpflb.datapath.loader import load_lb
-from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, REMOTE_POD, scratch_node
 from bpflb.model import maglev
 from bpflb.model.types import (
     AgentSettings,
@@ -37,6 +35,8 @@ from bpflb.model.types import (
     Mode,
     Proto,
 )
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, REMOTE_POD, scratch_node
 
 M = maglev.DEFAULT_TABLE_SIZE
 BUILD_GOALS_MS = {100: 5.0, 1000: 30.0}          # issue 8: M=16381

@@ -1,6 +1,6 @@
 """`bpflb bench`, rates: forwarding rate and new-connection rate through node1 of a lab built for the run,
 for bpflb with XDP acceleration, bpflb at tc, and the same Services as kube-proxy's iptables and nftables
-rules (bpflb.kubeproxy), at 10, 1,000 and 10,000 Services; a table, JSON and a PNG chart.
+rules (bpflb_lab.kubeproxy), at 10, 1,000 and 10,000 Services; a table, JSON and a PNG chart.
 
 Every (datapath, Service count) cell gets a lab of its own (unique name, always taken down): the state one
 measurement leaves (conntrack, NAT ports) never leaks into the next. Each lab holds echo-a on node2 and
@@ -37,10 +37,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from bpflb import trafficgen as tg
-from bpflb.kubeproxy import lab as kplab
-from bpflb.lab import Lab, netns, topology
-from bpflb.lab.errors import LabUnsupported
+from bpflb_lab import trafficgen as tg
+from bpflb_lab.kubeproxy import lab as kplab
+from bpflb_lab.lab import Lab, netns, topology
+from bpflb_lab.lab.errors import LabUnsupported
 
 DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftables")
 SERVICE_COUNTS = (10, 1_000, 10_000)
@@ -250,7 +250,7 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
-    procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb.trafficgen",
+    procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb_lab.trafficgen",
                                                                   "accept", str(ACCEPT_PORT)]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, env={**os.environ, "PYTHONPATH": _src_root()})

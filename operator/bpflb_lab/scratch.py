@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from bpflb.datapath.netns import entered
+from bpflb_lab.lab.netns import entered
 
 NODE1 = "198.18.0.11"
 NODE2 = "198.18.0.12"

@@ -230,10 +230,10 @@ def accept_forever(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m bpflb.trafficgen accept PORT (run inside a pod's namespace by the benchmark)."""
+    """python -m bpflb_lab.trafficgen accept PORT (run inside a pod's namespace by the benchmark)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "accept" or not args[1].isdigit():
-        print("usage: python -m bpflb.trafficgen accept PORT", file=sys.stderr)
+        print("usage: python -m bpflb_lab.trafficgen accept PORT", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         accept_forever(int(args[1]))

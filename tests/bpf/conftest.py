@@ -12,8 +12,9 @@ import pytest
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.loader import BpfObject, TestRun, load_lb, load_xdp
-from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import (  # noqa: F401  (re-exported for the tests)
+from bpflb.model.types import DesiredState, Mode
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import (  # noqa: F401  (re-exported for the tests)
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
@@ -26,7 +27,6 @@ from bpflb.datapath.scratch import (  # noqa: F401  (re-exported for the tests)
     REMOTE_POD,
     scratch_node,
 )
-from bpflb.model.types import DesiredState, Mode
 
 
 @dataclass

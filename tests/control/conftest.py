@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import Credentials, KubeClient, write_kubeconfig
+from bpflb.kubeapi import Credentials, KubeClient, write_kubeconfig
+from bpflb_lab.apiserver import EmulatedAPI
 
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
 CM_PATH = "/api/v1/namespaces/kube-system/configmaps/bpflb-agent"

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 from bpflb.agent import Agent, AgentOptions
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import Credentials, KubeClient
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.libbpf import ffi
-from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import NODE1, scratch_node
 from bpflb.inspect import collect
+from bpflb.kubeapi import Credentials, KubeClient
 from bpflb.sources.kube import KubeSource
+from bpflb_lab.apiserver import EmulatedAPI
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import NODE1, scratch_node
 from tests.control.conftest import wait_for
 
 SVC = "/api/v1/namespaces/default/services"

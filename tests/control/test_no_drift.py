@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from bpflb.control.kubeapi import KubeClient
 from bpflb.control.manifests import AgentPod
+from bpflb.kubeapi import KubeClient
 from tests.chart.conftest import ROOT, documents, find
 from tests.control.conftest import DS_PATH, MC_PATH, RunningOperator, wait_for
 from tests.control.test_operator import add_nodes

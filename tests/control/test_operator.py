@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import KubeClient
 from bpflb.control.manifests import CAPABILITIES
 from bpflb.control.report import now_rfc3339
+from bpflb.kubeapi import KubeClient
+from bpflb_lab.apiserver import EmulatedAPI
 from tests.control.conftest import CM_PATH, DS_PATH, MC_PATH, RunningOperator, module_config, wait_for
 
 NODES = ("node1", "node2", "node3")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab
+from bpflb_lab.lab import Lab
 from tests.lab.lab_helpers import unique_lab_name
 
 

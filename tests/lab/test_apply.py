@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bpflb.lab import Lab, LabError, netns
+from bpflb_lab.lab import Lab, LabError, netns
 from tests.lab.lab_helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged

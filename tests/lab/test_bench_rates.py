@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.bench_rates import DATAPATHS, NA_ACCELERATION, QUICK_SERVICE_COUNTS
 from bpflb.cli import main
+from bpflb_lab.bench_rates import DATAPATHS, NA_ACCELERATION, QUICK_SERVICE_COUNTS
 from tests.lab.lab_helpers import root_netns_snapshot
 from tests.lab.test_kubeproxy import root_rules
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpflb.lab import Lab
+from bpflb_lab.lab import Lab
 from tests.lab.lab_helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpflb.lab import Lab
+from bpflb_lab.lab import Lab
 from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
 from tests.lab.test_datapath import NODE1, _long_lived, seen_ip
 

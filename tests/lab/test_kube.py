@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab, kube
+from bpflb_lab.lab import Lab, kube
 from tests.lab.lab_helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from bpflb.kubeproxy import MODES
-from bpflb.kubeproxy import lab as kplab
-from bpflb.lab import Lab
+from bpflb_lab.kubeproxy import MODES
+from bpflb_lab.kubeproxy import lab as kplab
+from bpflb_lab.lab import Lab
 from tests.lab.lab_helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpflb.lab import Lab
-from bpflb.lab.probe import HttpProbe, Probe, UdpProbe
+from bpflb_lab.lab import Lab
+from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
 from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
 from tests.lab.test_datapath import seen_ip
 

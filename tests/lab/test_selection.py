@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab
 from bpflb.model import maglev
+from bpflb_lab.lab import Lab
 from tests.lab.lab_helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged

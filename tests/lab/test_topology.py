@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bpflb.lab import Lab, LabError, netns, topology
+from bpflb_lab.lab import Lab, LabError, netns, topology
 from tests.lab.lab_helpers import root_netns_snapshot
 
 pytestmark = pytest.mark.privileged

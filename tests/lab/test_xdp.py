@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab, cluster
+from bpflb_lab.lab import Lab, cluster
 from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
 from tests.lab.test_datapath import seen_ip
 

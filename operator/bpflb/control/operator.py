@@ -27,7 +27,6 @@ from typing import Any, cast
 
 import kopf
 
-from bpflb.control.kubeapi import KubeClient, load_credentials, resource_path
 from bpflb.control.manifests import (
     DAEMONSET_NAME,
     DEFAULT_IMAGE,
@@ -40,7 +39,10 @@ from bpflb.control.manifests import (
     daemonset_patch,
 )
 from bpflb.control.report import LABELS, REPORT_NAMESPACE, UNINSTALLED, report_name
-from bpflb.control.settings import (
+from bpflb.control.status import compute_status, same_status
+from bpflb.control.webhook import WebhookServer, publish_ca_bundle
+from bpflb.kubeapi import KubeClient, load_credentials, resource_path
+from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     GROUP,
     MODULE_NAME,
@@ -52,8 +54,6 @@ from bpflb.control.settings import (
     agent_config_data,
     validate_spec,
 )
-from bpflb.control.status import compute_status, same_status
-from bpflb.control.webhook import WebhookServer, publish_ca_bundle
 from bpflb.sources.base import AGENT_CONFIG_NAME
 
 log = logging.getLogger("bpflb.operator")

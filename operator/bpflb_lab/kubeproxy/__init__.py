@@ -2,7 +2,7 @@
 input) and the nftables mode (nft -f input) kube-proxy would program on one node for a Snapshot of
 Services, EndpointSlices and Nodes, and the glue that loads them into a lab node's namespace."""
 
-from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, node_view
+from bpflb_lab.kubeproxy.model import Endpoint, NodeView, ServicePort, node_view
 
 MODES = ("iptables", "nftables")
 

@@ -21,7 +21,7 @@ import base64
 import hashlib
 from dataclasses import dataclass, field
 
-from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
+from bpflb_lab.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
 
 MASQ_MARK = "0x4000"
 

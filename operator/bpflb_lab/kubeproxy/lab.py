@@ -8,12 +8,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bpflb.kubeproxy import iptables, nftables
-from bpflb.kubeproxy.model import node_view
-from bpflb.lab import Lab, topology
-from bpflb.lab.errors import LabError
 from bpflb.sources.base import Snapshot
 from bpflb.sources.files import FileSource
+from bpflb_lab.kubeproxy import iptables, nftables
+from bpflb_lab.kubeproxy.model import node_view
+from bpflb_lab.lab import Lab, topology
+from bpflb_lab.lab.errors import LabError
 
 EMPTY_IPTABLES = """*filter
 :INPUT ACCEPT [0:0]

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bpflb.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
+from bpflb_lab.kubeproxy.model import Endpoint, NodeView, ServicePort, policy, service_order
 
 TABLE = "kube-proxy"
 MASQ_MARK = "0x4000"

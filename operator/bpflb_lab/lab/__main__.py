@@ -1,5 +1,5 @@
-"""`python -m bpflb.lab ARGS` runs `bpflb lab ARGS` without the rest of the CLI."""
+"""`python -m bpflb_lab.lab ARGS` runs `bpflb lab ARGS` without the rest of the CLI."""
 
-from bpflb.lab.commands import main
+from bpflb_lab.lab.commands import main
 
 raise SystemExit(main())

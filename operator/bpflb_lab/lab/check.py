@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
-from bpflb.lab import topology
-from bpflb.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
-from bpflb.lab.table import format_table
 from bpflb.model.types import Mode
+from bpflb_lab.lab import topology
+from bpflb_lab.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
+from bpflb_lab.lab.table import format_table
 
 KubeObject = dict[str, Any]
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"

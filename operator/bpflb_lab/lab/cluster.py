@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from bpflb.lab import topology
-from bpflb.lab.errors import LabError
-from bpflb.lab.state import atomic_write
+from bpflb_lab.lab import topology
+from bpflb_lab.lab.errors import LabError
+from bpflb_lab.lab.state import atomic_write
 
 KubeObject = dict[str, Any]
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bpflb.lab import netns
-from bpflb.lab.core import DEFAULT_NAME, ENV_AGENT_CMD, Lab
-from bpflb.lab.errors import LabError, LabUnsupported
-from bpflb.lab.table import format_table
+from bpflb_lab.lab import netns
+from bpflb_lab.lab.core import DEFAULT_NAME, ENV_AGENT_CMD, Lab
+from bpflb_lab.lab.errors import LabError, LabUnsupported
+from bpflb_lab.lab.table import format_table
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -227,8 +227,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m bpflb.lab ...`): the same commands as `bpflb lab ...`."""
-    parser = argparse.ArgumentParser(prog="python -m bpflb.lab")
+    """Stand-alone entry (`python -m bpflb_lab.lab ...`): the same commands as `bpflb lab ...`."""
+    parser = argparse.ArgumentParser(prog="python -m bpflb_lab.lab")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["lab", *(argv if argv is not None else sys.argv[1:])])
     rc: int = args.func(args)

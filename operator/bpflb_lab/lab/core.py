@@ -21,13 +21,13 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 import bpflb
-from bpflb.lab import cluster, netns, probe, topology
-from bpflb.lab.check import CheckReport, evaluate, plan
-from bpflb.lab.cluster import ClusterDir, KubeObject
-from bpflb.lab.errors import LabError, LabUnsupported
-from bpflb.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
-from bpflb.lab.state import DEFAULT_PIN_BASE, DEFAULT_STATE_ROOT, LabPaths, LabState, PodRecord
 from bpflb.model.types import Mode
+from bpflb_lab.lab import cluster, netns, probe, topology
+from bpflb_lab.lab.check import CheckReport, evaluate, plan
+from bpflb_lab.lab.cluster import ClusterDir, KubeObject
+from bpflb_lab.lab.errors import LabError, LabUnsupported
+from bpflb_lab.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
+from bpflb_lab.lab.state import DEFAULT_PIN_BASE, DEFAULT_STATE_ROOT, LabPaths, LabState, PodRecord
 
 T = TypeVar("T")
 
@@ -78,7 +78,7 @@ def canonical_tunnel(text: str) -> str:
 
 def default_manifests() -> str:
     """The default workload shipped with the package (manifests/default.yaml)."""
-    return resources.files("bpflb.lab").joinpath("manifests/default.yaml").read_text()
+    return resources.files("bpflb_lab.lab").joinpath("manifests/default.yaml").read_text()
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
@@ -204,7 +204,7 @@ class Lab:
         if acceleration != "Disabled":
             topology.prepare_for_xdp(self.name, nodes)
         if kube:
-            from bpflb.lab import kube as kube_lab
+            from bpflb_lab.lab import kube as kube_lab
 
             kube_lab.start_control_plane(self, state)
         if workload:
@@ -236,7 +236,7 @@ class Lab:
         with self.paths.locked():
             self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel, state.acceleration))
             if state.kube:          # the operator's way: the ModuleConfig, through the API
-                from bpflb.lab import kube as kube_lab
+                from bpflb_lab.lab import kube as kube_lab
 
                 kube_lab.set_mode(self, mode)
             state.mode = mode
@@ -311,7 +311,7 @@ class Lab:
         state = state or self.state()
         hosts = topology.base_hosts(self.name, state.nodes)
         if state.kube:
-            from bpflb.lab import kube as kube_lab
+            from bpflb_lab.lab import kube as kube_lab
 
             hosts.append(topology.Host(kube_lab.HOST, "control-plane", topology.ns_name(self.name, kube_lab.HOST),
                                        str(kube_lab.API_IP), topology.DEVICE))
@@ -399,7 +399,7 @@ class Lab:
                 **({"kube": self._kube_status()} if state.kube else {})}
 
     def _kube_status(self) -> dict[str, str]:
-        from bpflb.lab import kube as kube_lab
+        from bpflb_lab.lab import kube as kube_lab
 
         return kube_lab.status(self)
 
@@ -521,7 +521,7 @@ class Lab:
     def _publish(self, state: LabState) -> None:
         """With --kube, mirror the cluster objects into the emulated API (the agents read them there)."""
         if state.kube:
-            from bpflb.lab import kube as kube_lab
+            from bpflb_lab.lab import kube as kube_lab
 
             kube_lab.publish(self)
 
@@ -543,7 +543,7 @@ class Lab:
     def _start_echo(self, rec: PodRecord) -> subprocess.Popen[bytes]:
         ready = self.paths.pod_ready(rec.key)
         ready.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "bpflb.lab.echo", "--name", rec.name, "--ready-file", str(ready)]
+        argv = [sys.executable, "-m", "bpflb_lab.lab.echo", "--name", rec.name, "--ready-file", str(ready)]
         argv += [a for p in rec.tcp_ports for a in ("--http-port", str(p))]
         argv += [a for p in rec.udp_ports for a in ("--udp-port", str(p))]
         proc = self._spawn(rec.netns, argv, self.paths.pod_log(rec.key))
@@ -590,7 +590,7 @@ class Lab:
 
     def _agent_template(self, kube: bool = False) -> list[str]:
         if kube and self._agent_cmd is None:
-            from bpflb.lab.kube import KUBE_AGENT_CMD
+            from bpflb_lab.lab.kube import KUBE_AGENT_CMD
 
             return shlex.split(KUBE_AGENT_CMD)
         template = self._agent_cmd if self._agent_cmd is not None else \

@@ -1,6 +1,6 @@
 """The lab's pod workload: a subset of agnhost netexec (the server Kubernetes e2e tests use).
 
-    python -m bpflb.lab.echo --name POD [--http-port 8080 ...] [--udp-port 8081 ...] [--ready-file F]
+    python -m bpflb_lab.lab.echo --name POD [--http-port 8080 ...] [--udp-port 8081 ...] [--ready-file F]
 
 HTTP (HTTP/1.1, keep-alive): GET /hostname -> the pod name; GET /clientip -> "ip:port" of the peer as the
 socket sees it; GET /echo?msg=x -> x; GET /healthz -> ok. Every response also carries the headers
@@ -107,7 +107,7 @@ def udp_socket(port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bpflb.lab.echo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bpflb_lab.lab.echo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="the pod name /hostname answers")
     parser.add_argument("--http-port", type=int, action="append", help="TCP port(s) for HTTP (default 8080)")

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bpflb.control.kubeapi import ApiError, Credentials, KubeClient, resource_path
-from bpflb.lab import netns, topology
-from bpflb.lab.errors import LabError
+from bpflb.kubeapi import ApiError, Credentials, KubeClient, resource_path
+from bpflb_lab.lab import netns, topology
+from bpflb_lab.lab.errors import LabError
 
 if TYPE_CHECKING:
-    from bpflb.lab.core import Lab
-    from bpflb.lab.state import LabState
+    from bpflb_lab.lab.core import Lab
+    from bpflb_lab.lab.state import LabState
 
 HOST = "control-plane"
 API_IP = topology.FABRIC_NET.network_address + 2
@@ -52,13 +52,13 @@ def start_control_plane(lab: Lab, state: LabState) -> None:
     """Create the host, start the API and the operator there, create the ModuleConfig, publish the Nodes."""
     import sys
 
-    from bpflb.control.kubeapi import write_kubeconfig
+    from bpflb.kubeapi import write_kubeconfig
 
     create_host(lab.name)
     ns = topology.ns_name(lab.name, HOST)
     ready = lab.paths.run / "apiserver.ready"
     ready.unlink(missing_ok=True)
-    api = lab._spawn(ns, [sys.executable, "-m", "bpflb.control.apiserver", "--listen", f"{API_IP}:{API_PORT}",
+    api = lab._spawn(ns, [sys.executable, "-m", "bpflb_lab.apiserver", "--listen", f"{API_IP}:{API_PORT}",
                           "--ready-file", str(ready)], lab.paths.logs / "apiserver.log")
     deadline = time.monotonic() + START_TIMEOUT
     while not ready.exists():

@@ -8,7 +8,7 @@ root mount namespace's bpffs from the agent.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import os
 import pickle
@@ -17,14 +17,13 @@ import signal
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bpflb.lab.errors import LabError
+from bpflb_lab.lab.errors import LabError
 
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
 
@@ -117,21 +116,31 @@ def ip_batch(ns: str, commands: Sequence[str]) -> None:
         raise LabError(f"ip in namespace {ns} failed{failed}: {proc.stderr.strip()}")
 
 
-_libc: ctypes.CDLL | None = None
+def setns(ns: str | int) -> None:
+    """Move the calling thread into namespace ns, a name under /run/netns, a path or an open descriptor
+    (Python 3.11 has no os.setns): pyroute2's setns(2) wrapper, told never to create a missing namespace.
+    The one setns of bpflb."""
+    from pyroute2 import netns as pr_netns
 
-
-def setns(ns: str) -> None:
-    """Move the calling thread into namespace ns (setns(2); Python 3.11 has no os.setns)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    target = ns if isinstance(ns, int) or ns.startswith("/") else str(netns_path(ns))
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+        pr_netns.setns(target, flags=0)
+    except OSError as exc:
+        raise OSError(exc.errno, f"setns({ns}): {os.strerror(exc.errno or 0)}") from exc
+
+
+@contextlib.contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """Run the body inside namespace ns (this thread only), then come back to where it was."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(ns)
+        try:
+            yield
+        finally:
+            setns(home)
     finally:
-        os.close(fd)
+        os.close(home)
 
 
 def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:

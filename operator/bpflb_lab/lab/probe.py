@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bpflb.lab.echo import CLIENT_HEADER, POD_HEADER
+from bpflb_lab.lab.echo import CLIENT_HEADER, POD_HEADER
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpflb.lab.errors import LabError
+from bpflb_lab.lab.errors import LabError
 
 DEFAULT_STATE_ROOT = Path("/run/bpflb/labs")
 DEFAULT_PIN_BASE = Path("/sys/fs/bpf/bpflb-lab")

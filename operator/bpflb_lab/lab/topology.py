@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from bpflb.lab import netns
-from bpflb.lab.errors import LabError
+from bpflb_lab.lab import netns
+from bpflb_lab.lab.errors import LabError
 
 FABRIC_NET = IPv4Network("198.18.0.0/24")
 CLIENT_IP = IPv4Address("198.18.0.100")
