@@ -75,7 +75,7 @@ GOOD = [
     {"enabled": True, "version": 1, "settings": {"bpfLBMode": "SNAT"}},
     {"enabled": True, "version": 1, "settings": {"bpfLBMode": "DSR", "tunnelMode": "Disabled"}},
     {"version": 1, "settings": {"bpfLBMode": "Hybrid", "lbAlgorithm": "Maglev", "maglevTableSize": 65521,
-                                "svcSourceRangeCheck": True, "debugLogging": False}},
+                                "svcSourceRangeCheck": False, "debugLogging": False}},
     {"enabled": False},
     {"enabled": True, "version": 1, "settings": {}},
 ]
@@ -89,6 +89,11 @@ def test_good_configurations_are_allowed(webhook: Callable[..., Any], spec: dict
 
 
 BAD = [
+    ("source-range-check-not-implemented", {"version": 1, "settings": {"svcSourceRangeCheck": True}},
+     ("spec.settings.svcSourceRangeCheck: not implemented yet: this release does not enforce "
+     "loadBalancerSourceRanges; expected false (or unset); got true")),
+    ("maintenance-unknown", {"version": 1, "maintenance": "Sleep"},
+     'spec.maintenance: must be NoResourceReconciliation (or unset); got "Sleep"'),
     ("wrong-enum", {"version": 1, "settings": {"bpfLBMode": "dsr"}},
      'spec.settings.bpfLBMode: must be one of SNAT, DSR, Hybrid; got "dsr"'),
     ("wrong-enum-tunnel", {"version": 1, "settings": {"tunnelMode": "Geneve"}},

@@ -45,6 +45,7 @@ from bpflb.kubeapi import KubeClient, load_credentials, resource_path
 from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     GROUP,
+    MAINTENANCE_NO_RECONCILIATION,
     MODULE_NAME,
     PLURAL,
     UNINSTALL_KEY,
@@ -96,6 +97,7 @@ class State:
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)   # type -> (status, reason) posted
     last_status: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
+    said: set[str] = field(default_factory=set)   # spec fields not acted on, logged once each
 
 
 def _state(memo: Any) -> State:
@@ -206,6 +208,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, runti
         logger.warning(f"invalid configuration, not applied: {exc}; {kept}")
         kopf.warn(body, reason="InvalidConfiguration", message=f"not applied: {exc}; {kept}")
         return
+    take_effect(state, spec)
     reports = _reports(kwargs["report_index"])
     elapsed = runtime.total_seconds() if hasattr(runtime, "total_seconds") else 0.0
     events, pending = await asyncio.to_thread(apply_module, state, spec, reports, elapsed)
@@ -214,6 +217,20 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, runti
         kopf.event(body, type=kind, reason=reason, message=message)
     if pending:
         raise kopf.TemporaryError(pending, delay=2)
+
+
+def take_effect(state: State, spec: ModuleSpec) -> None:
+    """The operator's own share of a valid spec: debugLogging sets its log level, and each Deckhouse field
+    it does not act on is said once in its log (never dropped silently)."""
+    level = logging.DEBUG if spec.settings.debugLogging else logging.NOTSET
+    if logging.getLogger("bpflb").level != level:
+        logging.getLogger("bpflb").setLevel(level)
+        log.info("debugLogging %s: the operator logs at %s", str(spec.settings.debugLogging).lower(),
+                 "DEBUG" if level == logging.DEBUG else "its command-line level")
+    for text in spec.not_acted_on:
+        if text not in state.said:
+            state.said.add(text)
+            log.warning("ModuleConfig %s: %s", MODULE_NAME, text)
 
 
 def _load_applied(state: State) -> None:
@@ -230,6 +247,14 @@ def apply_module(state: State, spec: ModuleSpec, reports: Mapping[str, Mapping[s
     and, when enabled: false is still waiting for agents to uninstall, why (the caller retries)."""
     client, options = state.client, state.options
     events: list[tuple[str, str, str]] = []
+    if spec.maintenance == MAINTENANCE_NO_RECONCILIATION:
+        text = (f"spec.maintenance is {MAINTENANCE_NO_RECONCILIATION}: ConfigMap {NAMESPACE}/{AGENT_CONFIG_NAME} and "
+                f"DaemonSet {NAMESPACE}/{DAEMONSET_NAME} are left as they are")
+        if text not in state.said:
+            state.said.add(text)
+            events.append(("Normal", "Maintenance", text))
+        return events, None
+    state.said.discard(next((s for s in state.said if s.startswith("spec.maintenance is")), ""))
     data = agent_config_data(spec.settings, uninstall=not spec.enabled)
     cm = client.get(CM_PATH)
     if cm is None:

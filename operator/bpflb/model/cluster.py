@@ -7,8 +7,9 @@ import enum
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
+from bpflb.model.settings import AgentConfig, decode_agent_config
 from bpflb.model.types import DesiredState, FrontendKind, L4Addr, Problem
-from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
+from bpflb.sources.base import Snapshot
 
 
 def node_addresses(snapshot: Snapshot) -> set[IPv4Address]:
@@ -128,46 +129,25 @@ class NetworkSettings:
     vni: int = 1
 
 
-CONFIG_TUNNEL_KEY = "tunnelMode"
-CONFIG_ROUTES_KEY = "createNodeRoutes"
-_CONFIG_OBJ = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
+ACCELERATIONS = ("Disabled", "Native", "BestEffort")
+
+
+def network_settings(config: AgentConfig) -> NetworkSettings:
+    """How pod traffic crosses nodes, from the decoded agent configuration."""
+    tunnel = Tunnel.VXLAN if config.settings.tunnelMode == "VXLAN" else Tunnel.DISABLED
+    return NetworkSettings(tunnel, bool(config.settings.createNodeRoutes))
 
 
 def parse_network_settings(config: dict[str, str] | None) -> tuple[NetworkSettings, list[Problem]]:
-    """Read tunnelMode (Disabled|VXLAN) and createNodeRoutes (true|false); invalid values keep the
-    default and come back as Problems naming the field, the allowed values and what was given."""
-    problems: list[Problem] = []
-    data = config or {}
-    tunnel = Tunnel.DISABLED
-    raw = data.get(CONFIG_TUNNEL_KEY)
-    if raw is not None:
-        match = [t for t in Tunnel if t.label == str(raw)]
-        if match:
-            tunnel = match[0]
-        else:
-            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_TUNNEL_KEY}",
-                                    f'must be one of Disabled, VXLAN; got "{raw}"'))
-    routes = False
-    raw = data.get(CONFIG_ROUTES_KEY)
-    if raw is not None:
-        if str(raw).lower() in ("true", "false"):
-            routes = str(raw).lower() == "true"
-        else:
-            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_ROUTES_KEY}", f'must be true or false; got "{raw}"'))
-    return NetworkSettings(tunnel, routes), problems
-
-
-ACCELERATIONS = ("Disabled", "Native", "BestEffort")
-CONFIG_ACCELERATION_KEY = "xdpAcceleration"
+    """tunnelMode (Disabled|VXLAN) and createNodeRoutes (true|false) through the one schema; invalid values
+    keep the default and come back as Problems naming the field, the allowed values and what was given."""
+    decoded, problems = decode_agent_config(config)
+    keys = ("data.tunnelMode", "data.createNodeRoutes")
+    return network_settings(decoded), [p for p in problems if p.field in keys]
 
 
 def parse_acceleration(config: dict[str, str] | None) -> tuple[str, list[Problem]]:
-    """xdpAcceleration (Disabled|Native|BestEffort, default Disabled); an invalid value keeps Disabled
-    and comes back as a Problem naming the field, the allowed values and what was given."""
-    raw = (config or {}).get(CONFIG_ACCELERATION_KEY)
-    if raw is None:
-        return "Disabled", []
-    if str(raw) in ACCELERATIONS:
-        return str(raw), []
-    return "Disabled", [Problem(_CONFIG_OBJ, f"data.{CONFIG_ACCELERATION_KEY}",
-                                f'must be one of {", ".join(ACCELERATIONS)}; got "{raw}"')]
+    """xdpAcceleration (Disabled|Native|BestEffort, default Disabled) through the one schema; an invalid
+    value keeps Disabled and comes back as a Problem."""
+    decoded, problems = decode_agent_config(config)
+    return decoded.settings.xdpAcceleration, [p for p in problems if p.field == "data.xdpAcceleration"]

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.model.maglev import SEED_MAX, TABLE_SIZES
 from bpflb.model.messages import json_kind as _type_name
 from bpflb.model.messages import show as _show
+from bpflb.model.settings import decode_agent_config
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -20,20 +20,14 @@ from bpflb.model.types import (
     Frontend,
     FrontendKind,
     L4Addr,
-    Mode,
     Problem,
     Proto,
 )
-from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, KubeObject, Snapshot
+from bpflb.sources.base import KubeObject, Snapshot
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 LB_ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
-CONFIG_MODE_KEY = "bpfLBMode"
-CONFIG_ALGORITHM_KEY = "lbAlgorithm"
-CONFIG_MAGLEV_TABLE_SIZE_KEY = "maglevTableSize"
-CONFIG_MAGLEV_SEED_KEY = "maglevHashSeed"
-CONFIG_OBJECT = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
 
 NODEPORT_MIN = 30000
 NODEPORT_MAX = 32767
@@ -41,7 +35,6 @@ DEFAULT_AFFINITY_TIMEOUT = 10800          # seconds, Kubernetes' default for ses
 MAX_AFFINITY_TIMEOUT = 86400              # the API server's upper bound
 DEFAULT_NAMESPACE = "default"             # what kubectl applies a namespace-less manifest to
 
-_ALGORITHMS_BY_CONFIG = {"Random": Algorithm.RANDOM, "Maglev": Algorithm.MAGLEV}
 _ALGORITHMS_BY_ANNOTATION = {"random": Algorithm.RANDOM, "maglev": Algorithm.MAGLEV}
 _PROTOS = {"TCP": Proto.TCP, "UDP": Proto.UDP}
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -206,63 +199,11 @@ def _meta(kind: str, obj: Any, index: int, problems: list[Problem]) -> _Meta | N
 
 
 def parse_settings(config: dict[str, str] | None) -> tuple[AgentSettings, list[Problem]]:
-    """Read the agent ConfigMap data into AgentSettings; an invalid value keeps its default and is a Problem.
-
-    Absent keys (or an absent ConfigMap) mean the defaults: bpfLBMode SNAT, lbAlgorithm Random,
-    maglevTableSize 16381, maglevHashSeed 0. Unknown keys are left alone (other components may read them).
-    """
-    problems: list[Problem] = []
-    mode = Mode.SNAT
-    algorithm = Algorithm.RANDOM
-    if config is None:
-        return AgentSettings(mode, algorithm), problems
-    if not isinstance(config, dict):
-        problems.append(Problem(CONFIG_OBJECT, "data", f"must be a mapping of strings; {_got(config)}"))
-        return AgentSettings(mode, algorithm), problems
-    defaults = AgentSettings()
-
-    raw_mode = config.get(CONFIG_MODE_KEY)
-    if raw_mode is not None:
-        parsed_mode = next((m for m in Mode if isinstance(raw_mode, str) and m.label == raw_mode), None)
-        if parsed_mode is None:
-            problems.append(Problem(CONFIG_OBJECT, f"data.{CONFIG_MODE_KEY}",
-                                    f"must be one of SNAT, DSR, Hybrid; got {_show(raw_mode)}"))
-        else:
-            mode = parsed_mode
-
-    raw_alg = config.get(CONFIG_ALGORITHM_KEY)
-    if raw_alg is not None:
-        parsed_alg = _ALGORITHMS_BY_CONFIG.get(raw_alg) if isinstance(raw_alg, str) else None
-        if parsed_alg is None:
-            problems.append(Problem(CONFIG_OBJECT, f"data.{CONFIG_ALGORITHM_KEY}",
-                                    f"must be one of Random, Maglev; got {_show(raw_alg)}"))
-        else:
-            algorithm = parsed_alg
-
-    table_size = _config_int(config, CONFIG_MAGLEV_TABLE_SIZE_KEY, defaults.maglev_table_size, problems,
-                             allowed=TABLE_SIZES)
-    seed = _config_int(config, CONFIG_MAGLEV_SEED_KEY, defaults.maglev_seed, problems, high=SEED_MAX)
-    return AgentSettings(mode, algorithm, maglev_table_size=table_size, maglev_seed=seed), problems
-
-
-def _config_int(config: dict[str, Any], key: str, default: int, problems: list[Problem], *,
-                allowed: tuple[int, ...] = (), high: int = 0) -> int:
-    """Return an integer ConfigMap value (a decimal string, or an integer in a hand-written file) that is one
-    of `allowed`, or in 0..high; absent means the default, anything else is a Problem and the default."""
-    raw = config.get(key)
-    if raw is None:
-        return default
-    expected = (f"one of {', '.join(map(str, allowed))}" if allowed else f"an integer in 0..{high}")
-    value: int | None = None
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        value = raw
-    elif isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
-        value = int(raw.strip())
-    if value is None or (value not in allowed if allowed else not 0 <= value <= high):
-        problems.append(Problem(CONFIG_OBJECT, f"data.{key}",
-                                f"must be {expected}; got {_show(raw)}; the default {default} is used"))
-        return default
-    return value
+    """Read the agent ConfigMap data into AgentSettings through the one schema (bpflb.model.settings); an
+    invalid value keeps its default (Deckhouse's: bpfLBMode Hybrid, lbAlgorithm Random, maglevTableSize
+    16381, maglevHashSeed 0) and is a Problem."""
+    config_, problems = decode_agent_config(config)
+    return config_.agent_settings(), problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -619,6 +560,12 @@ def _algorithm(meta: _Meta, obj: str, ctx: _Context) -> Algorithm:
     value = meta.annotations.get(LB_ALGORITHM_ANNOTATION)
     if value is None:
         return ctx.settings.algorithm
+    if not ctx.settings.algorithm_annotation:
+        ctx.problems.append(Problem(
+            obj, f'metadata.annotations["{LB_ALGORITHM_ANNOTATION}"]',
+            f"ignored: the module setting extraLoadBalancerAlgorithmsEnabled is false; the cluster default "
+            f"{ctx.settings.algorithm.name.capitalize()} is used"))
+        return ctx.settings.algorithm
     algorithm = _ALGORITHMS_BY_ANNOTATION.get(value.lower()) if isinstance(value, str) else None
     if algorithm is None:
         ctx.problems.append(Problem(
@@ -641,8 +588,7 @@ def translate(snapshot: Snapshot, node_name: str) -> DesiredState:
     works. Two Services wanting the same frontend: the one whose "namespace/name" sorts first keeps it.
 
     Settings: an invalid bpfLBMode or lbAlgorithm in the agent ConfigMap is a Problem and that setting
-    keeps its default (SNAT, Random) in state.settings; the caller decides whether to apply it or keep
-    the last valid configuration (look for problems whose obj is CONFIG_OBJECT).
+    keeps its default (Hybrid, Random) in state.settings (look for problems whose obj is settings.CONFIG_OBJECT).
 
     When the node's Node object is absent the state has no frontends and a Problem says so.
     Frontends are in L4Addr order and backends in (name, address) order, whatever the input order, so

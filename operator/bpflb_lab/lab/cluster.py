@@ -16,14 +16,14 @@ from typing import Any
 
 import yaml
 
+from bpflb.model.settings import CiliumSettings, agent_config_data
+from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
 from bpflb_lab.lab import topology
 from bpflb_lab.lab.errors import LabError
 from bpflb_lab.lab.state import atomic_write
 
 KubeObject = dict[str, Any]
 
-AGENT_CONFIG_NAMESPACE = "kube-system"
-AGENT_CONFIG_NAME = "bpflb-agent"
 NODEPORT_RANGE = range(30000, 32768)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -337,18 +337,26 @@ def node_object(k: int) -> KubeObject:
     }
 
 
+def lab_settings(mode: str, algorithm: str | None = None, tunnel: str = "Disabled",
+                 acceleration: str = "Disabled") -> CiliumSettings:
+    """The lab's module settings, through the one schema: the nodes share one L2 segment, so with tunnelMode
+    Disabled the agents install native routes to each other's pod CIDRs (createNodeRoutes), as Deckhouse
+    would; per-Service algorithm annotations are on (extraLoadBalancerAlgorithmsEnabled)."""
+    values: dict[str, Any] = {"bpfLBMode": mode, "tunnelMode": tunnel, "createNodeRoutes": True,
+                              "xdpAcceleration": acceleration, "extraLoadBalancerAlgorithmsEnabled": True}
+    if algorithm is not None:
+        values["lbAlgorithm"] = algorithm
+    return CiliumSettings.model_validate(values)
+
+
 def agent_config(mode: str, algorithm: str | None = None, tunnel: str = "Disabled",
                  acceleration: str = "Disabled") -> KubeObject:
-    """The agents' configuration: the lab's nodes share one L2 segment, so with tunnelMode Disabled the
-    agents install native routes to each other's pod CIDRs (createNodeRoutes), as Deckhouse would."""
-    data = {"bpfLBMode": mode, "tunnelMode": tunnel, "createNodeRoutes": "true", "xdpAcceleration": acceleration}
-    if algorithm is not None:
-        data["lbAlgorithm"] = algorithm
+    """The agents' configuration ConfigMap, as the operator would write it for the lab's settings."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": AGENT_CONFIG_NAME, "namespace": AGENT_CONFIG_NAMESPACE},
-        "data": data,
+        "data": agent_config_data(lab_settings(mode, algorithm, tunnel, acceleration)),
     }
 
 

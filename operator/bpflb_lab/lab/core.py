@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import bpflb
+from bpflb.model.settings import AccelerationName, AlgorithmName, ModeName, TunnelName
 from bpflb.model.types import Mode
 from bpflb_lab.lab import cluster, netns, probe, topology
 from bpflb_lab.lab.check import CheckReport, evaluate, plan
@@ -35,10 +36,10 @@ DEFAULT_NAME = "bpflb"
 ENV_AGENT_CMD = "BPFLB_LAB_AGENT_CMD"
 DEFAULT_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --source-dir {source_dir} "
                      "--pin-root {pin_root} --device {device}")
-SUPPORTED_MODES = ("SNAT", "DSR", "Hybrid")
-ALGORITHMS = ("Random", "Maglev")
-SUPPORTED_TUNNELS = ("Disabled", "VXLAN")
-TUNNELS = ("Disabled", "VXLAN")
+SUPPORTED_MODES: tuple[str, ...] = get_args(ModeName)          # the one schema's choices
+ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
+SUPPORTED_TUNNELS: tuple[str, ...] = get_args(TunnelName)
+TUNNELS = SUPPORTED_TUNNELS
 ECHO_START_TIMEOUT = 15.0
 BPFFS = Path("/sys/fs/bpf")
 
@@ -51,7 +52,7 @@ def canonical_mode(text: str) -> str:
     raise LabError(f"--mode {text}: must be one of SNAT, DSR, Hybrid")
 
 
-ACCELERATIONS = ("Disabled", "Native", "BestEffort")
+ACCELERATIONS: tuple[str, ...] = get_args(AccelerationName)
 
 
 def canonical_acceleration(text: str) -> str:

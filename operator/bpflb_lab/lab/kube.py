@@ -81,7 +81,8 @@ def start_control_plane(lab: Lab, state: LabState) -> None:
 def module_config(mode: str, tunnel: str, algorithm: str) -> dict[str, Any]:
     return {"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig", "metadata": {"name": "cni-cilium"},
             "spec": {"enabled": True, "version": 1,
-                     "settings": {"bpfLBMode": mode, "tunnelMode": tunnel, "lbAlgorithm": algorithm}}}
+                     "settings": {"bpfLBMode": mode, "tunnelMode": tunnel, "lbAlgorithm": algorithm,
+                                  "extraLoadBalancerAlgorithmsEnabled": True}}}
 
 
 def _client() -> KubeClient:
