@@ -368,6 +368,10 @@ class ClusterDir:
     Files are replaced atomically (temporary files start with '.' and end in '.tmp').
     """
 
+    def publish(self) -> list[str]:
+        """Nothing to publish: the agents read this directory themselves (the API-backed one publishes)."""
+        return []
+
     def __init__(self, path: Path) -> None:
         self.path = path
 

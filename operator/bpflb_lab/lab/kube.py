@@ -6,17 +6,32 @@ namespace, since the root namespace has no route to the fabric."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from bpflb.kubeapi import ApiError, Credentials, KubeClient, resource_path
 from bpflb_lab.lab import netns, topology
+from bpflb_lab.lab.cluster import ClusterDir
 from bpflb_lab.lab.errors import LabError
+from bpflb_lab.lab.state import LabPaths, LabState
 
-if TYPE_CHECKING:
-    from bpflb_lab.lab.core import Lab
-    from bpflb_lab.lab.state import LabState
+T = TypeVar("T")
+
+
+class Lab(Protocol):
+    """What the control plane needs of a lab (lab.core.Lab): no import of it, so no cycle."""
+
+    name: str
+    paths: LabPaths
+    cluster: ClusterDir
+    _log: Callable[[str], None]
+
+    def _spawn(self, ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]: ...
+
+    def run_in(self, host: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T: ...
 
 HOST = "control-plane"
 API_IP = topology.FABRIC_NET.network_address + 2
@@ -176,10 +191,23 @@ def _publish(desired: list[dict[str, Any]]) -> list[str]:
     return done
 
 
+class ApiCluster(ClusterDir):
+    """The API-backed cluster (--kube): the lab's objects kept as files (the lab's own record) and published
+    into the emulated API, where the agents list+watch them. ClusterDir is the file-backed one."""
+
+    def __init__(self, directory: Path, lab_name: str) -> None:
+        super().__init__(directory)
+        self.lab_name = lab_name
+
+    def publish(self) -> list[str]:
+        """Make the API's Nodes, Services and EndpointSlices equal the files (from the control-plane host)."""
+        desired = [o for o in self.objects() if o.get("kind") in _PUBLISHED]
+        return list(netns.run_in_netns(topology.ns_name(self.lab_name, HOST), _publish, desired, timeout=60))
+
+
 def publish(lab: Lab) -> list[str]:
     """Mirror the lab's cluster objects (its endpoint controller's output) into the API."""
-    desired = [o for o in lab.cluster.objects() if o.get("kind") in _PUBLISHED]
-    return list(lab.run_in(HOST, _publish, desired, timeout=60))
+    return ApiCluster(lab.paths.cluster, lab.name).publish()
 
 
 def set_mode(lab: Lab, mode: str) -> None:
