@@ -15,7 +15,7 @@ from lupa import lua51
 from bpflb.control.report import now_rfc3339
 from bpflb.control.status import compute_status
 from bpflb.model.settings import agent_config_data, validate_spec
-from tests.chart.conftest import ROOT, documents, find
+from tests.chart.helpers import ROOT, documents, find
 
 EXAMPLES = ROOT / "examples" / "argocd"
 LUA = EXAMPLES / "moduleconfig-health.lua"

@@ -24,7 +24,7 @@ from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
 from bpflb_lab.lab.netns import entered
 from bpflb_lab.scratch import NODE1, scratch_node
-from tests.control.conftest import wait_for
+from tests.control.helpers import wait_for
 
 SVC = "/api/v1/namespaces/default/services"
 EPS = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"

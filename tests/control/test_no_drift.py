@@ -23,10 +23,8 @@ import yaml
 
 from bpflb.control.manifests import AgentPod
 from bpflb.kubeapi import KubeClient
-from tests.chart.conftest import ROOT, documents, find
-from tests.control.conftest import DS_PATH, MC_PATH, RunningOperator, wait_for
-from tests.control.test_operator import add_nodes
-from tests.control.test_webhook import free_port
+from tests.chart.helpers import ROOT, documents, find
+from tests.control.helpers import DS_PATH, MC_PATH, RunningOperator, add_nodes, free_port, wait_for
 
 VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/bpflb-webhook"
 SERVER_OWNED = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")

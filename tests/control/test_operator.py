@@ -12,14 +12,15 @@ from bpflb.control.manifests import CAPABILITIES
 from bpflb.control.report import now_rfc3339
 from bpflb.kubeapi import KubeClient
 from bpflb_lab.apiserver import EmulatedAPI
-from tests.control.conftest import CM_PATH, DS_PATH, MC_PATH, RunningOperator, module_config, wait_for
-
-NODES = ("node1", "node2", "node3")
-
-
-def add_nodes(client: KubeClient, names: tuple[str, ...] = NODES) -> None:
-    for name in names:
-        client.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+from tests.control.helpers import (
+    CM_PATH,
+    DS_PATH,
+    MC_PATH,
+    RunningOperator,
+    add_nodes,
+    module_config,
+    wait_for,
+)
 
 
 def report(client: KubeClient, node: str, generation: str, mode: str, state: str = "Ready") -> None:
@@ -278,7 +279,7 @@ def test_the_liveness_endpoint_answers(start_operator: Callable[..., RunningOper
     """--health-listen: kopf's liveness endpoint, which the chart's livenessProbe GETs."""
     import urllib.request
 
-    from tests.control.test_webhook import free_port
+    from tests.control.helpers import free_port
 
     port = free_port()
     start_operator(health_listen=f"127.0.0.1:{port}")

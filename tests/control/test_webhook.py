@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,13 +14,7 @@ from typing import Any
 import pytest
 
 from bpflb.control.operator import WEBHOOK_ID
-from tests.control.conftest import RunningOperator, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.control.helpers import RunningOperator, free_port, wait_for
 
 
 @pytest.fixture

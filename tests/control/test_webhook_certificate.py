@@ -13,7 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from bpflb.control.webhook import CERT_VALIDITY, ROTATE_BEFORE, WebhookServer
-from tests.control.test_webhook import free_port
+from tests.control.helpers import free_port
 
 
 def listening(port: int) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bpflb_lab.lab import Lab, LabError, netns
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

@@ -4,7 +4,6 @@ echo pods telling which pod answered and which source address they saw."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from bpflb_lab.lab import Lab
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import long_lived, seen_ip, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -30,10 +29,6 @@ def lab(privileged: None) -> Iterator[Lab]:
         yield shared
     finally:
         shared.down()
-
-
-def seen_ip(body: str | None) -> str | None:
-    return body.rsplit(":", 1)[0] if body else None
 
 
 def test_the_lab_check_passes_and_every_verdict_is_what_kube_proxy_would_give(lab: Lab) -> None:
@@ -92,30 +87,9 @@ def test_200_new_connections_spread_over_both_pods(lab: Lab) -> None:
     assert min(counts.values()) >= 50, counts
 
 
-def _long_lived(stop_after: float) -> list[str]:
-    """In the client: one TCP connection, a GET /hostname every 0.2 s for stop_after seconds."""
-    pods = []
-    with socket.create_connection((NODE1, 30080), timeout=2) as s:
-        deadline = time.monotonic() + stop_after
-        buf = b""
-        while time.monotonic() < deadline:
-            s.sendall(f"GET /hostname HTTP/1.1\r\nHost: {NODE1}\r\n\r\n".encode())
-            while b"\r\n\r\n" not in buf:
-                buf += s.recv(4096)
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-                         .split(b":")[1])
-            while len(rest) < length:
-                rest += s.recv(4096)
-            pods.append(rest[:length].decode())
-            buf = rest[length:]
-            time.sleep(0.2)
-    return pods
-
-
 def test_a_long_lived_connection_keeps_its_backend_across_changes(lab: Lab) -> None:
     out: list[list[str]] = []
-    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", _long_lived, 4.0, timeout=15)))
+    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", long_lived, 4.0, timeout=15)))
     worker.start()
     time.sleep(1.0)
     # Meanwhile the Service gains a third pod: slots are rewritten, the flow must not move.

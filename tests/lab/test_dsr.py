@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from bpflb_lab.lab import Lab
-from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
-from tests.lab.test_datapath import NODE1, _long_lived, seen_ip
+from tests.lab.helpers import capture, long_lived, mac_of, seen_ip, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
 CLIENT = "198.18.0.100"
+NODE1 = "198.18.0.11"
 LB_IP = "198.18.1.10"
 
 
@@ -74,7 +74,7 @@ def test_pure_dsr_udp_preserves_the_client_address(lab: Lab) -> None:
 def test_an_open_connection_survives_snat_dsr_snat_switches(lab: Lab) -> None:
     lab.set_mode("SNAT")
     out: list[list[str]] = []
-    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", _long_lived, 5.0, timeout=20)))
+    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", long_lived, 5.0, timeout=20)))
     worker.start()
     try:
         time.sleep(1.2)

@@ -14,7 +14,7 @@ import pytest
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, kube
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

@@ -12,8 +12,7 @@ import pytest
 
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
-from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
-from tests.lab.test_datapath import seen_ip
+from tests.lab.helpers import capture, mac_of, seen_ip, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

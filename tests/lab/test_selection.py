@@ -16,7 +16,7 @@ import pytest
 
 from bpflb.model import maglev
 from bpflb_lab.lab import Lab
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from bpflb_lab.lab import Lab, LabError, netns, topology
-from tests.lab.lab_helpers import root_netns_snapshot
+from tests.lab.helpers import root_netns_snapshot
 
 pytestmark = pytest.mark.privileged
 

@@ -11,8 +11,7 @@ import pytest
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, cluster
-from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
-from tests.lab.test_datapath import seen_ip
+from tests.lab.helpers import capture, mac_of, seen_ip, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
