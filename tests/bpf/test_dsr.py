@@ -4,17 +4,16 @@ whose egress rewrites the pod's replies to come from the frontend.  Whole frames
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 from bpflb.model.types import Mode, Proto
-
-from .conftest import (
+from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
@@ -23,18 +22,22 @@ from .conftest import (
     LXC_MAC,
     NODE1,
     NODE2_MAC,
+    REMOTE,
     REMOTE_POD,
     Node,
+    assert_frame,
+    backend,
+    dsr_option,
+    fe,
+    frame_in,
+    l4,
+    recomputed,
+    state,
 )
-from .test_nodeport_snat import REMOTE, assert_frame, backend, fe, frame_in, l4, recomputed, state
 
 pytestmark = pytest.mark.privileged
 
 OTHER_NODE = "198.18.0.13"          # the node a request entered through, seen from this (backend) node
-
-
-def dsr_option(addr: str, port: int) -> IPOption:
-    return IPOption(b"\x9a\x08" + port.to_bytes(2, "big") + IPv4Address(addr).packed)
 
 
 def test_syn_gets_the_option_later_segments_do_not(node: Node) -> None:

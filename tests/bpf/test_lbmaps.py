@@ -21,8 +21,7 @@ from bpflb.inspect import collect, collect_maps
 from bpflb.model.translate import translate
 from bpflb.model.types import Mode
 from bpflb.sources.base import Snapshot
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
+from tests.bpf.packets import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
 
 pytestmark = pytest.mark.privileged
 

@@ -17,10 +17,23 @@ from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
 from bpflb.model.cluster import NodeInfo
 from bpflb.model.types import Mode, Proto
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE1, NODE2, NODE2_MAC, REMOTE_POD, Node
-from .test_dsr import dsr_option
-from .test_nodeport_snat import REMOTE, backend, fe, frame_in, state
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    NODE1,
+    NODE2,
+    NODE2_MAC,
+    REMOTE,
+    REMOTE_POD,
+    Node,
+    backend,
+    dsr_option,
+    fe,
+    frame_in,
+    state,
+)
 
 pytestmark = pytest.mark.privileged
 bind_layers(UDP, VXLAN, dport=8472)

@@ -15,10 +15,24 @@ from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_REDIRECT, XDP_PASS, XDP_TX
 from bpflb.model.cluster import NodeInfo
 from bpflb.model.types import Mode, Proto
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE1, NODE2_MAC, REMOTE_POD, XdpNode
-from .test_dsr import dsr_option
-from .test_nodeport_snat import LOCAL, REMOTE, assert_frame, backend, fe, frame_in, state
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL,
+    LOCAL_POD,
+    NODE1,
+    NODE2_MAC,
+    REMOTE,
+    REMOTE_POD,
+    XdpNode,
+    assert_frame,
+    backend,
+    dsr_option,
+    fe,
+    frame_in,
+    state,
+)
 
 pytestmark = pytest.mark.privileged
 

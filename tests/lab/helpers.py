@@ -4,6 +4,7 @@ own traffic, and the client-side probes the tests share."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -65,6 +67,43 @@ def counted(lab: Lab, *nodes: str) -> Iterator[dict[str, dict[str, int]]]:
         delta[n] = {k: v - before[n].get(k, 0) for k, v in after.items()}
 
 
+def frontend(lab: Lab, node: str, name: str) -> dict[str, Any] | None:
+    """A node's programmed frontend ("198.18.0.11:30080/TCP"), as `bpflb inspect` reads it, or None."""
+    return next((f for f in collect(lab.pin_root / node)["frontends"] if f["frontend"] == name), None)
+
+
+def wait_programmed(lab: Lab, nodes: tuple[str, ...], name: str, check: Callable[[dict[str, Any] | None], bool],
+                    what: str, timeout: float = 15.0) -> None:
+    """Wait until every node's agent has programmed frontend `name` so that check(it) holds."""
+    for n in nodes:
+        wait_until(f"{n}: {name} {what}", lambda n=n: check(frontend(lab, n, name)), timeout)  # type: ignore[misc]
+
+
+def backends_of(lab: Lab, node: str, name: str) -> set[str]:
+    fe = frontend(lab, node, name)
+    return set(fe["backends"]) if fe else set()
+
+
+def affinity_idle(lab: Lab, node: str, client: str, seconds: float) -> bool:
+    """Whether client's session-affinity entry on node was last used more than `seconds` ago (the kernel's
+    monotonic clock, which Python's time.monotonic_ns reads too), or is gone."""
+    from ipaddress import IPv4Address
+
+    from bpflb.inspect import open_pinned
+
+    m = open_pinned(lab.pin_root / node, "lb_affinity")
+    try:
+        now = time.monotonic_ns()
+        for raw_key, raw in m.items_raw():
+            key, value = m.decode_key(raw_key), m.decode_value(raw)
+            if IPv4Address(int(key.client_addr).to_bytes(4, "little")) == IPv4Address(client) and \
+                    now - int(value.last_used) <= seconds * 1e9:
+                return False
+        return True
+    finally:
+        m.close()
+
+
 # --- packet captures inside lab namespaces -------------------------------------------------------------
 
 _LINE = re.compile(r"(?P<smac>[0-9a-f:]{17}) > (?P<dmac>[0-9a-f:]{17}), .*?: "
@@ -111,9 +150,12 @@ class Capture:
                 and f"{proto} port {port} unreachable" in f.what]
 
     def matching(self, *, src: str | None = None, dst: str | None = None, sport: int | None = None,
-                 dport: int | None = None) -> list[Frame]:
+                 dport: int | None = None, ports: set[int] | None = None) -> list[Frame]:
+        """Frames with these addresses and ports; `ports`: only frames of the test's own connections (their
+        client-side ports, own_ports()) count."""
         return [f for f in self.frames if (src is None or f.src == src) and (dst is None or f.dst == dst)
-                and (sport is None or f.sport == sport) and (dport is None or f.dport == dport)]
+                and (sport is None or f.sport == sport) and (dport is None or f.dport == dport)
+                and (ports is None or f.sport in ports or f.dport in ports)]
 
 
 @contextmanager
@@ -146,6 +188,12 @@ def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Itera
                                            int(m["dport"]), line))
 
 
+def own_ports(results: list[Any]) -> set[int]:
+    """The client-side ports of probe results (ProbeResult.local "ip:port"): a capture's frames of exactly
+    those connections."""
+    return {int(r.local.rsplit(":", 1)[1]) for r in results if r.local}
+
+
 def mac_of(lab: Lab, host: str, device: str = "eth0") -> str:
     """A lab device's MAC, through netlink (under nsenter /sys is still the root namespace's)."""
     link = lab.exec(host, ["ip", "-o", "link", "show", device], check=True).stdout
@@ -156,9 +204,10 @@ def seen_ip(body: str | None) -> str | None:
     return body.rsplit(":", 1)[0] if body else None
 
 
-def long_lived(stop_after: float) -> list[str]:
-    """In the client: one TCP connection, a GET /hostname every 0.2 s for stop_after seconds."""
-    pods = []
+def long_lived(stop_after: float, progress: str | None = None) -> list[str]:
+    """In the client: one TCP connection, a GET /hostname every 0.2 s for stop_after seconds; the number of
+    answers so far is written to the file `progress` after each one (answers() reads it)."""
+    pods: list[str] = []
     with socket.create_connection((NODE1, 30080), timeout=2) as s:
         deadline = time.monotonic() + stop_after
         buf = b""
@@ -173,8 +222,20 @@ def long_lived(stop_after: float) -> list[str]:
                 rest += s.recv(4096)
             pods.append(rest[:length].decode())
             buf = rest[length:]
+            if progress is not None:
+                with open(progress + ".tmp", "w") as f:
+                    f.write(str(len(pods)))
+                os.replace(progress + ".tmp", progress)
             time.sleep(0.2)
     return pods
+
+
+def answers(progress: Path) -> int:
+    """How many answers long_lived has had (0 before the first)."""
+    try:
+        return int(progress.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def root_rules() -> dict[str, str]:

@@ -8,11 +8,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import long_lived, seen_ip, unique_lab_name
+from tests.lab.helpers import (
+    answers,
+    capture,
+    long_lived,
+    seen_ip,
+    unique_lab_name,
+    wait_programmed,
+    wait_until,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -34,12 +43,20 @@ def lab(privileged: None) -> Iterator[Lab]:
 def test_the_lab_check_passes_and_every_verdict_is_what_kube_proxy_would_give(lab: Lab) -> None:
     lab.apply("kind: Service\nmetadata: {name: empty}\nspec: {type: NodePort, selector: {app: none}, "
               "ports: [{port: 80, nodePort: 30400}]}\n")
-    time.sleep(1.5)   # the agents notice the new files and program the frontend
+    for k, node in enumerate(("node1", "node2", "node3"), start=1):
+        wait_programmed(lab, (node,), f"{lab.node_ip(k)}:30400/TCP", lambda fe: bool(fe) and fe["reject"],
+                        "programmed to reject (no endpoints)")
     report = lab.check()
     assert report.ok, report.render()
     by = {(r.service, r.frontend, r.request): r for r in report.rows}
     assert by[("default/echo-local", f"{NODE1}:30180", "GET /hostname")].error == "timeout"
     assert by[("default/empty", f"{NODE2}:30400", "GET /hostname")].error == "connection refused"
+    # The refusal is the datapath's REJECT: an ICMP port unreachable from node2 about this very connection
+    # (a node's own RST would look the same to the client's socket).
+    with capture(lab, "client", "icmp or (tcp and port 30400)") as wire:
+        assert lab.http_get("client", f"http://{NODE2}:30400/hostname") == (None, "connection refused")
+    assert wire.port_unreachable(src=NODE2, dst=CLIENT, port=30400), wire.lines
+    assert not [f for f in wire.matching(src=NODE2, sport=30400)], "a TCP reply (RST) instead of the REJECT"
     lb = by[("default/echo-lb", f"{LB_IP}:80", "GET /clientip")]
     assert lb.answered in ("echo-a", "echo-b") and (lb.client_seen or "").startswith(f"{NODE1}:")
     lab.delete("service", "empty")
@@ -87,11 +104,13 @@ def test_200_new_connections_spread_over_both_pods(lab: Lab) -> None:
     assert min(counts.values()) >= 50, counts
 
 
-def test_a_long_lived_connection_keeps_its_backend_across_changes(lab: Lab) -> None:
+def test_a_long_lived_connection_keeps_its_backend_across_changes(lab: Lab, tmp_path: Path) -> None:
     out: list[list[str]] = []
-    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", long_lived, 4.0, timeout=15)))
+    progress = tmp_path / "answers"
+    worker = threading.Thread(target=lambda: out.append(
+        lab.run_in("client", long_lived, 4.0, str(progress), timeout=15)))
     worker.start()
-    time.sleep(1.0)
+    wait_until("the long-lived connection's first answers", lambda: answers(progress) >= 3)
     # Meanwhile the Service gains a third pod: slots are rewritten, the flow must not move.
     lab.apply("kind: Pod\nmetadata: {name: echo-c, labels: {app: echo}}\nspec: {nodeName: node1, containers: "
               "[{name: echo, ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, "
