@@ -24,7 +24,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out)
     if not args.no_rates:
-        from bpflb_lab.bench_rates import run_rate_bench
+        from bpflb_lab.rates import run_rate_bench
 
         rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
     return rc

@@ -81,7 +81,8 @@ def _hostnames(targets: list[tuple[str, int, int]]) -> list[str]:
 
 
 def _hold(addr: str, port: int, sport: int, ready: str, stop: str, limit: float) -> list[str]:
-    """In the client: one connection from sport, a GET /hostname every 0.2 s until `stop` exists."""
+    """In the client: one connection from sport, a GET /hostname every 0.2 s until `stop` exists; `ready` holds
+    the number of answers so far."""
     pods = []
     deadline = time.monotonic() + limit
     with _connect(addr, port, sport) as s:
@@ -90,7 +91,8 @@ def _hold(addr: str, port: int, sport: int, ready: str, stop: str, limit: float)
             s.sendall(f"GET /hostname HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
             pod, buf = _read_reply(s, buf)
             pods.append(pod)
-            Path(ready).touch()
+            Path(ready + ".tmp").write_text(str(len(pods)))
+            Path(ready + ".tmp").replace(ready)
             if Path(stop).exists():
                 break
             time.sleep(0.2)
@@ -182,6 +184,8 @@ def test_a_terminating_pod_gets_no_new_connections_while_an_open_one_keeps_worki
         new = lab.run_in("client", _hostnames, [(NODE1, 30080, p) for p in fresh[:20]] +
                          [(NODE2, 30080, p) for p in fresh[20:]], timeout=60)
         assert new == ["echo-b"] * len(fresh), new
+        # The open connection goes on answering after the change (its own 10 requests at least, in all).
+        wait_until("the held connection's answers", lambda: int(ready.read_text() or 0) >= 10, timeout=30)
     finally:
         stop.touch()
         worker.join()
