@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.kubeapi import KubeClient
+from bpflb.kubeapi import KubeClient, load_credentials
 
 NODES = ("node1", "node2", "node3")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
@@ -47,11 +47,14 @@ class RunningOperator:
     ready_flag: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     error: list[BaseException] = field(default_factory=list)
+    state: op.State | None = None
 
     def start(self) -> RunningOperator:
+        self.state = op.State(client=KubeClient(load_credentials(self.options.kubeconfig)), options=self.options)
+
         def target() -> None:
             try:
-                op.run(self.options, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
+                op.run(self.options, stop_flag=self.stop_flag, ready_flag=self.ready_flag, state=self.state)
             except BaseException as exc:  # noqa: BLE001 - reported by the test
                 self.error.append(exc)
         self.thread = threading.Thread(target=target, name="operator", daemon=True)
@@ -59,6 +62,14 @@ class RunningOperator:
         if not self.ready_flag.wait(20):
             pytest.fail(f"the operator did not become ready in 20s: {self.error}")
         return self
+
+    def wait_rounds(self, what: str, rounds: int = 2, *, reasserts: int = 0) -> None:
+        """Wait until the operator has done `rounds` more status rounds (and `reasserts` more re-assert rounds)
+        than now: a condition on its own progress, for checks that something did not happen."""
+        assert self.state is not None
+        state = self.state
+        want_rounds, want_reasserts = state.rounds + rounds, state.reasserts + reasserts
+        wait_for(what, lambda: state.rounds >= want_rounds and state.reasserts >= want_reasserts, timeout=30)
 
     def stop(self) -> None:
         self.stop_flag.set()

@@ -98,6 +98,8 @@ class State:
     last_status: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
     said: set[str] = field(default_factory=set)   # spec fields not acted on, logged once each
+    rounds: int = 0                          # status rounds done (waits in tests count these, not seconds)
+    reasserts: int = 0                       # re-assert rounds done (drift of the ConfigMap and DaemonSet)
 
 
 def _state(memo: Any) -> State:
@@ -322,6 +324,7 @@ async def status_loop(state: State, indices: Mapping[str, Any]) -> None:
             raise
         except Exception as exc:  # noqa: BLE001 - the API may be away: try again next round
             log.warning("status update failed: %s; retrying in %.0fs", exc, STATUS_INTERVAL)
+        state.rounds += 1
 
 
 async def update_status(state: State, indices: Mapping[str, Any]) -> None:
@@ -358,12 +361,14 @@ async def update_status(state: State, indices: Mapping[str, Any]) -> None:
         try:
             spec = validate_spec(body.get("spec"))
         except Invalid:
+            state.reasserts += 1
             return
         if spec.enabled:
             events, _pending = await asyncio.to_thread(apply_module, state, spec, reports)
             for kind, reason, message in events:
                 log.info("ModuleConfig %s: %s", MODULE_NAME, message)
                 await asyncio.to_thread(post_event, state.client, body, kind, reason, message)
+        state.reasserts += 1
 
 
 def post_event(client: KubeClient, obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
@@ -418,10 +423,15 @@ def make_registry(*, webhook: bool) -> kopf.OperatorRegistry:
     return reg
 
 
-def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = None) -> None:
-    """Run the operator until stop_flag is set (or SIGINT/SIGTERM when run from the CLI)."""
-    client = KubeClient(load_credentials(options.kubeconfig), user_agent="bpflb-operator")
-    memo = kopf.Memo(state=State(client=client, options=options))
+def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = None,
+        state: State | None = None) -> None:
+    """Run the operator until stop_flag is set (or SIGINT/SIGTERM when run from the CLI); state: the one to
+    keep (for a caller that watches its rounds), else a new one."""
+    if state is None:
+        state = State(client=KubeClient(load_credentials(options.kubeconfig), user_agent="bpflb-operator"),
+                      options=options)
+    client = state.client
+    memo = kopf.Memo(state=state)
     log.info("operator: watching ModuleConfig %s (%s/%s) and namespace %s at %s%s", MODULE_NAME, GROUP,
              VERSION, options.namespace, client.creds.server,
              f"; admission webhook on {options.webhook_listen}" if options.webhook_listen else "")
