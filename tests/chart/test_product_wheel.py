@@ -26,7 +26,7 @@ def build_stage_copies() -> list[str]:
     sources: list[str] = []
     stage = ""
     for line in DOCKERFILE.read_text().splitlines():
-        words = shlex.split(line, comments=True) if line and not line.startswith("#") else []
+        words = shlex.split(line) if line.startswith(("FROM ", "COPY ")) else []
         if words[:1] == ["FROM"]:
             stage = words[-1]
         elif words[:1] == ["COPY"] and stage == "build" and not any(w.startswith("--from") for w in words):
