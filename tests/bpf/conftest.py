@@ -10,7 +10,20 @@ import pytest
 from bpflb.datapath.lbmaps import LBMaps
 from bpflb.datapath.loader import load_lb, load_xdp
 from bpflb_lab.scratch import scratch_node
-from tests.bpf.packets import Node, XdpNode
+from tests.bpf.packets import (  # noqa: F401 - the names this module exported before; new tests import packets
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    LOCAL_POD_MAC,
+    LXC_MAC,
+    NODE1,
+    NODE2,
+    NODE2_MAC,
+    REMOTE_POD,
+    Node,
+    XdpNode,
+)
 
 
 @pytest.fixture
