@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
+from bpflb.model.budget import Budget, Refusal
 from bpflb.model.cluster import (
     cluster_prefixes,
     dsr_frontends,
@@ -26,8 +27,8 @@ from bpflb.model.cluster import (
     nodes_info,
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
-from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.translate import Translator
+from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode, Problem
 from bpflb.sources.base import Source
 
 log = logging.getLogger("bpflb.agent")
@@ -83,6 +84,9 @@ class Agent:
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
         self.state: DesiredState | None = None
+        self.translator = Translator(opts.node_name)     # re-translates only what changed
+        self.budget = Budget()                           # which Services fit the maps
+        self.refused: dict[str, Problem] = {}            # Services left out of the datapath, by namespace/name
         self.mode: Mode | None = None
         self.debug_logging = False
         self._problems_seen: set[str] = set()
@@ -116,7 +120,7 @@ class Agent:
             self._problem(text)
         config, _ = decode_agent_config(snap.config)      # its problems come back in state.problems
         self._set_debug_logging(config.settings.debugLogging)
-        state = translate(snap, self.opts.node_name)
+        state = self.translator.translate(snap)
         for problem in state.problems:
             self._problem(str(problem))
         if not state.node_addrs:
@@ -140,14 +144,17 @@ class Agent:
         network = network_settings(config)
         nodes = nodes_info(snap)
         me = next((n for n in nodes if n.name == self.opts.node_name), None)
+        all_addrs = node_addresses(snap)
+        state, refusals = self.budget.fit(state, all_addrs, self.datapath.capacity())
         want = NodeProgram(
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=frozenset(dsr_frontends(state, node_addresses(snap))),
+            dsr_frontends=frozenset(dsr_frontends(state, all_addrs)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
         done = self.datapath.program(want)
+        self._refuse(refusals, done.refused)
         for action in done.network_actions:
             log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
         for text in done.problems:
@@ -162,6 +169,25 @@ class Agent:
         self._log_frontend_changes(self.state, state)
         self.state = state
         return done.sync
+
+    def _refuse(self, refusals: list[Refusal], failed: list[tuple[str, str, str]]) -> None:
+        """Services left out of the datapath, each alone: by the budget (they do not fit), or because the kernel
+        refused their entries (tried again at the next sync). Logged once each, kept in self.refused for
+        the node report and the Services' Events."""
+        refused = {r.service: r.problem() for r in refusals}
+        for service, map_name, reason in failed:
+            if service and service not in refused:
+                refused[service] = Problem(f"Service {service}", f"map {map_name}",
+                                           f"{reason}; left out and tried again at the next sync, everything "
+                                           f"else is programmed")
+            elif not service:
+                self._problem(f"map {map_name}: {reason}")
+        for service, problem in refused.items():
+            if self.refused.get(service) != problem:
+                log.warning("refused: %s", problem)
+        for service in self.refused.keys() - refused.keys():
+            log.info("Service %s fits the datapath again: programmed", service)
+        self.refused = refused
 
     def _set_debug_logging(self, on: bool) -> None:
         """debugLogging: the agent's loggers at DEBUG, or back at the command line's level."""

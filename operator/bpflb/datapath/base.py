@@ -40,6 +40,9 @@ class ProgramReport:
     network_actions: list[str] = field(default_factory=list)
     acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
     problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
+    # Frontends and cluster facts the kernel refused to hold: (Service "namespace/name" or "", map, reason).
+    # The Service is left out whole at the next sync only if the budget says so; the maps keep everything else.
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Datapath(Protocol):
@@ -64,6 +67,10 @@ class Datapath(Protocol):
 
     def counters(self) -> dict[str, int]:
         """Packet counters by name (STAT_* of lb_structs.h, lower case)."""
+        ...
+
+    def capacity(self) -> dict[str, int]:
+        """max_entries of every map a sync fills, by map name (after load())."""
         ...
 
     def uninstall(self, device: str | None) -> None:
@@ -100,6 +107,7 @@ class MapsDatapath:
         report.network_actions = self._network(want)
         report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
                                                    want.nodes)
+        report.refused += [(_service_of(obj, want), name, why) for name, obj, why in self.cluster.failures]
         report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.local_backends.entries),
                                 len(self.cluster.cidrs.entries))
         self._accelerate(want.acceleration, report)
@@ -107,8 +115,24 @@ class MapsDatapath:
         config_changed = self.maps.set_config(config)
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
+        report.refused += [(f.service, f.map_name, f"frontend {f.frontend}: {f.reason}") for f in report.sync.failures]
         return report
+
+    def capacity(self) -> dict[str, int]:
+        assert self.maps is not None and self.cluster is not None, "capacity() before load()"
+        return {**self.maps.capacity(), **self.cluster.capacity()}
 
     def counters(self) -> dict[str, int]:
         assert self.maps is not None, "counters() before load()"
         return self.maps.stats()
+
+
+def _service_of(obj: object, want: NodeProgram) -> str:
+    """The Service a refused cluster-map key stands for ("" for a node's prefixes or tunnel endpoints)."""
+    if not isinstance(obj, L4Addr):
+        return ""
+    for fe in want.state.frontends.values():
+        if fe.l4 == obj or (fe.l4.port, fe.l4.proto) == (obj.port, obj.proto) \
+                or any(b.l4 == obj for b in fe.backends + fe.draining):
+            return fe.service
+    return ""

@@ -1,11 +1,14 @@
 """Programs the maps that hold cluster-wide facts (DSR frontends, this node's backend endpoints, the
-cluster's prefixes, the overlay's tunnel endpoints) as differences: only changed keys are written."""
+cluster's prefixes, the overlay's tunnel endpoints) as differences: only changed keys are written, stale
+ones removed first, and a key the kernel refuses is named in ClusterMaps.failures (never raised)."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from ipaddress import IPv4Network
+from typing import Any
 
 from bpflb.datapath.libbpf import ffi
 from bpflb.datapath.loader import MapSource
@@ -14,13 +17,11 @@ from bpflb.model.cluster import NodeInfo
 from bpflb.model.types import L4Addr
 
 _ONE = b"\x01"
+L4_KEY = struct.Struct("=4s2sBx")        # struct lb_l4_key: addr, port (network order), proto, pad
 
 
 def l4_key(l4: L4Addr) -> bytes:
-    key = ffi().new("struct lb_l4_key *", {"addr": int.from_bytes(l4.addr.packed, "little"),
-                                            "port": int.from_bytes(l4.port.to_bytes(2, "big"), "little"),
-                                            "proto": int(l4.proto)})
-    return bytes(ffi().buffer(key))
+    return L4_KEY.pack(l4.addr.packed, l4.port.to_bytes(2, "big"), int(l4.proto))
 
 
 def cidr_key(net: IPv4Network) -> bytes:
@@ -37,6 +38,11 @@ class ClusterMaps:
         self.local_backends = MapMirror(obj.map("lb_local_backends"), batch=False)
         self.cidrs = MapMirror(obj.map("lb_cluster_cidrs"), batch=False)
         self.tunnel = MapMirror(obj.map("lb_tunnel_map"), batch=False)
+        # What the last sync could not write: (map name, the object the key stands for, the kernel's reason).
+        self.failures: list[tuple[str, Any, str]] = []
+
+    def capacity(self) -> dict[str, int]:
+        return {m.map.name: m.capacity for m in (self.dsr_frontends, self.local_backends, self.cidrs, self.tunnel)}
 
     def sync(self, dsr_frontends: AbstractSet[L4Addr], local_backends: AbstractSet[L4Addr],
              prefixes: AbstractSet[IPv4Network],
@@ -44,12 +50,21 @@ class ClusterMaps:
         """Write the differences; returns how many keys were added, changed or removed.
         nodes feed the tunnel map: every node's pod CIDRs and address -> that node's address."""
         tunnel: dict[bytes, bytes] = {}
+        tunnel_of: dict[bytes, Any] = {}
         for node in nodes:
             value = bytes(ffi().buffer(ffi().new("struct lb_tunnel_ep *",
                                                  {"node_addr": int.from_bytes(node.addr.packed, "little")})))
             for net in (IPv4Network(node.addr), *node.pod_cidrs):
                 tunnel[cidr_key(net)] = value
-        return (self.dsr_frontends.sync(dict.fromkeys((l4_key(x) for x in dsr_frontends), _ONE))
-                + self.local_backends.sync(dict.fromkeys((l4_key(x) for x in local_backends), _ONE))
-                + self.cidrs.sync(dict.fromkeys((cidr_key(x) for x in prefixes), _ONE))
-                + self.tunnel.sync(tunnel))
+                tunnel_of[cidr_key(net)] = net
+        self.failures = []
+        total = 0
+        for mirror, objects, want in (
+                (self.dsr_frontends, {l4_key(x): x for x in dsr_frontends}, None),
+                (self.local_backends, {l4_key(x): x for x in local_backends}, None),
+                (self.cidrs, {cidr_key(x): x for x in prefixes}, None),
+                (self.tunnel, tunnel_of, tunnel)):
+            touched, failed = mirror.sync(want if want is not None else dict.fromkeys(objects, _ONE))
+            total += touched
+            self.failures += [(mirror.map.name, objects[k], why) for k, why in failed]
+        return total

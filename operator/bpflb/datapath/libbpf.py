@@ -48,6 +48,36 @@ int bpf_map__fd(const struct bpf_map *map);
 int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
 const char *bpf_map__pin_path(const struct bpf_map *map);
 int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
+int bpf_map__type(const struct bpf_map *map);
+__u32 bpf_map__key_size(const struct bpf_map *map);
+__u32 bpf_map__value_size(const struct bpf_map *map);
+__u32 bpf_map__max_entries(const struct bpf_map *map);
+__u32 bpf_map__map_flags(const struct bpf_map *map);
+__u32 bpf_map__btf_key_type_id(const struct bpf_map *map);
+__u32 bpf_map__btf_value_type_id(const struct bpf_map *map);
+struct btf *bpf_object__btf(const struct bpf_object *obj);
+
+/* struct bpf_map_info (uapi linux/bpf.h): what the kernel says of a map, its BTF included. */
+struct bpflb_map_info {
+    __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
+    char name[16]; __u32 ifindex; __u32 btf_vmlinux_value_type_id; __u64 netns_dev; __u64 netns_ino;
+    __u32 btf_id; __u32 btf_key_type_id; __u32 btf_value_type_id; __u32 _pad; __u64 map_extra;
+};
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+int bpf_obj_pin(int fd, const char *pathname);
+
+/* BTF (libbpf btf.h and uapi linux/btf.h): a map's key and value layout, read by field name. */
+struct btf;
+struct btf_ext;
+struct btf_type { __u32 name_off; __u32 info; __u32 size_or_type; };
+struct btf_member { __u32 name_off; __u32 type; __u32 offset; };
+struct btf_array { __u32 type; __u32 index_type; __u32 nelems; };
+struct btf *btf__load_from_kernel_by_id(__u32 id);
+struct btf *btf__parse(const char *path, struct btf_ext **btf_ext);
+void btf__free(struct btf *btf);
+__u32 btf__type_cnt(const struct btf *btf);
+const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
+const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
 
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
@@ -119,6 +149,14 @@ class BpfError(OSError):
     """A libbpf call failed; the message names the call and the object it was about."""
 
 
+class BatchError(BpfError):
+    """A batch map operation stopped at an element: done elements before it were applied, none after."""
+
+    def __init__(self, errno_: int, message: str, done: int) -> None:
+        super().__init__(errno_, message)
+        self.done = done
+
+
 def objects_dir() -> Path:
     """Where the compiled BPF objects are: $BPFLB_BPF_DIR, else the source tree's bpf_objects/build."""
     env = os.environ.get("BPFLB_BPF_DIR")
@@ -138,10 +176,31 @@ _DEFINE_INT = re.compile(r"^#define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)\s*(/\*.*\*/)?
 
 
 def _header_for_cffi(text: str) -> str:
-    """Keep the plain declarations and integer #defines of a C header, drop other directives."""
+    """Keep the plain declarations and integer #defines of a C header, drop other directives. #ifdef/#ifndef
+    blocks are honoured for names the header itself #defines (nothing is defined from outside): Python sees
+    the default build, which is what `make bpf` compiles (test builds add -D flags; their maps are read by
+    the sizes the kernel reports, see loader.Map)."""
     kept = []
+    defined: set[str] = set()
+    active: list[bool] = []
     for line in text.splitlines():
         stripped = line.strip()
+        words = stripped.split()
+        if words and words[0] in ("#ifdef", "#ifndef") and len(words) > 1:
+            on = (words[1] in defined) == (words[0] == "#ifdef")
+            active.append(on and all(active))
+            continue
+        if words and words[0] == "#else" and active:
+            outer = all(active[:-1])
+            active[-1] = outer and not active[-1]
+            continue
+        if words and words[0] == "#endif" and active:
+            active.pop()
+            continue
+        if not all(active):
+            continue
+        if words and words[0] == "#define" and len(words) > 1:
+            defined.add(words[1])
         if stripped.startswith("#") and not _DEFINE_INT.match(stripped):
             continue
         kept.append(line)

@@ -17,6 +17,7 @@ from bpflb.datapath.libbpf import (
     BPF_TC_F_REPLACE,
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
+    BatchError,
     BpfError,
     check,
     ffi,
@@ -71,8 +72,24 @@ class TestRun:
     duration_ns: int
 
 
+def _csize(cdata: Any) -> int:
+    """The size of what a cffi pointer points to (or of an array)."""
+    kind = ffi().typeof(cdata)
+    return int(ffi().sizeof(kind.item) if kind.kind == "pointer" else ffi().sizeof(cdata))
+
+
+def map_info(fd: int) -> Any:
+    """What the kernel says of the map behind fd (struct bpf_map_info: type, sizes, max_entries, BTF ids)."""
+    info = ffi().new("struct bpflb_map_info *")
+    size = ffi().new("__u32 *", ffi().sizeof("struct bpflb_map_info"))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, size), f"reading the definition of map fd {fd}")
+    return info
+
+
 class Map:
-    """A loaded BPF map addressed by its struct types from lb_structs.h."""
+    """A loaded BPF map addressed by its struct types from lb_structs.h. Its key and value sizes and its
+    capacity are the kernel's (a map of another build, say a test build with a larger struct, is read
+    safely: decode() takes what the Python view knows of it)."""
 
     def __init__(self, name: str, fd: int, key_type: str, value_type: str) -> None:
         self.name = name
@@ -81,6 +98,11 @@ class Map:
         self.value_type = value_type
         self.key_size = ffi().sizeof(key_type)
         self.value_size = ffi().sizeof(value_type)
+        self.max_entries = 0
+        if fd >= 0:
+            info = map_info(fd)
+            self.key_size, self.value_size = int(info.key_size), int(info.value_size)
+            self.max_entries = int(info.max_entries)
 
     def close(self) -> None:
         """Close a map opened on its own (a pin); maps of a loaded object close with the object."""
@@ -94,19 +116,31 @@ class Map:
     def new_value(self, **fields: Any) -> Any:
         return ffi().new(f"{self.value_type} *", fields) if fields else ffi().new(f"{self.value_type} *")
 
+    def _sized(self, value: Any) -> Any:
+        """value as a buffer of the kernel's value size (zero-filled beyond what the Python view knows)."""
+        size = _csize(value)
+        if size >= self.value_size:
+            return value
+        buf = ffi().new("char[]", self.value_size)
+        ffi().memmove(buf, value, size)
+        return buf
+
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
-        check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+        check(lib().bpf_map_update_elem(self.fd, key, self._sized(value), flags), f"update of map {self.name}")
 
     def update_raw(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
 
     def lookup(self, key: Any) -> Any | None:
         value = self.new_value()
-        rc = lib().bpf_map_lookup_elem(self.fd, key, value)
+        buf = self._sized(value)
+        rc = lib().bpf_map_lookup_elem(self.fd, key, buf)
         if rc < 0:
             if -rc == 2 or (rc == -1 and ffi().errno == 2):
                 return None
             check(rc, f"lookup in map {self.name}")
+        if buf is not value:
+            ffi().memmove(value, buf, _csize(value))
         return value
 
     def delete_raw(self, key: bytes) -> bool:
@@ -127,8 +161,11 @@ class Map:
         values = f.from_buffer(b"".join(v for _, v in items))
         count = f.new("__u32 *", len(items))
         opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
-        check(lib().bpf_map_update_batch(self.fd, keys, values, count, opts),
-              f"batch update of map {self.name} ({count[0]} of {len(items)} entries written)")
+        rc = lib().bpf_map_update_batch(self.fd, keys, values, count, opts)
+        if rc < 0:
+            err = -rc if rc != -1 else f.errno
+            raise BatchError(err, f"batch update of map {self.name} ({count[0]} of {len(items)} entries written): "
+                                  f"{os.strerror(err)}", int(count[0]))
 
     def delete_many(self, keys: list[bytes]) -> None:
         """Delete many entries in one bpf_map_delete_batch call; keys already gone are no error."""

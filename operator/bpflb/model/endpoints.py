@@ -4,7 +4,6 @@ ready; eTP Local on this node only) plus the draining ones that keep their open 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -18,7 +17,6 @@ from bpflb.model.fields import (
     _join,
     _list,
     _mapping,
-    _Meta,
     _meta,
     _proto,
     _str,
@@ -49,49 +47,41 @@ class _Slice:
     endpoints: tuple[_Endpoint, ...]
 
 
-@dataclass
-class _SliceIndex:
-    """EndpointSlices grouped by (namespace, service name), parsed once."""
+@dataclass(slots=True)
+class SliceEntry:
+    """One EndpointSlice as read: its namespace/name, the Service it belongs to, its parsed content (None when
+    unusable) and its problems. The translator keeps these between syncs, one per slice object."""
 
-    slices: dict[tuple[str, str], list[_Slice]]
-    claimed: set[tuple[str, str]]    # services with any slice at all, even one that could not be used
+    raw: Any
+    key: str | None                        # namespace/name, None when the metadata is unusable
+    service: tuple[str, str] | None        # (namespace, Service name) it belongs to
+    parsed: _Slice | None
+    problems: list[Problem]
 
 
-def _index_slices(raw_slices: Iterable[Any], problems: list[Problem]) -> _SliceIndex:
-    metas: list[tuple[_Meta, KubeObject]] = []
-    for i, raw in enumerate(raw_slices):
-        meta = _meta("EndpointSlice", raw, i, problems)
-        if meta is not None:
-            metas.append((meta, raw))
-    metas.sort(key=lambda pair: pair[0].key)
-
-    index = _SliceIndex({}, set())
-    seen: set[str] = set()
-    for meta, raw in metas:
-        obj = f"EndpointSlice {meta.key}"
-        if meta.key in seen:
-            problems.append(Problem(obj, "metadata.name",
-                                    "duplicate object with the same namespace/name; only the first is used"))
-            continue
-        seen.add(meta.key)
-        service = meta.labels.get(SERVICE_NAME_LABEL)
-        if not isinstance(service, str) or not service:
-            reason = ("missing; expected the name of the Service it belongs to" if service is None
-                      else f"must be the name of its Service; {_got(service)}")
-            problems.append(Problem(obj, f'metadata.labels["{SERVICE_NAME_LABEL}"]', reason))
-            continue
-        key = (meta.namespace, service)
-        index.claimed.add(key)
-        address_type = raw.get("addressType")
-        if address_type == "IPv6":
-            continue            # IPv4 only for now: a dual-stack Service's IPv6 slice is not an error
-        if address_type != "IPv4":
-            problems.append(Problem(obj, "addressType", f"expected IPv4; {_got(address_type)}"))
-            continue
+def read_slice(raw: Any, index: int) -> SliceEntry:
+    """Read one EndpointSlice (index: its position, for the message of a nameless one)."""
+    problems: list[Problem] = []
+    meta = _meta("EndpointSlice", raw, index, problems)
+    if meta is None:
+        return SliceEntry(raw, None, None, None, problems)
+    obj = f"EndpointSlice {meta.key}"
+    service = meta.labels.get(SERVICE_NAME_LABEL)
+    if not isinstance(service, str) or not service:
+        reason = ("missing; expected the name of the Service it belongs to" if service is None
+                  else f"must be the name of its Service; {_got(service)}")
+        problems.append(Problem(obj, f'metadata.labels["{SERVICE_NAME_LABEL}"]', reason))
+        return SliceEntry(raw, meta.key, None, None, problems)
+    key = (meta.namespace, service)
+    address_type = raw.get("addressType")
+    parsed = None
+    if address_type == "IPv6":
+        pass                    # IPv4 only for now: a dual-stack Service's IPv6 slice is not an error
+    elif address_type != "IPv4":
+        problems.append(Problem(obj, "addressType", f"expected IPv4; {_got(address_type)}"))
+    else:
         parsed = _parse_slice(raw, obj, problems)
-        if parsed is not None:
-            index.slices.setdefault(key, []).append(parsed)
-    return index
+    return SliceEntry(raw, meta.key, key, parsed, problems)
 
 
 def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice | None:

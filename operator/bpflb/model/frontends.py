@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.model.endpoints import _backends, _SliceIndex
+from bpflb.model.endpoints import _backends, _Slice
 from bpflb.model.fields import (
     NODEPORT_MAX,
     NODEPORT_MIN,
@@ -35,10 +35,13 @@ _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 
 
 @dataclass(frozen=True, slots=True)
-class _Owner:
-    """Who claimed a frontend first: the Service and the index of its port."""
+class Claim:
+    """A frontend a Service asks for: which of its ports asks, through which field. When two claims want the
+    same address:port/protocol, the first (Services by namespace/name, then in the order they ask) keeps it."""
 
-    service: str
+    l4: L4Addr
+    frontend: Frontend
+    field: str
     port_index: int
 
 
@@ -47,10 +50,14 @@ class _Context:
     node_name: str
     node_addrs: tuple[IPv4Address, ...]
     settings: AgentSettings
-    index: _SliceIndex
-    frontends: dict[L4Addr, Frontend]
-    owners: dict[L4Addr, _Owner]
     problems: list[Problem]
+
+
+def conflict(service: str, claim: Claim, holder_service: str, holder_port: int) -> Problem:
+    """The Problem of a claim that lost its frontend to an earlier one."""
+    holder = (f"spec.ports[{holder_port}] of this Service" if holder_service == service
+              else f"Service {holder_service}")
+    return Problem(f"Service {service}", claim.field, f"frontend {claim.l4} is already used by {holder}; skipped")
 
 
 def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
@@ -75,22 +82,26 @@ def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
             yield addr, path
 
 
-def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
+def _translate_service(meta: _Meta, raw: KubeObject, slices: list[_Slice], claimed: bool,
+                       ctx: _Context) -> list[Claim]:
+    """The frontends one Service asks for on this node, in the order it asks (its problems go to ctx);
+    slices are its usable EndpointSlices, claimed whether it has any EndpointSlice at all."""
     obj = f"Service {meta.key}"
+    claims: list[Claim] = []
     if SERVICE_PROXY_NAME_LABEL in meta.labels:
-        return                  # another proxy's Service
+        return claims           # another proxy's Service
     try:
         spec = _mapping(raw.get("spec"), "spec")
         if spec.get("clusterIP") == "None":
-            return              # headless: nothing to balance
+            return claims       # headless: nothing to balance
         kind = _str(spec.get("type"), "spec.type", "ClusterIP")
         if kind not in _SERVICE_TYPES:
             raise _Invalid("spec.type", f"expected one of {', '.join(_SERVICE_TYPES)}; got {_show(kind)}")
         if kind == "ExternalName":
-            return              # a DNS alias, never proxied
+            return claims       # a DNS alias, never proxied
         external_ips = _list(spec.get("externalIPs"), "spec.externalIPs")
         if kind == "ClusterIP" and not external_ips:
-            return              # only reachable inside the cluster: not ours
+            return claims       # only reachable inside the cluster: not ours
         policy = _str(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", "Cluster")
         if policy not in ("Cluster", "Local"):
             raise _Invalid("spec.externalTrafficPolicy", f"expected Cluster or Local; got {_show(policy)}")
@@ -106,20 +117,18 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         selector = _mapping(spec.get("selector"), "spec.selector")
     except _Invalid as bad:
         ctx.problems.append(Problem(obj, bad.field, bad.reason + "; the Service is skipped"))
-        return
+        return claims
 
-    key = (meta.namespace, meta.name)
-    if not selector and key not in ctx.index.claimed:
+    if not selector and not claimed:
         ctx.problems.append(Problem(obj, "spec.selector",
                                     "selector-less Service without EndpointSlices; the Service is skipped"))
-        return
+        return claims
 
     algorithm = _algorithm(meta, obj, ctx)
     local_only = policy == "Local"
     node_port_field = kind in ("NodePort", "LoadBalancer")
     lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx.problems))
     ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx.problems))
-    slices = ctx.index.slices.get(key, [])
     used_ports: dict[tuple[str, Proto], int] = {}
 
     for i, raw_port in enumerate(ports):
@@ -149,21 +158,12 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         if not wanted:
             continue
         backends, draining, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
-        owner = _Owner(meta.key, i)
         for l4, fe_kind, path in wanted:
-            first = ctx.owners.get(l4)
-            if first == owner:
-                continue        # e.g. the same address both in externalIPs and in the ingress status
-            if first is not None:
-                holder = (f"spec.ports[{first.port_index}] of this Service" if first.service == meta.key
-                          else f"Service {first.service}")
-                ctx.problems.append(Problem(obj, path, f"frontend {l4} is already used by {holder}; skipped"))
-                continue
-            ctx.owners[l4] = owner
-            ctx.frontends[l4] = Frontend(
+            claims.append(Claim(l4, Frontend(
                 l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=local_only,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
-                affinity_timeout=affinity_timeout, draining=draining)
+                affinity_timeout=affinity_timeout, draining=draining), path, i))
+    return claims
 
 
 def _affinity_timeout(spec: dict[str, Any]) -> int:

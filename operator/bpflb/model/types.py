@@ -133,3 +133,7 @@ class DesiredState:
     frontends: dict[L4Addr, Frontend] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     settings: AgentSettings = field(default_factory=AgentSettings)
+    # The frontends of each Service ("namespace/name"), and when each Service was created (its
+    # metadata.creationTimestamp, "" when unknown): who is admitted first when the maps are short (model.budget).
+    by_service: dict[str, tuple[Frontend, ...]] = field(default_factory=dict)
+    service_rank: dict[str, str] = field(default_factory=dict)
