@@ -1,7 +1,6 @@
 """The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
-of one frontend leaves that frontend out (reported) while everything else is programmed, and the next sync
-recovers, a mode
-switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, and the
+of one frontend leaves that frontend out (reported) while everything else is programmed and the next sync
+recovers, a mode switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, and the
 agents' configuration acts (debugLogging, svcSourceRangeCheck refused, uninstall)."""
 
 from __future__ import annotations
@@ -16,32 +15,18 @@ from bpflb.agent import Agent, AgentOptions
 from bpflb.datapath.lbmaps import svc_key
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.model.types import Mode
-from bpflb.sources.base import Snapshot
 from tests.unit.helpers import (
     NODE,
     NODE_EXTERNAL,
     NODE_INTERNAL,
     Obj,
+    StaticSource,
     endpoint,
     endpoint_slice,
     l4,
-    node,
     service,
     two_pods,
 )
-
-
-class StaticSource:
-    """A Source whose snapshot is whatever the test put there."""
-
-    def __init__(self, services: list[Obj], slices: list[Obj], config: dict[str, str] | None) -> None:
-        self.snap = Snapshot(services=services, endpointslices=slices, nodes=[node()], config=config)
-
-    def snapshot(self) -> Snapshot:
-        return self.snap
-
-    def wait_for_change(self, timeout: float) -> bool:
-        return False
 
 
 def two_services() -> tuple[list[Obj], list[Obj]]:

@@ -170,6 +170,9 @@ class IdPool:
     def forget(self, l4: L4Addr) -> None:
         self._ids.pop(l4, None)
 
+    def items(self) -> list[tuple[L4Addr, int]]:
+        return list(self._ids.items())
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -359,6 +362,7 @@ class LBMaps:
         early: dict[str, list[bytes]] = {
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members]}
+        leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
         adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
                 "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
                 "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries)}
@@ -369,7 +373,7 @@ class LBMaps:
         if be_m.capacity and len(be_m.entries) - len(early_be) + \
                 sum(1 for k, _ in want_be if k not in be_m.entries) > be_m.capacity:
             early_be, late_be = early_be + late_be, []
-        report.frontends_removed = len(removed)
+        report.frontends_removed = len(removed) + leftover_frontends
         report.slots_removed += self._remove(svc, early["svc"])
         report.maglev_blocks_removed += self._remove(mg, early["mg"])
         report.affinity_members_removed += self._remove(am, early["am"])
@@ -427,8 +431,6 @@ class LBMaps:
         prog.update(plans)
         # 6. backends nobody references any more; their flows are steered away on next packet.
         report.backends_removed += self._remove_backends([b for b in dict.fromkeys(late_be) if refs.get(b, 0) <= 0])
-        if full:
-            report.frontends_removed += self._remove_unwanted(report)
         self._full = any(x.reloads for x in (svc, be_m, mg, am)) or False
         for x in (svc, be_m, mg, am):
             x.reloads = 0
@@ -479,27 +481,38 @@ class LBMaps:
                 self._be_ids.forget(l4)
         return self._remove(self._be_m, keys)
 
-    def _remove_unwanted(self, report: SyncReport) -> int:
-        """After a full comparison: entries no programmed frontend wants (a previous agent's leftovers)."""
-        want_svc = {p.master[0] for p in self._prog.values()}
-        want_svc.update(k for p in self._prog.values() for k in p.slots)
-        stale = self._svc_m.stale(want_svc)
-        masters = [k for k in stale if SVC_KEY.unpack(k)[2] == 0]
-        slots = [k for k in stale if SVC_KEY.unpack(k)[2] != 0]
-        for k in masters:
-            addr, port, _slot, proto = SVC_KEY.unpack(k)
-            self._svc_ids.forget(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)))
-        report.slots_removed += self._remove(self._svc_m, masters) + self._remove(self._svc_m, slots)
-        report.maglev_blocks_removed += self._remove(
-            self._mg_m, self._mg_m.stale({k for p in self._prog.values() for k in p.blocks}))
-        report.affinity_members_removed += self._remove(
-            self._am_m, self._am_m.stale({k for p in self._prog.values() for k in p.members}))
-        wanted_ids = {_u32(i) for l4 in self._be_refs if (i := self._be_ids.known(l4)) is not None}
-        stale_be = self._be_m.stale(wanted_ids)
-        for k in stale_be:
-            be = self.backends.decode_value(self._be_m.entries[k])
-            self._be_ids.forget(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)))
-        report.backends_removed += self._remove(self._be_m, stale_be)
+    def _leftovers(self, plans: dict[L4Addr, _Entries], early: dict[str, list[bytes]], late: dict[str, list[bytes]],
+                   early_be: list[L4Addr], late_be: list[L4Addr]) -> int:
+        """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
+        whole go first (their masters before the rest); what frontends still served hold goes after their new
+        entries are in place. Returns how many frontends are gone."""
+        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)}
+        masters: list[bytes] = []
+        slots: list[bytes] = []
+        named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
+        for k, v in self._svc_m.entries.items():
+            addr, port, slot, proto = SVC_KEY.unpack(k)
+            l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
+            if l4 in plans:
+                if slot:
+                    named.add(SVC_VAL.unpack(v)[0])
+                if k not in wanted:
+                    late["svc"].append(k)
+            elif slot:
+                slots.append(k)
+            else:
+                masters.append(k)
+                self._svc_ids.forget(l4)
+        early["svc"][:0] = masters + slots
+        sids = {p.sid for p in plans.values()}
+        for name, mirror, part in (("mg", self._mg_m, "blocks"), ("am", self._am_m, "members")):
+            want = {k for p in plans.values() for k in getattr(p, part)}
+            for k in mirror.entries:
+                if k not in want:
+                    (late if int.from_bytes(k[:4], "little") in sids else early)[name].append(k)
+        for l4, ident in self._be_ids.items():
+            if self._be_refs.get(l4, 0) <= 0:
+                (late_be if ident in named else early_be).append(l4)
         return len(masters)
 
     def _prune_tables(self) -> None:
