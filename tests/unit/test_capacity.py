@@ -116,7 +116,7 @@ def test_a_service_port_with_more_endpoints_than_a_frontend_holds_is_refused_alo
     pins = MemoryPins()
     huge, small = svc("huge", "2024-01-01T00:00:00Z", 30001), svc("small", "2024-01-02T00:00:00Z", 30002)
     slices = [eps("huge", SLOTS_MAX + 1), eps("small", 3, 100_000)]
-    agent, datapath, source = agent_on(tmp_path, pins, [huge, small], slices)
+    agent, _datapath, source = agent_on(tmp_path, pins, [huge, small], slices)
     report = agent.run_once()
     assert report is not None and agent.last_error is None
     assert masters(pins) == {30002}
@@ -147,7 +147,7 @@ def test_deletions_make_room_before_additions(tmp_path: Path) -> None:
 def test_a_refused_batch_leaves_the_mirror_equal_to_the_map(tmp_path: Path) -> None:
     pins = MemoryPins()
     services = [svc(f"s{i}", f"2024-01-01T00:00:{i:02}Z", 30000 + i) for i in range(6)]
-    agent, datapath, source = agent_on(tmp_path, pins, services, [eps(f"s{i}", 3, 10 * i) for i in range(6)])
+    agent, datapath, _source = agent_on(tmp_path, pins, services, [eps(f"s{i}", 3, 10 * i) for i in range(6)])
     bad = svc_key(l4(NODE_INTERNAL, 30003), 2)          # a slot in the middle of the batch
     datapath.map("lb_services").fail = lambda key: "injected ENOMEM" if key == bad else None
     report = agent.run_once()
@@ -173,7 +173,7 @@ def test_an_agent_started_on_full_maps_a_previous_one_left_recovers(tmp_path: Pa
     assert before.run_once() is not None and len(pins.maps["lb_dsr_frontends"]) == 100 + 2
     pins.capacity = {"lb_dsr_frontends": 64}        # this build's map holds fewer than the pins do now
     came = svc("came", "2024-01-03T00:00:00Z", 30002)
-    agent, datapath, _ = agent_on(tmp_path, pins, [big, small, came],
+    agent, _datapath, _ = agent_on(tmp_path, pins, [big, small, came],
                                   [eps("big", 2, ports=10), eps("small", 2, 100), eps("came", 2, 200)])
     report = agent.run_once()
     assert report is not None and agent.last_error is None and not report.failures
