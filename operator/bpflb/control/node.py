@@ -7,6 +7,7 @@ import logging
 import time
 
 from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+from bpflb.control.events import ServiceEvents
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
 from bpflb.kubeapi import KubeClient, load_credentials
@@ -26,9 +27,11 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     client = KubeClient(creds, user_agent=f"bpflb-agent/{opts.node_name}")
     source = KubeSource(client, opts.node_name)
     reporter = NodeReporter(client, opts.node_name)
+    events = ServiceEvents(client, opts.node_name, uid_of=lambda key: agent.translator.service_uid(key))
 
     def on_sync(agent: Agent, report: SyncReport | None) -> None:
         reporter.update(agent_report(agent, source, report))
+        events.update(agent.refused)
 
     agent = Agent(opts, source, on_sync=on_sync)
     if uninstall:
@@ -43,6 +46,7 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     log.info("Kubernetes API source: %s (credentials: %s); reporting to ConfigMap %s", creds.server,
              creds.source, reporter.path)
     reporter.start()
+    events.start()
     try:
         if once:
             started = time.monotonic()
@@ -61,3 +65,4 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     finally:
         source.close()
         reporter.close()
+        events.close()

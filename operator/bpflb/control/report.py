@@ -34,6 +34,9 @@ LABELS = {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "nod
 HEARTBEAT = 30.0             # seconds between two writes of an unchanged report
 STALE_AFTER = 120.0          # the operator ignores reports older than this
 
+REFUSED_KEY = "refused"      # the Services this node refused (do not fit its maps), comma-separated
+REFUSED_LISTED = 50          # listed at most (the message says how many there are)
+
 # The states an agent reports.
 READY = "Ready"              # the datapath is programmed from the configuration named by configGeneration
 WAITING = "Waiting"          # not programmed yet (API not listed yet, or the Node has no address)
@@ -153,6 +156,11 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
                                                               "waiting for this Node's address")
     else:
         state, message = READY, f"{frontends} frontends programmed"
+    refused = dict(getattr(agent, "refused", {}) or {})
+    if refused and state == READY:
+        message += (f"; {len(refused)} Service{'s' if len(refused) != 1 else ''} refused, each alone (the rest is "
+                    f"programmed): " + "; ".join(f"{svc}: {p.field}" for svc, p in sorted(refused.items())[:5])
+                    + (f"; and {len(refused) - 5} more" if len(refused) > 5 else ""))
     if not source.connected:
         message += "; the API is unreachable: " + "; ".join(source.errors())
     return {
@@ -162,5 +170,6 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
         CONFIG_GENERATION_KEY: generation,
         "frontends": str(frontends),
         "problems": str(problems),
+        REFUSED_KEY: ",".join(sorted(refused)[:REFUSED_LISTED]),
         "message": message,
     }

@@ -245,6 +245,12 @@ class Translator:
                             settings=settings, by_service=dict(self._owned),
                             service_rank={k: s.created for k, s in self._services.items()})
 
+    def service_uid(self, key: str) -> str | None:
+        """metadata.uid of the Service namespace/name as last translated (for Events about it)."""
+        known = self._services.get(key)
+        uid = (known.raw.get("metadata") or {}).get("uid") if known is not None else None
+        return uid if isinstance(uid, str) else None
+
     @staticmethod
     def _key_of(raw: Any) -> str:
         meta = raw.get("metadata") if isinstance(raw, dict) else None
