@@ -39,8 +39,10 @@ class Workloads(LabParts):
         return self._pod(self.state(), name).ip
 
     def apply(self, source: str | Path | Iterable[KubeObject]) -> list[str]:
-        """Apply Pods and Services (a YAML file path, YAML text, or parsed objects); return kubectl-like
-        lines ("pod/echo-c created (node1, 10.244.1.10)"). EndpointSlices are regenerated."""
+        """Apply Pods, Services and EndpointSlices (a YAML file path, YAML text, or parsed objects); return
+        kubectl-like lines ("pod/echo-c created (node1, 10.244.1.10)"). The lab's EndpointSlices are regenerated
+        from the Pods; an EndpointSlice applied is the user's (a selector-less Service's endpoints, any number
+        of them, with no Pods behind)."""
         if isinstance(source, Path):
             try:
                 docs = cluster.load_documents(source.read_text(), str(source))
@@ -56,7 +58,8 @@ class Workloads(LabParts):
             return self._apply(state, docs)
 
     def delete(self, kind: str, name: str, namespace: str = "default") -> str:
-        """Delete a Pod (its namespace and echo server go) or a Service (and its slices)."""
+        """Delete a Pod (its namespace and echo server go), a Service (and its slices, the lab's and the user's)
+        or a user's EndpointSlice."""
         key = f"{namespace}/{name}"
         with self.paths.locked():
             state = self.state()
@@ -74,10 +77,24 @@ class Workloads(LabParts):
                 if svc is None:
                     raise LabError(f"service {key} does not exist")
                 self.cluster.replace_slices(key, [])
+                for eps in self.endpoint_slices():       # the user's slices of a selector-less Service too
+                    meta = eps.get("metadata") or {}
+                    if meta.get("namespace", "default") == namespace and \
+                            (meta.get("labels") or {}).get(cluster.SERVICE_NAME_LABEL) == name:
+                        self.cluster.remove(eps)
                 self.cluster.remove(svc)
                 self._publish(state)
                 return f"service/{name} deleted"
-        raise LabError(f"cannot delete kind {kind!r}: pod or service")
+            if kind.lower() == "endpointslice":
+                found = [e for e in self.endpoint_slices()
+                         if cluster.object_key(e) == key and
+                         (e["metadata"].get("labels") or {}).get(cluster.MANAGED_BY_LABEL) != cluster.MANAGED_BY]
+                if not found:
+                    raise LabError(f"endpointslice {key} does not exist (or is one the lab manages)")
+                self.cluster.remove(found[0])
+                self._publish(state)
+                return f"endpointslice/{name} deleted"
+        raise LabError(f"cannot delete kind {kind!r}: pod, service or endpointslice")
 
     def _services_by_key(self) -> dict[str, KubeObject]:
         return {cluster.object_key(s): s for s in self.services()}
@@ -106,6 +123,7 @@ class Workloads(LabParts):
         keys = [p[0] for p in pods]
         if len(set(keys)) != len(keys):
             raise LabError("the same Pod appears twice")
+        user_slices = [cluster.validate_slice(d) for d in docs if d["kind"] == "EndpointSlice"]
 
         lines = []
         started: list[tuple[PodRecord, subprocess.Popen[bytes]]] = []
@@ -137,8 +155,12 @@ class Workloads(LabParts):
             self._wait_echo(started)
         finally:
             state.save(self.paths)
+        for eps in user_slices:     # a selector-less Service's endpoints, as the user wrote them
+            self.cluster.write(eps)
         self._sync_slices(state, services)
-        return lines + svc_lines
+        slice_lines = [f"endpointslice/{e['metadata']['name']} configured ({len(e['endpoints'])} endpoints)"
+                       for e in user_slices]
+        return lines + svc_lines + slice_lines
 
     def _sync_slices(self, state: LabState, services: dict[str, KubeObject]) -> None:
         """Regenerate every Service's EndpointSlices from the pods; then write the Services themselves."""
