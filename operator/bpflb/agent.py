@@ -40,6 +40,7 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
+    mount_bpffs: bool = False          # mount bpffs when the pin root is on none (an agent run on the host itself)
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -79,7 +80,7 @@ class Agent:
         if datapath is None:
             from bpflb.datapath.kernel import KernelDatapath
 
-            datapath = KernelDatapath(opts.pin_root)
+            datapath = KernelDatapath(opts.pin_root, mount_bpffs=opts.mount_bpffs)
         self.datapath: Datapath = datapath
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
@@ -223,9 +224,33 @@ class Agent:
             self._problems_seen.add(text)
             log.warning("skipped: %s", text)
 
+    def start_retrying(self, first_delay: float = 1.0, max_delay: float = 30.0) -> bool:
+        """start(), again and again while the datapath cannot be loaded (say, the pin root is on no bpffs
+        yet): the reason is logged and reported (last_error, the after-sync hook), the process never
+        crash-loops. False when stopped first."""
+        delay = first_delay
+        while not self._stop.is_set():
+            try:
+                self.start()
+            except OSError as exc:
+                self.last_error = f"cannot load the datapath: {exc}"
+                log.error("%s; nothing is changed on this node, retrying in %.0fs", self.last_error, delay)
+                if self.on_sync is not None:
+                    try:
+                        self.on_sync(self, None)
+                    except Exception:
+                        log.exception("the after-sync hook failed")
+                self._stop.wait(delay)
+                delay = min(delay * 2, max_delay)
+                continue
+            self.last_error = None
+            return True
+        return False
+
     def run(self) -> None:
         """Sync, then re-sync whenever the source changes, until stopped."""
-        self.start()
+        if not self.start_retrying():
+            return
         last_full = 0.0
         while not self._stop.is_set():
             report = self.run_once(last_full)

@@ -23,7 +23,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)
-    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device)
+    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
+                        mount_bpffs=args.mount_bpffs)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -60,6 +61,20 @@ def cmd_operator(args: argparse.Namespace) -> int:
             print(f"bpflb operator: {exc}", file=sys.stderr)
             return 2
     run(options)
+    return 0
+
+
+def cmd_mount_bpffs(args: argparse.Namespace) -> int:
+    from bpflb.datapath.libbpf import BpfError
+    from bpflb.datapath.loader import mount_bpffs
+
+    _setup_logging(False)
+    try:
+        done = mount_bpffs(Path(args.path))
+    except BpfError as exc:
+        print(f"bpflb mount-bpffs: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"mounted bpffs at {args.path}" if done else f"bpffs already mounted at {args.path}")
     return 0
 
 
@@ -112,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-cluster service account)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--mount-bpffs", action="store_true",
+                       help="mount bpffs at /sys/fs/bpf when the pin root is on none (only for an agent run "
+                            "directly on the host: in a pod the mount would be the pod's own, and die with it)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")
@@ -136,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="YAML: the agents' pod settings (resources, tolerations, nodeSelector, ...; the Helm chart's)")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
+
+    mnt = sub.add_parser("mount-bpffs", help="mount the node's bpffs (the agents' init container runs it on the "
+                                             "host's /sys/fs/bpf); nothing when one is mounted there")
+    mnt.add_argument("path", nargs="?", default="/sys/fs/bpf")
+    mnt.set_defaults(func=cmd_mount_bpffs)
 
     insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
     insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))

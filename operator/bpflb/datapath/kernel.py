@@ -31,9 +31,10 @@ log = logging.getLogger("bpflb.agent")
 class KernelDatapath(MapsDatapath):
     """One node's real datapath, its maps pinned under pin_root so they outlive the agent."""
 
-    def __init__(self, pin_root: Path) -> None:
+    def __init__(self, pin_root: Path, mount_bpffs: bool = False) -> None:
         super().__init__()
         self.pin_root = pin_root
+        self.mount_bpffs = mount_bpffs
         self.obj: BpfObject | None = None
         self.xdp_obj: BpfObject | None = None
         self.overlay: Overlay | None = None
@@ -41,7 +42,7 @@ class KernelDatapath(MapsDatapath):
         self.acceleration: str | None = None      # what this process last applied
 
     def load(self) -> Mode | None:
-        self.obj = load_lb(self.pin_root)
+        self.obj = load_lb(self.pin_root, mount_bpffs=self.mount_bpffs)
         self.maps = LBMaps(self.obj)
         self.cluster = ClusterMaps(self.obj)
         log.info("loaded %s with maps pinned under %s", self.obj.path, self.pin_root)

@@ -48,19 +48,83 @@ def bpffs_mountpoint(path: Path) -> Path | None:
     return best
 
 
-def ensure_bpffs(pin_root: Path) -> None:
-    """Mount bpffs at /sys/fs/bpf when the pin root is not on one (the agent's job on a fresh node)."""
-    if bpffs_mountpoint(pin_root) is not None:
-        return
-    target = Path("/sys/fs/bpf")
-    if target not in pin_root.parents:
-        raise BpfError(22, f"pin root {pin_root} is not on a bpf filesystem and not under {target}")
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def on_bpffs(path: Path) -> bool:
+    """Whether path (or, while it does not exist yet, its nearest existing parent) is on a bpf filesystem, as
+    the kernel sees it (statfs: a bpffs hidden under another mount does not count)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    buf = ctypes.create_string_buffer(256)          # struct statfs; f_type is its first word
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(probe).encode(), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == BPF_FS_MAGIC
+
+
+class NotOnBpffs(BpfError):
+    """The pin root is on no bpf filesystem: maps created there would die with this mount namespace."""
+
+
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+def mount_bpffs(target: Path = BPFFS_ROOT) -> bool:
+    """Mount bpffs at target unless a bpf filesystem is already mounted exactly there; True when mounted now.
+    What the DaemonSet's init container runs (`bpflb mount-bpffs`) on the host's /sys/fs/bpf, with
+    Bidirectional propagation, so the mount is the host's and outlives every pod."""
+    if on_bpffs(target) and bpffs_mountpoint(target) == target:
+        return False
     target.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", str(target).encode(), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"mount -t bpf bpf {target}: {os.strerror(err)}")
     log.info("mounted bpffs at %s (it was missing)", target)
+    return True
+
+
+def ensure_bpffs(pin_root: Path, mount: bool = False) -> None:
+    """The pin root must be on the node's bpf filesystem, or the maps die with this process's mount namespace
+    (every flow dropped at the next restart, the programs replaced by ones on fresh maps). The agent never
+    mounts one itself unless told (mount: an agent run directly on the host, `--mount-bpffs`): in a pod, a
+    bpffs mounted by the agent would be the pod's own. NotOnBpffs says what to do instead."""
+    if on_bpffs(pin_root):
+        _warn_if_private(pin_root)
+        return
+    if mount:
+        if BPFFS_ROOT not in pin_root.parents:
+            raise NotOnBpffs(22, f"pin root {pin_root} is not on a bpf filesystem and not under {BPFFS_ROOT}")
+        mount_bpffs(BPFFS_ROOT)
+        return
+    raise NotOnBpffs(2, (
+        f"pin root {pin_root} is not on a bpf filesystem: refusing to create maps that would not outlive this "
+        f"mount namespace (every flow would be dropped at the next restart). Mount the node's bpffs "
+        f"(`mount -t bpf bpf {BPFFS_ROOT}` on the host; the DaemonSet's init container runs `bpflb mount-bpffs`) "
+        f"and give the agent the host's {BPFFS_ROOT} (hostPath, mountPropagation HostToContainer); an agent run "
+        f"directly on the host may pass --mount-bpffs"))
+
+
+def _warn_if_private(pin_root: Path) -> None:
+    """Say so when the bpffs holding the pin root looks like this mount namespace's own: another namespace
+    than PID 1's (when this process can tell), and a mount that propagates to and from no other one."""
+    try:
+        if os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt"):
+            return
+        mount = bpffs_mountpoint(pin_root)
+        with open("/proc/self/mountinfo") as info:
+            for line in info:
+                fields = line.split()
+                if len(fields) > 6 and Path(fields[4].replace("\\040", " ")) == mount:
+                    tags = fields[6:fields.index("-")]
+                    if any(t.startswith(("shared:", "master:")) for t in tags):
+                        return
+    except (OSError, ValueError):
+        return
+    log.warning("the bpffs at %s is private to this mount namespace as far as the agent can tell (no propagation "
+                "from the host): if it is not the host's, the pins under %s die with it", mount, pin_root)
 
 
 @dataclass
@@ -236,9 +300,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
 class BpfObject:
     """A loaded BPF object file whose pinned maps live under pin_root (shared across loads)."""
 
-    def __init__(self, path: Path, pin_root: Path | None, share_with: BpfObject | None = None) -> None:
+    def __init__(self, path: Path, pin_root: Path | None, share_with: BpfObject | None = None,
+                 mount_bpffs: bool = False) -> None:
         """share_with: an object already loaded whose maps of the same names this one uses (how an
-        unpinned XDP object and tc object share state in tests; pinned objects share by their pins)."""
+        unpinned XDP object and tc object share state in tests; pinned objects share by their pins).
+        mount_bpffs: mount the node's bpffs when the pin root is on none (see ensure_bpffs)."""
         self.path = path
         self.pin_root = pin_root
         f, l = ffi(), lib()
@@ -246,7 +312,7 @@ class BpfObject:
         opts = f.new("struct bpf_object_open_opts *")
         opts.sz = f.sizeof("struct bpf_object_open_opts")
         if pin_root is not None:
-            ensure_bpffs(pin_root)
+            ensure_bpffs(pin_root, mount_bpffs)
             pin_root.mkdir(parents=True, exist_ok=True)
             root = f.new("char[]", str(pin_root).encode())
             self._keep.append(root)
@@ -441,9 +507,9 @@ def tc_attached_prog_id(ifindex: int, *, ingress: bool) -> int | None:
     return int(opts.prog_id)
 
 
-def load_lb(pin_root: Path | None, obj_dir: Path | None = None) -> BpfObject:
+def load_lb(pin_root: Path | None, obj_dir: Path | None = None, mount_bpffs: bool = False) -> BpfObject:
     """Load bpf_lb.o; its maps are pinned under pin_root (None: unpinned, for tests and benchmarks)."""
-    return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root)
+    return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root, mount_bpffs=mount_bpffs)
 
 
 def load_xdp(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir: Path | None = None) -> BpfObject:
