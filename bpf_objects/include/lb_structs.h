@@ -72,7 +72,9 @@
 #define LB_SERVICES_MAX 65536
 #define LB_SVC_SLOTS_MAX 262144
 #define LB_BACKENDS_MAX 65536
+#ifndef CT_MAX                 /* a build may size conntrack otherwise (make bpf-layout-test) */
 #define CT_MAX 262144
+#endif
 
 /* A frontend slot: slot 0 is the frontend itself, slots 1..count name its backends. */
 struct lb_svc_key {
@@ -128,6 +130,9 @@ struct ct_entry {
 	__u8 flags;            /* CT_F_* */
 	__u8 mode;             /* LB_MODE_* the flow started with */
 	__u8 pad[2];
+#ifdef BPFLB_LAYOUT_TEST
+	__u64 layout_test;     /* only in the upgrade tests' build (make bpf-layout-test): a field added */
+#endif
 };
 
 /* An address:port/protocol (DSR frontends known cluster-wide, this node's backend endpoints). */

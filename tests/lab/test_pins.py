@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.datapath.libbpf import lib
-from bpflb.datapath.loader import map_info, tc_attached_prog_id
+from bpflb.datapath.libbpf import lib, map_info
+from bpflb.datapath.loader import tc_attached_prog_id
 from bpflb_lab.lab import Lab
 from tests.lab.helpers import NODE1, HeldConnection, unique_lab_name, wait_until
 

@@ -57,6 +57,14 @@ class KernelDatapath(MapsDatapath):
         self.device = device
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
 
+    def program(self, want: NodeProgram) -> ProgramReport:
+        report = super().program(want)
+        # The new programs are attached (tc by attach(), XDP by this sync): the maps of a previous version
+        # being taken over get the entries its programs made meanwhile, and are unpinned.
+        if self.obj is not None and self.obj.migrations:
+            self.obj.finish_migrations()
+        return report
+
     def _network(self, want: NodeProgram) -> list[str]:
         if want.me is None or self.overlay is None:
             return []
@@ -91,6 +99,7 @@ class KernelDatapath(MapsDatapath):
             if self.xdp_obj is None:
                 self.xdp_obj = load_xdp(self.pin_root)
             report.acceleration = xdp_attach(self.xdp_obj.prog_fd("xdp_lb_prog"), self.ifindex, acceleration)
+            self.xdp_obj.finish_migrations()
         except OSError as exc:
             report.problems.append(f"xdpAcceleration {acceleration}: cannot attach XDP to ifindex {self.ifindex}: "
                                    f"{exc}; tc keeps handling all traffic")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.datapath.libbpf import const, ffi, lib, stat_names
+from bpflb.datapath.libbpf import const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
 from bpflb.model import maglev
@@ -557,14 +557,3 @@ def read_stats(stats_map: Map) -> dict[str, int]:
         if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", idx), buf) == 0:
             out[name] = sum(int(buf[i]) for i in range(ncpu))
     return out
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs (the per-CPU map value count)."""
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    total = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        total += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return total

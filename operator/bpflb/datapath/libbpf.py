@@ -53,37 +53,21 @@ __u32 bpf_map__key_size(const struct bpf_map *map);
 __u32 bpf_map__value_size(const struct bpf_map *map);
 __u32 bpf_map__max_entries(const struct bpf_map *map);
 __u32 bpf_map__map_flags(const struct bpf_map *map);
-__u32 bpf_map__btf_key_type_id(const struct bpf_map *map);
-__u32 bpf_map__btf_value_type_id(const struct bpf_map *map);
-struct btf *bpf_object__btf(const struct bpf_object *obj);
 
-/* struct bpf_map_info (uapi linux/bpf.h): what the kernel says of a map, its BTF included. */
-struct bpflb_map_info {
+/* struct bpf_map_info (uapi linux/bpf.h), the prefix bpflb reads. */
+struct bpf_map_info_prefix {
     __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
-    char name[16]; __u32 ifindex; __u32 btf_vmlinux_value_type_id; __u64 netns_dev; __u64 netns_ino;
-    __u32 btf_id; __u32 btf_key_type_id; __u32 btf_value_type_id; __u32 _pad; __u64 map_extra;
 };
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
-int bpf_obj_pin(int fd, const char *pathname);
-
-/* BTF (libbpf btf.h and uapi linux/btf.h): a map's key and value layout, read by field name. */
-struct btf;
-struct btf_ext;
-struct btf_type { __u32 name_off; __u32 info; __u32 size_or_type; };
-struct btf_member { __u32 name_off; __u32 type; __u32 offset; };
-struct btf_array { __u32 type; __u32 index_type; __u32 nelems; };
-struct btf *btf__load_from_kernel_by_id(__u32 id);
-struct btf *btf__parse(const char *path, struct btf_ext **btf_ext);
-void btf__free(struct btf *btf);
-__u32 btf__type_cnt(const struct btf *btf);
-const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
-const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
 
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get(const char *pathname);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_map_create(int map_type, const char *map_name, __u32 key_size, __u32 value_size, __u32 max_entries,
+                   const void *opts);
 
 struct bpf_map_batch_opts { size_t sz; __u64 elem_flags; __u64 flags; };
 int bpf_map_update_batch(int fd, const void *keys, const void *values, __u32 *count,
@@ -130,6 +114,29 @@ struct sk_buff_ctx {
     __u32 remote_port; __u32 local_port; __u32 data_meta; __u64 flow_keys; __u64 tstamp; __u32 wire_len;
     __u32 gso_segs; __u64 sk; __u32 gso_size; __u8 tstamp_type; __u8 _pad[3]; __u64 hwtstamp;
 };
+
+/* Taking over another version's pinned maps (datapath.migrate): the whole struct bpf_map_info (uapi
+ * linux/bpf.h), its BTF ids included, and libbpf's BTF reader (btf.h; struct btf_type, btf_member, btf_array
+ * as uapi linux/btf.h lays them out). */
+struct bpflb_map_info {
+    __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
+    char name[16]; __u32 ifindex; __u32 btf_vmlinux_value_type_id; __u64 netns_dev; __u64 netns_ino;
+    __u32 btf_id; __u32 btf_key_type_id; __u32 btf_value_type_id; __u32 _pad; __u64 map_extra;
+};
+__u32 bpf_map__btf_key_type_id(const struct bpf_map *map);
+__u32 bpf_map__btf_value_type_id(const struct bpf_map *map);
+struct btf;
+struct btf_ext;
+struct btf_type { __u32 name_off; __u32 info; __u32 size_or_type; };
+struct btf_member { __u32 name_off; __u32 type; __u32 offset; };
+struct btf_array { __u32 type; __u32 index_type; __u32 nelems; };
+struct btf *bpf_object__btf(const struct bpf_object *obj);
+struct btf *btf__load_from_kernel_by_id(__u32 id);
+struct btf *btf__parse(const char *path, struct btf_ext **btf_ext);
+void btf__free(struct btf *btf);
+__u32 btf__type_cnt(const struct btf *btf);
+const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
+const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
 """
 
 BPF_ANY = 0
@@ -266,3 +273,22 @@ def const(name: str) -> int:
     """An integer #define of lb_structs.h (e.g. LB_MODE_DSR)."""
     value: int = getattr(lib(), name)
     return value
+
+
+def map_info(fd: int) -> Any:
+    """What the kernel says of the map behind fd (struct bpf_map_info: type, sizes, max_entries, BTF ids)."""
+    info = ffi().new("struct bpflb_map_info *")
+    size = ffi().new("__u32 *", ffi().sizeof("struct bpflb_map_info"))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, size), f"reading the definition of map fd {fd}")
+    return info
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs (the per-CPU map value count)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    total = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        total += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return total

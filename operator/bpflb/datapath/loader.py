@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bpflb.datapath import migrate
 from bpflb.datapath.libbpf import (
     BPF_ANY,
     BPF_F_TEST_XDP_LIVE_FRAMES,
@@ -22,6 +23,7 @@ from bpflb.datapath.libbpf import (
     check,
     ffi,
     lib,
+    map_info,
     objects_dir,
 )
 
@@ -140,14 +142,6 @@ def _csize(cdata: Any) -> int:
     """The size of what a cffi pointer points to (or of an array)."""
     kind = ffi().typeof(cdata)
     return int(ffi().sizeof(kind.item) if kind.kind == "pointer" else ffi().sizeof(cdata))
-
-
-def map_info(fd: int) -> Any:
-    """What the kernel says of the map behind fd (struct bpf_map_info: type, sizes, max_entries, BTF ids)."""
-    info = ffi().new("struct bpflb_map_info *")
-    size = ffi().new("__u32 *", ffi().sizeof("struct bpflb_map_info"))
-    check(lib().bpf_obj_get_info_by_fd(fd, info, size), f"reading the definition of map fd {fd}")
-    return info
 
 
 class Map:
@@ -322,6 +316,9 @@ class BpfObject:
             err = f.errno
             raise BpfError(err, f"cannot open BPF object {path}: {os.strerror(err)} (was `make bpf` run?)")
         self._obj = obj
+        self.migrations: list[migrate.Migration] = []      # maps of another version being taken over
+        if pin_root is not None:
+            self.migrations = migrate.prepare(obj, pin_root)
         if pin_root is None:
             m = l.bpf_object__next_map(obj, f.NULL)
             while m != f.NULL:
@@ -330,11 +327,24 @@ class BpfObject:
                 if share_with is not None and name in MAP_TYPES:
                     check(l.bpf_map__reuse_fd(m, share_with.map(name).fd), f"sharing map {name}")
                 m = l.bpf_object__next_map(obj, m)
-        rc = l.bpf_object__load(obj)
+        rc = self._load(obj)
         if rc < 0:
             l.bpf_object__close(obj)
             self._obj = f.NULL
+            if pin_root is not None:
+                migrate.restore(self.migrations, pin_root)
             check(rc, f"loading BPF object {path} (the verifier log is above)")
+        if self.migrations:
+            migrate.first_pass(self.migrations, self.map_fd)
+
+    def _load(self, obj: Any) -> int:
+        """bpf_object__load (a method: a test makes it fail after the maps of another version were parked)."""
+        return int(lib().bpf_object__load(obj))
+
+    def finish_migrations(self) -> None:
+        """Once the programs of this object are attached: the entries the previous version's programs made
+        meanwhile are copied too, and its maps unpinned (see datapath.migrate)."""
+        migrate.last_pass(self.migrations)
 
     def prog_fd(self, name: str) -> int:
         prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
