@@ -4,6 +4,7 @@ kernel's in production, an in-memory one in the agent's unit tests."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -19,9 +20,8 @@ from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.model.budget import Budget, Refusal
 from bpflb.model.cluster import (
+    ClusterFacts,
     cluster_prefixes,
-    dsr_frontends,
-    local_backends,
     network_settings,
     node_addresses,
     nodes_info,
@@ -87,6 +87,7 @@ class Agent:
         self.state: DesiredState | None = None
         self.translator = Translator(opts.node_name)     # re-translates only what changed
         self.budget = Budget()                           # which Services fit the maps
+        self.cluster_facts = ClusterFacts()              # DSR frontends, local backends
         self.refused: dict[str, Problem] = {}            # Services left out of the datapath, by namespace/name
         self.mode: Mode | None = None
         self.debug_logging = False
@@ -115,7 +116,19 @@ class Agent:
     # -- reconcile ---------------------------------------------------------------------------
     def sync_once(self) -> SyncReport | None:
         """Read the source, translate, program the datapath. None when the node is not known yet, or when the
-        configuration says uninstall (then the datapath is removed; it is loaded again once it no longer does)."""
+        configuration says uninstall (then the datapath is removed; it is loaded again once it no longer does).
+
+        The cyclic garbage collector is paused meanwhile: a large cluster's sync makes hundreds of thousands of
+        acyclic objects, and full collections over everything the agent holds would double its time."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync_once()
+        finally:
+            if paused:
+                gc.enable()
+
+    def _sync_once(self) -> SyncReport | None:
         snap = self.source.snapshot()
         for text in snap.problems:
             self._problem(text)
@@ -147,12 +160,12 @@ class Agent:
         me = next((n for n in nodes if n.name == self.opts.node_name), None)
         all_addrs = node_addresses(snap)
         state, refusals = self.budget.fit(state, all_addrs, self.datapath.capacity())
+        dsr, local = self.cluster_facts.update(state, all_addrs)
         want = NodeProgram(
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=frozenset(dsr_frontends(state, all_addrs)),
-            local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
+            dsr_frontends=dsr, local_backends=local, prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
         done = self.datapath.program(want)
         self._refuse(refusals, done.refused)
@@ -211,13 +224,16 @@ class Agent:
 
     def _log_frontend_changes(self, old: DesiredState | None, new: DesiredState) -> None:
         before: dict[L4Addr, Frontend] = old.frontends if old else {}
-        for key, fe in new.frontends.items():
-            if before.get(key) != fe:
+        incremental = old is not None and new.changes is not None and new.base == old.generation
+        look = new.changes if incremental and new.changes is not None else new.frontends.keys() | before.keys()
+        for key in look:
+            fe = new.frontends.get(key)
+            if fe is not None and before.get(key) != fe:
                 verb = "serving" if old is None else "updated" if key in before else "added"
                 log.info("%s %s", verb, _describe(fe))
-        for key, fe in before.items():
-            if key not in new.frontends:
-                log.info("removed %s %s of Service %s", fe.kind.value, fe.l4, fe.service)
+            elif fe is None and key in before:
+                gone = before[key]
+                log.info("removed %s %s of Service %s", gone.kind.value, gone.l4, gone.service)
 
     def _problem(self, text: str) -> None:
         if text not in self._problems_seen:

@@ -5,6 +5,7 @@ ClusterMaps, so the entries they hold are byte for byte the same."""
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
@@ -21,8 +22,8 @@ class NodeProgram:
 
     state: DesiredState                         # frontends, backends, selection settings
     config: NodeConfig                          # lb_config (ext_ifindex is the datapath's own)
-    dsr_frontends: frozenset[L4Addr] = frozenset()
-    local_backends: frozenset[L4Addr] = frozenset()
+    dsr_frontends: AbstractSet[L4Addr] = frozenset()
+    local_backends: AbstractSet[L4Addr] = frozenset()
     prefixes: frozenset[IPv4Network] = frozenset()
     nodes: tuple[NodeInfo, ...] = ()            # every node: the tunnel map, the overlay's peers
     me: NodeInfo | None = None

@@ -40,6 +40,7 @@ class ClusterMaps:
         self.tunnel = MapMirror(obj.map("lb_tunnel_map"), batch=False)
         # What the last sync could not write: (map name, the object the key stands for, the kernel's reason).
         self.failures: list[tuple[str, Any, str]] = []
+        self._prev: dict[str, set[L4Addr]] = {}             # the key sets written last, by map
 
     def capacity(self) -> dict[str, int]:
         return {m.map.name: m.capacity for m in (self.dsr_frontends, self.local_backends, self.cidrs, self.tunnel)}
@@ -58,13 +59,31 @@ class ClusterMaps:
                 tunnel[cidr_key(net)] = value
                 tunnel_of[cidr_key(net)] = net
         self.failures = []
-        total = 0
-        for mirror, objects, want in (
-                (self.dsr_frontends, {l4_key(x): x for x in dsr_frontends}, None),
-                (self.local_backends, {l4_key(x): x for x in local_backends}, None),
-                (self.cidrs, {cidr_key(x): x for x in prefixes}, None),
-                (self.tunnel, tunnel_of, tunnel)):
+        total = self._sync_set(self.dsr_frontends, dsr_frontends) + self._sync_set(self.local_backends,
+                                                                                     local_backends)
+        for mirror, objects, want in ((self.cidrs, {cidr_key(x): x for x in prefixes}, None),
+                                      (self.tunnel, tunnel_of, tunnel)):
             touched, failed = mirror.sync(want if want is not None else dict.fromkeys(objects, _ONE))
             total += touched
             self.failures += [(mirror.map.name, objects[k], why) for k, why in failed]
         return total
+
+    def _sync_set(self, mirror: MapMirror, want: AbstractSet[L4Addr]) -> int:
+        """A map of address:port/protocol keys: the first time compared with the map, then by what differs from
+        the set written last (a change of one Service writes only its keys)."""
+        name = mirror.map.name
+        prev = self._prev.pop(name, None)
+        if prev is None:
+            objects = {l4_key(x): x for x in want}
+            touched, failed = mirror.sync(dict.fromkeys(objects, _ONE))
+        else:
+            gone, came = prev - want, want - prev
+            failed = mirror.remove([l4_key(x) for x in gone])
+            objects = {l4_key(x): x for x in came}
+            failed += mirror.write([(k, _ONE) for k in objects])
+            touched = len(gone) + len(came) - len(failed)
+        refused = {objects[k] for k, _ in failed if k in objects}
+        self.failures += [(name, objects.get(k), why) for k, why in failed]
+        if len(refused) == len(failed):          # a refused delete: compare with the map next time instead
+            self._prev[name] = set(want) - refused
+        return touched

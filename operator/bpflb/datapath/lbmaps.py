@@ -229,10 +229,13 @@ class LBMaps:
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
+        self._tables_kept = 0
         self._prog: dict[L4Addr, _Entries] = {}           # frontends as programmed by this process
         self._be_refs: dict[L4Addr, int] = {}             # programmed frontends referencing each backend
         self._be_val: dict[L4Addr, bytes] = {}            # each referenced backend's lb_backends value
-        self._full = True                                 # compare everything at the next sync
+        self._full = True                                 # compare everything (maps included) at the next sync
+        self._seen = -2                                   # the generation of the state synced last
+        self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
         self._table_params: tuple[int, int] | None = None
         self._recover_ids()
         if self._svc_m.entries or self._be_m.entries:
@@ -243,9 +246,9 @@ class LBMaps:
         """Ids from the maps themselves (pins survive the agent): a restart rewrites nothing."""
         self._be_ids = IdPool()
         for k, v in self._be_m.entries.items():
-            be = self.backends.decode_value(v)
-            l4 = L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto))
-            self._be_ids.record(l4, int.from_bytes(k, "little"))
+            addr, port, proto, _flags = BACKEND.unpack(v)
+            self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
+                                int.from_bytes(k, "little"))
         self._svc_ids = IdPool()
         for k, v in self._svc_m.entries.items():
             addr, port, slot, proto = SVC_KEY.unpack(k)
@@ -321,13 +324,27 @@ class LBMaps:
         retable = self._table_params != (m, seed)
         new, prog = state.frontends, self._prog
         full = self._full
+        if full and prog:                        # after a sync that did not finish: start from the maps
+            prog.clear()
+            self._be_refs.clear()
+            self._retry.clear()
+            self._recover_ids()
+        self._full = True                        # until this sync is done
         if full:
             changed = list(new.values())
+            removed = []
+        elif state.changes is not None and state.base == self._seen and not retable:
+            # The state says what changed since the one synced last: look at those frontends alone (and at
+            # those the kernel refused last time).
+            look = state.changes | self._retry
+            changed = [fe for l4 in look if (fe := new.get(l4)) is not None
+                       and ((p := prog.get(l4)) is None or (p.fe is not fe and p.fe != fe))]
+            removed = [p for l4 in look if l4 not in new and (p := prog.get(l4)) is not None]
         else:
             changed = [fe for l4, fe in new.items()
                        if (p := prog.get(l4)) is None or (p.fe is not fe and p.fe != fe)
                        or (retable and p.table is not None)]
-        removed = [p for l4, p in prog.items() if l4 not in new]
+            removed = [p for l4, p in prog.items() if l4 not in new]
         old = {fe.l4: prog[fe.l4] for fe in changed if fe.l4 in prog}
         plans = {fe.l4: self._plan(fe, m, seed, report) for fe in changed}
         # Backend references: what the removed and changed frontends held goes, what the plans hold comes.
@@ -431,13 +448,11 @@ class LBMaps:
         prog.update(plans)
         # 6. backends nobody references any more; their flows are steered away on next packet.
         report.backends_removed += self._remove_backends([b for b in dict.fromkeys(late_be) if refs.get(b, 0) <= 0])
-        self._full = any(x.reloads for x in (svc, be_m, mg, am)) or False
+        self._retry = {f.frontend for f in report.failures}
+        self._full = any(x.reloads for x in (svc, be_m, mg, am))     # the mirrors were re-read: compare all
         for x in (svc, be_m, mg, am):
             x.reloads = 0
-        if self._full:
-            self._prog.clear()           # the mirrors were re-read: compare everything next time
-            self._be_refs.clear()
-            self._recover_ids()
+        self._seen = state.generation
         self._prune_tables()
         return report
 
@@ -516,10 +531,11 @@ class LBMaps:
         return len(masters)
 
     def _prune_tables(self) -> None:
-        """The Maglev cache keeps the tables programmed frontends use (and no more than twice that)."""
-        if len(self._tables) > 2 * max(1, sum(1 for p in self._prog.values() if p.table is not None)):
+        """The Maglev cache keeps the tables programmed frontends use (looked at when it has grown by half)."""
+        if len(self._tables) > max(16, self._tables_kept * 3 // 2):
             used = {p.table for p in self._prog.values() if p.table is not None}
             self._tables = {k: v for k, v in self._tables.items() if k in used}
+            self._tables_kept = len(self._tables)
 
     def set_config(self, cfg: NodeConfig) -> bool:
         """Write the node's runtime settings; True when they changed."""

@@ -112,8 +112,11 @@ class Budget:
         self._demands: dict[str, _Demand] = {}
         self._counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
         self._refs: dict[str, dict[L4Addr, int]] = {name: {} for name in _SETS}
+        self._too_big_services: set[str] = set()
+        self._refused: set[str] = set()          # refused by the last fit
+        self._seen = -2                          # the generation of the last state fitted
 
-    def _add(self, d: _Demand, sign: int) -> None:
+    def _add(self, svc: str, d: _Demand, sign: int) -> None:
         for name, n in d.counts.items():
             self._counts[name] += sign * n
         for name, keys in d.sets.items():
@@ -124,34 +127,47 @@ class Budget:
                     refs[k] = left
                 else:
                     del refs[k]
+        if d.too_big is not None:
+            (self._too_big_services.add if sign > 0 else self._too_big_services.discard)(svc)
 
     def fit(self, state: DesiredState, node_addrs: Iterable[IPv4Address],
             capacity: Mapping[str, int]) -> tuple[DesiredState, list[Refusal]]:
-        """The state without the Services that do not fit (the same object when all do), and the refusals."""
+        """The state without the Services that do not fit (the same object when all do), and the refusals.
+        Its changes (when the state says what changed) include the frontends of Services admitted or refused
+        since the last fit."""
         context = (frozenset(node_addrs), state.settings.maglev_table_size)
         if context != self._context:
             self._reset()        # node addresses or the table size changed: every demand does
             self._context = context
         groups = by_service(state)
         demands = self._demands
-        for svc in [s for s in demands if s not in groups]:
-            self._add(demands.pop(svc), -1)
-        for svc, fes in groups.items():
+        if state.services_changed is not None and state.base == self._seen:
+            candidates: Iterable[str] = state.services_changed
+        else:
+            candidates = [*[s for s in demands if s not in groups], *groups]
+        for svc in candidates:
             d = demands.get(svc)
+            fes = groups.get(svc)
             if d is not None and d.frontends is fes:
                 continue
             if d is not None:
-                self._add(d, -1)
-            d = demands[svc] = _demand(fes, context[0], context[1])
-            self._add(d, +1)
+                self._add(svc, demands.pop(svc), -1)
+            if fes is not None:
+                d = demands[svc] = _demand(fes, context[0], context[1])
+                self._add(svc, d, +1)
+        self._seen = state.generation
         fits = all(self._counts[n] <= capacity[n] for n in _COUNTED if capacity.get(n)) and \
             all(len(self._refs[n]) <= capacity[n] for n in _SETS if capacity.get(n))
-        refusals = [self._too_big(svc, d) for svc, d in demands.items() if d.too_big is not None]
-        if not fits:
-            refusals = self._admit(state, capacity)
+        refusals = [self._too_big(svc, demands[svc]) for svc in sorted(self._too_big_services)] if fits \
+            else self._admit(state, capacity)
+        out = {r.service for r in refusals}
+        flipped, self._refused = out ^ self._refused, out
+        if state.changes is not None:
+            for svc in flipped:
+                d = demands.get(svc)
+                state.changes.update(fe.l4 for fe in (groups.get(svc) or (d.frontends if d else ())))
         if not refusals:
             return state, []
-        out = {r.service for r in refusals}
         frontends = {l4: fe for l4, fe in state.frontends.items() if fe.service not in out}
         groups = {svc: fes for svc, fes in groups.items() if svc not in out}
         return replace(state, frontends=frontends, by_service=groups), refusals

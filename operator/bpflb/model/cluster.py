@@ -4,6 +4,7 @@ the pod CIDRs, which frontends a DSR option may name, and how pod traffic crosse
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
@@ -62,6 +63,59 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
         else:
             out.add(fe.l4)
     return out
+
+
+class ClusterFacts:
+    """dsr_frontends() and local_backends() of the states an agent programs, kept up to date by reference
+    counts from what each state says changed (DesiredState.changes): a sync that changes one Service costs that
+    Service's frontends, not the cluster's."""
+
+    def __init__(self) -> None:
+        self._reset(frozenset())
+
+    def _reset(self, addrs: frozenset[IPv4Address]) -> None:
+        self._addrs = addrs
+        self._seen = -2
+        self._per: dict[L4Addr, tuple[tuple[L4Addr, ...], tuple[L4Addr, ...]]] = {}
+        self._dsr: dict[L4Addr, int] = {}
+        self._local: dict[L4Addr, int] = {}
+
+    @staticmethod
+    def _count(refs: dict[L4Addr, int], keys: tuple[L4Addr, ...], sign: int) -> None:
+        for k in keys:
+            left = refs.get(k, 0) + sign
+            if left:
+                refs[k] = left
+            else:
+                del refs[k]
+
+    def update(self, state: DesiredState, all_node_addrs: set[IPv4Address]) -> tuple[set[L4Addr], set[L4Addr]]:
+        """(the DSR frontends, this node's backend endpoints) of state, as sets of their own."""
+        addrs = frozenset(all_node_addrs)
+        look: Iterable[L4Addr]
+        if state.changes is not None and state.base == self._seen and addrs == self._addrs:
+            look = state.changes
+        else:
+            self._reset(addrs)
+            look = state.frontends.keys()
+        for l4 in look:
+            before = self._per.pop(l4, None)
+            if before is not None:
+                self._count(self._dsr, before[0], -1)
+                self._count(self._local, before[1], -1)
+            fe = state.frontends.get(l4)
+            if fe is None:
+                continue
+            dsr: tuple[L4Addr, ...] = ()
+            if not fe.local_only:
+                dsr = tuple(L4Addr(a, fe.l4.port, fe.l4.proto) for a in addrs) \
+                    if fe.kind is FrontendKind.NODEPORT else (fe.l4,)
+            local = tuple(be.l4 for be in (*fe.backends, *fe.draining) if be.local)
+            self._per[l4] = (dsr, local)
+            self._count(self._dsr, dsr, +1)
+            self._count(self._local, local, +1)
+        self._seen = state.generation
+        return set(self._dsr), set(self._local)
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:

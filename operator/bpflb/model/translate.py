@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -134,6 +135,17 @@ class _Service:
     problems: list[Problem]
 
 
+@dataclass(slots=True)
+class _Object:
+    """One object of a snapshot list, known by its identity: its namespace/name (None when its metadata is
+    unusable), its checked metadata, and the problems reading it gave."""
+
+    raw: Any
+    key: str | None
+    meta: _Meta | None
+    problems: list[Problem]
+
+
 def _same(a: KubeObject, b: KubeObject) -> bool:
     """The same object for the translation: the same dict (sources hand unchanged objects over as they
     were), or the same resourceVersion of the same object (a re-list)."""
@@ -147,12 +159,103 @@ def _same(a: KubeObject, b: KubeObject) -> bool:
         and meta_a.get("name") == meta_b.get("name") and meta_a.get("namespace") == meta_b.get("namespace")
 
 
+class _Objects:
+    """The objects of one snapshot list (Services or EndpointSlices) followed by identity: what is new, what
+    is gone and which namespace/name each one holds, at the cost of a set comparison (in C) when nothing
+    changed. Two objects with one namespace/name: the first in the list is used, the others are Problems."""
+
+    def __init__(self, kind: str, read: Callable[[Any, int], _Object]) -> None:
+        self.kind = kind
+        self.read = read
+        self.ids: set[int] = set()
+        self.by_id: dict[int, _Object] = {}
+        self.by_key: dict[str, list[int]] = {}
+        self.winner: dict[str, _Object] = {}
+        self.duplicates: dict[str, list[Problem]] = {}
+        self.unnamed: dict[int, list[Problem]] = {}
+        self.troubled: set[str] = set()         # namespace/names whose object has problems of its own
+
+    def update(self, raws: list[Any]) -> set[str]:
+        """Follow the list; return the namespace/names whose object changed (appeared, went, replaced)."""
+        order = list(map(id, raws))
+        ids = set(order)
+        if ids == self.ids and len(ids) == len(raws):
+            return set()
+        fresh = ids - self.ids
+        position: dict[int, int] = {}
+        if len(ids) != len(raws) or len(fresh) > 8:
+            position = dict(zip(order, range(len(order)), strict=True))
+        else:
+            position = {new: order.index(new) for new in fresh}      # a few: found by a scan in C
+        touched: set[str] = set()
+        for gone in self.ids - ids:
+            obj = self.by_id.pop(gone)
+            self.unnamed.pop(gone, None)
+            if obj.key is not None:
+                self.by_key[obj.key].remove(gone)
+                touched.add(obj.key)
+        for new in fresh:
+            i = position[new]
+            obj = self.read(raws[i], i)
+            self.by_id[new] = obj
+            if obj.key is None:
+                self.unnamed[new] = obj.problems
+            else:
+                self.by_key.setdefault(obj.key, []).append(new)
+                touched.add(obj.key)
+        self.ids = ids
+        for key in touched:
+            holders = self.by_key.get(key) or []
+            if not holders:
+                self.by_key.pop(key, None)
+                self.winner.pop(key, None)
+                self.duplicates.pop(key, None)
+                self.troubled.discard(key)
+                continue
+            if len(holders) > 1:
+                if len(position) < len(raws):
+                    position = dict(zip(order, range(len(order)), strict=True))
+                holders.sort(key=lambda h: position[h])
+                self.duplicates[key] = [Problem(f"{self.kind} {key}", "metadata.name",
+                                                "duplicate object with the same namespace/name; only the first is "
+                                                "used")] * (len(holders) - 1)
+            else:
+                self.duplicates.pop(key, None)
+            self.winner[key] = winner = self.by_id[holders[0]]
+            if winner.problems:
+                self.troubled.add(key)
+            else:
+                self.troubled.discard(key)
+        return touched
+
+    def problems(self, own: bool) -> list[Problem]:
+        """The problems of reading the list: nameless objects, duplicates, and (own) each object's own."""
+        out = [p for key in sorted(self.troubled) if key in self.winner for p in self.winner[key].problems] \
+            if own else []
+        for found in (self.unnamed, self.duplicates):
+            out += [p for probs in found.values() for p in probs]
+        return out
+
+
+def _read_service(raw: Any, index: int) -> _Object:
+    problems: list[Problem] = []
+    meta = _meta("Service", raw, index, problems)
+    return _Object(raw, None if meta is None else meta.key, meta, problems)
+
+
+def _read_slice_object(raw: Any, index: int) -> _Object:
+    entry = read_slice(raw, index)
+    return _Object(entry, entry.key, None, entry.problems)
+
+
 class Translator:
     """translate() with a memory, for the agent: it keeps every Service's and EndpointSlice's translation and
-    redoes only those whose objects changed since the last snapshot (a different object, or another
-    resourceVersion), the Services whose EndpointSlices changed, and the frontends two Services compete for.
-    The result equals translate()'s, frontends in another order; unchanged Services keep their Frontend objects,
-    which is how the budget and the map programming below see what changed.
+    redoes only those whose objects changed since the last snapshot (another object in the list, unless it has
+    the same resourceVersion), the Services whose EndpointSlices changed, and the frontends two Services compete
+    for. When nothing changed, a sync costs two set comparisons. The result equals translate()'s, frontends in
+    another order; unchanged Services keep their Frontend objects, and the state says which frontends and
+    Services differ from the previous state this translator made (DesiredState.changes, .base), so the budget
+    and the map programming below do only that work too.
 
     The cyclic garbage collector is paused while it runs (and restored after): the result is hundreds of
     thousands of acyclic objects for a large cluster, and full collections over the caller's snapshot
@@ -162,13 +265,20 @@ class Translator:
         self.node_name = node_name
         self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
         self._context: tuple[tuple[IPv4Address, ...], AgentSettings] | None = None
-        self._slices: dict[str, SliceEntry] = {}                      # by namespace/name
+        self._service_objs = _Objects("Service", _read_service)
+        self._slice_objs = _Objects("EndpointSlice", _read_slice_object)
         self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
+        self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
         self._services: dict[str, _Service] = {}
+        self._svc_problems: dict[str, list[Problem]] = {}
+        self._rank: dict[str, str] = {}
         self._claims: dict[L4Addr, list[tuple[str, int, Claim]]] = {}  # (service, claim index, claim), sorted
         self._frontends: dict[L4Addr, Frontend] = {}
         self._conflicts: dict[L4Addr, list[Problem]] = {}
         self._owned: dict[str, tuple[Frontend, ...]] = {}
+        self._generation = 0
+        self._changed: set[L4Addr] = set()
+        self._changed_services: set[str] = set()
 
     def translate(self, snapshot: Snapshot) -> DesiredState:
         paused = gc.isenabled()
@@ -189,61 +299,55 @@ class Translator:
         node_name = self.node_name
         settings, problems = self._settings(snapshot.config)
         node_addrs = _node_addrs(snapshot, node_name, problems)
+        self._generation += 1
         if node_addrs is None:
             problems.append(Problem(f"Node {node_name}", "metadata.name",
                                     "not found in the snapshot; no frontends are programmed for this node"))
-            return DesiredState(node_name, (), problems=problems, settings=settings)
-        if self._context != (node_addrs, settings):
+            return DesiredState(node_name, (), problems=problems, settings=settings, generation=self._generation)
+        whole = self._context != (node_addrs, settings)
+        if whole:                       # every Service's translation depends on these: start over
             self._context = (node_addrs, settings)
             for key in list(self._services):
                 self._forget(key)
-        dirty = self._read_slices(snapshot.endpointslices, problems)
+        self._changed, self._changed_services = set(), set()
+        dirty = self._update_slices(snapshot.endpointslices)
+        touched = self._service_objs.update(snapshot.services)
+        todo = dirty | touched if not whole else set(self._service_objs.winner)
         ctx = _Context(node_name, node_addrs, settings, [])
-
-        metas: dict[str, tuple[_Meta, KubeObject]] = {}
-        for i, raw in enumerate(snapshot.services):
-            known = self._services.get(self._key_of(raw))
-            if known is not None and known.raw is raw and known.key not in metas:
-                metas[known.key] = (None, raw)  # type: ignore[assignment]   # unchanged: no need to re-read
+        for key in sorted(todo):
+            obj = self._service_objs.winner.get(key)
+            if obj is None:
+                self._forget(key)
                 continue
-            meta = _meta("Service", raw, i, problems)
-            if meta is None:
-                continue
-            if meta.key in metas:
-                problems.append(Problem(f"Service {meta.key}", "metadata.name",
-                                        "duplicate object with the same namespace/name; only the first is used"))
-                continue
-            metas[meta.key] = (meta, raw)
-        for key in [k for k in self._services if k not in metas]:
-            self._forget(key)
-        for key, (meta, raw) in metas.items():
             known = self._services.get(key)
-            ns_name = tuple(key.split("/", 1))
-            slices = self._by_svc.get(ns_name, {})          # type: ignore[arg-type]
-            if known is not None and _same(known.raw, raw) and key not in dirty and \
-                    len(known.slices) == len(slices) and all(s is slices.get(s.key or "") for s in known.slices):
-                known.raw = raw
+            slices = self._by_svc.get(tuple(key.split("/", 1)), {})     # type: ignore[arg-type]
+            if known is not None and key not in dirty and _same(known.raw, obj.raw):
+                known.raw = obj.raw                                       # a re-list: the same object
                 continue
-            if meta is None:
-                meta = _meta("Service", raw, 0, problems)
-                assert meta is not None
+            assert obj.meta is not None
             ctx.problems = []
             ordered = tuple(slices[k] for k in sorted(slices))
-            claims = _translate_service(meta, raw, [s.parsed for s in ordered if s.parsed is not None],
+            claims = _translate_service(obj.meta, obj.raw, [s.parsed for s in ordered if s.parsed is not None],
                                         bool(slices), ctx)
-            created = (raw.get("metadata") or {}).get("creationTimestamp")
+            created = (obj.raw.get("metadata") or {}).get("creationTimestamp")
             self._forget(key)
-            self._services[key] = _Service(raw, ordered, key, created if isinstance(created, str) else "",
+            self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
                                            claims, ctx.problems)
+            self._rank[key] = self._services[key].created
+            if ctx.problems:
+                self._svc_problems[key] = ctx.problems
             self._claim(key, claims)
 
-        for key in sorted(self._services):
-            problems += self._services[key].problems
+        problems += self._slice_objs.problems(own=True) + self._service_objs.problems(own=False)
+        for key in sorted(self._svc_problems):
+            problems += self._svc_problems[key]
         for l4 in sorted(self._conflicts):
             problems += self._conflicts[l4]
         return DesiredState(node_name, node_addrs, frontends=dict(self._frontends), problems=problems,
-                            settings=settings, by_service=dict(self._owned),
-                            service_rank={k: s.created for k, s in self._services.items()})
+                            settings=settings, by_service=dict(self._owned), service_rank=dict(self._rank),
+                            generation=self._generation, base=self._generation - 1,
+                            changes=None if whole else self._changed,
+                            services_changed=None if whole else self._changed_services)
 
     def service_uid(self, key: str) -> str | None:
         """metadata.uid of the Service namespace/name as last translated (for Events about it)."""
@@ -251,59 +355,35 @@ class Translator:
         uid = (known.raw.get("metadata") or {}).get("uid") if known is not None else None
         return uid if isinstance(uid, str) else None
 
-    @staticmethod
-    def _key_of(raw: Any) -> str:
-        meta = raw.get("metadata") if isinstance(raw, dict) else None
-        if not isinstance(meta, dict):
-            return ""
-        return f"{meta.get('namespace') or DEFAULT_NAMESPACE}/{meta.get('name')}"
-
-    def _read_slices(self, raws: list[KubeObject], problems: list[Problem]) -> set[str]:
+    def _update_slices(self, raws: list[KubeObject]) -> set[str]:
         """Bring the EndpointSlice index up to date; return the Services ("namespace/name") whose slices changed."""
         dirty: set[str] = set()
-        seen: dict[str, SliceEntry] = {}
-        for i, raw in enumerate(raws):
-            known = self._slices.get(self._key_of(raw))
-            if known is not None and known.raw is raw:
-                entry = known
-            elif known is not None and isinstance(raw, dict) and _same(known.raw, raw):
-                known.raw = raw
-                entry = known
-            else:
-                entry = read_slice(raw, i)
-            if entry.key is None:
-                problems += entry.problems
-                continue
-            if entry.key in seen:
-                problems.append(Problem(f"EndpointSlice {entry.key}", "metadata.name",
-                                        "duplicate object with the same namespace/name; only the first is used"))
-                continue
-            seen[entry.key] = entry
-        for key, entry in self._slices.items():
-            if seen.get(key) is not entry:
-                self._unindex(entry, dirty)
-        for key, entry in seen.items():
-            if self._slices.get(key) is not entry and entry.service is not None:
-                self._by_svc.setdefault(entry.service, {})[key] = entry
-                dirty.add("/".join(entry.service))
-            problems += entry.problems
-        self._slices = seen
+        objs = self._slice_objs
+        for key in objs.update(raws):
+            now = objs.winner.get(key)
+            entry = now.raw if now is not None else None
+            # the entry indexed under this slice's name, if any, goes (its Service may differ from the new one's)
+            svc = self._slice_svc.pop(key, None)
+            if svc is not None:
+                mine = self._by_svc[svc]
+                if mine.pop(key, None) is not entry:
+                    dirty.add("/".join(svc))
+                if not mine:
+                    del self._by_svc[svc]
+            if entry is not None and entry.service is not None:
+                mine = self._by_svc.setdefault(entry.service, {})
+                if mine.get(key) is not entry:
+                    dirty.add("/".join(entry.service))
+                mine[key] = entry
+                self._slice_svc[key] = entry.service
         return dirty
-
-    def _unindex(self, entry: SliceEntry, dirty: set[str]) -> None:
-        if entry.service is None or entry.key is None:
-            return
-        mine = self._by_svc.get(entry.service)
-        if mine is not None and mine.get(entry.key) is entry:
-            del mine[entry.key]
-            if not mine:
-                del self._by_svc[entry.service]
-        dirty.add("/".join(entry.service))
 
     # -- frontends two Services compete for ---------------------------------------------------------------
     def _forget(self, key: str) -> None:
         """Take a Service's claims back (it changed or is gone)."""
         known = self._services.pop(key, None)
+        self._svc_problems.pop(key, None)
+        self._rank.pop(key, None)
         if known is None:
             return
         touched = []
@@ -328,11 +408,14 @@ class Translator:
                 services.add(old.service)
             if not entries:
                 self._claims.pop(l4, None)
-                self._frontends.pop(l4, None)
+                if self._frontends.pop(l4, None) is not None:
+                    self._changed.add(l4)
                 self._conflicts.pop(l4, None)
                 continue
             first_key, _, first = entries[0]
-            self._frontends[l4] = first.frontend
+            if old is not first.frontend:
+                self._frontends[l4] = first.frontend
+                self._changed.add(l4)
             services.add(first_key)
             lost = [conflict(k, c, first_key, first.port_index) for k, _, c in entries[1:]
                     if not (k == first_key and c.port_index == first.port_index)]
@@ -344,7 +427,12 @@ class Translator:
             known = self._services.get(key)
             owned = tuple(dict.fromkeys(c.frontend for c in known.claims
                                         if self._frontends.get(c.l4) is c.frontend)) if known else ()
+            before = self._owned.get(key)
             if owned:
-                self._owned[key] = owned
-            else:
-                self._owned.pop(key, None)
+                if before is None or len(before) != len(owned) or any(a is not b for a, b in zip(before, owned,
+                                                                                                 strict=True)):
+                    self._owned[key] = owned
+                    self._changed_services.add(key)
+            elif before is not None:
+                del self._owned[key]
+                self._changed_services.add(key)

@@ -137,3 +137,10 @@ class DesiredState:
     # metadata.creationTimestamp, "" when unknown): who is admitted first when the maps are short (model.budget).
     by_service: dict[str, tuple[Frontend, ...]] = field(default_factory=dict)
     service_rank: dict[str, str] = field(default_factory=dict)
+    # What differs from the state whose generation is `base` (the previous one its translator made): the
+    # frontends added, replaced or gone, and the Services whose frontends did. None: not known, compare all.
+    # Unchanged frontends are the same objects in both states.
+    generation: int = 0
+    base: int = -1
+    changes: set[L4Addr] | None = None
+    services_changed: set[str] | None = None
