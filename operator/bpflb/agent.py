@@ -32,6 +32,7 @@ from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode, P
 from bpflb.sources.base import Source
 
 log = logging.getLogger("bpflb.agent")
+LOGGED_CHANGES = 50        # frontend changes logged one by one per sync at INFO (the rest at DEBUG, then a summary)
 
 
 @dataclass
@@ -226,14 +227,24 @@ class Agent:
         before: dict[L4Addr, Frontend] = old.frontends if old else {}
         incremental = old is not None and new.changes is not None and new.base == old.generation
         look = new.changes if incremental and new.changes is not None else new.frontends.keys() | before.keys()
+        said = 0
+        debug = log.isEnabledFor(logging.DEBUG)
         for key in look:
             fe = new.frontends.get(key)
             if fe is not None and before.get(key) != fe:
-                verb = "serving" if old is None else "updated" if key in before else "added"
-                log.info("%s %s", verb, _describe(fe))
+                said += 1
+                if said <= LOGGED_CHANGES or debug:
+                    verb = "serving" if old is None else "updated" if key in before else "added"
+                    log.log(logging.INFO if said <= LOGGED_CHANGES else logging.DEBUG, "%s %s", verb, _describe(fe))
             elif fe is None and key in before:
-                gone = before[key]
-                log.info("removed %s %s of Service %s", gone.kind.value, gone.l4, gone.service)
+                said += 1
+                if said <= LOGGED_CHANGES or debug:
+                    gone = before[key]
+                    log.log(logging.INFO if said <= LOGGED_CHANGES else logging.DEBUG,
+                            "removed %s %s of Service %s", gone.kind.value, gone.l4, gone.service)
+        if said > LOGGED_CHANGES:
+            log.info("... and %d more frontends changed in this sync (each at DEBUG: debugLogging); %d frontends of "
+                     "%d Services are served", said - LOGGED_CHANGES, len(new.frontends), len(new.by_service))
 
     def _problem(self, text: str) -> None:
         if text not in self._problems_seen:

@@ -425,8 +425,9 @@ class Translator:
                 self._conflicts.pop(l4, None)
         for key in services:
             known = self._services.get(key)
-            owned = tuple(dict.fromkeys(c.frontend for c in known.claims
-                                        if self._frontends.get(c.l4) is c.frontend)) if known else ()
+            # by identity: hashing a Frontend would hash every one of its backends
+            owned = tuple({id(c.frontend): c.frontend for c in known.claims
+                           if self._frontends.get(c.l4) is c.frontend}.values()) if known else ()
             before = self._owned.get(key)
             if owned:
                 if before is None or len(before) != len(owned) or any(a is not b for a, b in zip(before, owned,

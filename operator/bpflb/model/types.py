@@ -49,7 +49,7 @@ class FrontendKind(enum.Enum):
     EXTERNAL_IP = "ExternalIP"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class L4Addr:
     """An address:port/protocol triple, the identity of a frontend or a backend."""
 
@@ -71,7 +71,7 @@ class L4Addr:
         return f"{self.addr}:{self.port}/{self.proto.name}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """One endpoint of a Service port, as this node sees it."""
 
@@ -82,7 +82,7 @@ class Backend:
     terminating: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """One address:port a client can hit, with the backends this node may pick for it."""
 
