@@ -268,8 +268,9 @@ def fullsync(services: int = 10000, endpoints: int = 10, baseline: str | None = 
     same objects in the same run, rounds alternating, medians reported."""
     objects = workload(services, endpoints)
     codes: dict[str, Path | None] = {"this": None}
-    if baseline:
-        codes[baseline] = baseline_code(baseline)
+    code = _baseline_or_none(baseline)
+    if baseline and code is not None:
+        codes[baseline] = code
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
     for _ in range(rounds):
         for name, code in codes.items():
@@ -328,10 +329,23 @@ def latency_at_scale(services: int = 10000, endpoints: int = 10, changes: int = 
     with a baseline, that commit's agent the same way, in the same run."""
     objects = workload(services, endpoints)
     out: dict[str, Any] = {"services": services, "endpoints_per_service": endpoints}
+    code = _baseline_or_none(baseline)
     out["this"] = _latency_once(objects, None, changes)
-    if baseline:
-        out[baseline] = _latency_once(objects, baseline_code(baseline), changes)
+    if baseline and code is not None:
+        out[baseline] = _latency_once(objects, code, changes)
     return out
+
+
+def _baseline_or_none(baseline: str | None) -> Path | None:
+    """The baseline's checkout, or None (said on stderr) when there is none to be had (a shallow clone, say):
+    this code's figures are still worth printing."""
+    if not baseline:
+        return None
+    try:
+        return baseline_code(baseline)
+    except SystemExit as exc:
+        print(f"bench-kube: no baseline: {exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str]) -> int:

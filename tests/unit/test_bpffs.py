@@ -4,6 +4,9 @@ retrying (reported through the after-sync hook) instead of crash-looping."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +59,16 @@ def test_a_stopped_agent_stops_retrying(tmp_path: Path) -> None:
     agent = Agent(AgentOptions(NODE, tmp_path), StaticSource([], [], None), datapath=LateDatapath(10**6))
     agent.stop()
     assert agent.start_retrying() is False
+
+
+@pytest.mark.privileged
+def test_mount_bpffs_mounts_one_and_leaves_one_that_is_there(tmp_path: Path) -> None:
+    """What the DaemonSet's init container runs, here in a private mount namespace of its own."""
+    target = tmp_path / "bpf"
+    run = [sys.executable, "-m", "bpflb", "mount-bpffs", str(target)]
+    script = f"{shlex.join(run)} && {shlex.join(run)} && stat -f -c %T {shlex.quote(str(target))}"
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"mounted bpffs at {target}", f"bpffs already mounted at {target}", "bpf_fs"]
+    assert not on_bpffs(target)                      # the test's own mount namespace never saw it

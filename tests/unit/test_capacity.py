@@ -197,3 +197,29 @@ def test_a_change_retranslates_and_rewrites_only_the_service_it_touches(tmp_path
     assert len(changed) == 2                                          # its NodePort on both node addresses
     assert (report.slots_written, report.backends_written) == (4, 1)  # two new slots, two new masters
     assert sum(m.writes for m in datapath.opened.values()) - writes == 4 + 1      # and nothing else, anywhere
+
+
+def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> None:
+    """DSR frontends and local backends written change by change hold what computing them afresh gives."""
+    from bpflb.datapath.clustermaps import l4_key
+    from bpflb.model.cluster import dsr_frontends, local_backends, node_addresses
+
+    pins = MemoryPins()
+    services = [svc(f"s{i}", "2024-01-01T00:00:00Z", 30000 + i) for i in range(6)]
+    slices = [endpoint_slice(f"s{i}", [endpoint(f"10.1.{i}.1", NODE, f"s{i}-a"),
+                                       endpoint(f"10.2.{i}.1", "node-b", f"s{i}-b")],
+                             ports=[{"name": "p0", "port": 8080, "protocol": "TCP"}]) for i in range(6)]
+    agent, _datapath, source = agent_on(tmp_path, pins, services, slices)
+    local = {**services[2], "spec": {**services[2]["spec"], "externalTrafficPolicy": "Local"}}
+    steps = [lambda: None,
+             lambda: setattr(source.snap, "services", services[1:]),                       # one gone
+             lambda: setattr(source.snap, "services", [*services[1:2], local, *services[3:]]),  # eTP Local
+             lambda: setattr(source.snap, "endpointslices", slices[:4]),                  # endpoints gone
+             lambda: setattr(source.snap, "services", services)]                           # all back
+    for step in steps:
+        step()
+        assert agent.run_once() is not None and agent.state is not None
+        assert step is steps[0] or agent.state.changes is not None          # the incremental path
+        addrs = node_addresses(source.snap)
+        assert set(pins.maps["lb_dsr_frontends"]) == {l4_key(x) for x in dsr_frontends(agent.state, addrs)}
+        assert set(pins.maps["lb_local_backends"]) == {l4_key(x) for x in local_backends(agent.state)}

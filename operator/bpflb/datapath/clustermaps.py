@@ -12,8 +12,8 @@ from typing import Any
 
 from bpflb.datapath.libbpf import ffi
 from bpflb.datapath.loader import MapSource
-from bpflb.datapath.mapdiff import MapMirror
-from bpflb.model.cluster import NodeInfo
+from bpflb.datapath.mapdiff import Failures, MapMirror
+from bpflb.model.cluster import FactSet, NodeInfo
 from bpflb.model.types import L4Addr
 
 _ONE = b"\x01"
@@ -41,6 +41,7 @@ class ClusterMaps:
         # What the last sync could not write: (map name, the object the key stands for, the kernel's reason).
         self.failures: list[tuple[str, Any, str]] = []
         self._prev: dict[str, set[L4Addr]] = {}             # the key sets written last, by map
+        self._written: dict[str, int] = {}                  # or the generation of the FactSet written last
 
     def capacity(self) -> dict[str, int]:
         return {m.map.name: m.capacity for m in (self.dsr_frontends, self.local_backends, self.cidrs, self.tunnel)}
@@ -69,21 +70,35 @@ class ClusterMaps:
         return total
 
     def _sync_set(self, mirror: MapMirror, want: AbstractSet[L4Addr]) -> int:
-        """A map of address:port/protocol keys: the first time compared with the map, then by what differs from
-        the set written last (a change of one Service writes only its keys)."""
+        """A map of address:port/protocol keys: compared with the map the first time (and after a refused
+        write); then only what changed, as the FactSet says (model.cluster) or as a set difference from the keys
+        written last."""
         name = mirror.map.name
         prev = self._prev.pop(name, None)
-        if prev is None:
+        written = self._written.pop(name, None)
+        gone: AbstractSet[L4Addr]
+        came: AbstractSet[L4Addr]
+        if isinstance(want, FactSet) and written is not None and want.base == written:
+            gone, came = want.removed, want.added
+        elif prev is not None:
+            gone, came = prev - want, want - prev
+        else:
             objects = {l4_key(x): x for x in want}
             touched, failed = mirror.sync(dict.fromkeys(objects, _ONE))
-        else:
-            gone, came = prev - want, want - prev
-            failed = mirror.remove([l4_key(x) for x in gone])
-            objects = {l4_key(x): x for x in came}
-            failed += mirror.write([(k, _ONE) for k in objects])
-            touched = len(gone) + len(came) - len(failed)
-        refused = {objects[k] for k, _ in failed if k in objects}
+            self._done(name, want, objects, failed)
+            return touched
+        failed = mirror.remove([l4_key(x) for x in gone])
+        objects = {l4_key(x): x for x in came}
+        failed += mirror.write([(k, _ONE) for k in objects])
+        self._done(name, want, objects, failed)
+        return len(gone) + len(came) - len(failed)
+
+    def _done(self, name: str, want: AbstractSet[L4Addr], objects: dict[bytes, L4Addr], failed: Failures) -> None:
+        """Remember what was written, unless the kernel refused something: then compare with the map next time."""
         self.failures += [(name, objects.get(k), why) for k, why in failed]
-        if len(refused) == len(failed):          # a refused delete: compare with the map next time instead
-            self._prev[name] = set(want) - refused
-        return touched
+        if failed:
+            return
+        if isinstance(want, FactSet):
+            self._written[name] = want.generation
+        else:
+            self._prev[name] = set(want)

@@ -4,7 +4,8 @@ the pod CIDRs, which frontends a DSR option may name, and how pod traffic crosse
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
@@ -65,10 +66,31 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
     return out
 
 
+class FactSet(AbstractSet[L4Addr]):
+    """A set of keys ClusterFacts keeps, with what changed since the set it handed out before (generation
+    `base`): `added` and `removed`. A consumer that wrote that earlier set needs to write only these. Valid until
+    the next update of its ClusterFacts."""
+
+    def __init__(self, refs: dict[L4Addr, int], generation: int, base: int, added: set[L4Addr],
+                 removed: set[L4Addr]) -> None:
+        self._refs = refs
+        self.generation, self.base = generation, base
+        self.added, self.removed = added, removed
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._refs
+
+    def __iter__(self) -> Iterator[L4Addr]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
 class ClusterFacts:
     """dsr_frontends() and local_backends() of the states an agent programs, kept up to date by reference
     counts from what each state says changed (DesiredState.changes): a sync that changes one Service costs that
-    Service's frontends, not the cluster's."""
+    Service's frontends, not the cluster's, and so does writing them (FactSet.added, .removed)."""
 
     def __init__(self) -> None:
         self._reset(frozenset())
@@ -81,28 +103,41 @@ class ClusterFacts:
         self._local: dict[L4Addr, int] = {}
 
     @staticmethod
-    def _count(refs: dict[L4Addr, int], keys: tuple[L4Addr, ...], sign: int) -> None:
+    def _count(refs: dict[L4Addr, int], keys: tuple[L4Addr, ...], sign: int, came: set[L4Addr],
+               went: set[L4Addr]) -> None:
         for k in keys:
             left = refs.get(k, 0) + sign
             if left:
                 refs[k] = left
+                if sign > 0 and left == 1:          # appears (or comes back within this update)
+                    if k in went:
+                        went.discard(k)
+                    else:
+                        came.add(k)
             else:
                 del refs[k]
+                if k in came:
+                    came.discard(k)
+                else:
+                    went.add(k)
 
-    def update(self, state: DesiredState, all_node_addrs: set[IPv4Address]) -> tuple[set[L4Addr], set[L4Addr]]:
-        """(the DSR frontends, this node's backend endpoints) of state, as sets of their own."""
+    def update(self, state: DesiredState, all_node_addrs: set[IPv4Address]) -> tuple[FactSet, FactSet]:
+        """(the DSR frontends, this node's backend endpoints) of state."""
         addrs = frozenset(all_node_addrs)
         look: Iterable[L4Addr]
+        base = self._seen
         if state.changes is not None and state.base == self._seen and addrs == self._addrs:
             look = state.changes
         else:
             self._reset(addrs)
+            base = -1                     # nothing to be relative to: the consumer compares everything
             look = state.frontends.keys()
+        changes: dict[str, tuple[set[L4Addr], set[L4Addr]]] = {"dsr": (set(), set()), "local": (set(), set())}
         for l4 in look:
             before = self._per.pop(l4, None)
             if before is not None:
-                self._count(self._dsr, before[0], -1)
-                self._count(self._local, before[1], -1)
+                self._count(self._dsr, before[0], -1, *changes["dsr"])
+                self._count(self._local, before[1], -1, *changes["local"])
             fe = state.frontends.get(l4)
             if fe is None:
                 continue
@@ -112,10 +147,11 @@ class ClusterFacts:
                     if fe.kind is FrontendKind.NODEPORT else (fe.l4,)
             local = tuple(be.l4 for be in (*fe.backends, *fe.draining) if be.local)
             self._per[l4] = (dsr, local)
-            self._count(self._dsr, dsr, +1)
-            self._count(self._local, local, +1)
+            self._count(self._dsr, dsr, +1, *changes["dsr"])
+            self._count(self._local, local, +1, *changes["local"])
         self._seen = state.generation
-        return set(self._dsr), set(self._local)
+        return (FactSet(self._dsr, state.generation, base, *changes["dsr"]),
+                FactSet(self._local, state.generation, base, *changes["local"]))
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:
