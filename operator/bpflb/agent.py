@@ -30,6 +30,7 @@ from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.model.cluster import (
     Tunnel,
     cluster_prefixes,
+    dsr_backends,
     dsr_frontends,
     local_backends,
     node_addresses,
@@ -200,10 +201,11 @@ class Agent:
                 self._attach_tunnel(network.tunnel)
         assert self.cluster_maps is not None
         cluster_changes = self.cluster_maps.sync(dsr_frontends(state, node_addresses(snap)), local_backends(state),
-                                                 cluster_prefixes(snap), nodes)
+                                                 cluster_prefixes(snap), nodes, dsr_backends(state))
         if cluster_changes:
-            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
-                     "(%d keys changed)", len(self.cluster_maps.dsr_frontends.keys),
+            log.info("cluster view: %d DSR frontends, %d (frontend, local backend) pairs DSR requests may reach, "
+                     "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
+                     len(self.cluster_maps.dsr_frontends.items), len(self.cluster_maps.dsr_backends.keys),
                      len(self.cluster_maps.local_backends.keys), len(self.cluster_maps.cidrs.keys), cluster_changes)
         acceleration, accel_problems = parse_acceleration(snap.config)
         for problem in accel_problems:
