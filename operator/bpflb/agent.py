@@ -26,6 +26,7 @@ from bpflb.datapath.loader import (
     xdp_attach,
     xdp_detach,
 )
+from bpflb.datapath.neighbours import NeighbourHygiene
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.model.cluster import (
     Tunnel,
@@ -98,6 +99,7 @@ class Agent:
         self.maps: LBMaps | None = None
         self.cluster_maps: ClusterMaps | None = None
         self.overlay: Overlay | None = None
+        self.neighbours: NeighbourHygiene | None = None   # running while the datapath is attached
         self.tunnel_ifindex = 0
         self.xdp_obj: BpfObject | None = None
         self.acceleration: str | None = None      # what this process last applied
@@ -130,12 +132,23 @@ class Agent:
         tc_attach(self.obj.prog_fd("lb_egress"), self.ifindex, ingress=False)
         self.overlay = Overlay(device)
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
+        if self.neighbours is None:
+            self.neighbours = NeighbourHygiene()
+            self.neighbours.start()
+            log.info("watching the node's bridges: a MAC that leaves one has its IPv4 neighbour entries forgotten "
+                     "(a replaced pod keeping its address is resolved again, without waiting for ARP timers)")
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _stop_neighbours(self) -> None:
+        if self.neighbours is not None:
+            self.neighbours.stop()
+            self.neighbours = None
+
     def uninstall(self, device: str | None) -> None:
         """Detach the programs and remove the pinned maps (the operator's 'uninstall' instruction)."""
+        self._stop_neighbours()
         if device:
             idx = socket.if_nametoindex(device)
             if xdp_detach(idx):
@@ -330,6 +343,7 @@ class Agent:
                     break
                 if time.monotonic() - last_full > self.opts.resync_interval:
                     break
+        self._stop_neighbours()
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:
