@@ -84,10 +84,9 @@ class Routed:
         hdr = hdr[:10] + struct.pack("!H", ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF) + hdr[12:]
         frame = bytes.fromhex(mac_of(self.node, "eth0").replace(":", "")) + \
             bytes.fromhex(mac_of(self.sender, "s0").replace(":", "")) + b"\x08\x00" + hdr + udp
-        with entered(self.sender):
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-                s.bind(("s0", 0))
-                s.send(frame)
+        with entered(self.sender), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind(("s0", 0))
+            s.send(frame)
 
     def delivered_to(self, mac: str) -> int:
         want = bytes.fromhex(mac.replace(":", ""))
@@ -227,6 +226,13 @@ def add_pod(node: str, name: str, ns: str, addr: str) -> None:
     ip(ns, "link", "set", "eth0", "up")
 
 
+def remove_pod(node: str, name: str, ns: str) -> None:
+    """Delete the pod's veth right away (a namespace's devices otherwise go when the kernel gets to it), then
+    its namespace."""
+    ip(node, "link", "del", f"veth{name}")
+    subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
 def test_a_mac_leaving_the_bridge_takes_its_neighbour_entries_with_it(bridged: Bridged) -> None:
     node = bridged.node
     with entered(node):
@@ -239,7 +245,7 @@ def test_a_mac_leaving_the_bridge_takes_its_neighbour_entries_with_it(bridged: B
         hygiene = NeighbourHygiene(on_forget=lambda gone, forgotten: events.append((gone, forgotten)))
         hygiene.start()
     try:
-        subprocess.run(["ip", "netns", "del", bridged.pods["a"]], check=True)     # the pod goes, its veth too
+        remove_pod(node, "a", bridged.pods["a"])
         wait_for("the old pod's neighbour entry to be forgotten",
                  lambda: neigh_state(node, "10.9.0.10", "cni0") == ("", ""))
         assert any(g.mac == old_mac and forgotten == ["10.9.0.10"] for g, forgotten in events), events
@@ -260,7 +266,7 @@ def test_without_the_hygiene_the_kernel_keeps_the_dead_mac(bridged: Bridged) -> 
     with entered(node):
         assert _first_syn_answered("10.9.0.10", 9)
     old_mac = neigh_state(node, "10.9.0.10", "cni0")[0]
-    subprocess.run(["ip", "netns", "del", bridged.pods["a"]], check=True)
+    remove_pod(node, "a", bridged.pods["a"])
     add_pod(node, "c", bridged.pods["a"], "10.9.0.10")
     assert neigh_state(node, "10.9.0.10", "cni0")[0] == old_mac
     with entered(node):
