@@ -41,14 +41,17 @@ static __always_inline void direct_record(const struct ct_tuple *key, __u64 now)
 		stat_inc(STAT_DIRECT_FLOW);
 }
 
-/* Ingress, a packet that is no Service's: a SYN (without DSR option: that one was taken by dsr.h) to
- * one of this node's backend endpoints opens a direct flow. */
+/* Ingress, a packet that is no Service's: a SYN (without DSR option: that one was taken by dsr.h) from
+ * outside the cluster to one of this node's backend endpoints opens a direct flow.  Senders inside the
+ * cluster (another node SNAT'ing to this pod, a pod) need no entry: replies to them are never dropped. */
 static __always_inline void direct_ingress(const struct pkt *p)
 {
 	struct lb_l4_key be = { .addr = p->t.daddr, .port = p->t.dport, .proto = IPPROTO_TCP };
+	struct lb_cidr_key src = { .prefixlen = 32, .addr = p->t.saddr };
 	struct ct_tuple key;
 
-	if (!tcp_pure_syn(p) || !bpf_map_lookup_elem(&lb_local_backends, &be))
+	if (!tcp_pure_syn(p) || !bpf_map_lookup_elem(&lb_local_backends, &be) ||
+	    bpf_map_lookup_elem(&lb_cluster_cidrs, &src))
 		return;
 	ct_reply_tuple(&key, p->t.daddr, p->t.dport, p->t.saddr, p->t.sport, IPPROTO_TCP);
 	direct_record(&key, bpf_ktime_get_ns());

@@ -75,37 +75,38 @@ struct {
 #define ICMP_RATE_DEFAULT 1000
 #define ICMP_BURST_DEFAULT 50
 
-/* May one more ICMP error leave now?  A token bucket shared by every CPU, lock-free like the kernel's
- * icmp_global_allow: tokens are added only once the bucket is empty, for the time since the last refill
- * (at most a second's worth, at most burst), by whichever CPU wins the compare-and-swap of the stamp;
- * concurrent takers can overdraw by at most one token per CPU. */
+/* May one more ICMP error leave now?  A token bucket of burst errors refilled at rate per second, kept as
+ * the generic cell rate algorithm (ATM's GCRA) in one word shared by every CPU: tat, the time the bucket
+ * would be full again.  An error is allowed when pushing tat one interval (1 s / rate) further keeps it at
+ * most burst intervals ahead of now; the push is a compare-and-swap, so concurrent senders never share a
+ * token, and a refused error writes nothing (a flood only reads the word).  Exact: at most
+ * burst + rate * t errors in any t seconds.  (The kernel's icmp_global_allow, refilling once empty for
+ * the time since the last refill, lets up to twice the burst through after an idle spell.) */
 static __always_inline int icmp_rl_allow(void)
 {
 	__u32 zero = 0;
 	struct lb_icmp_rl *rl = bpf_map_lookup_elem(&lb_icmp_rl, &zero);
-	__u64 now, stamp, elapsed, incr, rate, burst;
-	__s64 credit, fill;
+	__u64 now, tat, next, interval, limit, rate, burst;
+	int i;
 
 	if (!rl)
 		return 0;
 	rate = rl->rate ? rl->rate : ICMP_RATE_DEFAULT;
 	burst = rl->burst ? rl->burst : ICMP_BURST_DEFAULT;
-	credit = (__s64)rl->credit;
-	if (credit <= 0) {
-		now = bpf_ktime_get_ns();
-		stamp = rl->stamp;
-		elapsed = now - stamp;
-		if (elapsed > NSEC_PER_SEC)
-			elapsed = NSEC_PER_SEC;
-		incr = rate * elapsed / NSEC_PER_SEC;
-		if (incr == 0)
+	interval = NSEC_PER_SEC / rate;
+	if (interval == 0)
+		interval = 1;
+	limit = burst * interval;
+	now = bpf_ktime_get_ns();
+	for (i = 0; i < 4; i++) {          /* a lost race retries with the winner's tat */
+		tat = rl->tat;
+		next = (tat > now ? tat : now) + interval;
+		if (next - now > limit)
 			return 0;
-		if (__sync_val_compare_and_swap(&rl->stamp, stamp, now) != stamp)
-			return 0;     /* another CPU refilled meanwhile; take from what it added */
-		fill = incr > burst ? (__s64)burst : (__s64)incr;
-		__sync_fetch_and_add(&rl->credit, (__u64)(fill - credit));   /* from credit (<= 0) up to fill */
+		if (__sync_val_compare_and_swap(&rl->tat, tat, next) == tat)
+			return 1;
 	}
-	return (__s64)__sync_fetch_and_add(&rl->credit, (__u64)-1) > 0;
+	return 0;
 }
 
 /* Is the sender of this packet someone an error may be sent to?  Not about a RST (RFC 1122: never

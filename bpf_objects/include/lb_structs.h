@@ -254,14 +254,13 @@ struct lb_direct_flow {
 	__u32 pad;
 };
 
-/* The node's ICMP error budget (a one-entry array, like the kernel's icmp_msgs_per_sec/_burst): the
- * agent writes rate and burst (and zeroes the rest); the datapath keeps the token bucket in stamp and
- * credit with atomic operations, shared by every CPU and by tc and XDP. */
+/* The node's ICMP error budget (a one-entry array, like the kernel's icmp_msgs_per_sec/_burst): the agent
+ * writes rate and burst (tat 0: the bucket starts full); the datapath keeps the bucket in tat (icmp.h),
+ * shared by every CPU and by tc and XDP. */
 struct lb_icmp_rl {
 	__u32 rate;            /* ICMP errors per second, on average (0: the kernel's default, 1000) */
 	__u32 burst;           /* at most this many at once (0: the kernel's default, 50) */
-	__u64 stamp;           /* bpf_ktime_get_ns() of the last refill */
-	__u64 credit;          /* errors that may still be sent now (signed: may dip below 0 under races) */
+	__u64 tat;             /* bpf_ktime_get_ns() at which the bucket is full again (GCRA) */
 };
 
 /* A next hop XDP forwards to (lb_neigh_seen key): the device and the neighbour's IPv4 address. */

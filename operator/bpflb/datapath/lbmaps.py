@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -408,18 +407,15 @@ class LBMaps:
 
 def set_icmp_limit(m: Map, rate: int, burst: int) -> bool:
     """Write rate and burst into lb_icmp_rl (the datapath's own defaults, 1000/s and 50 like the kernel's
-    icmp_msgs_per_sec/_burst, hold while it is zero); the token bucket restarts full, its clock now
-    (time.monotonic_ns and bpf_ktime_get_ns both read CLOCK_MONOTONIC).  Unchanged values are left alone,
-    bucket included.  True when written."""
-    if not (0 < rate < 2**32 and 0 < burst < 2**31):
-        raise ValueError(f"ICMP rate limit: rate must be 1..{2**32 - 1} and burst 1..{2**31 - 1}; "
-                         f"got {rate}/s, burst {burst}")
+    icmp_msgs_per_sec/_burst, hold while it is zero); the token bucket restarts full.  Unchanged values are
+    left alone, bucket included.  True when written."""
+    if not (0 < rate < 2**32 and 0 < burst < 2**32):
+        raise ValueError(f"ICMP rate limit: rate and burst must be 1..{2**32 - 1}; got {rate}/s, burst {burst}")
     zero = ffi().new("__u32 *", 0)
     current = m.lookup(zero)
     if current is not None and (current.rate, current.burst) == (rate, burst):
         return False
-    m.update(zero, ffi().new("struct lb_icmp_rl *", {"rate": rate, "burst": burst, "stamp": time.monotonic_ns(),
-                                                      "credit": burst}))
+    m.update(zero, ffi().new("struct lb_icmp_rl *", {"rate": rate, "burst": burst}))
     return True
 
 
