@@ -1,6 +1,7 @@
 """BPF unit tests of the ICMP errors the datapath generates (the real bpf_lb.o): none towards a zero, loopback,
 multicast, class E or broadcast address, the node's own addresses, a subnet broadcast or an unroutable sender;
-none for a frame sent to a broadcast or multicast MAC; none about a RST; and never more than the node's budget
+none for a frame sent to a broadcast or multicast MAC; none about a RST or an ICMP message; and never more than
+the node's budget
 (lb_icmp_rl: rate and burst, the kernel's 1000/s and 50 by default), shared by every kind of error.  What is
 not sent is counted (icmp_suppressed, icmp_rate_limited)."""
 
@@ -13,7 +14,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpflb.datapath.libbpf import TC_ACT_REDIRECT, TC_ACT_SHOT
+from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 from bpflb.model.types import Proto
 
 from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
@@ -81,6 +82,16 @@ def test_no_error_about_a_reset(node: Node, flags: str) -> None:
     run = node.ingress(syn(flags=flags))
     assert run.retval == TC_ACT_SHOT and not is_icmp(run.data)
     assert node.maps.stats()["icmp_suppressed"] == 1
+
+
+@pytest.mark.parametrize("icmp", [ICMP(type=8), ICMP(type=3, code=3)], ids=["echo request", "an ICMP error"])
+def test_no_error_about_icmp(node: Node, icmp: ICMP) -> None:
+    """ICMP is never the datapath's to translate: it goes to the kernel untouched, and nothing answers it here."""
+    no_endpoints(node)
+    frame = bytes(Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1) / icmp / Raw(b"x" * 28))
+    run = node.ingress(frame)
+    assert run.retval == TC_ACT_OK and run.data == frame
+    assert node.maps.stats().get("icmp_sent", 0) == 0
 
 
 def test_a_unicast_sender_still_gets_its_error(node: Node) -> None:
