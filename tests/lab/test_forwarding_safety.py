@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, IPOption
@@ -77,10 +77,10 @@ def counters(lab: Lab, node: str) -> dict[str, int]:
     return dict(collect(lab.pin_root / node)["counters"])
 
 
-def wait_for(what: str, check: object, timeout: float = 30.0) -> float:
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> float:
     """Poll check() until true; returns the seconds it took."""
     start = time.monotonic()
-    while not check():   # type: ignore[operator]
+    while not check():
         if time.monotonic() - start > timeout:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
