@@ -275,7 +275,7 @@ def test_xdp_and_tc_make_one_decision_per_flow(native: Lab) -> None:
     lab = native
     configure(lab, "SNAT", "Native")
     before = counters(lab, "node1")
-    results = lab.connections("client", NODE1, 30480, 2000, parallel=32)
+    results = lab.connections("client", NODE1, 30480, 2000, parallel=32, timeout=3.0)
     assert all(r.ok for r in results), Counter(r.error for r in results if not r.ok)
     pods = Counter(r.pod for r in results)
     assert set(pods) == {"echo-a", "echo-c"}
