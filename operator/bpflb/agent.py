@@ -161,12 +161,12 @@ class Agent:
         me = next((n for n in nodes if n.name == self.opts.node_name), None)
         all_addrs = node_addresses(snap)
         state, refusals = self.budget.fit(state, all_addrs, self.datapath.capacity())
-        dsr, local = self.cluster_facts.update(state, all_addrs)
+        dsr, members, local = self.cluster_facts.update(state, all_addrs)
         want = NodeProgram(
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=dsr, local_backends=local, prefixes=frozenset(cluster_prefixes(snap)),
+            dsr_frontends=dsr, dsr_backends=members, local_backends=local, prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
         done = self.datapath.program(want)
         self._refuse(refusals, done.refused)
@@ -175,8 +175,9 @@ class Agent:
         for text in done.problems:
             self._problem(text)
         if done.cluster_changes:
-            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
-                     "(%d keys changed)", *done.cluster_sizes, done.cluster_changes)
+            log.info("cluster view: %d DSR frontends, %d (frontend, local backend) pairs DSR requests may reach, "
+                     "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
+                     *done.cluster_sizes, done.cluster_changes)
         if done.sync.config_changed:
             log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
                      network.tunnel.label, state.node_addrs[0])
@@ -288,6 +289,7 @@ class Agent:
                     break
                 if time.monotonic() - last_full > self.opts.resync_interval:
                     break
+        self.datapath.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its

@@ -1,11 +1,13 @@
-"""Programs the maps that hold cluster-wide facts (DSR frontends, this node's backend endpoints, the
-cluster's prefixes, the overlay's tunnel endpoints) as differences: only changed keys are written, stale
-ones removed first, and a key the kernel refuses is named in ClusterMaps.failures (never raised)."""
+"""Programs the maps that hold cluster-wide facts (DSR frontends and the backends of this node a DSR
+request may reach, this node's backend endpoints, the cluster's prefixes, the overlay's tunnel endpoints)
+as differences: only changed keys are written, stale ones removed first, and a key the kernel refuses is
+named in ClusterMaps.failures (never raised). Given the agent's Facts (model.cluster), which say what
+changed since the facts written last, a sync writes only that."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from ipaddress import IPv4Network
 from typing import Any
@@ -13,15 +15,26 @@ from typing import Any
 from bpflb.datapath.libbpf import ffi
 from bpflb.datapath.loader import MapSource
 from bpflb.datapath.mapdiff import Failures, MapMirror
-from bpflb.model.cluster import FactSet, NodeInfo
+from bpflb.model.cluster import Facts, NodeInfo
 from bpflb.model.types import L4Addr
 
 _ONE = b"\x01"
 L4_KEY = struct.Struct("=4s2sBx")        # struct lb_l4_key: addr, port (network order), proto, pad
+DSR_MEMBER = struct.Struct("=4s4s2s2sB3x")   # struct lb_dsr_member: fe_addr, be_addr, fe_port, be_port, proto
 
 
 def l4_key(l4: L4Addr) -> bytes:
     return L4_KEY.pack(l4.addr.packed, l4.port.to_bytes(2, "big"), int(l4.proto))
+
+
+def dsr_member_key(fe: L4Addr, be: L4Addr) -> bytes:
+    """struct lb_dsr_member: a frontend (address 0 for a NodePort) and a backend of this node."""
+    return DSR_MEMBER.pack(fe.addr.packed, be.addr.packed, fe.port.to_bytes(2, "big"), be.port.to_bytes(2, "big"),
+                           int(be.proto))
+
+
+def _member_key(pair: tuple[L4Addr, L4Addr]) -> bytes:
+    return dsr_member_key(*pair)
 
 
 def cidr_key(net: IPv4Network) -> bytes:
@@ -31,26 +44,30 @@ def cidr_key(net: IPv4Network) -> bytes:
 
 
 class ClusterMaps:
-    """The cluster-wide maps, each a MapMirror written key by key (the LPM tries have no batch operations)."""
+    """The cluster-wide maps, each a MapMirror; the small ones written key by key (the LPM tries have no batch
+    operations), lb_dsr_backends (frontends x this node's backends) in batches."""
 
     def __init__(self, obj: MapSource) -> None:
         self.dsr_frontends = MapMirror(obj.map("lb_dsr_frontends"), batch=False)
+        self.dsr_backends = MapMirror(obj.map("lb_dsr_backends"))
         self.local_backends = MapMirror(obj.map("lb_local_backends"), batch=False)
         self.cidrs = MapMirror(obj.map("lb_cluster_cidrs"), batch=False)
         self.tunnel = MapMirror(obj.map("lb_tunnel_map"), batch=False)
         # What the last sync could not write: (map name, the object the key stands for, the kernel's reason).
         self.failures: list[tuple[str, Any, str]] = []
-        self._prev: dict[str, set[L4Addr]] = {}             # the key sets written last, by map
-        self._written: dict[str, int] = {}                  # or the generation of the FactSet written last
+        self._written: dict[str, int] = {}      # the generation of the Facts each map holds, when it holds one
 
     def capacity(self) -> dict[str, int]:
-        return {m.map.name: m.capacity for m in (self.dsr_frontends, self.local_backends, self.cidrs, self.tunnel)}
+        return {m.map.name: m.capacity for m in (self.dsr_frontends, self.dsr_backends, self.local_backends,
+                                                 self.cidrs, self.tunnel)}
 
-    def sync(self, dsr_frontends: AbstractSet[L4Addr], local_backends: AbstractSet[L4Addr],
-             prefixes: AbstractSet[IPv4Network],
-             nodes: Sequence[NodeInfo] = ()) -> int:
+    def sync(self, dsr_frontends: Mapping[L4Addr, int], local_backends: AbstractSet[L4Addr] | Mapping[L4Addr, int],
+             prefixes: AbstractSet[IPv4Network], nodes: Sequence[NodeInfo] = (),
+             dsr_backends: Iterable[tuple[L4Addr, L4Addr]] = ()) -> int:
         """Write the differences; returns how many keys were added, changed or removed.
-        nodes feed the tunnel map: every node's pod CIDRs and address -> that node's address."""
+        nodes feed the tunnel map: every node's pod CIDRs and address -> that node's address.
+        dsr_backends (bpflb.model.cluster.dsr_backends) are written before the frontends that name them
+        and removed after: a frontend never names backends that are not listed yet."""
         tunnel: dict[bytes, bytes] = {}
         tunnel_of: dict[bytes, Any] = {}
         for node in nodes:
@@ -60,45 +77,41 @@ class ClusterMaps:
                 tunnel[cidr_key(net)] = value
                 tunnel_of[cidr_key(net)] = net
         self.failures = []
-        total = self._sync_set(self.dsr_frontends, dsr_frontends) + self._sync_set(self.local_backends,
-                                                                                     local_backends)
-        for mirror, objects, want in ((self.cidrs, {cidr_key(x): x for x in prefixes}, None),
-                                      (self.tunnel, tunnel_of, tunnel)):
-            touched, failed = mirror.sync(want if want is not None else dict.fromkeys(objects, _ONE))
+        members = dsr_backends if isinstance(dsr_backends, Facts) else dict.fromkeys(dsr_backends, 1)
+        local = local_backends if isinstance(local_backends, Mapping) else dict.fromkeys(local_backends, 1)
+        plans = [(self.dsr_backends, members, self._plan(self.dsr_backends, members, _member_key)),
+                 (self.dsr_frontends, dsr_frontends, self._plan(self.dsr_frontends, dsr_frontends, l4_key)),
+                 (self.local_backends, local, self._plan(self.local_backends, local, l4_key))]
+        failed: list[Failures] = [[], [], []]
+        # DSR members first (a frontend never names backends not listed yet), removed last; the others
+        # remove what is stale before adding (room first).
+        failed[0] += self.dsr_backends.write(list(plans[0][2][0].items()))
+        for i in (1, 2):
+            mirror, _want, (adds, gone, _objects) = plans[i]
+            failed[i] += mirror.remove(gone) + mirror.write(list(adds.items()))
+        total = 0
+        for small, of, entries in ((self.cidrs, {cidr_key(x): x for x in prefixes}, None),
+                                   (self.tunnel, tunnel_of, tunnel)):
+            touched, refused = small.sync(entries if entries is not None else dict.fromkeys(of, _ONE))
             total += touched
-            self.failures += [(mirror.map.name, objects[k], why) for k, why in failed]
+            self.failures += [(small.map.name, of[k], why) for k, why in refused]
+        failed[0] += self.dsr_backends.remove(plans[0][2][1])
+        for (mirror, want, (adds, gone, objects)), refused in zip(plans, failed, strict=True):
+            total += len(adds) + len(gone) - len(refused)
+            self.failures += [(mirror.map.name, objects.get(k), why) for k, why in refused]
+            if not refused and isinstance(want, Facts):
+                self._written[mirror.map.name] = want.generation
         return total
 
-    def _sync_set(self, mirror: MapMirror, want: AbstractSet[L4Addr]) -> int:
-        """A map of address:port/protocol keys: compared with the map the first time (and after a refused
-        write); then only what changed, as the FactSet says (model.cluster) or as a set difference from the keys
-        written last."""
-        name = mirror.map.name
-        prev = self._prev.pop(name, None)
-        written = self._written.pop(name, None)
-        gone: AbstractSet[L4Addr]
-        came: AbstractSet[L4Addr]
-        if isinstance(want, FactSet) and written is not None and want.base == written:
-            gone, came = want.removed, want.added
-        elif prev is not None:
-            gone, came = prev - want, want - prev
-        else:
-            objects = {l4_key(x): x for x in want}
-            touched, failed = mirror.sync(dict.fromkeys(objects, _ONE))
-            self._done(name, want, objects, failed)
-            return touched
-        failed = mirror.remove([l4_key(x) for x in gone])
-        objects = {l4_key(x): x for x in came}
-        failed += mirror.write([(k, _ONE) for k in objects])
-        self._done(name, want, objects, failed)
-        return len(gone) + len(came) - len(failed)
-
-    def _done(self, name: str, want: AbstractSet[L4Addr], objects: dict[bytes, L4Addr], failed: Failures) -> None:
-        """Remember what was written, unless the kernel refused something: then compare with the map next time."""
-        self.failures += [(name, objects.get(k), why) for k, why in failed]
-        if failed:
-            return
-        if isinstance(want, FactSet):
-            self._written[name] = want.generation
-        else:
-            self._prev[name] = set(want)
+    def _plan(self, mirror: MapMirror, want: Mapping[Any, int], key: Callable[[Any], bytes]
+              ) -> tuple[dict[bytes, bytes], list[bytes], dict[bytes, Any]]:
+        """What one map needs (key -> its one-byte value): (to write, to delete, the objects written). Only what
+        changed when want is the Facts next to the ones the map holds; else compared with the map (the first
+        time, and after a refused write)."""
+        written = self._written.pop(mirror.map.name, None)      # not valid again until this sync went through
+        if isinstance(want, Facts) and written is not None and want.base == written:
+            objects = {key(x): x for x in want.added}
+            return {k: bytes([want[x]]) for k, x in objects.items()}, [key(x) for x in want.removed], objects
+        objects = {key(x): x for x in want}
+        full = {k: bytes([want[x]]) for k, x in objects.items()}
+        return dict(mirror.changed(full)), mirror.stale(full), objects

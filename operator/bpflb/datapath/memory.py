@@ -1,5 +1,6 @@
 """The in-memory datapath: the same map programming (LBMaps, ClusterMaps, byte for byte) on maps held in
-dicts, attach/overlay/XDP recorded instead of done, and writes that can be made to fail. For the agent's
+dicts, attach/overlay/XDP (and the neighbour watcher's life) recorded instead of done, and writes that can be
+made to fail. For the agent's
 logic tests without root (pyroute2's ipmock serves netlink the same way); the datapath itself is always
 tested on the real kernel (tests/bpf, tests/lab)."""
 
@@ -22,13 +23,16 @@ E2BIG = 7
 _CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX", "ct_fwd": "CT_MAX",
              "ct_rev": "CT_MAX", "lb_stats": "STAT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX",
              "lb_local_backends": "LB_BACKENDS_MAX", "lb_maglev": "LB_MAGLEV_BLOCKS_MAX",
-             "lb_affinity": "LB_AFFINITY_MAX", "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX"}
+             "lb_affinity": "LB_AFFINITY_MAX", "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX",
+             "lb_dsr_backends": "LB_DSR_BACKENDS_MAX"}
 _FIXED_CAPACITY = {"lb_config": 1, "lb_maglev_cfg": 1, "lb_cluster_cidrs": 4096, "lb_tunnel_map": 4096}
 
 
 def default_capacity(name: str) -> int:
-    """A map's max_entries in the default build."""
-    return _FIXED_CAPACITY.get(name) or const(_CAPACITY[name])
+    """A map's max_entries in the default build (large for a map no sync fills)."""
+    if name in _CAPACITY:
+        return const(_CAPACITY[name])
+    return _FIXED_CAPACITY.get(name, 1 << 20)
 
 
 class MemoryMap(Map):
@@ -108,6 +112,7 @@ class MemoryDatapath(MapsDatapath):
         self.network_applied: list[Any] = []     # (NetworkSettings, me, peers) of every change
         self.acceleration = "Disabled"
         self.uninstalled = False
+        self.watching_neighbours = False         # the kernel's runs a netlink watcher from attach() to close()
 
     def map(self, name: str) -> MemoryMap:
         """The open map of that name (fault injection: datapath.map("lb_services").fail = ...)."""
@@ -127,6 +132,10 @@ class MemoryDatapath(MapsDatapath):
             raise BpfError(22, "attach() before load()")
         self.device = device
         self.ifindex = 1 + sum(map(ord, device)) % 1000
+        self.watching_neighbours = True
+
+    def close(self) -> None:
+        self.watching_neighbours = False
 
     def _network(self, want: NodeProgram) -> list[str]:
         key = (want.network, want.me, tuple(n for n in want.nodes if want.me is None or n.name != want.me.name))
@@ -145,6 +154,7 @@ class MemoryDatapath(MapsDatapath):
         return dict(self.pins.counters)
 
     def uninstall(self, device: str | None) -> None:
+        self.close()
         self.pins.maps.clear()
         self.opened.clear()
         self.maps = self.cluster = None

@@ -10,8 +10,8 @@ beyond what is left is refused too, whatever its age: admission looks at what ea
 
 The counts mirror what the datapath writes (datapath.lbmaps, clustermaps): per frontend one lb_services
 master plus one slot per backend, ceil(M / 8192) lb_maglev blocks for Maglev, one lb_affinity_members entry
-per backend with session affinity; lb_backends, lb_dsr_frontends and lb_local_backends hold distinct keys,
-shared between Services. Each frontend holds at most 65,535 backends (lb_svc_val.count is 16 bits)."""
+per backend with session affinity; lb_backends, lb_dsr_frontends, lb_dsr_backends and lb_local_backends hold
+distinct keys, shared between Services. Each frontend holds at most 65,535 backends (lb_svc_val.count is 16 bits)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
+from typing import Any
 
 from bpflb.model.types import Algorithm, DesiredState, Frontend, FrontendKind, L4Addr, Problem
+
+ANY_NODE = IPv4Address(0)         # a NodePort's DSR members are listed under address 0 (model.cluster.ANY_NODE)
 
 SERVICES = "lb_services"
 BACKENDS = "lb_backends"
 MAGLEV = "lb_maglev"
 MEMBERS = "lb_affinity_members"
 DSR = "lb_dsr_frontends"
+DSR_MEMBERS = "lb_dsr_backends"
 LOCAL = "lb_local_backends"
 SLOTS_MAX = 65535                 # backends of one frontend: lb_svc_val.count and Maglev entries are 16 bits
 MAGLEV_BLOCK = 8192               # LB_MAGLEV_BLOCK: table entries per lb_maglev value
@@ -34,9 +38,10 @@ MAGLEV_BLOCK = 8192               # LB_MAGLEV_BLOCK: table entries per lb_maglev
 # What a user changes to make a Service fit, per map (the field of the refusal).
 _FIELD = {SERVICES: "spec.ports (frontends x endpoints)", BACKENDS: "endpoints (EndpointSlices)",
           MAGLEV: "Maglev tables (lbAlgorithm)", MEMBERS: "spec.sessionAffinity (ClientIP members)",
-          DSR: "spec.ports x frontend addresses (DSR frontends)", LOCAL: "endpoints on this node"}
+          DSR: "spec.ports x frontend addresses (DSR frontends)", LOCAL: "endpoints on this node",
+          DSR_MEMBERS: "spec.ports x endpoints on this node (DSR frontend members)"}
 _COUNTED = (SERVICES, MAGLEV, MEMBERS)
-_SETS = (BACKENDS, DSR, LOCAL)
+_SETS = (BACKENDS, DSR, LOCAL, DSR_MEMBERS)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Refusal:
 class _Demand:
     frontends: tuple[Frontend, ...]
     counts: dict[str, int]
-    sets: dict[str, frozenset[L4Addr]]
+    sets: dict[str, frozenset[Any]]
     too_big: Frontend | None
 
 
@@ -66,6 +71,7 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
     backends: set[L4Addr] = set()
     dsr: set[L4Addr] = set()
     local: set[L4Addr] = set()
+    members: set[tuple[L4Addr, L4Addr]] = set()
     too_big = None
     for fe in frontends:
         n = len(fe.backends)
@@ -83,10 +89,13 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
         if not fe.local_only:
             if fe.kind is FrontendKind.NODEPORT:
                 dsr.update(L4Addr(a, fe.l4.port, fe.l4.proto) for a in node_addrs)
+                key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto)
             else:
                 dsr.add(fe.l4)
-    return _Demand(frontends, counts, {BACKENDS: frozenset(backends), DSR: frozenset(dsr), LOCAL: frozenset(local)},
-                   too_big)
+                key = fe.l4
+            members.update((key, be.l4) for be in fe.backends + fe.draining if be.local)
+    return _Demand(frontends, counts, {BACKENDS: frozenset(backends), DSR: frozenset(dsr), LOCAL: frozenset(local),
+                                       DSR_MEMBERS: frozenset(members)}, too_big)
 
 
 def by_service(state: DesiredState) -> dict[str, tuple[Frontend, ...]]:
@@ -111,7 +120,7 @@ class Budget:
     def _reset(self) -> None:
         self._demands: dict[str, _Demand] = {}
         self._counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
-        self._refs: dict[str, dict[L4Addr, int]] = {name: {} for name in _SETS}
+        self._refs: dict[str, dict[Any, int]] = {name: {} for name in _SETS}
         self._too_big_services: set[str] = set()
         self._refused: set[str] = set()          # refused by the last fit
         self._seen = -2                          # the generation of the last state fitted
@@ -185,7 +194,7 @@ class Budget:
         """Oldest first, each Service if it fits what the ones before it left."""
         rank = state.service_rank
         used = dict.fromkeys(_COUNTED, 0)
-        taken: dict[str, set[L4Addr]] = {name: set() for name in _SETS}
+        taken: dict[str, set[Any]] = {name: set() for name in _SETS}
         refusals: list[Refusal] = []
         for svc in sorted(self._demands, key=lambda s: (rank.get(s, ""), s)):
             d = self._demands[svc]
@@ -198,7 +207,7 @@ class Budget:
                 if cap and used[name] + d.counts[name] > cap:
                     short = (name, d.counts[name], cap - used[name])
                     break
-            fresh: dict[str, frozenset[L4Addr]] = {}
+            fresh: dict[str, frozenset[Any]] = {}
             if short is None:
                 for name in _SETS:
                     cap = capacity.get(name)
