@@ -200,9 +200,10 @@ def test_a_change_retranslates_and_rewrites_only_the_service_it_touches(tmp_path
 
 
 def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> None:
-    """DSR frontends and local backends written change by change hold what computing them afresh gives."""
-    from bpflb.datapath.clustermaps import l4_key
-    from bpflb.model.cluster import dsr_frontends, local_backends, node_addresses
+    """DSR frontends (with their kind), DSR members and local backends written change by change hold what
+    computing them afresh gives."""
+    from bpflb.datapath.clustermaps import dsr_member_key, l4_key
+    from bpflb.model.cluster import dsr_backends, dsr_frontends, local_backends, node_addresses
 
     pins = MemoryPins()
     services = [svc(f"s{i}", "2024-01-01T00:00:00Z", 30000 + i) for i in range(6)]
@@ -221,5 +222,8 @@ def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> N
         assert agent.run_once() is not None and agent.state is not None
         assert step is steps[0] or agent.state.changes is not None          # the incremental path
         addrs = node_addresses(source.snap)
-        assert set(pins.maps["lb_dsr_frontends"]) == {l4_key(x) for x in dsr_frontends(agent.state, addrs)}
+        assert pins.maps["lb_dsr_frontends"] == {l4_key(x): bytes([kind])
+                                                 for x, kind in dsr_frontends(agent.state, addrs).items()}
+        assert pins.maps["lb_dsr_backends"] == {dsr_member_key(fe, be): b"\x01"
+                                                for fe, be in dsr_backends(agent.state)}
         assert set(pins.maps["lb_local_backends"]) == {l4_key(x) for x in local_backends(agent.state)}
