@@ -227,3 +227,19 @@ def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> N
         assert pins.maps["lb_dsr_backends"] == {dsr_member_key(fe, be): b"\x01"
                                                 for fe, be in dsr_backends(agent.state)}
         assert set(pins.maps["lb_local_backends"]) == {l4_key(x) for x in local_backends(agent.state)}
+
+
+def test_a_mode_switch_retranslates_nothing(tmp_path: Path) -> None:
+    services = [svc(f"s{i}", "2024-01-01T00:00:00Z", 30000 + i) for i in range(20)]
+    agent, datapath, source = agent_on(tmp_path, MemoryPins(), services, [eps(f"s{i}", 3, 10 * i) for i in range(20)])
+    assert agent.run_once() is not None and agent.state is not None
+    before = dict(agent.state.frontends)
+    writes = {name: m.writes for name, m in datapath.opened.items()}
+    source.snap.config = {"bpfLBMode": "DSR"}
+    report = agent.run_once()
+    assert report is not None and report.config_changed and agent.state is not None
+    assert agent.state.changes == set()                                   # nothing to re-translate
+    assert all(agent.state.frontends[k] is fe for k, fe in before.items())
+    after = {name: m.writes for name, m in datapath.opened.items()}
+    assert {name: n - writes.get(name, 0) for name, n in after.items() if n != writes.get(name, 0)} == \
+        {"lb_config": 1}                                                  # the mode, and nothing else

@@ -36,6 +36,7 @@ from bpflb.model.frontends import (
 from bpflb.model.settings import decode_agent_config
 from bpflb.model.types import (
     AgentSettings,
+    Algorithm,
     DesiredState,
     Frontend,
     L4Addr,
@@ -264,7 +265,7 @@ class Translator:
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
         self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
-        self._context: tuple[tuple[IPv4Address, ...], AgentSettings] | None = None
+        self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool] | None = None
         self._service_objs = _Objects("Service", _read_service)
         self._slice_objs = _Objects("EndpointSlice", _read_slice_object)
         self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
@@ -304,9 +305,11 @@ class Translator:
             problems.append(Problem(f"Node {node_name}", "metadata.name",
                                     "not found in the snapshot; no frontends are programmed for this node"))
             return DesiredState(node_name, (), problems=problems, settings=settings, generation=self._generation)
-        whole = self._context != (node_addrs, settings)
-        if whole:                       # every Service's translation depends on these: start over
-            self._context = (node_addrs, settings)
+        # What every Service's translation depends on (the mode, say, does not: switching it re-translates nothing).
+        context = (node_addrs, settings.algorithm, settings.algorithm_annotation)
+        whole = self._context != context
+        if whole:
+            self._context = context
             for key in list(self._services):
                 self._forget(key)
         self._changed, self._changed_services = set(), set()
