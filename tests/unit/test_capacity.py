@@ -30,13 +30,14 @@ from tests.unit.helpers import (
 CONFIG = {"bpfLBMode": "SNAT"}
 
 
-def svc(name: str, created: str, node_port: int | None = None, external_ips: int = 0, ports: int = 1) -> Obj:
-    """A Service created at `created`: a NodePort, or externalIPs x ports."""
+def svc(name: str, created: str, node_port: int | None = None, external_ips: int = 0, ports: int = 1,
+        first_ip: int = 0) -> Obj:
+    """A Service created at `created`: a NodePort, or externalIPs (from the first_ip-th) x ports."""
     spec: dict[str, Any] = {"type": "NodePort" if node_port else "ClusterIP", "selector": {"app": name}}
     spec["ports"] = [{"name": f"p{i}", "port": 1000 + i, "targetPort": 8080, "protocol": "TCP",
                       **({"nodePort": node_port + i} if node_port else {})} for i in range(ports)]
     if external_ips:
-        spec["externalIPs"] = [f"198.19.{i // 250}.{i % 250 + 1}" for i in range(external_ips)]
+        spec["externalIPs"] = [f"198.19.{i // 250}.{i % 250 + 1}" for i in range(first_ip, first_ip + external_ips)]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "default", "creationTimestamp": created}, "spec": spec}
 
@@ -243,3 +244,19 @@ def test_a_mode_switch_retranslates_nothing(tmp_path: Path) -> None:
     after = {name: m.writes for name, m in datapath.opened.items()}
     assert {name: n - writes.get(name, 0) for name, n in after.items() if n != writes.get(name, 0)} == \
         {"lb_config": 1}                                                  # the mode, and nothing else
+
+
+def test_every_node_refuses_the_same_services_whatever_order_it_hears_of_them(tmp_path: Path) -> None:
+    """Oldest first (creationTimestamp), then by namespace/name: the order of the source's lists, or of the
+    events that built them, never decides."""
+    services = [svc(f"s{i}", f"2024-01-01T00:00:{i % 3:02}Z", external_ips=4, ports=2, first_ip=4 * i)
+                for i in range(12)]
+    slices = [eps(f"s{i}", 2, 10 * i, ports=2) for i in range(12)]
+    refused = []
+    for k, order in enumerate((services, services[::-1], services[5:] + services[:5])):
+        (tmp_path / str(k)).mkdir()
+        agent, _, _ = agent_on(tmp_path / str(k), MemoryPins(capacity={"lb_dsr_frontends": 40}), order, slices)
+        assert agent.run_once() is not None
+        refused.append(sorted(agent.refused))
+    # 8 DSR frontends each, 5 fit: created first s0 s3 s6 s9, then s1 (by name: s1 < s10 < s4 < s7)
+    assert refused[0] == refused[1] == refused[2] == sorted(f"default/s{i}" for i in (10, 4, 7, 2, 5, 8, 11))
