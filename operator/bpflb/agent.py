@@ -124,10 +124,18 @@ class Agent:
         paused = gc.isenabled()
         gc.disable()
         try:
-            return self._sync_once()
+            report = self._sync_once()
         finally:
             if paused:
                 gc.enable()
+        if self.state is not None and self.state.changes is None:
+            # After a sync that built everything anew: what it built lives on, and is acyclic. Kept out of the
+            # collector's full passes (which would otherwise walk millions of objects between two small
+            # syncs); the previous such heap is handed back to it first.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        return report
 
     def _sync_once(self) -> SyncReport | None:
         snap = self.source.snapshot()
