@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -308,8 +309,16 @@ def _latency_once(objects: dict[tuple[str, str], list[dict[str, Any]]], code: Pa
             proc.terminate()
             proc.wait(timeout=30)
             subprocess.run(["rm", "-rf", str(pin_root)], check=False)
-    return {**_summary(samples), "agent_rss_mib_after_first_sync": round(synced.get("VmRSS", 0) / 1024, 1),
-            "agent_peak_rss_mib": round(after.get("VmHWM", 0) / 1024, 1)}
+        # The agent's own account of each sync that wrote something ("sync: ... (x ms)"), the first one aside:
+        # the part of "accepted" that is the agent's work, not the watch's delivery nor the probe's polling.
+        syncs = [float(m) for m in re.findall(r"bpflb.agent: sync: .*\(([\d.]+) ms\)", log.read_text())][1:]
+    result = {**_summary(samples), "agent_rss_mib_after_first_sync": round(synced.get("VmRSS", 0) / 1024, 1),
+              "agent_peak_rss_mib": round(after.get("VmHWM", 0) / 1024, 1)}
+    if syncs:
+        result["agent_sync"] = {"p50_ms": round(statistics.median(syncs), 1),
+                                "p99_ms": round(_percentile(syncs, 99), 1), "max_ms": round(max(syncs), 1),
+                                "n": len(syncs)}
+    return result
 
 
 def _status_kib(pid: int) -> dict[str, int]:
