@@ -145,6 +145,16 @@ class _Object:
     key: str | None
     meta: _Meta | None
     problems: list[Problem]
+    source: Any = None        # the object as the source handed it over (raw, or what raw was read from)
+
+
+def _quick_key(raw: Any) -> str | None:
+    """namespace/name of a raw object when its metadata is plain (None otherwise: it is read in full)."""
+    meta = raw.get("metadata") if type(raw) is dict else None
+    if type(meta) is not dict or type(meta.get("name")) is not str:
+        return None
+    namespace = meta.get("namespace")
+    return f"{namespace if type(namespace) is str and namespace else DEFAULT_NAMESPACE}/{meta['name']}"
 
 
 def _same(a: KubeObject, b: KubeObject) -> bool:
@@ -165,9 +175,11 @@ class _Objects:
     is gone and which namespace/name each one holds, at the cost of a set comparison (in C) when nothing
     changed. Two objects with one namespace/name: the first in the list is used, the others are Problems."""
 
-    def __init__(self, kind: str, read: Callable[[Any, int], _Object]) -> None:
+    def __init__(self, kind: str, read: Callable[[Any, int], _Object],
+                 rebind: Callable[[_Object, Any], None]) -> None:
         self.kind = kind
         self.read = read
+        self.rebind = rebind
         self.ids: set[int] = set()
         self.by_id: dict[int, _Object] = {}
         self.by_key: dict[str, list[int]] = {}
@@ -189,15 +201,25 @@ class _Objects:
         else:
             position = {new: order.index(new) for new in fresh}      # a few: found by a scan in C
         touched: set[str] = set()
+        went: dict[str, _Object] = {}
         for gone in self.ids - ids:
             obj = self.by_id.pop(gone)
             self.unnamed.pop(gone, None)
             if obj.key is not None:
                 self.by_key[obj.key].remove(gone)
                 touched.add(obj.key)
+                went[obj.key] = obj
         for new in fresh:
             i = position[new]
-            obj = self.read(raws[i], i)
+            raw = raws[i]
+            key = _quick_key(raw)
+            old = went.get(key) if key is not None else None
+            if old is not None and _same(old.source, raw):
+                obj = old                      # another object, the same resourceVersion: a re-list, a replay
+                obj.source = raw
+                self.rebind(obj, raw)
+            else:
+                obj = self.read(raw, i)
             self.by_id[new] = obj
             if obj.key is None:
                 self.unnamed[new] = obj.problems
@@ -241,12 +263,20 @@ class _Objects:
 def _read_service(raw: Any, index: int) -> _Object:
     problems: list[Problem] = []
     meta = _meta("Service", raw, index, problems)
-    return _Object(raw, None if meta is None else meta.key, meta, problems)
+    return _Object(raw, None if meta is None else meta.key, meta, problems, raw)
+
+
+def _rebind_service(obj: _Object, raw: Any) -> None:
+    obj.raw = raw
 
 
 def _read_slice_object(raw: Any, index: int) -> _Object:
     entry = read_slice(raw, index)
-    return _Object(entry, entry.key, None, entry.problems)
+    return _Object(entry, entry.key, None, entry.problems, raw)
+
+
+def _rebind_slice(obj: _Object, raw: Any) -> None:
+    obj.raw.raw = raw
 
 
 class Translator:
@@ -266,8 +296,8 @@ class Translator:
         self.node_name = node_name
         self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
         self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool] | None = None
-        self._service_objs = _Objects("Service", _read_service)
-        self._slice_objs = _Objects("EndpointSlice", _read_slice_object)
+        self._service_objs = _Objects("Service", _read_service, _rebind_service)
+        self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice)
         self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
         self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
         self._services: dict[str, _Service] = {}
@@ -367,18 +397,20 @@ class Translator:
             entry = now.raw if now is not None else None
             # the entry indexed under this slice's name, if any, goes (its Service may differ from the new one's)
             svc = self._slice_svc.pop(key, None)
+            before = None
             if svc is not None:
                 mine = self._by_svc[svc]
-                if mine.pop(key, None) is not entry:
+                before = mine.pop(key, None)
+                if before is not entry or (entry is not None and entry.service != svc):
                     dirty.add("/".join(svc))
                 if not mine:
                     del self._by_svc[svc]
-            if entry is not None and entry.service is not None:
-                mine = self._by_svc.setdefault(entry.service, {})
-                if mine.get(key) is not entry:
-                    dirty.add("/".join(entry.service))
-                mine[key] = entry
-                self._slice_svc[key] = entry.service
+            owner = entry.service if entry is not None else None
+            if entry is not None and owner is not None:
+                if before is not entry or owner != svc:
+                    dirty.add("/".join(owner))
+                self._by_svc.setdefault(owner, {})[key] = entry
+                self._slice_svc[key] = owner
         return dirty
 
     # -- frontends two Services compete for ---------------------------------------------------------------
