@@ -161,6 +161,10 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_maglev_cfg": ("__u32", "struct lb_maglev_config"),
     "lb_affinity": ("struct lb_affinity_key", "struct lb_affinity_val"),
     "lb_affinity_members": ("struct lb_affinity_member", "__u32"),
+    # in-cluster traffic (bpf_objects/include/east_west.h, sock.h)
+    "lb_internal_view": ("struct lb_l4_key", "struct lb_l4_key"),
+    "lb_sock_rev": ("struct lb_sock_rev_key", "struct lb_sock_rev_val"),
+    "lb_sock_affinity": ("struct lb_sock_affinity_key", "struct lb_affinity_val"),
 }
 
 
@@ -192,7 +196,7 @@ class BpfObject:
             while m != f.NULL:
                 l.bpf_map__set_pin_path(m, f.NULL)
                 name = f.string(l.bpf_map__name(m)).decode()
-                if share_with is not None and name in MAP_TYPES:
+                if share_with is not None and name in MAP_TYPES and share_with.has_map(name):
                     check(l.bpf_map__reuse_fd(m, share_with.map(name).fd), f"sharing map {name}")
                 m = l.bpf_object__next_map(obj, m)
         rc = l.bpf_object__load(obj)
@@ -206,6 +210,9 @@ class BpfObject:
         if prog == ffi().NULL:
             raise BpfError(2, f"program {name} not found in {self.path}")
         return int(lib().bpf_program__fd(prog))
+
+    def has_map(self, name: str) -> bool:
+        return bool(lib().bpf_object__find_map_by_name(self._obj, name.encode()) != ffi().NULL)
 
     def map(self, name: str) -> Map:
         m = lib().bpf_object__find_map_by_name(self._obj, name.encode())
