@@ -219,7 +219,7 @@ struct lb_affinity_member {
 /* Counters of the in-cluster paths (lb_stats indices 48..55). */
 #define STAT_SOCK_CONNECT 48          /* connect() (TCP, connected UDP) sent straight to a backend */
 #define STAT_SOCK_SENDMSG 49          /* unconnected UDP datagram sent straight to a backend */
-#define STAT_SOCK_RECVMSG 50          /* a reply's source shown as the Service address (recvmsg, getpeername) */
+#define STAT_SOCK_REVERSE 50          /* a translated socket's peer shown as the Service (recvmsg, getpeername) */
 #define STAT_SOCK_REJECT 51           /* connect()/sendmsg() refused: no endpoint, or none here (iTP Local) */
 #define STAT_SOCK_REVNAT_FAILED 52    /* the reverse entry of a translated socket could not be written */
 #define STAT_POD_NEW_FLOW 53          /* pod-facing tc: a pod's packet to a Service started a flow (DNAT) */

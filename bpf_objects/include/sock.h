@@ -198,7 +198,7 @@ static __always_inline int sock_xlate_rev(struct bpf_sock_addr *ctx)
 		return SYS_PROCEED;
 	ctx->user_ip4 = rval->addr;
 	ctx->user_port = rval->port;
-	stat_inc(STAT_SOCK_RECVMSG);
+	stat_inc(STAT_SOCK_REVERSE);
 	return SYS_PROCEED;
 }
 

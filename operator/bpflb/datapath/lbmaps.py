@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import check, const, ffi, lib, stat_names
 from bpflb.datapath.loader import BpfObject, Map
 from bpflb.model import maglev
@@ -26,6 +27,7 @@ _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
     FrontendKind.LOADBALANCER: "LB_SVC_F_LOADBALANCER",
     FrontendKind.EXTERNAL_IP: "LB_SVC_F_EXTERNAL_IP",
+    FrontendKind.CLUSTER_IP: "LB_SVC_F_CLUSTER_IP",
 }
 
 
@@ -62,13 +64,15 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    internal_views_changed: int = 0   # lb_internal_view entries written or removed
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
-                    or self.affinity_members_written or self.affinity_members_removed)
+                    or self.affinity_members_written or self.affinity_members_removed
+                    or self.internal_views_changed)
 
 
 def _be16(port: int) -> int:
@@ -201,12 +205,14 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.internal_view: Map = obj.map("lb_internal_view")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc: dict[bytes, bytes] = dict(self.services.items_raw())
         self._be: dict[bytes, bytes] = dict(self.backends.items_raw())
         self._mg: dict[bytes, bytes] = dict(self.maglev.items_raw())
         self._am: dict[bytes, bytes] = dict(self.affinity_members.items_raw())
+        self._iv: dict[bytes, bytes] = dict(self.internal_view.items_raw())
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
@@ -336,6 +342,17 @@ class LBMaps:
         update_batch(self.services, new_masters)
         self._svc.update(new_masters)
         report.slots_written = len(slots) + len(new_masters)
+        # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
+        # the datapath looks up itself (a view whose frontend is missing is not used).
+        want_iv = {l4_key(fe.l4): l4_key(fe.internal) for fe in state.frontends.values() if fe.internal}
+        views = [(k, v) for k, v in want_iv.items() if self._iv.get(k) != v]
+        update_batch(self.internal_view, views)
+        self._iv.update(views)
+        stale_iv = [k for k in self._iv if k not in want_iv]
+        delete_batch(self.internal_view, stale_iv)
+        for k in stale_iv:
+            del self._iv[k]
+        report.internal_views_changed = len(views) + len(stale_iv)
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []
         stale_slots: list[bytes] = []

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/bpflb")
 LB_OBJECT = "bpf_lb.o"
 XDP_OBJECT = "bpf_xdp.o"
+SOCK_OBJECT = "bpf_sock.o"
 TC_HANDLE = 0xB1B
 TC_PRIORITY = 1
 
@@ -205,11 +206,15 @@ class BpfObject:
             self._obj = f.NULL
             check(rc, f"loading BPF object {path} (the verifier log is above)")
 
-    def prog_fd(self, name: str) -> int:
+    def program(self, name: str) -> Any:
+        """The libbpf struct bpf_program of a program (for attach calls)."""
         prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
         if prog == ffi().NULL:
             raise BpfError(2, f"program {name} not found in {self.path}")
-        return int(lib().bpf_program__fd(prog))
+        return prog
+
+    def prog_fd(self, name: str) -> int:
+        return int(lib().bpf_program__fd(self.program(name)))
 
     def has_map(self, name: str) -> bool:
         return bool(lib().bpf_object__find_map_by_name(self._obj, name.encode()) != ffi().NULL)
@@ -388,6 +393,12 @@ def load_xdp(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir
     """Load bpf_xdp.o sharing the tc object's maps: through the pins under pin_root, or (unpinned)
     the maps of share_with."""
     return BpfObject((obj_dir or objects_dir()) / XDP_OBJECT, pin_root, share_with)
+
+
+def load_sock(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir: Path | None = None) -> BpfObject:
+    """Load bpf_sock.o (the socket LB) sharing the tc object's maps, as load_xdp does; its own maps
+    (lb_sock_rev, lb_sock_affinity) are pinned beside them, or private when unpinned."""
+    return BpfObject((obj_dir or objects_dir()) / SOCK_OBJECT, pin_root, share_with)
 
 
 def remove_pins(pin_root: Path) -> None:
