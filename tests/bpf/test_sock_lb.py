@@ -7,7 +7,6 @@ programmed by the agent's own code (LBMaps, from DesiredStates or from translate
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
