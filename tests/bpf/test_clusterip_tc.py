@@ -13,9 +13,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from bpflb.datapath import loader
 from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
-from bpflb.datapath import loader
 from bpflb.datapath.netns import entered
 from bpflb.model import maglev
 from bpflb.model.cluster import dsr_frontends
@@ -31,7 +31,18 @@ from bpflb.model.types import (
     Proto,
 )
 
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, LOCAL_POD_MAC, LXC_MAC, NODE1, REMOTE_POD, Node, XdpNode
+from .conftest import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    LOCAL_POD_MAC,
+    LXC_MAC,
+    NODE1,
+    REMOTE_POD,
+    Node,
+    XdpNode,
+)
 from .test_nodeport_snat import assert_frame, frame_in
 
 pytestmark = pytest.mark.privileged
