@@ -18,7 +18,7 @@ from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.datapath.netns import entered
 from bpflb.model import maglev
-from bpflb.model.cluster import dsr_frontends
+from bpflb.model.cluster import dsr_frontends, local_backends
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -261,5 +261,10 @@ def test_the_maps_mark_clusterips_and_hold_the_internal_views(node: Node) -> Non
     assert dict(node.maps.internal_view.items_raw()) == {l4_key(nodeport.l4): l4_key(service_cip.l4)}
     report = node.maps.sync(state(service_cip))
     assert report.internal_views_changed == 1 and dict(node.maps.internal_view.items_raw()) == {}
-    # DSR options may never name a ClusterIP.
+    # DSR options may never name a ClusterIP, and its backends are not guarded as DSR backends (a pod that
+    # backs only a ClusterIP may answer whoever reaches its own address).
     assert dsr_frontends(state(service_cip, nodeport), {IPv4Address(NODE1)}) == {nodeport.l4}
+    local_cip = Frontend(l4(CIP, 81), FrontendKind.CLUSTER_IP, "default/self", "", False, (be("self"),), False)
+    assert local_backends(state(local_cip)) == set()
+    assert local_backends(state(Frontend(l4(NODE1, 30081), FrontendKind.NODEPORT, "default/self", "", False,
+                                         (be("self"),), False))) == {be("self").l4}

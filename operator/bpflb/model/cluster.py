@@ -64,8 +64,10 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:
-    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply."""
-    return {be.l4 for fe in state.frontends.values() for be in (*fe.backends, *fe.draining) if be.local}
+    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply.
+    Those of external frontends only: the set guards DSR replies, and a ClusterIP flow is never DSR'd."""
+    return {be.l4 for fe in state.frontends.values() if fe.kind is not FrontendKind.CLUSTER_IP
+            for be in (*fe.backends, *fe.draining) if be.local}
 
 
 @dataclass(frozen=True)
