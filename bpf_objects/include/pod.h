@@ -95,14 +95,13 @@ static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_con
 }
 
 /* A pod's answer in a hairpin flow (to LB_HAIRPIN_ADDR): back into the pod from the frontend. */
-static __always_inline int pod_hairpin_reply(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int pod_hairpin_reply(struct __sk_buff *skb, const struct pkt *p, const struct lb_config *cfg)
 {
 	struct ct_entry *rev = bpf_map_lookup_elem(&ct_rev, &p->t);
-	__u64 now;
+	__u64 now = bpf_ktime_get_ns();
 
-	if (!rev || !(rev->flags & CT_F_SNAT))
+	if (!rev || !(rev->flags & CT_F_SNAT) || !ct_usable(rev, p, cfg, now))
 		return TC_ACT_OK;
-	now = bpf_ktime_get_ns();
 	if (ct_touch(rev, p, now))
 		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
@@ -129,7 +128,7 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 	if (p.t.daddr == bpf_htonl(LB_HAIRPIN_ADDR))
-		return pod_hairpin_reply(skb, &p);
+		return pod_hairpin_reply(skb, &p, cfg);
 	key.addr = p.t.daddr;
 	key.port = p.t.dport;
 	key.proto = p.t.proto;
@@ -182,7 +181,11 @@ static __always_inline int pod_egress(struct __sk_buff *skb)
 	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
 	if (!rev || !(rev->flags & CT_F_LOCAL))
 		return TC_ACT_OK;
+	/* An ended flow's entry lingers until LRU eviction: the pod may reuse the tuple for a connection of
+	 * its own to the backend (a direct one, or one the socket LB sent there), which must stay untouched. */
 	now = bpf_ktime_get_ns();
+	if (!ct_usable(rev, &p, cfg, now))
+		return TC_ACT_OK;
 	if (ct_touch(rev, &p, now))
 		ct_close_peer(rev, 0, p.t.proto, p.tcp_flags, now);
 	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {

@@ -15,6 +15,7 @@ from scapy.packet import Raw
 
 from bpflb.datapath import loader
 from bpflb.datapath.clustermaps import l4_key
+from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.datapath.netns import entered
 from bpflb.model import maglev
@@ -162,6 +163,19 @@ def test_hairpin_goes_straight_back_into_the_pod_from_the_hairpin_address(node: 
     # A packet to the hairpin address that belongs to no flow is left to the stack.
     stray = Ether(src=LOCAL_POD_MAC, dst=LXC_MAC) / IP(src=LOCAL_POD, dst=HAIRPIN) / UDP(sport=1, dport=2)
     assert (r := pod_in(node, bytes(stray))).retval == TC_ACT_OK and r.data == bytes(stray)
+
+
+def test_an_ended_flows_entry_leaves_a_later_connection_on_its_tuple_alone(node: Node) -> None:
+    """The pod's flow through the ClusterIP is over (here: its UDP lifetime, set to 0, has passed); the pod
+    then talks to the backend directly from the same port: the backend's answers are not rewritten."""
+    node.program(state(cip(["echo-b"], port=53, proto=Proto.UDP)))
+    pod_in(node, from_pod(UDP(sport=5000, dport=53), payload=b"query"))
+    node.maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=node.eth0,
+                                    udp_timeout=0))
+    answer = to_pod("10.244.2.11", UDP(sport=8080, dport=5000), b"direct")
+    run = pod_out(node, answer)
+    assert run.retval == TC_ACT_OK and run.data == answer
+    assert node.maps.stats()["pod_reply"] == 0
 
 
 def test_no_endpoints_rejects_to_the_pod_and_itp_local_without_a_local_one_drops(node: Node) -> None:
