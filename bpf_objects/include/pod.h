@@ -94,14 +94,22 @@ static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_con
 	return 0;
 }
 
-/* A pod's answer in a hairpin flow (to LB_HAIRPIN_ADDR): back into the pod from the frontend. */
-static __always_inline int pod_hairpin_reply(struct __sk_buff *skb, const struct pkt *p, const struct lb_config *cfg)
+/* The reverse entry of a live pod flow that the packet answers (flag: CT_F_LOCAL, or CT_F_SNAT for a
+ * hairpin flow), or NULL.  An ended flow's entry lingers until LRU eviction, and the pod may reuse the
+ * tuple for a connection of its own to the backend (a direct one, or one the socket LB sent there):
+ * that one must stay untouched. */
+static __always_inline struct ct_entry *pod_flow_reply(const struct pkt *p, const struct lb_config *cfg, __u8 flag,
+						       __u64 now)
 {
 	struct ct_entry *rev = bpf_map_lookup_elem(&ct_rev, &p->t);
-	__u64 now = bpf_ktime_get_ns();
 
-	if (!rev || !(rev->flags & CT_F_SNAT) || !ct_usable(rev, p, cfg, now))
-		return TC_ACT_OK;
+	return rev && (rev->flags & flag) && ct_usable(rev, p, cfg, now) ? rev : NULL;
+}
+
+/* Show a pod flow's reply from the frontend, to the pod's own address and port.  TC_ACT_OK, or
+ * TC_ACT_SHOT when the rewrite failed. */
+static __always_inline int pod_reply(struct __sk_buff *skb, const struct pkt *p, struct ct_entry *rev, __u64 now)
+{
 	if (ct_touch(rev, p, now))
 		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
@@ -109,7 +117,7 @@ static __always_inline int pod_hairpin_reply(struct __sk_buff *skb, const struct
 		return TC_ACT_SHOT;
 	}
 	stat_inc(STAT_POD_REPLY);
-	return pod_return(skb);
+	return TC_ACT_OK;
 }
 
 /* tc ingress of a pod's veth (host side): what the pod sends. */
@@ -127,15 +135,21 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 
 	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
-	if (p.t.daddr == bpf_htonl(LB_HAIRPIN_ADDR))
-		return pod_hairpin_reply(skb, &p, cfg);
+	now = bpf_ktime_get_ns();
+	if (p.t.daddr == bpf_htonl(LB_HAIRPIN_ADDR)) {
+		/* The pod answering its own hairpin flow: translated, and straight back in. */
+		e = pod_flow_reply(&p, cfg, CT_F_SNAT, now);
+		if (!e)
+			return TC_ACT_OK;
+		rc = pod_reply(skb, &p, e, now);
+		return rc == TC_ACT_OK ? pod_return(skb) : rc;
+	}
 	key.addr = p.t.daddr;
 	key.port = p.t.dport;
 	key.proto = p.t.proto;
 	svc = ew_lookup(&key);
 	if (!svc)
 		return TC_ACT_OK;
-	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		if (ct_touch(e, &p, now))
@@ -178,22 +192,9 @@ static __always_inline int pod_egress(struct __sk_buff *skb)
 
 	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
-	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
-	if (!rev || !(rev->flags & CT_F_LOCAL))
-		return TC_ACT_OK;
-	/* An ended flow's entry lingers until LRU eviction: the pod may reuse the tuple for a connection of
-	 * its own to the backend (a direct one, or one the socket LB sent there), which must stay untouched. */
 	now = bpf_ktime_get_ns();
-	if (!ct_usable(rev, &p, cfg, now))
-		return TC_ACT_OK;
-	if (ct_touch(rev, &p, now))
-		ct_close_peer(rev, 0, p.t.proto, p.tcp_flags, now);
-	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {
-		stat_inc(STAT_DROP_ERROR);
-		return TC_ACT_SHOT;
-	}
-	stat_inc(STAT_POD_REPLY);
-	return TC_ACT_OK;
+	rev = pod_flow_reply(&p, cfg, CT_F_LOCAL, now);
+	return rev ? pod_reply(skb, &p, rev, now) : TC_ACT_OK;
 }
 
 #endif
