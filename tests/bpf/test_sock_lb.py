@@ -24,6 +24,7 @@ import pytest
 
 from bpflb.datapath.cgroup import attach_cgroup, attached_programs, cgroup2_mountpoint, detach_cgroup
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
+from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import BpfObject, ensure_bpffs, load_lb, load_sock
 from bpflb.datapath.netns import entered
 from bpflb.model import maglev
@@ -423,9 +424,22 @@ def test_attach_replace_detach_and_sockets_outside_the_cgroup(lab: SockLab) -> N
         assert len(attached_programs(lab.cgroup, "lb_connect4")) == 2
         assert names(lab.one("tcp", CLUSTER_IP, 80)) == ["echo-a"]
         again.close()
-        assert detach_cgroup(pins) == 4
+        # The same pins asked for another cgroup: the links move (never two cgroups from one pin set).
+        other = lab.cgroup.parent / f"{lab.cgroup.name}-other"
+        other.mkdir()
+        try:
+            attach_cgroup(lab.sock, other, pins).close()
+            assert (len(attached_programs(lab.cgroup, "lb_connect4")),
+                    len(attached_programs(other, "lb_connect4"))) == (1, 1)
+            assert detach_cgroup(pins) == 4
+            assert len(attached_programs(other, "lb_connect4")) == 0
+        finally:
+            detach_cgroup(pins)
+            other.rmdir()
         assert len(attached_programs(lab.cgroup, "lb_connect4")) == 1
         assert sorted(p.name for p in pins.iterdir()) == []
+        with pytest.raises(BpfError, match="not on a cgroup v2"):
+            attach_cgroup(lab.sock, pins)
     finally:
         detach_cgroup(pins)
         if pins.exists():
