@@ -14,6 +14,7 @@ backend address directly (no Service: the floor either datapath adds to).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,12 @@ NODE = "198.18.0.11"
 PORT, TARGET_PORT = 80, 8080
 GOAL = 1.5                               # issue 13: socket LB >= 1.5x kube-proxy iptables
 ROWS = ("kube-proxy iptables", "bpflb socket LB", "no Service (pod -> backend)")
+
+
+def run_tag() -> str:
+    """The start of this process's namespace and cgroup names (bpflb-cb-TAG..., bpflb-bench-TAG...), so a
+    caller can tell its own leftovers from those of a run beside it."""
+    return f"{os.getpid():x}-"
 
 
 def cluster_ip(i: int) -> str:
@@ -152,7 +159,7 @@ def run_clusterip_bench(quick: bool = False, out_dir: Path | None = None) -> int
         print("bpflb bench --clusterip: no cgroup v2 hierarchy is mounted", file=sys.stderr)
         return 1
     snap = snapshot()
-    tag = uuid.uuid4().hex[:6]
+    tag = f"{run_tag()}{uuid.uuid4().hex[:4]}"
     targets = [f"{cluster_ip(i)}:{PORT}" for i in range(SERVICES)]
     direct = [f"{a}:{TARGET_PORT}" for a in ENDPOINTS]
     rates: dict[str, list[float]] = {row: [] for row in ROWS}
