@@ -57,8 +57,9 @@ static __always_inline int pod_forward(struct __sk_buff *skb, const struct pkt *
 }
 
 /* A new pod flow's conntrack entries.  0 on success, else a verdict. */
-static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_config *cfg, const struct lb_svc_val *svc,
-					__u32 be_id, const struct lb_backend *be, struct ct_entry *e, __u64 now)
+static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_config *cfg,
+					const struct lb_svc_val *svc, __u32 be_id, const struct lb_backend *be,
+					struct ct_entry *e, __u64 now)
 {
 	struct ct_entry rev;
 	struct ct_tuple rkey;
