@@ -27,7 +27,7 @@ from bpflb.model.cluster import (
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
 from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.types import Algorithm, DesiredState, Frontend, FrontendKind, L4Addr, Mode
 from bpflb.sources.base import Source
 
 log = logging.getLogger("bpflb.agent")
@@ -57,7 +57,7 @@ def device_for_address(addr: IPv4Address) -> str | None:
 def _describe(fe: Frontend) -> str:
     names = ", ".join(b.name for b in fe.backends) or ("reject: no endpoints" if fe.no_endpoints
                                                         else "drop: no local endpoint")
-    policy = " (eTP Local)" if fe.local_only else ""
+    policy = "" if not fe.local_only else " (iTP Local)" if fe.kind is FrontendKind.CLUSTER_IP else " (eTP Local)"
     selection = ""
     if fe.algorithm == Algorithm.MAGLEV or fe.affinity_timeout:
         selection = " " + ", ".join(filter(None, ["Maglev" if fe.algorithm == Algorithm.MAGLEV else "",

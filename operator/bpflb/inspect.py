@@ -89,7 +89,8 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
         if key.slot == 0:
             flags = val.flags
             kind = ("NodePort" if flags & const("LB_SVC_F_NODEPORT") else
-                    "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else "ExternalIP")
+                    "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else
+                    "ClusterIP" if flags & const("LB_SVC_F_CLUSTER_IP") else "ExternalIP")
             frontends[ident] = {"frontend": f"{ident[0]}:{ident[1]}/{ident[2]}", "kind": kind, "id": val.id,
                                 "policy": "Local" if flags & const("LB_SVC_F_LOCAL") else "Cluster",
                                 "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS")),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import const, ffi, lib, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
@@ -27,6 +28,7 @@ _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
     FrontendKind.LOADBALANCER: "LB_SVC_F_LOADBALANCER",
     FrontendKind.EXTERNAL_IP: "LB_SVC_F_EXTERNAL_IP",
+    FrontendKind.CLUSTER_IP: "LB_SVC_F_CLUSTER_IP",
 }
 
 
@@ -63,13 +65,15 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    internal_views_changed: int = 0   # lb_internal_view entries written or removed
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
-                    or self.affinity_members_written or self.affinity_members_removed)
+                    or self.affinity_members_written or self.affinity_members_removed
+                    or self.internal_views_changed)
 
 
 def _be16(port: int) -> int:
@@ -185,6 +189,7 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.internal_view: Map = obj.map("lb_internal_view")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
@@ -192,6 +197,7 @@ class LBMaps:
         self._am_m = MapMirror(self.affinity_members)
         self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
                                                    self._am_m.entries)
+        self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
@@ -306,6 +312,10 @@ class LBMaps:
                                                                state.settings.maglev_seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
         report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
+        # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
+        # the datapath looks up itself (a view whose frontend is missing is not used).
+        want_iv = {l4_key(fe.l4): l4_key(fe.internal) for fe in state.frontends.values() if fe.internal}
+        report.internal_views_changed = self._iv_m.sync(want_iv)
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []
         stale_slots: list[bytes] = []

@@ -52,10 +52,10 @@ def cluster_prefixes(snapshot: Snapshot) -> set[IPv4Network]:
 def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[L4Addr]:
     """Frontends a DSR option may legitimately name: this node's view of the Services, with each
     NodePort on every node's address (the request may have entered through any node).  Only
-    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count."""
+    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count; ClusterIPs never."""
     out: set[L4Addr] = set()
     for fe in state.frontends.values():
-        if fe.local_only:
+        if fe.local_only or fe.kind is FrontendKind.CLUSTER_IP:     # a ClusterIP never enters from outside
             continue
         if fe.kind is FrontendKind.NODEPORT:
             out.update(L4Addr(a, fe.l4.port, fe.l4.proto) for a in all_node_addrs)
@@ -65,8 +65,10 @@ def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:
-    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply."""
-    return {be.l4 for fe in state.frontends.values() for be in (*fe.backends, *fe.draining) if be.local}
+    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply.
+    Those of external frontends only: the set guards DSR replies, and a ClusterIP flow is never DSR'd."""
+    return {be.l4 for fe in state.frontends.values() if fe.kind is not FrontendKind.CLUSTER_IP
+            for be in (*fe.backends, *fe.draining) if be.local}
 
 
 @dataclass(frozen=True)
