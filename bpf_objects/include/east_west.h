@@ -9,7 +9,10 @@
 
 /* A NodePort, LoadBalancer IP or externalIP frontend -> the ClusterIP frontend of the same Service port,
  * whose backends in-cluster clients get (Cilium's internal scope of a two-scope service).  No entry: the
- * port has no ClusterIP frontend on this node, and in-cluster clients get the frontend's own backends. */
+ * port has no ClusterIP frontend on this node, and in-cluster clients get the frontend's own backends.
+ * An all-zero value: the frontend is not served to in-cluster clients at all (an externalIP that is not
+ * this node's own address: in-cluster traffic to it goes to that address, as with Cilium; translating it
+ * would let any Service capture the cluster's traffic to any address, CVE-2020-8554). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb_l4_key);
@@ -20,7 +23,7 @@ struct {
 } lb_internal_view SEC(".maps");
 
 /* The master slot an in-cluster client's new flow selects from, or NULL when the destination in *key
- * (slot 0) is no frontend.  On return *key names that frontend: the destination itself, or the
+ * (slot 0) is no frontend, or one not served to in-cluster clients.  On return *key names that frontend: the destination itself, or the
  * ClusterIP frontend its internal view points to (while that one exists). */
 static __always_inline struct lb_svc_val *ew_lookup(struct lb_svc_key *key)
 {
@@ -35,6 +38,8 @@ static __always_inline struct lb_svc_val *ew_lookup(struct lb_svc_key *key)
 	view = bpf_map_lookup_elem(&lb_internal_view, &fe);
 	if (!view)
 		return svc;
+	if (!view->addr && !view->port)
+		return NULL;
 	internal.addr = view->addr;
 	internal.port = view->port;
 	internal.proto = view->proto;

@@ -224,10 +224,11 @@ struct lb_affinity_member {
 #define STAT_SOCK_REVNAT_FAILED 52    /* the reverse entry of a translated socket could not be written */
 #define STAT_POD_NEW_FLOW 53          /* pod-facing tc: a pod's packet to a Service started a flow (DNAT) */
 #define STAT_POD_REPLY 54             /* pod-facing tc: a backend's reply to a pod shown from the Service */
-#define STAT_POD_HAIRPIN 55           /* pod-facing tc: a pod got itself as backend (source 169.254.42.1) */
+#define STAT_POD_SPOOFED 55           /* pod-facing tc: a pod's packet to a Service from outside this node's pod CIDRs, dropped */
 
 #define LB_SOCK_REV_MAX 262144        /* reverse entries of translated sockets (LRU: oldest sockets first) */
 #define LB_SOCK_AFFINITY_MAX 131072   /* affinity entries of socket clients (LRU) */
+#define LB_POD_CIDRS_MAX 64           /* this node's pod CIDRs: the sources the pod-facing path serves */
 
 /* The source a pod's hairpin flow (the pod is its own backend) gets on the pod-facing path, so that
  * the pod's reply goes back through its veth; link-local, as Cilium's IPV4_LOOPBACK.  Host order. */

@@ -13,7 +13,9 @@
  * A frontend without endpoints answers ICMP port unreachable (kube-proxy's REJECT); with endpoints
  * but none on this node under internalTrafficPolicy Local, the packet is dropped (kube-proxy's DROP).
  * Flows live in ct_fwd/ct_rev like external ones: CT_F_LOCAL (DNAT only) or, for hairpin, CT_F_SNAT
- * with nat_addr LB_HAIRPIN_ADDR and the pod's own port, so conntrack.h closes both directions. */
+ * with nat_addr LB_HAIRPIN_ADDR and the pod's own port, so conntrack.h closes both directions.
+ * Only sources inside this node's pod CIDRs are served: a pod claiming any other address (another
+ * node's pod, a node, an outside host) would have a backend answer someone else; it is dropped. */
 #ifndef BPFLB_POD_H
 #define BPFLB_POD_H
 
@@ -25,6 +27,17 @@
 #include "lb.h"
 #include "icmp.h"
 #include "east_west.h"
+
+/* This node's pod CIDRs (the agent writes them from its Node object; 0.0.0.0/0 when it has none): the
+ * sources a pod's packet to a Service may have. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb_cidr_key);
+	__type(value, __u8);
+	__uint(max_entries, LB_POD_CIDRS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_pod_cidrs SEC(".maps");
 
 /* Back into the pod the packet came from: MACs swapped, out of the veth's host side. */
 static __always_inline int pod_return(struct __sk_buff *skb)
@@ -81,7 +94,6 @@ static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_con
 		e->nat_addr = bpf_htonl(LB_HAIRPIN_ADDR);
 		e->nat_port = p->t.sport;
 		peer = e->nat_addr;
-		stat_inc(STAT_POD_HAIRPIN);
 	}
 	if (p->tcp_flags & (TCPF_FIN | TCPF_RST))
 		e->flags |= CT_F_CLOSING;
@@ -126,6 +138,7 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 {
 	struct lb_config *cfg = config_get();
 	struct lb_svc_key key = {};
+	struct lb_cidr_key src = { .prefixlen = 32 };
 	struct ct_entry *e, fresh = {};
 	struct lb_svc_val *svc;
 	struct lb_backend *be;
@@ -151,6 +164,11 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 	svc = ew_lookup(&key);
 	if (!svc)
 		return TC_ACT_OK;
+	src.addr = p.t.saddr;
+	if (!bpf_map_lookup_elem(&lb_pod_cidrs, &src)) {
+		stat_inc(STAT_POD_SPOOFED);
+		return TC_ACT_SHOT;
+	}
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		if (ct_touch(e, &p, now))

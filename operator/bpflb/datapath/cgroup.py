@@ -41,6 +41,19 @@ def cgroup2_mountpoint(path: Path) -> Path | None:
     return best
 
 
+def default_cgroup_root() -> Path | None:
+    """The root of this mount namespace's cgroup v2 hierarchy (/sys/fs/cgroup on a pure v2 host,
+    /sys/fs/cgroup/unified on a hybrid one), None without one.  Inside a container with a cgroup namespace
+    this is the container's own cgroup: the agent's pod passes the host's with --cgroup-root instead."""
+    found: list[Path] = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "cgroup2":
+                found.append(Path(fields[1].replace("\\040", " ")))
+    return min(found, key=lambda p: len(p.parts)) if found else None
+
+
 def _cgroup_fd(cgroup: Path) -> int:
     cgroup = cgroup.resolve()
     if cgroup2_mountpoint(cgroup) is None:

@@ -198,6 +198,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_internal_view": ("struct lb_l4_key", "struct lb_l4_key"),
     "lb_sock_rev": ("struct lb_sock_rev_key", "struct lb_sock_rev_val"),
     "lb_sock_affinity": ("struct lb_sock_affinity_key", "struct lb_affinity_val"),
+    "lb_pod_cidrs": ("struct lb_cidr_key", "__u8"),
 }
 
 
