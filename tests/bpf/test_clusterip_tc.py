@@ -1,12 +1,13 @@
 """BPF tests of ClusterIP at the packet level, on the real bpf_lb.o / bpf_xdp.o with BPF_PROG_TEST_RUN:
 the pod-facing path (lb_pod_ingress / lb_pod_egress, on the host side of a pod's veth) DNATs a pod's
 packets to a Service's backends and shows the replies from the Service again (hairpin through
-169.254.42.1, reject, iTP Local, affinity, Maglev, the internal view of a NodePort); and a ClusterIP is
-not served to clients outside the cluster, neither at tc nor at XDP, nor named by a DSR option."""
+169.254.42.1, reject, iTP Local, affinity, Maglev, the internal view of a NodePort), only for sources in
+this node's pod CIDRs, and never for an externalIP that is not the node's own; and a ClusterIP is not
+served to clients outside the cluster, neither at tc nor at XDP, nor named by a DSR option."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror
@@ -15,6 +16,7 @@ from scapy.packet import Raw
 
 from bpflb.datapath import loader
 from bpflb.datapath.clustermaps import l4_key
+from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.model import maglev
@@ -51,6 +53,14 @@ pytestmark = pytest.mark.privileged
 CIP = "10.96.0.10"
 HAIRPIN = "169.254.42.1"
 REMOTE_PODS = {"echo-a": REMOTE_POD, "echo-b": "10.244.2.11", "echo-c": "10.244.2.12"}
+POD_CIDR = IPv4Network("10.244.1.0/24")             # node1's: LOCAL_POD's
+
+
+@pytest.fixture
+def node(node: Node) -> Node:
+    """node1 with its pod CIDR written, as its agent does: the pod path serves only sources inside it."""
+    EastWestMaps(node.obj).sync([POD_CIDR])
+    return node
 
 
 def l4(addr: str, port: int, proto: Proto = Proto.TCP) -> L4Addr:
@@ -77,6 +87,11 @@ def state(*frontends: Frontend, seed: int = 0) -> DesiredState:
 def from_pod(l4hdr: TCP | UDP, dst: str = CIP, payload: bytes = b"") -> bytes:
     pkt = Ether(src=LOCAL_POD_MAC, dst=LXC_MAC) / IP(src=LOCAL_POD, dst=dst, ttl=64, id=7) / l4hdr
     return bytes(pkt / Raw(payload) if payload else pkt)
+
+
+def ip_of(be32: int) -> IPv4Address:
+    """An address as a map holds it (network order, read as a host-order integer)."""
+    return IPv4Address(int(be32).to_bytes(4, "little"))
 
 
 def to_pod(src: str, l4hdr: TCP | UDP, payload: bytes = b"", smac: str = LXC_MAC) -> bytes:
@@ -154,7 +169,9 @@ def test_hairpin_goes_straight_back_into_the_pod_from_the_hairpin_address(node: 
         TCP(sport=80, dport=40000, flags="SA", seq=5, ack=2)
     assert_frame(back.data, bytes(expected_back))
     stats = node.maps.stats()
-    assert (stats["pod_hairpin"], stats["pod_new_flow"], stats["pod_reply"]) == (1, 1, 1)
+    assert (stats["pod_new_flow"], stats["pod_reply"]) == (1, 1)
+    [(_, entry)] = node.maps.flows()
+    assert entry.flags & const("CT_F_SNAT") and ip_of(entry.nat_addr) == IPv4Address(HAIRPIN)
     # An RST from the pod's client side closes both directions of the flow.
     pod_in(node, from_pod(TCP(sport=40000, dport=80, flags="R", seq=2)))
     assert all(e.flags & const("CT_F_RESET") for _, e in node.maps.flows())
@@ -234,6 +251,44 @@ def test_pod_flows_leave_the_external_device_untouched(node: Node) -> None:
         TCP(sport=8080, dport=40000, flags="SA")
     back = node.ingress(bytes(reply_in))
     assert back.retval == TC_ACT_OK and back.data == bytes(reply_in)      # translated at the pod's veth
+
+
+def test_a_pod_claiming_an_address_outside_the_nodes_pod_cidr_is_dropped(node: Node) -> None:
+    """A pod sending as another node's pod, a node or an outside host would make a backend answer someone
+    else (a reflection); the pod path drops it and counts it, and starts no flow."""
+    node.program(state(cip(["echo-a"]), cip(["echo-a"], port=53, proto=Proto.UDP)))
+    for src in (REMOTE_PODS["echo-b"], NODE1, CLIENT):
+        for l4hdr in (TCP(sport=40000, dport=80, flags="S"), UDP(sport=5000, dport=53)):
+            frame = bytes(Ether(src=LOCAL_POD_MAC, dst=LXC_MAC) / IP(src=src, dst=CIP) / l4hdr)
+            assert pod_in(node, frame).retval == TC_ACT_SHOT, src
+    stats = node.maps.stats()
+    assert (stats["pod_spoofed"], stats["pod_new_flow"]) == (6, 0) and node.maps.flows() == []
+    # Its own address (any of this node's pod CIDR) is served; a packet to no Service is not checked.
+    assert pod_in(node, from_pod(TCP(sport=40000, dport=80, flags="S"))).retval == TC_ACT_OK
+    other = bytes(Ether(src=LOCAL_POD_MAC, dst=LXC_MAC) / IP(src=CLIENT, dst=REMOTE_POD) / UDP(sport=1, dport=2))
+    assert (r := pod_in(node, other)).retval == TC_ACT_OK and r.data == other
+    assert node.maps.stats()["pod_spoofed"] == 6
+
+
+def test_an_external_ip_not_the_nodes_own_is_not_served_in_cluster(node: Node) -> None:
+    """CVE-2020-8554: a Service that lists someone else's address as an externalIP must not capture the
+    cluster's traffic to it (Cilium's rule); one of the node's own addresses is served as any frontend."""
+    service_cip = cip(["echo-a"])
+    foreign = Frontend(l4("203.0.113.9", 80), FrontendKind.EXTERNAL_IP, "default/echo", "", False,
+                       (be("echo-b"),), False, internal=service_cip.l4, in_cluster=False)
+    own = Frontend(l4(NODE1, 80), FrontendKind.EXTERNAL_IP, "default/echo", "", False, (be("echo-b"),), False,
+                   internal=service_cip.l4)
+    node.program(state(service_cip, foreign, own))
+    assert dict(node.maps.internal_view.items_raw())[l4_key(foreign.l4)] == bytes(8)
+    frame = from_pod(TCP(sport=40000, dport=80, flags="S"), dst="203.0.113.9")
+    assert (r := pod_in(node, frame)).retval == TC_ACT_OK and r.data == frame      # on to that address
+    run = pod_in(node, from_pod(TCP(sport=40001, dport=80, flags="S"), dst=NODE1))
+    assert Ether(run.data)[IP].dst == REMOTE_PODS["echo-a"]                        # the internal view
+    # From outside, the externalIP is a frontend as before.
+    node.ingress(frame_in(TCP(sport=40002, dport=80, flags="S"), dst="203.0.113.9"))
+    external = [e for _, e in node.maps.flows() if ip_of(e.client_addr) == IPv4Address(CLIENT)]
+    assert len(external) == 1 and node.maps.stats()["new_flow"] == 1
+    assert ip_of(external[0].backend_addr) == IPv4Address(REMOTE_PODS["echo-b"])
 
 
 # -- a ClusterIP is not reachable from outside -------------------------------------------------------------

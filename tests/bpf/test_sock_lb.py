@@ -402,6 +402,31 @@ def test_a_nodeport_from_inside_gets_the_internal_view(lab: SockLab) -> None:
     assert lab.one("tcp", NODE1, 30080)[0]["errno"] == EHOSTUNREACH
 
 
+def test_an_external_ip_is_translated_only_when_it_is_the_nodes_own(lab: SockLab) -> None:
+    """translate() -> LBMaps -> socket: a Service may list any address as an externalIP (CVE-2020-8554);
+    in-cluster connections to one that is not this node's own go to that address, as with Cilium, while
+    the node's own is the Service's (its internal view)."""
+    foreign = "203.0.113.9"
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+           "spec": {"type": "ClusterIP", "clusterIP": CLUSTER_IP, "externalIPs": [foreign, NODE1],
+                    "selector": {"app": "echo"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+    slc = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+           "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
+           "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+           "endpoints": [{"addresses": [PODS["echo-a"]], "nodeName": "node2", "conditions": {"ready": True},
+                          "targetRef": {"kind": "Pod", "name": "echo-a"}}]}
+    node1 = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+             "status": {"addresses": [{"type": "InternalIP", "address": NODE1}]}}
+    st = translate(Snapshot(services=[svc], endpointslices=[slc], nodes=[node1], config=None), "node1")
+    assert st.problems == [] and not st.frontends[l4(foreign, 80)].in_cluster
+    lab.program(st)
+    before = lab.stats()["sock_connect"]
+    assert lab.one("tcp", foreign, 80)[0]["errno"] == ENETUNREACH          # to that address: no route here
+    own = lab.one("tcp", NODE1, 80)[0]
+    assert names([own]) == ["echo-a"] and own["peer"] == [NODE1, 80]
+    assert lab.stats()["sock_connect"] - before == 1
+
+
 # -- attachment -----------------------------------------------------------------------------------------
 
 

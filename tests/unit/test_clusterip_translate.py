@@ -172,3 +172,15 @@ def test_two_services_on_one_clusterip_port_first_keeps_it() -> None:
     assert fe(state, CIP, 80).service == "default/alpha"
     assert problems(state) == [("Service default/beta", "spec.clusterIP")]
     assert "already used by Service default/alpha" in str(state.problems[0])
+
+
+def test_only_the_nodes_own_external_ips_are_served_to_in_cluster_clients() -> None:
+    """CVE-2020-8554: any Service may list any address as an externalIP; in-cluster clients keep reaching
+    the real address unless it is this node's own (Cilium's rule). LoadBalancer IPs are always served."""
+    svc = service(type_="LoadBalancer", ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+                  externalIPs=["198.51.100.7", NODE_IP])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    state = run([svc], [endpoint_slice("echo", pods())])
+    served = {str(f.l4): f.in_cluster for f in state.frontends.values()}
+    assert served == {f"{CIP}:80/TCP": True, f"{NODE_IP}:30080/TCP": True, "198.51.100.1:80/TCP": True,
+                      "198.51.100.7:80/TCP": False, f"{NODE_IP}:80/TCP": True}

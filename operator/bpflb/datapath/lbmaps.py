@@ -114,6 +114,7 @@ def _pair(a: int, b: int) -> bytes:
     return a.to_bytes(4, "little") + b.to_bytes(4, "little")
 
 
+_NOT_IN_CLUSTER = bytes(8)           # an all-zero struct lb_l4_key (checked in tests/bpf/test_clusterip_tc.py)
 _BLOCK = 8192                        # LB_MAGLEV_BLOCK (checked against the header in LBMaps.__init__)
 _BLOCK_BYTES = 2 * _BLOCK
 _MEMBER = _u32(1)
@@ -313,8 +314,14 @@ class LBMaps:
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
         report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
         # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
-        # the datapath looks up itself (a view whose frontend is missing is not used).
-        want_iv = {l4_key(fe.l4): l4_key(fe.internal) for fe in state.frontends.values() if fe.internal}
+        # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
+        # to in-cluster clients (east_west.h).
+        want_iv: dict[bytes, bytes] = {}
+        for fe in state.frontends.values():
+            if not fe.in_cluster:
+                want_iv[l4_key(fe.l4)] = _NOT_IN_CLUSTER
+            elif fe.internal is not None:
+                want_iv[l4_key(fe.l4)] = l4_key(fe.internal)
         report.internal_views_changed = self._iv_m.sync(want_iv)
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []

@@ -208,7 +208,8 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
                 l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=policy_local,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
                 affinity_timeout=affinity_timeout, draining=draining,
-                internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal)
+                internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal,
+                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs)
             if fe_kind is FrontendKind.CLUSTER_IP and internal is None:
                 internal = l4
 

@@ -102,6 +102,9 @@ class Frontend:
     # A NodePort, LoadBalancer or externalIP frontend: its Service port's ClusterIP frontend, whose backends
     # (the internal view) clients inside the cluster get when they address this one; None: its own.
     internal: L4Addr | None = None
+    # False: not served to in-cluster clients at all; their traffic goes to the address itself (an externalIP
+    # that is not this node's own address: CVE-2020-8554, Cilium's rule).
+    in_cluster: bool = True
 
 
 @dataclass(frozen=True)
