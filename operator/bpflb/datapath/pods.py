@@ -56,7 +56,7 @@ def pod_devices(pod_cidrs: Iterable[IPv4Network], exclude: Iterable[int] = ()) -
                     if int(a["index"]) in bridges and _in(a.get_attr("IFA_ADDRESS"), nets)}
         found = {idx for idx, link in ((int(link["index"]), link) for link in links)
                  if idx in veths and link.get_attr("IFLA_MASTER") in gateways}
-        for route in ipr.get_routes(family=socket.AF_INET, table=0):
+        for route in ipr.route("dump", family=socket.AF_INET):      # every table
             oif = route.get_attr("RTA_OIF")
             if oif in veths and route.get_attr("RTA_TABLE") != RT_TABLE_LOCAL and \
                     _in(route.get_attr("RTA_DST"), nets):
