@@ -11,6 +11,8 @@ the Service), with session affinity and internalTrafficPolicy Local; echo-a reac
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
@@ -254,3 +256,30 @@ def test_a_clusterip_is_not_reachable_from_outside_the_cluster(lab: Lab) -> None
         assert delta["node1"]["pass_not_service"] >= 2
     finally:
         lab.exec("client", ["ip", "route", "del", str(SERVICE_NET), "via", NODE1])
+
+
+# -- bpflb lab exec ----------------------------------------------------------------------------------------
+
+
+def bpflb_lab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bpflb", "lab", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_lab_exec_runs_a_command_as_the_pod_in_its_namespace_and_cgroup(lab: Lab) -> None:
+    """The README's tour: `bpflb lab exec client-pod -- curl -s 10.104.163.103/hostname` (echo's clusterIP,
+    stable: a hash of the Service's name); --no-cgroup keeps the command outside the node's cgroup, where
+    the pod-facing path still serves it."""
+    echo = cluster_ip(lab, "default/echo")
+    assert echo == "10.104.163.103"
+    inside = bpflb_lab("exec", "--name", lab.name, "client-pod", "--", "curl", "-s", f"{echo}/hostname")
+    assert inside.returncode == 0 and inside.stdout in ("echo-a", "echo-b"), inside
+    where = bpflb_lab("exec", "--name", lab.name, "client-pod", "--", "cat", "/proc/self/cgroup")
+    assert f"0::/bpflb-lab.{lab.name}/node1\n" in where.stdout, where
+    outside = bpflb_lab("exec", "--name", lab.name, "--no-cgroup", "client-pod", "--", "cat", "/proc/self/cgroup")
+    assert outside.returncode == 0 and "bpflb-lab." not in outside.stdout, outside
+    with counted(lab, "node1") as delta:
+        seen = bpflb_lab("exec", "--name", lab.name, "--no-cgroup", "client-pod", "--", "curl", "-s",
+                         f"{echo}/clientip")
+    assert seen.stdout.startswith(f"{lab.pod_ip('client-pod')}:"), seen
+    assert delta["node1"]["pod_new_flow"] == 1 and delta["node1"]["sock_connect"] == 0
