@@ -18,7 +18,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from bpflb_lab.lab import Lab
+from bpflb.datapath.cgroup import attached_programs
+from bpflb.inspect import collect
+from bpflb.model.settings import CiliumSettings, agent_config_data
+from bpflb_lab.lab import Lab, cluster
 from bpflb_lab.lab.probe import HttpProbe, ProbeResult
 from tests.lab.helpers import (
     NODE1,
@@ -159,6 +162,16 @@ def test_the_nodes_hold_no_packet_filter_rules_at_all(lab: Lab) -> None:
         assert node_rules(lab, f"node{k}") == {"iptables": [], "iptables-legacy": [], "nft": []}, f"node{k}"
 
 
+def test_every_node_runs_the_socket_lb_on_its_cgroup_and_the_pod_path_on_its_pods(lab: Lab) -> None:
+    for k in range(1, 4):
+        node = f"node{k}"
+        assert collect(lab.pin_root / node)["socket_lb"] == ["lb_connect4", "lb_getpeername4", "lb_recvmsg4",
+                                                             "lb_sendmsg4"]
+        cgroup = lab.cgroup(node)
+        assert cgroup is not None and attached_programs(cgroup, "lb_connect4"), node
+    assert all(pod_path_on(lab, p.name) for p in lab.pods())
+
+
 # -- TCP, UDP, from a pod (socket and packet level) and from node1 ---------------------------------------
 
 
@@ -283,3 +296,50 @@ def test_lab_exec_runs_a_command_as_the_pod_in_its_namespace_and_cgroup(lab: Lab
                          f"{echo}/clientip")
     assert seen.stdout.startswith(f"{lab.pod_ip('client-pod')}:"), seen
     assert delta["node1"]["pod_new_flow"] == 1 and delta["node1"]["sock_connect"] == 0
+
+
+# -- the socketLB setting, an agent restart ------------------------------------------------------------------
+
+
+def set_socket_lb(lab: Lab, on: bool) -> None:
+    """The agents' ConfigMap with socketLB as given (the operator writes it from the ModuleConfig)."""
+    st = lab.state()
+    config = cluster.agent_config(st.mode, st.algorithm, st.tunnel, st.acceleration)
+    config["data"] = agent_config_data(CiliumSettings.model_validate(
+        {**cluster.lab_settings(st.mode, st.algorithm, st.tunnel, st.acceleration).model_dump(), "socketLB": on}))
+    lab.cluster.write(config)
+
+
+def test_socketlb_false_detaches_the_socket_lb_live_and_the_pod_path_still_serves_pods(lab: Lab) -> None:
+    """A cluster that keeps kube-proxy: socketLB false. Every agent detaches its socket LB; the client pod's
+    connections then leave as addressed and its veth's pod path translates them; node1's own get nothing
+    (kube-proxy's rules would serve them). true brings the socket LB back."""
+    echo = cluster_ip(lab, "default/ci-echo")
+    set_socket_lb(lab, False)
+    try:
+        for k in range(1, 4):
+            wait_until(f"node{k} without its socket LB", lambda k=k: collect(lab.pin_root / f"node{k}")["socket_lb"] == [])  # type: ignore[misc]
+        with counted(lab, "node1") as delta:
+            pods = gets(lab, "pod-socket", echo, count=4)
+            [node] = lab.probe("node1", [HttpProbe(echo, 80, ("/hostname",), 1.0)])
+        assert all(r.ok for r in pods) and {r.client_ip for r in pods} == {lab.pod_ip("client-pod")}
+        assert delta["node1"]["sock_connect"] == 0 and delta["node1"]["pod_new_flow"] == 4
+        assert not node.ok
+    finally:
+        set_socket_lb(lab, True)
+    for k in range(1, 4):
+        wait_until(f"node{k} with its socket LB", lambda k=k: len(collect(lab.pin_root / f"node{k}")["socket_lb"]) == 4)  # type: ignore[misc]
+    with counted(lab, "node1") as delta:
+        assert all(r.ok for r in gets(lab, "node1", echo, count=4))
+    assert delta["node1"]["sock_connect"] == 4
+
+
+def test_a_restarted_agent_keeps_both_paths_serving(lab: Lab) -> None:
+    """The new agent replaces the pinned links' programs in place and re-attaches the pod path with its own
+    programs: both keep serving, and the links are not duplicated."""
+    lab.restart_agent("node1")
+    cgroup = lab.cgroup("node1")
+    assert cgroup is not None and len(attached_programs(cgroup, "lb_connect4")) == 1
+    echo = cluster_ip(lab, "default/ci-echo")
+    for client in sorted(CLIENTS):
+        assert all(r.ok for r in gets(lab, client, echo, count=4)), client
