@@ -19,6 +19,7 @@ from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.model.cluster import (
     cluster_prefixes,
+    dsr_backends,
     dsr_frontends,
     local_backends,
     network_settings,
@@ -146,7 +147,7 @@ class Agent:
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=frozenset(dsr_frontends(state, node_addresses(snap))),
+            dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration,
             socket_lb=self._socket_lb(config.settings.socketLB))
@@ -158,8 +159,9 @@ class Agent:
         for text in done.problems:
             self._problem(text)
         if done.cluster_changes:
-            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
-                     "(%d keys changed)", *done.cluster_sizes, done.cluster_changes)
+            log.info("cluster view: %d DSR frontends, %d (frontend, local backend) pairs DSR requests may reach, "
+                     "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
+                     *done.cluster_sizes, done.cluster_changes)
         if done.sync.config_changed:
             log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
                      network.tunnel.label, state.node_addrs[0])
@@ -231,6 +233,7 @@ class Agent:
                 self._refresh_pods()
                 if time.monotonic() - last_full > self.opts.resync_interval:
                     break
+        self.datapath.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its

@@ -20,7 +20,7 @@ from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.model import maglev
-from bpflb.model.cluster import dsr_frontends, local_backends
+from bpflb.model.cluster import dsr_backends, dsr_frontends, local_backends
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -332,7 +332,9 @@ def test_the_maps_mark_clusterips_and_hold_the_internal_views(node: Node) -> Non
     assert report.internal_views_changed == 1 and dict(node.maps.internal_view.items_raw()) == {}
     # DSR options may never name a ClusterIP, and its backends are not guarded as DSR backends (a pod that
     # backs only a ClusterIP may answer whoever reaches its own address).
-    assert dsr_frontends(state(service_cip, nodeport), {IPv4Address(NODE1)}) == {nodeport.l4}
+    assert set(dsr_frontends(state(service_cip, nodeport), {IPv4Address(NODE1)})) == {nodeport.l4}
+    local_cip_pair = Frontend(l4(CIP, 82), FrontendKind.CLUSTER_IP, "default/self", "", False, (be("self"),), False)
+    assert dsr_backends(state(local_cip_pair)) == set()
     local_cip = Frontend(l4(CIP, 81), FrontendKind.CLUSTER_IP, "default/self", "", False, (be("self"),), False)
     assert local_backends(state(local_cip)) == set()
     assert local_backends(state(Frontend(l4(NODE1, 30081), FrontendKind.NODEPORT, "default/self", "", False,

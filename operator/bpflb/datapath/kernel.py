@@ -1,7 +1,7 @@
 """The kernel's datapath: bpf_lb.o (and bpf_xdp.o, bpf_sock.o) loaded through libbpf with maps pinned under
 the pin root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's
-overlay in netlink, the socket LB on the node's cgroup and the pod-facing path on its pods' veths. What
-`bpflb agent` runs."""
+overlay in netlink, the neighbour hygiene of the node's bridges (datapath.neighbours), the socket LB on the
+node's cgroup and the pod-facing path on its pods' veths. What `bpflb agent` runs."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from bpflb.datapath.loader import (
     xdp_attach,
     xdp_detach,
 )
+from bpflb.datapath.neighbours import NeighbourHygiene
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.datapath.pods import LinkWatch, pod_devices, veth_devices
 from bpflb.model.cluster import Tunnel
@@ -48,6 +49,7 @@ class KernelDatapath(MapsDatapath):
         self.overlay: Overlay | None = None
         self.tunnel_ifindex = 0
         self.acceleration: str | None = None      # what this process last applied
+        self.neighbours: NeighbourHygiene | None = None   # running while this process has the programs attached
         self.sock_cgroup: Path | None = None      # where this process attached the socket LB
         self.pod_path: dict[int, str] = {}        # pod veths this process gave the pod-facing path
         self.pod_cidrs: tuple[IPv4Network, ...] = ()
@@ -76,6 +78,19 @@ class KernelDatapath(MapsDatapath):
         if self.watch is None:          # before the first scan: no veth wired meanwhile is missed
             self.watch = LinkWatch()
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
+        if self.neighbours is None:
+            self.neighbours = NeighbourHygiene()
+            self.neighbours.start()
+            log.info("watching the node's bridges: a MAC that leaves one has its IPv4 neighbour entries forgotten "
+                     "(a replaced pod keeping its address is resolved again, without waiting for ARP timers)")
+
+    def close(self) -> None:
+        if self.neighbours is not None:
+            self.neighbours.stop()
+            self.neighbours = None
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
     def _network(self, want: NodeProgram) -> list[str]:
         if want.me is None or self.overlay is None:
@@ -189,14 +204,12 @@ class KernelDatapath(MapsDatapath):
         return self._attach_pods()
 
     def uninstall(self, device: str | None) -> None:
+        self.close()
         if detach_cgroup(self.links_dir):
             log.info("detached the socket LB from its cgroup")
         for idx, name in veth_devices(exclude={device} if device else set()).items():   # every pod's, past ones too
             if tc_detach(idx, ingress=True) | tc_detach(idx, ingress=False):
                 log.info("detached the pod path from %s", name)
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
         self.sock_cgroup, self.pod_path = None, {}
         if device:
             idx = socket.if_nametoindex(device)

@@ -199,6 +199,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_sock_rev": ("struct lb_sock_rev_key", "struct lb_sock_rev_val"),
     "lb_sock_affinity": ("struct lb_sock_affinity_key", "struct lb_affinity_val"),
     "lb_pod_cidrs": ("struct lb_cidr_key", "__u8"),
+    # forwarding safety (dsr.h, direct.h, icmp.h, neigh.h)
+    "lb_dsr_backends": ("struct lb_dsr_member", "__u8"),
+    "lb_direct": ("struct ct_tuple", "struct lb_direct_flow"),
+    "lb_icmp_rl": ("__u32", "struct lb_icmp_rl"),
+    "lb_neigh_seen": ("struct lb_neigh_key", "__u64"),
 }
 
 
