@@ -1,7 +1,8 @@
-"""A client process for the socket LB tests (tests/bpf/test_sock_lb.py, and the lab tests through `bpflb lab exec`): it moves itself into the cgroup
-given as argv[1] before it opens any socket (a socket belongs to its creator's cgroup), then runs the
-operations read as JSON from stdin and prints their outcomes as JSON.  Run it inside the client's network
-namespace (`nsenter --net=...`; `ip netns exec` would hide the cgroup hierarchy).
+"""A client process for the socket LB's BPF tests (tests/bpf/test_sock_lb.py, `python -m bpflb_lab.sockclient
+CGROUP`): it moves itself into the cgroup given as argv[1] before it opens any socket (a socket belongs to its
+creator's cgroup), then runs the operations read as JSON from stdin and prints their outcomes as JSON.  Run
+it inside the client's network namespace (`nsenter --net=...`; `ip netns exec` would hide the cgroup
+hierarchy).
 
 Operations (each a dict with "op", "addr", "port", "count"; every outcome is a dict, "errno" on failure):
   tcp        connect, getpeername, read the server's line            -> peer, reply
