@@ -28,6 +28,12 @@ def _kind(link: Any) -> str | None:
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
+def _veths(links: Iterable[Any]) -> dict[int, str]:
+    """The veths among links whose peer lives in another network namespace, {ifindex: name}."""
+    return {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links
+            if _kind(link) == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None}
+
+
 def _in(addr: str | None, nets: Iterable[IPv4Network]) -> bool:
     if addr is None:
         return False
@@ -48,9 +54,7 @@ def pod_devices(pod_cidrs: Iterable[IPv4Network], exclude: Iterable[int] = ()) -
     skip = set(exclude)
     with IPRoute() as ipr:
         links = ipr.get_links()
-        veths = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links
-                 if _kind(link) == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
-                 and int(link["index"]) not in skip}
+        veths = {i: name for i, name in _veths(links).items() if i not in skip}
         bridges = {int(link["index"]) for link in links if _kind(link) == "bridge"}
         gateways = {int(a["index"]) for a in ipr.get_addr(family=socket.AF_INET)
                     if int(a["index"]) in bridges and _in(a.get_attr("IFA_ADDRESS"), nets)}
@@ -71,9 +75,7 @@ def veth_devices(exclude: Iterable[str] = ()) -> dict[int, str]:
 
     skip = set(exclude)
     with IPRoute() as ipr:
-        return {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
-                if _kind(link) == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
-                and link.get_attr("IFLA_IFNAME") not in skip}
+        return {i: name for i, name in _veths(ipr.get_links()).items() if name not in skip}
 
 
 class LinkWatch:
