@@ -39,12 +39,19 @@ bpf_objects/build/libbpflb_maglev.so: native/maglev.c | bpf_objects/build
 	@echo "  CC-SO     $@"
 	$(Q)$(CC) $(NATIVE_CFLAGS) $< -o $@
 
+# The ClusterIP benchmark's connection client and server (bpflb_lab.bench_clusterip).
+bpf: bpf_objects/build/connbench
+
+bpf_objects/build/connbench: native/connbench.c | bpf_objects/build
+	@echo "  CC        $@"
+	$(Q)$(CC) -O2 -Wall -Wextra -Werror $< -o $@
+
 # The upgrade tests' build (tests/bpf/test_migrate.py, tests/lab/test_upgrade.py): the same objects with another
 # conntrack size and a field added to struct ct_entry, as a next release might have them, in a build dir of
 # their own. An agent given BPFLB_BPF_DIR=$(LAYOUT_TEST_DIR) takes over the default build's pins, and back.
 LAYOUT_TEST_DIR ?= bpf_objects/build-layout-test
 LAYOUT_TEST_CFLAGS ?= -DCT_MAX=131072 -DBPFLB_LAYOUT_TEST
-LAYOUT_TEST_OBJS := $(LAYOUT_TEST_DIR)/bpf_lb.o $(LAYOUT_TEST_DIR)/bpf_xdp.o
+LAYOUT_TEST_OBJS := $(LAYOUT_TEST_DIR)/bpf_lb.o $(LAYOUT_TEST_DIR)/bpf_xdp.o $(LAYOUT_TEST_DIR)/bpf_sock.o
 
 bpf-layout-test: $(LAYOUT_TEST_OBJS)
 

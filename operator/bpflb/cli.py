@@ -24,7 +24,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
-                        mount_bpffs=args.mount_bpffs)
+                        cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
+                        socket_lb=not args.no_socket_lb, mount_bpffs=args.mount_bpffs)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--mount-bpffs", action="store_true",
                        help="mount bpffs at /sys/fs/bpf when the pin root is on none (only for an agent run "
                             "directly on the host: in a pod the mount would be the pod's own, and die with it)")
+    agent.add_argument("--cgroup-root", metavar="DIR",
+                       help="the cgroup v2 directory the socket LB attaches to: every process below it (the node's "
+                            "pods and its own) is load-balanced at the socket (default: this mount namespace's "
+                            "cgroup v2 root; in a pod, the host's, mounted in)")
+    agent.add_argument("--no-socket-lb", action="store_true",
+                       help="never attach the socket LB on this node, whatever the configuration's socketLB says")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
@@ -28,6 +29,7 @@ _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
     FrontendKind.LOADBALANCER: "LB_SVC_F_LOADBALANCER",
     FrontendKind.EXTERNAL_IP: "LB_SVC_F_EXTERNAL_IP",
+    FrontendKind.CLUSTER_IP: "LB_SVC_F_CLUSTER_IP",
 }
 
 
@@ -64,6 +66,7 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    internal_views_changed: int = 0   # lb_internal_view entries written or removed
     failures: list[WriteFailure] = field(default_factory=list)   # frontends the kernel refused (left out)
 
     @property
@@ -72,7 +75,7 @@ class SyncReport:
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
                     or self.affinity_members_written or self.affinity_members_removed or self.failures
-                    or self.frontends_added or self.frontends_removed)
+                    or self.frontends_added or self.frontends_removed or self.internal_views_changed)
 
 
 def _be16(port: int) -> int:
@@ -113,6 +116,7 @@ def _pair(a: int, b: int) -> bytes:
     return a.to_bytes(4, "little") + b.to_bytes(4, "little")
 
 
+_NOT_IN_CLUSTER = bytes(8)           # an all-zero struct lb_l4_key (checked in tests/bpf/test_clusterip_tc.py)
 _BLOCK = 8192                        # LB_MAGLEV_BLOCK (checked against the header in LBMaps.__init__)
 _BLOCK_BYTES = 2 * _BLOCK
 _MEMBER = _u32(1)
@@ -199,6 +203,7 @@ class _Entries:
     members: dict[bytes, bytes]          # lb_affinity_members
     backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
     table: _TableKey | None = None
+    view: dict[bytes, bytes] = field(default_factory=dict)   # lb_internal_view: what in-cluster clients get
 
 
 class LBMaps:
@@ -223,12 +228,14 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.internal_view: Map = obj.map("lb_internal_view")
         self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
+        self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._tables_kept = 0
         self._prog: dict[L4Addr, _Entries] = {}           # frontends as programmed by this process
@@ -269,7 +276,7 @@ class LBMaps:
 
     def capacity(self) -> dict[str, int]:
         """max_entries of the maps a sync fills, by map name (the kernel's: a build may change them)."""
-        return {m.map.name: m.capacity for m in (self._svc_m, self._be_m, self._mg_m, self._am_m)}
+        return {m.map.name: m.capacity for m in (self._svc_m, self._be_m, self._mg_m, self._am_m, self._iv_m)}
 
     # -- encoding ----------------------------------------------------------------------------
     def _plan(self, fe: Frontend, m: int, seed: int, report: SyncReport) -> _Entries:
@@ -304,8 +311,13 @@ class LBMaps:
         for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
             self._be_val[be.l4] = BACKEND.pack(be.l4.addr.packed, be.l4.port.to_bytes(2, "big"),
                                                int(be.l4.proto), local_flag if be.local else 0)
+        view: dict[bytes, bytes] = {}
+        if not fe.in_cluster:
+            view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
+        elif fe.internal is not None:
+            view = {l4_key(fe.l4): l4_key(fe.internal)}
         return _Entries(fe, sid, master, slots, blocks, members, tuple(b.l4 for b in fe.backends + fe.draining),
-                        table)
+                        table, view)
 
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
@@ -368,23 +380,27 @@ class LBMaps:
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
         # stops using them first).
-        late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": []}
+        late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": []}
         for l4, p in old.items():
             plan = plans[l4]
             late["svc"] += [k for k in p.slots if k not in plan.slots]
             late["mg"] += [k for k in p.blocks if k not in plan.blocks]
             late["am"] += [k for k in p.members if k not in plan.members]
+            late["iv"] += [k for k in p.view if k not in plan.view]
 
         # 0. Room first: removed frontends whole (master, then what it named), backends nobody names.
         #    When a map would still overflow before its late deletions, those go first too.
         early: dict[str, list[bytes]] = {
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
-            "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members]}
+            "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
+            "iv": [k for p in removed for k in p.view]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
+        iv = self._iv_m
         adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
                 "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
-                "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries)}
-        for name, mirror in (("svc", svc), ("mg", mg), ("am", am)):
+                "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries),
+                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries)}
+        for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv)):
             if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
                 late[name] = []
@@ -395,6 +411,7 @@ class LBMaps:
         report.slots_removed += self._remove(svc, early["svc"])
         report.maglev_blocks_removed += self._remove(mg, early["mg"])
         report.affinity_members_removed += self._remove(am, early["am"])
+        report.internal_views_changed += self._remove(iv, early["iv"])
         for p in removed:
             self._svc_ids.forget(p.fe.l4)
             del prog[p.fe.l4]
@@ -429,10 +446,15 @@ class LBMaps:
         appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc.entries]
         report.slots_written += self._write(svc, plans, failed, lambda p: dict([p.master]), fail)
         report.frontends_added = sum(1 for l4 in appearing if l4 not in failed)
+        # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
+        # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
+        # to in-cluster clients (east_west.h).
+        report.internal_views_changed += self._write(iv, plans, failed, lambda p: p.view, fail)
         # 4. what changed frontends no longer use: masters before slots, tables and members.
         report.slots_removed += self._remove(svc, late["svc"])
         report.maglev_blocks_removed += self._remove(mg, late["mg"])
         report.affinity_members_removed += self._remove(am, late["am"])
+        report.internal_views_changed += self._remove(iv, late["iv"])
         # 5. failed frontends leave whole: master first, then everything either version of them wrote.
         for l4, failure in failed.items():
             plan = plans.pop(l4)
@@ -440,6 +462,7 @@ class LBMaps:
             report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in p.slots])
             report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
             report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
+            report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
             for b in plan.backends:
                 refs[b] -= 1
                 late_be.append(b)
@@ -450,8 +473,8 @@ class LBMaps:
         # 6. backends nobody references any more; their flows are steered away on next packet.
         report.backends_removed += self._remove_backends([b for b in dict.fromkeys(late_be) if refs.get(b, 0) <= 0])
         self._retry = {f.frontend for f in report.failures}
-        self._full = any(x.reloads for x in (svc, be_m, mg, am))     # the mirrors were re-read: compare all
-        for x in (svc, be_m, mg, am):
+        self._full = any(x.reloads for x in (svc, be_m, mg, am, iv))     # the mirrors were re-read: compare all
+        for x in (svc, be_m, mg, am, iv):
             x.reloads = 0
         self._seen = state.generation
         self._prune_tables()
@@ -526,6 +549,8 @@ class LBMaps:
             for k in mirror.entries:
                 if k not in want:
                     (late if int.from_bytes(k[:4], "little") in sids else early)[name].append(k)
+        views = {k for p in plans.values() for k in p.view}
+        early["iv"] += [k for k in self._iv_m.entries if k not in views]     # a view names nothing the others need
         for l4, ident in self._be_ids.items():
             if self._be_refs.get(l4, 0) <= 0:
                 (late_be if ident in named else early_be).append(l4)

@@ -11,7 +11,7 @@ beyond what is left is refused too, whatever its age: admission looks at what ea
 The counts mirror what the datapath writes (datapath.lbmaps, clustermaps): per frontend one lb_services
 master plus one slot per backend, ceil(M / 8192) lb_maglev blocks for Maglev, one lb_affinity_members entry
 per backend with session affinity; lb_backends, lb_dsr_frontends, lb_dsr_backends and lb_local_backends hold
-distinct keys, shared between Services. Each frontend holds at most 65,535 backends (lb_svc_val.count is 16 bits)."""
+distinct keys, shared between Services; lb_internal_view one entry per frontend that has an internal view. Each frontend holds at most 65,535 backends (lb_svc_val.count is 16 bits)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ MEMBERS = "lb_affinity_members"
 DSR = "lb_dsr_frontends"
 DSR_MEMBERS = "lb_dsr_backends"
 LOCAL = "lb_local_backends"
+VIEWS = "lb_internal_view"
 SLOTS_MAX = 65535                 # backends of one frontend: lb_svc_val.count and Maglev entries are 16 bits
 MAGLEV_BLOCK = 8192               # LB_MAGLEV_BLOCK: table entries per lb_maglev value
 
@@ -39,9 +40,10 @@ MAGLEV_BLOCK = 8192               # LB_MAGLEV_BLOCK: table entries per lb_maglev
 _FIELD = {SERVICES: "spec.ports (frontends x endpoints)", BACKENDS: "endpoints (EndpointSlices)",
           MAGLEV: "Maglev tables (lbAlgorithm)", MEMBERS: "spec.sessionAffinity (ClientIP members)",
           DSR: "spec.ports x frontend addresses (DSR frontends)", LOCAL: "endpoints on this node",
-          DSR_MEMBERS: "spec.ports x endpoints on this node (DSR frontend members)"}
+          DSR_MEMBERS: "spec.ports x endpoints on this node (DSR frontend members)",
+          VIEWS: "spec.ports x frontend addresses (internal views)"}
 _COUNTED = (SERVICES, MAGLEV, MEMBERS)
-_SETS = (BACKENDS, DSR, LOCAL, DSR_MEMBERS)
+_SETS = (BACKENDS, DSR, LOCAL, DSR_MEMBERS, VIEWS)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
     dsr: set[L4Addr] = set()
     local: set[L4Addr] = set()
     members: set[tuple[L4Addr, L4Addr]] = set()
+    views: set[L4Addr] = set()
     too_big = None
     for fe in frontends:
         n = len(fe.backends)
@@ -82,11 +85,14 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
             counts[MAGLEV] += blocks
         if n and fe.affinity_timeout:
             counts[MEMBERS] += n
+        external = fe.kind is not FrontendKind.CLUSTER_IP      # ClusterIPs: no DSR, no reply guard
         for be in fe.backends + fe.draining:
             backends.add(be.l4)
-            if be.local:
+            if be.local and external:
                 local.add(be.l4)
-        if not fe.local_only:
+        if not fe.in_cluster or fe.internal is not None:
+            views.add(fe.l4)
+        if not fe.local_only and external:
             if fe.kind is FrontendKind.NODEPORT:
                 dsr.update(L4Addr(a, fe.l4.port, fe.l4.proto) for a in node_addrs)
                 key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto)
@@ -95,7 +101,7 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
                 key = fe.l4
             members.update((key, be.l4) for be in fe.backends + fe.draining if be.local)
     return _Demand(frontends, counts, {BACKENDS: frozenset(backends), DSR: frozenset(dsr), LOCAL: frozenset(local),
-                                       DSR_MEMBERS: frozenset(members)}, too_big)
+                                       DSR_MEMBERS: frozenset(members), VIEWS: frozenset(views)}, too_big)
 
 
 def by_service(state: DesiredState) -> dict[str, tuple[Frontend, ...]]:
