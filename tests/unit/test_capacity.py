@@ -201,13 +201,16 @@ def test_a_change_retranslates_and_rewrites_only_the_service_it_touches(tmp_path
 
 
 def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> None:
-    """DSR frontends (with their kind), DSR members and local backends written change by change hold what
-    computing them afresh gives."""
+    """DSR frontends (with their kind), DSR members, local backends and internal views written change by change
+    hold what computing them afresh gives."""
     from bpflb.datapath.clustermaps import dsr_member_key, l4_key
     from bpflb.model.cluster import dsr_backends, dsr_frontends, local_backends, node_addresses
 
     pins = MemoryPins()
     services = [svc(f"s{i}", "2024-01-01T00:00:00Z", 30000 + i) for i in range(6)]
+    for i, service in enumerate(services[:3]):          # some with a clusterIP: the NodePort's internal view
+        service["spec"]["clusterIP"] = f"10.96.0.{i + 1}"
+    services[4]["spec"]["externalIPs"] = ["198.51.100.7"]  # not the node's own: not served in-cluster
     slices = [endpoint_slice(f"s{i}", [endpoint(f"10.1.{i}.1", NODE, f"s{i}-a"),
                                        endpoint(f"10.2.{i}.1", "node-b", f"s{i}-b")],
                              ports=[{"name": "p0", "port": 8080, "protocol": "TCP"}]) for i in range(6)]
@@ -228,6 +231,9 @@ def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> N
         assert pins.maps["lb_dsr_backends"] == {dsr_member_key(fe, be): b"\x01"
                                                 for fe, be in dsr_backends(agent.state)}
         assert set(pins.maps["lb_local_backends"]) == {l4_key(x) for x in local_backends(agent.state)}
+        views = {l4_key(fe.l4): bytes(8) if not fe.in_cluster else l4_key(fe.internal)
+                 for fe in agent.state.frontends.values() if not fe.in_cluster or fe.internal is not None}
+        assert pins.maps["lb_internal_view"] == views and len(views) >= 3
 
 
 def test_a_mode_switch_retranslates_nothing(tmp_path: Path) -> None:

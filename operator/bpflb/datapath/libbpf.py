@@ -116,7 +116,7 @@ int bpf_link__destroy(struct bpf_link *link);
 int bpf_link__fd(const struct bpf_link *link);
 int bpf_prog_query(int target_fd, int type, __u32 query_flags, __u32 *attach_flags, __u32 *prog_ids,
                    __u32 *prog_cnt);
-int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+/* (bpf_obj_get_info_by_fd is declared with the maps' functions above) */
 /* struct bpf_link_info (uapi linux/bpf.h) up to its cgroup member; the kernel fills a shorter struct. */
 struct bpf_link_info_cgroup {
     __u32 type; __u32 id; __u32 prog_id; __u32 _pad; __u64 cgroup_id; __u32 attach_type; __u32 _pad2;
