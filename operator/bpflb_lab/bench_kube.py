@@ -183,11 +183,12 @@ def baseline_code(rev: str = BASELINE) -> Path:
 
     repo = Path(bpflb.__file__).resolve().parents[2]
     where = Path(tempfile.gettempdir()) / f"bpflb-baseline-{rev}"
-    if (where / ".built").exists():
+    if (where / ".built-2").exists():
         return where
     where.mkdir(parents=True, exist_ok=True)
+    # The workshop too: the product's CLI loads the workshop it finds, which must be of the same commit.
     archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev, "Makefile", "bpf_objects",
-                              "native", "operator/bpflb"], capture_output=True, check=False)
+                              "native", "operator/bpflb", "operator/bpflb_lab"], capture_output=True, check=False)
     if archive.returncode != 0:
         raise SystemExit(f"baseline {rev}: git archive failed in {repo}: {archive.stderr.decode().strip()} "
                          f"(pass --baseline none to measure this code alone)")
@@ -195,7 +196,7 @@ def baseline_code(rev: str = BASELINE) -> Path:
     build = subprocess.run(["make", "-C", str(where), "bpf"], capture_output=True, text=True, check=False)
     if build.returncode != 0:
         raise SystemExit(f"baseline {rev}: make bpf failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
-    (where / ".built").touch()
+    (where / ".built-2").touch()
     return where
 
 
