@@ -5,7 +5,7 @@
 
 CLANG ?= clang
 ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
-BPF_CFLAGS ?= -O2 -g -target bpf -Wall -Wextra -Werror -Wno-unused-parameter \
+BPF_CFLAGS ?= -O2 -g -target bpf -mcpu=v3 -Wall -Wextra -Werror -Wno-unused-parameter \
 	-I$(ARCH_INCLUDE) -Ibpf_objects/include
 BPF_SRCS := $(wildcard bpf_objects/*.c)
 BPF_OBJS := $(patsubst bpf_objects/%.c,bpf_objects/build/%.o,$(BPF_SRCS))

@@ -15,7 +15,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from bpflb.datapath.clustermaps import ClusterMaps
-from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
+from bpflb.datapath.conntrack import Collector, Schedule, describe
+from bpflb.datapath.lbmaps import NAT_PORT_MAX_DEFAULT, NAT_PORT_MIN_DEFAULT, LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import (
     BpfObject,
     load_lb,
@@ -56,6 +57,18 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
+    nat_port_range: tuple[int, int] = (NAT_PORT_MIN_DEFAULT, NAT_PORT_MAX_DEFAULT)   # SNAT source ports
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """"MIN-MAX" -> (MIN, MAX); ValueError saying what is expected."""
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"must be MIN-MAX (two port numbers, e.g. 32768-65535); got {text!r}")
+    pair = (int(lo), int(hi))
+    if not 1 <= pair[0] <= pair[1] <= 65535:
+        raise ValueError(f"must be 1 <= MIN <= MAX <= 65535; got {text!r}")
+    return pair
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -105,6 +118,7 @@ class Agent:
         self.mode: Mode | None = None
         self._problems_seen: set[str] = set()
         self._stop = threading.Event()
+        self.gc_schedule = Schedule()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -210,18 +224,35 @@ class Agent:
             self._problem(str(problem))
         self._apply_acceleration(acceleration)
         report = SyncReport()
+        lo, hi = self.opts.nat_port_range
         report.config_changed = self.maps.set_config(NodeConfig(
             mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=self.ifindex,
-            tunnel_mode=int(network.tunnel), tunnel_vni=network.vni))
+            tunnel_mode=int(network.tunnel), tunnel_vni=network.vni, nat_port_min=lo, nat_port_max=hi))
         if report.config_changed:
-            log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
-                     network.tunnel.label, state.node_addrs[0])
+            log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s, ports %d-%d: %d per "
+                     "backend tuple)", mode.label, network.tunnel.label, state.node_addrs[0], lo, hi, hi - lo + 1)
         self.mode = mode
         self._log_frontend_changes(self.state, state)
         sync = self.maps.sync(state)
         sync.config_changed = report.config_changed
         self.state = state
         return sync
+
+    def collect_conntrack(self) -> None:
+        """Run the conntrack GC (ended flows out; handshake-incomplete ones early under pressure) and say
+        when it is due next."""
+        if self.maps is None:
+            return
+        gc = Collector(self.maps.ct_fwd, self.maps.ct_rev, self.maps.config)
+        try:
+            report = gc.collect()
+        except (OSError, LookupError) as exc:
+            log.warning("conntrack GC failed (retrying later): %s", exc)
+            self.gc_schedule.due = time.monotonic() + Schedule.ACTIVE_S
+            return
+        for line in describe(report):
+            log.info("%s", line)
+        self.gc_schedule.after(report, gc.capacity)
 
     def _obey_uninstall(self, node_addr: IPv4Address) -> None:
         """Detach the programs and remove the pinned maps once, as the agent configuration says."""
@@ -324,6 +355,8 @@ class Agent:
                     log.info("ready: first sync done (%s)", self.ready_marker)
                 last_full = time.monotonic()
             while not self._stop.is_set():
+                if self.state is not None and time.monotonic() >= self.gc_schedule.due:
+                    self.collect_conntrack()
                 if self.source.wait_for_change(0.5):
                     break
                 if time.monotonic() - last_full > self.opts.resync_interval:

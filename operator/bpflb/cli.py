@@ -16,11 +16,17 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+    from bpflb.agent import Agent, AgentOptions, install_signal_handlers, parse_port_range
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)
-    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device)
+    try:
+        nat_ports = parse_port_range(args.nat_port_range)
+    except ValueError as exc:
+        print(f"bpflb agent: --nat-port-range {exc}", file=sys.stderr)
+        return 2
+    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
+                        nat_port_range=nat_ports)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-cluster service account)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
+                       help="source ports of SNAT'd flows, each unique per (backend address, backend port, "
+                            "protocol); default 32768-65535 (Cilium's range)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")

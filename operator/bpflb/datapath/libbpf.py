@@ -52,6 +52,7 @@ int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_lookup_and_delete_elem(int fd, const void *key, void *value);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get(const char *pathname);
 
