@@ -50,24 +50,27 @@ static __always_inline int ct_usable(const struct ct_entry *e, const struct pkt 
 	return 1;
 }
 
-/* Does this segment complete the handshake?  A non-SYN segment from the backend's side: its socket only
- * sends one once the client's ACK matched its SYN-ACK, which a spoofed source cannot produce.  The
- * balancing node of a DSR flow never sees the backend's side and takes the client's first ACK instead
- * (as Cilium does). */
+/* Does this segment complete the handshake?  As nf_conntrack sees it: the client's ACK of the backend's
+ * SYN-ACK (its acknowledgment number checked: a spoofed source never saw that SYN-ACK), or any non-SYN
+ * segment from the backend's side (its socket sends one only once established).  The balancing node of a
+ * DSR flow never sees the backend's side and takes the client's first ACK (as Cilium does). */
 static __always_inline int ct_establishes(const struct ct_entry *e, const struct pkt *p, int dir)
 {
 	if ((p->tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) != TCPF_ACK)
 		return 0;
-	if ((e->flags & CT_F_DSR) && dir == CT_DIR_FWD)
+	if (dir == CT_DIR_REV)
 		return 1;
-	return dir == CT_DIR_REV;
+	if (e->flags & CT_F_DSR)
+		return 1;
+	return (e->state & CT_S_SYN_ACK) && p->ack == e->syn_ack_seq + 1;
 }
 
 /* Record that a packet used the entry in direction dir.  TCP: RST resets the flow; a FIN marks its
  * side, and the flow is closing once both sides sent one (a half-closed connection keeps its state);
- * the handshake's completion makes it established.  The timestamp is refreshed at most once a second,
- * except for a handshake that has not completed (its lifetime counts from its creation).
- * Returns 1 when the flow's other entry must learn of it (ct_sync_peer). */
+ * the backend's SYN-ACK is noted, and the handshake's completion makes the flow established.  The
+ * timestamp is refreshed at most once a second, except while the handshake is incomplete (that
+ * lifetime counts from the flow's creation).  Returns 1 when the flow's other entry must learn of it
+ * (ct_sync_peer). */
 static __always_inline int ct_track(struct ct_entry *e, const struct pkt *p, int dir, __u64 now)
 {
 	int sync = 0;
@@ -92,10 +95,17 @@ static __always_inline int ct_track(struct ct_entry *e, const struct pkt *p, int
 					sync = 1;
 				}
 			}
-			if (!(e->state & CT_S_ESTABLISHED) && ct_establishes(e, p, dir)) {
-				e->state |= CT_S_ESTABLISHED;
-				e->last_seen = now;
-				return 1;
+			if (!(e->state & CT_S_ESTABLISHED)) {
+				if (dir == CT_DIR_REV && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
+					e->state |= CT_S_SYN_ACK;
+					e->syn_ack_seq = p->seq;
+					return 1;
+				}
+				if (ct_establishes(e, p, dir)) {
+					e->state |= CT_S_ESTABLISHED;
+					e->last_seen = now;
+					return 1;
+				}
 			}
 		}
 		if (!(e->state & CT_S_ESTABLISHED) && !(e->flags & CT_F_CLOSING))
@@ -167,6 +177,8 @@ static __always_inline void ct_sync_peer(const struct ct_entry *e, int dir, __u8
 
 	if (!peer)
 		return;
+	if ((e->state & CT_S_SYN_ACK) && !(peer->state & CT_S_ESTABLISHED))
+		peer->syn_ack_seq = e->syn_ack_seq;
 	peer->state |= e->state;
 	peer->flags |= e->flags & (CT_F_CLOSING | CT_F_RESET);
 	if (e->last_seen > peer->last_seen)

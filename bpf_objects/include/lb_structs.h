@@ -141,6 +141,7 @@ struct ct_entry {
 	__u8 mode;             /* LB_MODE_* the flow started with */
 	__u8 state;            /* CT_S_*: what the flow has shown of TCP's life (both entries agree) */
 	__u8 pad;
+	__u32 syn_ack_seq;     /* host order: the backend's SYN-ACK sequence number (CT_S_SYN_ACK) */
 };
 
 /* An address:port/protocol (DSR frontends known cluster-wide, this node's backend endpoints). */
@@ -227,9 +228,10 @@ struct lb_affinity_member {
 /* ---- flow state (issue 11; conntrack.h, flow.h, hostnat.h, reset.h, ct_icmp.h) ---- */
 
 /* ct_entry.state: monotonic facts about a TCP flow, merged into both of its entries. */
-#define CT_S_ESTABLISHED 1     /* the handshake completed: the backend's side sent a non-SYN segment */
+#define CT_S_ESTABLISHED 1     /* the handshake completed (conntrack.h's ct_establishes says when) */
 #define CT_S_FIN_FWD 2         /* the client (the connection's opener) sent FIN */
 #define CT_S_FIN_REV 4         /* the backend sent FIN */
+#define CT_S_SYN_ACK 8         /* the backend answered the SYN (syn_ack_seq holds its sequence number) */
 
 /* The SNAT port range when the agent is given none: Cilium's NodePort SNAT range, so at least 28,000
  * flows per (node, backend address, backend port, protocol). */

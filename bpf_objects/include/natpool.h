@@ -26,6 +26,7 @@ struct natpool_probe {
 	__u32 start;                  /* a range of at most NAT_PORT_TRIES ports is swept in order from here */
 	__s32 result;                 /* 0: key holds the reserved port; -ENOSPC: none found; else the map's error */
 	__u32 reused;                 /* the port was taken over from a flow that had ended */
+	__u32 index;                  /* the try that found it */
 };
 
 /* One candidate (bpf_loop callback: 1 stops the loop): a random port, or in a range no larger than
@@ -56,6 +57,7 @@ static long natpool_try(__u32 index, void *data)
 	rc = bpf_map_update_elem(&ct_rev, &pr->key, &pr->rev, BPF_NOEXIST);
 	if (rc != -ERR_EEXIST) {
 		pr->result = rc;      /* reserved (0), or the map is full (-E2BIG): no other port would do */
+		pr->index = index;
 		return 1;
 	}
 	old = bpf_map_lookup_elem(&ct_rev, &pr->key);
@@ -70,6 +72,7 @@ static long natpool_try(__u32 index, void *data)
 		return 0;
 	pr->result = 0;
 	pr->reused = 1;
+	pr->index = index;
 	return 1;
 }
 
@@ -121,10 +124,12 @@ static __always_inline int natpool_alloc(void *ctx, const struct lb_config *cfg,
 				stat_inc(STAT_NAT_PORT_REUSED);
 			return 0;
 		}
-		/* Ours alone (just reserved, or the dead flow's it replaced): give it back, try another. */
+		/* Ours alone (just reserved, or the dead flow's it replaced): give it back, and go on from the
+		 * next port (a sweep must not find this one first again). */
 		stat_inc(STAT_NAT_PORT_SOCKET);
 		bpf_map_delete_elem(&ct_rev, &pr.key);
 		pr.reused = 0;
+		pr.start += pr.index + 1;
 	}
 	return -ERR_ENOSPC;
 }

@@ -35,7 +35,7 @@ NS = 1_000_000_000
 
 # struct ct_tuple and struct ct_entry (lb_structs.h; tests/bpf/test_layout.py holds these to the BTF).
 CT_TUPLE = struct.Struct("=4s4sHHB3x")
-CT_ENTRY = struct.Struct("=QI4s4s4s4sHHHHIBBBx4x")
+CT_ENTRY = struct.Struct("=QI4s4s4s4sHHHHIBBBxI")
 
 
 class Tuple(NamedTuple):
@@ -65,6 +65,7 @@ class Entry(NamedTuple):
     flags: int
     mode: int
     state: int
+    syn_ack_seq: int
 
 
 def port(raw: int) -> int:
