@@ -147,3 +147,41 @@ def test_pool_use_and_inspect_show_the_fill_levels(node: Node) -> None:
     assert ct["ct_fwd"]["entries"] == 5 and ct["ct_rev"]["entries"] == 5 and ct["ct_fwd"]["max"] == 262144
     assert ct["nat_pool"][0] == {"backend": "10.244.2.10:8080/TCP", "ports_used": 4, "ports": 10, "fill": 0.4}
     assert ct["ct_fwd"]["established"] == 4 and ct["ct_fwd"]["udp"] == 1
+
+
+def test_an_upgrade_that_changed_the_conntrack_maps_replaces_their_pins(tmp_path: object) -> None:
+    """Pins left by a release whose ct_fwd was an LRU map of another value size: the new object loads on
+    them all the same (the old map unpinned, said in the log), and keeps every compatible pin."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    from bpflb.datapath.libbpf import lib
+    from bpflb.datapath.loader import load_lb, remove_pins
+
+    root = Path(f"/sys/fs/bpf/bpflb-test-{uuid.uuid4().hex[:8]}")
+    try:
+        first = load_lb(root)
+        services_id = _map_id(first.map("lb_services").fd)
+        first.close()
+        (root / "ct_fwd").unlink()
+        fd = lib().bpf_map_create(9, b"ct_fwd", 16, 40, 1024, ffi().NULL)   # BPF_MAP_TYPE_LRU_HASH, old shape
+        assert fd >= 0 and lib().bpf_obj_pin(fd, str(root / "ct_fwd").encode()) == 0
+        os.close(fd)
+        again = load_lb(root)
+        try:
+            assert again.map("ct_fwd").value_size == CT_ENTRY.size
+            assert _map_id(again.map("lb_services").fd) == services_id, "compatible pins are kept"
+        finally:
+            again.close()
+    finally:
+        remove_pins(root)
+
+
+def _map_id(fd: int) -> int:
+    from bpflb.datapath.libbpf import lib
+
+    info = ffi().new("struct bpf_map_info_prefix *")
+    size = ffi().new("__u32 *", ffi().sizeof("struct bpf_map_info_prefix"))
+    assert lib().bpf_obj_get_info_by_fd(fd, info, size) == 0
+    return int(info.id)
