@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.conntrack import Collector, Schedule, describe
-from bpflb.datapath.lbmaps import NAT_PORT_MAX_DEFAULT, NAT_PORT_MIN_DEFAULT, LBMaps, NodeConfig, SyncReport
+from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import (
     BpfObject,
     load_lb,
@@ -39,7 +39,7 @@ from bpflb.model.cluster import (
     parse_network_settings,
 )
 from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.types import NAT_PORT_RANGE_DEFAULT, Algorithm, DesiredState, Frontend, L4Addr, Mode
 from bpflb.sources.base import Source
 
 # The agent configuration's instruction to remove the datapath (written by the operator on enabled: false).
@@ -57,18 +57,7 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
-    nat_port_range: tuple[int, int] = (NAT_PORT_MIN_DEFAULT, NAT_PORT_MAX_DEFAULT)   # SNAT source ports
-
-
-def parse_port_range(text: str) -> tuple[int, int]:
-    """"MIN-MAX" -> (MIN, MAX); ValueError saying what is expected."""
-    lo, sep, hi = text.partition("-")
-    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
-        raise ValueError(f"must be MIN-MAX (two port numbers, e.g. 32768-65535); got {text!r}")
-    pair = (int(lo), int(hi))
-    if not 1 <= pair[0] <= pair[1] <= 65535:
-        raise ValueError(f"must be 1 <= MIN <= MAX <= 65535; got {text!r}")
-    return pair
+    nat_port_range: tuple[int, int] = NAT_PORT_RANGE_DEFAULT   # SNAT source ports (--nat-port-range)
 
 
 def device_for_address(addr: IPv4Address) -> str | None:

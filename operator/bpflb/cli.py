@@ -16,7 +16,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from bpflb.agent import Agent, AgentOptions, install_signal_handlers, parse_port_range
+    from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+    from bpflb.model.types import parse_port_range
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from bpflb.control.kubeapi import KubeObject
+from bpflb.model.types import NAT_PORT_RANGE_DEFAULT, parse_port_range
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
 
 NAMESPACE = AGENT_CONFIG_NAMESPACE
@@ -27,8 +28,9 @@ CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
 
 @dataclass(frozen=True)
 class AgentPod:
-    """How the agents' pods are scheduled and sized: the Helm chart's agent values (image pull policy and
-    secrets, service account, resources, tolerations, nodeSelector, priorityClassName), which the chart
+    """How the agents' pods are scheduled and sized, and the agent's command-line settings: the Helm chart's
+    agent values (image pull policy and secrets, service account, resources, tolerations, nodeSelector,
+    priorityClassName, natPortRange), which the chart
     writes into the operator's ConfigMap and the operator reads with --agent-pod-config. The defaults are
     what the operator uses without a chart."""
 
@@ -39,6 +41,7 @@ class AgentPod:
     resources: dict[str, Any] = field(default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}})
     tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
     nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    natPortRange: str = "{}-{}".format(*NAT_PORT_RANGE_DEFAULT)   # the agent's --nat-port-range (SNAT ports)
 
     @classmethod
     def from_mapping(cls, data: Any, where: str = "agent pod settings") -> AgentPod:
@@ -62,6 +65,12 @@ class AgentPod:
         for key in ("imagePullPolicy", "serviceAccountName", "priorityClassName"):
             if key in data:
                 out[key] = expect(key, str, "a string")
+        if "natPortRange" in data:
+            try:
+                parse_port_range(expect("natPortRange", str, "a port range MIN-MAX"))
+            except ValueError as exc:
+                raise ValueError(f"{where}: natPortRange: {exc}") from None
+            out["natPortRange"] = data["natPortRange"]
         if out.get("imagePullPolicy", "IfNotPresent") not in ("Always", "IfNotPresent", "Never"):
             raise ValueError(f"{where}: imagePullPolicy: must be one of Always, IfNotPresent, Never; "
                              f"got {out['imagePullPolicy']!r}")
@@ -115,7 +124,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "image": image,
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                        "--pin-root", PIN_ROOT],
+                        "--pin-root", PIN_ROOT, "--nat-port-range", pod.natPortRange],
             "env": [{"name": "NODE_NAME",
                      "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
             # Root with three capabilities, not privileged: the image's default user is unprivileged

@@ -18,14 +18,23 @@ from typing import Any
 from bpflb.datapath.libbpf import check, const, ffi, lib, stat_names
 from bpflb.datapath.loader import BpfObject, Map
 from bpflb.model import maglev
-from bpflb.model.types import Algorithm, Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
+from bpflb.model.types import (
+    NAT_PORT_RANGE_DEFAULT,
+    Algorithm,
+    Backend,
+    DesiredState,
+    Frontend,
+    FrontendKind,
+    L4Addr,
+    Mode,
+    Proto,
+)
 
 log = logging.getLogger(__name__)
 
 # The SNAT port range without a setting (NAT_PORT_{MIN,MAX}_DEFAULT of lb_structs.h, Cilium's range):
 # 32,768 ports per (node, backend address, backend port, protocol).
-NAT_PORT_MIN_DEFAULT = 32768
-NAT_PORT_MAX_DEFAULT = 65535
+NAT_PORT_MIN_DEFAULT, NAT_PORT_MAX_DEFAULT = NAT_PORT_RANGE_DEFAULT
 
 _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
