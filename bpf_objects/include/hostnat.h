@@ -15,6 +15,17 @@
 #include "conntrack.h"
 #include "natpool.h"
 
+/* Was this packet sent by a socket of this node with exactly its tuple?  skb->sk alone does not say: a
+ * packet that crossed a veth keeps its sender's socket from the other namespace, so a request this node
+ * translated and forwarded carries its client's socket, whose addresses are the client's. */
+static __always_inline int hostnat_own(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	return sk && sk->src_ip4 == p->t.saddr && sk->src_port == bpf_ntohs(p->t.sport) &&
+	       sk->dst_ip4 == p->t.daddr && sk->dst_port == p->t.dport;
+}
+
 /* Does a live SNAT'd flow hold the port of this packet (the node's, leaving) towards its destination? */
 static __always_inline int hostnat_clash(const struct pkt *p, const struct lb_config *cfg, __u64 now)
 {
@@ -37,8 +48,9 @@ static __always_inline int hostnat_egress(struct __sk_buff *skb, struct pkt *p, 
 	struct ct_tuple rkey;
 	__u64 now;
 
-	if (!skb->sk || p->t.saddr != cfg->snat_addr || sport < cfg->nat_port_min || sport > cfg->nat_port_max)
-		return -1;   /* forwarded packets (translated requests among them) have no socket */
+	if (p->t.saddr != cfg->snat_addr || sport < cfg->nat_port_min || sport > cfg->nat_port_max ||
+	    !hostnat_own(skb, p))
+		return -1;
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p->t);
 	if (!(e && (e->flags & CT_F_HOST) && ct_usable(e, p, cfg, now))) {
