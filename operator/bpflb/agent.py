@@ -241,7 +241,7 @@ class Agent:
             return
         for line in describe(report):
             log.info("%s", line)
-        self.gc_schedule.after(report, gc.capacity)
+        self.gc_schedule.after(report, gc.capacity, self.maps.stats())
 
     def _obey_uninstall(self, node_addr: IPv4Address) -> None:
         """Detach the programs and remove the pinned maps once, as the agent configuration says."""
@@ -344,7 +344,8 @@ class Agent:
                     log.info("ready: first sync done (%s)", self.ready_marker)
                 last_full = time.monotonic()
             while not self._stop.is_set():
-                if self.state is not None and time.monotonic() >= self.gc_schedule.due:
+                if self.state is not None and self.maps is not None and (
+                        time.monotonic() >= self.gc_schedule.due or self.gc_schedule.pressing(self.maps.stats())):
                     self.collect_conntrack()
                 if self.source.wait_for_change(0.5):
                     break

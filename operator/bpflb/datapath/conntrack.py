@@ -342,14 +342,20 @@ class Collector:
 
 class Schedule:
     """When the next collection is due: often while the maps or a pool are under pressure or flows end in
-    numbers, rarely while nothing happens (Cilium's GC interval adapts the same way)."""
+    numbers, rarely while nothing happens (Cilium's GC interval adapts the same way), and at once when the
+    datapath's counters show pressure building up between collections (refused flows, a burst of new ones:
+    a flood is answered within a second, not at the next idle collection)."""
 
     BUSY_S, ACTIVE_S, IDLE_S = 1.0, 5.0, 30.0
+    BURST = 5000                    # new flows since the last collection that make it due at once
+    WATCHED = ("new_flow", "drop_nat_exhausted", "ct_insert_failed")
 
     def __init__(self) -> None:
         self.due = 0.0
+        self.last = 0.0
+        self._seen: dict[str, int] = {}
 
-    def after(self, report: GcReport, capacity: int) -> float:
+    def after(self, report: GcReport, capacity: int, counters: dict[str, int] | None = None) -> float:
         entries = max(report.fwd_entries, report.rev_entries)
         removed = report.removed_fwd + report.removed_rev
         if report.pressure or entries >= capacity // 2:
@@ -358,8 +364,18 @@ class Schedule:
             wait = self.ACTIVE_S
         else:
             wait = self.IDLE_S
-        self.due = time.monotonic() + wait
+        if counters is not None:
+            self._seen = {k: counters.get(k, 0) for k in self.WATCHED}
+        self.last = time.monotonic()
+        self.due = self.last + wait
         return wait
+
+    def pressing(self, counters: dict[str, int]) -> bool:
+        """Do the counters since the last collection call for one now (at most one a second)?"""
+        if not self._seen or time.monotonic() - self.last < self.BUSY_S:
+            return False
+        return (counters.get("new_flow", 0) - self._seen["new_flow"] >= self.BURST or
+                any(counters.get(k, 0) > self._seen[k] for k in ("drop_nat_exhausted", "ct_insert_failed")))
 
 
 def describe(report: GcReport) -> Iterator[str]:
