@@ -12,8 +12,10 @@ echo-b on node3 behind Service default/echo (NodePort 30080/TCP to an accept-and
   sender and the whole path run on one CPU (the sender's softirq carries every frame to the pods), so
   a rate is the inverse of the path's total cost. A reference run in the same lab sends the frames
   straight to echo-a through node2, skipping node1; node1's cost per packet is derived from the two.
-- Connection rate: TCP connections to node1:30080, 32 in flight from one client process, each counted
-  once its handshake completes and then closed with a RST (no TIME_WAIT, as load generators do).
+- Connection rate: TCP connections to node1:30080, 32 in flight from one client process (bpflb-connstorm,
+  C), each counted once its handshake completes and then closed with a RST (no TIME_WAIT, as load generators
+  do). A reference run right before each window connects straight to an accept listener of echo-a via
+  node2 (no load balancer): the ceiling of the client, the bridge and the pods on this machine.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftable
 SERVICE_COUNTS = (10, 1_000, 10_000)
 QUICK_SERVICE_COUNTS = (10, 1_000)
 UDP_PORT, TCP_PORT, ACCEPT_PORT = 30081, 30080, 8090
+REFERENCE_PORT = 8091        # an accept listener of echo-a that no Service names (the connections' reference)
 FLOWS = 256                  # UDP source ports the sender cycles through (established flows after the first)
 CONCURRENCY = 32             # TCP connection attempts in flight
 NA_ACCELERATION = "n/a (acceleration not available)"
@@ -79,6 +82,8 @@ class Cell:
     reference_samples: list[float] = field(default_factory=list)   # one right before each udp sample
     conn_per_s: float | None = None        # median
     conn_samples: list[float] = field(default_factory=list)
+    conn_reference: float | None = None    # connections straight to echo-a, not through node1 (median)
+    conn_reference_samples: list[float] = field(default_factory=list)   # one right before each conn sample
     conn_failed: int = 0
     conn_errors: dict[str, int] = field(default_factory=dict)
     node1_stats: dict[str, int] = field(default_factory=dict)   # bpflb: node1's nonzero datapath counters
@@ -250,16 +255,19 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
+    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
     procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb.trafficgen",
-                                                                  "accept", str(ACCEPT_PORT)]),
+                                                                  "accept", str(port)]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, env={**os.environ, "PYTHONPATH": _src_root()})
-             for pod in ("echo-a", "echo-b")]
+             for pod, port in listeners]
+    # The reference connections go to echo-a through node2, routed, bypassing node1.
+    netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
     deadline = time.monotonic() + 15
-    for pod in ("echo-a", "echo-b"):
-        while not lab.run_in(pod, _listening_in_ns, ACCEPT_PORT):
+    for pod, port in listeners:
+        while not lab.run_in(pod, _listening_in_ns, port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the accept listener in {pod} did not start")
+                raise RuntimeError(f"the accept listener on {pod}:{port} did not start")
             time.sleep(0.05)
     node1 = lab.node_ip(1)
     for _ in range(20):
@@ -304,8 +312,11 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
     cell.sent_pps = statistics.median(sent)
     cell.reference_pps = statistics.median(refs)
     failed, errors = 0, Counter[str]()
-    conns = []
+    conns, conn_refs = [], []
     for _ in range(plan.tcp_repeats):
+        ref = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.pod_ip("echo-a"), REFERENCE_PORT,
+                                                     plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
+        conn_refs.append(ref.rate)
         r = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.node_ip(1), TCP_PORT,
                                                    plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
         conns.append(r.rate)
@@ -313,6 +324,8 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
         errors.update(r.errors)
     cell.conn_samples = conns
     cell.conn_per_s = statistics.median(conns)
+    cell.conn_reference_samples = conn_refs
+    cell.conn_reference = statistics.median(conn_refs)
     cell.conn_failed = failed
     cell.conn_errors = dict(errors)
     if cell.datapath.startswith("bpflb"):
@@ -463,6 +476,9 @@ def table(cells: list[Cell], counts: tuple[int, ...]) -> str:
     lines.append("")
     lines += _grid("new TCP connections/s", cells, counts, lambda c: _fmt(c.conn_per_s, c),
                    _growth("conn_per_s"), "growth")
+    lines.append(f"{'reference: straight to echo-a':<30}" + "".join(
+        f"{_fmt(statistics.median(refs) if refs else None, Cell('', 0)):>15}"
+        for refs in ([c.conn_reference for c in cells if c.services == n and c.conn_reference] for n in counts)))
     troubled = [c for c in cells if c.conn_failed or _drops(c)]
     if troubled:
         lines.append("connection windows with failed attempts (conn/s per window; failures; node1's drop counters):")
@@ -494,9 +510,11 @@ node1:30081, counted and dropped by XDP sinks on the pods' eth0. The sender's CP
 through the bridge, node1, node2 and into the pods, so a rate is 1 / the whole path's cost on one CPU.
 'reference' sends the same frames straight to echo-a via node2; node1 ns/packet = 1e9/rate -
 1e9/reference (node1 and one more bridge crossing; the median over the windows, each paired with the
-reference run just before it). TCP: one client process, 32 connects in flight, each closed by RST once
-established, to an accept-and-close listener in the pods (the Python echo server would cap every row
-at ~2.5k/s). A 2-vCPU VM runs the client, the 'network' and all nodes: compare rows, not absolute
+reference run just before it). TCP: one client process (bpflb-connstorm, C; the Python client it
+replaced capped every row near 25k/s here), 32 connects in flight, each closed by RST once established,
+to an accept-and-close listener in the pods (the Python echo server would cap every row at ~2.5k/s);
+its reference connects straight to echo-a via node2, right before each window: the ceiling without a
+load balancer. A 2-vCPU VM runs the client, the 'network' and all nodes: compare rows, not absolute
 numbers; the reference row shows how much the machine's speed moved between cells."""
 
 
