@@ -230,9 +230,10 @@ class Agent:
     def collect_conntrack(self) -> None:
         """Run the conntrack GC (ended flows out; handshake-incomplete ones early under pressure) and say
         when it is due next."""
-        if self.maps is None:
+        maps = self.maps
+        if maps is None:
             return
-        gc = Collector(self.maps.ct_fwd, self.maps.ct_rev, self.maps.config)
+        gc = Collector(maps.ct_fwd, maps.ct_rev, maps.config)
         try:
             report = gc.collect()
         except (OSError, LookupError) as exc:
@@ -241,7 +242,21 @@ class Agent:
             return
         for line in describe(report):
             log.info("%s", line)
-        self.gc_schedule.after(report, gc.capacity, self.maps.stats())
+        self.gc_schedule.after(report, gc.capacity, maps.stats())
+
+    def _gc_loop(self) -> None:
+        """The conntrack GC's own thread: a collection of full maps takes a second or more, and syncs must
+        not wait for it (the two touch different maps)."""
+        while not self._stop.wait(0.5):
+            maps = self.maps
+            if self.state is None or maps is None:
+                continue
+            try:
+                if time.monotonic() >= self.gc_schedule.due or self.gc_schedule.pressing(maps.stats()):
+                    self.collect_conntrack()
+            except Exception:
+                log.exception("conntrack GC failed; retrying later")
+                self.gc_schedule.due = time.monotonic() + Schedule.ACTIVE_S
 
     def _obey_uninstall(self, node_addr: IPv4Address) -> None:
         """Detach the programs and remove the pinned maps once, as the agent configuration says."""
@@ -309,8 +324,9 @@ class Agent:
             log.warning("skipped: %s", text)
 
     def run(self) -> None:
-        """Sync, then re-sync whenever the source changes, until stopped."""
+        """Sync, then re-sync whenever the source changes, until stopped; the conntrack GC runs alongside."""
         self.start()
+        threading.Thread(target=self._gc_loop, name="conntrack-gc", daemon=True).start()
         last_full = 0.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -344,9 +360,6 @@ class Agent:
                     log.info("ready: first sync done (%s)", self.ready_marker)
                 last_full = time.monotonic()
             while not self._stop.is_set():
-                if self.state is not None and self.maps is not None and (
-                        time.monotonic() >= self.gc_schedule.due or self.gc_schedule.pressing(self.maps.stats())):
-                    self.collect_conntrack()
                 if self.source.wait_for_change(0.5):
                     break
                 if time.monotonic() - last_full > self.opts.resync_interval:

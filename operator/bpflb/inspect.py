@@ -117,16 +117,9 @@ def _conntrack(maps: MapSet, cfg: Any) -> dict[str, Any]:
     snap = conntrack.snapshot(maps.ct_fwd, maps.ct_rev, maps.config)
     lo, hi = int(cfg.nat_port_min), int(cfg.nat_port_max)
     capacity = const("CT_MAX")
-    f = conntrack.flags()
     out: dict[str, Any] = {}
     for name, table in (("ct_fwd", snap.fwd), ("ct_rev", snap.rev)):
-        kinds = dict.fromkeys(("handshake", "established", "closing", "udp", "dead"), 0)
-        for key, e in table.items():
-            proto = snap.proto(key)
-            kind = ("dead" if not snap.alive(key, e) else "closing" if e.flags & (f.closing | f.reset) else
-                    "udp" if proto != Proto.TCP else "established" if e.state & f.established else "handshake")
-            kinds[kind] += 1
-        out[name] = {"entries": len(table), "max": capacity, "fill": round(len(table) / capacity, 4), **kinds}
+        out[name] = {"entries": table.n, "max": capacity, "fill": round(table.n / capacity, 4), **table.kinds()}
     out["nat_ports"] = f"{lo}-{hi}"
     out["nat_pool"] = [{"backend": u.backend, "ports_used": u.used, "ports": u.size, "fill": round(u.fill, 4)}
                        for u in conntrack.pool_use(snap, hi - lo + 1)]

@@ -128,7 +128,7 @@ def test_an_entry_the_datapath_took_over_meanwhile_is_put_back(node: Node) -> No
     from bpflb.datapath.conntrack import GcReport
 
     report = GcReport()
-    assert gc._remove(node.maps.ct_rev, dead_rev, snap.rev, report) == 0
+    assert gc._remove(node.maps.ct_rev, snap.rev, dead_rev, report) == 0
     assert report.kept_touched == 1
     [rev] = entries(node.maps.ct_rev).values()
     assert int.from_bytes(rev.client_port.to_bytes(2, "little"), "big") == 2006

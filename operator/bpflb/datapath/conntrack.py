@@ -8,8 +8,9 @@ again), forward entry first. Under pressure -- a map at least PRESSURE full, or 
 it also drops flows whose TCP handshake has not completed after EARLY_DROP_AGE_S, as nf_conntrack's
 early_drop does: a SYN flood then costs a legitimate client seconds, not the full handshake limit.
 
-The lifetime rules mirror conntrack.h's ct_lifetime and ct_alive; tests/bpf/test_conntrack_gc.py holds the
-two to the same verdicts on the same entries."""
+The lifetime rules mirror conntrack.h's ct_lifetime and ct_alive (Table); tests/bpf/test_conntrack_gc.py holds
+the two to the same verdicts on the same entries. A collection reads both maps in a few batch syscalls and
+decodes in full only the entries that are dead; the agent runs it in a thread of its own."""
 
 from __future__ import annotations
 
@@ -36,16 +37,6 @@ NS = 1_000_000_000
 # struct ct_tuple and struct ct_entry (lb_structs.h; tests/bpf/test_layout.py holds these to the BTF).
 CT_TUPLE = struct.Struct("=4s4sHHB3x")
 CT_ENTRY = struct.Struct("=QI4s4s4s4sHHHHIBBBxI")
-
-
-class Tuple(NamedTuple):
-    """A ct_tuple: addresses as bytes, ports as the raw network-order u16 the map holds."""
-
-    saddr: bytes
-    daddr: bytes
-    sport: int
-    dport: int
-    proto: int
 
 
 class Entry(NamedTuple):
@@ -109,29 +100,6 @@ def flags() -> _Flags:
     return _F
 
 
-def lifetime_ns(e: Entry, proto: int, lt: Lifetimes) -> int:
-    """conntrack.h's ct_lifetime."""
-    f = flags()
-    if e.flags & f.reset:
-        return RESET_LIFETIME_NS
-    if e.flags & f.closing:
-        return lt.closing * NS
-    if proto == Proto.TCP:
-        return (lt.tcp if e.state & f.established else lt.syn) * NS
-    return lt.udp * NS
-
-
-def alive(e: Entry, proto: int, lt: Lifetimes, now: int) -> bool:
-    """conntrack.h's ct_alive."""
-    return e.last_seen >= now or now - e.last_seen <= lifetime_ns(e, proto, lt)
-
-
-def handshake_pending(e: Entry, proto: int) -> bool:
-    """A TCP flow whose handshake has not completed (and that is not closing)."""
-    f = flags()
-    return proto == Proto.TCP and not e.state & f.established and not e.flags & (f.closing | f.reset)
-
-
 def peer_key(e: Entry, forward: bool, proto: int) -> bytes | None:
     """conntrack.h's ct_peer_key: the key of the flow's other entry on this node, packed."""
     f = flags()
@@ -150,10 +118,11 @@ def same_flow(a: Entry, b: Entry) -> bool:
         (b.backend_addr, b.backend_port, b.nat_addr, b.nat_port, b.client_addr, b.client_port)
 
 
-def read_all(m: Map, batch: int = 4096) -> dict[bytes, bytes]:
-    """Every entry of a hash map, read with bpf_map_lookup_batch (a few syscalls for the whole map)."""
+def read_raw(m: Map, batch: int = 8192) -> tuple[bytes, bytes]:
+    """Every entry of a hash map as two contiguous blobs (keys, values), read with bpf_map_lookup_batch (a
+    few syscalls for the whole map)."""
     f, lb = ffi(), lib()
-    out: dict[bytes, bytes] = {}
+    keys_out, values_out = bytearray(), bytearray()
     keys = f.new("char[]", m.key_size * batch)
     values = f.new("char[]", m.value_size * batch)
     token_in = f.new("char[]", max(m.key_size, 8))
@@ -166,45 +135,112 @@ def read_all(m: Map, batch: int = 4096) -> dict[bytes, bytes]:
         rc = lb.bpf_map_lookup_batch(m.fd, f.NULL if first else token_in, token_out, keys, values, count, opts)
         err = f.errno if rc < 0 else 0
         n = int(count[0])
-        kb, vb = f.buffer(keys, m.key_size * n)[:], f.buffer(values, m.value_size * n)[:]
-        for i in range(n):
-            out[kb[i * m.key_size:(i + 1) * m.key_size]] = vb[i * m.value_size:(i + 1) * m.value_size]
+        keys_out += f.buffer(keys, m.key_size * n)
+        values_out += f.buffer(values, m.value_size * n)
         if rc < 0:
             if err == 2:          # ENOENT: the last batch
-                return out
+                return bytes(keys_out), bytes(values_out)
             if err == 28 and batch < 1 << 20:   # ENOSPC: a bucket holds more than a batch
-                return read_all(m, batch * 4)
+                return read_raw(m, batch * 4)
             raise OSError(err, f"batch lookup of map {m.name}")
         f.memmove(token_in, token_out, max(m.key_size, 8))
         first = False
 
 
+def read_all(m: Map) -> dict[bytes, bytes]:
+    """Every entry of a hash map, key -> value."""
+    keys, values = read_raw(m)
+    ks, vs = m.key_size, m.value_size
+    return {keys[i * ks:(i + 1) * ks]: values[i * vs:(i + 1) * vs] for i in range(len(keys) // ks)}
+
+
+# The fields the collector reads of every entry (the rest only for the dead ones): last_seen, flags, state;
+# and of a reverse entry also its backend (the SNAT pools' fill).
+_HOT = struct.Struct("=Q32xBxBx4x")
+_REV_HOT = struct.Struct("=Q4x4s12xH10xBxBx4x")
+
+
+class Table:
+    """One conntrack map, read once: keys and values as blobs, and which entries are alive."""
+
+    def __init__(self, keys: bytes, values: bytes, lt: Lifetimes, now: int) -> None:
+        self.keys, self.values = keys, values
+        self.n = len(keys) // CT_TUPLE.size
+        f = flags()
+        closing, reset, established = f.closing, f.reset, f.established
+        syn_ns, tcp_ns, udp_ns, close_ns = lt.syn * NS, lt.tcp * NS, lt.udp * NS, lt.closing * NS
+        self.alive: list[bool] = []
+        self.pending: list[bool] = []       # TCP, handshake incomplete, not closing
+        self.protos = keys[12::CT_TUPLE.size]
+        for (seen, fl, st), proto in zip(_HOT.iter_unpack(values), self.protos, strict=True):
+            if fl & reset:
+                life = RESET_LIFETIME_NS
+            elif fl & closing:
+                life = close_ns
+            elif proto == 6:
+                life = tcp_ns if st & established else syn_ns
+            else:
+                life = udp_ns
+            self.alive.append(seen >= now or now - seen <= life)
+            self.pending.append(proto == 6 and not st & established and not fl & (closing | reset))
+        self._index: dict[bytes, int] | None = None
+
+    def key(self, i: int) -> bytes:
+        return self.keys[i * CT_TUPLE.size:(i + 1) * CT_TUPLE.size]
+
+    def entry(self, i: int) -> Entry:
+        return Entry(*CT_ENTRY.unpack_from(self.values, i * CT_ENTRY.size))
+
+    def find(self, key: bytes) -> int | None:
+        if self._index is None:
+            ks = CT_TUPLE.size
+            self._index = {self.keys[i * ks:(i + 1) * ks]: i for i in range(self.n)}
+        return self._index.get(key)
+
+    def entries(self) -> Iterator[tuple[bytes, Entry]]:
+        for i in range(self.n):
+            yield self.key(i), self.entry(i)
+
+    def kinds(self) -> dict[str, int]:
+        """Entries by what they hold: pending handshakes, established, closing, UDP, dead."""
+        f = flags()
+        out = dict.fromkeys(("handshake", "established", "closing", "udp", "dead"), 0)
+        for i, (_, fl, st) in enumerate(_HOT.iter_unpack(self.values)):
+            kind = ("dead" if not self.alive[i] else "closing" if fl & (f.closing | f.reset) else
+                    "udp" if self.protos[i] != Proto.TCP else "established" if st & f.established else "handshake")
+            out[kind] += 1
+        return out
+
+
 @dataclass
 class Snapshot:
-    """Both conntrack maps at one moment, decoded."""
+    """Both conntrack maps at one moment."""
 
     now: int
     lifetimes: Lifetimes
-    fwd: dict[bytes, Entry]
-    rev: dict[bytes, Entry]
+    fwd: Table
+    rev: Table
 
-    def proto(self, key: bytes) -> int:
-        return key[12]
+    def peer(self, table: Table, i: int, forward: bool) -> int | None:
+        """The index of entry i's flow's other entry in the other table (same flow), or None."""
+        e = table.entry(i)
+        pk = peer_key(e, forward, table.protos[i])
+        other = self.rev if forward else self.fwd
+        j = None if pk is None else other.find(pk)
+        return j if j is not None and same_flow(e, other.entry(j)) else None
 
-    def peer(self, key: bytes, e: Entry, forward: bool) -> Entry | None:
-        pk = peer_key(e, forward, self.proto(key))
-        other = None if pk is None else (self.rev if forward else self.fwd).get(pk)
-        return other if other is not None and same_flow(e, other) else None
-
-    def alive(self, key: bytes, e: Entry) -> bool:
-        return alive(e, self.proto(key), self.lifetimes, self.now)
+    def holds_port(self, i: int) -> bool:
+        """A reverse entry's port is not free while the entry or its flow's forward entry is alive."""
+        if self.rev.alive[i]:
+            return True
+        j = self.peer(self.rev, i, forward=False)
+        return j is not None and self.fwd.alive[j]
 
 
 def snapshot(fwd: Map, rev: Map, config: Map, now: int | None = None) -> Snapshot:
     lt = Lifetimes.read(config)
     t = time.monotonic_ns() if now is None else now      # CLOCK_MONOTONIC: bpf_ktime_get_ns's clock
-    return Snapshot(t, lt, {k: Entry(*CT_ENTRY.unpack(v)) for k, v in read_all(fwd).items()},
-                    {k: Entry(*CT_ENTRY.unpack(v)) for k, v in read_all(rev).items()})
+    return Snapshot(t, lt, Table(*read_raw(fwd), lt, t), Table(*read_raw(rev), lt, t))
 
 
 @dataclass
@@ -240,20 +276,14 @@ class PoolUse:
         return self.used / self.size if self.size else 0.0
 
 
-def holds_port(snap: Snapshot, key: bytes, e: Entry) -> bool:
-    """A reverse entry's port is not free while the entry or its flow's forward entry is alive."""
-    if snap.alive(key, e):
-        return True
-    peer = snap.peer(key, e, forward=False)
-    return peer is not None and alive(peer, snap.proto(key), snap.lifetimes, snap.now)
-
-
 def pool_use(snap: Snapshot, size: int) -> list[PoolUse]:
     """SNAT ports in use per backend tuple, fullest first."""
     snat = flags().snat
-    used: Counter[tuple[bytes, int, int]] = Counter(
-        (e.backend_addr, e.backend_port, snap.proto(key))
-        for key, e in snap.rev.items() if e.flags & snat and holds_port(snap, key, e))
+    rev = snap.rev
+    used: Counter[tuple[bytes, int, int]] = Counter()
+    for i, (_, addr, be_port, fl, _) in enumerate(_REV_HOT.iter_unpack(rev.values)):
+        if fl & snat and snap.holds_port(i):
+            used[(addr, be_port, rev.protos[i])] += 1
     return sorted((PoolUse(a, p, proto, n, size) for (a, p, proto), n in used.items()),
                   key=lambda u: (-u.used, u.backend))
 
@@ -268,71 +298,66 @@ class Collector:
     def collect(self, now: int | None = None) -> GcReport:
         started = time.monotonic()
         snap = snapshot(self.fwd, self.rev, self.config, now)
-        report = GcReport(len(snap.fwd), len(snap.rev))
+        report = GcReport(snap.fwd.n, snap.rev.n)
         cfg = self.config.lookup(ffi().new("__u32 *", 0))
         span = int(cfg.nat_port_max) - int(cfg.nat_port_min) + 1 if cfg is not None else 0
         doomed_fwd, doomed_rev = self._dead(snap)
         early = self._early_drops(snap, span, report)
-        for key, peer in early:
-            doomed_fwd.add(key)
-            if peer is not None:
-                doomed_rev.add(peer)
+        for i, j in early:
+            doomed_fwd.add(i)
+            if j is not None:
+                doomed_rev.add(j)
         report.early_dropped = len(early)
         # Forward entries first: a reverse entry (a port) is never gone while its forward entry is there.
-        report.removed_fwd = self._remove(self.fwd, doomed_fwd, snap.fwd, report)
-        report.removed_rev = self._remove(self.rev, doomed_rev, snap.rev, report)
+        report.removed_fwd = self._remove(self.fwd, snap.fwd, doomed_fwd, report)
+        report.removed_rev = self._remove(self.rev, snap.rev, doomed_rev, report)
         report.seconds = time.monotonic() - started
         return report
 
-    def _dead(self, snap: Snapshot) -> tuple[set[bytes], set[bytes]]:
-        """Entries dead together with their flow's other entry (or that have none)."""
-        fwd = set()
-        for key, e in snap.fwd.items():
-            if not snap.alive(key, e):
-                peer = snap.peer(key, e, forward=True)
-                if peer is None or not alive(peer, snap.proto(key), snap.lifetimes, snap.now):
-                    fwd.add(key)
-        rev = set()
-        for key, e in snap.rev.items():
-            if not snap.alive(key, e):
-                peer = snap.peer(key, e, forward=False)
-                if peer is None or not alive(peer, snap.proto(key), snap.lifetimes, snap.now):
-                    rev.add(key)
+    @staticmethod
+    def _dead(snap: Snapshot) -> tuple[set[int], set[int]]:
+        """Entries dead together with their flow's other entry (or that have none), by index."""
+        fwd = {i for i in range(snap.fwd.n) if not snap.fwd.alive[i] and not (
+            (j := snap.peer(snap.fwd, i, forward=True)) is not None and snap.rev.alive[j])}
+        rev = {i for i in range(snap.rev.n) if not snap.rev.alive[i] and not (
+            (j := snap.peer(snap.rev, i, forward=False)) is not None and snap.fwd.alive[j])}
         return fwd, rev
 
-    def _early_drops(self, snap: Snapshot, span: int, report: GcReport) -> list[tuple[bytes, bytes | None]]:
-        """Under pressure: (forward key, reverse key) of flows whose handshake has been pending too long."""
-        full = max(len(snap.fwd), len(snap.rev)) >= PRESSURE * self.capacity
+    def _early_drops(self, snap: Snapshot, span: int, report: GcReport) -> list[tuple[int, int | None]]:
+        """Under pressure: (forward index, reverse index) of flows whose handshake has been pending too long."""
+        full = max(snap.fwd.n, snap.rev.n) >= PRESSURE * self.capacity
         crowded: set[tuple[bytes, int, int]] = set()
         for use in pool_use(snap, span) if span else []:
             if use.fill >= PRESSURE:
                 report.pressure.append(f"SNAT pool of {use.backend} {use.fill:.0%} taken")
                 crowded.add((use.addr, use.raw_port, use.proto))
         if full:
-            report.pressure.append(f"conntrack {max(len(snap.fwd), len(snap.rev)):,} of {self.capacity:,} entries")
+            report.pressure.append(f"conntrack {max(snap.fwd.n, snap.rev.n):,} of {self.capacity:,} entries")
         if not full and not crowded:
             return []
-        limit = int(EARLY_DROP_AGE_S * NS)
+        oldest = snap.now - int(EARLY_DROP_AGE_S * NS)
         out = []
-        for key, e in snap.fwd.items():
-            proto = snap.proto(key)
-            if not handshake_pending(e, proto) or snap.now - e.last_seen < limit:
+        fwd = snap.fwd
+        for i, (seen, _, _) in enumerate(_HOT.iter_unpack(fwd.values)):
+            if not fwd.pending[i] or seen > oldest:
                 continue
-            if full or (e.backend_addr, e.backend_port, proto) in crowded:
-                out.append((key, peer_key(e, True, proto) if snap.peer(key, e, forward=True) else None))
+            e = fwd.entry(i)
+            if full or (e.backend_addr, e.backend_port, fwd.protos[i]) in crowded:
+                out.append((i, snap.peer(fwd, i, forward=True)))
         return out
 
     @staticmethod
-    def _remove(m: Map, keys: set[bytes], seen: dict[bytes, Entry], report: GcReport) -> int:
-        """Remove each key unless the datapath touched it since it was read (then it goes back)."""
+    def _remove(m: Map, table: Table, doomed: set[int], report: GcReport) -> int:
+        """Remove each entry unless the datapath touched it since it was read (then it goes back)."""
         f, lb = ffi(), lib()
         value = f.new("char[]", m.value_size)
         removed = 0
-        for key in keys:
+        for i in doomed:
+            key = table.key(i)
             if lb.bpf_map_lookup_and_delete_elem(m.fd, key, value) < 0:
                 continue
             raw = f.buffer(value)[:]
-            if Entry(*CT_ENTRY.unpack(raw)).last_seen != seen[key].last_seen:
+            if raw[:8] != table.values[i * CT_ENTRY.size:i * CT_ENTRY.size + 8]:    # last_seen moved
                 lb.bpf_map_update_elem(m.fd, key, raw, BPF_NOEXIST)
                 report.kept_touched += 1
                 continue
@@ -343,12 +368,12 @@ class Collector:
 class Schedule:
     """When the next collection is due: often while the maps or a pool are under pressure or flows end in
     numbers, rarely while nothing happens (Cilium's GC interval adapts the same way), and at once when the
-    datapath's counters show pressure building up between collections (refused flows, a burst of new ones:
-    a flood is answered within a second, not at the next idle collection)."""
+    datapath's counters show new flows refused since the last collection (a pool or a map full: a flood
+    is answered within a second, not at the next idle collection). Flows ending in numbers need no hurry:
+    the datapath reuses their entries in place."""
 
     BUSY_S, ACTIVE_S, IDLE_S = 1.0, 5.0, 30.0
-    BURST = 5000                    # new flows since the last collection that make it due at once
-    WATCHED = ("new_flow", "drop_nat_exhausted", "ct_insert_failed")
+    WATCHED = ("drop_nat_exhausted", "ct_insert_failed")
 
     def __init__(self) -> None:
         self.due = 0.0
@@ -374,8 +399,7 @@ class Schedule:
         """Do the counters since the last collection call for one now (at most one a second)?"""
         if not self._seen or time.monotonic() - self.last < self.BUSY_S:
             return False
-        return (counters.get("new_flow", 0) - self._seen["new_flow"] >= self.BURST or
-                any(counters.get(k, 0) > self._seen[k] for k in ("drop_nat_exhausted", "ct_insert_failed")))
+        return any(counters.get(k, 0) > self._seen[k] for k in self.WATCHED)
 
 
 def describe(report: GcReport) -> Iterator[str]:
