@@ -16,7 +16,7 @@ from scapy.packet import Raw
 from bpflb.datapath.libbpf import TC_ACT_REDIRECT, TC_ACT_SHOT
 from bpflb.model.types import Proto
 
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, REMOTE_POD, Node
+from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, REMOTE_POD, Node, XdpNode
 from .ct_util import (
     age,
     backend_frame,
@@ -178,3 +178,38 @@ def test_replies_of_pooled_flows_reach_their_own_clients(node: Node) -> None:
         reply = node.ingress(backend_frame(TCP(sport=8080, flags="SA", seq=1, ack=1001), nat_port))
         out = Ether(reply.data)
         assert (out[IP].dst, out[TCP].dport, out[TCP].sport) == (CLIENT, client_port, 30080)
+
+
+def test_a_full_conntrack_map_refuses_new_flows_and_keeps_the_live_ones(node: Node) -> None:
+    """262,144 forward entries (CT_MAX): the next new flow cannot be tracked and is refused with a RST (UDP:
+    ICMP), counted in ct_insert_failed; its port goes back to the pool; the flows already there go on."""
+    from bpflb.datapath.conntrack import CT_ENTRY, CT_TUPLE
+    from bpflb.datapath.lbmaps import update_batch
+    from bpflb.datapath.libbpf import const
+
+    program(node)
+    live = out_sport(node.ingress(with_sport(SYN, 2000)).data)
+    room = const("CT_MAX") - len(entries(node.maps.ct_fwd))
+    filler = CT_ENTRY.pack(2**63, 0, b"\0" * 4, b"\0" * 4, b"\0" * 4, b"\0" * 4, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    update_batch(node.maps.ct_fwd, [(CT_TUPLE.pack(i.to_bytes(4, "big"), b"\x0a\0\0\x01", 1, 1, 6), filler)
+                                    for i in range(1, room + 1)])
+    refused = node.ingress(with_sport(SYN, 2001))
+    assert Ether(refused.data)[TCP].flags == "RA"
+    refused_udp = node.ingress(client_frame(UDP(sport=2002, dport=30080), b"x"))
+    assert Ether(refused_udp.data).haslayer(ICMP)
+    stats = node.maps.stats()
+    assert stats["ct_insert_failed"] == 2 and stats.get("drop_nat_exhausted", 0) == 0
+    assert len(entries(node.maps.ct_rev)) == 1, "the refused flows' ports went back to the pool"
+    ack = node.ingress(client_frame(TCP(sport=2000, dport=30080, flags="A", seq=1001, ack=1)))
+    assert ack.retval == TC_ACT_REDIRECT and out_sport(ack.data) == live
+
+
+def test_exhaustion_at_xdp_hands_the_packet_to_tc_which_answers(xnode: XdpNode) -> None:
+    from bpflb.datapath.libbpf import XDP_PASS, XDP_TX
+
+    program(xnode, nat_port_min=40000, nat_port_max=40000)
+    assert xnode.xdp(with_sport(SYN, 2000)).retval == XDP_TX
+    frame = with_sport(SYN, 2001)
+    run = xnode.xdp(frame)
+    assert run.retval == XDP_PASS and run.data == frame, "untouched, on to tc"
+    assert Ether(xnode.ingress(frame).data)[TCP].flags == "RA"

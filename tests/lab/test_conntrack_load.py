@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -64,6 +66,10 @@ def test_20000_concurrent_connections_are_all_answered_while_held_open(lab: Lab)
         assert ct["ct_fwd"]["established"] >= 20_000 and ct["ct_rev"]["established"] >= 20_000
         pool = {p["backend"]: p["ports_used"] for p in ct["nat_pool"]}
         assert pool["10.244.2.10:8080/TCP"] + pool["10.244.3.10:8080/TCP"] >= 20_000
+        shown = subprocess.run([sys.executable, "-m", "bpflb", "inspect", "--pin-root", str(lab.pin_root / "node1")],
+                               capture_output=True, text=True, check=True).stdout
+        assert "ct_fwd" in shown and "ct_rev" in shown and "SNAT port pool: ports 32768-65535" in shown
+        assert "10.244.2.10:8080/TCP" in shown and "10.244.3.10:8080/TCP" in shown
         # Still held: a second round on the same 20,000 connections.
         for client in (first, second):
             assert client.call(cmd="ask", path="/hostname", timeout=60, concurrency=4000)["answered"] == 10_000
