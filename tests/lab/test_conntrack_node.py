@@ -194,7 +194,7 @@ def test_a_udp_flow_only_its_client_keeps_busy_keeps_its_port_backend_and_replie
     assert result["last"] == result["first"], \
         f"after 3 minutes the flow's answer came from {result['last']}, at first from {result['first']}"
     answered = sum(n for who, n in churn["answers"].items() if who in ("echo-a", "echo-b"))
-    assert answered == churn["flows"] >= 250, churn
+    assert answered == churn["flows"] >= 200, churn
     ct = collect(lab.pin_root / "node1")["conntrack"]
     pool = {p["backend"]: p["ports_used"] for p in ct["nat_pool"]}
     assert max(pool.get(f"{ip}:8081/UDP", 0) for ip in ("10.244.2.10", "10.244.3.10")) >= 32, \
