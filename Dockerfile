@@ -2,9 +2,12 @@
 # The bpflb image: one image, two entry points (`bpflb operator`, `bpflb agent`).
 #
 # The build stage runs the same `make bpf` the tests run (the BPF objects with clang -target bpf, and the
-# Maglev helper library), then installs the Python package into a virtualenv. The runtime stage carries
-# only what runs: that virtualenv, the objects the agent loads, the struct header it reads at start, and
-# the system libraries (libbpf1, python3) and tools (iproute2) of a node agent. No compiler.
+# Maglev helper library), then installs the product package (operator/bpflb: agent and operator) into a
+# virtualenv. The workshop (operator/bpflb_lab: lab, benchmarks, traffic generators, kube-proxy
+# baselines, emulated API) is never copied in, so the wheel holds bpflb alone and the `lab` extra's
+# dependencies (kmock, scapy, matplotlib) are not installed. The runtime stage carries only what runs:
+# that virtualenv, the objects the agent loads, the struct header it reads at start, and the system
+# libraries (libbpf1, python3) and tools (iproute2) of a node agent. No compiler.
 #
 # Nothing on the project's CI machine can build images (no container engine); tests/chart/test_dockerfile.py
 # checks this file's structure against the Makefile and the agent's code instead.
@@ -21,7 +24,7 @@ COPY Makefile pyproject.toml ./
 COPY bpf_objects/ bpf_objects/
 COPY native/ native/
 RUN make bpf
-COPY operator/ operator/
+COPY operator/bpflb/ operator/bpflb/
 RUN python3 -m venv /opt/bpflb \
  && /opt/bpflb/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/bpflb/bin/pip install --no-cache-dir .

@@ -1,7 +1,7 @@
 # Build, test and benchmark entry points of bpflb (BPF objects, Python environment, tests, lab demo).
 .DELETE_ON_ERROR:
 .PHONY: all bpf clean venv test test-unit test-bpf test-lab lint typecheck demo bench deps
-.PHONY: chart
+.PHONY: chart bench-quick
 
 CLANG ?= clang
 ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
@@ -57,12 +57,14 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(Q)python3 -m venv $(VENV)
 	$(Q)$(VENV)/bin/pip install -q --upgrade pip
-	$(Q)$(VENV)/bin/pip install -q -e '.[test]'
+	$(Q)$(VENV)/bin/pip install -q -e '.[lab,test]'
 	$(Q)touch $@
 
+# ruff, mypy --strict over both packages, and the import contracts of .importlinter (the layers).
 lint: venv
 	$(Q)$(VENV)/bin/ruff check operator tests
 	$(Q)$(VENV)/bin/mypy
+	$(Q)cd operator && ../$(VENV)/bin/lint-imports --config ../.importlinter --no-cache
 
 typecheck: lint
 
@@ -90,6 +92,10 @@ demo: venv bpf
 
 bench: venv bpf
 	$(Q)$(VENV)/bin/bpflb bench
+
+# CI's benchmark step (not a test): every benchmark in its quick form; fails only when a figure is missing.
+bench-quick: venv bpf
+	$(Q)scripts/bench-quick.sh
 
 # The Helm chart, linted and packaged with Helm's own library into dist/ (the CRD link resolved).
 chart: venv

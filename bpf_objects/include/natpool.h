@@ -17,7 +17,9 @@
 #define ERR_EEXIST 17
 #define ERR_ENOSPC 28
 
-/* One allocation's state, shared with the probing callback of bpf_loop. */
+/* One allocation's state, shared with the probing callback of bpf_loop: in a per-CPU scratch entry, not
+ * on the stack (a program's frame and the callback's must stay within 512 bytes together).  A program
+ * runs to its end on its CPU before another can use the entry. */
 struct natpool_probe {
 	struct ct_tuple key;          /* the reply tuple of the candidate port */
 	struct ct_entry rev;          /* the reverse entry to record (nat_port set per candidate) */
@@ -29,25 +31,37 @@ struct natpool_probe {
 	__u32 index;                  /* the try that found it */
 };
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct natpool_probe);
+	__uint(max_entries, 1);
+} natpool_scratch SEC(".maps");
+
 /* One candidate (bpf_loop callback: 1 stops the loop): a random port, or in a range no larger than
  * the number of tries the next port of a sweep, so a small range's last free port is always found.
  * A free tuple is reserved at once; one
  * held by a flow whose two entries are both dead is claimed with a compare-and-swap on its timestamp
  * (two CPUs never both take it over) and then replaced whole. */
-static long natpool_try(__u32 index, void *data)
+static long natpool_try(__u32 index, void *unused)
 {
-	struct natpool_probe *pr = data;
+	__u32 zero = 0;
+	struct natpool_probe *pr = bpf_map_lookup_elem(&natpool_scratch, &zero);
 	struct lb_config *cfg = config_get();
-	__u64 now = pr->rev.last_seen, seen;
 	struct ct_entry *old;
-	__u8 proto = pr->key.proto;
 	__be16 port;
+	__u64 now, seen;
+	__u8 proto;
 	long rc;
 
+	if (!pr)
+		return 1;
 	if (!cfg || pr->span == 0) {
 		pr->result = -ERR_ENOSPC;
 		return 1;
 	}
+	now = pr->rev.last_seen;
+	proto = pr->key.proto;
 	if (pr->span <= NAT_PORT_TRIES)
 		port = bpf_htons((__u16)(pr->min + (pr->start + index) % pr->span));
 	else
@@ -103,33 +117,36 @@ static __always_inline int natpool_socket_free(void *ctx, const struct ct_tuple 
  * 0, or -ENOSPC (no port free for this tuple), or the map's error (-E2BIG: conntrack full). */
 static __always_inline int natpool_alloc(void *ctx, const struct lb_config *cfg, struct ct_entry *rev, __u8 proto)
 {
-	struct natpool_probe pr = {};
+	__u32 zero = 0;
+	struct natpool_probe *pr = bpf_map_lookup_elem(&natpool_scratch, &zero);
 	int round;
 
-	if (cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
+	if (!pr || cfg->nat_port_min == 0 || cfg->nat_port_max < cfg->nat_port_min)
 		return -ERR_ENOSPC;
-	pr.rev = *rev;
-	pr.span = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
-	pr.min = cfg->nat_port_min;
-	pr.start = bpf_get_prandom_u32();
-	ct_reply_tuple(&pr.key, rev->backend_addr, rev->backend_port, rev->nat_addr, 0, proto);
+	pr->rev = *rev;
+	pr->span = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
+	pr->min = cfg->nat_port_min;
+	pr->start = bpf_get_prandom_u32();
+	pr->reused = 0;
+	pr->index = 0;
+	ct_reply_tuple(&pr->key, rev->backend_addr, rev->backend_port, rev->nat_addr, 0, proto);
 	for (round = 0; round < NATPOOL_SOCKET_ROUNDS; round++) {
-		pr.result = -ERR_ENOSPC;
-		bpf_loop(NAT_PORT_TRIES, natpool_try, &pr, 0);
-		if (pr.result)
-			return pr.result;
-		if (natpool_socket_free(ctx, &pr.key)) {
-			rev->nat_port = pr.rev.nat_port;
-			if (pr.reused)
+		pr->result = -ERR_ENOSPC;
+		bpf_loop(NAT_PORT_TRIES, natpool_try, NULL, 0);
+		if (pr->result)
+			return pr->result;
+		if (natpool_socket_free(ctx, &pr->key)) {
+			rev->nat_port = pr->rev.nat_port;
+			if (pr->reused)
 				stat_inc(STAT_NAT_PORT_REUSED);
 			return 0;
 		}
 		/* Ours alone (just reserved, or the dead flow's it replaced): give it back, and go on from the
 		 * next port (a sweep must not find this one first again). */
 		stat_inc(STAT_NAT_PORT_SOCKET);
-		bpf_map_delete_elem(&ct_rev, &pr.key);
-		pr.reused = 0;
-		pr.start += pr.index + 1;
+		bpf_map_delete_elem(&ct_rev, &pr->key);
+		pr->reused = 0;
+		pr->start += pr->index + 1;
 	}
 	return -ERR_ENOSPC;
 }

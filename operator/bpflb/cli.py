@@ -1,11 +1,14 @@
-"""The `bpflb` command line: agent, operator, lab, bench and inspect."""
+"""The `bpflb` command line: agent, operator and inspect; `lab`, `bench` and `bench-kube` come from the
+workshop package (bpflb_lab) when it is installed, and say how to get it when it is not."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bpflb.datapath.loader import DEFAULT_PIN_ROOT
 
@@ -67,33 +70,38 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_kube(args: argparse.Namespace) -> int:
-    from bpflb.control.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bpflb.inspect import show
 
     return show(Path(args.pin_root), as_json=args.json)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.maglev:
-        from bpflb.bench_maglev import run_maglev_bench
+WORKSHOP = "bpflb_lab"
+WORKSHOP_VERBS = ("lab", "bench", "bench-kube")
+WORKSHOP_MISSING = ("bpflb {verb}: the lab and the benchmarks are not part of this installation (the image "
+                    "carries the agent and the operator only); in a clone of the repository run "
+                    "`make venv`, or `pip install -e '.[lab]'`")
 
-        return run_maglev_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
-    from bpflb.bench import run_bench
 
-    out = Path(args.out) if args.out else None
-    baseline = Path(args.baseline_objects) if args.baseline_objects else None
-    rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out, baseline=baseline)
-    if not args.no_rates:
-        from bpflb.bench_rates import run_rate_bench
+def _workshop_missing(args: argparse.Namespace) -> int:
+    print(WORKSHOP_MISSING.format(verb=args.command), file=sys.stderr)
+    return 2
 
-        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
-    return rc
+
+def register_workshop(sub: Any) -> bool:
+    """Add the workshop's verbs when its package is installed (True); otherwise verbs that say how to get it."""
+    try:
+        workshop = importlib.import_module(f"{WORKSHOP}.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (exc.name == WORKSHOP or exc.name.startswith(WORKSHOP + ".")):
+            raise
+        for verb in WORKSHOP_VERBS:
+            stub = sub.add_parser(verb, help="(not installed: the workshop package bpflb_lab)", add_help=False)
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(func=_workshop_missing)
+        return False
+    workshop.register(sub)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,38 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
 
-    bk = sub.add_parser("bench-kube", help="control-plane benchmarks: `latency` (lab --kube) and `fullsync`",
-                        add_help=False)
-    bk.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bk.set_defaults(func=cmd_bench_kube)
-
     insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
     insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=cmd_inspect)
 
-    bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN), then "
-                                          "forwarding and connection rates against kube-proxy in labs")
-    bench.add_argument("--quick", action="store_true", help="fewer services and repetitions (CI)")
-    bench.add_argument("--out", help="directory for results (default: results/)")
-    bench.add_argument("--maglev", action="store_true",
-                       help="instead: Maglev table builds and programming 1,000 Maglev services (control plane)")
-    rates = bench.add_mutually_exclusive_group()
-    rates.add_argument("--no-rates", action="store_true",
-                       help="only the per-packet cost, not the forwarding and connection rates against kube-proxy")
-    rates.add_argument("--rates-only", action="store_true",
-                       help="only the forwarding and connection rates (bpflb XDP and tc, kube-proxy iptables and "
-                            "nftables, each in a lab of its own)")
-    bench.add_argument("--baseline-objects", metavar="DIR",
-                       help="also measure the per-packet cost of another build's bpf_lb.o and bpf_xdp.o in DIR "
-                            "(e.g. an earlier commit's bpf_objects/build), side by side in the same run")
-    bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
-                       help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
-    bench.set_defaults(func=cmd_bench)
-
-    from bpflb.lab.commands import register
-
-    register(sub)
+    register_workshop(sub)
     return parser
 
 

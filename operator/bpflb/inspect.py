@@ -96,7 +96,9 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
                     "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else "ExternalIP")
             frontends[ident] = {"frontend": f"{ident[0]}:{ident[1]}/{ident[2]}", "kind": kind, "id": val.id,
                                 "policy": "Local" if flags & const("LB_SVC_F_LOCAL") else "Cluster",
-                                "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS"))}
+                                "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS")),
+                                "affinity_timeout": int(val.affinity_timeout),
+                                "algorithm": "Maglev" if val.algorithm else "Random"}
         else:
             slots.setdefault(ident, {})[key.slot] = val.id
     for ident, fe in frontends.items():

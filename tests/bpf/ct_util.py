@@ -18,10 +18,9 @@ from bpflb.datapath.conntrack import CT_ENTRY, Entry, port
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import const
 from bpflb.datapath.loader import Map
-from bpflb.datapath.netns import entered
 from bpflb.model.types import Mode
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2_MAC, REMOTE_POD, Node
+from bpflb_lab.lab.netns import entered
+from tests.bpf.packets import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2_MAC, REMOTE_POD, Node
 
 NS = 1_000_000_000
 
@@ -105,3 +104,20 @@ def age(node: Node, seconds: float) -> None:
 
 def flag(name: str) -> int:
     return const(name)
+
+
+def dsr_backend_node(node: Node, balancers: tuple[str, ...]) -> None:
+    """node1 as the backend's node of DSR flows: LOCAL_POD:8080 is its pod, the NodePort :30080 its frontend
+    on every address in balancers; the cluster maps programmed from the model, as the agent does."""
+    from ipaddress import IPv4Network
+
+    from bpflb.model.cluster import dsr_backends, dsr_frontends
+    from tests.bpf.packets import LOCAL_POD, backend, fe, state
+
+    local = backend(LOCAL_POD, 8080, local=True)
+    desired = state(fe(NODE1, 30080, (local,)))
+    configure(node, mode=Mode.DSR)
+    node.maps.sync(desired)
+    nodes = {IPv4Address(NODE1), *(IPv4Address(b) for b in balancers)}
+    node.cluster.sync(dsr_frontends(desired, nodes), {local.l4}, {IPv4Network(f"{n}/32") for n in nodes},
+                      dsr_backends=dsr_backends(desired))

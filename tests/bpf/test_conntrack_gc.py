@@ -12,10 +12,8 @@ from bpflb.datapath.conntrack import CT_ENTRY, CT_TUPLE, Collector, pool_use, sn
 from bpflb.datapath.libbpf import ffi
 from bpflb.inspect import collect_maps
 from bpflb.model.types import Proto
-
-from .conftest import NODE1, REMOTE_POD, Node
-from .ct_util import age, backend_frame, client_frame, configure, entries, out_sport
-from .test_nodeport_snat import backend, fe, state
+from tests.bpf.ct_util import age, backend_frame, client_frame, configure, entries, out_sport
+from tests.bpf.packets import NODE1, REMOTE_POD, Node, backend, fe, state
 
 pytestmark = pytest.mark.privileged
 

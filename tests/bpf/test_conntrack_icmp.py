@@ -12,13 +12,24 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
-from bpflb.model.types import L4Addr, Mode, Proto
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE1, NODE2, NODE2_MAC, REMOTE_POD, Node
-from .ct_util import client_frame, configure
-from .test_nodeport_snat import assert_frame, backend, fe, state
+from bpflb.model.types import Mode, Proto
+from tests.bpf.ct_util import client_frame, configure, dsr_backend_node
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    NODE1,
+    NODE2,
+    NODE2_MAC,
+    REMOTE_POD,
+    Node,
+    assert_frame,
+    backend,
+    fe,
+    state,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -55,10 +66,12 @@ def icmp_error(src_mac: str, src: str, dst: str, quoted: bytes, type_: int = 3, 
     return bytes(Ether(src=src_mac, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=ttl, id=5) / icmp / Raw(quoted))
 
 
-def expected_error(dst_mac: str, src: str, dst: str, quoted: bytes, type_: int = 3, code: int = 4,
+def expected_error(src_mac: str, src: str, dst: str, quoted: bytes, type_: int = 3, code: int = 4,
                    mtu: int = 1400, ttl: int = 63) -> bytes:
+    """The error as node1 forwards it: translated, TTL spent, the MACs left to the kernel's neighbour
+    output (bpf_redirect_neigh), so as they came in."""
     icmp = ICMP(type=type_, code=code, nexthopmtu=mtu) if type_ == 3 else ICMP(type=type_, code=code)
-    return bytes(Ether(src=ETH0_MAC, dst=dst_mac) / IP(src=src, dst=dst, ttl=ttl, id=5) / icmp / Raw(quoted))
+    return bytes(Ether(src=src_mac, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=ttl, id=5) / icmp / Raw(quoted))
 
 
 @pytest.mark.parametrize("length", [28, 576])
@@ -73,7 +86,7 @@ def test_frag_needed_about_a_snat_request_reaches_the_client(node: Node, length:
     run = node.ingress(icmp_error(NODE2_MAC, NODE2, NODE1, quote(translated[IP], length)))
     assert run.retval == TC_ACT_REDIRECT
     as_sent = with_ttl(sent[IP], 63)
-    assert_frame(run.data, expected_error(CLIENT_MAC, NODE2, CLIENT, as_sent[:length]))
+    assert_frame(run.data, expected_error(NODE2_MAC, NODE2, CLIENT, as_sent[:length]))
     assert node.maps.stats()["icmp_related"] == 1
 
 
@@ -84,7 +97,7 @@ def test_an_error_the_backend_raises_itself_names_the_frontend(node: Node) -> No
     translated = Ether(node.ingress(bytes(sent)).data)
     run = node.ingress(icmp_error(NODE2_MAC, REMOTE_POD, NODE1, quote(translated[IP], 64), code=3, mtu=0, ttl=63))
     assert run.retval == TC_ACT_REDIRECT
-    assert_frame(run.data, expected_error(CLIENT_MAC, NODE1, CLIENT, with_ttl(sent[IP], 63)[:64], code=3,
+    assert_frame(run.data, expected_error(NODE2_MAC, NODE1, CLIENT, with_ttl(sent[IP], 63)[:64], code=3,
                                           mtu=0, ttl=62))
 
 
@@ -94,7 +107,7 @@ def test_time_exceeded_about_a_snat_request_reaches_the_client(node: Node) -> No
     sent = Ether(client_frame(TCP(sport=2000, dport=30080, flags="A", seq=1001, ack=1)))
     translated = Ether(node.ingress(bytes(sent)).data)
     run = node.ingress(icmp_error(NODE2_MAC, NODE2, NODE1, quote(translated[IP], 40), type_=11, code=0))
-    assert_frame(run.data, expected_error(CLIENT_MAC, NODE2, CLIENT, with_ttl(sent[IP], 63)[:40], type_=11, code=0))
+    assert_frame(run.data, expected_error(NODE2_MAC, NODE2, CLIENT, with_ttl(sent[IP], 63)[:40], type_=11, code=0))
 
 
 def test_frag_needed_about_a_reply_reaches_the_pod(node: Node) -> None:
@@ -108,9 +121,7 @@ def test_frag_needed_about_a_reply_reaches_the_pod(node: Node) -> None:
     assert (translated[IP].dst, translated[TCP].dport) == (CLIENT, 2000)
     run = node.ingress(icmp_error(CLIENT_MAC, ROUTER, NODE1, quote(translated[IP], 576)))
     assert run.retval == TC_ACT_REDIRECT
-    assert_frame(run.data, bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) /
-                                 IP(expected_error(CLIENT_MAC, ROUTER, REMOTE_POD,
-                                                   with_ttl(reply[IP], 62)[:576])[14:])))
+    assert_frame(run.data, expected_error(CLIENT_MAC, ROUTER, REMOTE_POD, with_ttl(reply[IP], 62)[:576]))
 
 
 def test_frag_needed_about_a_dsr_reply_reaches_the_pod(node: Node) -> None:
@@ -124,16 +135,13 @@ def test_frag_needed_about_a_dsr_reply_reaches_the_pod(node: Node) -> None:
                                                                    ack=1001) / Raw(BIG)
     run = node.ingress(icmp_error(CLIENT_MAC, ROUTER, NODE1, quote(as_client_side, 576)))
     assert run.retval == TC_ACT_REDIRECT
-    assert_frame(run.data, bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) /
-                                 IP(expected_error(CLIENT_MAC, ROUTER, REMOTE_POD,
-                                                   with_ttl(pod_sent, 62)[:576])[14:])))
+    assert_frame(run.data, expected_error(CLIENT_MAC, ROUTER, REMOTE_POD, with_ttl(pod_sent, 62)[:576]))
 
 
 def test_the_backends_node_tells_the_dsr_client_about_the_frontend(node: Node) -> None:
     """DSR, the backend's node: its stack cannot forward the client's request to the pod (MTU) and answers
     the client, quoting the request as it arrived; the client must see it about the frontend it used."""
-    configure(node, mode=Mode.DSR)
-    ClusterMaps(node.obj).sync({L4Addr(IPv4Address(OTHER_NODE), 30080, Proto.TCP)}, set(), set())
+    dsr_backend_node(node, (OTHER_NODE,))
     opt = IPOption(b"\x9a\x08" + (30080).to_bytes(2, "big") + IPv4Address(OTHER_NODE).packed)
     node.ingress(bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, options=[opt]) /
                        TCP(sport=45000, dport=8080, flags="S", seq=1000)))

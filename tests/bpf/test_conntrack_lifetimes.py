@@ -12,13 +12,30 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 
-from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
-from bpflb.model.types import L4Addr, Mode, Proto
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, LOCAL_POD, NODE1, NODE2_MAC, Node
-from .ct_util import age, backend_frame, client_frame, configure, entries, flag, the_flow
-from .test_nodeport_snat import backend, fe, state
+from bpflb.model.types import Proto
+from tests.bpf.ct_util import (
+    age,
+    backend_frame,
+    client_frame,
+    configure,
+    dsr_backend_node,
+    entries,
+    flag,
+    the_flow,
+)
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    NODE1,
+    NODE2_MAC,
+    Node,
+    backend,
+    fe,
+    state,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -196,10 +213,8 @@ def test_a_reopened_tuple_is_a_new_flow_and_the_old_port_waits_out_its_closing_t
 def test_a_live_dsr_flow_on_the_backends_node_is_never_overwritten(node: Node) -> None:
     """A second DSR SYN for a live flow's tuple naming another frontend (spoofed, or a confused node)
     leaves the live flow's reverse state alone; the pod still answers as that flow's frontend."""
-    configure(node, mode=Mode.DSR)
     other_node = "198.18.0.13"
-    ClusterMaps(node.obj).sync({L4Addr(IPv4Address(other_node), 30080, Proto.TCP),
-                                L4Addr(IPv4Address("198.18.0.14"), 30080, Proto.TCP)}, set(), set())
+    dsr_backend_node(node, (other_node, "198.18.0.14"))
 
     def dsr_syn(fe_addr: str) -> bytes:
         opt = IPOption(b"\x9a\x08" + (30080).to_bytes(2, "big") + IPv4Address(fe_addr).packed)

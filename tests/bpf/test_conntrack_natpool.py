@@ -15,9 +15,7 @@ from scapy.packet import Raw
 
 from bpflb.datapath.libbpf import TC_ACT_REDIRECT, TC_ACT_SHOT
 from bpflb.model.types import Proto
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, REMOTE_POD, Node, XdpNode
-from .ct_util import (
+from tests.bpf.ct_util import (
     age,
     backend_frame,
     client_frame,
@@ -28,7 +26,19 @@ from .ct_util import (
     the_flow,
     with_sport,
 )
-from .test_nodeport_snat import assert_frame, backend, fe, state
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    NODE1,
+    REMOTE_POD,
+    Node,
+    XdpNode,
+    assert_frame,
+    backend,
+    fe,
+    state,
+)
 
 pytestmark = pytest.mark.privileged
 

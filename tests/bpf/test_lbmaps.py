@@ -21,8 +21,7 @@ from bpflb.inspect import collect, collect_maps
 from bpflb.model.translate import translate
 from bpflb.model.types import Mode
 from bpflb.sources.base import Snapshot
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
+from tests.bpf.packets import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, Node
 
 pytestmark = pytest.mark.privileged
 
@@ -133,3 +132,25 @@ def test_restart_on_pinned_maps_recovers_ids_and_writes_nothing(pin_root: Path) 
 def _collect(node: Node) -> dict[str, Any]:
     """inspect's view of an unpinned object's maps."""
     return collect_maps(node.maps)
+
+
+def test_bpflb_inspect_reads_a_nodes_pinned_maps(pin_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bpflb inspect --pin-root P` as the docs show it: the tables, then --json, from the pins alone."""
+    import json
+
+    from bpflb.cli import main
+
+    obj = load_lb(pin_root)
+    try:
+        maps = LBMaps(obj)
+        maps.set_config(NodeConfig(mode=Mode.DSR, snat_addr=IPv4Address(NODE1), ext_ifindex=1))
+        maps.sync(translate(cluster(), "node1"))
+    finally:
+        obj.close()
+    assert main(["inspect", "--pin-root", str(pin_root)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith(f"mode DSR, SNAT source {NODE1}") and "FRONTEND" in table and "COUNTER" in table
+    assert main(["inspect", "--pin-root", str(pin_root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "DSR" and data["frontends"] and all("backends" in f for f in data["frontends"])
+    assert main(["inspect", "--pin-root", str(pin_root / "missing")]) == 1

@@ -3,80 +3,38 @@ run through BPF_PROG_TEST_RUN, verdicts and whole output frames (checksums inclu
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
-
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
-from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Proto
-
-from .conftest import (
+from bpflb.model.types import FrontendKind, Proto
+from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
+    LOCAL,
     LOCAL_POD,
-    LOCAL_POD_MAC,
-    LXC_MAC,
     NODE1,
     NODE2_MAC,
+    REMOTE,
     REMOTE_POD,
     Node,
+    assert_frame,
+    backend,
+    fe,
+    frame_in,
+    one_port,
+    recomputed,
+    state,
+    wait_idle,
 )
 
 pytestmark = pytest.mark.privileged
 
 LB_IP = "198.18.1.10"
 EXT_IP = "198.18.2.20"
-
-
-def l4(addr: str, port: int, proto: Proto = Proto.TCP) -> L4Addr:
-    return L4Addr(IPv4Address(addr), port, proto)
-
-
-def backend(addr: str, port: int, *, local: bool, proto: Proto = Proto.TCP, name: str = "") -> Backend:
-    return Backend(l4(addr, port, proto), name or addr, "node1" if local else "node2", local)
-
-
-def fe(addr: str, port: int, backends: tuple[Backend, ...], *, proto: Proto = Proto.TCP,
-       kind: FrontendKind = FrontendKind.NODEPORT, local_only: bool = False,
-       no_endpoints: bool = False) -> Frontend:
-    return Frontend(l4(addr, port, proto), kind, "default/echo", "", local_only, backends, no_endpoints)
-
-
-def state(*frontends: Frontend) -> DesiredState:
-    return DesiredState("node1", (IPv4Address(NODE1),), {f.l4: f for f in frontends})
-
-
-REMOTE = backend(REMOTE_POD, 8080, local=False)
-LOCAL = backend(LOCAL_POD, 8080, local=True)
-
-
-def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: object) -> bytes:
-    pkt = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=64, id=7, **ip) / l4hdr
-    if payload:
-        pkt = pkt / Raw(payload)
-    return bytes(pkt)
-
-
-def recomputed(frame: bytes) -> bytes:
-    """The frame with every IPv4/TCP/UDP/ICMP checksum recomputed by scapy."""
-    pkt = Ether(frame)
-    for layer in (IP, TCP, UDP, ICMP):
-        if pkt.haslayer(layer):
-            if layer is UDP and pkt[UDP].chksum == 0:
-                continue
-            del pkt[layer].chksum
-    return bytes(Ether(bytes(pkt)))
-
-
-def assert_frame(out: bytes, expected: bytes) -> None:
-    """Whole-frame equality, with a readable diff, and checksums that scapy agrees with."""
-    if out != expected:
-        pytest.fail(f"output frame differs\n got:      {Ether(out)!r}\n expected: {Ether(expected)!r}")
-    assert recomputed(out) == out, "checksums in the output frame are wrong"
 
 
 def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
@@ -87,7 +45,7 @@ def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
     out = Ether(run.data)
     nat_port = out[TCP].sport
     assert 32768 <= nat_port <= 65535
-    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
         TCP(sport=nat_port, dport=8080, flags="S", seq=1000) / Raw(b"hello")
     assert_frame(run.data, bytes(expected))
 
@@ -96,7 +54,7 @@ def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
         TCP(sport=8080, dport=nat_port, flags="SA", seq=5000, ack=1001) / Raw(b"world")
     reply = node.ingress(bytes(synack))
     assert reply.retval == TC_ACT_REDIRECT
-    expected_reply = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=NODE1, dst=CLIENT, ttl=62, id=9) / \
+    expected_reply = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=CLIENT, ttl=62, id=9) / \
         TCP(sport=30080, dport=40000, flags="SA", seq=5000, ack=1001) / Raw(b"world")
     assert_frame(reply.data, bytes(expected_reply))
 
@@ -113,7 +71,7 @@ def test_local_backend_is_dnat_only_and_reply_is_translated_on_egress(node: Node
     node.program(state(fe(NODE1, 30080, (LOCAL,))))
     run = node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S", seq=1)))
     assert run.retval == TC_ACT_REDIRECT
-    expected = Ether(src=LXC_MAC, dst=LOCAL_POD_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=7) / \
         TCP(sport=40001, dport=8080, flags="S", seq=1)
     assert_frame(run.data, bytes(expected))
 
@@ -132,7 +90,7 @@ def test_udp_remote_backend_with_and_without_checksum(node: Node) -> None:
     run = node.ingress(frame_in(UDP(sport=5353, dport=30081), payload=b"clientip"))
     assert run.retval == TC_ACT_REDIRECT
     out = Ether(run.data)
-    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
         UDP(sport=out[UDP].sport, dport=8081) / Raw(b"clientip")
     assert_frame(run.data, bytes(expected))
 
@@ -233,17 +191,8 @@ def test_removed_backend_steers_flow_to_another(node: Node) -> None:
     assert again[IP].dst == "10.244.2.11"
 
 
-def _one_port(node: Node, closing_timeout: int) -> None:
-    from bpflb.datapath.lbmaps import NodeConfig
-    from bpflb.model.types import Mode
-
-    node.maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=node.eth0,
-                                    nat_port_min=61000, nat_port_max=61000, closing_timeout=closing_timeout))
-    node.maps.sync(state(fe(NODE1, 30080, (REMOTE,))))
-
-
 def test_a_snat_port_is_free_again_once_its_flow_ends(node: Node) -> None:
-    _one_port(node, closing_timeout=0)
+    one_port(node, closing_timeout=0)
     first = node.ingress(frame_in(TCP(sport=42000, dport=30080, flags="S")))
     assert Ether(first.data)[TCP].sport == 61000
     # The only port is taken by a live flow: a second flow to the same backend cannot have it, and is
@@ -260,11 +209,9 @@ def test_a_snat_port_is_free_again_once_its_flow_ends(node: Node) -> None:
 
 
 def test_a_reset_from_the_backend_closes_the_clients_entry_too(node: Node) -> None:
-    import time
-
     from bpflb.datapath.libbpf import const
 
-    _one_port(node, closing_timeout=3600)
+    one_port(node, closing_timeout=3600)
     node.ingress(frame_in(TCP(sport=42002, dport=30080, flags="S")))
     rst = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1) / \
         TCP(sport=8080, dport=61000, flags="R")
@@ -273,6 +220,19 @@ def test_a_reset_from_the_backend_closes_the_clients_entry_too(node: Node) -> No
     assert entry.flags & const("CT_F_CLOSING") and entry.flags & const("CT_F_RESET")
     # A reset flow needs no TIME_WAIT: after a second its port serves a new flow (closing_timeout
     # of an hour notwithstanding).
-    time.sleep(1.1)
+    wait_idle(node.maps.ct_fwd, "last_seen", 1.0)
     again = node.ingress(frame_in(TCP(sport=42003, dport=30080, flags="S")))
     assert again.retval == TC_ACT_REDIRECT and Ether(again.data)[TCP].sport == 61000
+
+
+def test_an_idle_flow_expires_after_its_lifetime_and_frees_its_port(node: Node) -> None:
+    """Conntrack idle expiry with short lifetimes (lb_config's udp_timeout): a UDP flow holds the only NAT
+    port while it lives; once idle past its lifetime, its port serves a new flow."""
+    one_port(node, udp_timeout=1, proto=Proto.UDP)
+    first = node.ingress(frame_in(UDP(sport=5000, dport=30080)))
+    assert first.retval == TC_ACT_REDIRECT and Ether(first.data)[UDP].sport == 61000
+    refused = node.ingress(frame_in(UDP(sport=5001, dport=30080)))   # the port is taken: ICMP port unreachable
+    assert refused.retval == TC_ACT_REDIRECT and Ether(refused.data).haslayer(ICMP)
+    wait_idle(node.maps.ct_fwd, "last_seen", 1.0)
+    later = node.ingress(frame_in(UDP(sport=5001, dport=30080)))
+    assert later.retval == TC_ACT_REDIRECT and Ether(later.data)[UDP].sport == 61000

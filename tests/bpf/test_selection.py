@@ -5,7 +5,6 @@ backend keeps its open flows while getting no new ones."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -31,8 +30,7 @@ from bpflb.model.types import (
     Mode,
     Proto,
 )
-
-from .conftest import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2, Node
+from tests.bpf.packets import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2, Node, wait_idle
 
 pytestmark = pytest.mark.privileged
 
@@ -149,7 +147,7 @@ def test_affinity_keeps_a_client_on_its_backend_until_the_timeout(node: Node) ->
     # Another client is not affected by that.
     client2 = "198.18.0.101"
     assert pod_of(node, syn(other, src=client2)) == predicted(names, other, src=client2)
-    time.sleep(1.3)
+    wait_idle(node.maps.affinity, "last_used", 1.0)
     # The timeout passed without a new flow: the next flow is chosen afresh, and becomes the new affinity.
     fresh = pod_of(node, syn(other + 5000))
     assert fresh == predicted(names, other + 5000)

@@ -13,9 +13,9 @@ import yaml
 from lupa import lua51
 
 from bpflb.control.report import now_rfc3339
-from bpflb.control.settings import agent_config_data, validate_spec
 from bpflb.control.status import compute_status
-from tests.chart.conftest import ROOT, documents, find
+from bpflb.model.settings import agent_config_data, validate_spec
+from tests.chart.helpers import ROOT, documents, find
 
 EXAMPLES = ROOT / "examples" / "argocd"
 LUA = EXAMPLES / "moduleconfig-health.lua"

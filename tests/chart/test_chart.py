@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from bpflb.control.manifests import DEFAULT_IMAGE, AgentPod, agent_daemonset, contains
-from bpflb.control.settings import MAGLEV_TABLE_SIZES, SETTING_NAMES, CiliumSettings, _choices, validate_spec
-from tests.chart.conftest import (
+from bpflb.model.settings import MAGLEV_TABLE_SIZES, SETTING_NAMES, CiliumSettings, _choices, validate_spec
+from tests.chart.helpers import (
     CHART,
     CRD,
     NAMESPACE,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from bpflb.datapath.loader import LB_OBJECT, XDP_OBJECT
 from bpflb.model.maglev import NATIVE_LIB
-from tests.chart.conftest import ROOT
+from tests.chart.helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -14,8 +14,7 @@ import yaml
 
 from bpflb.control.manifests import AgentPod, agent_daemonset
 from bpflb.model.types import NAT_PORT_RANGE_DEFAULT, parse_port_range
-
-from .conftest import documents, find, render
+from tests.chart.helpers import documents, find, render
 
 
 def agent_command(values: dict[str, Any]) -> list[str]:

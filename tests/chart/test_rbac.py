@@ -15,7 +15,7 @@ from typing import Any
 import celpy
 import pytest
 
-from tests.chart.conftest import Doc, documents, find
+from tests.chart.helpers import Doc, documents, find
 
 READ = frozenset({"get", "list", "watch"})
 WRITE = frozenset({"create", "update", "patch", "delete", "deletecollection", "escalate", "bind", "impersonate",

@@ -1,0 +1,1 @@
+"""Tests of the control tier (helpers.py holds its helpers, conftest.py its fixtures)."""

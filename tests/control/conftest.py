@@ -1,36 +1,18 @@
-"""Fixtures for the control-plane tests: an emulated Kubernetes API (kmock's KubernetesEmulator on
+"""Fixtures for the control-plane tests (their helpers are in helpers.py): an emulated Kubernetes API (kmock's KubernetesEmulator on
 127.0.0.1, a real HTTP server), a client for it, and the operator running against it on a thread."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import Credentials, KubeClient, write_kubeconfig
-
-MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
-CM_PATH = "/api/v1/namespaces/kube-system/configmaps/bpflb-agent"
-DS_PATH = "/apis/apps/v1/namespaces/kube-system/daemonsets/bpflb-agent"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll check() until it returns something truthy; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+from bpflb.kubeapi import Credentials, KubeClient, write_kubeconfig
+from bpflb_lab.apiserver import EmulatedAPI
+from tests.control.helpers import RunningOperator
 
 
 @pytest.fixture
@@ -53,40 +35,6 @@ def kubeconfig(api: EmulatedAPI, tmp_path: Path) -> Path:
     path = tmp_path / "kubeconfig"
     write_kubeconfig(path, api.url)
     return path
-
-
-def module_config(mode: str = "SNAT", **settings: Any) -> dict[str, Any]:
-    return {"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig", "metadata": {"name": "cni-cilium"},
-            "spec": {"enabled": True, "version": 1, "settings": {"bpfLBMode": mode, **settings}}}
-
-
-@dataclass
-class RunningOperator:
-    """The operator on a thread of its own; stop() ends it the way SIGTERM would."""
-
-    options: op.OperatorOptions
-    stop_flag: threading.Event = field(default_factory=threading.Event)
-    ready_flag: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    error: list[BaseException] = field(default_factory=list)
-
-    def start(self) -> RunningOperator:
-        def target() -> None:
-            try:
-                op.run(self.options, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                self.error.append(exc)
-        self.thread = threading.Thread(target=target, name="operator", daemon=True)
-        self.thread.start()
-        if not self.ready_flag.wait(20):
-            pytest.fail(f"the operator did not become ready in 20s: {self.error}")
-        return self
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        if self.thread is not None:
-            self.thread.join(20)
-            assert not self.thread.is_alive(), "the operator did not stop within 20s"
 
 
 @pytest.fixture

@@ -53,8 +53,8 @@ def test_the_seed_examples_validate(mode: str) -> None:
 
 
 def test_a_status_as_the_operator_writes_it_validates() -> None:
-    from bpflb.control.settings import agent_config_data, validate_spec
     from bpflb.control.status import compute_status
+    from bpflb.model.settings import agent_config_data, validate_spec
 
     spec = yaml.safe_load(SEED_EXAMPLE)["spec"]
     applied = agent_config_data(validate_spec(spec).settings)
@@ -122,8 +122,8 @@ def test_kubectl_get_shows_mode_tunnel_ready_nodes_and_message() -> None:
     import time
 
     from bpflb.control.report import now_rfc3339
-    from bpflb.control.settings import agent_config_data, validate_spec
     from bpflb.control.status import compute_status
+    from bpflb.model.settings import agent_config_data, validate_spec
 
     mc = yaml.safe_load(SEED_EXAMPLE)
     mc["spec"]["settings"] = {"bpfLBMode": "DSR", "tunnelMode": "VXLAN"}
@@ -155,7 +155,7 @@ def test_kubectl_explain_has_a_description_for_every_field() -> None:
 
 
 def test_kubectl_explain_settings_names_every_cni_cilium_setting_and_its_choices() -> None:
-    from bpflb.control.settings import MAGLEV_TABLE_SIZES, SETTING_NAMES, _choices
+    from bpflb.model.settings import MAGLEV_TABLE_SIZES, SETTING_NAMES, _choices
 
     text = schema()["properties"]["spec"]["properties"]["settings"]["description"]
     for name in SETTING_NAMES:

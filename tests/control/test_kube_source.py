@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +15,15 @@ from typing import Any
 import pytest
 
 from bpflb.agent import Agent, AgentOptions
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import Credentials, KubeClient
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.libbpf import ffi
-from bpflb.datapath.netns import entered
-from bpflb.datapath.scratch import NODE1, scratch_node
 from bpflb.inspect import collect
+from bpflb.kubeapi import Credentials, KubeClient
 from bpflb.sources.kube import KubeSource
-from tests.control.conftest import wait_for
+from bpflb_lab.apiserver import EmulatedAPI
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import NODE1, scratch_node
+from tests.control.helpers import wait_for
 
 SVC = "/api/v1/namespaces/default/services"
 EPS = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
@@ -109,8 +108,7 @@ def test_an_outage_keeps_the_objects_and_a_reconnect_resyncs(
     assert len(source.snapshot().services) == 1
     api.stop()
     wait_for("the outage noticed", lambda: not source.connected)
-    time.sleep(0.5)                       # several failed retries
-    assert any("cannot reach" in e for e in source.errors())
+    wait_for("failed retries", lambda: any("cannot reach" in e for e in source.errors()))
     snap = source.snapshot()              # the last objects, not an empty view
     assert [s["metadata"]["name"] for s in snap.services] == ["echo"]
     assert [n["metadata"]["name"] for n in snap.nodes] == ["node1"]
@@ -201,7 +199,8 @@ def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
             # The API goes away for a while: the datapath stays exactly as programmed.
             before = frontends(pin_root)
             api.stop()
-            time.sleep(1.5)
+            wait_for("every watcher noticed the outage",
+                     lambda: not source.connected and len(source.errors()) == len(source.resources))
             assert frontends(pin_root) == before
             assert not source.connected
             # ... changes made meanwhile are picked up by the resync once it is back.

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from bpflb.control.manifests import AgentPod, agent_daemonset, daemonset_drifted, daemonset_patch
-from bpflb.control.settings import agent_config_data, validate_spec
 from bpflb.control.status import compute_status
+from bpflb.model.settings import agent_config_data, validate_spec
 
 
 def test_agent_pod_from_the_charts_yaml(tmp_path: Path) -> None:

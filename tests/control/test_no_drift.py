@@ -21,12 +21,10 @@ from typing import Any
 
 import yaml
 
-from bpflb.control.kubeapi import KubeClient
 from bpflb.control.manifests import AgentPod
-from tests.chart.conftest import ROOT, documents, find
-from tests.control.conftest import DS_PATH, MC_PATH, RunningOperator, wait_for
-from tests.control.test_operator import add_nodes
-from tests.control.test_webhook import free_port
+from bpflb.kubeapi import KubeClient
+from tests.chart.helpers import ROOT, documents, find
+from tests.control.helpers import DS_PATH, MC_PATH, RunningOperator, add_nodes, free_port, wait_for
 
 VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/bpflb-webhook"
 SERVER_OWNED = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")

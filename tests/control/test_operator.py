@@ -4,22 +4,22 @@ an invalid configuration never replaces the last valid one."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-from bpflb.control.apiserver import EmulatedAPI
-from bpflb.control.kubeapi import KubeClient
 from bpflb.control.manifests import CAPABILITIES
 from bpflb.control.report import now_rfc3339
-from tests.control.conftest import CM_PATH, DS_PATH, MC_PATH, RunningOperator, module_config, wait_for
-
-NODES = ("node1", "node2", "node3")
-
-
-def add_nodes(client: KubeClient, names: tuple[str, ...] = NODES) -> None:
-    for name in names:
-        client.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+from bpflb.kubeapi import KubeClient
+from bpflb_lab.apiserver import EmulatedAPI
+from tests.control.helpers import (
+    CM_PATH,
+    DS_PATH,
+    MC_PATH,
+    RunningOperator,
+    add_nodes,
+    module_config,
+    wait_for,
+)
 
 
 def report(client: KubeClient, node: str, generation: str, mode: str, state: str = "Ready") -> None:
@@ -146,7 +146,7 @@ def test_an_invalid_configuration_keeps_the_last_valid_one_and_reports_degraded(
         client: KubeClient, start_operator: Callable[..., RunningOperator]) -> None:
     add_nodes(client)
     client.create(MC_PATH, module_config("DSR"))
-    start_operator()
+    operator = start_operator()
     valid = wait_for("the ConfigMap", lambda: client.get(CM_PATH))
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"bpfLBMode": "dsr", "bogus": 1}}})
     status = wait_for("Degraded", lambda: (s := mc_status(client)) and
@@ -158,7 +158,7 @@ def test_an_invalid_configuration_keeps_the_last_valid_one_and_reports_degraded(
     assert status["message"].startswith("Degraded: ")
     wait_for("the Warning Event", lambda: any(e.startswith("Warning InvalidConfiguration: not applied")
                                               for e in events(client)))
-    time.sleep(2.5)     # longer than the re-assert interval: the operator still does not apply it
+    operator.wait_rounds("a re-assert round with the invalid spec", reasserts=1)   # it still does not apply it
     assert client.get(CM_PATH)["data"] == valid["data"]
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"bpfLBMode": "SNAT", "bogus": None}}})
@@ -178,7 +178,7 @@ def test_enabled_false_tells_the_agents_to_uninstall_then_removes_them(
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"enabled": False}})
     wait_for("uninstall=true", lambda: client.get(CM_PATH)["data"]["uninstall"] == "true")
-    time.sleep(1.0)
+    wait_for("Uninstalling", lambda: condition(mc_status(client), "Progressing").get("reason") == "Uninstalling")
     assert client.get(DS_PATH) is not None, "the DaemonSet went before the agents removed their datapath"
     report(client, "node1", "", "", state="Uninstalled")
     report(client, "node2", "", "", state="Uninstalled")
@@ -204,8 +204,8 @@ def test_a_restarted_operator_creates_no_duplicates_and_restores_drift(
     ds_version = client.get(DS_PATH)["metadata"]["resourceVersion"]
     first.stop()
 
-    start_operator()
-    time.sleep(3.0)     # resume handler and more than one re-assert round
+    second = start_operator()
+    second.wait_rounds("the resume handler and a re-assert round", reasserts=1)
     assert len(api.objects("apps/v1", "daemonsets")) == 1
     assert len([c for c in api.objects("v1", "configmaps") if c["metadata"]["name"] == "bpflb-agent"]) == 1
     assert client.get(CM_PATH)["metadata"]["resourceVersion"] == cm_version      # nothing rewritten
@@ -222,8 +222,7 @@ def test_other_module_configs_are_ignored(client: KubeClient,
     client.create(MC_PATH, {"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig",
                             "metadata": {"name": "prometheus"},
                             "spec": {"version": 2, "settings": {"bpfLBMode": "nonsense"}}})
-    start_operator()
-    time.sleep(1.5)
+    start_operator().wait_rounds("status rounds with the other ModuleConfig listed", rounds=3)
     assert client.get(CM_PATH) is None and client.get(DS_PATH) is None
     mc = client.get(f"{MC_PATH}/prometheus") or {}
     assert "status" not in mc and not mc["metadata"].get("annotations")
@@ -258,7 +257,7 @@ def test_a_report_under_another_nodes_name_is_ignored(
     checks it too): a report claiming node2 from bpflb-node-node1 does not make node2 ready."""
     add_nodes(client, ("node1", "node2"))
     client.create(MC_PATH, module_config("DSR"))
-    start_operator()
+    operator = start_operator()
     generation = wait_for("the ConfigMap", lambda: client.get(CM_PATH))["data"]["configGeneration"]
     report(client, "node1", generation, "DSR")
     body = {"apiVersion": "v1", "kind": "ConfigMap",
@@ -268,7 +267,7 @@ def test_a_report_under_another_nodes_name_is_ignored(
                      "configGeneration": generation, "updated": now_rfc3339()}}
     client.create("/api/v1/namespaces/kube-system/configmaps", body)
     wait_for("node1 counted", lambda: mc_status(client).get("nodes", {}).get("current") == 1)
-    time.sleep(1.5)
+    operator.wait_rounds("status rounds with the impostor's report", rounds=3)
     assert mc_status(client)["nodes"]["ready"] == "1/2"
     report(client, "node2", generation, "DSR")
     wait_for("both ready", lambda: mc_status(client).get("nodes", {}).get("ready") == "2/2")
@@ -278,7 +277,7 @@ def test_the_liveness_endpoint_answers(start_operator: Callable[..., RunningOper
     """--health-listen: kopf's liveness endpoint, which the chart's livenessProbe GETs."""
     import urllib.request
 
-    from tests.control.test_webhook import free_port
+    from tests.control.helpers import free_port
 
     port = free_port()
     start_operator(health_listen=f"127.0.0.1:{port}")

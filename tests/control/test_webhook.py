@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,13 +14,7 @@ from typing import Any
 import pytest
 
 from bpflb.control.operator import WEBHOOK_ID
-from tests.control.conftest import RunningOperator, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.control.helpers import RunningOperator, free_port, wait_for
 
 
 @pytest.fixture
@@ -75,7 +68,7 @@ GOOD = [
     {"enabled": True, "version": 1, "settings": {"bpfLBMode": "SNAT"}},
     {"enabled": True, "version": 1, "settings": {"bpfLBMode": "DSR", "tunnelMode": "Disabled"}},
     {"version": 1, "settings": {"bpfLBMode": "Hybrid", "lbAlgorithm": "Maglev", "maglevTableSize": 65521,
-                                "svcSourceRangeCheck": True, "debugLogging": False}},
+                                "svcSourceRangeCheck": False, "debugLogging": False}},
     {"enabled": False},
     {"enabled": True, "version": 1, "settings": {}},
 ]
@@ -89,6 +82,11 @@ def test_good_configurations_are_allowed(webhook: Callable[..., Any], spec: dict
 
 
 BAD = [
+    ("source-range-check-not-implemented", {"version": 1, "settings": {"svcSourceRangeCheck": True}},
+     ("spec.settings.svcSourceRangeCheck: not implemented yet: this release does not enforce "
+     "loadBalancerSourceRanges; expected false (or unset); got true")),
+    ("maintenance-unknown", {"version": 1, "maintenance": "Sleep"},
+     'spec.maintenance: must be NoResourceReconciliation (or unset); got "Sleep"'),
     ("wrong-enum", {"version": 1, "settings": {"bpfLBMode": "dsr"}},
      'spec.settings.bpfLBMode: must be one of SNAT, DSR, Hybrid; got "dsr"'),
     ("wrong-enum-tunnel", {"version": 1, "settings": {"tunnelMode": "Geneve"}},

@@ -13,7 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from bpflb.control.webhook import CERT_VALIDITY, ROTATE_BEFORE, WebhookServer
-from tests.control.test_webhook import free_port
+from tests.control.helpers import free_port
 
 
 def listening(port: int) -> bool:
@@ -36,7 +36,10 @@ def test_published_before_listening_then_again_periodically() -> None:
         configs = server(_fn)
         config = await configs.__anext__()
         assert listening(port)
-        await asyncio.sleep(0.3)
+        for _ in range(400):                  # republished (every 0.05 s) at least twice more: a condition
+            if len(published) >= 3:
+                break
+            await asyncio.sleep(0.01)
         await configs.aclose()
         assert config["caBundle"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import unique_lab_name
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,7 @@ class HolderProcess:
         import subprocess
         from pathlib import Path
 
-        from bpflb.lab import netns
+        from bpflb_lab.lab import netns
 
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "operator")])}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab, LabError
-from bpflb.lab.core import ENV_AGENT_CMD
+from bpflb_lab.lab import Lab, LabError
+from bpflb_lab.lab.core import ENV_AGENT_CMD
 
 pytestmark = pytest.mark.privileged
 

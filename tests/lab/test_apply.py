@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bpflb.lab import Lab, LabError, netns
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab, LabError, netns
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

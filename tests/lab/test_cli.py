@@ -1,4 +1,4 @@
-"""The `lab` command tree, run as a user would (`python -m bpflb.lab ...` is `bpflb lab ...`), and the
+"""The `lab` command tree, run as a user would (`python -m bpflb_lab.lab ...` is `bpflb lab ...`), and the
 register(subparsers) contract the bpflb CLI relies on."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab
-from bpflb.lab.commands import register
+from bpflb_lab.lab import Lab
+from bpflb_lab.lab.commands import register
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bpflb.lab", *args], check=False, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bpflb_lab.lab", *args], check=False, capture_output=True, text=True,
                           input=stdin, timeout=60)
 
 

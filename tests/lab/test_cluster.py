@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from bpflb.lab import Lab, LabError, cluster
-from bpflb.lab.check import DROP, REFUSED, EndpointView, expect, plan
-from bpflb.lab.core import ENV_AGENT_CMD, default_manifests
-from bpflb.lab.state import LabState
 from bpflb.model.types import Mode
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab, LabError, cluster
+from bpflb_lab.lab.check import DROP, REFUSED, EndpointView, expect, plan
+from bpflb_lab.lab.core import ENV_AGENT_CMD, default_manifests
+from bpflb_lab.lab.state import LabState
+from tests.lab.helpers import unique_lab_name
 
 
 def pod(name: str, node: str, ip: str, labels: dict[str, str] | None = None, ports: list[Any] | None = None,

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab, netns
+from bpflb_lab.lab import Lab, netns
 from tests.lab.conn_holder import HolderProcess
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab
-from bpflb.lab.core import DEFAULT_AGENT_CMD
+from bpflb_lab.lab import Lab
+from bpflb_lab.lab.core import DEFAULT_AGENT_CMD
 from tests.lab.conn_holder import HolderProcess
-from tests.lab.lab_helpers import unique_lab_name
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

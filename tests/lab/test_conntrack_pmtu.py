@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 

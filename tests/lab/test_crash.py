@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab, LabError, netns, topology
+from bpflb_lab.lab import Lab, LabError, netns, topology
 
 pytestmark = pytest.mark.privileged
 
@@ -32,7 +32,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def test_down_after_up_was_killed_halfway(fresh_lab_name: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "bpflb.lab", "up", "--name", fresh_lab_name, "--no-agents"],
+    proc = subprocess.Popen([sys.executable, "-m", "bpflb_lab.lab", "up", "--name", fresh_lab_name, "--no-agents"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"{fresh_lab_name}-pod-echo-a"
     deadline = time.monotonic() + 20

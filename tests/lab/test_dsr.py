@@ -5,18 +5,28 @@ switch live through the agents' ConfigMap, and open connections keep the mode th
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from bpflb.lab import Lab
-from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
-from tests.lab.test_datapath import NODE1, _long_lived, seen_ip
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import (
+    answers,
+    capture,
+    counted,
+    long_lived,
+    mac_of,
+    own_ports,
+    seen_ip,
+    unique_lab_name,
+    wait_until,
+)
 
 pytestmark = pytest.mark.privileged
 
 CLIENT = "198.18.0.100"
+NODE1 = "198.18.0.11"
 LB_IP = "198.18.1.10"
 
 
@@ -42,14 +52,15 @@ def test_dsr_reply_comes_straight_from_the_backends_node(lab: Lab, frontend: str
     assert {seen_ip(r.replies[0]) for r in results} == {CLIENT}
     assert {r.pod for r in results} <= {"echo-a", "echo-b"}
     # ...the requests entered node1 and went on to a pod with the client's address intact...
-    assert at_node1.matching(src=CLIENT, dst=frontend, dport=port)
-    forwarded = at_node1.matching(src=CLIENT, dport=8080)
+    ours = own_ports(results)
+    assert at_node1.matching(src=CLIENT, dst=frontend, dport=port, ports=ours)
+    forwarded = at_node1.matching(src=CLIENT, dport=8080, ports=ours)
     assert forwarded and {f.dst for f in forwarded} <= {"10.244.2.10", "10.244.3.10"}
     # ...and no reply crossed node1 in either form.
     assert not at_node1.matching(src=frontend, sport=port, dst=CLIENT)
     assert not at_node1.matching(sport=8080, dst=CLIENT)
     # The client got its replies from frontend:port, in frames sent by node2's or node3's interface.
-    replies = at_client.matching(src=frontend, sport=port, dst=CLIENT)
+    replies = at_client.matching(src=frontend, sport=port, dst=CLIENT, ports=ours)
     assert replies, at_client.frames
     assert {f.smac for f in replies} <= backend_macs and node1_mac not in {f.smac for f in replies}
 
@@ -71,20 +82,24 @@ def test_pure_dsr_udp_preserves_the_client_address(lab: Lab) -> None:
     assert all(r.ok for r in udp) and {seen_ip(r.replies[0]) for r in udp} == {CLIENT}
 
 
-def test_an_open_connection_survives_snat_dsr_snat_switches(lab: Lab) -> None:
+def test_an_open_connection_survives_snat_dsr_snat_switches(lab: Lab, tmp_path: Path) -> None:
     lab.set_mode("SNAT")
     out: list[list[str]] = []
-    worker = threading.Thread(target=lambda: out.append(lab.run_in("client", _long_lived, 5.0, timeout=20)))
+    progress = tmp_path / "answers"
+    worker = threading.Thread(target=lambda: out.append(
+        lab.run_in("client", long_lived, 5.0, str(progress), timeout=20)))
     worker.start()
     try:
-        time.sleep(1.2)
+        wait_until("answers in SNAT", lambda: answers(progress) >= 3)
         lab.set_mode("DSR")
         # New connections are DSR now, while the open one keeps going (it started in SNAT).
         fresh = lab.connections("client", NODE1, 30080, 4, request="/clientip")
         assert {seen_ip(r.replies[0]) for r in fresh} == {CLIENT}
-        time.sleep(1.2)
+        seen = answers(progress)
+        wait_until("answers after the switch to DSR", lambda: answers(progress) >= seen + 3)
         lab.set_mode("SNAT")
-        time.sleep(1.2)
+        seen = answers(progress)
+        wait_until("answers after the switch back to SNAT", lambda: answers(progress) >= seen + 3)
     finally:
         worker.join()
     pods = out[0]
@@ -104,11 +119,10 @@ def test_the_lab_check_passes_in_every_mode(lab: Lab) -> None:
 
 
 def test_datapath_counters_show_the_dsr_work(lab: Lab) -> None:
-    from bpflb.inspect import collect
-
     lab.set_mode("DSR")
-    lab.connections("client", NODE1, 30080, 4)
-    counters = [collect(lab.pin_root / n)["counters"] for n in ("node1", "node2", "node3")]
-    assert counters[0]["dsr_opt_inserted"] >= 4
-    assert counters[1]["dsr_accepted"] + counters[2]["dsr_accepted"] >= 4
-    assert all(c.get("drop_dsr_spoofed", 0) == 0 for c in counters)
+    with counted(lab, "node1", "node2", "node3") as grew:          # this test's own connections only
+        results = lab.connections("client", NODE1, 30080, 4)
+    assert all(r.ok for r in results)
+    assert grew["node1"].get("dsr_opt_inserted", 0) >= 4
+    assert grew["node2"].get("dsr_accepted", 0) + grew["node3"].get("dsr_accepted", 0) >= 4
+    assert all(c.get("drop_dsr_spoofed", 0) == 0 for c in grew.values())

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bpflb.lab import Lab
-from bpflb.lab.echo import udp_answer
-from bpflb.lab.probe import HttpProbe, UdpProbe
+from bpflb_lab.lab import Lab
+from bpflb_lab.lab.echo import udp_answer
+from bpflb_lab.lab.probe import HttpProbe, UdpProbe
 
 
 def test_udp_commands() -> None:

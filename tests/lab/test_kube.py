@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from bpflb.inspect import collect
-from bpflb.lab import Lab, kube
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab, kube
+from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -102,7 +102,8 @@ def test_an_invalid_value_keeps_the_last_valid_configuration_running(lab: Lab) -
     message = condition(obj, "Degraded")["message"]
     assert 'spec.settings.bpfLBMode: must be one of SNAT, DSR, Hybrid; got "dsr"' in message
     assert "the last valid configuration (bpfLBMode DSR, tunnelMode Disabled) stays in force" in message
-    time.sleep(1.0)
+    wait("the operator's reconcile refused it (its Warning Event)", lambda: any(
+        e.get("reason") == "InvalidConfiguration" for e in kube.call(lab, "list", "/api/v1/events")), 10)
     assert kube.call(lab, "get", "/api/v1/namespaces/kube-system/configmaps/bpflb-agent")["data"] == config
     assert datapath(lab) == before
     assert obj["status"]["bpfLBMode"] == "DSR"

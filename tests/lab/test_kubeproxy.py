@@ -6,17 +6,16 @@ does not work would measure nothing."""
 from __future__ import annotations
 
 import re
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from bpflb.kubeproxy import MODES
-from bpflb.kubeproxy import lab as kplab
-from bpflb.lab import Lab
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.kubeproxy import MODES
+from bpflb_lab.kubeproxy import lab as kplab
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import root_rules, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -25,16 +24,6 @@ NODE1, NODE2 = "198.18.0.11", "198.18.0.12"
 LB_IP = "198.18.1.10"
 EMPTY = ("kind: Service\nmetadata: {name: empty}\n"
          "spec: {type: NodePort, selector: {app: none}, ports: [{port: 80, nodePort: 30400}]}\n")
-
-
-def root_rules() -> dict[str, str]:
-    """The root namespace's iptables and nftables rule sets (read only), without the dated comments."""
-    out = {}
-    for name, argv in {"iptables": ["iptables-save"], "iptables-legacy": ["iptables-legacy-save"],
-                       "nft": ["nft", "list", "ruleset"]}.items():
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        out[name] = "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("#"))
-    return out
 
 
 @dataclass

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpflb.lab import Lab
-from bpflb.lab.probe import HttpProbe, Probe, UdpProbe
-from tests.lab.lab_helpers import capture, mac_of, unique_lab_name
-from tests.lab.test_datapath import seen_ip
+from bpflb_lab.lab import Lab
+from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
+from tests.lab.helpers import capture, mac_of, own_ports, seen_ip, unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -82,7 +81,7 @@ def test_matrix(lab: Lab, mode: str, proto: str, policy: str) -> None:
     assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
     pods = {r.pod for r in results}
     seen = {seen_ip(r.replies[-1]) for r in results}
-    replies = at_client.matching(src=addr, sport=port, dst=CLIENT)
+    replies = at_client.matching(src=addr, sport=port, dst=CLIENT, ports=own_ports(results))
     senders = {f.smac for f in replies}
     assert replies, f"{case}: the client captured no reply from {addr}:{port}"
     if policy == "Local":

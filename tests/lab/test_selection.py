@@ -8,22 +8,29 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bpflb.lab import Lab
 from bpflb.model import maglev
-from tests.lab.lab_helpers import unique_lab_name
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import affinity_idle, unique_lab_name, wait_programmed, wait_until
 
 pytestmark = pytest.mark.privileged
 
 CLIENT = "198.18.0.100"
 NODE1, NODE2 = "198.18.0.11", "198.18.0.12"
 PODS = ["echo-a", "echo-b"]
-SYNC = 2.0            # seconds for the agents to notice changed YAML and program it
+NODES = ("node1", "node2", "node3")
+
+
+def programmed(lab: Lab, name: str, check: Callable[[dict[str, Any] | None], bool], what: str) -> None:
+    """Every node's agent programmed its NodePort `name` ("30380/TCP") so that check holds."""
+    for k, node in enumerate(NODES, start=1):
+        wait_programmed(lab, (node,), f"{lab.node_ip(k)}:{name}", check, what)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +81,8 @@ def _hostnames(targets: list[tuple[str, int, int]]) -> list[str]:
 
 
 def _hold(addr: str, port: int, sport: int, ready: str, stop: str, limit: float) -> list[str]:
-    """In the client: one connection from sport, a GET /hostname every 0.2 s until `stop` exists."""
+    """In the client: one connection from sport, a GET /hostname every 0.2 s until `stop` exists; `ready` holds
+    the number of answers so far."""
     pods = []
     deadline = time.monotonic() + limit
     with _connect(addr, port, sport) as s:
@@ -83,7 +91,8 @@ def _hold(addr: str, port: int, sport: int, ready: str, stop: str, limit: float)
             s.sendall(f"GET /hostname HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
             pod, buf = _read_reply(s, buf)
             pods.append(pod)
-            Path(ready).touch()
+            Path(ready + ".tmp").write_text(str(len(pods)))
+            Path(ready + ".tmp").replace(ready)
             if Path(stop).exists():
                 break
             time.sleep(0.2)
@@ -113,7 +122,7 @@ AFFINITY = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {ti
 
 def test_session_affinity_pins_a_client_until_its_timeout_and_switches_live(lab: Lab) -> None:
     lab.apply(AFFINITY_SERVICE + AFFINITY)
-    time.sleep(SYNC)
+    programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 3, "with affinity 3 s")
     try:
         pods = lab.run_in("client", _hostnames, [(NODE1, 30380, 0)] * 50, timeout=60)
         pinned = pods[0]
@@ -122,18 +131,19 @@ def test_session_affinity_pins_a_client_until_its_timeout_and_switches_live(lab:
         other = next(p for p in range(43000, 44000) if predicted(p, 30380) != pinned)
         assert lab.run_in("client", _hostnames, [(NODE1, 30380, other)]) == [pinned]
         # ...until the client has opened nothing for longer than the timeout: then a new choice is made.
-        time.sleep(3.5)
+        wait_until("node1's affinity entry for the client idle for longer than its 3 s timeout",
+                   lambda: affinity_idle(lab, "node1", CLIENT, 3.0), timeout=30)
         assert lab.run_in("client", _hostnames, [(NODE1, 30380, other + 1000)]) == [predicted(other + 1000, 30380)]
 
         # Switched off on the live Service: each connection is balanced on its own.
         lab.apply(AFFINITY_SERVICE)
-        time.sleep(SYNC)
+        programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 0, "without affinity")
         ports = list(range(45000, 45030))
         spread = lab.run_in("client", _hostnames, [(NODE1, 30380, p) for p in ports], timeout=60)
         assert spread == [predicted(p, 30380) for p in ports] and set(spread) == set(PODS)
         # And on again: one pod for every connection.
         lab.apply(AFFINITY_SERVICE + AFFINITY)
-        time.sleep(SYNC)
+        programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 3, "with affinity again")
         again = lab.run_in("client", _hostnames, [(NODE1, 30380, p) for p in range(46000, 46030)], timeout=60)
         assert len(set(again)) == 1, again
     finally:
@@ -161,21 +171,21 @@ def test_a_terminating_pod_gets_no_new_connections_while_an_open_one_keeps_worki
         lab.run_in("client", _hold, NODE1, 30080, held, str(ready), str(stop), 30.0, timeout=40)))
     worker.start()
     try:
-        deadline = time.monotonic() + 10
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), "the long-lived connection did not get its first answer"
+        wait_until("the long-lived connection's first answer", ready.exists, timeout=10)
         lab.apply(ECHO_A % ", deletionTimestamp: '2026-01-01T00:00:00Z'")
         slices = lab.endpoint_slices()
         conditions = [e["conditions"] for s in slices if s["metadata"]["name"].startswith("echo-")
                       and s["metadata"]["labels"]["kubernetes.io/service-name"] == "echo"
                       for e in s["endpoints"] if e["targetRef"]["name"] == "echo-a"]
         assert conditions and all(c["terminating"] and not c["ready"] for c in conditions), conditions
-        time.sleep(SYNC)
+        echo_a = f"{lab.pod_ip('echo-a')}:8080"
+        programmed(lab, "30080/TCP", lambda fe: bool(fe) and echo_a not in fe["backends"], "without echo-a")
         # Flows Maglev used to send to echo-a now all go to echo-b, through both nodes.
         new = lab.run_in("client", _hostnames, [(NODE1, 30080, p) for p in fresh[:20]] +
                          [(NODE2, 30080, p) for p in fresh[20:]], timeout=60)
         assert new == ["echo-b"] * len(fresh), new
+        # The open connection goes on answering after the change (its own 10 requests at least, in all).
+        wait_until("the held connection's answers", lambda: int(ready.read_text() or 0) >= 10, timeout=30)
     finally:
         stop.touch()
         worker.join()
@@ -183,5 +193,6 @@ def test_a_terminating_pod_gets_no_new_connections_while_an_open_one_keeps_worki
     held_pods = out[0]
     # The open connection kept answering from echo-a before, during and after the change.
     assert len(held_pods) >= 10 and set(held_pods) == {"echo-a"}, held_pods
-    time.sleep(SYNC)
+    echo_a = f"{lab.pod_ip('echo-a')}:8080"
+    programmed(lab, "30080/TCP", lambda fe: bool(fe) and echo_a in fe["backends"], "with echo-a again")
     assert lab.run_in("client", _hostnames, [(NODE1, 30080, p) for p in fresh[:10]]) == ["echo-a"] * 10

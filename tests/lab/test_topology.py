@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from bpflb.lab import Lab, LabError, netns, topology
-from tests.lab.lab_helpers import root_netns_snapshot
+from bpflb_lab.lab import Lab, LabError, netns, topology
+from tests.lab.helpers import root_netns_snapshot
 
 pytestmark = pytest.mark.privileged
 

@@ -1,4 +1,4 @@
-"""kube-proxy rule generation (bpflb.kubeproxy), without privileges: chain names as kube-proxy hashes them,
+"""kube-proxy rule generation (bpflb_lab.kubeproxy), without privileges: chain names as kube-proxy hashes them,
 the layout of the iptables and nftables rule sets, the counts that grow with the number of Services, and the
 statistic probabilities that make every endpoint equally likely. That the rule sets really balance traffic is
 tests/lab/test_kubeproxy.py's job."""
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from bpflb.kubeproxy import iptables, nftables
-from bpflb.kubeproxy.model import Endpoint, ServicePort, node_view
 from bpflb.sources.base import Snapshot
+from bpflb_lab.kubeproxy import iptables, nftables
+from bpflb_lab.kubeproxy.model import Endpoint, ServicePort, node_view
 
 KubeObject = dict[str, Any]
 

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 
 from bpflb.datapath.lbmaps import maglev_names, table_blocks
 from bpflb.model.types import Algorithm, Backend, L4Addr, Proto
-from tests.unit.test_translate import (
+from tests.unit.helpers import (
     NODE,
     NODE_INTERNAL,
     endpoint,

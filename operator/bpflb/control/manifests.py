@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bpflb.control.kubeapi import KubeObject
+from bpflb.kubeapi import KubeObject
 from bpflb.model.types import NAT_PORT_RANGE_DEFAULT, parse_port_range
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
 

@@ -7,9 +7,9 @@ import logging
 import time
 
 from bpflb.agent import Agent, AgentOptions, install_signal_handlers
-from bpflb.control.kubeapi import KubeClient, load_credentials
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
+from bpflb.kubeapi import KubeClient, load_credentials
 from bpflb.sources.kube import KubeSource
 
 log = logging.getLogger("bpflb.agent")

@@ -27,7 +27,6 @@ from typing import Any, cast
 
 import kopf
 
-from bpflb.control.kubeapi import KubeClient, load_credentials, resource_path
 from bpflb.control.manifests import (
     DAEMONSET_NAME,
     DEFAULT_IMAGE,
@@ -40,9 +39,13 @@ from bpflb.control.manifests import (
     daemonset_patch,
 )
 from bpflb.control.report import LABELS, REPORT_NAMESPACE, UNINSTALLED, report_name
-from bpflb.control.settings import (
+from bpflb.control.status import compute_status, same_status
+from bpflb.control.webhook import WebhookServer, publish_ca_bundle
+from bpflb.kubeapi import KubeClient, load_credentials, resource_path
+from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     GROUP,
+    MAINTENANCE_NO_RECONCILIATION,
     MODULE_NAME,
     PLURAL,
     UNINSTALL_KEY,
@@ -52,8 +55,6 @@ from bpflb.control.settings import (
     agent_config_data,
     validate_spec,
 )
-from bpflb.control.status import compute_status, same_status
-from bpflb.control.webhook import WebhookServer, publish_ca_bundle
 from bpflb.sources.base import AGENT_CONFIG_NAME
 
 log = logging.getLogger("bpflb.operator")
@@ -96,6 +97,9 @@ class State:
     conditions: dict[str, tuple[str, str]] = field(default_factory=dict)   # type -> (status, reason) posted
     last_status: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
+    said: set[str] = field(default_factory=set)   # spec fields not acted on, logged once each
+    rounds: int = 0                          # status rounds done (waits in tests count these, not seconds)
+    reasserts: int = 0                       # re-assert rounds done (drift of the ConfigMap and DaemonSet)
 
 
 def _state(memo: Any) -> State:
@@ -206,6 +210,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, runti
         logger.warning(f"invalid configuration, not applied: {exc}; {kept}")
         kopf.warn(body, reason="InvalidConfiguration", message=f"not applied: {exc}; {kept}")
         return
+    take_effect(state, spec)
     reports = _reports(kwargs["report_index"])
     elapsed = runtime.total_seconds() if hasattr(runtime, "total_seconds") else 0.0
     events, pending = await asyncio.to_thread(apply_module, state, spec, reports, elapsed)
@@ -214,6 +219,20 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, runti
         kopf.event(body, type=kind, reason=reason, message=message)
     if pending:
         raise kopf.TemporaryError(pending, delay=2)
+
+
+def take_effect(state: State, spec: ModuleSpec) -> None:
+    """The operator's own share of a valid spec: debugLogging sets its log level, and each Deckhouse field
+    it does not act on is said once in its log (never dropped silently)."""
+    level = logging.DEBUG if spec.settings.debugLogging else logging.NOTSET
+    if logging.getLogger("bpflb").level != level:
+        logging.getLogger("bpflb").setLevel(level)
+        log.info("debugLogging %s: the operator logs at %s", str(spec.settings.debugLogging).lower(),
+                 "DEBUG" if level == logging.DEBUG else "its command-line level")
+    for text in spec.not_acted_on:
+        if text not in state.said:
+            state.said.add(text)
+            log.warning("ModuleConfig %s: %s", MODULE_NAME, text)
 
 
 def _load_applied(state: State) -> None:
@@ -230,6 +249,14 @@ def apply_module(state: State, spec: ModuleSpec, reports: Mapping[str, Mapping[s
     and, when enabled: false is still waiting for agents to uninstall, why (the caller retries)."""
     client, options = state.client, state.options
     events: list[tuple[str, str, str]] = []
+    if spec.maintenance == MAINTENANCE_NO_RECONCILIATION:
+        text = (f"spec.maintenance is {MAINTENANCE_NO_RECONCILIATION}: ConfigMap {NAMESPACE}/{AGENT_CONFIG_NAME} and "
+                f"DaemonSet {NAMESPACE}/{DAEMONSET_NAME} are left as they are")
+        if text not in state.said:
+            state.said.add(text)
+            events.append(("Normal", "Maintenance", text))
+        return events, None
+    state.said.discard(next((s for s in state.said if s.startswith("spec.maintenance is")), ""))
     data = agent_config_data(spec.settings, uninstall=not spec.enabled)
     cm = client.get(CM_PATH)
     if cm is None:
@@ -297,6 +324,7 @@ async def status_loop(state: State, indices: Mapping[str, Any]) -> None:
             raise
         except Exception as exc:  # noqa: BLE001 - the API may be away: try again next round
             log.warning("status update failed: %s; retrying in %.0fs", exc, STATUS_INTERVAL)
+        state.rounds += 1
 
 
 async def update_status(state: State, indices: Mapping[str, Any]) -> None:
@@ -333,12 +361,14 @@ async def update_status(state: State, indices: Mapping[str, Any]) -> None:
         try:
             spec = validate_spec(body.get("spec"))
         except Invalid:
+            state.reasserts += 1
             return
         if spec.enabled:
             events, _pending = await asyncio.to_thread(apply_module, state, spec, reports)
             for kind, reason, message in events:
                 log.info("ModuleConfig %s: %s", MODULE_NAME, message)
                 await asyncio.to_thread(post_event, state.client, body, kind, reason, message)
+        state.reasserts += 1
 
 
 def post_event(client: KubeClient, obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
@@ -393,10 +423,15 @@ def make_registry(*, webhook: bool) -> kopf.OperatorRegistry:
     return reg
 
 
-def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = None) -> None:
-    """Run the operator until stop_flag is set (or SIGINT/SIGTERM when run from the CLI)."""
-    client = KubeClient(load_credentials(options.kubeconfig), user_agent="bpflb-operator")
-    memo = kopf.Memo(state=State(client=client, options=options))
+def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = None,
+        state: State | None = None) -> None:
+    """Run the operator until stop_flag is set (or SIGINT/SIGTERM when run from the CLI); state: the one to
+    keep (for a caller that watches its rounds), else a new one."""
+    if state is None:
+        state = State(client=KubeClient(load_credentials(options.kubeconfig), user_agent="bpflb-operator"),
+                      options=options)
+    client = state.client
+    memo = kopf.Memo(state=state)
     log.info("operator: watching ModuleConfig %s (%s/%s) and namespace %s at %s%s", MODULE_NAME, GROUP,
              VERSION, options.namespace, client.creds.server,
              f"; admission webhook on {options.webhook_listen}" if options.webhook_listen else "")

@@ -16,9 +16,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bpflb.control.kubeapi import ApiError, KubeClient, resource_path
-from bpflb.control.settings import CONFIG_GENERATION_KEY
+from bpflb.kubeapi import ApiError, KubeClient, resource_path
 from bpflb.model.cluster import parse_network_settings
+from bpflb.model.settings import CONFIG_GENERATION_KEY
 from bpflb.sources.base import AGENT_CONFIG_NAMESPACE
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bpflb.control.report import ERROR, READY, STALE_AFTER, UNINSTALLED, parse_time
-from bpflb.control.settings import (
+from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     SETTINGS_VERSIONS,
     UNINSTALL_KEY,

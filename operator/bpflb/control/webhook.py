@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bpflb.control.kubeapi import ApiError, KubeClient, resource_path
+from bpflb.kubeapi import ApiError, KubeClient, resource_path
 
 log = logging.getLogger("bpflb.webhook")
 

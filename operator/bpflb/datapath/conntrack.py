@@ -255,6 +255,7 @@ class GcReport:
     kept_touched: int = 0           # entries the datapath touched between the read and the removal
     pressure: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    capacity: int = 0               # entries each map holds at most (CT_MAX)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ class Collector:
     def collect(self, now: int | None = None) -> GcReport:
         started = time.monotonic()
         snap = snapshot(self.fwd, self.rev, self.config, now)
-        report = GcReport(snap.fwd.n, snap.rev.n)
+        report = GcReport(snap.fwd.n, snap.rev.n, capacity=self.capacity)
         cfg = self.config.lookup(ffi().new("__u32 *", 0))
         span = int(cfg.nat_port_max) - int(cfg.nat_port_min) + 1 if cfg is not None else 0
         doomed_fwd, doomed_rev = self._dead(snap)

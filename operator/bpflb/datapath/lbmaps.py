@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.datapath.libbpf import check, const, ffi, lib, stat_names
-from bpflb.datapath.loader import BpfObject, Map
+from bpflb.datapath.libbpf import const, ffi, lib, stat_names
+from bpflb.datapath.loader import Map, MapSource
+from bpflb.datapath.mapdiff import MapMirror
 from bpflb.model import maglev
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
@@ -146,30 +147,13 @@ def table_blocks(slots: bytes) -> tuple[bytes, ...]:
 
 
 def update_batch(m: Map, items: list[tuple[bytes, bytes]]) -> None:
-    """Write many entries in one bpf_map_update_batch call (one syscall instead of len(items)): 3-4x faster
-    for small entries, on par for 16 KiB Maglev blocks, whose cost is the copy itself (bpflb bench --maglev)."""
-    if not items:
-        return
-    f = ffi()
-    keys = f.from_buffer(b"".join(k for k, _ in items))          # read-only views: no second copy
-    values = f.from_buffer(b"".join(v for _, v in items))
-    count = f.new("__u32 *", len(items))
-    opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
-    check(lib().bpf_map_update_batch(m.fd, keys, values, count, opts),
-          f"batch update of map {m.name} ({count[0]} of {len(items)} entries written)")
+    """Write many entries in one batch call (Map.update_many)."""
+    m.update_many(items)
 
 
 def delete_batch(m: Map, keys: list[bytes]) -> None:
-    """Delete many entries in one bpf_map_delete_batch call; keys already gone are no error."""
-    if not keys:
-        return
-    f = ffi()
-    buf = f.from_buffer(b"".join(keys))
-    count = f.new("__u32 *", len(keys))
-    opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
-    if lib().bpf_map_delete_batch(m.fd, buf, count, opts) < 0:
-        for k in keys[int(count[0]):]:      # the batch stops at the first missing key: go on one by one
-            m.delete_raw(k)
+    """Delete many entries in one batch call (Map.delete_many); keys already gone are no error."""
+    m.delete_many(keys)
 
 
 class IdPool:
@@ -205,7 +189,7 @@ class IdPool:
 class LBMaps:
     """The load-balancer maps of one node and the ids recorded in them."""
 
-    def __init__(self, obj: BpfObject) -> None:
+    def __init__(self, obj: MapSource) -> None:
         self.services: Map = obj.map("lb_services")
         self.backends: Map = obj.map("lb_backends")
         self.config: Map = obj.map("lb_config")
@@ -216,12 +200,14 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
-        self._svc: dict[bytes, bytes] = dict(self.services.items_raw())
-        self._be: dict[bytes, bytes] = dict(self.backends.items_raw())
-        self._mg: dict[bytes, bytes] = dict(self.maglev.items_raw())
-        self._am: dict[bytes, bytes] = dict(self.affinity_members.items_raw())
+        self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
+        self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
+        self._am_m = MapMirror(self.affinity_members)
+        self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
+                                                   self._am_m.entries)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
@@ -323,69 +309,40 @@ class LBMaps:
         # Every phase is one batch call (one syscall for many small entries); the phases keep the order
         # that makes every intermediate state valid for the datapath.
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        backends = [(k, v) for k, v in want_be.items() if self._be.get(k) != v]
-        update_batch(self.backends, backends)
-        self._be.update(backends)
-        report.backends_written = len(backends)
+        report.backends_written = self._be_m.write(self._be_m.changed(want_be))
         # 2. backend slots before their master entry, so a grown count never points past them.
         master_set = set(masters)
-        slots = [(k, v) for k, v in want_svc.items() if k not in master_set and self._svc.get(k) != v]
-        update_batch(self.services, slots)
-        self._svc.update(slots)
+        slots = self._svc_m.changed(want_svc, [k for k in want_svc if k not in master_set])
+        self._svc_m.write(slots)
         # 2b. Maglev tables and affinity members name slots and backends that now exist; the table size
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
-        # Table blocks (16 KiB each) are written one by one: batching them saves nothing measurable.
-        blocks = [(k, v) for k, v in want_mg.items() if self._mg.get(k) != v]
-        for k, v in blocks:
-            self.maglev.update_raw(k, v)
-            self._mg[k] = v
-        report.maglev_blocks_written = len(blocks)
-        members = [(k, v) for k, v in want_am.items() if self._am.get(k) != v]
-        update_batch(self.affinity_members, members)
-        self._am.update(members)
-        report.affinity_members_written = len(members)
+        report.maglev_blocks_written = self._mg_m.write(self._mg_m.changed(want_mg))
+        report.affinity_members_written = self._am_m.write(self._am_m.changed(want_am))
         report.maglev_config_changed = self._set_maglev_config(state.settings.maglev_table_size,
                                                                state.settings.maglev_seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
-        new_masters = [(k, want_svc[k]) for k in masters if self._svc.get(k) != want_svc[k]]
-        update_batch(self.services, new_masters)
-        self._svc.update(new_masters)
-        report.slots_written = len(slots) + len(new_masters)
+        report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []
         stale_slots: list[bytes] = []
-        for k in self._svc:
-            if k not in want_svc:
-                key = self.services.decode_key(k)
-                (stale_masters if key.slot == 0 else stale_slots).append(k)
-                if key.slot == 0:
-                    self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
+        for k in self._svc_m.stale(want_svc):
+            key = self.services.decode_key(k)
+            (stale_masters if key.slot == 0 else stale_slots).append(k)
+            if key.slot == 0:
+                self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
         for stale in (stale_masters, stale_slots):
-            delete_batch(self.services, stale)
-            for k in stale:
-                del self._svc[k]
+            self._svc_m.remove(stale)
         report.frontends_removed = len(stale_masters)
         report.slots_removed = len(stale_masters) + len(stale_slots)
         # 5. tables and members of frontends gone, shrunk or switched off (their master no longer uses them).
-        stale_mg = [k for k in self._mg if k not in want_mg]
-        delete_batch(self.maglev, stale_mg)
-        for k in stale_mg:
-            del self._mg[k]
-        report.maglev_blocks_removed = len(stale_mg)
-        stale_am = [k for k in self._am if k not in want_am]
-        delete_batch(self.affinity_members, stale_am)
-        for k in stale_am:
-            del self._am[k]
-        report.affinity_members_removed = len(stale_am)
+        report.maglev_blocks_removed = self._mg_m.remove(self._mg_m.stale(want_mg))
+        report.affinity_members_removed = self._am_m.remove(self._am_m.stale(want_am))
         # 6. backends nobody references any more; their flows are steered away on next packet.
-        stale_be = [k for k in self._be if k not in want_be]
+        stale_be = self._be_m.stale(want_be)
         for k in stale_be:
             be = self.backends.decode_value(self._be[k])
             self._be_ids.forget(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)))
-        delete_batch(self.backends, stale_be)
-        for k in stale_be:
-            del self._be[k]
-        report.backends_removed = len(stale_be)
+        report.backends_removed = self._be_m.remove(stale_be)
         return report
 
     def set_config(self, cfg: NodeConfig) -> bool:
@@ -402,6 +359,10 @@ class LBMaps:
         self.config.update(zero, want)
         return True
 
+    def set_icmp_limit(self, rate: int, burst: int) -> bool:
+        """The node's ICMP error budget (errors per second, burst); True when it changed."""
+        return set_icmp_limit(self.icmp_rl, rate, burst)
+
     def mode(self) -> Mode | None:
         current = self.config.lookup(ffi().new("__u32 *", 0))
         return None if current is None else Mode(current.mode)
@@ -413,6 +374,20 @@ class LBMaps:
     def flows(self) -> list[Any]:
         """Decoded forward conntrack entries (for `bpflb flows` and tests)."""
         return [(self.ct_fwd.decode_key(k), self.ct_fwd.decode_value(v)) for k, v in self.ct_fwd.items_raw()]
+
+
+def set_icmp_limit(m: Map, rate: int, burst: int) -> bool:
+    """Write rate and burst into lb_icmp_rl (the datapath's own defaults, 1000/s and 50 like the kernel's
+    icmp_msgs_per_sec/_burst, hold while it is zero); the token bucket restarts full.  Unchanged values are
+    left alone, bucket included.  True when written."""
+    if not (0 < rate < 2**32 and 0 < burst < 2**32):
+        raise ValueError(f"ICMP rate limit: rate and burst must be 1..{2**32 - 1}; got {rate}/s, burst {burst}")
+    zero = ffi().new("__u32 *", 0)
+    current = m.lookup(zero)
+    if current is not None and (current.rate, current.burst) == (rate, burst):
+        return False
+    m.update(zero, ffi().new("struct lb_icmp_rl *", {"rate": rate, "burst": burst}))
+    return True
 
 
 def read_stats(stats_map: Map) -> dict[str, int]:

@@ -7,8 +7,9 @@ import enum
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
+from bpflb.model.settings import AgentConfig, decode_agent_config
 from bpflb.model.types import DesiredState, FrontendKind, L4Addr, Problem
-from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
+from bpflb.sources.base import Snapshot
 
 
 def node_addresses(snapshot: Snapshot) -> set[IPv4Address]:
@@ -48,18 +49,43 @@ def cluster_prefixes(snapshot: Snapshot) -> set[IPv4Network]:
     return {IPv4Network(a) for a in node_addresses(snapshot)} | pod_cidrs(snapshot)
 
 
-def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[L4Addr]:
+class DsrFrontendKind(enum.IntEnum):
+    """How lb_dsr_backends lists a DSR frontend's backends (the datapath's LB_DSR_FE_* values)."""
+
+    NODEPORT = 1   # under address 0: a nodePort is the same frontend on every node's address
+    ADDRESS = 2    # under the frontend's own address (LoadBalancer IP, external IP)
+
+
+ANY_NODE = IPv4Address(0)
+
+
+def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> dict[L4Addr, DsrFrontendKind]:
     """Frontends a DSR option may legitimately name: this node's view of the Services, with each
     NodePort on every node's address (the request may have entered through any node).  Only
-    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count."""
-    out: set[L4Addr] = set()
+    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count.  Where a
+    NodePort and an external IP share address and port, the external IP's listing wins."""
+    out: dict[L4Addr, DsrFrontendKind] = {}
     for fe in state.frontends.values():
         if fe.local_only:
             continue
         if fe.kind is FrontendKind.NODEPORT:
-            out.update(L4Addr(a, fe.l4.port, fe.l4.proto) for a in all_node_addrs)
+            for a in all_node_addrs:
+                out.setdefault(L4Addr(a, fe.l4.port, fe.l4.proto), DsrFrontendKind.NODEPORT)
         else:
-            out.add(fe.l4)
+            out[fe.l4] = DsrFrontendKind.ADDRESS
+    return out
+
+
+def dsr_backends(state: DesiredState) -> set[tuple[L4Addr, L4Addr]]:
+    """(frontend, backend) pairs a DSR request may be delivered for on this node: its own backends,
+    serving or draining (their open flows' retransmitted SYNs carry the option), of every frontend
+    dsr_frontends lists, a NodePort's under ANY_NODE.  Nothing else is honoured."""
+    out: set[tuple[L4Addr, L4Addr]] = set()
+    for fe in state.frontends.values():
+        if fe.local_only:
+            continue
+        key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto) if fe.kind is FrontendKind.NODEPORT else fe.l4
+        out.update((key, be.l4) for be in (*fe.backends, *fe.draining) if be.local)
     return out
 
 
@@ -128,46 +154,25 @@ class NetworkSettings:
     vni: int = 1
 
 
-CONFIG_TUNNEL_KEY = "tunnelMode"
-CONFIG_ROUTES_KEY = "createNodeRoutes"
-_CONFIG_OBJ = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
+ACCELERATIONS = ("Disabled", "Native", "BestEffort")
+
+
+def network_settings(config: AgentConfig) -> NetworkSettings:
+    """How pod traffic crosses nodes, from the decoded agent configuration."""
+    tunnel = Tunnel.VXLAN if config.settings.tunnelMode == "VXLAN" else Tunnel.DISABLED
+    return NetworkSettings(tunnel, bool(config.settings.createNodeRoutes))
 
 
 def parse_network_settings(config: dict[str, str] | None) -> tuple[NetworkSettings, list[Problem]]:
-    """Read tunnelMode (Disabled|VXLAN) and createNodeRoutes (true|false); invalid values keep the
-    default and come back as Problems naming the field, the allowed values and what was given."""
-    problems: list[Problem] = []
-    data = config or {}
-    tunnel = Tunnel.DISABLED
-    raw = data.get(CONFIG_TUNNEL_KEY)
-    if raw is not None:
-        match = [t for t in Tunnel if t.label == str(raw)]
-        if match:
-            tunnel = match[0]
-        else:
-            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_TUNNEL_KEY}",
-                                    f'must be one of Disabled, VXLAN; got "{raw}"'))
-    routes = False
-    raw = data.get(CONFIG_ROUTES_KEY)
-    if raw is not None:
-        if str(raw).lower() in ("true", "false"):
-            routes = str(raw).lower() == "true"
-        else:
-            problems.append(Problem(_CONFIG_OBJ, f"data.{CONFIG_ROUTES_KEY}", f'must be true or false; got "{raw}"'))
-    return NetworkSettings(tunnel, routes), problems
-
-
-ACCELERATIONS = ("Disabled", "Native", "BestEffort")
-CONFIG_ACCELERATION_KEY = "xdpAcceleration"
+    """tunnelMode (Disabled|VXLAN) and createNodeRoutes (true|false) through the one schema; invalid values
+    keep the default and come back as Problems naming the field, the allowed values and what was given."""
+    decoded, problems = decode_agent_config(config)
+    keys = ("data.tunnelMode", "data.createNodeRoutes")
+    return network_settings(decoded), [p for p in problems if p.field in keys]
 
 
 def parse_acceleration(config: dict[str, str] | None) -> tuple[str, list[Problem]]:
-    """xdpAcceleration (Disabled|Native|BestEffort, default Disabled); an invalid value keeps Disabled
-    and comes back as a Problem naming the field, the allowed values and what was given."""
-    raw = (config or {}).get(CONFIG_ACCELERATION_KEY)
-    if raw is None:
-        return "Disabled", []
-    if str(raw) in ACCELERATIONS:
-        return str(raw), []
-    return "Disabled", [Problem(_CONFIG_OBJ, f"data.{CONFIG_ACCELERATION_KEY}",
-                                f'must be one of {", ".join(ACCELERATIONS)}; got "{raw}"')]
+    """xdpAcceleration (Disabled|Native|BestEffort, default Disabled) through the one schema; an invalid
+    value keeps Disabled and comes back as a Problem."""
+    decoded, problems = decode_agent_config(config)
+    return decoded.settings.xdpAcceleration, [p for p in problems if p.field == "data.xdpAcceleration"]

@@ -128,12 +128,14 @@ class Problem:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """Runtime settings of a node's datapath (from the agent configuration)."""
+    """Runtime settings of a node's datapath: the typed view of bpflb.model.settings.AgentConfig, whose
+    defaults (Deckhouse's) these repeat; tests/unit/test_settings.py holds the two equal."""
 
-    mode: Mode = Mode.SNAT
+    mode: Mode = Mode.HYBRID
     algorithm: Algorithm = Algorithm.RANDOM
     maglev_table_size: int = DEFAULT_TABLE_SIZE    # M, a prime of bpflb.model.maglev.TABLE_SIZES
     maglev_seed: int = DEFAULT_SEED                # cluster-wide: every node must build the same tables
+    algorithm_annotation: bool = False             # extraLoadBalancerAlgorithmsEnabled: honour lb-algorithm
 
 
 @dataclass

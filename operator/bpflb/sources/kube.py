@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpflb.control.kubeapi import ApiError, KubeClient, KubeObject
+from bpflb.kubeapi import ApiError, KubeClient, KubeObject
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
 
 log = logging.getLogger("bpflb.sources.kube")

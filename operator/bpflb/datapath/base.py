@@ -1,0 +1,131 @@
+"""The seam between the agent and the BPF adapter: one interface (load, attach, program a desired state,
+read counters, uninstall) with two implementations, the kernel's (datapath.kernel) and an in-memory one
+(datapath.memory) for the agent's logic tests without root; both program maps through LBMaps and
+ClusterMaps, so the entries they hold are byte for byte the same."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Protocol
+
+from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.conntrack import GcReport
+from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
+from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
+from bpflb.model.types import DesiredState, L4Addr, Mode
+
+
+@dataclass(frozen=True)
+class NodeProgram:
+    """Everything one node's datapath should hold after a sync."""
+
+    state: DesiredState                         # frontends, backends, selection settings
+    config: NodeConfig                          # lb_config (ext_ifindex is the datapath's own)
+    dsr_frontends: Mapping[L4Addr, DsrFrontendKind] = field(default_factory=dict)
+    dsr_backends: frozenset[tuple[L4Addr, L4Addr]] = frozenset()   # (frontend, local backend) DSR may reach
+    local_backends: frozenset[L4Addr] = frozenset()
+    prefixes: frozenset[IPv4Network] = frozenset()
+    nodes: tuple[NodeInfo, ...] = ()            # every node: the tunnel map, the overlay's peers
+    me: NodeInfo | None = None
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    acceleration: str = "Disabled"              # xdpAcceleration
+
+
+@dataclass
+class ProgramReport:
+    """What one program() did, for the agent's log."""
+
+    sync: SyncReport
+    cluster_changes: int = 0
+    # DSR frontends, (frontend, local backend) pairs DSR requests may reach, local backends, cluster prefixes
+    cluster_sizes: tuple[int, int, int, int] = (0, 0, 0, 0)
+    network_actions: list[str] = field(default_factory=list)
+    acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
+    problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
+
+
+class Datapath(Protocol):
+    """One node's datapath as the agent drives it."""
+
+    def load(self) -> Mode | None:
+        """Load the objects, reusing state a previous agent left (pins); the mode the maps hold, if any."""
+        ...
+
+    def attach(self, device: str) -> None:
+        """Attach the programs to the external device (atomically replacing earlier ones)."""
+        ...
+
+    @property
+    def attached(self) -> str | None:
+        """The device the programs are attached to by this process, None before attach()."""
+        ...
+
+    def program(self, want: NodeProgram) -> ProgramReport:
+        """Make the datapath hold want, writing only differences; raises when a write fails."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """Packet counters by name (STAT_* of lb_structs.h, lower case)."""
+        ...
+
+    def collect_conntrack(self) -> GcReport | None:
+        """Remove ended flows from the conntrack maps (datapath.conntrack); None when there are none to collect."""
+        ...
+
+    def uninstall(self, device: str | None) -> None:
+        """Detach from device and remove every pinned map; load() starts afresh after this."""
+        ...
+
+    def close(self) -> None:
+        """Stop what attach() started in this process beside the programs (the neighbour watcher); the
+        programs stay attached and the maps pinned, for the next agent."""
+        ...
+
+
+class MapsDatapath:
+    """The part both implementations share: maps programmed through LBMaps and ClusterMaps, in the order
+    that keeps every intermediate state valid (cluster facts, then lb_config, then frontends)."""
+
+    def __init__(self) -> None:
+        self.maps: LBMaps | None = None
+        self.cluster: ClusterMaps | None = None
+        self.device: str | None = None
+        self.ifindex = 0
+
+    @property
+    def attached(self) -> str | None:
+        return self.device
+
+    def _network(self, want: NodeProgram) -> list[str]:
+        """Apply the pod network across nodes; what was done (overridden by the kernel datapath)."""
+        return []
+
+    def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
+        """Put the XDP fast path in front of tc, or take it away (overridden by the kernel datapath)."""
+
+    def program(self, want: NodeProgram) -> ProgramReport:
+        assert self.maps is not None and self.cluster is not None, "program() before load()"
+        report = ProgramReport(SyncReport())
+        # The pod network first, then the cluster-wide facts: this node must accept DSR requests for every
+        # frontend, and know every tunnel endpoint, before any node (itself included) starts sending them.
+        report.network_actions = self._network(want)
+        report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
+                                                   want.nodes, want.dsr_backends)
+        report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.dsr_backends.entries),
+                                len(self.cluster.local_backends.entries), len(self.cluster.cidrs.entries))
+        self._accelerate(want.acceleration, report)
+        config = NodeConfig(**{**want.config.__dict__, "ext_ifindex": self.ifindex})
+        config_changed = self.maps.set_config(config)
+        report.sync = self.maps.sync(want.state)
+        report.sync.config_changed = config_changed
+        return report
+
+    def counters(self) -> dict[str, int]:
+        assert self.maps is not None, "counters() before load()"
+        return self.maps.stats()
+
+    def collect_conntrack(self) -> GcReport | None:
+        """The kernel's maps only (the in-memory datapath keeps no flows)."""
+        return None

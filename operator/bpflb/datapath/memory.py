@@ -1,0 +1,142 @@
+"""The in-memory datapath: the same map programming (LBMaps, ClusterMaps, byte for byte) on maps held in
+dicts, attach/overlay/XDP (and the neighbour watcher's life) recorded instead of done, and writes that can be
+made to fail. For the agent's
+logic tests without root (pyroute2's ipmock serves netlink the same way); the datapath itself is always
+tested on the real kernel (tests/bpf, tests/lab)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.lbmaps import LBMaps
+from bpflb.datapath.libbpf import BpfError, ffi
+from bpflb.datapath.loader import MAP_TYPES, Map
+from bpflb.model.types import Mode
+
+E2BIG = 7
+
+
+class MemoryMap(Map):
+    """A map whose entries live in a dict: Map's interface, no kernel. fail(key) -> a reason makes a write of
+    that key fail as the kernel's would (a BpfError naming the map); max_entries bounds it like the kernel."""
+
+    def __init__(self, name: str, entries: dict[bytes, bytes], max_entries: int = 1 << 20) -> None:
+        key_type, value_type = MAP_TYPES[name]
+        super().__init__(name, -1, key_type, value_type)
+        self.entries = entries
+        self.max_entries = max_entries
+        self.fail: Callable[[bytes], str | None] = lambda key: None
+        self.writes = 0
+
+    def _put(self, key: bytes, value: bytes) -> None:
+        reason = self.fail(key)
+        if reason is None and key not in self.entries and len(self.entries) >= self.max_entries:
+            reason = f"map full ({self.max_entries} entries)"
+        if reason is not None:
+            raise BpfError(E2BIG, f"update of map {self.name}: {reason}")
+        self.entries[key] = value
+        self.writes += 1
+
+    def update(self, key: Any, value: Any, flags: int = 0) -> None:
+        self._put(bytes(ffi().buffer(key)), bytes(ffi().buffer(value)))
+
+    def update_raw(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self._put(key, value)
+
+    def update_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        for k, v in items:
+            self._put(k, v)
+
+    def lookup(self, key: Any) -> Any | None:
+        raw = self.entries.get(bytes(ffi().buffer(key)))
+        return None if raw is None else self.decode_value(raw)
+
+    def delete_raw(self, key: bytes) -> bool:
+        return self.entries.pop(key, None) is not None
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.entries.pop(k, None)
+
+    def items_raw(self) -> Iterator[tuple[bytes, bytes]]:
+        yield from list(self.entries.items())
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class MemoryPins:
+    """What outlives an agent on a node: its maps' entries (bpffs pins) and counters."""
+
+    maps: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def map(self, name: str) -> MemoryMap:
+        return MemoryMap(name, self.maps.setdefault(name, {}))
+
+
+class MemoryDatapath(MapsDatapath):
+    """A node's datapath in memory; pins shared between instances stand for a restart on pinned maps."""
+
+    def __init__(self, pins: MemoryPins | None = None) -> None:
+        super().__init__()
+        self.pins = pins if pins is not None else MemoryPins()
+        self.opened: dict[str, MemoryMap] = {}
+        self.loads = 0
+        self.network_applied: list[Any] = []     # (NetworkSettings, me, peers) of every change
+        self.acceleration = "Disabled"
+        self.uninstalled = False
+        self.watching_neighbours = False         # the kernel's runs a netlink watcher from attach() to close()
+
+    def map(self, name: str) -> MemoryMap:
+        """The open map of that name (fault injection: datapath.map("lb_services").fail = ...)."""
+        if name not in self.opened:
+            self.opened[name] = self.pins.map(name)
+        return self.opened[name]
+
+    def load(self) -> Mode | None:
+        self.loads += 1
+        self.uninstalled = False
+        self.maps = LBMaps(self)
+        self.cluster = ClusterMaps(self)
+        return self.maps.mode()
+
+    def attach(self, device: str) -> None:
+        if self.maps is None:
+            raise BpfError(22, "attach() before load()")
+        self.device = device
+        self.ifindex = 1 + sum(map(ord, device)) % 1000
+        self.watching_neighbours = True
+
+    def close(self) -> None:
+        self.watching_neighbours = False
+
+    def _network(self, want: NodeProgram) -> list[str]:
+        key = (want.network, want.me, tuple(n for n in want.nodes if want.me is None or n.name != want.me.name))
+        if self.network_applied and self.network_applied[-1] == key:
+            return []
+        self.network_applied.append(key)
+        routes = str(want.network.create_node_routes).lower()
+        return [f"network: tunnelMode {want.network.tunnel.label}, createNodeRoutes {routes}"]
+
+    def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
+        if acceleration != self.acceleration:
+            self.acceleration = acceleration
+            report.acceleration = None if acceleration == "Disabled" else "native"
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.pins.counters)
+
+    def uninstall(self, device: str | None) -> None:
+        self.close()
+        self.pins.maps.clear()
+        self.opened.clear()
+        self.maps = self.cluster = None
+        self.device, self.ifindex = None, 0
+        self.acceleration = "Disabled"
+        self.uninstalled = True

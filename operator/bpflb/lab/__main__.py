@@ -1,5 +1,0 @@
-"""`python -m bpflb.lab ARGS` runs `bpflb lab ARGS` without the rest of the CLI."""
-
-from bpflb.lab.commands import main
-
-raise SystemExit(main())

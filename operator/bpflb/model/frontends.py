@@ -1,0 +1,202 @@
+"""Services for the translation: every frontend a Service asks for on this node (NodePorts on the node's
+addresses, LoadBalancer ingress IPs, externalIPs), with its policy, selection settings and backends, each
+bad field skipped at the smallest unit that holds it; two Services wanting one frontend: the first keeps it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from bpflb.model.endpoints import _backends, _SliceIndex
+from bpflb.model.fields import (
+    NODEPORT_MAX,
+    NODEPORT_MIN,
+    _int,
+    _Invalid,
+    _ipv4,
+    _list,
+    _mapping,
+    _Meta,
+    _proto,
+    _str,
+)
+from bpflb.model.messages import show as _show
+from bpflb.model.types import AgentSettings, Algorithm, Frontend, FrontendKind, L4Addr, Problem, Proto
+from bpflb.sources.base import KubeObject
+
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+LB_ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
+DEFAULT_AFFINITY_TIMEOUT = 10800          # seconds, Kubernetes' default for sessionAffinity: ClientIP
+MAX_AFFINITY_TIMEOUT = 86400              # the API server's upper bound
+_ALGORITHMS_BY_ANNOTATION = {"random": Algorithm.RANDOM, "maglev": Algorithm.MAGLEV}
+_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+
+
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """Who claimed a frontend first: the Service and the index of its port."""
+
+    service: str
+    port_index: int
+
+
+@dataclass
+class _Context:
+    node_name: str
+    node_addrs: tuple[IPv4Address, ...]
+    settings: AgentSettings
+    index: _SliceIndex
+    frontends: dict[L4Addr, Frontend]
+    owners: dict[L4Addr, _Owner]
+    problems: list[Problem]
+
+
+def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
+                  problems: list[Problem]) -> Iterator[tuple[IPv4Address, str]]:
+    """Yield (IPv4 address, its field path) from spec.externalIPs or status.loadBalancer.ingress."""
+    for i, value in enumerate(values):
+        path = f"{field}[{i}]"
+        try:
+            if ip_key is not None:
+                entry = _mapping(value, path, required=True)
+                if entry.get("ipMode") == "Proxy":
+                    continue    # the load balancer proxies to the nodes; packets never carry this address
+                value = entry.get(ip_key)
+                if value is None:
+                    continue    # a hostname-only ingress
+                path = f"{path}.{ip_key}"
+            addr = _ipv4(value, path, "a frontend address")
+        except _Invalid as bad:
+            problems.append(Problem(obj, bad.field, bad.reason))
+            continue
+        if addr is not None:
+            yield addr, path
+
+
+def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
+    obj = f"Service {meta.key}"
+    if SERVICE_PROXY_NAME_LABEL in meta.labels:
+        return                  # another proxy's Service
+    try:
+        spec = _mapping(raw.get("spec"), "spec")
+        if spec.get("clusterIP") == "None":
+            return              # headless: nothing to balance
+        kind = _str(spec.get("type"), "spec.type", "ClusterIP")
+        if kind not in _SERVICE_TYPES:
+            raise _Invalid("spec.type", f"expected one of {', '.join(_SERVICE_TYPES)}; got {_show(kind)}")
+        if kind == "ExternalName":
+            return              # a DNS alias, never proxied
+        external_ips = _list(spec.get("externalIPs"), "spec.externalIPs")
+        if kind == "ClusterIP" and not external_ips:
+            return              # only reachable inside the cluster: not ours
+        policy = _str(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", "Cluster")
+        if policy not in ("Cluster", "Local"):
+            raise _Invalid("spec.externalTrafficPolicy", f"expected Cluster or Local; got {_show(policy)}")
+        affinity_timeout = _affinity_timeout(spec)
+        ports = _list(spec.get("ports"), "spec.ports")
+        if not ports:
+            raise _Invalid("spec.ports", "empty; expected at least one port")
+        ingress: list[Any] = []
+        if kind == "LoadBalancer":
+            status = _mapping(raw.get("status"), "status")
+            load_balancer = _mapping(status.get("loadBalancer"), "status.loadBalancer")
+            ingress = _list(load_balancer.get("ingress"), "status.loadBalancer.ingress")
+        selector = _mapping(spec.get("selector"), "spec.selector")
+    except _Invalid as bad:
+        ctx.problems.append(Problem(obj, bad.field, bad.reason + "; the Service is skipped"))
+        return
+
+    key = (meta.namespace, meta.name)
+    if not selector and key not in ctx.index.claimed:
+        ctx.problems.append(Problem(obj, "spec.selector",
+                                    "selector-less Service without EndpointSlices; the Service is skipped"))
+        return
+
+    algorithm = _algorithm(meta, obj, ctx)
+    local_only = policy == "Local"
+    node_port_field = kind in ("NodePort", "LoadBalancer")
+    lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx.problems))
+    ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx.problems))
+    slices = ctx.index.slices.get(key, [])
+    used_ports: dict[tuple[str, Proto], int] = {}
+
+    for i, raw_port in enumerate(ports):
+        field = f"spec.ports[{i}]"
+        try:
+            entry = _mapping(raw_port, field, required=True)
+            proto = _proto(entry.get("protocol"), f"{field}.protocol")
+            name = _str(entry.get("name"), f"{field}.name", "")
+            port = _int(entry.get("port"), f"{field}.port", 1, 65535)
+            node_port: int | None = None
+            if node_port_field and entry.get("nodePort") is not None:
+                node_port = _int(entry.get("nodePort"), f"{field}.nodePort", NODEPORT_MIN, NODEPORT_MAX)
+            if (name, proto) in used_ports:
+                raise _Invalid(f"{field}.name", f"duplicates spec.ports[{used_ports[name, proto]}] "
+                               f"(same name {_show(name)} and protocol {proto.name})")
+        except _Invalid as bad:
+            ctx.problems.append(Problem(obj, bad.field, bad.reason + "; the port is skipped"))
+            continue
+        used_ports[name, proto] = i
+
+        wanted: list[tuple[L4Addr, FrontendKind, str]] = []
+        if node_port is not None:
+            wanted += [(L4Addr(a, node_port, proto), FrontendKind.NODEPORT, f"{field}.nodePort")
+                       for a in ctx.node_addrs]
+        wanted += [(L4Addr(a, port, proto), FrontendKind.LOADBALANCER, path) for a, path in lb_ips]
+        wanted += [(L4Addr(a, port, proto), FrontendKind.EXTERNAL_IP, path) for a, path in ext_ips]
+        if not wanted:
+            continue
+        backends, draining, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
+        owner = _Owner(meta.key, i)
+        for l4, fe_kind, path in wanted:
+            first = ctx.owners.get(l4)
+            if first == owner:
+                continue        # e.g. the same address both in externalIPs and in the ingress status
+            if first is not None:
+                holder = (f"spec.ports[{first.port_index}] of this Service" if first.service == meta.key
+                          else f"Service {first.service}")
+                ctx.problems.append(Problem(obj, path, f"frontend {l4} is already used by {holder}; skipped"))
+                continue
+            ctx.owners[l4] = owner
+            ctx.frontends[l4] = Frontend(
+                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=local_only,
+                backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
+                affinity_timeout=affinity_timeout, draining=draining)
+
+
+def _affinity_timeout(spec: dict[str, Any]) -> int:
+    """Return the ClientIP affinity timeout in seconds, 0 when the Service has no session affinity."""
+    affinity = _str(spec.get("sessionAffinity"), "spec.sessionAffinity", "None")
+    if affinity == "None":
+        return 0
+    if affinity != "ClientIP":
+        raise _Invalid("spec.sessionAffinity", f"expected None or ClientIP; got {_show(affinity)}")
+    config = _mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    client_ip = _mapping(config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+    timeout = client_ip.get("timeoutSeconds")
+    if timeout is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    return _int(timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", 1, MAX_AFFINITY_TIMEOUT)
+
+
+def _algorithm(meta: _Meta, obj: str, ctx: _Context) -> Algorithm:
+    """Return the Service's algorithm annotation, else (also when invalid, with a Problem) the cluster's."""
+    value = meta.annotations.get(LB_ALGORITHM_ANNOTATION)
+    if value is None:
+        return ctx.settings.algorithm
+    if not ctx.settings.algorithm_annotation:
+        ctx.problems.append(Problem(
+            obj, f'metadata.annotations["{LB_ALGORITHM_ANNOTATION}"]',
+            f"ignored: the module setting extraLoadBalancerAlgorithmsEnabled is false; the cluster default "
+            f"{ctx.settings.algorithm.name.capitalize()} is used"))
+        return ctx.settings.algorithm
+    algorithm = _ALGORITHMS_BY_ANNOTATION.get(value.lower()) if isinstance(value, str) else None
+    if algorithm is None:
+        ctx.problems.append(Problem(
+            obj, f'metadata.annotations["{LB_ALGORITHM_ANNOTATION}"]',
+            f"expected random or maglev; got {_show(value)}; the cluster default "
+            f"{ctx.settings.algorithm.name.capitalize()} is used"))
+        return ctx.settings.algorithm
+    return algorithm

@@ -1,0 +1,62 @@
+"""The workshop's verbs of the `bpflb` command (`lab`, `bench`, `bench-kube`): the product's CLI calls
+register() when this package is installed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def cmd_bench_kube(args: argparse.Namespace) -> int:
+    from bpflb_lab.bench_kube import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.maglev:
+        from bpflb_lab.bench_maglev import run_maglev_bench
+
+        return run_maglev_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
+    from bpflb_lab.bench import run_bench
+
+    out = Path(args.out) if args.out else None
+    baseline = Path(args.baseline_objects) if args.baseline_objects else None
+    rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out, baseline=baseline)
+    if not args.no_rates:
+        from bpflb_lab.rates import run_rate_bench
+
+        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
+    return rc
+
+
+def register(sub: Any) -> None:
+    """Add `bench-kube`, `bench` and `lab` to the bpflb command's subparsers."""
+    bk = sub.add_parser("bench-kube", help="control-plane benchmarks: `latency` (lab --kube) and `fullsync`",
+                        add_help=False)
+    bk.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bk.set_defaults(func=cmd_bench_kube)
+
+    bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN), then "
+                                          "forwarding and connection rates against kube-proxy in labs")
+    bench.add_argument("--quick", action="store_true", help="fewer services and repetitions (CI)")
+    bench.add_argument("--out", help="directory for results (default: results/)")
+    bench.add_argument("--maglev", action="store_true",
+                       help="instead: Maglev table builds and programming 1,000 Maglev services (control plane)")
+    rates = bench.add_mutually_exclusive_group()
+    rates.add_argument("--no-rates", action="store_true",
+                       help="only the per-packet cost, not the forwarding and connection rates against kube-proxy")
+    rates.add_argument("--rates-only", action="store_true",
+                       help="only the forwarding and connection rates (bpflb XDP and tc, kube-proxy iptables and "
+                            "nftables, each in a lab of its own)")
+    bench.add_argument("--baseline-objects", metavar="DIR",
+                       help="also measure the per-packet cost of another build's bpf_lb.o and bpf_xdp.o in DIR "
+                            "(e.g. an earlier commit's bpf_objects/build), side by side in the same run")
+    bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
+                       help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
+    bench.set_defaults(func=cmd_bench)
+
+    from bpflb_lab.lab.commands import register as register_lab
+
+    register_lab(sub)

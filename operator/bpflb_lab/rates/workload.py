@@ -1,0 +1,262 @@
+"""The rate benchmark's workload: what is measured (datapaths, Service counts, the quick and full plans), the
+cell a measurement fills, and the lab built for each cell (the echo pods, N LoadBalancer Services, the
+datapath: bpflb's agents or kube-proxy's rules) with the traffic's sinks and listeners in place.
+The method itself is the package's docstring (bpflb_lab.rates)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpflb_lab import trafficgen as tg
+from bpflb_lab.kubeproxy import lab as kplab
+from bpflb_lab.lab import Lab, netns, topology
+from bpflb_lab.lab.errors import LabUnsupported
+
+UDP_PORT, TCP_PORT, ACCEPT_PORT = 30081, 30080, 8090
+REFERENCE_PORT = 8091        # an accept listener of echo-a that no Service names (the connections' reference)
+DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftables")
+SERVICE_COUNTS = (10, 1_000, 10_000)
+QUICK_SERVICE_COUNTS = (10, 1_000)
+FLOWS = 256                  # UDP source ports the sender cycles through (established flows after the first)
+CONCURRENCY = 32             # TCP connection attempts in flight
+NA_ACCELERATION = "n/a (acceleration not available)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often each figure is measured."""
+
+    counts: tuple[int, ...]
+    udp_seconds: float
+    udp_repeats: int
+    tcp_seconds: float
+    tcp_repeats: int
+
+
+FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=2)
+QUICK = Plan(QUICK_SERVICE_COUNTS, udp_seconds=0.25, udp_repeats=3, tcp_seconds=0.5, tcp_repeats=1)
+
+
+@dataclass
+class Cell:
+    """The figures of one datapath at one Service count (None where not measured; note says why)."""
+
+    datapath: str
+    services: int
+    udp_pps: float | None = None           # median of the windows, received at the pods
+    udp_samples: list[float] = field(default_factory=list)
+    sent_pps: float | None = None          # what the sender put on the wire (median)
+    reference_pps: float | None = None     # the same frames straight to echo-a, not through node1
+    reference_samples: list[float] = field(default_factory=list)   # one right before each udp sample
+    conn_per_s: float | None = None        # median
+    conn_samples: list[float] = field(default_factory=list)
+    conn_reference: float | None = None    # connections straight to echo-a, not through node1 (median)
+    conn_reference_samples: list[float] = field(default_factory=list)   # one right before each conn sample
+    conn_failed: int = 0
+    conn_errors: dict[str, int] = field(default_factory=dict)
+    node1_stats: dict[str, int] = field(default_factory=dict)   # bpflb: node1's nonzero datapath counters
+    setup: str = ""                        # what loading the Services took
+    note: str = ""
+    failed: bool = False                   # the measurement broke (note has the error)
+
+    @property
+    def node1_ns(self) -> float | None:
+        """node1's share of the per-packet cost (ns): the median over the windows of 1/rate - 1/reference,
+        each window paired with the reference run just before it (they share the machine's load)."""
+        pairs = [(r, ref) for r, ref in zip(self.udp_samples, self.reference_samples, strict=False) if r and ref]
+        if not pairs:
+            return None
+        return float(statistics.median(1e9 / r - 1e9 / ref for r, ref in pairs))
+
+
+class Unavailable(Exception):
+    """This datapath cannot be measured on this build (the cell gets the message as its figure)."""
+
+
+def _progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+def bench_workload() -> str:
+    """The two echo pods and default/echo (30080/TCP to the accept-and-close listener, 30081/UDP)."""
+    pods = "".join(f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: echo}}}}
+spec:
+  nodeName: {node}
+  containers:
+    - name: echo
+      ports:
+        - {{name: http, containerPort: 8080, protocol: TCP}}
+        - {{name: udp, containerPort: 8081, protocol: UDP}}
+""" for name, node in (("echo-a", "node2"), ("echo-b", "node3")))
+    return pods + f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Cluster
+  selector: {{app: echo}}
+  ports:
+    - {{name: http, protocol: TCP, port: 80, targetPort: {ACCEPT_PORT}, nodePort: {TCP_PORT}}}
+    - {{name: udp, protocol: UDP, port: 8081, targetPort: 8081, nodePort: {UDP_PORT}}}
+"""
+
+
+def bench_services(count: int, pods: list[tuple[str, str]]) -> dict[str, Any]:
+    """count LoadBalancer Services (clusterIP 10.96.0.0/16, ingress 198.19.0.0/16, port 80) with an
+    EndpointSlice each naming pods [(ip, node)], as one `kind: List` (JSON: quick for agents to read)."""
+    items: list[dict[str, Any]] = []
+    for i in range(count):
+        name = f"svc-{i:05d}"
+        n = i + 256
+        items.append({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"type": "LoadBalancer", "clusterIP": f"10.96.{n >> 8}.{n & 255}",
+                     "allocateLoadBalancerNodePorts": False, "externalTrafficPolicy": "Cluster",
+                     "selector": {"app": "echo"},
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": f"198.19.{n >> 8}.{n & 255}"}]}}})
+        items.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": f"{name}-1", "namespace": "bench",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+            "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": True}}
+                          for ip, node in pods]})
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def _lab_up(lab: Lab, datapath: str, acceleration: str) -> None:
+    kwargs: dict[str, Any] = {"agents": datapath.startswith("bpflb"), "workload": False}
+    if datapath == "bpflb XDP":
+        if "acceleration" not in inspect.signature(Lab.up).parameters:
+            raise Unavailable(NA_ACCELERATION)
+        kwargs["acceleration"] = acceleration
+    try:
+        lab.up(**kwargs)
+    except LabUnsupported as exc:
+        raise Unavailable(NA_ACCELERATION.replace(")", f": {exc})")) from exc
+
+
+def _xdp_on(lab: Lab, host: str, device: str = "eth0") -> bool:
+    return "prog/xdp" in lab.exec(host, ["ip", "-d", "link", "show", device]).stdout
+
+
+def _lb_entries(lab: Lab) -> int:
+    """Entries of node1's pinned lb_services map (frontends and their backend slots)."""
+    from bpflb.inspect import open_pinned
+
+    m = open_pinned(lab.pin_root / "node1", "lb_services")
+    try:
+        return sum(1 for _ in m.items_raw())
+    finally:
+        m.close()
+
+
+def _wait_synced(lab: Lab, services: int, timeout: float = 120.0) -> float:
+    """Wait until node1's agent has programmed at least one entry per Service and the count has settled."""
+    start = time.monotonic()
+    last, since = -1, start
+    while True:
+        now = time.monotonic()
+        count = _lb_entries(lab)
+        if count != last:
+            last, since = count, now
+        elif count >= services and now - since >= 0.5:
+            return now - start
+        if now - start > timeout:
+            raise RuntimeError(f"node1's agent holds {count} lb_services entries {timeout:.0f}s after "
+                               f"{services:,} Services were written; see {lab.paths.logs}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> Iterator[Lab]:
+    """A lab for one cell, with the datapath and the Services in place; always taken down."""
+    lab = Lab(f"bpflb-rates-{secrets.token_hex(3)}")
+    acceptors: list[subprocess.Popen[bytes]] = []
+    try:
+        start = time.monotonic()
+        _lab_up(lab, datapath, acceleration)
+        lab.apply(bench_workload())
+        if datapath == "bpflb XDP" and not _xdp_on(lab, "node1"):
+            raise Unavailable(NA_ACCELERATION.replace(")", ": no XDP program on node1's eth0)"))
+        pods = [(lab.pod_ip(p), node) for p, node in (("echo-a", "node2"), ("echo-b", "node3"))]
+        (lab.paths.cluster / "bench-services.json").write_text(json.dumps(bench_services(services - 1, pods)))
+        if datapath.startswith("bpflb"):
+            took = _wait_synced(lab, services)
+            cell.setup = f"{services:,} Services programmed by the agents in {took:.1f}s"
+        else:
+            mode = datapath.removeprefix("kube-proxy ")
+            [done] = kplab.install(lab, mode, ["node1"])
+            cell.setup = f"{done.summary}; loaded in {done.seconds:.1f}s"
+        acceptors = _prepare_traffic(lab)
+        _progress(f"{datapath}, {services:,} Services: lab {lab.name} ready in {time.monotonic() - start:.1f}s "
+                  f"({cell.setup})")
+        yield lab
+    finally:
+        with contextlib.suppress(Exception):
+            lab.down()
+        for proc in acceptors:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _listening_in_ns(port: int) -> bool:
+    """A TCP socket listens on port in this namespace (/proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+                   for line in list(f)[1:])
+
+
+def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
+    """Sinks on the pods, XDP on the fabric side of the client's veth, the listeners, a wide port range for
+    the client, and the neighbours resolved along the path (one real request of each kind)."""
+    pin = lab.pin_root / "bench"
+    lab.run_in("fabric", tg.attach_in_ns, "xdp_pass", "client")
+    for pod in ("echo-a", "echo-b"):
+        lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
+    netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
+    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
+    procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb_lab.trafficgen",
+                                                                  "accept", str(port)]),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env={**os.environ, "PYTHONPATH": _src_root()})
+             for pod, port in listeners]
+    # The reference connections go to echo-a through node2, routed, bypassing node1.
+    netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
+    deadline = time.monotonic() + 15
+    for pod, port in listeners:
+        while not lab.run_in(pod, _listening_in_ns, port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the accept listener on {pod}:{port} did not start")
+            time.sleep(0.05)
+    node1 = lab.node_ip(1)
+    for _ in range(20):
+        udp = lab.connections("client", node1, UDP_PORT, 4, proto="UDP", timeout=0.5)
+        tcp = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, node1, TCP_PORT, 0.05, 2))
+        if all(r.ok for r in udp) and tcp.ok and not tcp.failed:
+            return procs
+    raise RuntimeError(f"node1:{UDP_PORT}/UDP or node1:{TCP_PORT}/TCP does not answer in lab {lab.name}")
+
+
+def _src_root() -> str:
+    import bpflb
+
+    return str(Path(bpflb.__file__).resolve().parent.parent)

@@ -1,0 +1,89 @@
+"""Helpers of the control-plane tests (the one home of them; fixtures are in conftest.py): API paths, the
+condition wait, the ModuleConfig builder, the operator on a thread, a free port, Nodes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bpflb.control import operator as op
+from bpflb.kubeapi import KubeClient, load_credentials
+
+NODES = ("node1", "node2", "node3")
+MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
+CM_PATH = "/api/v1/namespaces/kube-system/configmaps/bpflb-agent"
+DS_PATH = "/apis/apps/v1/namespaces/kube-system/daemonsets/bpflb-agent"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll check() until it returns something truthy; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def module_config(mode: str = "SNAT", **settings: Any) -> dict[str, Any]:
+    return {"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig", "metadata": {"name": "cni-cilium"},
+            "spec": {"enabled": True, "version": 1, "settings": {"bpfLBMode": mode, **settings}}}
+
+
+@dataclass
+class RunningOperator:
+    """The operator on a thread of its own; stop() ends it the way SIGTERM would."""
+
+    options: op.OperatorOptions
+    stop_flag: threading.Event = field(default_factory=threading.Event)
+    ready_flag: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: list[BaseException] = field(default_factory=list)
+    state: op.State | None = None
+
+    def start(self) -> RunningOperator:
+        self.state = op.State(client=KubeClient(load_credentials(self.options.kubeconfig)), options=self.options)
+
+        def target() -> None:
+            try:
+                op.run(self.options, stop_flag=self.stop_flag, ready_flag=self.ready_flag, state=self.state)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.error.append(exc)
+        self.thread = threading.Thread(target=target, name="operator", daemon=True)
+        self.thread.start()
+        if not self.ready_flag.wait(20):
+            pytest.fail(f"the operator did not become ready in 20s: {self.error}")
+        return self
+
+    def wait_rounds(self, what: str, rounds: int = 2, *, reasserts: int = 0) -> None:
+        """Wait until the operator has done `rounds` more status rounds (and `reasserts` more re-assert rounds)
+        than now: a condition on its own progress, for checks that something did not happen."""
+        assert self.state is not None
+        state = self.state
+        want_rounds, want_reasserts = state.rounds + rounds, state.reasserts + reasserts
+        wait_for(what, lambda: state.rounds >= want_rounds and state.reasserts >= want_reasserts, timeout=30)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        if self.thread is not None:
+            self.thread.join(20)
+            assert not self.thread.is_alive(), "the operator did not stop within 20s"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_nodes(client: KubeClient, names: tuple[str, ...] = NODES) -> None:
+    for name in names:
+        client.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})

@@ -1,0 +1,250 @@
+"""Helpers of the lab tests, the one home of them (fixtures are in conftest.py): unique names, what the root
+namespace holds, condition waits, captures on the wire (TCP, UDP and ICMP), counters scoped to a test's
+own traffic, and the client-side probes the tests share."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from bpflb.inspect import collect
+from bpflb_lab.lab import Lab, netns
+
+NODE1 = "198.18.0.11"
+T = TypeVar("T")
+
+
+def unique_lab_name() -> str:
+    return f"bpflb-t{secrets.token_hex(3)}"
+
+
+def root_netns_snapshot() -> dict[str, str]:
+    """What the root network namespace looks like (addresses, routes, rules, links)."""
+    out = {}
+    for key, argv in {"addr": ["ip", "-o", "addr"], "route": ["ip", "route", "show", "table", "all"],
+                      "rule": ["ip", "rule"], "link": ["ip", "-o", "link"]}.items():
+        out[key] = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return out
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
+    """Poll check() until it returns something truthy and return that; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def counters(lab: Lab, node: str) -> dict[str, int]:
+    """A node's datapath counters (from its pinned lb_stats)."""
+    return dict(collect(lab.pin_root / node)["counters"])
+
+
+@contextmanager
+def counted(lab: Lab, *nodes: str) -> Iterator[dict[str, dict[str, int]]]:
+    """The counters' growth on nodes during the block only: a test's own traffic, not earlier tests'."""
+    before = {n: counters(lab, n) for n in nodes}
+    delta: dict[str, dict[str, int]] = {}
+    yield delta
+    for n in nodes:
+        after = counters(lab, n)
+        delta[n] = {k: v - before[n].get(k, 0) for k, v in after.items()}
+
+
+def frontend(lab: Lab, node: str, name: str) -> dict[str, Any] | None:
+    """A node's programmed frontend ("198.18.0.11:30080/TCP"), as `bpflb inspect` reads it, or None."""
+    return next((f for f in collect(lab.pin_root / node)["frontends"] if f["frontend"] == name), None)
+
+
+def wait_programmed(lab: Lab, nodes: tuple[str, ...], name: str, check: Callable[[dict[str, Any] | None], bool],
+                    what: str, timeout: float = 15.0) -> None:
+    """Wait until every node's agent has programmed frontend `name` so that check(it) holds."""
+    for n in nodes:
+        wait_until(f"{n}: {name} {what}", lambda n=n: check(frontend(lab, n, name)), timeout)  # type: ignore[misc]
+
+
+def backends_of(lab: Lab, node: str, name: str) -> set[str]:
+    fe = frontend(lab, node, name)
+    return set(fe["backends"]) if fe else set()
+
+
+def affinity_idle(lab: Lab, node: str, client: str, seconds: float) -> bool:
+    """Whether client's session-affinity entry on node was last used more than `seconds` ago (the kernel's
+    monotonic clock, which Python's time.monotonic_ns reads too), or is gone."""
+    from ipaddress import IPv4Address
+
+    from bpflb.inspect import open_pinned
+
+    m = open_pinned(lab.pin_root / node, "lb_affinity")
+    try:
+        now = time.monotonic_ns()
+        for raw_key, raw in m.items_raw():
+            key, value = m.decode_key(raw_key), m.decode_value(raw)
+            if IPv4Address(int(key.client_addr).to_bytes(4, "little")) == IPv4Address(client) and \
+                    now - int(value.last_used) <= seconds * 1e9:
+                return False
+        return True
+    finally:
+        m.close()
+
+
+# --- packet captures inside lab namespaces -------------------------------------------------------------
+
+_LINE = re.compile(r"(?P<smac>[0-9a-f:]{17}) > (?P<dmac>[0-9a-f:]{17}), .*?: "
+                   r"(?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): (?P<rest>.*)")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured IPv4 TCP/UDP frame: who sent it (MAC) and its addresses as on the wire."""
+
+    smac: str
+    dmac: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    line: str
+
+
+_ICMP = re.compile(r"(?P<smac>[0-9a-f:]{17}) > (?P<dmac>[0-9a-f:]{17}), .*?: (?P<src>[\d.]+) > (?P<dst>[\d.]+): "
+                   r"ICMP (?P<what>.*)")
+
+
+@dataclass(frozen=True)
+class IcmpFrame:
+    """One captured ICMP message: who sent it, to whom, and tcpdump's reading of it
+    ("198.18.0.12 tcp port 30400 unreachable, length 68")."""
+
+    smac: str
+    src: str
+    dst: str
+    what: str
+
+
+@dataclass
+class Capture:
+    frames: list[Frame]
+    lines: list[str] | None = None      # every line tcpdump printed (frames of any kind)
+    icmp: list[IcmpFrame] = field(default_factory=list)
+
+    def port_unreachable(self, *, src: str, dst: str, port: int, proto: str = "tcp") -> list[IcmpFrame]:
+        """ICMP port-unreachable messages from src to dst about a packet that was sent to port."""
+        return [f for f in self.icmp if f.src == src and f.dst == dst
+                and f"{proto} port {port} unreachable" in f.what]
+
+    def matching(self, *, src: str | None = None, dst: str | None = None, sport: int | None = None,
+                 dport: int | None = None, ports: set[int] | None = None) -> list[Frame]:
+        """Frames with these addresses and ports; `ports`: only frames of the test's own connections (their
+        client-side ports, own_ports()) count."""
+        return [f for f in self.frames if (src is None or f.src == src) and (dst is None or f.dst == dst)
+                and (sport is None or f.sport == sport) and (dport is None or f.dport == dport)
+                and (ports is None or f.sport in ports or f.dport in ports)]
+
+
+@contextmanager
+def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Iterator[Capture]:
+    """tcpdump on a lab host's device for the duration of the block (frames in both directions)."""
+    direction = [] if device == "any" else ["-Q", "inout"]
+    argv = netns.nsenter_argv(lab.netns(host), ["tcpdump", "-i", device, "-nn", "-e", "-l", *direction,
+                                                bpf_filter])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = Capture([])
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 5
+        while "listening on" not in (proc.stderr.readline() or "") and time.monotonic() < deadline:
+            pass
+        yield result
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        result.lines = out.splitlines()
+        for line in out.splitlines():
+            icmp = _ICMP.search(line)
+            if icmp:
+                result.icmp.append(IcmpFrame(icmp["smac"], icmp["src"], icmp["dst"], icmp["what"]))
+                continue
+            m = _LINE.search(line)
+            if m:
+                result.frames.append(Frame(m["smac"], m["dmac"], m["src"], int(m["sport"]), m["dst"],
+                                           int(m["dport"]), line))
+
+
+def own_ports(results: list[Any]) -> set[int]:
+    """The client-side ports of probe results (ProbeResult.local "ip:port"): a capture's frames of exactly
+    those connections."""
+    return {int(r.local.rsplit(":", 1)[1]) for r in results if r.local}
+
+
+def mac_of(lab: Lab, host: str, device: str = "eth0") -> str:
+    """A lab device's MAC, through netlink (under nsenter /sys is still the root namespace's)."""
+    link = lab.exec(host, ["ip", "-o", "link", "show", device], check=True).stdout
+    return link.split("link/ether ")[1].split()[0]
+
+
+def seen_ip(body: str | None) -> str | None:
+    return body.rsplit(":", 1)[0] if body else None
+
+
+def long_lived(stop_after: float, progress: str | None = None) -> list[str]:
+    """In the client: one TCP connection, a GET /hostname every 0.2 s for stop_after seconds; the number of
+    answers so far is written to the file `progress` after each one (answers() reads it)."""
+    pods: list[str] = []
+    with socket.create_connection((NODE1, 30080), timeout=2) as s:
+        deadline = time.monotonic() + stop_after
+        buf = b""
+        while time.monotonic() < deadline:
+            s.sendall(f"GET /hostname HTTP/1.1\r\nHost: {NODE1}\r\n\r\n".encode())
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(4096)
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                         .split(b":")[1])
+            while len(rest) < length:
+                rest += s.recv(4096)
+            pods.append(rest[:length].decode())
+            buf = rest[length:]
+            if progress is not None:
+                with open(progress + ".tmp", "w") as f:
+                    f.write(str(len(pods)))
+                os.replace(progress + ".tmp", progress)
+            time.sleep(0.2)
+    return pods
+
+
+def answers(progress: Path) -> int:
+    """How many answers long_lived has had (0 before the first)."""
+    try:
+        return int(progress.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def root_rules() -> dict[str, str]:
+    """The root namespace's iptables and nftables rule sets (read only), without the dated comments."""
+    out = {}
+    for name, argv in {"iptables": ["iptables-save"], "iptables-legacy": ["iptables-legacy-save"],
+                       "nft": ["nft", "list", "ruleset"]}.items():
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        out[name] = "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("#"))
+    return out
+
+

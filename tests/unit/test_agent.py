@@ -1,0 +1,198 @@
+"""The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
+of one object fails the sync without losing what was programmed and the next attempt recovers, a mode
+switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, the
+agents' configuration acts (debugLogging, svcSourceRangeCheck refused, uninstall), DSR requests are accepted
+for this node's backends of the named frontend only, and the neighbour watcher lives while the agent does."""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpflb.agent import Agent, AgentOptions
+from bpflb.datapath.clustermaps import dsr_member_key
+from bpflb.datapath.lbmaps import svc_key
+from bpflb.datapath.memory import MemoryDatapath, MemoryPins
+from bpflb.model.cluster import ANY_NODE
+from bpflb.model.types import L4Addr, Mode, Proto
+from bpflb.sources.base import Snapshot
+from tests.unit.helpers import NODE, NODE_INTERNAL, Obj, endpoint, endpoint_slice, l4, node, service, two_pods
+
+
+class StaticSource:
+    """A Source whose snapshot is whatever the test put there."""
+
+    def __init__(self, services: list[Obj], slices: list[Obj], config: dict[str, str] | None) -> None:
+        self.snap = Snapshot(services=services, endpointslices=slices, nodes=[node()], config=config)
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    def wait_for_change(self, timeout: float) -> bool:
+        return False
+
+
+def two_services() -> tuple[list[Obj], list[Obj]]:
+    other = service("other", ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30090}])
+    slices = [endpoint_slice(endpoints=two_pods()),
+              endpoint_slice("other", [endpoint("10.0.3.1", NODE, "other-1")])]
+    return [service(), other], slices
+
+
+def make_agent(tmp_path: Path, pins: MemoryPins, config: dict[str, str] | None = None,
+               **kwargs: Any) -> tuple[Agent, MemoryDatapath, StaticSource]:
+    services, slices = two_services()
+    source = StaticSource(services, slices, {"bpfLBMode": "SNAT"} if config is None else config)
+    datapath = MemoryDatapath(pins)
+    agent = Agent(AgentOptions(NODE, tmp_path, device="eth0"), source, datapath=datapath, **kwargs)
+    agent.start()
+    return agent, datapath, source
+
+
+def lb_config_mode(datapath: MemoryDatapath) -> Mode | None:
+    assert datapath.maps is not None
+    return datapath.maps.mode()
+
+
+def test_a_sync_programs_every_frontend_and_attaches_once(tmp_path: Path) -> None:
+    agent, datapath, _ = make_agent(tmp_path, MemoryPins())
+    report = agent.run_once()
+    assert report is not None and report.frontends_added == 4 and agent.last_error is None   # 2 per address
+    assert datapath.attached == "eth0"
+    services = datapath.pins.maps["lb_services"]
+    for port, count in ((30080, 2), (30090, 1)):
+        master = datapath.map("lb_services").decode_value(services[svc_key(l4(NODE_INTERNAL, port), 0)])
+        assert master.count == count
+    assert len(datapath.pins.maps["lb_backends"]) == 3
+    assert lb_config_mode(datapath) == Mode.SNAT
+    assert (tmp_path / "ready").is_symlink()          # the ready marker after the first good sync
+    again = agent.run_once()
+    assert again is not None and not again.changed       # nothing differs: nothing written
+
+
+def test_a_failed_write_of_one_object_keeps_the_programmed_state_and_the_next_sync_recovers(
+        tmp_path: Path) -> None:
+    services, slices = two_services()
+    agent, datapath, source = make_agent(tmp_path, MemoryPins())
+    source.snap.services, source.snap.endpointslices = services[1:], slices[1:]
+    assert agent.run_once() is not None                  # Service other is programmed
+    programmed = dict(datapath.pins.maps["lb_services"])
+
+    bad = svc_key(l4(NODE_INTERNAL, 30080), 0)
+    datapath.map("lb_services").fail = lambda key: "injected E2BIG" if key == bad else None
+    source.snap.services, source.snap.endpointslices = services, slices
+    assert agent.run_once(retry_delay=0) is None
+    assert agent.last_error is not None and "lb_services" in agent.last_error and "E2BIG" in agent.last_error
+    assert bad not in datapath.pins.maps["lb_services"]
+    assert programmed.items() <= datapath.pins.maps["lb_services"].items()   # other's entries untouched
+
+    datapath.map("lb_services").fail = lambda key: None
+    report = agent.run_once()
+    assert report is not None and agent.last_error is None and report.frontends_added == 2
+    assert bad in datapath.pins.maps["lb_services"]
+
+
+def test_a_mode_switch_rewrites_lb_config_and_nothing_else(tmp_path: Path) -> None:
+    agent, datapath, source = make_agent(tmp_path, MemoryPins())
+    assert agent.run_once() is not None and lb_config_mode(datapath) == Mode.SNAT
+    services_before = dict(datapath.pins.maps["lb_services"])
+    for mode in (Mode.DSR, Mode.HYBRID, Mode.SNAT):
+        source.snap.config = {"bpfLBMode": mode.label}
+        report = agent.run_once()
+        assert report is not None and report.config_changed
+        assert (report.slots_written, report.backends_written, report.frontends_removed) == (0, 0, 0)
+        assert lb_config_mode(datapath) == mode and agent.mode == mode
+    assert datapath.pins.maps["lb_services"] == services_before
+
+
+def test_a_restart_on_existing_state_recovers_ids_and_writes_nothing(tmp_path: Path) -> None:
+    pins = MemoryPins()
+    first, _before, _ = make_agent(tmp_path, pins, {"bpfLBMode": "DSR", "lbAlgorithm": "Maglev"})
+    assert first.run_once() is not None
+    held = {name: dict(entries) for name, entries in pins.maps.items()}
+    restarted, after, _ = make_agent(tmp_path, pins, {"bpfLBMode": "DSR", "lbAlgorithm": "Maglev"})
+    assert restarted.mode == Mode.DSR                     # what the pinned lb_config holds, before any sync
+    report = restarted.run_once()
+    assert report is not None and not report.changed and report.maglev_tables_built == 2   # a new cache
+    assert {name: dict(entries) for name, entries in pins.maps.items()} == held
+    assert sum(m.writes for m in after.opened.values()) == 0
+
+
+def test_the_maglev_table_cache_builds_each_table_once(tmp_path: Path) -> None:
+    agent, _datapath, source = make_agent(tmp_path, MemoryPins(), {"bpfLBMode": "SNAT", "lbAlgorithm": "Maglev"})
+    first = agent.run_once()
+    assert first is not None and first.maglev_tables_built == 2      # two backend sets, two tables
+    source.snap.config = {"bpfLBMode": "DSR", "lbAlgorithm": "Maglev"}
+    again = agent.run_once()
+    assert again is not None and again.maglev_tables_built == 0     # same backends: from the cache
+    source.snap.endpointslices = [endpoint_slice(endpoints=two_pods()[:1]), source.snap.endpointslices[1]]
+    changed = agent.run_once()
+    assert changed is not None and changed.maglev_tables_built == 1  # only the changed set is rebuilt
+
+
+def test_debug_logging_acts_and_source_range_check_is_refused(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    agent, _, source = make_agent(tmp_path, MemoryPins(),
+                                  {"bpfLBMode": "SNAT", "debugLogging": "true", "svcSourceRangeCheck": "true"})
+    try:
+        assert agent.run_once() is not None
+        assert logging.getLogger("bpflb").level == logging.DEBUG
+        assert any("data.svcSourceRangeCheck: not implemented yet" in r.message for r in caplog.records)
+        source.snap.config = {"bpfLBMode": "SNAT"}
+        assert agent.run_once() is not None
+        assert logging.getLogger("bpflb").level == logging.NOTSET
+    finally:
+        logging.getLogger("bpflb").setLevel(logging.NOTSET)
+
+
+def test_uninstall_removes_the_state_and_a_later_config_brings_it_back(tmp_path: Path) -> None:
+    pins = MemoryPins()
+    agent, datapath, source = make_agent(tmp_path, pins)
+    assert agent.run_once() is not None and pins.maps["lb_services"]
+    source.snap.config = {"bpfLBMode": "SNAT", "uninstall": "true"}
+    assert agent.run_once() is None and agent.uninstalled and datapath.uninstalled and not pins.maps
+    source.snap.config = {"bpfLBMode": "SNAT"}
+    report = agent.run_once()
+    assert report is not None and report.frontends_added == 4 and not agent.uninstalled
+    assert datapath.attached == "eth0" and datapath.loads == 2
+
+
+def test_dsr_requests_are_accepted_for_this_nodes_backends_of_the_named_frontend_only(tmp_path: Path) -> None:
+    agent, datapath, source = make_agent(tmp_path, MemoryPins(), {"bpfLBMode": "DSR"})
+    assert agent.run_once() is not None
+
+    def pair(port: int, pod: str) -> bytes:     # a NodePort's frontend is listed once, under address 0
+        return dsr_member_key(L4Addr(ANY_NODE, port, Proto.TCP), L4Addr(IPv4Address(pod), 8080, Proto.TCP))
+
+    # echo-1 and other-1 run on this node; echo-2 on node-b is not this node's to accept.
+    assert set(datapath.pins.maps["lb_dsr_backends"]) == {pair(30080, "10.0.1.1"), pair(30090, "10.0.3.1")}
+    source.snap.endpointslices = [endpoint_slice(endpoints=two_pods()[1:]), source.snap.endpointslices[1]]
+    assert agent.run_once() is not None
+    assert set(datapath.pins.maps["lb_dsr_backends"]) == {pair(30090, "10.0.3.1")}
+
+
+def test_the_neighbour_watcher_runs_from_attach_until_the_agent_ends_or_uninstalls(tmp_path: Path) -> None:
+    during: list[bool] = []
+
+    def after_sync(a: Agent, _report: object) -> None:
+        assert isinstance(a.datapath, MemoryDatapath)
+        during.append(a.datapath.watching_neighbours)
+        a.stop()
+
+    agent, datapath, _ = make_agent(tmp_path, MemoryPins(), on_sync=after_sync)
+    assert not datapath.watching_neighbours
+    agent.run()                                   # one sync (the hook stops the loop), then the agent ends
+    assert during == [True]
+    assert datapath.attached == "eth0" and not datapath.watching_neighbours   # the programs stay attached
+    (tmp_path / "other").mkdir()
+    other, memory, source = make_agent(tmp_path / "other", MemoryPins())
+    assert other.run_once() is not None and memory.watching_neighbours
+    source.snap.config = {"bpfLBMode": "SNAT", "uninstall": "true"}
+    assert other.run_once() is None and not memory.watching_neighbours
+    source.snap.config = {"bpfLBMode": "SNAT"}
+    assert other.run_once() is not None and memory.watching_neighbours       # attached again: watching again
