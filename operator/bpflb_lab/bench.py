@@ -1,7 +1,5 @@
 """`bpflb bench`: the datapath's per-packet BPF cost (BPF_PROG_TEST_RUN) for each path, with 1, 1,000
-and 10,000 Services programmed, side by side with a pass-through program measured in the same run; with
---baseline-objects, also side by side with another build's objects (an earlier commit's), alternating
-between the two at every Service count."""
+and 10,000 Services programmed, side by side with a pass-through program measured in the same run."""
 
 from __future__ import annotations
 
@@ -117,10 +115,10 @@ def _median(run: Callable[[bytes], int], frames: list[bytes]) -> float:
 
 
 def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: BpfObject,
-             xdp_pass: BpfObject, obj_dir: Path | None = None) -> Column:
+             xdp_pass: BpfObject) -> Column:
     col = Column(n)
-    obj = load_lb(None, obj_dir)
-    xdp = load_xdp(None, share_with=obj, obj_dir=obj_dir)
+    obj = load_lb(None)
+    xdp = load_xdp(None, share_with=obj)
     try:
         maps = LBMaps(obj)
         maps.set_config(NodeConfig(mode=Mode.SNAT, snat_addr=IPv4Address(NODE1), ext_ifindex=eth0))
@@ -212,59 +210,30 @@ between runs; compare the repeat-loop figures of the two rows that leave the pac
 XDP); 'growth' = largest / 1 Service."""
 
 
-# The rows the issue of flow state holds to at most 10% over the baseline: established flows and replies.
-COMPARED = ("SNAT established flow", "SNAT reply (node1)", "DSR established flow", "DSR reply (backend node)",
-            "XDP SNAT established flow", "XDP SNAT reply (node1)", "XDP DSR established flow",
-            "non-service packet", "XDP non-service packet", "SNAT new flow", "XDP SNAT new flow",
-            "DSR new flow (SYN + option)")
-
-
-def _comparison(cols: list[Column], base: list[Column], label: str) -> str:
-    head = f"{'path (median ns, repeat=1)':<33}" + "".join(
-        f"{c.services:>9,} svc: base   this  ratio" for c in cols)
-    lines = [f"side by side with {label} (same run, alternating at every Service count):", head, "-" * len(head)]
-    for path in COMPARED:
-        row = ""
-        for c, b in zip(cols, base, strict=True):
-            row += f"{'':>10}{b.single[path]:>7.0f}{c.single[path]:>7.0f}{c.single[path] / b.single[path]:>6.2f}x"
-        lines.append(f"{path:<33}{row}")
-    return "\n".join(lines)
-
-
-def run_bench(quick: bool = False, out_dir: Path | None = None, baseline: Path | None = None) -> int:
-    """The per-packet table; with baseline (a directory of another build's bpf_lb.o and bpf_xdp.o), the
-    same measured for both builds, alternately, in the same namespace, and compared."""
+def run_bench(quick: bool = False, out_dir: Path | None = None) -> int:
     samples, loops = (300, 100_000) if quick else (3000, 1_000_000)
     print(f"bpflb bench: per-packet BPF cost, {samples} packets per figure", file=sys.stderr)
     pass_obj = BpfObject(objects_dir() / "bpf_pass.o", None)
     xdp_pass = BpfObject(objects_dir() / "bpf_xdp_pass.o", None)
     cols: list[Column] = []
-    base: list[Column] = []
     try:
         with scratch_node("bpflb-bench") as sn:
             for n in SERVICE_COUNTS:
                 _progress(f"{n:,} services: programming maps and timing {len(PATHS)} paths")
                 cols.append(_measure(sn.ns, sn.eth0, n, samples, loops, pass_obj, xdp_pass))
-                if baseline is not None:
-                    _progress(f"{n:,} services: the same with the baseline objects of {baseline}")
-                    base.append(_measure(sn.ns, sn.eth0, n, samples, loops, pass_obj, xdp_pass, baseline))
     finally:
         xdp_pass.close()
         pass_obj.close()
     table = _table(cols)
-    if baseline is not None:
-        table += "\n\n" + _comparison(cols, base, f"the baseline objects in {baseline}")
     print(table)
     print()
     print(NOTE)
     out = out_dir or Path("results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-datapath.txt").write_text(table + "\n\n" + NOTE + "\n")
-    baselines: list[Column | None] = list(base) if base else [None] * len(cols)
     (out / "bench-datapath.json").write_text(json.dumps(
-        [{"services": c.services, "single_ns": c.single, "loop_ns": c.looped, "sync_s": c.sync_seconds,
-          **({"baseline_single_ns": b.single} if b else {})}
-         for c, b in zip(cols, baselines, strict=True)], indent=2))
+        [{"services": c.services, "single_ns": c.single, "loop_ns": c.looped, "sync_s": c.sync_seconds}
+         for c in cols], indent=2))
     print(f"\nwritten: {out / 'bench-datapath.txt'}, {out / 'bench-datapath.json'}", file=sys.stderr)
-    missing = [p for c in cols + base for p in PATHS if p not in c.single]
+    missing = [p for c in cols for p in PATHS if p not in c.single]
     return 1 if missing else 0

@@ -22,8 +22,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bpflb_lab.bench import run_bench
 
     out = Path(args.out) if args.out else None
-    baseline = Path(args.baseline_objects) if args.baseline_objects else None
-    rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out, baseline=baseline)
+    rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out)
     if not args.no_rates:
         from bpflb_lab.rates import run_rate_bench
 
@@ -50,9 +49,6 @@ def register(sub: Any) -> None:
     rates.add_argument("--rates-only", action="store_true",
                        help="only the forwarding and connection rates (bpflb XDP and tc, kube-proxy iptables and "
                             "nftables, each in a lab of its own)")
-    bench.add_argument("--baseline-objects", metavar="DIR",
-                       help="also measure the per-packet cost of another build's bpf_lb.o and bpf_xdp.o in DIR "
-                            "(e.g. an earlier commit's bpf_objects/build), side by side in the same run")
     bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
                        help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
     bench.set_defaults(func=cmd_bench)
