@@ -44,6 +44,12 @@ bpf_objects/build/libbpflb_maglev.so: native/maglev.c | bpf_objects/build
 bpf_objects/build/bpflb-connstorm: native/connstorm.c | bpf_objects/build
 	@echo "  CC        $@"
 	$(Q)$(CC) -O2 -Wall -Wextra -Werror -pthread $< -o $@
+# The ClusterIP benchmark's connection client and server (bpflb_lab.bench_clusterip).
+bpf: bpf_objects/build/connbench
+
+bpf_objects/build/connbench: native/connbench.c | bpf_objects/build
+	@echo "  CC        $@"
+	$(Q)$(CC) -O2 -Wall -Wextra -Werror $< -o $@
 
 clean:
 	rm -rf bpf_objects/build

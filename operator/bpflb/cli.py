@@ -30,7 +30,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"bpflb agent: --nat-port-range {exc}", file=sys.stderr)
         return 2
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
-                        nat_port_range=nat_ports)
+                        cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
+                        socket_lb=not args.no_socket_lb, nat_port_range=nat_ports)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
                        help="source ports of SNAT'd flows, each unique per (backend address, backend port, "
                             "protocol); default 32768-65535 (Cilium's range)")
+    agent.add_argument("--cgroup-root", metavar="DIR",
+                       help="the cgroup v2 directory the socket LB attaches to: every process below it (the node's "
+                            "pods and its own) is load-balanced at the socket (default: this mount namespace's "
+                            "cgroup v2 root; in a pod, the host's, mounted in)")
+    agent.add_argument("--no-socket-lb", action="store_true",
+                       help="never attach the socket LB on this node, whatever the configuration's socketLB says")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")
