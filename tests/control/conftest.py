@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.kubeapi import Credentials, KubeClient, write_kubeconfig
+from bpflb.kubeapi import KubeClient, anonymous, write_kubeconfig
 from bpflb_lab.apiserver import EmulatedAPI
 from tests.control.helpers import RunningOperator
 
@@ -27,7 +27,7 @@ def api() -> Iterator[EmulatedAPI]:
 
 @pytest.fixture
 def client(api: EmulatedAPI) -> KubeClient:
-    return KubeClient(Credentials(server=api.url))
+    return KubeClient(anonymous(api.url))
 
 
 @pytest.fixture

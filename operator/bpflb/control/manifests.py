@@ -1,4 +1,5 @@
-"""The objects the operator keeps in shape: the agents' ConfigMap and DaemonSet (kube-system/bpflb-agent),
+"""The objects the operator keeps in shape: the agents' ConfigMap and DaemonSet (bpflb-agent in bpflb's
+namespace: kube-system, or the Helm release's),
 the agents' pod settings the Helm chart hands the operator (AgentPod, read from --agent-pod-config), and
 the subset comparison that decides whether a live object still matches what the operator wants."""
 
@@ -93,15 +94,15 @@ class AgentPod:
         return cls.from_mapping(data, where=str(path))
 
 
-def agent_configmap(data: dict[str, str]) -> KubeObject:
+def agent_configmap(data: dict[str, str], namespace: str = NAMESPACE) -> KubeObject:
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": AGENT_CONFIG_NAME, "namespace": NAMESPACE, "labels": {**SELECTOR, **MANAGED}},
+        "metadata": {"name": AGENT_CONFIG_NAME, "namespace": namespace, "labels": {**SELECTOR, **MANAGED}},
         "data": dict(data),
     }
 
 
-def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> KubeObject:
+def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, namespace: str = NAMESPACE) -> KubeObject:
     """The agents' DaemonSet. Its pod template carries nothing of the configuration: agents read the
     ConfigMap through the API, so a mode change reprograms them without restarting a pod."""
     pod = pod or AgentPod()
@@ -116,8 +117,9 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
                         "--pin-root", PIN_ROOT],
-            "env": [{"name": "NODE_NAME",
-                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+            # The agent finds its ConfigMap and writes its report in its own namespace (POD_NAMESPACE).
+            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
             # Root with three capabilities, not privileged: the image's default user is unprivileged
             # (the operator's), so the agent says it runs as uid 0.
             "securityContext": {
@@ -147,7 +149,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
         spec["containers"][0]["resources"] = copy.deepcopy(pod.resources)
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": DAEMONSET_NAME, "namespace": NAMESPACE, "labels": {**SELECTOR, **MANAGED}},
+        "metadata": {"name": DAEMONSET_NAME, "namespace": namespace, "labels": {**SELECTOR, **MANAGED}},
         "spec": {
             "selector": {"matchLabels": dict(SELECTOR)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},

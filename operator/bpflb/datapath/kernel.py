@@ -8,11 +8,13 @@ import logging
 import socket
 from pathlib import Path
 
-from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.fill import kernel_fill
 from bpflb.datapath.lbmaps import LBMaps
 from bpflb.datapath.loader import (
     BpfObject,
+    Map,
     load_lb,
     load_xdp,
     remove_pins,
@@ -97,6 +99,9 @@ class KernelDatapath(MapsDatapath):
         log.info("xdpAcceleration %s: XDP program attached in %s mode; remote-backend flows and SNAT "
                  "replies are forwarded at XDP, everything else by tc", acceleration, report.acceleration)
         self.acceleration = acceleration
+
+    def _fill(self, m: Map) -> MapFill | None:
+        return kernel_fill(m)
 
     def uninstall(self, device: str | None) -> None:
         if device:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from bpflb.kubeapi import ApiError, Credentials, KubeClient, resource_path
+from bpflb.kubeapi import ApiError, KubeClient, anonymous, resource_path
 from bpflb_lab.lab import netns, topology
 from bpflb_lab.lab.cluster import ClusterDir
 from bpflb_lab.lab.errors import LabError
@@ -101,7 +101,7 @@ def module_config(mode: str, tunnel: str, algorithm: str) -> dict[str, Any]:
 
 
 def _client() -> KubeClient:
-    return KubeClient(Credentials(server=API_URL), user_agent="bpflb-lab")
+    return KubeClient(anonymous(API_URL), user_agent="bpflb-lab")
 
 
 def _call(verb: str, path: str, body: Any = None) -> Any:
