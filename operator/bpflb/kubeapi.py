@@ -114,21 +114,6 @@ def _tune(cfg: kubernetes.client.Configuration) -> None:
     cfg.connection_pool_maxsize = 16
 
 
-def _strip_token(cfg: kubernetes.client.Configuration) -> None:
-    """Token files often end in a newline, which is no part of an HTTP header."""
-    for key in ("BearerToken", "authorization"):
-        if isinstance(cfg.api_key.get(key), str):
-            cfg.api_key[key] = cfg.api_key[key].strip()
-    hook = cfg.refresh_api_key_hook
-    if hook is not None:
-        def refresh(c: kubernetes.client.Configuration) -> None:
-            hook(c)
-            for key in ("BearerToken", "authorization"):
-                if isinstance(c.api_key.get(key), str):
-                    c.api_key[key] = c.api_key[key].strip()
-        cfg.refresh_api_key_hook = refresh
-
-
 def _kubeconfig_users(paths: list[str], context: str | None) -> dict[str, Any]:
     """The user entry the kubeconfig's (given or current) context names, read the way the merge does (first
     file that defines a name wins), for the checks the kubernetes package leaves out."""
@@ -182,7 +167,6 @@ def load_kubeconfig(path: str | os.PathLike[str] | None = None, context: str | N
                          "(its error is logged above)")
     if not str(cfg.host).startswith(("http://", "https://")):
         raise ValueError(f"{where}: the cluster's server must be an http(s) URL; got {cfg.host!r}")
-    _strip_token(cfg)
     _tune(cfg)
     refreshes = bool("exec" in user or provider or cfg.refresh_api_key_hook)
     return _check_transport(ClientConfig(cfg, source=where, refreshes=refreshes))
@@ -203,7 +187,6 @@ def in_cluster(service_account_dir: Path | None = None, token_refresh: float = T
         loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
     except ConfigException as exc:
         raise ValueError(f"in-cluster service account ({directory}): {exc}") from exc
-    _strip_token(cfg)
     _tune(cfg)
     return _check_transport(ClientConfig(cfg, source=f"in-cluster service account ({directory})", refreshes=True))
 
@@ -298,7 +281,7 @@ class KubeClient:
         """The current credentials (a rotating token is read again first), for kopf's login handler."""
         cfg = self.config.configuration
         with self._lock:
-            header = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
+            header = (cfg.get_api_key_with_prefix("BearerToken", alias="authorization") or "").strip()
         scheme, _, token = (header or "").partition(" ") if header and " " in header else (None, "", header)
         ca_data = cfg.ca_cert_data.decode() if isinstance(cfg.ca_cert_data, bytes) else cfg.ca_cert_data
         expiration = (datetime.datetime.now(tz=datetime.UTC) + datetime.timedelta(seconds=refresh_every)
@@ -318,6 +301,8 @@ class KubeClient:
                 method, url, headers, body, post = self.api.param_serialize(
                     method, path, query_params=list((params or {}).items()), header_params=headers, body=body,
                     auth_settings=["BearerToken"])
+            if "authorization" in headers:      # token files often end in a newline, no part of a header
+                headers["authorization"] = headers["authorization"].strip()
             answer = self.api.call_api(method, url, headers, body, post,
                                        _request_timeout=timeout or (CONNECT_TIMEOUT, self.timeout))
         except (urllib3.exceptions.HTTPError, OSError) as exc:

@@ -138,7 +138,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     _revision_now: int = attrs.field(default=0, init=False)
     _history: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)
-    _compacted: int = attrs.field(default=0, init=False)   # a watch from below this revision gets 410 Gone
+    _compacted: int = attrs.field(default=0, init=False)   # resuming from below this revision: 410 Gone
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _buses: Any = attrs.field(default=attrs.Factory(lambda self: _Buses(self), takes_self=True), init=False)
     bookmark_interval: float = 10.0      # seconds between BOOKMARK events on a quiet watch that asked for them
@@ -173,12 +173,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     def compact(self, keep: int = 0) -> None:
         """Forget the history but its last `keep` events, as etcd's compaction does: a watch from an older
         resourceVersion, or a list continued from one, then gets 410 Gone."""
-        dropped = self._history[:len(self._history) - keep] if keep else self._history
-        if dropped:
-            self._compacted = dropped[-1][0] + 1
-        self._history = self._history[len(self._history) - keep:] if keep else []
-        if not keep:
-            self._compacted = self._revision_now + 1
+        dropped = self._history[:len(self._history) - keep]
+        self._history = self._history[len(dropped):]
+        # Resuming from the newest forgotten event still misses nothing; from before it would.
+        self._compacted = dropped[-1][0] if dropped and keep else self._revision_now
 
     # -- requests ---------------------------------------------------------------------------------------
 
