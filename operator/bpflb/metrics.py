@@ -37,10 +37,10 @@ Check = Callable[[], tuple[bool, str]]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
-    """'ADDR:PORT' (or ':PORT') -> (addr, port); ValueError naming what was expected."""
+    """'ADDR:PORT' (or ':PORT'; port 0: any free one) -> (addr, port); ValueError naming what was expected."""
     addr, _, port = listen.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"listen address {listen!r}: expected ADDR:PORT with a port 1-65535")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"listen address {listen!r}: expected ADDR:PORT with a port 0-65535")
     return addr.strip("[]") or "0.0.0.0", int(port)
 
 
