@@ -21,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpflb.control import operator as op_module
-from bpflb.control.operator import status_loop_alive
+from bpflb.control.leader import LeaseTimes
+from bpflb.control.operator import LeadershipLost, status_loop_alive
 from bpflb.control.report import now_rfc3339, orphaned
 from bpflb.kubeapi import KubeClient, load_config, write_kubeconfig
 from bpflb_lab.apiserver import EmulatedAPI, TLSFiles
@@ -196,3 +197,15 @@ def test_the_operator_serves_its_probe_and_metrics(client: KubeClient,
     stuck.last_round = time.monotonic() - 2 * op_module.STATUS_STALE
     with pytest.raises(kopf.PermanentError, match="the status loop has not turned for"):
         status_loop_alive(kopf.Memo(state=stuck))
+
+
+def test_a_leader_that_cannot_renew_its_lease_stops_acting(api: EmulatedAPI, client: KubeClient,
+                                                           start_operator: Callable[..., RunningOperator]) -> None:
+    add_nodes(client)
+    client.create(MC_PATH, module_config("SNAT"))
+    op = start_operator(lease=LeaseTimes(duration=3, renew_deadline=2, retry_period=0.3))
+    wait_for("the agents' ConfigMap", lambda: client.get(CM_PATH) is not None)
+    api.stop()                                   # a partition: no renewal gets through
+    wait_for("the operator to stop acting", lambda: op.thread is not None and not op.thread.is_alive(), timeout=30)
+    assert len(op.error) == 1 and isinstance(op.error[0], LeadershipLost), op.error
+    assert "lost the Lease kube-system/bpflb-operator" in str(op.error[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,8 @@ class LeaseElector:
         self._observed_at = 0.0                           # when it last changed, by our monotonic clock
         self.last_renew = 0.0                             # monotonic time of our last successful write
         self.holder: str | None = None                    # who held it when last looked at
+        self._lock = threading.Lock()                     # an attempt still running when release() comes
+        self._released = False
 
     @property
     def leading(self) -> bool:
@@ -66,16 +69,20 @@ class LeaseElector:
                 "acquireTime": acquire, "renewTime": _micro_time(), "leaseTransitions": transitions}
 
     def try_acquire_or_renew(self) -> bool:
-        """One attempt: True when we hold the Lease now (created, taken over or renewed)."""
-        try:
-            lease = self.client.get(self.path)
-            if lease is None:
-                return self._create()
-            return self._update(lease)
-        except ApiError as exc:
-            if exc.status != 409:
-                log.warning("leader election: Lease %s/%s: %s", self.namespace, self.name, exc)
-            return False
+        """One attempt: True when we hold the Lease now (created, taken over or renewed). Never after
+        release()."""
+        with self._lock:
+            if self._released:
+                return False
+            try:
+                lease = self.client.get(self.path)
+                if lease is None:
+                    return self._create()
+                return self._update(lease)
+            except ApiError as exc:
+                if exc.status != 409:
+                    log.warning("leader election: Lease %s/%s: %s", self.namespace, self.name, exc)
+                return False
 
     def _create(self) -> bool:
         spec = self._spec(_micro_time(), 0)
@@ -114,9 +121,13 @@ class LeaseElector:
         self._observed_at = self.last_renew
 
     def release(self) -> None:
-        """Give the Lease up (a clean stop): a standby takes it at its next attempt."""
-        if self.holder != self.identity:
-            return
+        """Give the Lease up (a clean stop): a standby takes it at its next attempt. No attempt after this."""
+        with self._lock:
+            self._released = True
+            if self.holder == self.identity:
+                self._release()
+
+    def _release(self) -> None:
         try:
             lease = self.client.get(self.path)
             if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:

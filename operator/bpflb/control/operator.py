@@ -631,12 +631,14 @@ async def _lead(state: State, elector: LeaseElector, stop_flag: Any, common: dic
         log.error("leader election: could not renew Lease %s/%s for %.0fs: %s stops acting", elector.namespace,
                   elector.name, elector.times.renew_deadline, elector.identity)
     inner.set()
-    for task in (renewing, stopping):
-        task.cancel()
+    stopping.cancel()
     state.metrics.leading(False)
     try:
-        await acting
+        await acting                  # still renewing while kopf winds down: nobody else acts meanwhile
     finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
         if lost:
             raise LeadershipLost(f"lost the Lease {elector.namespace}/{elector.name}")
         await asyncio.to_thread(elector.release)
