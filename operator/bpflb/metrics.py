@@ -30,7 +30,7 @@ log = logging.getLogger("bpflb.metrics")
 AGENT_METRICS_PORT = 9962       # Cilium's agent metrics port
 OPERATOR_METRICS_PORT = 9963    # Cilium's operator metrics port
 LIVENESS_STALE = 60.0           # the agent is not live when its loop has not turned for this long
-FILL_INTERVAL = 10.0            # map fill levels are counted at most this often (a scrape storm costs nothing)
+FILL_INTERVAL = 5.0             # map fill levels are counted at most this often (a scrape storm costs nothing)
 DROP_PREFIX = "drop_"
 
 Check = Callable[[], tuple[bool, str]]

@@ -24,6 +24,7 @@ MANAGED = {"app.kubernetes.io/managed-by": "bpflb-operator"}
 # What the agent needs and nothing more: load BPF objects and maps (BPF), attach them to a device with tc
 # and use the networking helpers (NET_ADMIN), and the verifier's pointer rules for tc programs (PERFMON).
 CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
+METRICS_PORT = 9962           # the agents' metrics and probes (Cilium's agent metrics port), on the node
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class AgentPod:
     resources: dict[str, Any] = field(default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}})
     tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
     nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    metricsPort: int = METRICS_PORT
 
     @classmethod
     def from_mapping(cls, data: Any, where: str = "agent pod settings") -> AgentPod:
@@ -82,6 +84,11 @@ class AgentPod:
         if "nodeSelector" in data:
             selector = expect("nodeSelector", dict, "a mapping of label to value")
             out["nodeSelector"] = {str(k): str(v) for k, v in selector.items()}
+        if "metricsPort" in data:
+            port = expect("metricsPort", int, "a port number 1-65535")
+            if not 0 < port < 65536:
+                raise ValueError(f"{where}: metricsPort: must be a port number 1-65535; got {port!r}")
+            out["metricsPort"] = port
         return cls(**out)
 
     @classmethod
@@ -116,7 +123,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, nam
             "image": image,
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                        "--pin-root", PIN_ROOT],
+                        "--pin-root", PIN_ROOT, f"--metrics-listen=0.0.0.0:{pod.metricsPort}"],
             # The agent finds its ConfigMap and writes its report in its own namespace (POD_NAMESPACE).
             "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
@@ -131,6 +138,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, nam
             },
             "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
                               "mountPropagation": "HostToContainer"}],
+            **agent_probes(pod.metricsPort),
         }],
         # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
         # frontend and every open flow.
@@ -155,6 +163,20 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, nam
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "template": {"metadata": {"labels": dict(SELECTOR)}, "spec": spec},
         },
+    }
+
+
+def agent_probes(port: int) -> dict[str, Any]:
+    """The agent container's metrics port and probes (bpflb.metrics): live while its loop turns, ready once
+    its first full sync is done. hostNetwork: the port is the node's."""
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "metrics", "scheme": "HTTP"}, "periodSeconds": period,
+                "timeoutSeconds": 5, "failureThreshold": failures, "successThreshold": 1}
+
+    return {
+        "ports": [{"name": "metrics", "containerPort": port, "hostPort": port, "protocol": "TCP"}],
+        "livenessProbe": probe("/healthz", 10, 6),
+        "readinessProbe": probe("/readyz", 5, 3),
     }
 
 
