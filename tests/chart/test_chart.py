@@ -398,8 +398,8 @@ def test_bad_values_fail_with_their_message(values: dict[str, Any], where: str, 
 
 
 TEMPLATE_FAILURES = [
-    ({"operator": {"replicas": 2}}, NAMESPACE, "operator.replicas > 1 with the webhook needs a certificate all "
-     "replicas share: set webhook.tls.existingSecret"),
+    ({"operator": {"replicas": 2}}, NAMESPACE,
+     "operator.replicas > 1 with the webhook needs a certificate all replicas share: set webhook.tls.existingSecret"),
     ({"webhook": {"tls": {"existingSecret": "tls"}}}, NAMESPACE,
      "webhook.tls.existingSecret needs the CA that verifies it"),
     ({"webhook": {"tls": {"caBundle": CA}}}, NAMESPACE,
