@@ -20,6 +20,7 @@ from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.metrics import AgentMetrics
 from bpflb.model.cluster import (
     cluster_prefixes,
+    dsr_backends,
     dsr_frontends,
     local_backends,
     network_settings,
@@ -28,7 +29,7 @@ from bpflb.model.cluster import (
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
 from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.types import Algorithm, DesiredState, Frontend, FrontendKind, L4Addr, Mode
 from bpflb.sources.base import Source
 
 log = logging.getLogger("bpflb.agent")
@@ -40,6 +41,8 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
+    cgroup_root: Path | None = None    # the socket LB's cgroup v2 directory; None: this mount namespace's root
+    socket_lb: bool = True             # False (--no-socket-lb): never the socket LB on this node, whatever socketLB says
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -58,7 +61,7 @@ def device_for_address(addr: IPv4Address) -> str | None:
 def _describe(fe: Frontend) -> str:
     names = ", ".join(b.name for b in fe.backends) or ("reject: no endpoints" if fe.no_endpoints
                                                         else "drop: no local endpoint")
-    policy = " (eTP Local)" if fe.local_only else ""
+    policy = "" if not fe.local_only else " (iTP Local)" if fe.kind is FrontendKind.CLUSTER_IP else " (eTP Local)"
     selection = ""
     if fe.algorithm == Algorithm.MAGLEV or fe.affinity_timeout:
         selection = " " + ", ".join(filter(None, ["Maglev" if fe.algorithm == Algorithm.MAGLEV else "",
@@ -79,7 +82,7 @@ class Agent:
         if datapath is None:
             from bpflb.datapath.kernel import KernelDatapath
 
-            datapath = KernelDatapath(opts.pin_root)
+            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root)
         self.datapath: Datapath = datapath
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
@@ -149,17 +152,21 @@ class Agent:
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=frozenset(dsr_frontends(state, node_addresses(snap))),
+            dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
-            nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
+            nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration,
+            socket_lb=self._socket_lb(config.settings.socketLB))
         done = self.datapath.program(want)
         for action in done.network_actions:
             log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
+        for action in done.in_cluster_actions:
+            log.info("in-cluster: %s", action)
         for text in done.problems:
             self._problem(text)
         if done.cluster_changes:
-            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
-                     "(%d keys changed)", *done.cluster_sizes, done.cluster_changes)
+            log.info("cluster view: %d DSR frontends, %d (frontend, local backend) pairs DSR requests may reach, "
+                     "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
+                     *done.cluster_sizes, done.cluster_changes)
         if done.sync.config_changed:
             log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
                      network.tunnel.label, state.node_addrs[0])
@@ -167,6 +174,21 @@ class Agent:
         self._log_frontend_changes(self.state, state)
         self.state = state
         return done.sync
+
+    def _socket_lb(self, setting: bool) -> bool:
+        """socketLB as the configuration says it, unless this agent was started with --no-socket-lb."""
+        if setting and not self.opts.socket_lb:
+            self._problem("the agent's --no-socket-lb keeps the socket LB off on this node (the configuration's "
+                          "socketLB is true); in-cluster connections of pods go through the pod-facing path")
+        return setting and self.opts.socket_lb
+
+    def _refresh_pods(self) -> None:
+        """Between syncs: a pod whose veth was just wired gets the pod-facing path now, not at the next sync."""
+        try:
+            for action in self.datapath.refresh_pods():
+                log.info("in-cluster: %s", action)
+        except Exception:
+            log.exception("pod path: attaching to new pod veths failed; the next sync retries")
 
     def _set_debug_logging(self, on: bool) -> None:
         """debugLogging: the agent's loggers at DEBUG, or back at the command line's level."""
@@ -214,8 +236,10 @@ class Agent:
                 self.heartbeat = time.monotonic()
                 if self.source.wait_for_change(0.5):
                     break
+                self._refresh_pods()
                 if time.monotonic() - last_full > self.opts.resync_interval:
                     break
+        self.datapath.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its

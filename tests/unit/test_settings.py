@@ -99,7 +99,7 @@ class Node:
         return {"mode": dp.maps.mode(), "algorithm": front.algorithm, "acceleration": dp.acceleration,
                 "tunnel": network.tunnel if network else None, "routes": network.create_node_routes if network else None,
                 "maglev": dp.maps.maglev_cfg.lookup(dp.maps.maglev_cfg.new_key()).table_size, "debug": self.debug,
-                "uninstalled": dp.uninstalled}
+                "socket_lb": dp.socket_lb, "uninstalled": dp.uninstalled}
 
 
 CHANGES: dict[str, tuple[Any, Callable[[dict[str, Any]], bool]]] = {
@@ -111,6 +111,7 @@ CHANGES: dict[str, tuple[Any, Callable[[dict[str, Any]], bool]]] = {
     "lbAlgorithm": ("Maglev", lambda v: v["algorithm"] == Algorithm.MAGLEV),
     "maglevTableSize": (65521, lambda v: v["maglev"] == 65521),
     "xdpAcceleration": ("Native", lambda v: v["acceleration"] == "Native"),
+    "socketLB": (False, lambda v: v["socket_lb"] is None),
 }
 
 
@@ -174,7 +175,7 @@ def test_update_policy_and_source_are_said_once_in_the_log(caplog: pytest.LogCap
 def test_settings_reach_the_configmap_and_come_back_unchanged() -> None:
     settings = CiliumSettings(bpfLBMode="SNAT", tunnelMode="VXLAN", createNodeRoutes=False, debugLogging=True,
                               extraLoadBalancerAlgorithmsEnabled=True, lbAlgorithm="Maglev", maglevTableSize=4093,
-                              xdpAcceleration="BestEffort")
+                              xdpAcceleration="BestEffort", socketLB=False)
     data = agent_config_data(settings)
     config, problems = decode_agent_config(data)
     assert problems == [] and config.settings == settings and config.generation == data["configGeneration"]

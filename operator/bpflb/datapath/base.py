@@ -1,19 +1,21 @@
 """The seam between the agent and the BPF adapter: one interface (load, attach, program a desired state,
 read counters and map fill levels, uninstall) with two implementations, the kernel's (datapath.kernel) and an in-memory one
-(datapath.memory) for the agent's logic tests without root; both program maps through LBMaps and
-ClusterMaps, so the entries they hold are byte for byte the same."""
+(datapath.memory) for the agent's logic tests without root; both program maps through LBMaps,
+ClusterMaps and EastWestMaps, so the entries they hold are byte for byte the same."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
 
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import Map
 from bpflb.datapath.mapdiff import MapMirror
-from bpflb.model.cluster import NetworkSettings, NodeInfo
+from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
 from bpflb.model.types import DesiredState, L4Addr, Mode
 
 
@@ -36,13 +38,15 @@ class NodeProgram:
 
     state: DesiredState                         # frontends, backends, selection settings
     config: NodeConfig                          # lb_config (ext_ifindex is the datapath's own)
-    dsr_frontends: frozenset[L4Addr] = frozenset()
+    dsr_frontends: Mapping[L4Addr, DsrFrontendKind] = field(default_factory=dict)
+    dsr_backends: frozenset[tuple[L4Addr, L4Addr]] = frozenset()   # (frontend, local backend) DSR may reach
     local_backends: frozenset[L4Addr] = frozenset()
     prefixes: frozenset[IPv4Network] = frozenset()
     nodes: tuple[NodeInfo, ...] = ()            # every node: the tunnel map, the overlay's peers
     me: NodeInfo | None = None
     network: NetworkSettings = field(default_factory=NetworkSettings)
     acceleration: str = "Disabled"              # xdpAcceleration
+    socket_lb: bool = True                      # socketLB, unless the agent's --no-socket-lb says no
 
 
 @dataclass
@@ -51,10 +55,12 @@ class ProgramReport:
 
     sync: SyncReport
     cluster_changes: int = 0
-    cluster_sizes: tuple[int, int, int] = (0, 0, 0)   # DSR frontends, local backends, cluster prefixes
+    # DSR frontends, (frontend, local backend) pairs DSR requests may reach, local backends, cluster prefixes
+    cluster_sizes: tuple[int, int, int, int] = (0, 0, 0, 0)
     network_actions: list[str] = field(default_factory=list)
     acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
     problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
+    in_cluster_actions: list[str] = field(default_factory=list)   # socket LB and pod path changes
 
 
 class Datapath(Protocol):
@@ -85,8 +91,18 @@ class Datapath(Protocol):
         """How full each bounded map is, by map name (arrays, full by construction, left out)."""
         ...
 
+    def refresh_pods(self) -> list[str]:
+        """Give pods' veths that appeared since the last program() the pod-facing path; what was done.
+        Cheap when nothing changed (called between syncs)."""
+        ...
+
     def uninstall(self, device: str | None) -> None:
         """Detach from device and remove every pinned map; load() starts afresh after this."""
+        ...
+
+    def close(self) -> None:
+        """Stop what attach() started in this process beside the programs (the neighbour watcher); the
+        programs stay attached and the maps pinned, for the next agent."""
         ...
 
 
@@ -97,6 +113,7 @@ class MapsDatapath:
     def __init__(self) -> None:
         self.maps: LBMaps | None = None
         self.cluster: ClusterMaps | None = None
+        self.east_west: EastWestMaps | None = None
         self.device: str | None = None
         self.ifindex = 0
 
@@ -111,6 +128,12 @@ class MapsDatapath:
     def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
         """Put the XDP fast path in front of tc, or take it away (overridden by the kernel datapath)."""
 
+    def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:
+        """Attach or detach the socket LB, give the pods' veths the pod-facing path (overridden by both)."""
+
+    def refresh_pods(self) -> list[str]:
+        return []
+
     def program(self, want: NodeProgram) -> ProgramReport:
         assert self.maps is not None and self.cluster is not None, "program() before load()"
         report = ProgramReport(SyncReport())
@@ -118,14 +141,18 @@ class MapsDatapath:
         # frontend, and know every tunnel endpoint, before any node (itself included) starts sending them.
         report.network_actions = self._network(want)
         report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
-                                                   want.nodes)
-        report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.local_backends.entries),
-                                len(self.cluster.cidrs.entries))
+                                                   want.nodes, want.dsr_backends)
+        report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.dsr_backends.entries),
+                                len(self.cluster.local_backends.entries), len(self.cluster.cidrs.entries))
         self._accelerate(want.acceleration, report)
         config = NodeConfig(**{**want.config.__dict__, "ext_ifindex": self.ifindex})
         config_changed = self.maps.set_config(config)
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
+        # In-cluster paths last: they read the frontends just written; the pod path's sources first.
+        if self.east_west is not None:
+            self.east_west.sync(want.me.pod_cidrs if want.me else ())
+        self._in_cluster(want, report)
         return report
 
     def counters(self) -> dict[str, int]:
@@ -133,9 +160,10 @@ class MapsDatapath:
         return self.maps.stats()
 
     def open_maps(self) -> list[Map]:
-        """Every map this datapath programs or reads, once each (the attributes of LBMaps and ClusterMaps)."""
+        """Every map this datapath programs, once each (the attributes of LBMaps, ClusterMaps, EastWestMaps);
+        the kernel datapath adds those only its programs write (conntrack, ...)."""
         found: dict[str, Map] = {}
-        for holder in (self.maps, self.cluster):
+        for holder in (self.maps, self.cluster, self.east_west):
             for value in list(vars(holder).values()) if holder is not None else []:
                 m = value.map if isinstance(value, MapMirror) else value
                 if isinstance(m, Map):

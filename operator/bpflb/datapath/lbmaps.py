@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import const, ffi, lib, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
@@ -27,6 +28,7 @@ _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
     FrontendKind.LOADBALANCER: "LB_SVC_F_LOADBALANCER",
     FrontendKind.EXTERNAL_IP: "LB_SVC_F_EXTERNAL_IP",
+    FrontendKind.CLUSTER_IP: "LB_SVC_F_CLUSTER_IP",
 }
 
 
@@ -63,13 +65,15 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    internal_views_changed: int = 0   # lb_internal_view entries written or removed
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
-                    or self.affinity_members_written or self.affinity_members_removed)
+                    or self.affinity_members_written or self.affinity_members_removed
+                    or self.internal_views_changed)
 
 
 def _be16(port: int) -> int:
@@ -110,6 +114,7 @@ def _pair(a: int, b: int) -> bytes:
     return a.to_bytes(4, "little") + b.to_bytes(4, "little")
 
 
+_NOT_IN_CLUSTER = bytes(8)           # an all-zero struct lb_l4_key (checked in tests/bpf/test_clusterip_tc.py)
 _BLOCK = 8192                        # LB_MAGLEV_BLOCK (checked against the header in LBMaps.__init__)
 _BLOCK_BYTES = 2 * _BLOCK
 _MEMBER = _u32(1)
@@ -185,6 +190,8 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.internal_view: Map = obj.map("lb_internal_view")
+        self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
@@ -192,6 +199,7 @@ class LBMaps:
         self._am_m = MapMirror(self.affinity_members)
         self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
                                                    self._am_m.entries)
+        self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
@@ -306,6 +314,16 @@ class LBMaps:
                                                                state.settings.maglev_seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
         report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
+        # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
+        # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
+        # to in-cluster clients (east_west.h).
+        want_iv: dict[bytes, bytes] = {}
+        for fe in state.frontends.values():
+            if not fe.in_cluster:
+                want_iv[l4_key(fe.l4)] = _NOT_IN_CLUSTER
+            elif fe.internal is not None:
+                want_iv[l4_key(fe.l4)] = l4_key(fe.internal)
+        report.internal_views_changed = self._iv_m.sync(want_iv)
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []
         stale_slots: list[bytes] = []
@@ -343,6 +361,10 @@ class LBMaps:
         self.config.update(zero, want)
         return True
 
+    def set_icmp_limit(self, rate: int, burst: int) -> bool:
+        """The node's ICMP error budget (errors per second, burst); True when it changed."""
+        return set_icmp_limit(self.icmp_rl, rate, burst)
+
     def mode(self) -> Mode | None:
         current = self.config.lookup(ffi().new("__u32 *", 0))
         return None if current is None else Mode(current.mode)
@@ -354,6 +376,20 @@ class LBMaps:
     def flows(self) -> list[Any]:
         """Decoded forward conntrack entries (for `bpflb flows` and tests)."""
         return [(self.ct_fwd.decode_key(k), self.ct_fwd.decode_value(v)) for k, v in self.ct_fwd.items_raw()]
+
+
+def set_icmp_limit(m: Map, rate: int, burst: int) -> bool:
+    """Write rate and burst into lb_icmp_rl (the datapath's own defaults, 1000/s and 50 like the kernel's
+    icmp_msgs_per_sec/_burst, hold while it is zero); the token bucket restarts full.  Unchanged values are
+    left alone, bucket included.  True when written."""
+    if not (0 < rate < 2**32 and 0 < burst < 2**32):
+        raise ValueError(f"ICMP rate limit: rate and burst must be 1..{2**32 - 1}; got {rate}/s, burst {burst}")
+    zero = ffi().new("__u32 *", 0)
+    current = m.lookup(zero)
+    if current is not None and (current.rate, current.burst) == (rate, burst):
+        return False
+    m.update(zero, ffi().new("struct lb_icmp_rl *", {"rate": rate, "burst": burst}))
+    return True
 
 
 def read_stats(stats_map: Map) -> dict[str, int]:

@@ -1,6 +1,7 @@
-"""Services for the translation: every frontend a Service asks for on this node (NodePorts on the node's
-addresses, LoadBalancer ingress IPs, externalIPs), with its policy, selection settings and backends, each
-bad field skipped at the smallest unit that holds it; two Services wanting one frontend: the first keeps it."""
+"""Services for the translation: every frontend a Service asks for on this node (its clusterIP, NodePorts on
+the node's addresses, LoadBalancer ingress IPs, externalIPs), with its policy, selection settings and
+backends, each bad field skipped at the smallest unit that holds it; two Services wanting one frontend: the
+first keeps it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,16 @@ from bpflb.model.fields import (
     _str,
 )
 from bpflb.model.messages import show as _show
-from bpflb.model.types import AgentSettings, Algorithm, Frontend, FrontendKind, L4Addr, Problem, Proto
+from bpflb.model.types import (
+    AgentSettings,
+    Algorithm,
+    Backend,
+    Frontend,
+    FrontendKind,
+    L4Addr,
+    Problem,
+    Proto,
+)
 from bpflb.sources.base import KubeObject
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -75,6 +85,35 @@ def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
             yield addr, path
 
 
+def _cluster_ips(spec: dict[str, Any], obj: str, problems: list[Problem]) -> list[tuple[IPv4Address, str]]:
+    """The Service's IPv4 clusterIP with its field path: spec.clusterIPs (dual-stack: at most one per family)
+    or else spec.clusterIP; unset (""), IPv6 and None-valued entries give nothing, bad ones a Problem."""
+    values = _list(spec.get("clusterIPs"), "spec.clusterIPs")
+    paths = [f"spec.clusterIPs[{i}]" for i in range(len(values))]
+    if not values:
+        values, paths = [spec.get("clusterIP")], ["spec.clusterIP"]
+    out: list[tuple[IPv4Address, str]] = []
+    for value, path in zip(values, paths, strict=True):
+        if value is None or value == "":
+            continue
+        try:
+            addr = _ipv4(value, path, "a clusterIP")
+        except _Invalid as bad:
+            problems.append(Problem(obj, bad.field, bad.reason))
+            continue
+        if addr is not None and all(addr != a for a, _ in out):
+            out.append((addr, path))
+    return out
+
+
+def _policy(spec: dict[str, Any], field: str) -> bool:
+    """True for a traffic policy field set to Local; Cluster (the default) is False."""
+    policy = _str(spec.get(field), f"spec.{field}", "Cluster")
+    if policy not in ("Cluster", "Local"):
+        raise _Invalid(f"spec.{field}", f"expected Cluster or Local; got {_show(policy)}")
+    return policy == "Local"
+
+
 def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
     obj = f"Service {meta.key}"
     if SERVICE_PROXY_NAME_LABEL in meta.labels:
@@ -89,11 +128,9 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         if kind == "ExternalName":
             return              # a DNS alias, never proxied
         external_ips = _list(spec.get("externalIPs"), "spec.externalIPs")
-        if kind == "ClusterIP" and not external_ips:
-            return              # only reachable inside the cluster: not ours
-        policy = _str(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", "Cluster")
-        if policy not in ("Cluster", "Local"):
-            raise _Invalid("spec.externalTrafficPolicy", f"expected Cluster or Local; got {_show(policy)}")
+        local_only = _policy(spec, "externalTrafficPolicy")
+        internal_local = _policy(spec, "internalTrafficPolicy")
+        cluster_ips = _cluster_ips(spec, obj, ctx.problems)
         affinity_timeout = _affinity_timeout(spec)
         ports = _list(spec.get("ports"), "spec.ports")
         if not ports:
@@ -115,7 +152,6 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         return
 
     algorithm = _algorithm(meta, obj, ctx)
-    local_only = policy == "Local"
     node_port_field = kind in ("NodePort", "LoadBalancer")
     lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx.problems))
     ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx.problems))
@@ -140,7 +176,8 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
             continue
         used_ports[name, proto] = i
 
-        wanted: list[tuple[L4Addr, FrontendKind, str]] = []
+        wanted: list[tuple[L4Addr, FrontendKind, str]] = [
+            (L4Addr(a, port, proto), FrontendKind.CLUSTER_IP, path) for a, path in cluster_ips]
         if node_port is not None:
             wanted += [(L4Addr(a, node_port, proto), FrontendKind.NODEPORT, f"{field}.nodePort")
                        for a in ctx.node_addrs]
@@ -148,7 +185,10 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         wanted += [(L4Addr(a, port, proto), FrontendKind.EXTERNAL_IP, path) for a, path in ext_ips]
         if not wanted:
             continue
-        backends, draining, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
+        # The port's endpoints under each traffic policy its frontends use: the ClusterIP internalTrafficPolicy,
+        # the others externalTrafficPolicy (computed once when both are alike).
+        views: dict[bool, tuple[tuple[Backend, ...], tuple[Backend, ...], bool]] = {}
+        internal: L4Addr | None = None
         owner = _Owner(meta.key, i)
         for l4, fe_kind, path in wanted:
             first = ctx.owners.get(l4)
@@ -160,10 +200,18 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
                 ctx.problems.append(Problem(obj, path, f"frontend {l4} is already used by {holder}; skipped"))
                 continue
             ctx.owners[l4] = owner
+            policy_local = internal_local if fe_kind is FrontendKind.CLUSTER_IP else local_only
+            if policy_local not in views:
+                views[policy_local] = _backends(slices, name, proto, ctx.node_name, policy_local)
+            backends, draining, no_endpoints = views[policy_local]
             ctx.frontends[l4] = Frontend(
-                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=local_only,
+                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=policy_local,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
-                affinity_timeout=affinity_timeout, draining=draining)
+                affinity_timeout=affinity_timeout, draining=draining,
+                internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal,
+                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs)
+            if fe_kind is FrontendKind.CLUSTER_IP and internal is None:
+                internal = l4
 
 
 def _affinity_timeout(spec: dict[str, Any]) -> int:

@@ -79,6 +79,25 @@ class Workloads(LabParts):
                 return f"service/{name} deleted"
         raise LabError(f"cannot delete kind {kind!r}: pod or service")
 
+    def replace_pod(self, name: str) -> None:
+        """A new pod in the place of an old one, as when a pod is deleted and its address given to the next
+        pod on its node: same name, node and address, a new network namespace and veth (so a new MAC), and
+        no gratuitous ARP.  The cluster objects do not change.  Returns once the new echo server listens."""
+        with self.paths.locked():
+            state = self.state()
+            rec = self._pod(state, name)
+            k = topology.node_index(rec.node)
+            if k is None:
+                raise LabError(f"pod {rec.key} is on {rec.node!r}, not a lab node")
+            self._remove_pod_runtime(rec)
+            topology.create_pod(self.name, k, rec.netns, rec.veth, IPv4Address(rec.ip),
+                                mtu=topology.POD_MTU.get(state.tunnel, 1500),
+                                full_checksums=state.acceleration != "Disabled")
+            proc = self._start_echo(rec)
+            state.save(self.paths)
+            self._wait_echo([(rec, proc)])
+        self._log(f"pod/{rec.name} replaced ({rec.node}, {rec.ip}, new MAC)")
+
     def _services_by_key(self) -> dict[str, KubeObject]:
         return {cluster.object_key(s): s for s in self.services()}
 
@@ -121,7 +140,7 @@ class Workloads(LabParts):
                     self._remove_pod_runtime(old)
                     del state.pods[key]
                 used = {p.ip for p in state.pods.values() if p.node == node}
-                addr = next(str(topology.pod_ip(k, i)) for i in range(256) if str(topology.pod_ip(k, i)) not in used)
+                addr = self._pod_address(manifest, k, used)
                 ns_, name = key.split("/", 1)
                 rec = PodRecord(key=key, manifest=cluster.pod_with_status(manifest, addr, str(topology.node_ip(k))),
                                 node=node, ip=addr, netns=topology.pod_ns_name(self.name, ns_, name),
@@ -139,6 +158,25 @@ class Workloads(LabParts):
             state.save(self.paths)
         self._sync_slices(state, services)
         return lines + svc_lines
+
+    @staticmethod
+    def _pod_address(manifest: KubeObject, k: int, used: set[str]) -> str:
+        """The pod's address: the one its manifest's status.podIP asks for (the lab's way to place a pod, e.g.
+        the client pod), else the node's first free one."""
+        asked = (manifest.get("status") or {}).get("podIP")
+        if asked is None:
+            return next(str(topology.pod_ip(k, i)) for i in range(256) if str(topology.pod_ip(k, i)) not in used)
+        where = f"{cluster.describe(manifest)}: status.podIP {asked!r}"
+        try:
+            addr = IPv4Address(asked)
+        except ValueError as exc:
+            raise LabError(f"{where}: {exc}") from exc
+        cidr = topology.pod_cidr(k)
+        if addr not in cidr or int(addr) - int(cidr.network_address) < topology.POD_FIRST or addr == cidr.broadcast_address:
+            raise LabError(f"{where}: must be in {cidr}, from .{topology.POD_FIRST} on")
+        if str(addr) in used:
+            raise LabError(f"{where}: already used by another pod of node{k}")
+        return str(addr)
 
     def _sync_slices(self, state: LabState, services: dict[str, KubeObject]) -> None:
         """Regenerate every Service's EndpointSlices from the pods; then write the Services themselves."""
