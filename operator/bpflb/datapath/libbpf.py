@@ -62,7 +62,6 @@ int bpf_map_delete_batch(int fd, const void *keys, __u32 *count, const struct bp
 /* The prefix of struct bpf_map_info (uapi linux/bpf.h) that map fill levels need (datapath.fill). */
 struct bpf_map_info_prefix { __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries;
                              __u32 map_flags; char name[16]; };
-int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values, __u32 *count,
                          const struct bpf_map_batch_opts *opts);
 
