@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from typing import Protocol
 
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.conntrack import GcReport
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import Map
@@ -91,6 +92,10 @@ class Datapath(Protocol):
         """How full each bounded map is, by map name (arrays, full by construction, left out)."""
         ...
 
+    def collect_conntrack(self) -> GcReport | None:
+        """Remove ended flows from the conntrack maps (datapath.conntrack); None when there are none to collect."""
+        ...
+
     def refresh_pods(self) -> list[str]:
         """Give pods' veths that appeared since the last program() the pod-facing path; what was done.
         Cheap when nothing changed (called between syncs)."""
@@ -158,6 +163,10 @@ class MapsDatapath:
     def counters(self) -> dict[str, int]:
         assert self.maps is not None, "counters() before load()"
         return self.maps.stats()
+
+    def collect_conntrack(self) -> GcReport | None:
+        """The kernel's maps only (the in-memory datapath keeps no flows)."""
+        return None
 
     def open_maps(self) -> list[Map]:
         """Every map this datapath programs, once each (the attributes of LBMaps, ClusterMaps, EastWestMaps);

@@ -13,6 +13,7 @@ from pathlib import Path
 from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.cgroup import attach_cgroup, default_cgroup_root, detach_cgroup
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.conntrack import Collector, GcReport
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.fill import kernel_fill
 from bpflb.datapath.lbmaps import LBMaps
@@ -136,6 +137,12 @@ class KernelDatapath(MapsDatapath):
         log.info("xdpAcceleration %s: XDP program attached in %s mode; remote-backend flows and SNAT "
                  "replies are forwarded at XDP, everything else by tc", acceleration, report.acceleration)
         self.acceleration = acceleration
+
+    def collect_conntrack(self) -> GcReport | None:
+        maps = self.maps
+        if maps is None:
+            return None
+        return Collector(maps.ct_fwd, maps.ct_rev, maps.config).collect()
 
     def open_maps(self) -> list[Map]:
         """Every map of the loaded object that bpflb knows (MAP_TYPES): those its programs write too."""
