@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bpflb.kubeapi import Credentials, KubeClient, resource_path
+from bpflb.kubeapi import KubeClient, anonymous, resource_path
 
 BENCH_PORT = 30600
 POD_POOL = 60000
@@ -56,7 +56,7 @@ def _latency_in_control_plane(server: str, pin_root: str, changes: int,
     moves between nodePorts port and port + 1."""
     from bpflb.inspect import PinnedMaps
 
-    client = KubeClient(Credentials(server=server))
+    client = KubeClient(anonymous(server))
     svc_path = resource_path("v1", "services", "default", "bench")
     eps_path = resource_path("discovery.k8s.io/v1", "endpointslices", "default", "bench-1")
     for path in (eps_path, svc_path):

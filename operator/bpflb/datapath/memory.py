@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
@@ -20,21 +20,22 @@ from bpflb.datapath.loader import MAP_TYPES, Map
 from bpflb.model.types import Mode
 
 E2BIG = 7
+ARRAYS = frozenset({"lb_config", "lb_stats", "lb_maglev_cfg"})    # full by construction: no fill level
+# The kernel maps' max_entries (the #defines their declarations use; the LPM tries' 4096 is literal there).
+CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX", "ct_fwd": "CT_MAX",
+            "ct_rev": "CT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX", "lb_local_backends": "LB_BACKENDS_MAX",
+            "lb_maglev": "LB_MAGLEV_BLOCKS_MAX", "lb_affinity": "LB_AFFINITY_MAX",
+            "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX", "lb_dsr_backends": "LB_DSR_BACKENDS_MAX",
+            "lb_internal_view": "LB_SERVICES_MAX"}
 
-# The maps' max_entries as bpf_objects/include/maps.h (and dsr.h, tunnel.h, maglev.h, affinity.h) declare them.
-_CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX", "ct_fwd": "CT_MAX",
-             "ct_rev": "CT_MAX", "lb_stats": "STAT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX",
-             "lb_local_backends": "LB_BACKENDS_MAX", "lb_maglev": "LB_MAGLEV_BLOCKS_MAX",
-             "lb_affinity": "LB_AFFINITY_MAX", "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX",
-             "lb_dsr_backends": "LB_DSR_BACKENDS_MAX"}
-_FIXED_CAPACITY = {"lb_config": 1, "lb_maglev_cfg": 1, "lb_cluster_cidrs": 4096, "lb_tunnel_map": 4096}
+_FIXED_CAPACITY = {"lb_config": 1, "lb_maglev_cfg": 1}
 
 
 def default_capacity(name: str) -> int:
-    """A map's max_entries in the default build (large for a map no sync fills)."""
-    if name in _CAPACITY:
-        return const(_CAPACITY[name])
-    return _FIXED_CAPACITY.get(name, 1 << 20)
+    """A map's max_entries in the default build (the LPM tries' and the others' literal 4096)."""
+    if name in CAPACITY:
+        return const(CAPACITY[name])
+    return _FIXED_CAPACITY.get(name, 4096)
 
 
 class MemoryMap(Map):
@@ -173,6 +174,11 @@ class MemoryDatapath(MapsDatapath):
 
     def counters(self) -> dict[str, int]:
         return dict(self.pins.counters)
+
+    def _fill(self, m: Map) -> MapFill | None:
+        if m.name in ARRAYS or not isinstance(m, MemoryMap):
+            return None
+        return MapFill(len(m.entries), m.max_entries)
 
     def uninstall(self, device: str | None) -> None:
         self.close()
