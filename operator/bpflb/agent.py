@@ -104,6 +104,7 @@ class Agent:
         self.budget = Budget()                           # which Services fit the maps
         self.cluster_facts = ClusterFacts()              # DSR frontends, local backends
         self.refused: dict[str, Problem] = {}            # Services left out of the datapath, by namespace/name
+        self._frozen = -1                                # the state whose heap was last kept from the collector
         self.mode: Mode | None = None
         self.debug_logging = False
         self._problems_seen: set[str] = set()
@@ -143,18 +144,20 @@ class Agent:
         paused = gc.isenabled()
         gc.disable()
         try:
-            report = self._sync_once()
+            return self._sync_once()
         finally:
             if paused:
                 gc.enable()
-        if self.state is not None and self.state.changes is None:
-            # After a sync that built everything anew: what it built lives on, and is acyclic. Kept out of the
-            # collector's full passes (which would otherwise walk millions of objects between two small
-            # syncs); the previous such heap is handed back to it first.
+
+    def _freeze_heap(self) -> None:
+        """After a sync that built everything anew (in the loop, once the maps are programmed): what it built
+        lives on, and is acyclic. Kept out of the collector's full passes, which would otherwise walk millions
+        of objects between two small syncs; the previous such heap is handed back to it first."""
+        if self.state is not None and self.state.changes is None and self.state.generation != self._frozen:
+            self._frozen = self.state.generation
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-        return report
 
     def _sync_once(self) -> SyncReport | None:
         snap = self.source.snapshot()
@@ -399,6 +402,7 @@ class Agent:
             if not self.ready_marker.is_symlink():
                 os.symlink(str(os.getpid()), self.ready_marker)
                 log.info("ready: first sync done (%s)", self.ready_marker)
+            self._freeze_heap()
         return report
 
     def _observe(self, seconds: float, report: SyncReport | None) -> None:
