@@ -107,6 +107,7 @@ class MapsDatapath:
         config_changed = self.maps.set_config(config)
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
+        report.problems += report.sync.problems
         return report
 
     def counters(self) -> dict[str, int]:

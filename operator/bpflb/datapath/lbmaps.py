@@ -5,14 +5,14 @@ and never flushes: live flows keep their backends.  Ids of services and backends
 from the pinned maps, so an agent restart picks up where the last one left off.  Maglev tables
 (lb_maglev) are built per frontend from its backends' names, cached by those names, and written
 in blocks with batch updates; frontends with session affinity list their eligible backends in
-lb_affinity_members."""
+lb_affinity_members; frontends with enforced loadBalancerSourceRanges have their prefixes in lb_src_ranges."""
 
 from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bpflb.datapath.libbpf import const, ffi, lib, stat_names
@@ -63,13 +63,17 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    source_ranges_written: int = 0
+    source_ranges_removed: int = 0
+    problems: list[str] = field(default_factory=list)     # what could not be programmed as asked (said once)
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
-                    or self.affinity_members_written or self.affinity_members_removed)
+                    or self.affinity_members_written or self.affinity_members_removed
+                    or self.source_ranges_written or self.source_ranges_removed)
 
 
 def _be16(port: int) -> int:
@@ -103,6 +107,11 @@ def svc_key(l4: L4Addr, slot: int) -> bytes:
 
 def _u32(value: int) -> bytes:
     return value.to_bytes(4, "little")
+
+
+def src_range_key(svc_id: int, net: IPv4Network) -> bytes:
+    """struct lb_src_range_key: the LPM prefix length counts the 32 bits of the service id first."""
+    return (32 + net.prefixlen).to_bytes(4, "little") + _u32(svc_id) + net.network_address.packed
 
 
 def _pair(a: int, b: int) -> bytes:
@@ -185,11 +194,13 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.src_ranges: Map = obj.map("lb_src_ranges")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
+        self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
         self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
                                                    self._am_m.entries)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
@@ -219,12 +230,17 @@ class LBMaps:
         return self._be_ids.known(l4)
 
     # -- encoding ----------------------------------------------------------------------------
-    def _frontend_entries(self, fe: Frontend, out: dict[bytes, bytes]) -> None:
+    def _frontend_entries(self, fe: Frontend, out: dict[bytes, bytes], closed: bool = False) -> None:
+        """closed: the frontend's source ranges did not fit lb_src_ranges; it admits nobody until they do."""
         flags = const(_KIND_FLAG[fe.kind])
         if fe.local_only:
             flags |= const("LB_SVC_F_LOCAL")
         if fe.no_endpoints:
             flags |= const("LB_SVC_F_NO_ENDPOINTS")
+        if fe.source_ranges is not None:
+            flags |= const("LB_SVC_F_SRC_RANGE")
+            if fe.source_ranges_deny and not closed:
+                flags |= const("LB_SVC_F_SRC_RANGE_DENY")
         addr, port, proto = fe.l4.addr.packed, fe.l4.port.to_bytes(2, "big"), int(fe.l4.proto)
         key, val = SVC_KEY.pack, SVC_VAL.pack
         for slot, be in enumerate(fe.backends, start=1):
@@ -268,6 +284,27 @@ class LBMaps:
         self._tables = used          # the cache keeps exactly what is programmed
         return want_mg, want_am
 
+    def _source_range_entries(self, state: DesiredState, report: SyncReport) -> tuple[dict[bytes, bytes], set[L4Addr]]:
+        """The lb_src_ranges entries of the frontends with enforced source ranges, and the frontends whose
+        prefixes no longer fit (LB_SRC_RANGES_MAX in all): those fail closed, admitting no client, and are
+        reported; they recover once entries are freed."""
+        limit = const("LB_SRC_RANGES_MAX")
+        want: dict[bytes, bytes] = {}
+        closed: set[L4Addr] = set()
+        for fe in state.frontends.values():
+            if not fe.source_ranges:
+                continue
+            if len(want) + len(fe.source_ranges) > limit:
+                closed.add(fe.l4)
+                report.problems.append(
+                    f"Service {fe.service}: spec.loadBalancerSourceRanges: lb_src_ranges is full ({limit} prefixes "
+                    f"in all); {fe.kind.value} {fe.l4} admits no client until prefixes of other Services are freed")
+                continue
+            sid = self._service_id(fe.l4)
+            for net in fe.source_ranges:
+                want[src_range_key(sid, net)] = b"\x01"
+        return want, closed
+
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
         want = ffi().new("struct lb_maglev_config *", {"table_size": m, "hash_seed": seed})
@@ -282,10 +319,11 @@ class LBMaps:
         """Make the maps hold exactly the state's frontends and backends; write only differences."""
         report = SyncReport()
         want_be = self._backend_entries(state)
+        want_sr, closed = self._source_range_entries(state, report)
         want_svc: dict[bytes, bytes] = {}
         masters: list[bytes] = []
         for fe in state.frontends.values():
-            self._frontend_entries(fe, want_svc)
+            self._frontend_entries(fe, want_svc, fe.l4 in closed)
             masters.append(svc_key(fe.l4, 0))
             if svc_key(fe.l4, 0) not in self._svc:
                 report.frontends_added += 1
@@ -302,6 +340,9 @@ class LBMaps:
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
         report.maglev_blocks_written = self._mg_m.write(self._mg_m.changed(want_mg))
         report.affinity_members_written = self._am_m.write(self._am_m.changed(want_am))
+        # A frontend's prefixes exist before its master says to check them (a new allow list never drops
+        # clients it admits); prefixes it no longer has go only after the master changed (step 5).
+        report.source_ranges_written = self._sr_m.write(self._sr_m.changed(want_sr))
         report.maglev_config_changed = self._set_maglev_config(state.settings.maglev_table_size,
                                                                state.settings.maglev_seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
@@ -321,6 +362,7 @@ class LBMaps:
         # 5. tables and members of frontends gone, shrunk or switched off (their master no longer uses them).
         report.maglev_blocks_removed = self._mg_m.remove(self._mg_m.stale(want_mg))
         report.affinity_members_removed = self._am_m.remove(self._am_m.stale(want_am))
+        report.source_ranges_removed = self._sr_m.remove(self._sr_m.stale(want_sr))
         # 6. backends nobody references any more; their flows are steered away on next packet.
         stale_be = self._be_m.stale(want_be)
         for k in stale_be:

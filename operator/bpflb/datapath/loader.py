@@ -193,6 +193,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_maglev_cfg": ("__u32", "struct lb_maglev_config"),
     "lb_affinity": ("struct lb_affinity_key", "struct lb_affinity_val"),
     "lb_affinity_members": ("struct lb_affinity_member", "__u32"),
+    # source ranges (bpf_objects/include/srcrange.h)
+    "lb_src_ranges": ("struct lb_src_range_key", "__u8"),
 }
 
 

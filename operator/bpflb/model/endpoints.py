@@ -28,6 +28,11 @@ from bpflb.model.types import Backend, L4Addr, Problem, Proto
 from bpflb.sources.base import KubeObject
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"    # another proxy's object
+HEADLESS_LABEL = "service.kubernetes.io/headless"                        # a headless Service's object
+# kube-proxy watches Services and EndpointSlices with a selector excluding these labels: objects carrying
+# either are not load-balanced (their Service is said once by the translation of Services).
+IGNORED_LABELS = (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL)
 
 
 @dataclass(slots=True)
@@ -74,6 +79,8 @@ def _index_slices(raw_slices: Iterable[Any], problems: list[Problem]) -> _SliceI
                                     "duplicate object with the same namespace/name; only the first is used"))
             continue
         seen.add(meta.key)
+        if any(label in meta.labels for label in IGNORED_LABELS):
+            continue            # another proxy's or a headless Service's endpoints
         service = meta.labels.get(SERVICE_NAME_LABEL)
         if not isinstance(service, str) or not service:
             reason = ("missing; expected the name of the Service it belongs to" if service is None

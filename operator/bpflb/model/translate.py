@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 from ipaddress import IPv4Address
 
-from bpflb.model.endpoints import SERVICE_NAME_LABEL, _index_slices
+from bpflb.model.endpoints import HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, _index_slices
 from bpflb.model.fields import (
     DEFAULT_NAMESPACE,
     NODEPORT_MAX,
@@ -23,7 +23,6 @@ from bpflb.model.frontends import (
     DEFAULT_AFFINITY_TIMEOUT,
     LB_ALGORITHM_ANNOTATION,
     MAX_AFFINITY_TIMEOUT,
-    SERVICE_PROXY_NAME_LABEL,
     _Context,
     _translate_service,
 )
@@ -35,7 +34,8 @@ from bpflb.model.types import (
 )
 from bpflb.sources.base import KubeObject, Snapshot
 
-__all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "LB_ALGORITHM_ANNOTATION", "MAX_AFFINITY_TIMEOUT",
+__all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "HEADLESS_LABEL", "LB_ALGORITHM_ANNOTATION",
+           "MAX_AFFINITY_TIMEOUT",
            "NODEPORT_MAX", "NODEPORT_MIN", "SERVICE_NAME_LABEL", "SERVICE_PROXY_NAME_LABEL", "parse_settings",
            "translate"]
 
@@ -132,7 +132,7 @@ def _translate(snapshot: Snapshot, node_name: str) -> DesiredState:
         return DesiredState(node_name, (), problems=problems, settings=settings)
 
     index = _index_slices(snapshot.endpointslices, problems)
-    ctx = _Context(node_name, node_addrs, settings, index, {}, {}, problems)
+    ctx = _Context(node_name, node_addrs, settings, index, {}, {}, problems, [], {})
 
     services: list[tuple[_Meta, KubeObject]] = []
     for i, raw in enumerate(snapshot.services):
@@ -150,4 +150,5 @@ def _translate(snapshot: Snapshot, node_name: str) -> DesiredState:
         _translate_service(meta, raw, ctx)
 
     frontends = {l4: ctx.frontends[l4] for l4 in sorted(ctx.frontends)}
-    return DesiredState(node_name, node_addrs, frontends=frontends, problems=problems, settings=settings)
+    return DesiredState(node_name, node_addrs, frontends=frontends, problems=problems, settings=settings,
+                        notes=ctx.notes, health_checks=dict(sorted(ctx.health_checks.items())))
