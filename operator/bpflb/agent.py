@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
+from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
 from bpflb.model.cluster import (
     cluster_prefixes,
     dsr_frontends,
@@ -28,7 +29,7 @@ from bpflb.model.cluster import (
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
 from bpflb.model.translate import translate
 from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
-from bpflb.sources.base import Source
+from bpflb.sources.base import Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
 
@@ -39,6 +40,10 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
+    # kube-proxy's health servers (bpflb.healthcheck): healthCheckNodePorts on the node's addresses, and the
+    # proxy health server at healthz_bind_address ("" for none). Off by default: `bpflb agent` turns them on.
+    health_servers: bool = False
+    healthz_bind_address: str = f"0.0.0.0:{PROXY_HEALTH_PORT}"
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -86,7 +91,11 @@ class Agent:
         self.mode: Mode | None = None
         self.debug_logging = False
         self._problems_seen: set[str] = set()
+        self._notes_seen: set[str] = set()
         self._stop = threading.Event()
+        # Healthy while every change noticed is synced within twice the resync interval (kube-proxy's rule).
+        self.health = ProxyHealth(timeout=2 * opts.resync_interval)
+        self.health_servers: HealthServers | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -119,6 +128,8 @@ class Agent:
         state = translate(snap, self.opts.node_name)
         for problem in state.problems:
             self._problem(str(problem))
+        for note in state.notes:
+            self._note(str(note))
         if not state.node_addrs:
             log.warning("Node %s has no IPv4 address in the source yet; not programming", self.opts.node_name)
             return None
@@ -161,7 +172,23 @@ class Agent:
         self.mode = mode
         self._log_frontend_changes(self.state, state)
         self.state = state
+        self._serve_health(snap, state)
         return done.sync
+
+    def _serve_health(self, snap: Snapshot, state: DesiredState) -> None:
+        """The datapath holds what was noticed: healthy again; the health servers follow the new state."""
+        self.health.updated()
+        me = next((n for n in snap.nodes if isinstance(n, dict) and
+                   (n.get("metadata") or {}).get("name") == self.opts.node_name), None)
+        self.health.set_node_eligible(node_eligible(me))
+        if not self.opts.health_servers:
+            return
+        if self.health_servers is None:
+            host, _, port = self.opts.healthz_bind_address.rpartition(":")
+            listen = (host or "0.0.0.0", int(port)) if self.opts.healthz_bind_address else None
+            self.health_servers = HealthServers(self.health, listen)
+        for text in self.health_servers.sync(state.health_checks, state.node_addrs):
+            self._problem(text)
 
     def _set_debug_logging(self, on: bool) -> None:
         """debugLogging: the agent's loggers at DEBUG, or back at the command line's level."""
@@ -178,6 +205,8 @@ class Agent:
         log.info("the agent configuration says %s=true: detaching the programs from %s and removing the "
                  "pinned maps", UNINSTALL_KEY, device or "(no device found)")
         self.uninstall(device)
+        if self.health_servers is not None:
+            self.health_servers.sync({}, ())       # no Service's health is this node's to tell any more
         self.state = None
         self.mode = None
         self.uninstalled = True
@@ -197,19 +226,30 @@ class Agent:
             self._problems_seen.add(text)
             log.warning("skipped: %s", text)
 
+    def _note(self, text: str) -> None:
+        """A field bpflb does not act on: said once (it is in the node report as long as it holds)."""
+        if text not in self._notes_seen:
+            self._notes_seen.add(text)
+            log.warning("not acted on: %s", text)
+
     def run(self) -> None:
         """Sync, then re-sync whenever the source changes, until stopped."""
         self.start()
         last_full = 0.0
-        while not self._stop.is_set():
-            report = self.run_once(last_full)
-            if report is not None:
-                last_full = time.monotonic()
+        try:
             while not self._stop.is_set():
-                if self.source.wait_for_change(0.5):
-                    break
-                if time.monotonic() - last_full > self.opts.resync_interval:
-                    break
+                report = self.run_once(last_full)
+                if report is not None:
+                    last_full = time.monotonic()
+                while not self._stop.is_set():
+                    if self.source.wait_for_change(0.5):
+                        self.health.queued_update()
+                        break
+                    if time.monotonic() - last_full > self.opts.resync_interval:
+                        break
+        finally:
+            if self.health_servers is not None:
+                self.health_servers.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its
@@ -222,6 +262,7 @@ class Agent:
             log.exception("sync failed; the datapath keeps its current state, retrying")
             report = None
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.health.queued_update()         # what was noticed is still not in the datapath
             self._stop.wait(retry_delay)
         if self.on_sync is not None:
             try:

@@ -23,7 +23,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)
-    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device)
+    opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
+                        health_servers=not args.no_health_servers and not args.once,
+                        healthz_bind_address=args.healthz_bind_address)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
+    agent.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="ADDR:PORT",
+                       help="kube-proxy's proxy health server (/healthz, /livez); '' for none (default 0.0.0.0:10256)")
+    agent.add_argument("--no-health-servers", action="store_true",
+                       help="serve neither the proxy health server nor the healthCheckNodePorts of eTP Local "
+                            "LoadBalancer Services (a kube-proxy on the node serves them)")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")
     agent.add_argument("-v", "--verbose", action="store_true")

@@ -1,7 +1,7 @@
 """The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
 of one object fails the sync without losing what was programmed and the next attempt recovers, a mode
 switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, and the
-agents' configuration acts (debugLogging, svcSourceRangeCheck refused, uninstall)."""
+agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall)."""
 
 from __future__ import annotations
 
@@ -130,18 +130,25 @@ def test_the_maglev_table_cache_builds_each_table_once(tmp_path: Path) -> None:
     assert changed is not None and changed.maglev_tables_built == 1  # only the changed set is rebuilt
 
 
-def test_debug_logging_acts_and_source_range_check_is_refused(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_debug_logging_and_source_range_check_act(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    agent, _, source = make_agent(tmp_path, MemoryPins(),
-                                  {"bpfLBMode": "SNAT", "debugLogging": "true", "svcSourceRangeCheck": "true"})
+    agent, datapath, source = make_agent(tmp_path, MemoryPins(),
+                                         {"bpfLBMode": "SNAT", "debugLogging": "true", "svcSourceRangeCheck": "true"})
+    ranged = service("ranged", type_="LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"],
+                     ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30100}])
+    ranged["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    source.snap.services.append(ranged)
+    source.snap.endpointslices.append(endpoint_slice("ranged", endpoints=two_pods()))
     try:
         assert agent.run_once() is not None
         assert logging.getLogger("bpflb").level == logging.DEBUG
-        assert any("data.svcSourceRangeCheck: not implemented yet" in r.message for r in caplog.records)
+        assert len(datapath.pins.maps["lb_src_ranges"]) == 1          # svcSourceRangeCheck true: enforced
         source.snap.config = {"bpfLBMode": "SNAT"}
-        assert agent.run_once() is not None
+        assert agent.run_once() is not None and agent.run_once() is not None
         assert logging.getLogger("bpflb").level == logging.NOTSET
+        assert datapath.pins.maps["lb_src_ranges"] == {}               # false: the prefixes are gone...
+        said = [r.getMessage() for r in caplog.records if "not enforced" in r.getMessage()]
+        assert len(said) == 1 and "Service default/ranged" in said[0] and "svcSourceRangeCheck is false" in said[0]
     finally:
         logging.getLogger("bpflb").setLevel(logging.NOTSET)
 
