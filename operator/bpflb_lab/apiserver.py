@@ -4,8 +4,14 @@ metadata a real API server maintains (uid, resourceVersion, creationTimestamp, g
 status-subresource separation). EmulatedAPI runs it on a thread of its own; `python -m
 bpflb_lab.apiserver` runs it as the lab's control-plane process.
 
-It is not a kube-apiserver: no admission webhooks, no label or field selectors (clients filter), no
-garbage collection, no PUT. A watch always starts by replaying every current object as ADDED.
+What kubectl needs of it is there too (bpflb_lab.apitables): discovery with short names, categories and the
+subresources as kube-apiserver lists them, typed lists (kind, apiVersion, resourceVersion), server-side
+tables (kube-apiserver's columns for built-in kinds, a stored CRD's printer columns for its resources),
+label and field selectors on lists and watches, and strategic merge and JSON patches.
+
+It is not a kube-apiserver: no admission webhooks, no garbage collection, no PUT, no server-side apply, no
+OpenAPI beyond what kubectl apply and explain look up. A watch from a list's resourceVersion starts with the
+objects changed since (as ADDED); from none, or with sendInitialEvents, with every current object.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import copy
 import datetime
 import itertools
+import re
 import signal
 import sys
 import threading
@@ -29,12 +36,14 @@ import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import parsing as _kmock_parsing
+from kmock._internal.rendering import Response as _Response
 
 from bpflb.kubeapi import write_kubeconfig
+from bpflb_lab import apitables
 
 T = TypeVar("T")
 
-# (api group/version, plural) -> (kind, namespaced, subresources, short names)
+# (api group/version, plural) -> (kind, namespaced, subresources, short names); categories as kube-apiserver's
 RESOURCES: dict[tuple[str, str], tuple[str, bool, frozenset[str], frozenset[str]]] = {
     ("v1", "namespaces"): ("Namespace", False, frozenset({"status"}), frozenset({"ns"})),
     ("v1", "nodes"): ("Node", False, frozenset({"status"}), frozenset({"no"})),
@@ -47,10 +56,11 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool, frozenset[str], frozenset[str]
     ("coordination.k8s.io/v1", "leases"): ("Lease", True, frozenset(), frozenset()),
     ("deckhouse.io/v1alpha1", "moduleconfigs"): ("ModuleConfig", False, frozenset({"status"}), frozenset({"mc"})),
     ("apiextensions.k8s.io/v1", "customresourcedefinitions"):
-        ("CustomResourceDefinition", False, frozenset({"status"}), frozenset({"crd"})),
+        ("CustomResourceDefinition", False, frozenset({"status"}), frozenset({"crd", "crds"})),
     ("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations"):
         ("ValidatingWebhookConfiguration", False, frozenset(), frozenset()),
 }
+CATEGORIES = {"services": ["all"], "pods": ["all"], "daemonsets": ["all"]}
 NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 VERBS = frozenset({"get", "list", "watch", "create", "patch", "delete"})
 
@@ -81,6 +91,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     """KubernetesEmulator plus the metadata bookkeeping of a real API server."""
 
     _revisions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _revision: str = attrs.field(default="0", init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -88,16 +99,201 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self.resources[f"{api_version}/{plural}"] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=set(VERBS), subresources=set(subresources),
                 shortnames=set(short), singular=kind.lower())
+        self.fallback["get", re.compile(r"^/openapi/v3/.+")] << self._serve_openapi
+        self.fallback["get /openapi/v3"] << self._serve_openapi_root
         self.preload("v1", "namespaces", ({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
                                            "status": {"phase": "Active"}} for name in NAMESPACES))
 
     def next_revision(self) -> str:
-        return str(next(self._revisions))
+        self._revision = str(next(self._revisions))
+        return self._revision
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.data is not None:
+            self._as_merge_patch(request)
             self._stamp(request)
         return await super()._handle(request)
+
+    def _as_merge_patch(self, request: kmock.Request) -> None:
+        """Strategic merge patches (kubectl apply on built-in kinds) and JSON patches (kubectl patch --type
+        json) become the JSON merge patches the emulator stores."""
+        kind = (request.headers.get("Content-Type") or "").split(";")[0].strip()
+        if request.action != kmock.action.UPDATE or kind not in ("application/strategic-merge-patch+json",
+                                                                 "application/json-patch+json"):
+            return
+        current = self._current(request) or {}
+        if request.subresource == "status":
+            current = {"status": current.get("status")}
+        if kind == "application/json-patch+json" and isinstance(request.data, list):
+            data = apitables.json_patch_to_merge(current, request.data)
+        else:
+            data = apitables.strategic_to_merge(current, request.data)
+        object.__setattr__(request, "data", data)
+
+    # -- what kubectl reads ---------------------------------------------------------------------------------
+
+    async def _serve_api(self, request: kmock.Request) -> Any:
+        host = request.url.host or "127.0.0.1"
+        return {"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
+                                                "serverAddress": f"{host}:{request.url.port}"}]}
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """An APIResourceList as kube-apiserver gives it: group/version ("v1" for the core group), short names,
+        categories and verbs on the resources, subresources listed bare."""
+        assert request.resource is not None
+        group, version = request.resource.group, request.resource.version
+        resources = []
+        for (api_version, plural), (kind, namespaced, subresources, short) in RESOURCES.items():
+            g, _, v = api_version.rpartition("/")
+            if (g, v) != (group, version):
+                continue
+            resources.append({"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
+                              "verbs": sorted(VERBS), "shortNames": sorted(short),
+                              "categories": CATEGORIES.get(plural, [])})
+            resources += [{"name": f"{plural}/{sub}", "singularName": "", "namespaced": namespaced, "kind": kind,
+                           "verbs": ["get", "patch"]} for sub in sorted(subresources)]
+        if not resources:
+            raise kmock.KubernetesResourceNotFoundError()
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+    def _kind(self, request: kmock.Request) -> str:
+        assert request.resource is not None
+        info = self.resources.get(request.resource)
+        kind = getattr(info, "kind", None)
+        return str(kind or str(request.resource.plural).capitalize())
+
+    def _api_version(self, request: kmock.Request) -> str:
+        assert request.resource is not None
+        group, version = request.resource.group, request.resource.version
+        return f"{group}/{version}" if group else str(version)
+
+    def _printer(self, request: kmock.Request) -> apitables.Printer:
+        assert request.resource is not None
+        kind = self._kind(request)
+        if kind in apitables.BUILTIN and request.resource.group in ("", "discovery.k8s.io", "apps",
+                                                                   "coordination.k8s.io", "apiextensions.k8s.io",
+                                                                   "admissionregistration.k8s.io"):
+            return apitables.BUILTIN[kind]
+        crds = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
+        for (res, _ns, _name), obj in self.objects.items():
+            if res != crds or obj.deleted:
+                continue
+            spec = obj.raw.get("spec") or {}
+            if spec.get("group") == request.resource.group and \
+                    (spec.get("names") or {}).get("plural") == request.resource.plural:
+                printer = apitables.crd_printer(obj.raw, str(request.resource.version))
+                if printer is not None:
+                    return printer
+        return apitables.DEFAULT
+
+    def _selected(self, request: kmock.Request) -> Any:
+        labels = apitables.label_matcher(request.params.get("labelSelector"))
+        fields = apitables.field_matcher(request.params.get("fieldSelector"))
+        return lambda obj: isinstance(obj, dict) and labels(obj) and fields(obj)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        listed: Any = await super()._serve_list(request)
+        selected = self._selected(request)
+        items: list[dict[str, Any]] = [obj for obj in listed["items"] if selected(obj)]
+        if apitables.is_table_request(request.headers.get("Accept")):
+            return apitables.table(items, self._printer(request), self._revision, request.params.get("includeObject"))
+        return {"kind": f"{self._kind(request)}List", "apiVersion": self._api_version(request),
+                "metadata": {"resourceVersion": self._revision}, "items": items}
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        obj: Any = await super()._serve_fetch(request)
+        if apitables.is_table_request(request.headers.get("Accept")):
+            return apitables.table([obj], self._printer(request), self._revision, request.params.get("includeObject"))
+        return obj
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:  # type: ignore[override]
+        """The watch stream, filtered by the selectors, as application/json (client-go refuses a stream it
+        has no serializer for)."""
+        return _Response(headers={"Content-Type": "application/json"}, payload=self._watch_events(request))
+
+    async def _watch_events(self, request: kmock.Request) -> Any:
+        """kmock's watch (every current object as ADDED, then the changes), with the selectors applied, the
+        end of the initial events bookmarked when the client asks for them (a WatchList: client-go's reflector
+        of kubectl 1.34+ waits for it), and Table rows when kubectl asks for a table (`get -w`)."""
+        assert request.resource is not None
+        selected = self._selected(request)
+        as_table = apitables.is_table_request(request.headers.get("Accept"))
+        printer = self._printer(request) if as_table else None
+        include = request.params.get("includeObject")
+
+        def shown(event: dict[str, Any]) -> dict[str, Any]:
+            if printer is None or event.get("type") in ("BOOKMARK", "ERROR"):
+                return event
+            return {**event, "object": apitables.table([event["object"]], printer, self._revision, include)}
+
+        yield b""
+        async with self._lock:
+            current = [obj.raw for obj in self._KubernetesEmulator__get_objs(request, strict=False)  # type: ignore[attr-defined]
+                       if not obj.deleted]
+        since = request.params.get("resourceVersion") or "0"
+        if request.params.get("sendInitialEvents") == "true" or not since.isdigit():
+            since = "0"
+        for obj in current:
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or "0")
+            if selected(obj) and (not version.isdigit() or int(version) > int(since)):
+                yield shown({"type": "ADDED", "object": obj})     # only what changed after the list it follows
+        if request.params.get("sendInitialEvents") == "true":
+            yield {"type": "BOOKMARK", "object": {
+                "kind": self._kind(request), "apiVersion": self._api_version(request),
+                "metadata": {"resourceVersion": self._revision,
+                             "annotations": {"k8s.io/initial-events-end": "true"}}}}
+        async for event in self._buses[request.resource]:
+            meta = (event.get("object") or {}).get("metadata") or {}
+            if self._KubernetesEmulator__check(request, request.resource, meta.get("namespace"),  # type: ignore[attr-defined]
+                                               meta.get("name"), strict=False) and selected(event.get("object")):
+                yield shown(event)
+
+    # -- OpenAPI v3: what kubectl apply's field validation and kubectl explain look up ------------------------
+
+    def _group_versions(self) -> dict[str, list[tuple[str, str, bool]]]:
+        """"api/v1", "apis/GROUP/VERSION" -> (plural, kind, namespaced) of every resource served."""
+        out: dict[str, list[tuple[str, str, bool]]] = {}
+        for (api_version, plural), (kind, namespaced, _sub, _short) in RESOURCES.items():
+            key = f"apis/{api_version}" if "/" in api_version else f"api/{api_version}"
+            out.setdefault(key, []).append((plural, kind, namespaced))
+        return out
+
+    async def _serve_openapi_root(self, request: kmock.Request) -> Any:
+        return {"paths": {gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={self._revision}"}
+                          for gv in self._group_versions()}}
+
+    async def _serve_openapi(self, request: kmock.Request) -> Any:
+        """One group/version's document: a PATCH operation per resource that takes fieldValidation (so kubectl
+        lets the server validate instead of downloading schemas), and the schemas stored CRDs declare."""
+        gv = request.url.path.removeprefix("/openapi/v3/").strip("/")
+        resources = self._group_versions().get(gv)
+        if resources is None:
+            raise kmock.KubernetesNotFoundError()
+        group, _, version = gv.removeprefix("apis/").removeprefix("api/").rpartition("/")
+        paths: dict[str, Any] = {}
+        for plural, kind, namespaced in resources:
+            where = f"/{gv}/namespaces/{{namespace}}/{plural}/{{name}}" if namespaced else f"/{gv}/{plural}/{{name}}"
+            paths[where] = {"patch": {
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}]}}
+        schemas: dict[str, Any] = {}
+        crds = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
+        for (res, _ns, _name), obj in self.objects.items():
+            spec = obj.raw.get("spec") or {} if res == crds and not obj.deleted else {}
+            if spec.get("group") != group:
+                continue
+            kind = str((spec.get("names") or {}).get("kind"))
+            for v in spec.get("versions") or []:
+                schema = (v.get("schema") or {}).get("openAPIV3Schema")
+                if v.get("name") == version and schema:
+                    name = ".".join(reversed(str(group).split("."))) + f".{version}.{kind}"
+                    schemas[name] = {**schema, "x-kubernetes-group-version-kind": [
+                        {"group": group, "version": version, "kind": kind}]}
+        return {"openapi": "3.0.0", "info": {"title": "bpflb lab (emulated)", "version": "v0"}, "paths": paths,
+                "components": {"schemas": schemas}}
 
     def _stamp(self, request: kmock.Request) -> None:
         """Fill in what the API server owns before the emulator stores the object."""

@@ -56,7 +56,8 @@ class Workloads(LabParts):
             return self._apply(state, docs)
 
     def delete(self, kind: str, name: str, namespace: str = "default") -> str:
-        """Delete a Pod (its namespace and echo server go) or a Service (and its slices)."""
+        """Delete a Pod (its namespace and echo server go), a Service (and its slices) or an EndpointSlice of
+        the user's."""
         key = f"{namespace}/{name}"
         with self.paths.locked():
             state = self.state()
@@ -77,7 +78,17 @@ class Workloads(LabParts):
                 self.cluster.remove(svc)
                 self._publish(state)
                 return f"service/{name} deleted"
-        raise LabError(f"cannot delete kind {kind!r}: pod or service")
+            if kind.lower() == "endpointslice":
+                mine = [o for o in self.endpoint_slices() if cluster.object_key(o) == key]
+                if not mine:
+                    raise LabError(f"endpointslice {key} does not exist")
+                if ((mine[0].get("metadata") or {}).get("labels") or {}).get(cluster.MANAGED_BY_LABEL) == \
+                        cluster.MANAGED_BY:
+                    raise LabError(f"endpointslice {key} is the lab's own (its Service's selector makes it)")
+                self.cluster.remove(mine[0])
+                self._publish(state)
+                return f"endpointslice.discovery.k8s.io/{name} deleted"
+        raise LabError(f"cannot delete kind {kind!r}: pod, service or endpointslice")
 
     def _services_by_key(self) -> dict[str, KubeObject]:
         return {cluster.object_key(s): s for s in self.services()}
@@ -106,6 +117,12 @@ class Workloads(LabParts):
         keys = [p[0] for p in pods]
         if len(set(keys)) != len(keys):
             raise LabError("the same Pod appears twice")
+        user_slices = [cluster.validate_endpoint_slice(d) for d in docs if d["kind"] == "EndpointSlice"]
+        managed = {cluster.object_key(o) for o in self.endpoint_slices()
+                   if ((o.get("metadata") or {}).get("labels") or {}).get(cluster.MANAGED_BY_LABEL) == cluster.MANAGED_BY}
+        for one in user_slices:
+            if cluster.object_key(one) in managed:
+                raise LabError(f"{cluster.describe(one)}: the lab's own slice of that name exists; choose another name")
 
         lines = []
         started: list[tuple[PodRecord, subprocess.Popen[bytes]]] = []
@@ -137,8 +154,14 @@ class Workloads(LabParts):
             self._wait_echo(started)
         finally:
             state.save(self.paths)
+        slice_lines = []
+        known = {cluster.object_key(o) for o in self.endpoint_slices()}
+        for one in user_slices:
+            self.cluster.write(one)
+            verb = "configured" if cluster.object_key(one) in known else "created"
+            slice_lines.append(f"endpointslice.discovery.k8s.io/{one['metadata']['name']} {verb}")
         self._sync_slices(state, services)
-        return lines + svc_lines
+        return lines + svc_lines + slice_lines
 
     def _sync_slices(self, state: LabState, services: dict[str, KubeObject]) -> None:
         """Regenerate every Service's EndpointSlices from the pods; then write the Services themselves."""
