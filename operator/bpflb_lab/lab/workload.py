@@ -195,6 +195,10 @@ class Workloads(LabParts):
         if netns.netns_exists(node_ns):
             with contextlib.suppress(LabError):
                 netns.ip_batch(node_ns, [f"link del {rec.veth}"])
+            # A CNI's cleanup: the node forgets the departed pod's MAC, so a pod that gets its address next is
+            # resolved afresh instead of being sent frames for the old MAC until the entry goes stale.
+            with contextlib.suppress(LabError):
+                netns.ip_batch(node_ns, [f"neigh del {rec.ip} dev cni0"])
         netns.delete_netns([rec.netns])
         self.paths.pod_ready(rec.key).unlink(missing_ok=True)
 
