@@ -130,6 +130,8 @@ def _status_text(st: dict[str, Any]) -> list[str]:
     for s in st["services"]:
         ports = ", ".join(f"{p.get('name') or '-'} {p['port']}/{p['protocol']}->{p.get('targetPort')}"
                           + (f" nodePort {p['nodePort']}" if p.get("nodePort") else "") for p in s["ports"])
+        if s.get("healthCheckNodePort"):
+            ports += f"; healthCheckNodePort {s['healthCheckNodePort']}"
         fronts = ", ".join(s["loadBalancerIPs"] + s["externalIPs"]) or "-"
         eps = ", ".join(f"{e['pod']}" + ("" if e.get("ready") else " (not ready)") for e in s["endpoints"]) or "none"
         rows.append([s["name"], s["type"] or "-", s["externalTrafficPolicy"] or "-", ports, fronts, eps])

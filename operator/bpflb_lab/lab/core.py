@@ -370,6 +370,7 @@ class Lab(Workloads, Supervision, Traffic):
                 "loadBalancerIPs": [i.get("ip") for i in ((svc.get("status") or {}).get("loadBalancer") or {})
                                     .get("ingress") or []],
                 "externalIPs": spec.get("externalIPs") or [],
+                **({"healthCheckNodePort": spec["healthCheckNodePort"]} if spec.get("healthCheckNodePort") else {}),
                 "endpoints": endpoints,
             })
         return {"name": self.name, "mode": state.mode, "tunnel": state.tunnel, "nodes": state.nodes,
