@@ -1,6 +1,13 @@
 /* Direct server return: the frontend travels to the backend's node in an IPv4 option (Cilium's
  * format), the backend's node records it and rewrites the pod's replies to come from the frontend,
- * straight to the client. */
+ * straight to the client.
+ *
+ * Anyone can put the option on a packet (a pod can set IP options, a client can), and frontends are
+ * public, so the backend's node honours it only for a packet whose destination is one of its own
+ * backends of the Service owning the named frontend, on that Service's target port and protocol
+ * (lb_dsr_backends).  Anything else is dropped before any state exists: otherwise the option would be a
+ * relay past the node's FORWARD chain and rp_filter to any port of any address, with replies disguised
+ * as the frontend's. */
 #ifndef BPFLB_DSR_H
 #define BPFLB_DSR_H
 
@@ -9,8 +16,11 @@
 #include "parse.h"
 #include "nat.h"
 #include "conntrack.h"
+#include "fib.h"
+#include "icmp.h"
 
-/* Every frontend of the cluster a DSR option may name (all nodes' NodePorts, LB IPs, external IPs). */
+/* Every frontend of the cluster a DSR option may name (all nodes' NodePorts, LB IPs, external IPs)
+ * -> LB_DSR_FE_*: under which address its backends are listed in lb_dsr_backends. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb_l4_key);
@@ -19,6 +29,17 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_dsr_frontends SEC(".maps");
+
+/* This node's backends (serving or draining) of each frontend a DSR request may name: NodePorts once
+ * under address 0 rather than once per node address (a nodePort is unique in the cluster). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_dsr_member);
+	__type(value, __u8);
+	__uint(max_entries, LB_DSR_BACKENDS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_dsr_backends SEC(".maps");
 
 /* This node's backend endpoints: their replies must never leave untranslated. */
 struct {
@@ -138,25 +159,44 @@ static __always_inline int dsr_strip_opt(struct __sk_buff *skb, struct pkt *p, c
 	return 0;
 }
 
-/* Backend node, ingress: a request carrying a DSR option.  A known frontend: record how to
- * translate the pod's replies, strip the option, deliver.  Anything else: drop and count.
- * Returns a verdict, or -1 when the packet carries no DSR option. */
-static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt *p, __u64 now)
+/* May a request naming frontend opt be delivered to the packet's destination?  Only when that is a
+ * backend of this node for the frontend, on its target port and protocol. */
+static __always_inline int dsr_accepts(const struct pkt *p, const struct dsr_opt_v4 *opt)
+{
+	struct lb_l4_key fe = { .addr = opt->addr, .port = opt->port, .proto = p->t.proto };
+	struct lb_dsr_member m = {
+		.be_addr = p->t.daddr,
+		.fe_port = opt->port,
+		.be_port = p->t.dport,
+		.proto = p->t.proto,
+	};
+	__u8 *kind = bpf_map_lookup_elem(&lb_dsr_frontends, &fe);
+
+	if (!kind)
+		return 0;
+	m.fe_addr = *kind == LB_DSR_FE_NODEPORT ? 0 : opt->addr;
+	return bpf_map_lookup_elem(&lb_dsr_backends, &m) != NULL;
+}
+
+/* Backend node, ingress: a request carrying a DSR option.  For one of its backends of the named
+ * frontend: record how to translate the pod's replies, strip the option, deliver.  Anything else: drop
+ * and count, no state.  Returns a verdict, -2 when accepted (the caller forwards the stripped packet),
+ * or -1 when the packet carries no DSR option. */
+static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg,
+					       __u64 now)
 {
 	struct dsr_opt_v4 opt;
-	struct lb_l4_key fe = {};
 	struct ct_entry rev = {};
 	struct ct_tuple rkey;
 
 	if (!dsr_read_opt(skb, p, &opt))
 		return -1;
-	fe.addr = opt.addr;
-	fe.port = opt.port;
-	fe.proto = p->t.proto;
-	if (!bpf_map_lookup_elem(&lb_dsr_frontends, &fe)) {
+	if (!dsr_accepts(p, &opt)) {
 		stat_inc(STAT_DROP_DSR_SPOOFED);
 		return TC_ACT_SHOT;
 	}
+	if (skb_ttl_exhausted(skb))
+		return icmp_ttl_exceeded(skb, p, cfg->snat_addr);
 	rev.last_seen = now;
 	rev.fe_addr = opt.addr;
 	rev.fe_port = opt.port;
@@ -180,8 +220,9 @@ static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt
 }
 
 /* Egress: a TCP packet from one of this node's backend endpoints to outside the cluster with no
- * translation state (a DSR flow whose SYN this node never saw, or lost state) must not leak the
- * pod's address.  True when the packet must be dropped. */
+ * translation state.  It may be the reply of a DSR flow whose SYN this node never saw or whose state
+ * was lost, which must not leak the pod's address; it may also be a flow the load balancer never made
+ * (direct.h tells).  True when the packet is such a packet. */
 static __always_inline int dsr_untracked_reply(const struct pkt *p)
 {
 	struct lb_l4_key be = { .addr = p->t.saddr, .port = p->t.sport, .proto = p->t.proto };
@@ -189,8 +230,6 @@ static __always_inline int dsr_untracked_reply(const struct pkt *p)
 
 	if (p->t.proto != IPPROTO_TCP || !bpf_map_lookup_elem(&lb_local_backends, &be))
 		return 0;
-	if ((p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
-		return 0;   /* the pod opening a connection of its own */
 	return !bpf_map_lookup_elem(&lb_cluster_cidrs, &dst);
 }
 

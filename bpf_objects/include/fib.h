@@ -1,4 +1,12 @@
-/* Forwarding a translated packet: route lookup in the node's FIB, TTL, MACs, redirect. */
+/* Forwarding a translated packet: route lookup in the node's FIB, TTL, and out through the kernel's
+ * neighbour subsystem.
+ *
+ * Every tc redirect is bpf_redirect_neigh to the route's next hop, never bpf_redirect with the MAC the
+ * FIB lookup copied: the neighbour entry is then used the way the kernel's own forwarding uses it, so a
+ * STALE entry gets re-verified (DELAY, PROBE), a FAILED or deleted one is resolved again, and a MAC that
+ * changed is picked up at once.  With plain bpf_redirect the kernel never saw the entry in use and kept
+ * a dead MAC for as long as nothing else touched it (75 s measured behind a replaced pod).
+ * XDP cannot hand a packet to the neighbour subsystem; neigh.h says when it may use the FIB's MAC. */
 #ifndef BPFLB_FIB_H
 #define BPFLB_FIB_H
 
@@ -6,6 +14,30 @@
 #include "maps.h"
 #include "parse.h"
 #include "nat.h"
+
+/* tc's lookups leave the neighbour to bpf_redirect_neigh (one neighbour lookup per packet, in the
+ * kernel's output path, instead of one in the helper and another in the redirect). */
+#ifndef FIB_TC_FLAGS
+#define FIB_TC_FLAGS BPF_FIB_LOOKUP_SKIP_NEIGH
+#endif
+#define FIB_TC_SKIPS_NEIGH ((FIB_TC_FLAGS & BPF_FIB_LOOKUP_SKIP_NEIGH) != 0)
+
+/* The IPv4 TTL of the packet at the start of the frame (0 when the header is not there). */
+static __always_inline __u8 ip_ttl(void *data, void *data_end)
+{
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > data_end)
+		return 0;
+	return ip->ttl;
+}
+
+/* Would forwarding this packet take its TTL to 0?  Such a packet is never translated or tracked: the
+ * caller answers it with time exceeded (icmp_send_time_exceeded), as the kernel's ip_forward does. */
+static __always_inline int skb_ttl_exhausted(struct __sk_buff *skb)
+{
+	return ip_ttl(skb_data(skb), skb_data_end(skb)) <= 1;
+}
 
 /* Decrement the IPv4 TTL (RFC 1624 incremental checksum; not for a freshly built outer header,
  * dec_ttl 0) and set the MACs when given, with direct packet access.  Returns 0, or -1 when the
@@ -50,31 +82,40 @@ static __always_inline void fib_params(struct bpf_fib_lookup *fib, __be32 saddr,
 	fib->ifindex = ifindex;
 }
 
+/* On success fib->ipv4_dst holds the next hop (the gateway, or the destination when on-link). */
 static __always_inline int fib_lookup_v4(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __be32 saddr,
 					 __be32 daddr, __u8 proto, __u16 tot_len)
 {
 	fib_params(fib, saddr, daddr, proto, tot_len, skb->ingress_ifindex);
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), FIB_TC_FLAGS);
+}
+
+/* Out of the route's device to its next hop, the kernel resolving (or re-verifying) the neighbour. */
+static __always_inline int fib_send(const struct bpf_fib_lookup *fib)
+{
+	struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib->ipv4_dst };
+
+	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
 /* Send the (already translated) packet where a successful lookup said (fib_redirect: as a router,
- * decrementing the TTL; fib_redirect_ttl(.., 0) for a packet this node just encapsulated).  TC_ACT_REDIRECT on
- * success; TC_ACT_OK hands it to the kernel stack when the FIB cannot forward it (the stack
- * then answers with the right ICMP error or delivers it). */
+ * decrementing the TTL; fib_redirect_ttl(.., 0) for a packet this node just encapsulated).
+ * TC_ACT_REDIRECT on success; TC_ACT_OK hands it to the kernel stack when the FIB cannot forward it
+ * (the stack then answers with the right ICMP error or delivers it).  Callers check the TTL before
+ * translating (skb_ttl_exhausted); one exhausted here anyway is dropped, never passed on translated. */
 static __always_inline int fib_redirect_ttl(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int rc, int dec_ttl)
 {
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (l2_l3_forward_edit(skb, fib->dmac, fib->smac, dec_ttl) < 0)
-			return TC_ACT_OK;   /* TTL exhausted: the stack sends time-exceeded */
-		return bpf_redirect(fib->ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		/* The lookup left the next hop in ipv4_dst; let the kernel resolve its MAC. */
-		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib->ipv4_dst };
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The kernel's neighbour output writes the MACs; a lookup that resolved them may as well. */
+		int edit = rc == BPF_FIB_LKUP_RET_SUCCESS && !FIB_TC_SKIPS_NEIGH ?
+			l2_l3_forward_edit(skb, fib->dmac, fib->smac, dec_ttl) :
+			l2_l3_forward_edit(skb, NULL, NULL, dec_ttl);
 
-		if (l2_l3_forward_edit(skb, NULL, NULL, dec_ttl) < 0)
-			return TC_ACT_OK;
-		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+		if (edit < 0) {
+			stat_inc(STAT_DROP_TTL_EXCEEDED);
+			return TC_ACT_SHOT;
+		}
+		return fib_send(fib);
 	}
 	stat_inc(STAT_PASS_FIB_FAILED);
 	return TC_ACT_OK;

@@ -61,7 +61,7 @@
 #define STAT_TUNNEL_ENCAP 18
 #define STAT_XDP_TX 19
 #define STAT_XDP_TO_TC 20
-#define STAT_MAX 64
+#define STAT_MAX 64            /* 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 56..63: source ranges (issue 16) */
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
  * then the frontend's port and address in network order. */
@@ -209,6 +209,67 @@ struct lb_affinity_member {
 };
 
 /* ---- end of backend selection ---- */
+
+/* ---- forwarding safety (issue 12; dsr.h, direct.h, icmp.h, neigh.h, fib.h) ---- */
+
+/* drop_ttl_exceeded: not forwarded, it would have left with TTL 0 (answered with time exceeded).
+ * icmp_sent: ICMP errors the datapath generated (unreachable, fragmentation needed, time exceeded).
+ * icmp_rate_limited: errors not sent because the node's budget (lb_icmp_rl) was spent.
+ * icmp_suppressed: errors never sent: to a broadcast, multicast, zero, loopback or own address, to an
+ *   unroutable sender, for a frame not addressed to this host, or about a RST.
+ * direct_flow: TCP flows of a backend pod the load balancer did not make (reached at the pod's own
+ *   address, or opened by the pod), whose replies may leave untranslated.
+ * xdp_neigh_check: flow starts XDP handed to tc so the kernel keeps verifying a next hop (neigh.h). */
+#define STAT_DROP_TTL_EXCEEDED 32
+#define STAT_ICMP_SENT 33
+#define STAT_ICMP_RATE_LIMITED 34
+#define STAT_ICMP_SUPPRESSED 35
+#define STAT_DIRECT_FLOW 36
+#define STAT_XDP_NEIGH_CHECK 37
+
+/* lb_dsr_frontends values: how the backends of a frontend a DSR option may name are listed in
+ * lb_dsr_backends. */
+#define LB_DSR_FE_NODEPORT 1   /* a NodePort on a node's address: listed under address 0 (any node) */
+#define LB_DSR_FE_ADDR 2       /* a LoadBalancer IP or external IP: listed under that address */
+
+#define LB_DSR_BACKENDS_MAX 65536
+#define LB_DIRECT_MAX 65536
+#define LB_NEIGH_MAX 4096
+
+/* A backend of this node that DSR requests for a frontend may be delivered to (lb_dsr_backends key):
+ * the frontend's address (0 for a NodePort), port and protocol, and the backend's address and target port. */
+struct lb_dsr_member {
+	__u32 fe_addr;
+	__u32 be_addr;
+	__u16 fe_port;
+	__u16 be_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* A TCP flow of a local backend pod that the load balancer did not make (lb_direct value). */
+struct lb_direct_flow {
+	__u64 last_seen;       /* bpf_ktime_get_ns() of its last packet, refreshed at most once a second */
+	__u32 closing;         /* 1 once a FIN or RST left: the entry lives closing_timeout more */
+	__u32 pad;
+};
+
+/* The node's ICMP error budget (a one-entry array, like the kernel's icmp_msgs_per_sec/_burst): the agent
+ * writes rate and burst (tat 0: the bucket starts full); the datapath keeps the bucket in tat (icmp.h),
+ * shared by every CPU and by tc and XDP. */
+struct lb_icmp_rl {
+	__u32 rate;            /* ICMP errors per second, on average (0: the kernel's default, 1000) */
+	__u32 burst;           /* at most this many at once (0: the kernel's default, 50) */
+	__u64 tat;             /* bpf_ktime_get_ns() at which the bucket is full again (GCRA) */
+};
+
+/* A next hop XDP forwards to (lb_neigh_seen key): the device and the neighbour's IPv4 address. */
+struct lb_neigh_key {
+	__u32 ifindex;
+	__u32 addr;
+};
+
+/* ---- end of forwarding safety ---- */
 
 /* ---- source ranges (issue 16; srcrange.h): loadBalancerSourceRanges with svcSourceRangeCheck ---- */
 

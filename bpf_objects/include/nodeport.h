@@ -15,6 +15,8 @@
 #include "tunnel.h"
 #include "flow.h"
 #include "srcrange.h"
+#include "direct.h"
+#include "neigh.h"
 
 /* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
  * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
@@ -25,6 +27,8 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 
 	if (!rev)
 		return -1;
+	if (skb_ttl_exhausted(skb))
+		return icmp_ttl_exceeded(skb, p, cfg->snat_addr);
 	now = bpf_ktime_get_ns();
 	if (ct_touch(rev, p, now))
 		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
@@ -81,8 +85,10 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	if (!node)
 		return fib_redirect(skb, &fib, rc);
 	/* Forwarding the inner packet decrements its TTL; the outer header is new. */
-	if (l2_l3_forward_edit(skb, NULL, NULL, 1) < 0)
-		return TC_ACT_OK;
+	if (l2_l3_forward_edit(skb, NULL, NULL, 1) < 0) {
+		stat_inc(STAT_DROP_TTL_EXCEEDED);
+		return TC_ACT_SHOT;
+	}
 	if (vxlan_encap(skb, cfg->snat_addr, node, cfg->tunnel_vni) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
@@ -122,7 +128,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		return rc;
 	if (p.ihl_bytes > sizeof(struct iphdr)) {
 		/* Only packets with IP options can be DSR requests for a pod of this node. */
-		rc = dsr_backend_ingress(skb, &p, bpf_ktime_get_ns());
+		rc = dsr_backend_ingress(skb, &p, cfg, bpf_ktime_get_ns());
 		if (rc == -2)
 			return fib_forward(skb, p.t.saddr, p.t.daddr, p.t.proto);
 		if (rc >= 0)
@@ -132,6 +138,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	/* Every packet of a flow is addressed to its frontend: one lookup settles non-service traffic. */
 	svc = lb_lookup_service(&p);
 	if (!svc) {
+		direct_ingress(&p);
 		stat_inc(STAT_PASS_NOT_SERVICE);
 		return TC_ACT_OK;
 	}
@@ -140,6 +147,8 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
+		if (skb_ttl_exhausted(skb))
+			return icmp_ttl_exceeded(skb, &p, cfg->snat_addr);
 		if (ct_touch(e, &p, now))
 			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
@@ -154,6 +163,8 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_DROP_NO_LOCAL_BACKEND);
 		return TC_ACT_SHOT;
 	}
+	if (skb_ttl_exhausted(skb))
+		return icmp_ttl_exceeded(skb, &p, cfg->snat_addr);
 	be = lb_select_backend(&p, svc, &be_id);
 	if (!be) {
 		stat_inc(STAT_DROP_NO_BACKEND);
@@ -180,7 +191,7 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
 	if (!rev) {
-		if (dsr_untracked_reply(&p)) {
+		if (dsr_untracked_reply(&p) && !direct_egress(&p, cfg, bpf_ktime_get_ns())) {
 			stat_inc(STAT_DROP_DSR_NO_STATE);
 			return TC_ACT_SHOT;
 		}

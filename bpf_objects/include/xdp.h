@@ -2,7 +2,9 @@
  * replies of SNAT'd flows, translated and transmitted straight back out.  It shares every map with
  * tc, so a flow is handled the same whichever layer sees its packets; anything it cannot finish
  * before touching the packet (local backends, rejects, MTU, unresolved neighbours, IP options, the
- * overlay) is passed on, unmodified, to the tc programs. */
+ * overlay, TTL about to run out) is passed on, unmodified, to the tc programs.  A new flow's backend
+ * is chosen once: when XDP chose it (a local one included), it recorded the flow before passing the
+ * packet, and tc carries on with that flow instead of choosing again. */
 #ifndef BPFLB_XDP_H
 #define BPFLB_XDP_H
 
@@ -16,6 +18,7 @@
 #include "fib.h"
 #include "dsr.h"
 #include "srcrange.h"
+#include "neigh.h"
 
 static __always_inline int xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr,
 				   __u8 proto, __u16 tot_len)
@@ -91,8 +94,12 @@ static __always_inline int xdp_transmit(struct xdp_md *ctx, const struct bpf_fib
 	struct iphdr *ip = data + ETH_HLEN;
 	__u32 check;
 
-	if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+	if ((void *)(ip + 1) > data_end)
 		return XDP_DROP;
+	if (ip->ttl <= 1) {            /* xdp_lb passed these to tc already; never sent with TTL 0 */
+		stat_inc(STAT_DROP_TTL_EXCEEDED);
+		return XDP_DROP;
+	}
 	ip->ttl--;
 	check = ip->check;
 	check += bpf_htons(0x0100);
@@ -123,6 +130,8 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 	if (xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return xdp_to_tc();
 	now = bpf_ktime_get_ns();
+	if (xdp_neigh_check_due(&fib, p, now))
+		return xdp_to_tc();
 	if (ct_touch(rev, p, now))
 		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
 	if (xdp_rewrite(ctx, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0)
@@ -133,7 +142,7 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 
 /* A packet of a flow to a remote backend: route first (nothing changed yet, so tc can take over),
  * then SNAT or DNAT + DSR option, then out. */
-static __always_inline int xdp_forward(struct xdp_md *ctx, struct pkt *p, const struct ct_entry *e)
+static __always_inline int xdp_forward(struct xdp_md *ctx, struct pkt *p, const struct ct_entry *e, __u64 now)
 {
 	struct bpf_fib_lookup fib;
 	__be32 saddr = p->t.saddr;
@@ -147,8 +156,8 @@ static __always_inline int xdp_forward(struct xdp_md *ctx, struct pkt *p, const 
 	}
 	rc = xdp_fib(ctx, &fib, saddr, e->backend_addr, p->t.proto,
 		     opt ? p->tot_len + sizeof(struct dsr_opt_v4) : 0);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return xdp_to_tc();   /* unresolved neighbour, MTU (ICMP from tc), not forwardable */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || xdp_neigh_check_due(&fib, p, now))
+		return xdp_to_tc();   /* unresolved or unchecked neighbour, MTU (ICMP from tc), not forwardable */
 	if (xdp_rewrite(ctx, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
 	    (opt && xdp_insert_dsr_opt(ctx, p, e->fe_addr, e->fe_port) < 0)) {
 		stat_inc(STAT_DROP_ERROR);
@@ -174,6 +183,8 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (parse_frame(data, data_end, bpf_xdp_get_buff_len(ctx), &p) != PARSE_OK)
 		return XDP_PASS;
+	if (ip_ttl(data, data_end) <= 1)
+		return xdp_to_tc();           /* tc answers time exceeded (or leaves it to the kernel) */
 	rc = xdp_snat_reply(ctx, &p, cfg);
 	if (rc >= 0)
 		return rc;
@@ -192,17 +203,19 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 		if (ct_touch(e, &p, now))
 			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
-		return xdp_forward(ctx, &p, e);
+		return xdp_forward(ctx, &p, e, now);
 	}
 	if (svc->count == 0)
 		return xdp_to_tc();           /* reject or drop: tc answers */
 	be = lb_select_backend(&p, svc, &be_id);
-	if (!be || (be->flags & LB_BE_F_LOCAL))
-		return xdp_to_tc();           /* tc selects again; nothing was recorded */
+	if (!be)
+		return xdp_to_tc();           /* nothing chosen, nothing recorded: tc decides */
 	if (np_new_flow(&p, cfg, svc, be_id, be, &fresh, now))
 		return XDP_DROP;
 	stat_inc(STAT_NEW_FLOW);
-	return xdp_forward(ctx, &p, &fresh);
+	if (be->flags & LB_BE_F_LOCAL)
+		return xdp_to_tc();           /* tc delivers it to the pod, in the flow recorded here */
+	return xdp_forward(ctx, &p, &fresh, now);
 }
 
 #endif

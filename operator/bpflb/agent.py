@@ -20,6 +20,7 @@ from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
 from bpflb.model.cluster import (
     cluster_prefixes,
+    dsr_backends,
     dsr_frontends,
     local_backends,
     network_settings,
@@ -155,7 +156,7 @@ class Agent:
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
-            dsr_frontends=frozenset(dsr_frontends(state, node_addresses(snap))),
+            dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
         done = self.datapath.program(want)
@@ -164,8 +165,9 @@ class Agent:
         for text in done.problems:
             self._problem(text)
         if done.cluster_changes:
-            log.info("cluster view: %d DSR frontends, %d local backend endpoints, %d cluster prefixes "
-                     "(%d keys changed)", *done.cluster_sizes, done.cluster_changes)
+            log.info("cluster view: %d DSR frontends, %d (frontend, local backend) pairs DSR requests may reach, "
+                     "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
+                     *done.cluster_sizes, done.cluster_changes)
         if done.sync.config_changed:
             log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
                      network.tunnel.label, state.node_addrs[0])
@@ -250,6 +252,7 @@ class Agent:
         finally:
             if self.health_servers is not None:
                 self.health_servers.close()
+        self.datapath.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its

@@ -19,6 +19,7 @@ from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import objects_dir
 from bpflb.datapath.loader import BpfObject, load_lb, load_xdp
+from bpflb.model.cluster import ANY_NODE, DsrFrontendKind
 from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 from bpflb_lab.lab.netns import entered
 from bpflb_lab.scratch import (
@@ -144,7 +145,9 @@ def _measure(ns: str, eth0: int, n: int, samples: int, loops: int, pass_obj: Bpf
             _flow_rows(col, maps, eth0, lb, "", samples)
             # The same node as a backend's node: a DSR request for its pod records the reply state,
             # then the pod's reply is rewritten on egress.
-            ClusterMaps(obj).sync({L4Addr(IPv4Address(OTHER_NODE), 30080, Proto.TCP)}, set(), set())
+            ClusterMaps(obj).sync({L4Addr(IPv4Address(OTHER_NODE), 30080, Proto.TCP): DsrFrontendKind.NODEPORT},
+                                  set(), set(), dsr_backends=[(L4Addr(ANY_NODE, 30080, Proto.TCP),
+                                                               L4Addr(IPv4Address(LOCAL_POD), 8080, Proto.TCP))])
             request = bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) /
                             IP(src=CLIENT, dst=LOCAL_POD, ttl=63,
                                options=[IPOption(b"\x9a\x08" + (30080).to_bytes(2, "big") +

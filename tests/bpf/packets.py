@@ -91,6 +91,7 @@ def state(*frontends: Frontend) -> DesiredState:
 
 REMOTE = backend(REMOTE_POD, 8080, local=False)
 LOCAL = backend(LOCAL_POD, 8080, local=True)
+OTHER_NODE = "198.18.0.13"          # the node a DSR request entered through, seen from a backend's node
 
 
 def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: object) -> bytes:
@@ -111,6 +112,8 @@ def recomputed(frame: bytes) -> bytes:
     return bytes(Ether(bytes(pkt)))
 
 
+# A frame tc redirects leaves the program with the MACs it arrived with: bpf_redirect_neigh's neighbour
+# output writes the next hop's (fib.h).  Generated ICMP errors carry the arrival MACs swapped.
 def assert_frame(out: bytes, expected: bytes) -> None:
     """Whole-frame equality, with a readable diff, and checksums that scapy agrees with."""
     if out != expected:

@@ -4,7 +4,7 @@ whose egress rewrites the pod's replies to come from the frontend.  Whole frames
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -12,16 +12,16 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
+from bpflb.model.cluster import dsr_backends, dsr_frontends
 from bpflb.model.types import Mode, Proto
 from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
     LOCAL_POD,
-    LOCAL_POD_MAC,
-    LXC_MAC,
     NODE1,
     NODE2_MAC,
+    OTHER_NODE,
     REMOTE,
     REMOTE_POD,
     Node,
@@ -30,27 +30,25 @@ from tests.bpf.packets import (
     dsr_option,
     fe,
     frame_in,
-    l4,
     recomputed,
     state,
 )
 
 pytestmark = pytest.mark.privileged
 
-OTHER_NODE = "198.18.0.13"          # the node a request entered through, seen from this (backend) node
 
 
 def test_syn_gets_the_option_later_segments_do_not(node: Node) -> None:
     node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.DSR)
     run = node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="S", seq=10), payload=b"hi"))
     assert run.retval == TC_ACT_REDIRECT
-    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / \
         IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7, options=[dsr_option(NODE1, 30080)]) / \
         TCP(sport=40000, dport=8080, flags="S", seq=10) / Raw(b"hi")
     assert_frame(run.data, bytes(expected))
 
     ack = node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="A", seq=11, ack=99)))
-    expected_ack = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7) / \
+    expected_ack = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7) / \
         TCP(sport=40000, dport=8080, flags="A", seq=11, ack=99)
     assert_frame(ack.data, bytes(expected_ack))
     # A retransmitted SYN carries the option again (the backend's node may have missed the first).
@@ -65,7 +63,7 @@ def test_udp_carries_the_option_on_every_datagram(node: Node) -> None:
     for n in range(2):
         run = node.ingress(frame_in(UDP(sport=5000, dport=30081), payload=b"clientip"))
         assert run.retval == TC_ACT_REDIRECT, n
-        expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / \
+        expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / \
             IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7, options=[dsr_option(NODE1, 30081)]) / \
             UDP(sport=5000, dport=8081) / Raw(b"clientip")
         assert_frame(run.data, bytes(expected))
@@ -107,11 +105,14 @@ def test_option_beyond_the_path_mtu_answers_fragmentation_needed(node: Node) -> 
 
 
 def backend_node(node: Node) -> None:
-    """Make the scratch node a backend's node: LOCAL_POD is its echo pod; OTHER_NODE:30080 a frontend."""
+    """Make the scratch node a backend's node: LOCAL_POD is its echo pod; OTHER_NODE:30080 a frontend.
+    The cluster maps are programmed as the agent does, from the model (bpflb.model.cluster)."""
     local = backend(LOCAL_POD, 8080, local=True)
-    node.program(state(fe(NODE1, 30080, (local,))), Mode.SNAT)   # its own mode does not matter
-    node.cluster.sync({l4(OTHER_NODE, 30080), l4(NODE1, 30080)}, {local.l4},
-                      {IPv4Network("198.18.0.11/32"), IPv4Network(f"{OTHER_NODE}/32"), IPv4Network("10.244.0.0/16")})
+    desired = state(fe(NODE1, 30080, (local,)))
+    node.program(desired, Mode.SNAT)   # its own mode does not matter
+    node.cluster.sync(dsr_frontends(desired, {IPv4Address(NODE1), IPv4Address(OTHER_NODE)}), {local.l4},
+                      {IPv4Network("198.18.0.11/32"), IPv4Network(f"{OTHER_NODE}/32"), IPv4Network("10.244.0.0/16")},
+                      dsr_backends=dsr_backends(desired))
 
 
 def dsr_request(flags: str = "S", frontend: str = OTHER_NODE, port: int = 30080) -> bytes:
@@ -124,7 +125,7 @@ def test_backend_node_records_the_frontend_strips_the_option_and_rewrites_the_re
     backend_node(node)
     run = node.ingress(dsr_request())
     assert run.retval == TC_ACT_REDIRECT
-    expected = Ether(src=LXC_MAC, dst=LOCAL_POD_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=62, id=5) / \
+    expected = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=62, id=5) / \
         TCP(sport=40010, dport=8080, flags="S", seq=1) / Raw(b"GET")
     assert_frame(run.data, bytes(expected))
 

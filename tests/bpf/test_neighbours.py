@@ -27,7 +27,7 @@ def test_tc_hands_an_unresolved_next_hop_to_the_kernel_after_translating(node: N
     out = Ether(run.data)
     assert (out[IP].src, out[IP].dst, out[TCP].dport, out[IP].ttl) == (NODE1, UNRESOLVED, 8080, 63)
     assert bytes(out[Raw]) == b"abc"
-    # The MACs are left for the kernel to fill in (a resolved next hop would have had them rewritten here).
+    # The MACs are left for the kernel's neighbour output to fill in (as on every tc redirect: fib.h).
     assert (out.src, out.dst) == (CLIENT_MAC, ETH0_MAC)
     after = node.maps.stats()
     assert after["new_flow"] - before["new_flow"] == 1

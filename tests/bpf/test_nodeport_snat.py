@@ -16,8 +16,6 @@ from tests.bpf.packets import (
     ETH0_MAC,
     LOCAL,
     LOCAL_POD,
-    LOCAL_POD_MAC,
-    LXC_MAC,
     NODE1,
     NODE2_MAC,
     REMOTE,
@@ -47,7 +45,7 @@ def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
     out = Ether(run.data)
     nat_port = out[TCP].sport
     assert 61000 <= nat_port <= 65535
-    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
         TCP(sport=nat_port, dport=8080, flags="S", seq=1000) / Raw(b"hello")
     assert_frame(run.data, bytes(expected))
 
@@ -56,7 +54,7 @@ def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
         TCP(sport=8080, dport=nat_port, flags="SA", seq=5000, ack=1001) / Raw(b"world")
     reply = node.ingress(bytes(synack))
     assert reply.retval == TC_ACT_REDIRECT
-    expected_reply = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=NODE1, dst=CLIENT, ttl=62, id=9) / \
+    expected_reply = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=CLIENT, ttl=62, id=9) / \
         TCP(sport=30080, dport=40000, flags="SA", seq=5000, ack=1001) / Raw(b"world")
     assert_frame(reply.data, bytes(expected_reply))
 
@@ -73,7 +71,7 @@ def test_local_backend_is_dnat_only_and_reply_is_translated_on_egress(node: Node
     node.program(state(fe(NODE1, 30080, (LOCAL,))))
     run = node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S", seq=1)))
     assert run.retval == TC_ACT_REDIRECT
-    expected = Ether(src=LXC_MAC, dst=LOCAL_POD_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=7) / \
         TCP(sport=40001, dport=8080, flags="S", seq=1)
     assert_frame(run.data, bytes(expected))
 
@@ -92,7 +90,7 @@ def test_udp_remote_backend_with_and_without_checksum(node: Node) -> None:
     run = node.ingress(frame_in(UDP(sport=5353, dport=30081), payload=b"clientip"))
     assert run.retval == TC_ACT_REDIRECT
     out = Ether(run.data)
-    expected = Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
+    expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
         UDP(sport=out[UDP].sport, dport=8081) / Raw(b"clientip")
     assert_frame(run.data, bytes(expected))
 

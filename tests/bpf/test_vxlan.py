@@ -50,12 +50,14 @@ def overlay(node: Node, mode: Mode, *frontends: object) -> None:
     node.maps.set_config(NodeConfig(mode=mode, snat_addr=IPv4Address(NODE1), ext_ifindex=node.eth0,
                                     tunnel_mode=1, tunnel_vni=1))
     node.maps.sync(state(*frontends))   # type: ignore[arg-type]
-    node.cluster.sync(set(), {backend(LOCAL_POD, 8080, local=True).l4},
+    node.cluster.sync({}, {backend(LOCAL_POD, 8080, local=True).l4},
                       {IPv4Network(f"{NODE1}/32"), IPv4Network(f"{NODE2}/32"), IPv4Network("10.244.0.0/16")}, NODES)
 
 
-def encapsulated(outer_sport: int, inner: Packet) -> bytes:
-    return bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) /
+def encapsulated(outer_sport: int, inner: Packet, macs: tuple[str, str] = (ETH0_MAC, NODE2_MAC)) -> bytes:
+    """macs: the outer Ethernet source and destination (a redirected frame keeps the ones it arrived with:
+    the kernel's neighbour output writes its MACs)."""
+    return bytes(Ether(src=macs[0], dst=macs[1]) /
                  IP(src=NODE1, dst=NODE2, ttl=64, id=0, flags=0, proto=17) /
                  UDP(sport=outer_sport, dport=8472, chksum=0) / VXLAN(flags=0x08, vni=1) /
                  Ether(dst=vtep(NODE2), src=vtep(NODE1)) / inner)
@@ -83,7 +85,7 @@ def test_snat_request_to_a_remote_backend_is_encapsulated(node: Node) -> None:
     assert 32768 <= outer_sport < 61000 and 61000 <= nat_port <= 65535
     inner = IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / TCP(sport=nat_port, dport=8080, flags="S", seq=3) / \
         Raw(b"hello")
-    assert run.data == encapsulated(outer_sport, inner), f"\n{out!r}"
+    assert run.data == encapsulated(outer_sport, inner, (CLIENT_MAC, ETH0_MAC)), f"\n{out!r}"
     checksums_ok(run.data)
     assert node.maps.stats()["tunnel_encap"] == 1
 
@@ -95,7 +97,7 @@ def test_dsr_request_carries_the_option_inside_the_tunnel(node: Node) -> None:
     out = Ether(run.data)
     inner = IP(src=CLIENT, dst=REMOTE_POD, ttl=63, id=7, options=[dsr_option(NODE1, 30080)]) / \
         TCP(sport=40001, dport=8080, flags="S", seq=9)
-    assert run.data == encapsulated(out[UDP].sport, inner), f"\n{out!r}"
+    assert run.data == encapsulated(out[UDP].sport, inner, (CLIENT_MAC, ETH0_MAC)), f"\n{out!r}"
     checksums_ok(run.data)
 
 

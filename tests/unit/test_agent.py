@@ -1,20 +1,24 @@
 """The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
 of one object fails the sync without losing what was programmed and the next attempt recovers, a mode
-switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, and the
-agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall)."""
+switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, the
+agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall), DSR requests are accepted
+for this node's backends of the named frontend only, and the neighbour watcher lives while the agent does."""
 
 from __future__ import annotations
 
 import logging
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bpflb.agent import Agent, AgentOptions
+from bpflb.datapath.clustermaps import dsr_member_key
 from bpflb.datapath.lbmaps import svc_key
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
-from bpflb.model.types import Mode
+from bpflb.model.cluster import ANY_NODE
+from bpflb.model.types import L4Addr, Mode, Proto
 from bpflb.sources.base import Snapshot
 from tests.unit.helpers import NODE, NODE_INTERNAL, Obj, endpoint, endpoint_slice, l4, node, service, two_pods
 
@@ -163,3 +167,39 @@ def test_uninstall_removes_the_state_and_a_later_config_brings_it_back(tmp_path:
     report = agent.run_once()
     assert report is not None and report.frontends_added == 4 and not agent.uninstalled
     assert datapath.attached == "eth0" and datapath.loads == 2
+
+
+def test_dsr_requests_are_accepted_for_this_nodes_backends_of_the_named_frontend_only(tmp_path: Path) -> None:
+    agent, datapath, source = make_agent(tmp_path, MemoryPins(), {"bpfLBMode": "DSR"})
+    assert agent.run_once() is not None
+
+    def pair(port: int, pod: str) -> bytes:     # a NodePort's frontend is listed once, under address 0
+        return dsr_member_key(L4Addr(ANY_NODE, port, Proto.TCP), L4Addr(IPv4Address(pod), 8080, Proto.TCP))
+
+    # echo-1 and other-1 run on this node; echo-2 on node-b is not this node's to accept.
+    assert set(datapath.pins.maps["lb_dsr_backends"]) == {pair(30080, "10.0.1.1"), pair(30090, "10.0.3.1")}
+    source.snap.endpointslices = [endpoint_slice(endpoints=two_pods()[1:]), source.snap.endpointslices[1]]
+    assert agent.run_once() is not None
+    assert set(datapath.pins.maps["lb_dsr_backends"]) == {pair(30090, "10.0.3.1")}
+
+
+def test_the_neighbour_watcher_runs_from_attach_until_the_agent_ends_or_uninstalls(tmp_path: Path) -> None:
+    during: list[bool] = []
+
+    def after_sync(a: Agent, _report: object) -> None:
+        assert isinstance(a.datapath, MemoryDatapath)
+        during.append(a.datapath.watching_neighbours)
+        a.stop()
+
+    agent, datapath, _ = make_agent(tmp_path, MemoryPins(), on_sync=after_sync)
+    assert not datapath.watching_neighbours
+    agent.run()                                   # one sync (the hook stops the loop), then the agent ends
+    assert during == [True]
+    assert datapath.attached == "eth0" and not datapath.watching_neighbours   # the programs stay attached
+    (tmp_path / "other").mkdir()
+    other, memory, source = make_agent(tmp_path / "other", MemoryPins())
+    assert other.run_once() is not None and memory.watching_neighbours
+    source.snap.config = {"bpfLBMode": "SNAT", "uninstall": "true"}
+    assert other.run_once() is None and not memory.watching_neighbours
+    source.snap.config = {"bpfLBMode": "SNAT"}
+    assert other.run_once() is not None and memory.watching_neighbours       # attached again: watching again

@@ -5,13 +5,14 @@ ClusterMaps, so the entries they hold are byte for byte the same."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
 
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
-from bpflb.model.cluster import NetworkSettings, NodeInfo
+from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
 from bpflb.model.types import DesiredState, L4Addr, Mode
 
 
@@ -21,7 +22,8 @@ class NodeProgram:
 
     state: DesiredState                         # frontends, backends, selection settings
     config: NodeConfig                          # lb_config (ext_ifindex is the datapath's own)
-    dsr_frontends: frozenset[L4Addr] = frozenset()
+    dsr_frontends: Mapping[L4Addr, DsrFrontendKind] = field(default_factory=dict)
+    dsr_backends: frozenset[tuple[L4Addr, L4Addr]] = frozenset()   # (frontend, local backend) DSR may reach
     local_backends: frozenset[L4Addr] = frozenset()
     prefixes: frozenset[IPv4Network] = frozenset()
     nodes: tuple[NodeInfo, ...] = ()            # every node: the tunnel map, the overlay's peers
@@ -36,7 +38,8 @@ class ProgramReport:
 
     sync: SyncReport
     cluster_changes: int = 0
-    cluster_sizes: tuple[int, int, int] = (0, 0, 0)   # DSR frontends, local backends, cluster prefixes
+    # DSR frontends, (frontend, local backend) pairs DSR requests may reach, local backends, cluster prefixes
+    cluster_sizes: tuple[int, int, int, int] = (0, 0, 0, 0)
     network_actions: list[str] = field(default_factory=list)
     acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
     problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
@@ -70,6 +73,11 @@ class Datapath(Protocol):
         """Detach from device and remove every pinned map; load() starts afresh after this."""
         ...
 
+    def close(self) -> None:
+        """Stop what attach() started in this process beside the programs (the neighbour watcher); the
+        programs stay attached and the maps pinned, for the next agent."""
+        ...
+
 
 class MapsDatapath:
     """The part both implementations share: maps programmed through LBMaps and ClusterMaps, in the order
@@ -99,9 +107,9 @@ class MapsDatapath:
         # frontend, and know every tunnel endpoint, before any node (itself included) starts sending them.
         report.network_actions = self._network(want)
         report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
-                                                   want.nodes)
-        report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.local_backends.entries),
-                                len(self.cluster.cidrs.entries))
+                                                   want.nodes, want.dsr_backends)
+        report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.dsr_backends.entries),
+                                len(self.cluster.local_backends.entries), len(self.cluster.cidrs.entries))
         self._accelerate(want.acceleration, report)
         config = NodeConfig(**{**want.config.__dict__, "ext_ifindex": self.ifindex})
         config_changed = self.maps.set_config(config)

@@ -1,6 +1,6 @@
 """The kernel's datapath: bpf_lb.o (and bpf_xdp.o) loaded through libbpf with maps pinned under the pin
 root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's overlay in
-netlink. What `bpflb agent` runs."""
+netlink, the neighbour hygiene of the node's bridges (datapath.neighbours). What `bpflb agent` runs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from bpflb.datapath.loader import (
     xdp_attach,
     xdp_detach,
 )
+from bpflb.datapath.neighbours import NeighbourHygiene
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.model.cluster import Tunnel
 from bpflb.model.types import Mode
@@ -39,6 +40,7 @@ class KernelDatapath(MapsDatapath):
         self.overlay: Overlay | None = None
         self.tunnel_ifindex = 0
         self.acceleration: str | None = None      # what this process last applied
+        self.neighbours: NeighbourHygiene | None = None   # running while this process has the programs attached
 
     def load(self) -> Mode | None:
         self.obj = load_lb(self.pin_root)
@@ -55,6 +57,16 @@ class KernelDatapath(MapsDatapath):
         self.overlay = Overlay(device)
         self.device = device
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
+        if self.neighbours is None:
+            self.neighbours = NeighbourHygiene()
+            self.neighbours.start()
+            log.info("watching the node's bridges: a MAC that leaves one has its IPv4 neighbour entries forgotten "
+                     "(a replaced pod keeping its address is resolved again, without waiting for ARP timers)")
+
+    def close(self) -> None:
+        if self.neighbours is not None:
+            self.neighbours.stop()
+            self.neighbours = None
 
     def _network(self, want: NodeProgram) -> list[str]:
         if want.me is None or self.overlay is None:
@@ -99,6 +111,7 @@ class KernelDatapath(MapsDatapath):
         self.acceleration = acceleration
 
     def uninstall(self, device: str | None) -> None:
+        self.close()
         if device:
             idx = socket.if_nametoindex(device)
             if xdp_detach(idx):

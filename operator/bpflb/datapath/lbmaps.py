@@ -195,6 +195,7 @@ class LBMaps:
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
         self.src_ranges: Map = obj.map("lb_src_ranges")
+        self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
@@ -385,6 +386,10 @@ class LBMaps:
         self.config.update(zero, want)
         return True
 
+    def set_icmp_limit(self, rate: int, burst: int) -> bool:
+        """The node's ICMP error budget (errors per second, burst); True when it changed."""
+        return set_icmp_limit(self.icmp_rl, rate, burst)
+
     def mode(self) -> Mode | None:
         current = self.config.lookup(ffi().new("__u32 *", 0))
         return None if current is None else Mode(current.mode)
@@ -396,6 +401,20 @@ class LBMaps:
     def flows(self) -> list[Any]:
         """Decoded forward conntrack entries (for `bpflb flows` and tests)."""
         return [(self.ct_fwd.decode_key(k), self.ct_fwd.decode_value(v)) for k, v in self.ct_fwd.items_raw()]
+
+
+def set_icmp_limit(m: Map, rate: int, burst: int) -> bool:
+    """Write rate and burst into lb_icmp_rl (the datapath's own defaults, 1000/s and 50 like the kernel's
+    icmp_msgs_per_sec/_burst, hold while it is zero); the token bucket restarts full.  Unchanged values are
+    left alone, bucket included.  True when written."""
+    if not (0 < rate < 2**32 and 0 < burst < 2**32):
+        raise ValueError(f"ICMP rate limit: rate and burst must be 1..{2**32 - 1}; got {rate}/s, burst {burst}")
+    zero = ffi().new("__u32 *", 0)
+    current = m.lookup(zero)
+    if current is not None and (current.rate, current.burst) == (rate, burst):
+        return False
+    m.update(zero, ffi().new("struct lb_icmp_rl *", {"rate": rate, "burst": burst}))
+    return True
 
 
 def read_stats(stats_map: Map) -> dict[str, int]:

@@ -193,6 +193,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_maglev_cfg": ("__u32", "struct lb_maglev_config"),
     "lb_affinity": ("struct lb_affinity_key", "struct lb_affinity_val"),
     "lb_affinity_members": ("struct lb_affinity_member", "__u32"),
+    # forwarding safety (dsr.h, direct.h, icmp.h, neigh.h)
+    "lb_dsr_backends": ("struct lb_dsr_member", "__u8"),
+    "lb_direct": ("struct ct_tuple", "struct lb_direct_flow"),
+    "lb_icmp_rl": ("__u32", "struct lb_icmp_rl"),
+    "lb_neigh_seen": ("struct lb_neigh_key", "__u64"),
     # source ranges (bpf_objects/include/srcrange.h)
     "lb_src_ranges": ("struct lb_src_range_key", "__u8"),
 }

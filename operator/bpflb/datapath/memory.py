@@ -1,5 +1,6 @@
 """The in-memory datapath: the same map programming (LBMaps, ClusterMaps, byte for byte) on maps held in
-dicts, attach/overlay/XDP recorded instead of done, and writes that can be made to fail. For the agent's
+dicts, attach/overlay/XDP (and the neighbour watcher's life) recorded instead of done, and writes that can be
+made to fail. For the agent's
 logic tests without root (pyroute2's ipmock serves netlink the same way); the datapath itself is always
 tested on the real kernel (tests/bpf, tests/lab)."""
 
@@ -90,6 +91,7 @@ class MemoryDatapath(MapsDatapath):
         self.network_applied: list[Any] = []     # (NetworkSettings, me, peers) of every change
         self.acceleration = "Disabled"
         self.uninstalled = False
+        self.watching_neighbours = False         # the kernel's runs a netlink watcher from attach() to close()
 
     def map(self, name: str) -> MemoryMap:
         """The open map of that name (fault injection: datapath.map("lb_services").fail = ...)."""
@@ -109,6 +111,10 @@ class MemoryDatapath(MapsDatapath):
             raise BpfError(22, "attach() before load()")
         self.device = device
         self.ifindex = 1 + sum(map(ord, device)) % 1000
+        self.watching_neighbours = True
+
+    def close(self) -> None:
+        self.watching_neighbours = False
 
     def _network(self, want: NodeProgram) -> list[str]:
         key = (want.network, want.me, tuple(n for n in want.nodes if want.me is None or n.name != want.me.name))
@@ -127,6 +133,7 @@ class MemoryDatapath(MapsDatapath):
         return dict(self.pins.counters)
 
     def uninstall(self, device: str | None) -> None:
+        self.close()
         self.pins.maps.clear()
         self.opened.clear()
         self.maps = self.cluster = None

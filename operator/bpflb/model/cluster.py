@@ -49,18 +49,43 @@ def cluster_prefixes(snapshot: Snapshot) -> set[IPv4Network]:
     return {IPv4Network(a) for a in node_addresses(snapshot)} | pod_cidrs(snapshot)
 
 
-def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> set[L4Addr]:
+class DsrFrontendKind(enum.IntEnum):
+    """How lb_dsr_backends lists a DSR frontend's backends (the datapath's LB_DSR_FE_* values)."""
+
+    NODEPORT = 1   # under address 0: a nodePort is the same frontend on every node's address
+    ADDRESS = 2    # under the frontend's own address (LoadBalancer IP, external IP)
+
+
+ANY_NODE = IPv4Address(0)
+
+
+def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> dict[L4Addr, DsrFrontendKind]:
     """Frontends a DSR option may legitimately name: this node's view of the Services, with each
     NodePort on every node's address (the request may have entered through any node).  Only
-    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count."""
-    out: set[L4Addr] = set()
+    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count.  Where a
+    NodePort and an external IP share address and port, the external IP's listing wins."""
+    out: dict[L4Addr, DsrFrontendKind] = {}
     for fe in state.frontends.values():
         if fe.local_only:
             continue
         if fe.kind is FrontendKind.NODEPORT:
-            out.update(L4Addr(a, fe.l4.port, fe.l4.proto) for a in all_node_addrs)
+            for a in all_node_addrs:
+                out.setdefault(L4Addr(a, fe.l4.port, fe.l4.proto), DsrFrontendKind.NODEPORT)
         else:
-            out.add(fe.l4)
+            out[fe.l4] = DsrFrontendKind.ADDRESS
+    return out
+
+
+def dsr_backends(state: DesiredState) -> set[tuple[L4Addr, L4Addr]]:
+    """(frontend, backend) pairs a DSR request may be delivered for on this node: its own backends,
+    serving or draining (their open flows' retransmitted SYNs carry the option), of every frontend
+    dsr_frontends lists, a NodePort's under ANY_NODE.  Nothing else is honoured."""
+    out: set[tuple[L4Addr, L4Addr]] = set()
+    for fe in state.frontends.values():
+        if fe.local_only:
+            continue
+        key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto) if fe.kind is FrontendKind.NODEPORT else fe.l4
+        out.update((key, be.l4) for be in (*fe.backends, *fe.draining) if be.local)
     return out
 
 

@@ -333,6 +333,16 @@ class Lab(Workloads, Supervision, Traffic):
     def node_ip(self, k: int) -> str:
         return str(topology.node_ip(k))
 
+    def add_route(self, host: str, dst: str, via: str) -> None:
+        """A route on a lab host, e.g. the client to a pod CIDR via a node (as a cloud router routes pod
+        CIDRs to their nodes).  Lab namespaces only: host names resolve to this lab's namespaces."""
+        netns.ip_batch(self.netns(host), [f"route replace {dst} via {via}"])
+
+    def delete_route(self, host: str, dst: str) -> None:
+        """Remove a route add_route made; one already gone is no error."""
+        with contextlib.suppress(LabError):
+            netns.ip_batch(self.netns(host), [f"route del {dst}"])
+
     def status(self) -> dict[str, Any]:
         """A JSON-able description: settings, hosts, agents, pods and Services with their endpoints."""
         state = self.state()

@@ -71,6 +71,13 @@ def pod_cidr(k: int) -> IPv4Network:
     return IPv4Network(f"10.244.{k}.0/24")
 
 
+def bridge_mac(k: int) -> str:
+    """node K's cni0 MAC, fixed as a CNI fixes its bridge's: a Linux bridge left to itself takes its lowest
+    port's MAC, so pods coming and going would change it, and the kernel flushes a device's neighbours
+    when its MAC changes (which would hide a stale neighbour entry behind a replaced pod)."""
+    return f"02:62:6c:62:{k:02x}:01"
+
+
 def pod_gateway(k: int) -> IPv4Address:
     return pod_cidr(k).network_address + 1
 
@@ -162,7 +169,8 @@ def create_base(lab: str, nodes: int, native_routes: bool = True) -> None:
     for k in range(1, nodes + 1):
         cidr = pod_cidr(k)
         cmds = [f"addr add {node_ip(k)}/{prefix} dev {DEVICE}", f"link set {DEVICE} up",
-                "link add cni0 type bridge", f"addr add {pod_gateway(k)}/{cidr.prefixlen} dev cni0",
+                f"link add cni0 address {bridge_mac(k)} type bridge",
+                f"addr add {pod_gateway(k)}/{cidr.prefixlen} dev cni0",
                 "link set cni0 up"]
         if native_routes:
             cmds += [f"route add {pod_cidr(j)} via {node_ip(j)}" for j in range(1, nodes + 1) if j != k]

@@ -90,6 +90,25 @@ class Workloads(LabParts):
                 return f"endpointslice.discovery.k8s.io/{name} deleted"
         raise LabError(f"cannot delete kind {kind!r}: pod, service or endpointslice")
 
+    def replace_pod(self, name: str) -> None:
+        """A new pod in the place of an old one, as when a pod is deleted and its address given to the next
+        pod on its node: same name, node and address, a new network namespace and veth (so a new MAC), and
+        no gratuitous ARP.  The cluster objects do not change.  Returns once the new echo server listens."""
+        with self.paths.locked():
+            state = self.state()
+            rec = self._pod(state, name)
+            k = topology.node_index(rec.node)
+            if k is None:
+                raise LabError(f"pod {rec.key} is on {rec.node!r}, not a lab node")
+            self._remove_pod_runtime(rec)
+            topology.create_pod(self.name, k, rec.netns, rec.veth, IPv4Address(rec.ip),
+                                mtu=topology.POD_MTU.get(state.tunnel, 1500),
+                                full_checksums=state.acceleration != "Disabled")
+            proc = self._start_echo(rec)
+            state.save(self.paths)
+            self._wait_echo([(rec, proc)])
+        self._log(f"pod/{rec.name} replaced ({rec.node}, {rec.ip}, new MAC)")
+
     def _services_by_key(self) -> dict[str, KubeObject]:
         return {cluster.object_key(s): s for s in self.services()}
 
@@ -195,10 +214,6 @@ class Workloads(LabParts):
         if netns.netns_exists(node_ns):
             with contextlib.suppress(LabError):
                 netns.ip_batch(node_ns, [f"link del {rec.veth}"])
-            # A CNI's cleanup: the node forgets the departed pod's MAC, so a pod that gets its address next is
-            # resolved afresh instead of being sent frames for the old MAC until the entry goes stale.
-            with contextlib.suppress(LabError):
-                netns.ip_batch(node_ns, [f"neigh del {rec.ip} dev cni0"])
         netns.delete_netns([rec.netns])
         self.paths.pod_ready(rec.key).unlink(missing_ok=True)
 

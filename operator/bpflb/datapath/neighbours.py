@@ -1,0 +1,151 @@
+"""Neighbour hygiene on a node: when the machine behind a MAC leaves a bridge of the node (the bridge drops
+the forwarding entry it learned for that MAC: a pod's veth was deleted, or the station fell silent past
+the bridge's ageing time), the node's IPv4 neighbour entries that still point at that MAC are deleted, so
+the next packet to their address is resolved afresh.
+
+Why: a pod replaced by a new one with the same address and a new MAC sends no gratuitous ARP, and the
+kernel keeps using a REACHABLE or STALE entry with the old MAC for seconds to minutes (reachable time, then
+DELAY and PROBE; 35 s measured on a bridge with a fixed MAC).  Nothing in the Service view changes with the
+MAC.  The bridge's own event is immediate, Kubernetes-independent, and names exactly the MAC that went
+away; the datapath (fib.h) then resolves through the kernel's neighbour table, so the new pod is reachable
+through bpflb and through the kernel's forwarding alike as soon as it answers ARP.  Entries an administrator
+made permanent are left alone.  Per-pod routed devices (no bridge) need none of this: deleting the device
+deletes its neighbours."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+NETLINK_ROUTE = 0
+RTMGRP_NEIGH = 0x4
+RTM_DELNEIGH = 29
+AF_BRIDGE = 7
+NDA_LLADDR = 2
+NDA_MASTER = 9
+NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
+_NLMSG = struct.Struct("=IHHII")     # struct nlmsghdr
+_NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg: family, ifindex, state, flags, type
+_RTA = struct.Struct("=HH")          # struct rtattr
+
+
+@dataclass(frozen=True)
+class StationGone:
+    """A bridge forgot a MAC it had learned on one of its ports."""
+
+    mac: str
+    bridge: int      # the bridge's ifindex (NDA_MASTER), 0 when the message did not say
+
+
+def parse_events(data: bytes) -> list[StationGone]:
+    """The learned-FDB removals in a buffer of rtnetlink messages (anything else is skipped)."""
+    out = []
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, off)[:2]
+        if length < _NLMSG.size or off + length > len(data):
+            break
+        body = off + _NLMSG.size
+        if kind == RTM_DELNEIGH and length >= _NLMSG.size + _NDMSG.size:
+            family, _ifindex, state, flags, _type = _NDMSG.unpack_from(data, body)
+            # Learned entries only: not the bridge's own MACs (NTF_SELF) nor static ones (PERMANENT/NOARP).
+            if family == AF_BRIDGE and not flags & NTF_SELF and not state & (NUD_PERMANENT | NUD_NOARP):
+                mac, bridge = None, 0
+                attr = body + _NDMSG.size
+                while attr + _RTA.size <= off + length:
+                    alen, atype = _RTA.unpack_from(data, attr)
+                    if alen < _RTA.size:
+                        break
+                    value = data[attr + _RTA.size:attr + alen]
+                    if atype == NDA_LLADDR and len(value) == 6:
+                        mac = ":".join(f"{b:02x}" for b in value)
+                    elif atype == NDA_MASTER and len(value) == 4:
+                        bridge = int.from_bytes(value, "little")
+                    attr += (alen + 3) & ~3
+                if mac:
+                    out.append(StationGone(mac, bridge))
+        off += (length + 3) & ~3
+    return out
+
+
+def forget(gone: StationGone, ipr: IPRoute) -> list[str]:
+    """Delete the IPv4 neighbour entries on the bridge that still point at the MAC that left; returns the
+    addresses forgotten."""
+    forgotten = []
+    query = {"family": socket.AF_INET, **({"ifindex": gone.bridge} if gone.bridge else {})}
+    for n in ipr.get_neighbours(**query):
+        if str(n.get_attr("NDA_LLADDR") or "").lower() != gone.mac or n["state"] & NUD_PERMANENT:
+            continue
+        dst = str(n.get_attr("NDA_DST"))
+        try:
+            ipr.neigh("del", dst=dst, ifindex=n["ifindex"])
+        except NetlinkError as exc:     # gone meanwhile: nothing to forget
+            log.debug("neighbour %s: %s", dst, exc)
+            continue
+        forgotten.append(dst)
+    return forgotten
+
+
+class NeighbourHygiene:
+    """Watches this network namespace's bridges in a thread; start() once, stop() at the end."""
+
+    def __init__(self, on_forget: Callable[[StationGone, list[str]], None] | None = None) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._on_forget = on_forget
+
+    def start(self) -> None:
+        """Subscribe now (events from this moment on are seen), handle them in a daemon thread."""
+        if self._thread is not None:
+            return
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_NEIGH))
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, name="neighbour-hygiene", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        with IPRoute() as ipr:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self._sock], [], [], 0.5)
+                if not ready:
+                    continue
+                try:
+                    data = self._sock.recv(1 << 16)
+                except OSError as exc:     # ENOBUFS: events were lost; the kernel's own timers remain
+                    log.warning("neighbour events: %s (some may have been missed)", exc)
+                    continue
+                for gone in parse_events(data):
+                    try:
+                        forgotten = forget(gone, ipr)
+                    except Exception:
+                        log.exception("forgetting the neighbours of %s failed", gone.mac)
+                        continue
+                    if forgotten:
+                        log.info("forgot neighbour %s (%s): that MAC left bridge ifindex %d; the next packet "
+                                 "resolves the address again", ", ".join(forgotten), gone.mac, gone.bridge)
+                    if self._on_forget is not None:
+                        self._on_forget(gone, forgotten)
