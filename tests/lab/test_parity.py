@@ -200,12 +200,17 @@ def health(lab: Lab, node: str, port: int, path: str = "/") -> tuple[int | None,
     return status, (json.loads(body) if status in (200, 503) else body)
 
 
+def all_answer(lab: Lab, port: int) -> dict[str, tuple[int | None, Any]] | None:
+    """Every node's answer on port, once every node answers (each agent opens it at its own next sync)."""
+    answers = {n: health(lab, n, port) for n in NODES}
+    return answers if all(status is not None for status, _ in answers.values()) else None
+
+
 def test_health_check_node_ports_answer_for_local_endpoints_and_follow_readiness(lab: Lab) -> None:
     lab.apply(svc("hc", HEALTH))
     port = int(spec_of(lab, "hc")["healthCheckNodePort"])
     try:
-        wait_until("node2's health check port answering", lambda: health(lab, "node2", port)[0] == 200)
-        answers = {n: health(lab, n, port) for n in NODES}
+        answers = wait_until("every node's health check port answering", lambda: all_answer(lab, port))
         assert {n: a[0] for n, a in answers.items()} == {"node1": 503, "node2": 200, "node3": 200}
         for n, (_, body) in answers.items():
             assert body == {"service": {"namespace": "default", "name": "hc"},

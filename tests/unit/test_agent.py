@@ -203,3 +203,42 @@ def test_the_neighbour_watcher_runs_from_attach_until_the_agent_ends_or_uninstal
     assert other.run_once() is None and not memory.watching_neighbours
     source.snap.config = {"bpfLBMode": "SNAT"}
     assert other.run_once() is not None and memory.watching_neighbours       # attached again: watching again
+
+
+class ReportSource(StaticSource):
+    """What agent_report reads of the kube source."""
+
+    connected = True
+    last_config: dict[str, str] | None = None
+
+    def errors(self) -> list[str]:
+        return []
+
+
+def test_the_node_report_lists_the_fields_not_acted_on(tmp_path: Path) -> None:
+    from bpflb.control.report import IGNORED_SHOWN, agent_report
+
+    services, slices = two_services()
+    ranged = service("ranged", type_="LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"],
+                     loadBalancerClass="example.com/lb",
+                     ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30100}])
+    ranged["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    source = ReportSource([*services, ranged], [*slices, endpoint_slice("ranged", endpoints=two_pods())],
+                          {"bpfLBMode": "SNAT"})
+    agent = Agent(AgentOptions(NODE, tmp_path, device="eth0"), source, datapath=MemoryDatapath())
+    agent.start()
+    report = agent.run_once()
+    lines = agent_report(agent, source, report)["notActedOn"].splitlines()     # type: ignore[arg-type]
+    assert len(lines) == 2 and all(line.startswith("Service default/ranged: spec.") for line in lines)
+    assert any("loadBalancerSourceRanges: set but not enforced" in line for line in lines)
+    source.snap.config = {"bpfLBMode": "SNAT", "svcSourceRangeCheck": "true"}
+    agent.run_once()
+    assert "loadBalancerSourceRanges" not in agent_report(agent, source, report)["notActedOn"]  # type: ignore[arg-type]
+    # A cluster with many: the report lists the first ones and says where the rest is.
+    many = [service(f"s{i}", trafficDistribution="PreferClose",
+                    ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 31000 + i}])
+            for i in range(IGNORED_SHOWN + 5)]
+    source.snap.services = many
+    agent.run_once()
+    lines = agent_report(agent, source, report)["notActedOn"].splitlines()      # type: ignore[arg-type]
+    assert len(lines) == IGNORED_SHOWN + 1 and lines[-1] == "... and 5 more in the agent's log"
