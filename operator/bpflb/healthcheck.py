@@ -136,7 +136,6 @@ class HealthServers:
         self._servers: dict[_Listener, asyncio.Server] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._refused: dict[_Listener, str] = {}     # listeners that could not be opened (retried every sync)
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> list[str]:
@@ -199,13 +198,10 @@ class HealthServers:
                     functools.partial(self._serve, lst), lst.addr, lst.port, reuse_address=True)
             except OSError as exc:
                 reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-                text = f"health check {lst.addr}:{lst.port}: cannot listen ({reason}: {exc.strerror}); retried"
-                if self._refused.get(lst) != text:
-                    log.warning("%s", text)
-                self._refused[lst] = text
-                problems.append(text)
+                # Returned, not logged: the agent says it once (and retries at every sync).
+                problems.append(f"health check {lst.addr}:{lst.port}: cannot listen ({reason}: {exc.strerror}); "
+                                "retried at every sync")
                 continue
-            self._refused.pop(lst, None)
             what = "proxy health server (/healthz, /livez)" if lst.port not in self._checks else "health check"
             log.info("%s listening on %s:%d", what, lst.addr, lst.port)
         return problems
