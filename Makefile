@@ -39,6 +39,13 @@ bpf_objects/build/libbpflb_maglev.so: native/maglev.c | bpf_objects/build
 	@echo "  CC-SO     $@"
 	$(Q)$(CC) $(NATIVE_CFLAGS) $< -o $@
 
+# The ClusterIP benchmark's connection client and server (bpflb_lab.bench_clusterip).
+bpf: bpf_objects/build/connbench
+
+bpf_objects/build/connbench: native/connbench.c | bpf_objects/build
+	@echo "  CC        $@"
+	$(Q)$(CC) -O2 -Wall -Wextra -Werror $< -o $@
+
 clean:
 	rm -rf bpf_objects/build
 

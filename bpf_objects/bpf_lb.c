@@ -5,8 +5,12 @@
  * by SNAT or DSR, translates replies of flows this node SNAT'd, and accepts DSR requests for its pods.
  * lb_egress, on the egress hook of the external device: translates replies of flows DNAT'd to a pod
  * of this node (local backends, DSR), and sends pods' replies to other nodes through the overlay.
- * All state lives in pinned maps (maps.h, dsr.h, tunnel.h, and the selection headers). */
+ * lb_pod_ingress and lb_pod_egress, on the ingress and egress hooks of the host side of every pod's
+ * veth: in-cluster traffic the socket LB (bpf_sock.o) did not see, a pod's packets to Service frontends
+ * (ClusterIP included) DNAT'd to a backend and the replies shown from the frontend again (pod.h).
+ * All state lives in pinned maps (maps.h, dsr.h, tunnel.h, east_west.h, and the selection headers). */
 #include "include/nodeport.h"
+#include "include/pod.h"
 
 SEC("tc")
 int lb_ingress(struct __sk_buff *skb)
@@ -18,6 +22,18 @@ SEC("tc")
 int lb_egress(struct __sk_buff *skb)
 {
 	return np_egress(skb);
+}
+
+SEC("tc")
+int lb_pod_ingress(struct __sk_buff *skb)
+{
+	return pod_ingress(skb);
+}
+
+SEC("tc")
+int lb_pod_egress(struct __sk_buff *skb)
+{
+	return pod_egress(skb);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -7,6 +7,7 @@ BPFLB=${BPFLB:-.venv/bin/bpflb}
 OUT=${OUT:-results/ci}
 "$BPFLB" bench --quick --out "$OUT"
 "$BPFLB" bench --maglev --quick --out "$OUT"
+"$BPFLB" bench --clusterip --quick --out "$OUT"
 "$BPFLB" bench-kube fullsync --services 1000 --endpoints 10
 lab="bpflb-ci$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 trap '"$BPFLB" lab down --name "$lab" >/dev/null 2>&1 || true' EXIT

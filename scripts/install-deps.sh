@@ -2,7 +2,7 @@
 # Installs the Debian packages bpflb builds and tests with (idempotent; apt runs only when one is missing).
 set -euo pipefail
 PKGS=(clang llvm libbpf-dev libbpf1 libelf-dev linux-libc-dev iproute2 tcpdump util-linux
-      iptables nftables ethtool python3-venv python3-dev make gcc)
+      iptables nftables ethtool curl python3-venv python3-dev make gcc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -61,7 +61,9 @@
 #define STAT_TUNNEL_ENCAP 18
 #define STAT_XDP_TX 19
 #define STAT_XDP_TO_TC 20
-#define STAT_MAX 64            /* 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 56..63: source ranges (issue 16) */
+/* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
+ * traffic (issue 13); 56..63: source ranges (issue 16). */
+#define STAT_MAX 64
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
  * then the frontend's port and address in network order. */
@@ -209,6 +211,56 @@ struct lb_affinity_member {
 };
 
 /* ---- end of backend selection ---- */
+
+/* ---- socket LB (issue 13): in-cluster traffic at the socket (sock.h) and at the pods' veths (pod.h) ---- */
+
+/* lb_svc_val.flags: the master slot of a ClusterIP frontend.  Only in-cluster paths serve it; the
+ * external device's tc and XDP programs pass packets addressed to it like any non-service packet. */
+#define LB_SVC_F_CLUSTER_IP 32
+
+/* Counters of the in-cluster paths (lb_stats indices 48..55). */
+#define STAT_SOCK_CONNECT 48          /* connect() (TCP, connected UDP) sent straight to a backend */
+#define STAT_SOCK_SENDMSG 49          /* unconnected UDP datagram sent straight to a backend */
+#define STAT_SOCK_REVERSE 50          /* a translated socket's peer shown as the Service (recvmsg, getpeername) */
+#define STAT_SOCK_REJECT 51           /* connect()/sendmsg() refused: no endpoint, or none here (iTP Local) */
+#define STAT_SOCK_REVNAT_FAILED 52    /* the reverse entry of a translated socket could not be written */
+#define STAT_POD_NEW_FLOW 53          /* pod-facing tc: a pod's packet to a Service started a flow (DNAT) */
+#define STAT_POD_REPLY 54             /* pod-facing tc: a backend's reply to a pod shown from the Service */
+#define STAT_POD_SPOOFED 55           /* pod-facing tc: a pod's packet to a Service from outside this node's pod CIDRs, dropped */
+
+#define LB_SOCK_REV_MAX 262144        /* reverse entries of translated sockets (LRU: oldest sockets first) */
+#define LB_SOCK_AFFINITY_MAX 131072   /* affinity entries of socket clients (LRU) */
+#define LB_POD_CIDRS_MAX 64           /* this node's pod CIDRs: the sources the pod-facing path serves */
+
+/* The source a pod's hairpin flow (the pod is its own backend) gets on the pod-facing path, so that
+ * the pod's reply goes back through its veth; link-local, as Cilium's IPV4_LOOPBACK.  Host order. */
+#define LB_HAIRPIN_ADDR 0xA9FE2A01
+
+/* The reverse entry of a socket the socket LB sent to a backend: which Service address its peer is
+ * shown as (recvmsg4 for UDP replies, getpeername4).  Key: the socket and its backend. */
+struct lb_sock_rev_key {
+	__u64 cookie;          /* bpf_get_socket_cookie(): unique per socket for the kernel's lifetime */
+	__u32 addr;            /* the backend */
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct lb_sock_rev_val {
+	__u32 addr;            /* the frontend the application addressed */
+	__u16 port;
+	__u16 pad;
+};
+
+/* sessionAffinity ClientIP at the socket: the client is its network namespace (the source address is
+ * not chosen yet at connect()); a pod is one namespace, so this is ClientIP for pods. */
+struct lb_sock_affinity_key {
+	__u64 netns_cookie;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+/* ---- end of socket LB ---- */
 
 /* ---- forwarding safety (issue 12; dsr.h, direct.h, icmp.h, neigh.h, fib.h) ---- */
 

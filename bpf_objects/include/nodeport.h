@@ -137,7 +137,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 
 	/* Every packet of a flow is addressed to its frontend: one lookup settles non-service traffic. */
 	svc = lb_lookup_service(&p);
-	if (!svc) {
+	if (!svc || (svc->flags & LB_SVC_F_CLUSTER_IP)) {   /* a ClusterIP is not served from outside */
 		direct_ingress(&p);
 		stat_inc(STAT_PASS_NOT_SERVICE);
 		return TC_ACT_OK;

@@ -191,7 +191,7 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	if (p.ihl_bytes > sizeof(struct iphdr))
 		return XDP_PASS;              /* IP options: DSR requests for this node's pods, and rarities */
 	svc = lb_lookup_service(&p);
-	if (!svc)
+	if (!svc || (svc->flags & LB_SVC_F_CLUSTER_IP))   /* a ClusterIP is not served from outside */
 		return XDP_PASS;
 	if (srcrange_denied(&p, svc))
 		return XDP_DROP;

@@ -29,7 +29,7 @@ from bpflb.model.cluster import (
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
 from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, L4Addr, Mode
+from bpflb.model.types import Algorithm, DesiredState, Frontend, FrontendKind, L4Addr, Mode
 from bpflb.sources.base import Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
@@ -41,6 +41,8 @@ class AgentOptions:
     pin_root: Path
     device: str | None = None          # external device; default: the one holding the node's InternalIP
     resync_interval: float = 30.0      # full resync even without a change signal
+    cgroup_root: Path | None = None    # the socket LB's cgroup v2 directory; None: this mount namespace's root
+    socket_lb: bool = True             # False (--no-socket-lb): never the socket LB on this node, whatever socketLB says
     # kube-proxy's health servers (bpflb.healthcheck): healthCheckNodePorts on the node's addresses, and the
     # proxy health server at healthz_bind_address ("" for none). Off by default: `bpflb agent` turns them on.
     health_servers: bool = False
@@ -63,7 +65,7 @@ def device_for_address(addr: IPv4Address) -> str | None:
 def _describe(fe: Frontend) -> str:
     names = ", ".join(b.name for b in fe.backends) or ("reject: no endpoints" if fe.no_endpoints
                                                         else "drop: no local endpoint")
-    policy = " (eTP Local)" if fe.local_only else ""
+    policy = "" if not fe.local_only else " (iTP Local)" if fe.kind is FrontendKind.CLUSTER_IP else " (eTP Local)"
     selection = ""
     if fe.algorithm == Algorithm.MAGLEV or fe.affinity_timeout:
         selection = " " + ", ".join(filter(None, ["Maglev" if fe.algorithm == Algorithm.MAGLEV else "",
@@ -84,7 +86,7 @@ class Agent:
         if datapath is None:
             from bpflb.datapath.kernel import KernelDatapath
 
-            datapath = KernelDatapath(opts.pin_root)
+            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root)
         self.datapath: Datapath = datapath
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
@@ -158,10 +160,13 @@ class Agent:
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
             dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
-            nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration)
+            nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration,
+            socket_lb=self._socket_lb(config.settings.socketLB))
         done = self.datapath.program(want)
         for action in done.network_actions:
             log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
+        for action in done.in_cluster_actions:
+            log.info("in-cluster: %s", action)
         for text in done.problems:
             self._problem(text)
         if done.cluster_changes:
@@ -191,6 +196,21 @@ class Agent:
             self.health_servers = HealthServers(self.health, listen)
         for text in self.health_servers.sync(state.health_checks, state.node_addrs):
             self._problem(text)
+
+    def _socket_lb(self, setting: bool) -> bool:
+        """socketLB as the configuration says it, unless this agent was started with --no-socket-lb."""
+        if setting and not self.opts.socket_lb:
+            self._problem("the agent's --no-socket-lb keeps the socket LB off on this node (the configuration's "
+                          "socketLB is true); in-cluster connections of pods go through the pod-facing path")
+        return setting and self.opts.socket_lb
+
+    def _refresh_pods(self) -> None:
+        """Between syncs: a pod whose veth was just wired gets the pod-facing path now, not at the next sync."""
+        try:
+            for action in self.datapath.refresh_pods():
+                log.info("in-cluster: %s", action)
+        except Exception:
+            log.exception("pod path: attaching to new pod veths failed; the next sync retries")
 
     def _set_debug_logging(self, on: bool) -> None:
         """debugLogging: the agent's loggers at DEBUG, or back at the command line's level."""
@@ -247,6 +267,7 @@ class Agent:
                     if self.source.wait_for_change(0.5):
                         self.health.queued_update()
                         break
+                    self._refresh_pods()
                     if time.monotonic() - last_full > self.opts.resync_interval:
                         break
         finally:

@@ -24,6 +24,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
+                        cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
+                        socket_lb=not args.no_socket_lb,
                         health_servers=not args.no_health_servers and not args.once,
                         healthz_bind_address=args.healthz_bind_address)
     if args.kube:
@@ -114,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-cluster service account)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--cgroup-root", metavar="DIR",
+                       help="the cgroup v2 directory the socket LB attaches to: every process below it (the node's "
+                            "pods and its own) is load-balanced at the socket (default: this mount namespace's "
+                            "cgroup v2 root; in a pod, the host's, mounted in)")
+    agent.add_argument("--no-socket-lb", action="store_true",
+                       help="never attach the socket LB on this node, whatever the configuration's socketLB says")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     agent.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="ADDR:PORT",
                        help="kube-proxy's proxy health server (/healthz, /livez); '' for none (default 0.0.0.0:10256)")

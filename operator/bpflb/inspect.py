@@ -86,7 +86,10 @@ def _source_ranges(maps: MapSet) -> dict[int, list[str]]:
 def collect(pin_root: Path) -> dict[str, Any]:
     """Everything `inspect` shows for the node whose maps are pinned under pin_root."""
     with PinnedMaps.open(pin_root) as maps:
-        return collect_maps(maps)
+        data = collect_maps(maps)
+    links = pin_root / "links"                     # the socket LB's pinned cgroup links (the agent's)
+    data["socket_lb"] = sorted(p.name.removeprefix("cgroup_") for p in links.iterdir()) if links.is_dir() else []
+    return data
 
 
 def collect_maps(maps: MapSet) -> dict[str, Any]:
@@ -107,7 +110,8 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
         if key.slot == 0:
             flags = val.flags
             kind = ("NodePort" if flags & const("LB_SVC_F_NODEPORT") else
-                    "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else "ExternalIP")
+                    "LoadBalancer" if flags & const("LB_SVC_F_LOADBALANCER") else
+                    "ClusterIP" if flags & const("LB_SVC_F_CLUSTER_IP") else "ExternalIP")
             frontends[ident] = {"frontend": f"{ident[0]}:{ident[1]}/{ident[2]}", "kind": kind, "id": val.id,
                                 "policy": "Local" if flags & const("LB_SVC_F_LOCAL") else "Cluster",
                                 "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS")),
@@ -141,7 +145,8 @@ def show(pin_root: Path, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"mode {data['mode']}, SNAT source {data['snat_address']}, {data['flows']} tracked flows\n")
+    sock = f"socket LB on ({', '.join(data['socket_lb'])})" if data.get("socket_lb") else "socket LB off"
+    print(f"mode {data['mode']}, SNAT source {data['snat_address']}, {data['flows']} tracked flows, {sock}\n")
     rows = [(f["frontend"], f["kind"], f["policy"],
              "reject (no endpoints)" if f["reject"] else (", ".join(f["backends"]) or "drop (no local)"),
              "-" if f["source_ranges"] is None else

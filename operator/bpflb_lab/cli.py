@@ -15,6 +15,10 @@ def cmd_bench_kube(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.clusterip:
+        from bpflb_lab.bench_clusterip import run_clusterip_bench
+
+        return run_clusterip_bench(quick=args.quick, out_dir=Path(args.out) if args.out else None)
     if args.maglev:
         from bpflb_lab.bench_maglev import run_maglev_bench
 
@@ -43,6 +47,9 @@ def register(sub: Any) -> None:
     bench.add_argument("--out", help="directory for results (default: results/)")
     bench.add_argument("--maglev", action="store_true",
                        help="instead: Maglev table builds and programming 1,000 Maglev services (control plane)")
+    bench.add_argument("--clusterip", action="store_true",
+                       help="instead: connects/s from a pod to 1,000 ClusterIPs, bpflb's socket LB beside "
+                            "kube-proxy iptables")
     rates = bench.add_mutually_exclusive_group()
     rates.add_argument("--no-rates", action="store_true",
                        help="only the per-packet cost, not the forwarding and connection rates against kube-proxy")

@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}],
         "nodeSelector": {"node-role.example/edge": "true"},
         "priorityClassName": "",
+        "cgroup": {"hostRoot": "/sys/fs/cgroup/unified"},
         "operator": {"podAnnotations": {"prometheus.io/scrape": "false"}, "podLabels": {"team": "net"},
                      "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                          "nodeSelectorTerms": [{"matchExpressions": [
@@ -55,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "moduleConfig": {"create": True, "enabled": True, "settings": {
             "bpfLBMode": "DSR", "tunnelMode": "VXLAN", "lbAlgorithm": "Maglev", "maglevTableSize": 65521,
             "xdpAcceleration": "BestEffort", "svcSourceRangeCheck": False, "createNodeRoutes": True,
-            "debugLogging": True, "extraLoadBalancerAlgorithmsEnabled": True}},
+            "debugLogging": True, "extraLoadBalancerAlgorithmsEnabled": True, "socketLB": False}},
     },
     "own-certificate": {"webhook": {"tls": {"existingSecret": "bpflb-webhook-tls", "caBundle": CA}}},
     "cert-manager": {"webhook": {"tls": {"existingSecret": "bpflb-webhook-tls"},
@@ -137,6 +138,11 @@ def test_the_daemonset_the_operator_makes_from_the_values_validates(variant: str
     assert spec.get("imagePullSecrets", []) == merged["imagePullSecrets"]
     assert spec["serviceAccountName"] == merged["serviceAccounts"]["agent"]["name"]
     assert image == container["image"]
+    # The socket LB's cgroup: the host's root, mounted where --cgroup-root says.
+    assert {"name": "cgroup", "hostPath": {"path": merged["cgroup"]["hostRoot"], "type": "Directory"}} in spec["volumes"]
+    agent = spec["containers"][0]
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == "cgroup")
+    assert agent["command"][agent["command"].index("--cgroup-root") + 1] == mount["mountPath"]
 
 
 def test_the_daemonset_without_a_chart_validates(kube_version: str) -> None:

@@ -36,6 +36,7 @@ def test_agent_pod_from_the_charts_yaml(tmp_path: Path) -> None:
     ({"nodeSelector": ["linux"]}, "nodeSelector: must be a mapping of label to value"),
     ({"imagePullSecrets": [{"secret": "x"}]}, "imagePullSecrets: must be Secret names"),
     ({"serviceAccountName": True}, "serviceAccountName: must be a string; got True"),
+    ({"cgroupHostRoot": "sys/fs/cgroup"}, "cgroupHostRoot: must be an absolute path; got 'sys/fs/cgroup'"),
 ])
 def test_agent_pod_refuses_bad_settings_naming_them(data: Any, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -22,8 +22,8 @@ def webhook(start_operator: Callable[..., RunningOperator], tmp_path: Path) -> I
     port = free_port()
     cadump = tmp_path / "ca.pem"
     start_operator(webhook_listen=f"127.0.0.1:{port}", webhook_cadump=str(cadump))
-    # Written by kopf, not atomically: wait for the whole certificate, not just the file.
-    wait_for("the webhook's CA bundle", lambda: cadump.exists() and b"END CERTIFICATE" in cadump.read_bytes())
+    # The whole bundle: kopf writes the file in place, so it exists a moment before it holds the certificate.
+    wait_for("the webhook's CA bundle", lambda: cadump.exists() and b"-----END CERTIFICATE-----" in cadump.read_bytes())
     context = ssl.create_default_context(cafile=str(cadump))      # verified, not insecure
 
     def review(spec: Any, name: str = "cni-cilium", operation: str = "CREATE") -> dict[str, Any]:

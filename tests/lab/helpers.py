@@ -250,6 +250,35 @@ def root_rules() -> dict[str, str]:
 
 
 
+# --- in-cluster traffic (ClusterIP) ----------------------------------------------------------------------
+
+
+def node_rules(lab: Lab, node: str) -> dict[str, list[str]]:
+    """A lab node's packet-filter rules: iptables (nft and legacy backends) and the nftables rule set, as the
+    lines that would make a rule (kube-proxy's would be here); empty lists for a node without any."""
+    out = {}
+    for name, argv in {"iptables": ["iptables-save"], "iptables-legacy": ["iptables-legacy-save"],
+                       "nft": ["nft", "list", "ruleset"]}.items():
+        proc = lab.exec(node, argv, in_cgroup=False)
+        assert proc.returncode == 0, (name, proc.stderr)
+        out[name] = [line for line in proc.stdout.splitlines()
+                     if line.strip() and not line.startswith(("#", "*", ":", "COMMIT"))]
+    return out
+
+
+def pod_path_on(lab: Lab, pod: str) -> bool:
+    """Whether the pod's host-side veth carries the pod-facing path (lb_pod_ingress and lb_pod_egress)."""
+    rec = next(p for p in lab.pods() if p.name == pod)
+    shown = [lab.exec(rec.node, ["tc", "filter", "show", "dev", rec.veth, hook], in_cgroup=False).stdout
+             for hook in ("ingress", "egress")]
+    return "lb_pod_ingress" in shown[0] and "lb_pod_egress" in shown[1]
+
+
+def cluster_ip(lab: Lab, service: str) -> str:
+    """A lab Service's clusterIP ("default/echo")."""
+    return str(next(s for s in lab.status()["services"] if s["name"] == service)["clusterIP"])
+
+
 # --- client-side requests that say what happened (run with lab.run_in in the client's namespace) ----------
 
 

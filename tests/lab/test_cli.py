@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,11 @@ def test_status_json(lab: Lab) -> None:
     assert svc["default/echo-lb"]["loadBalancerIPs"] == ["198.18.1.10"]
     assert {e["pod"] for e in svc["default/echo"]["endpoints"]} == {"echo-a", "echo-b"}
 
+    assert all(IPv4Address(s["clusterIP"]) in IPv4Network("10.96.0.0/12") and s["clusterIPs"] == [s["clusterIP"]]
+               for s in st["services"])
     text = cli("status", "--name", lab.name)
-    assert text.returncode == 0 and "echo-a  pod" in text.stdout and "default/echo-local" in text.stdout
+    assert text.returncode == 0 and re.search(r"\becho-a +pod\b", text.stdout)
+    assert re.search(rf"default/echo-local +NodePort +{re.escape(svc['default/echo-local']['clusterIP'])} ", text.stdout)
 
 
 @pytest.mark.privileged

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bpflb.model.types import Mode
-from bpflb_lab.lab import Lab, LabError, cluster
+from bpflb_lab.lab import Lab, LabError, cgroups, cluster
 from bpflb_lab.lab.check import DROP, REFUSED, EndpointView, expect, plan
 from bpflb_lab.lab.core import ENV_AGENT_CMD, default_manifests
 from bpflb_lab.lab.state import LabState
@@ -51,7 +51,8 @@ def test_default_agent_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lab.agent_argv(state, "node1") == [
         sys.executable, "-m", "bpflb", "agent", "--node-name", "node1",
         "--source-dir", "/run/bpflb/labs/bpflb-tdefault/cluster",
-        "--pin-root", "/sys/fs/bpf/bpflb-lab/bpflb-tdefault/node1", "--device", "eth0"]
+        "--pin-root", "/sys/fs/bpf/bpflb-lab/bpflb-tdefault/node1", "--device", "eth0",
+        "--cgroup-root", str(cgroups.node_cgroup("bpflb-tdefault", "node1"))]
     with pytest.raises(LabError, match="bad placeholder"):
         Lab("bpflb-tdefault", agent_cmd="agent {nope}").agent_argv(state, "node1")
 
@@ -59,7 +60,8 @@ def test_default_agent_command(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_manifests_parse() -> None:
     docs = cluster.load_documents(default_manifests(), "default")
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-        ("Pod", "echo-a"), ("Pod", "echo-b"), ("Service", "echo"), ("Service", "echo-local"), ("Service", "echo-lb")]
+        ("Pod", "echo-a"), ("Pod", "echo-b"), ("Service", "echo"), ("Service", "echo-local"), ("Service", "echo-lb"),
+        ("Pod", "client-pod")]
 
 
 def test_load_documents_rejects_other_kinds() -> None:
@@ -151,9 +153,9 @@ def test_expectations_dsr_and_hybrid() -> None:
 
 def test_plan_covers_every_frontend_of_the_default_workload() -> None:
     docs = cluster.load_documents(default_manifests(), "default")
-    pods = [cluster.pod_with_status(d, ip, "x") for d, ip in zip(docs[:2], ["10.244.2.10", "10.244.3.10"],
-                                                                 strict=True)]
-    services = [cluster.validate_service(d, [], None) for d in docs[2:]]
+    echo = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"].startswith("echo-")]
+    pods = [cluster.pod_with_status(d, ip, "x") for d, ip in zip(echo, ["10.244.2.10", "10.244.3.10"], strict=True)]
+    services = [cluster.validate_service(d, [], None) for d in docs if d["kind"] == "Service"]
     slices = [s for svc in services for s in cluster.endpoint_slices(svc, pods)]
     scenarios = plan(services, slices, nodes=3, mode=Mode.SNAT)
     fronts = {(s.service, s.frontend, s.proto, s.via) for s in scenarios}

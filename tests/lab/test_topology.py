@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bpflb_lab.lab import Lab, LabError, netns, topology
+from bpflb_lab.lab import Lab, LabError, cgroups, netns, topology
 from tests.lab.helpers import root_netns_snapshot
 
 pytestmark = pytest.mark.privileged
@@ -20,7 +20,10 @@ def test_up_down_leaves_nothing_behind(fresh_lab_name: str) -> None:
     lab.up(agents=False, nodes=3)
     names = topology.lab_namespaces(fresh_lab_name)
     assert sorted(names) == sorted([f"{fresh_lab_name}-{h}" for h in ("fabric", "client", "node1", "node2", "node3")]
-                                   + [f"{fresh_lab_name}-pod-echo-a", f"{fresh_lab_name}-pod-echo-b"])
+                                   + [f"{fresh_lab_name}-pod-{p}" for p in ("echo-a", "echo-b", "client-pod")])
+    node_cgroups = [cgroups.node_cgroup(fresh_lab_name, f"node{k}") for k in (1, 2, 3)]
+    assert all(c.is_dir() for c in node_cgroups)
+    assert set(cgroups.procs(node_cgroups[1])) == {lab.state().pods["default/echo-a"].echo_pid}   # node2's pod
     inodes = [netns.netns_inode(n) for n in names]
     assert netns.pids_in_netns([i for i in inodes if i is not None]), "echo servers run in the pod namespaces"
     assert root_netns_snapshot() == before, "bring-up changed the root network namespace"
@@ -30,6 +33,7 @@ def test_up_down_leaves_nothing_behind(fresh_lab_name: str) -> None:
     assert topology.lab_namespaces(fresh_lab_name) == []
     assert not any(n.startswith(f"{fresh_lab_name}-") for n in netns.list_netns())
     assert not lab.paths.root.exists()
+    assert not cgroups.lab_cgroup(fresh_lab_name).exists()
     assert netns.pids_in_netns([i for i in inodes if i is not None]) == {}
     assert root_netns_snapshot() == before, "tear-down changed the root network namespace"
     assert not lab.exists()

@@ -185,7 +185,7 @@ def test_every_field_bpflb_does_not_act_on_is_said_with_its_reason() -> None:
     the_note(state, "spec.loadBalancerClass", "example.com/lb", "not acted on")
     the_note(state, "spec.trafficDistribution", "PreferClose", "not acted on")
     the_note(state, "spec.loadBalancerIP", "status.loadBalancer.ingress")
-    the_note(state, "spec.internalTrafficPolicy", "in-cluster traffic")
+    assert not [n for n in state.notes if "internalTrafficPolicy" in str(n)]    # acted on (in-cluster paths)
     the_note(state, "spec.externalIPs[0]", "IPv6 is not supported")
     the_note(state, "status.loadBalancer.ingress[1].ipMode", "Proxy")
     the_note(state, "service.cilium.io/forwarding-mode", "bpflb honours only")

@@ -105,7 +105,7 @@ class Node:
                 "source_ranges": (lb.source_ranges, len(dp.pins.maps.get("lb_src_ranges", {}))),
                 "tunnel": network.tunnel if network else None, "routes": network.create_node_routes if network else None,
                 "maglev": dp.maps.maglev_cfg.lookup(dp.maps.maglev_cfg.new_key()).table_size, "debug": self.debug,
-                "uninstalled": dp.uninstalled}
+                "socket_lb": dp.socket_lb, "uninstalled": dp.uninstalled}
 
 
 CHANGES: dict[str, tuple[Any, Callable[[dict[str, Any]], bool]]] = {
@@ -118,6 +118,7 @@ CHANGES: dict[str, tuple[Any, Callable[[dict[str, Any]], bool]]] = {
     "maglevTableSize": (65521, lambda v: v["maglev"] == 65521),
     "xdpAcceleration": ("Native", lambda v: v["acceleration"] == "Native"),
     "svcSourceRangeCheck": (True, lambda v: v["source_ranges"] == ((IPv4Network("203.0.113.0/24"),), 1)),
+    "socketLB": (False, lambda v: v["socket_lb"] is None),
 }
 
 
@@ -183,7 +184,7 @@ def test_settings_reach_the_configmap_and_come_back_unchanged() -> None:
     settings = CiliumSettings(bpfLBMode="SNAT", tunnelMode="VXLAN", createNodeRoutes=False, debugLogging=True,
                               svcSourceRangeCheck=True,
                               extraLoadBalancerAlgorithmsEnabled=True, lbAlgorithm="Maglev", maglevTableSize=4093,
-                              xdpAcceleration="BestEffort")
+                              xdpAcceleration="BestEffort", socketLB=False)
     data = agent_config_data(settings)
     config, problems = decode_agent_config(data)
     assert problems == [] and config.settings == settings and config.generation == data["configGeneration"]

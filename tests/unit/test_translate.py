@@ -144,7 +144,8 @@ def test_clusterip_only_headless_externalname_and_other_proxy_are_ignored() -> N
     state = run([other_proxy, headless, plain, alias], [endpoint_slice(s, two_pods()) for s in
                                                          ("other", "headless", "plain", "alias")])
     assert state.frontends == {}
-    assert state.problems == []
+    # A ClusterIP Service is bpflb's now (issue 13): its SCTP port is reported, not silently ignored.
+    assert [(p.obj, p.field) for p in state.problems] == [("Service default/plain", "spec.ports[0].protocol")]
 
 
 def test_nodeport_ignored_on_clusterip_with_external_ips() -> None:

@@ -18,6 +18,7 @@ NAMESPACE = AGENT_CONFIG_NAMESPACE
 DAEMONSET_NAME = "bpflb-agent"
 DEFAULT_IMAGE = "ghcr.io/bpflb/bpflb:0.1.0"
 PIN_ROOT = "/sys/fs/bpf/bpflb"
+CGROUP_ROOT = "/run/bpflb/cgroupv2"         # where the agent's container sees the host's cgroup v2 root
 SELECTOR = {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "agent"}
 MANAGED = {"app.kubernetes.io/managed-by": "bpflb-operator"}
 # What the agent needs and nothing more: load BPF objects and maps (BPF), attach them to a device with tc
@@ -39,6 +40,9 @@ class AgentPod:
     resources: dict[str, Any] = field(default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}})
     tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
     nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    # The host's cgroup v2 root (Cilium's cgroup.hostRoot): the socket LB attaches there, so that every pod's
+    # and the node's own processes are load-balanced at the socket. /sys/fs/cgroup on a pure cgroup v2 host.
+    cgroupHostRoot: str = "/sys/fs/cgroup"
 
     @classmethod
     def from_mapping(cls, data: Any, where: str = "agent pod settings") -> AgentPod:
@@ -59,9 +63,11 @@ class AgentPod:
                 raise ValueError(f"{where}: {key}: must be {what}; got {value!r}")  # noqa: TRY004 - bad config
             return value
 
-        for key in ("imagePullPolicy", "serviceAccountName", "priorityClassName"):
+        for key in ("imagePullPolicy", "serviceAccountName", "priorityClassName", "cgroupHostRoot"):
             if key in data:
                 out[key] = expect(key, str, "a string")
+        if not out.get("cgroupHostRoot", "/").startswith("/"):
+            raise ValueError(f"{where}: cgroupHostRoot: must be an absolute path; got {out['cgroupHostRoot']!r}")
         if out.get("imagePullPolicy", "IfNotPresent") not in ("Always", "IfNotPresent", "Never"):
             raise ValueError(f"{where}: imagePullPolicy: must be one of Always, IfNotPresent, Never; "
                              f"got {out['imagePullPolicy']!r}")
@@ -115,7 +121,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "image": image,
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                        "--pin-root", PIN_ROOT],
+                        "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT],
             "env": [{"name": "NODE_NAME",
                      "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
             # Root with three capabilities, not privileged: the image's default user is unprivileged
@@ -128,11 +134,15 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
                 "capabilities": {"drop": ["ALL"], "add": list(CAPABILITIES)},
             },
             "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
-                              "mountPropagation": "HostToContainer"}],
+                              "mountPropagation": "HostToContainer"},
+                             {"name": "cgroup", "mountPath": CGROUP_ROOT, "readOnly": True}],
         }],
         # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
         # frontend and every open flow.
-        "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}],
+        "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+                    # The host's cgroup v2 root, outside the pod's cgroup namespace (the socket LB's attach
+                    # point; attaching needs only a descriptor of the directory: read-only).
+                    {"name": "cgroup", "hostPath": {"path": pod.cgroupHostRoot, "type": "Directory"}}],
     }
     # The optional fields appear only when set: the API server drops empty ones, and an empty value the
     # live object cannot hold would read as drift forever. daemonset_drifted/daemonset_patch remove them.

@@ -1,7 +1,7 @@
 """The seam between the agent and the BPF adapter: one interface (load, attach, program a desired state,
 read counters, uninstall) with two implementations, the kernel's (datapath.kernel) and an in-memory one
-(datapath.memory) for the agent's logic tests without root; both program maps through LBMaps and
-ClusterMaps, so the entries they hold are byte for byte the same."""
+(datapath.memory) for the agent's logic tests without root; both program maps through LBMaps,
+ClusterMaps and EastWestMaps, so the entries they hold are byte for byte the same."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from typing import Protocol
 
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
 from bpflb.model.types import DesiredState, L4Addr, Mode
@@ -30,6 +31,7 @@ class NodeProgram:
     me: NodeInfo | None = None
     network: NetworkSettings = field(default_factory=NetworkSettings)
     acceleration: str = "Disabled"              # xdpAcceleration
+    socket_lb: bool = True                      # socketLB, unless the agent's --no-socket-lb says no
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ProgramReport:
     network_actions: list[str] = field(default_factory=list)
     acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
     problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
+    in_cluster_actions: list[str] = field(default_factory=list)   # socket LB and pod path changes
 
 
 class Datapath(Protocol):
@@ -69,6 +72,11 @@ class Datapath(Protocol):
         """Packet counters by name (STAT_* of lb_structs.h, lower case)."""
         ...
 
+    def refresh_pods(self) -> list[str]:
+        """Give pods' veths that appeared since the last program() the pod-facing path; what was done.
+        Cheap when nothing changed (called between syncs)."""
+        ...
+
     def uninstall(self, device: str | None) -> None:
         """Detach from device and remove every pinned map; load() starts afresh after this."""
         ...
@@ -86,6 +94,7 @@ class MapsDatapath:
     def __init__(self) -> None:
         self.maps: LBMaps | None = None
         self.cluster: ClusterMaps | None = None
+        self.east_west: EastWestMaps | None = None
         self.device: str | None = None
         self.ifindex = 0
 
@@ -99,6 +108,12 @@ class MapsDatapath:
 
     def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
         """Put the XDP fast path in front of tc, or take it away (overridden by the kernel datapath)."""
+
+    def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:
+        """Attach or detach the socket LB, give the pods' veths the pod-facing path (overridden by both)."""
+
+    def refresh_pods(self) -> list[str]:
+        return []
 
     def program(self, want: NodeProgram) -> ProgramReport:
         assert self.maps is not None and self.cluster is not None, "program() before load()"
@@ -116,6 +131,10 @@ class MapsDatapath:
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
         report.problems += report.sync.problems
+        # In-cluster paths last: they read the frontends just written; the pod path's sources first.
+        if self.east_west is not None:
+            self.east_west.sync(want.me.pod_cidrs if want.me else ())
+        self._in_cluster(want, report)
         return report
 
     def counters(self) -> dict[str, int]:

@@ -1,19 +1,25 @@
-"""The kernel's datapath: bpf_lb.o (and bpf_xdp.o) loaded through libbpf with maps pinned under the pin
-root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's overlay in
-netlink, the neighbour hygiene of the node's bridges (datapath.neighbours). What `bpflb agent` runs."""
+"""The kernel's datapath: bpf_lb.o (and bpf_xdp.o, bpf_sock.o) loaded through libbpf with maps pinned under
+the pin root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's
+overlay in netlink, the neighbour hygiene of the node's bridges (datapath.neighbours), the socket LB on the
+node's cgroup and the pod-facing path on its pods' veths. What `bpflb agent` runs."""
 
 from __future__ import annotations
 
 import logging
 import socket
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.cgroup import attach_cgroup, default_cgroup_root, detach_cgroup
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
+from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import (
     BpfObject,
     load_lb,
+    load_sock,
     load_xdp,
     remove_pins,
     tc_attach,
@@ -23,6 +29,7 @@ from bpflb.datapath.loader import (
 )
 from bpflb.datapath.neighbours import NeighbourHygiene
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
+from bpflb.datapath.pods import LinkWatch, pod_devices, veth_devices
 from bpflb.model.cluster import Tunnel
 from bpflb.model.types import Mode
 
@@ -32,20 +39,32 @@ log = logging.getLogger("bpflb.agent")
 class KernelDatapath(MapsDatapath):
     """One node's real datapath, its maps pinned under pin_root so they outlive the agent."""
 
-    def __init__(self, pin_root: Path) -> None:
+    def __init__(self, pin_root: Path, cgroup_root: Path | None = None) -> None:
         super().__init__()
         self.pin_root = pin_root
+        self.cgroup_root = cgroup_root              # None: this mount namespace's cgroup v2 root
         self.obj: BpfObject | None = None
         self.xdp_obj: BpfObject | None = None
+        self.sock_obj: BpfObject | None = None
         self.overlay: Overlay | None = None
         self.tunnel_ifindex = 0
         self.acceleration: str | None = None      # what this process last applied
         self.neighbours: NeighbourHygiene | None = None   # running while this process has the programs attached
+        self.sock_cgroup: Path | None = None      # where this process attached the socket LB
+        self.pod_path: dict[int, str] = {}        # pod veths this process gave the pod-facing path
+        self.pod_cidrs: tuple[IPv4Network, ...] = ()
+        self.watch: LinkWatch | None = None
+
+    @property
+    def links_dir(self) -> Path:
+        """The socket LB's pinned cgroup links: they outlive the agent, as the maps do."""
+        return self.pin_root / "links"
 
     def load(self) -> Mode | None:
         self.obj = load_lb(self.pin_root)
         self.maps = LBMaps(self.obj)
         self.cluster = ClusterMaps(self.obj)
+        self.east_west = EastWestMaps(self.obj)
         log.info("loaded %s with maps pinned under %s", self.obj.path, self.pin_root)
         return self.maps.mode()
 
@@ -56,6 +75,8 @@ class KernelDatapath(MapsDatapath):
         tc_attach(self.obj.prog_fd("lb_egress"), self.ifindex, ingress=False)
         self.overlay = Overlay(device)
         self.device = device
+        if self.watch is None:          # before the first scan: no veth wired meanwhile is missed
+            self.watch = LinkWatch()
         log.info("attached lb_ingress and lb_egress to %s (ifindex %d) with tc clsact", device, self.ifindex)
         if self.neighbours is None:
             self.neighbours = NeighbourHygiene()
@@ -67,6 +88,9 @@ class KernelDatapath(MapsDatapath):
         if self.neighbours is not None:
             self.neighbours.stop()
             self.neighbours = None
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
     def _network(self, want: NodeProgram) -> list[str]:
         if want.me is None or self.overlay is None:
@@ -110,8 +134,83 @@ class KernelDatapath(MapsDatapath):
                  "replies are forwarded at XDP, everything else by tc", acceleration, report.acceleration)
         self.acceleration = acceleration
 
+    # -- in-cluster traffic: the socket LB on the node's cgroup, the pod-facing path on its pods' veths ---
+
+    def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:
+        self._socket_lb(want.socket_lb, report)
+        self.pod_cidrs = want.me.pod_cidrs if want.me else ()
+        report.in_cluster_actions += self._attach_pods()
+
+    def _socket_lb(self, on: bool, report: ProgramReport) -> None:
+        if not on:
+            if self.sock_cgroup is not None or self.links_dir.exists():
+                where = self.sock_cgroup or "of an earlier agent"
+                if detach_cgroup(self.links_dir):
+                    report.in_cluster_actions.append(
+                        f"socketLB false: the socket LB is detached from cgroup {where}; connections to Services "
+                        "leave as addressed (the pods' veths, or kube-proxy's rules, translate them)")
+                self.sock_cgroup = None
+            if self.sock_obj is not None:
+                self.sock_obj.close()
+                self.sock_obj = None
+            return
+        if self.sock_cgroup is not None:
+            return
+        cgroup = self.cgroup_root or default_cgroup_root()
+        if cgroup is None:
+            report.problems.append("socket LB: no cgroup v2 hierarchy is mounted (pass --cgroup-root); in-cluster "
+                                   "connections of pods go through the pod-facing path only, the node's own are "
+                                   "not translated")
+            return
+        try:
+            if self.sock_obj is None:
+                self.sock_obj = load_sock(self.pin_root)
+            attach_cgroup(self.sock_obj, cgroup, pin_dir=self.links_dir).close()   # pinned: stays attached
+        except (BpfError, OSError) as exc:
+            report.problems.append(f"socket LB: cannot attach to cgroup {cgroup}: {exc}; in-cluster connections "
+                                   "of pods go through the pod-facing path only")
+            return
+        self.sock_cgroup = cgroup
+        report.in_cluster_actions.append(
+            f"socket LB attached to cgroup {cgroup} (connect4, sendmsg4, recvmsg4, getpeername4; links pinned "
+            f"in {self.links_dir})")
+
+    def _attach_pods(self) -> list[str]:
+        """lb_pod_ingress and lb_pod_egress on every pod veth that lacks them (this process's programs)."""
+        assert self.obj is not None
+        found = pod_devices(self.pod_cidrs, exclude={self.ifindex, self.tunnel_ifindex})
+        added: list[str] = []
+        for idx, name in found.items():
+            if self.pod_path.get(idx) == name:
+                continue
+            try:
+                tc_attach(self.obj.prog_fd("lb_pod_ingress"), idx, ingress=True)
+                tc_attach(self.obj.prog_fd("lb_pod_egress"), idx, ingress=False)
+            except BpfError as exc:          # the pod went away meanwhile: its device with it
+                log.debug("pod path: %s (ifindex %d) not attached: %s", name, idx, exc)
+                continue
+            self.pod_path[idx] = name
+            added.append(name)
+        for idx in [i for i in self.pod_path if i not in found]:
+            del self.pod_path[idx]
+        if not added:
+            return []
+        return [(f"pod path (lb_pod_ingress, lb_pod_egress) attached to {len(added)} pod veth(s): "
+                f"{', '.join(added)}; {len(self.pod_path)} in all")]
+
+    def refresh_pods(self) -> list[str]:
+        if self.obj is None or self.watch is None or not self.watch.changed():
+            return []
+        return self._attach_pods()
+
     def uninstall(self, device: str | None) -> None:
         self.close()
+        if detach_cgroup(self.links_dir):
+            log.info("detached the socket LB from its cgroup")
+        for idx, name in veth_devices(exclude={device} if device else set()).items():   # every pod's, past ones too
+            if tc_detach(idx, ingress=True) | tc_detach(idx, ingress=False):
+                log.info("detached the pod path from %s", name)
+        self.sock_cgroup, self.pod_path = None, {}
         if device:
             idx = socket.if_nametoindex(device)
             if xdp_detach(idx):
@@ -121,11 +220,11 @@ class KernelDatapath(MapsDatapath):
                     log.info("detached %s program from %s", "ingress" if ingress else "egress", device)
         for action in Overlay(device or "eth0").remove():
             log.info("%s", action)
-        for obj in (self.xdp_obj, self.obj):
+        for obj in (self.sock_obj, self.xdp_obj, self.obj):
             if obj is not None:
                 obj.close()
-        self.obj = self.xdp_obj = None
-        self.maps = self.cluster = None
+        self.obj = self.xdp_obj = self.sock_obj = None
+        self.maps = self.cluster = self.east_west = None
         self.device, self.ifindex, self.tunnel_ifindex, self.acceleration = None, 0, 0, None
         remove_pins(self.pin_root)
         log.info("removed pinned maps under %s", self.pin_root)

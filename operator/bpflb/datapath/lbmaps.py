@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import const, ffi, lib, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
@@ -27,6 +28,7 @@ _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
     FrontendKind.LOADBALANCER: "LB_SVC_F_LOADBALANCER",
     FrontendKind.EXTERNAL_IP: "LB_SVC_F_EXTERNAL_IP",
+    FrontendKind.CLUSTER_IP: "LB_SVC_F_CLUSTER_IP",
 }
 
 
@@ -66,6 +68,7 @@ class SyncReport:
     source_ranges_written: int = 0
     source_ranges_removed: int = 0
     problems: list[str] = field(default_factory=list)     # what could not be programmed as asked (said once)
+    internal_views_changed: int = 0   # lb_internal_view entries written or removed
 
     @property
     def changed(self) -> bool:
@@ -73,7 +76,8 @@ class SyncReport:
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
                     or self.affinity_members_written or self.affinity_members_removed
-                    or self.source_ranges_written or self.source_ranges_removed)
+                    or self.source_ranges_written or self.source_ranges_removed
+                    or self.internal_views_changed)
 
 
 def _be16(port: int) -> int:
@@ -119,6 +123,7 @@ def _pair(a: int, b: int) -> bytes:
     return a.to_bytes(4, "little") + b.to_bytes(4, "little")
 
 
+_NOT_IN_CLUSTER = bytes(8)           # an all-zero struct lb_l4_key (checked in tests/bpf/test_clusterip_tc.py)
 _BLOCK = 8192                        # LB_MAGLEV_BLOCK (checked against the header in LBMaps.__init__)
 _BLOCK_BYTES = 2 * _BLOCK
 _MEMBER = _u32(1)
@@ -195,6 +200,7 @@ class LBMaps:
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
         self.src_ranges: Map = obj.map("lb_src_ranges")
+        self.internal_view: Map = obj.map("lb_internal_view")
         self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
@@ -204,6 +210,7 @@ class LBMaps:
         self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
         self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
                                                    self._am_m.entries)
+        self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._be_ids = IdPool()
         for k, v in self._be.items():
@@ -348,6 +355,16 @@ class LBMaps:
                                                                state.settings.maglev_seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
         report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
+        # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
+        # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
+        # to in-cluster clients (east_west.h).
+        want_iv: dict[bytes, bytes] = {}
+        for fe in state.frontends.values():
+            if not fe.in_cluster:
+                want_iv[l4_key(fe.l4)] = _NOT_IN_CLUSTER
+            elif fe.internal is not None:
+                want_iv[l4_key(fe.l4)] = l4_key(fe.internal)
+        report.internal_views_changed = self._iv_m.sync(want_iv)
         # 4. stale entries: masters before slots (a shrunk count stops using them first).
         stale_masters: list[bytes] = []
         stale_slots: list[bytes] = []

@@ -91,6 +91,23 @@ int bpf_xdp_detach(int ifindex, __u32 flags, const struct bpf_xdp_attach_opts *o
 int bpf_xdp_query_id(int ifindex, int flags, __u32 *prog_id);
 int bpf_map__reuse_fd(struct bpf_map *map, int fd);
 
+/* cgroup v2 attachment of the socket LB through BPF links (pinned in bpffs to outlive the agent). */
+struct bpf_link;
+struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
+struct bpf_link *bpf_link__open(const char *path);
+int bpf_link__pin(struct bpf_link *link, const char *path);
+int bpf_link__update_program(struct bpf_link *link, struct bpf_program *prog);
+int bpf_link__detach(struct bpf_link *link);
+int bpf_link__destroy(struct bpf_link *link);
+int bpf_link__fd(const struct bpf_link *link);
+int bpf_prog_query(int target_fd, int type, __u32 query_flags, __u32 *attach_flags, __u32 *prog_ids,
+                   __u32 *prog_cnt);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+/* struct bpf_link_info (uapi linux/bpf.h) up to its cgroup member; the kernel fills a shorter struct. */
+struct bpf_link_info_cgroup {
+    __u32 type; __u32 id; __u32 prog_id; __u32 _pad; __u64 cgroup_id; __u32 attach_type; __u32 _pad2;
+};
+
 /* struct __sk_buff prefix used as test-run context (uapi linux/bpf.h). */
 struct sk_buff_ctx {
     __u32 len; __u32 pkt_type; __u32 mark; __u32 queue_mapping; __u32 protocol; __u32 vlan_present;

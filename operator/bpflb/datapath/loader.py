@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/bpflb")
 LB_OBJECT = "bpf_lb.o"
 XDP_OBJECT = "bpf_xdp.o"
+SOCK_OBJECT = "bpf_sock.o"
 TC_HANDLE = 0xB1B
 TC_PRIORITY = 1
 
@@ -193,6 +194,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_maglev_cfg": ("__u32", "struct lb_maglev_config"),
     "lb_affinity": ("struct lb_affinity_key", "struct lb_affinity_val"),
     "lb_affinity_members": ("struct lb_affinity_member", "__u32"),
+    # in-cluster traffic (bpf_objects/include/east_west.h, sock.h)
+    "lb_internal_view": ("struct lb_l4_key", "struct lb_l4_key"),
+    "lb_sock_rev": ("struct lb_sock_rev_key", "struct lb_sock_rev_val"),
+    "lb_sock_affinity": ("struct lb_sock_affinity_key", "struct lb_affinity_val"),
+    "lb_pod_cidrs": ("struct lb_cidr_key", "__u8"),
     # forwarding safety (dsr.h, direct.h, icmp.h, neigh.h)
     "lb_dsr_backends": ("struct lb_dsr_member", "__u8"),
     "lb_direct": ("struct ct_tuple", "struct lb_direct_flow"),
@@ -231,7 +237,7 @@ class BpfObject:
             while m != f.NULL:
                 l.bpf_map__set_pin_path(m, f.NULL)
                 name = f.string(l.bpf_map__name(m)).decode()
-                if share_with is not None and name in MAP_TYPES:
+                if share_with is not None and name in MAP_TYPES and share_with.has_map(name):
                     check(l.bpf_map__reuse_fd(m, share_with.map(name).fd), f"sharing map {name}")
                 m = l.bpf_object__next_map(obj, m)
         rc = l.bpf_object__load(obj)
@@ -240,11 +246,18 @@ class BpfObject:
             self._obj = f.NULL
             check(rc, f"loading BPF object {path} (the verifier log is above)")
 
-    def prog_fd(self, name: str) -> int:
+    def program(self, name: str) -> Any:
+        """The libbpf struct bpf_program of a program (for attach calls)."""
         prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
         if prog == ffi().NULL:
             raise BpfError(2, f"program {name} not found in {self.path}")
-        return int(lib().bpf_program__fd(prog))
+        return prog
+
+    def prog_fd(self, name: str) -> int:
+        return int(lib().bpf_program__fd(self.program(name)))
+
+    def has_map(self, name: str) -> bool:
+        return bool(lib().bpf_object__find_map_by_name(self._obj, name.encode()) != ffi().NULL)
 
     def map(self, name: str) -> Map:
         m = lib().bpf_object__find_map_by_name(self._obj, name.encode())
@@ -420,6 +433,12 @@ def load_xdp(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir
     """Load bpf_xdp.o sharing the tc object's maps: through the pins under pin_root, or (unpinned)
     the maps of share_with."""
     return BpfObject((obj_dir or objects_dir()) / XDP_OBJECT, pin_root, share_with)
+
+
+def load_sock(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir: Path | None = None) -> BpfObject:
+    """Load bpf_sock.o (the socket LB) sharing the tc object's maps, as load_xdp does; its own maps
+    (lb_sock_rev, lb_sock_affinity) are pinned beside them, or private when unpinned."""
+    return BpfObject((obj_dir or objects_dir()) / SOCK_OBJECT, pin_root, share_with)
 
 
 def remove_pins(pin_root: Path) -> None:

@@ -1,6 +1,6 @@
-"""The in-memory datapath: the same map programming (LBMaps, ClusterMaps, byte for byte) on maps held in
-dicts, attach/overlay/XDP (and the neighbour watcher's life) recorded instead of done, and writes that can be
-made to fail. For the agent's
+"""The in-memory datapath: the same map programming (LBMaps, ClusterMaps, EastWestMaps, byte for byte) on maps
+held in dicts, attach/overlay/XDP/socket LB/pod path (and the neighbour watcher's life) recorded instead of
+done, and writes that can be made to fail. For the agent's
 logic tests without root (pyroute2's ipmock serves netlink the same way); the datapath itself is always
 tested on the real kernel (tests/bpf, tests/lab)."""
 
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
 from bpflb.datapath.libbpf import BpfError, ffi
 from bpflb.datapath.loader import MAP_TYPES, Map
@@ -83,9 +85,13 @@ class MemoryPins:
 class MemoryDatapath(MapsDatapath):
     """A node's datapath in memory; pins shared between instances stand for a restart on pinned maps."""
 
-    def __init__(self, pins: MemoryPins | None = None) -> None:
+    def __init__(self, pins: MemoryPins | None = None, cgroup_root: Path | None = None) -> None:
         super().__init__()
         self.pins = pins if pins is not None else MemoryPins()
+        self.cgroup_root = cgroup_root or Path("/sys/fs/cgroup")
+        self.socket_lb: Path | None = None           # the cgroup the socket LB is attached to
+        self.pod_devices: dict[int, str] = {}        # the node's pods' veths (a test wires and unwires them)
+        self.pod_path: dict[int, str] = {}           # those given the pod-facing path
         self.opened: dict[str, MemoryMap] = {}
         self.loads = 0
         self.network_applied: list[Any] = []     # (NetworkSettings, me, peers) of every change
@@ -104,6 +110,7 @@ class MemoryDatapath(MapsDatapath):
         self.uninstalled = False
         self.maps = LBMaps(self)
         self.cluster = ClusterMaps(self)
+        self.east_west = EastWestMaps(self)
         return self.maps.mode()
 
     def attach(self, device: str) -> None:
@@ -129,6 +136,20 @@ class MemoryDatapath(MapsDatapath):
             self.acceleration = acceleration
             report.acceleration = None if acceleration == "Disabled" else "native"
 
+    def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:
+        if want.socket_lb != (self.socket_lb is not None):
+            self.socket_lb = self.cgroup_root if want.socket_lb else None
+            report.in_cluster_actions.append(f"socket LB {'attached to' if want.socket_lb else 'detached from'} "
+                                             f"cgroup {self.cgroup_root}")
+        report.in_cluster_actions += self.refresh_pods()
+
+    def refresh_pods(self) -> list[str]:
+        if self.maps is None:
+            return []
+        added = {i: n for i, n in self.pod_devices.items() if self.pod_path.get(i) != n}
+        self.pod_path = {**{i: n for i, n in self.pod_path.items() if i in self.pod_devices}, **added}
+        return [f"pod path attached to {', '.join(added.values())}"] if added else []
+
     def counters(self) -> dict[str, int]:
         return dict(self.pins.counters)
 
@@ -136,7 +157,8 @@ class MemoryDatapath(MapsDatapath):
         self.close()
         self.pins.maps.clear()
         self.opened.clear()
-        self.maps = self.cluster = None
+        self.maps = self.cluster = self.east_west = None
         self.device, self.ifindex = None, 0
+        self.socket_lb, self.pod_path = None, {}
         self.acceleration = "Disabled"
         self.uninstalled = True

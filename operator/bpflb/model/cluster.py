@@ -62,11 +62,11 @@ ANY_NODE = IPv4Address(0)
 def dsr_frontends(state: DesiredState, all_node_addrs: set[IPv4Address]) -> dict[L4Addr, DsrFrontendKind]:
     """Frontends a DSR option may legitimately name: this node's view of the Services, with each
     NodePort on every node's address (the request may have entered through any node).  Only
-    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count.  Where a
-    NodePort and an external IP share address and port, the external IP's listing wins."""
+    externalTrafficPolicy Cluster frontends forward to other nodes, so only those count; ClusterIPs never.
+    Where a NodePort and an external IP share address and port, the external IP's listing wins."""
     out: dict[L4Addr, DsrFrontendKind] = {}
     for fe in state.frontends.values():
-        if fe.local_only:
+        if fe.local_only or fe.kind is FrontendKind.CLUSTER_IP:     # a ClusterIP never enters from outside
             continue
         if fe.kind is FrontendKind.NODEPORT:
             for a in all_node_addrs:
@@ -82,7 +82,7 @@ def dsr_backends(state: DesiredState) -> set[tuple[L4Addr, L4Addr]]:
     dsr_frontends lists, a NodePort's under ANY_NODE.  Nothing else is honoured."""
     out: set[tuple[L4Addr, L4Addr]] = set()
     for fe in state.frontends.values():
-        if fe.local_only:
+        if fe.local_only or fe.kind is FrontendKind.CLUSTER_IP:     # a ClusterIP never enters from outside
             continue
         key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto) if fe.kind is FrontendKind.NODEPORT else fe.l4
         out.update((key, be.l4) for be in (*fe.backends, *fe.draining) if be.local)
@@ -90,8 +90,10 @@ def dsr_backends(state: DesiredState) -> set[tuple[L4Addr, L4Addr]]:
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:
-    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply."""
-    return {be.l4 for fe in state.frontends.values() for be in (*fe.backends, *fe.draining) if be.local}
+    """This node's backend endpoints, draining (terminating) ones included: their open flows still reply.
+    Those of external frontends only: the set guards DSR replies, and a ClusterIP flow is never DSR'd."""
+    return {be.l4 for fe in state.frontends.values() if fe.kind is not FrontendKind.CLUSTER_IP
+            for be in (*fe.backends, *fe.draining) if be.local}
 
 
 @dataclass(frozen=True)

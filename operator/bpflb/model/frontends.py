@@ -1,6 +1,7 @@
-"""Services for the translation: every frontend a Service asks for on this node (NodePorts on the node's
-addresses, LoadBalancer ingress IPs, externalIPs), with its policy, selection settings and backends, each
-bad field skipped at the smallest unit that holds it; two Services wanting one frontend: the first keeps it."""
+"""Services for the translation: every frontend a Service asks for on this node (its clusterIP, NodePorts on
+the node's addresses, LoadBalancer ingress IPs, externalIPs), with its policy, selection settings and
+backends, each bad field skipped at the smallest unit that holds it; two Services wanting one frontend: the
+first keeps it."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from bpflb.model.messages import show as _show
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
+    Backend,
     Frontend,
     FrontendKind,
     HealthCheck,
@@ -40,10 +42,12 @@ SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-rang
 SOURCE_RANGES_POLICY_ANNOTATION = "service.cilium.io/src-ranges-policy"              # allow (default) | deny
 SERVICE_TYPE_ANNOTATION = "service.cilium.io/type"      # Cilium's: expose only this kind of frontend
 _CILIUM_ANNOTATIONS = (LB_ALGORITHM_ANNOTATION, SOURCE_RANGES_POLICY_ANNOTATION, SERVICE_TYPE_ANNOTATION)
-# service.cilium.io/type values -> the frontend kinds kept (externalIPs are not a Service type: always kept)
-_EXPOSED_KINDS = {"ClusterIP": frozenset({FrontendKind.EXTERNAL_IP}),
-                  "NodePort": frozenset({FrontendKind.NODEPORT, FrontendKind.EXTERNAL_IP}),
-                  "LoadBalancer": frozenset({FrontendKind.LOADBALANCER, FrontendKind.EXTERNAL_IP})}
+# service.cilium.io/type values -> the frontend kinds kept at the edge (the ClusterIP, which in-cluster paths
+# and the other frontends' internal views use, and externalIPs, which are not a Service type, always stay)
+_KEPT = frozenset({FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP})
+_EXPOSED_KINDS = {"ClusterIP": _KEPT,
+                  "NodePort": _KEPT | {FrontendKind.NODEPORT},
+                  "LoadBalancer": _KEPT | {FrontendKind.LOADBALANCER}}
 # Frontend kinds whose clients loadBalancerSourceRanges limit (Cilium's and so Deckhouse's semantics: the
 # Service's LoadBalancer IPs and its externalIPs; a NodePort stays open unless service.cilium.io/type hides it).
 _RANGED_KINDS = frozenset({FrontendKind.LOADBALANCER, FrontendKind.EXTERNAL_IP})
@@ -101,6 +105,35 @@ def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
             ctx.notes.append(Problem(obj, path, f"{value}: IPv6 is not supported (IPv4 only); no frontend"))
 
 
+def _cluster_ips(spec: dict[str, Any], obj: str, problems: list[Problem]) -> list[tuple[IPv4Address, str]]:
+    """The Service's IPv4 clusterIP with its field path: spec.clusterIPs (dual-stack: at most one per family)
+    or else spec.clusterIP; unset (""), IPv6 and None-valued entries give nothing, bad ones a Problem."""
+    values = _list(spec.get("clusterIPs"), "spec.clusterIPs")
+    paths = [f"spec.clusterIPs[{i}]" for i in range(len(values))]
+    if not values:
+        values, paths = [spec.get("clusterIP")], ["spec.clusterIP"]
+    out: list[tuple[IPv4Address, str]] = []
+    for value, path in zip(values, paths, strict=True):
+        if value is None or value == "":
+            continue
+        try:
+            addr = _ipv4(value, path, "a clusterIP")
+        except _Invalid as bad:
+            problems.append(Problem(obj, bad.field, bad.reason))
+            continue
+        if addr is not None and all(addr != a for a, _ in out):
+            out.append((addr, path))
+    return out
+
+
+def _policy(spec: dict[str, Any], field: str) -> bool:
+    """True for a traffic policy field set to Local; Cluster (the default) is False."""
+    policy = _str(spec.get(field), f"spec.{field}", "Cluster")
+    if policy not in ("Cluster", "Local"):
+        raise _Invalid(f"spec.{field}", f"expected Cluster or Local; got {_show(policy)}")
+    return policy == "Local"
+
+
 def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
     obj = f"Service {meta.key}"
     for label in (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL):
@@ -118,13 +151,11 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         if kind == "ExternalName":
             return              # a DNS alias, never proxied
         external_ips = _list(spec.get("externalIPs"), "spec.externalIPs")
-        if kind == "ClusterIP" and not external_ips:
-            return              # only reachable inside the cluster: not ours
         if _ipv6_only(spec, obj, ctx):
             return
-        policy = _str(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", "Cluster")
-        if policy not in ("Cluster", "Local"):
-            raise _Invalid("spec.externalTrafficPolicy", f"expected Cluster or Local; got {_show(policy)}")
+        local_only = _policy(spec, "externalTrafficPolicy")
+        internal_local = _policy(spec, "internalTrafficPolicy")
+        cluster_ips = _cluster_ips(spec, obj, ctx.problems)
         affinity_timeout = _affinity_timeout(spec)
         ports = _list(spec.get("ports"), "spec.ports")
         if not ports:
@@ -149,7 +180,6 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
     algorithm = _algorithm(meta, obj, ctx)
     exposed = _exposed_kinds(meta, obj, ctx)
     ranges, deny = _source_ranges(meta, spec, kind, obj, ctx)
-    local_only = policy == "Local"
     node_port_field = kind in ("NodePort", "LoadBalancer")
     lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx))
     ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx))
@@ -176,7 +206,8 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
             continue
         used_ports[name, proto] = i
 
-        wanted: list[tuple[L4Addr, FrontendKind, str]] = []
+        wanted: list[tuple[L4Addr, FrontendKind, str]] = [
+            (L4Addr(a, port, proto), FrontendKind.CLUSTER_IP, path) for a, path in cluster_ips]
         if node_port is not None:
             wanted += [(L4Addr(a, node_port, proto), FrontendKind.NODEPORT, f"{field}.nodePort")
                        for a in ctx.node_addrs]
@@ -185,7 +216,10 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         wanted = [w for w in wanted if w[1] in exposed]
         if not wanted:
             continue
-        backends, draining, no_endpoints = _backends(slices, name, proto, ctx.node_name, local_only)
+        # The port's endpoints under each traffic policy its frontends use: the ClusterIP internalTrafficPolicy,
+        # the others externalTrafficPolicy (computed once when both are alike).
+        views: dict[bool, tuple[tuple[Backend, ...], tuple[Backend, ...], bool]] = {}
+        internal: L4Addr | None = None
         owner = _Owner(meta.key, i)
         for l4, fe_kind, path in wanted:
             first = ctx.owners.get(l4)
@@ -197,12 +231,20 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
                 ctx.problems.append(Problem(obj, path, f"frontend {l4} is already used by {holder}; skipped"))
                 continue
             ctx.owners[l4] = owner
+            policy_local = internal_local if fe_kind is FrontendKind.CLUSTER_IP else local_only
+            if policy_local not in views:
+                views[policy_local] = _backends(slices, name, proto, ctx.node_name, policy_local)
+            backends, draining, no_endpoints = views[policy_local]
             ranged = fe_kind in _RANGED_KINDS
             ctx.frontends[l4] = Frontend(
-                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=local_only,
+                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=policy_local,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
                 affinity_timeout=affinity_timeout, draining=draining,
-                source_ranges=ranges if ranged else None, source_ranges_deny=deny and ranged)
+                source_ranges=ranges if ranged else None, source_ranges_deny=deny and ranged,
+                internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal,
+                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs)
+            if fe_kind is FrontendKind.CLUSTER_IP and internal is None:
+                internal = l4
 
 
 def _ipv6_only(spec: dict[str, Any], obj: str, ctx: _Context) -> bool:
@@ -228,10 +270,6 @@ def _note_ignored_fields(meta: _Meta, spec: dict[str, Any], obj: str, ctx: _Cont
         value = spec.get(name)
         if value not in (None, ""):
             ctx.notes.append(Problem(obj, f"spec.{name}", f"{_show(value)}: {reason}"))
-    itp = spec.get("internalTrafficPolicy")
-    if itp not in (None, "Cluster"):
-        ctx.notes.append(Problem(obj, "spec.internalTrafficPolicy", f"{_show(itp)}: applies to in-cluster traffic, "
-                                 "which this node's external datapath does not balance"))
     for annotation in sorted(meta.annotations):
         if annotation.startswith("service.cilium.io/") and annotation not in _CILIUM_ANNOTATIONS:
             ctx.notes.append(Problem(obj, f'metadata.annotations["{annotation}"]',

@@ -52,6 +52,7 @@ class CiliumSettings(BaseModel):
     lbAlgorithm: AlgorithmName = "Random"
     maglevTableSize: int = Field(default=16381)
     xdpAcceleration: AccelerationName = "Disabled"
+    socketLB: bool = True
 
     @field_validator("maglevTableSize")
     @classmethod
@@ -83,6 +84,7 @@ SETTING_EFFECTS: dict[str, str] = {
     "lbAlgorithm": "agent: the cluster's default backend selection (Random or Maglev)",
     "maglevTableSize": "agent: the Maglev table size M (lb_maglev_cfg)",
     "xdpAcceleration": "agent: the XDP fast path in front of tc",
+    "socketLB": "agent: the socket LB on the node's cgroup (--cgroup-root); false detaches it (clusters keeping kube-proxy)",
 }
 
 
@@ -207,6 +209,8 @@ def agent_config_data(settings: CiliumSettings, *, uninstall: bool = False) -> d
     }
     if settings.extraLoadBalancerAlgorithmsEnabled:      # only when set: the generation of older configs holds
         data["extraLoadBalancerAlgorithmsEnabled"] = "true"
+    if not settings.socketLB:                            # only when off: the generation of older configs holds
+        data["socketLB"] = "false"
     if settings.createNodeRoutes is not None:
         data["createNodeRoutes"] = json.dumps(settings.createNodeRoutes)
     data[CONFIG_GENERATION_KEY] = config_generation(data)

@@ -99,9 +99,11 @@ def translate(snapshot: Snapshot, node_name: str) -> DesiredState:
     """Return what node_name's datapath should hold for this snapshot; pure, never raises for bad input.
 
     Frontends: NodePorts on every IPv4 InternalIP/ExternalIP of the node, LoadBalancer ingress IPs and
-    externalIPs (IPv6 ignored). Bad input is skipped at the smallest unit that holds it (an address, a
-    Service port, a Service, an EndpointSlice) and reported in state.problems; everything else still
-    works. Two Services wanting the same frontend: the one whose "namespace/name" sorts first keeps it.
+    externalIPs (IPv6 ignored), and the IPv4 clusterIP (served to in-cluster clients only, with the
+    internalTrafficPolicy's endpoints; the other frontends of its port name it as their `internal` view).
+    Bad input is skipped at the smallest unit that holds it (an address, a Service port, a Service, an
+    EndpointSlice) and reported in state.problems; everything else still works. Two Services wanting the
+    same frontend: the one whose "namespace/name" sorts first keeps it.
 
     Settings: an invalid bpfLBMode or lbAlgorithm in the agent ConfigMap is a Problem and that setting
     keeps its default (Hybrid, Random) in state.settings (look for problems whose obj is settings.CONFIG_OBJECT).

@@ -47,6 +47,7 @@ class FrontendKind(enum.Enum):
     NODEPORT = "NodePort"
     LOADBALANCER = "LoadBalancer"
     EXTERNAL_IP = "ExternalIP"
+    CLUSTER_IP = "ClusterIP"          # served to in-cluster clients only (socket LB, pod-facing tc)
 
 
 @dataclass(frozen=True, order=True)
@@ -90,7 +91,7 @@ class Frontend:
     kind: FrontendKind
     service: str                      # "namespace/name" of the Service
     port_name: str                    # the Service port's name ("" when unnamed)
-    local_only: bool                  # externalTrafficPolicy: Local
+    local_only: bool                  # externalTrafficPolicy: Local (a ClusterIP: internalTrafficPolicy)
     backends: tuple[Backend, ...]     # eligible for new flows on this node, in a stable order
     no_endpoints: bool                # the Service has no usable endpoint anywhere: reject
     algorithm: Algorithm = Algorithm.RANDOM
@@ -98,6 +99,12 @@ class Frontend:
     # Endpoints still listed for the Service port but not eligible for new flows (terminating, or not
     # ready): kept in the datapath's backends so their open flows continue, never selected.
     draining: tuple[Backend, ...] = ()
+    # A NodePort, LoadBalancer or externalIP frontend: its Service port's ClusterIP frontend, whose backends
+    # (the internal view) clients inside the cluster get when they address this one; None: its own.
+    internal: L4Addr | None = None
+    # False: not served to in-cluster clients at all; their traffic goes to the address itself (an externalIP
+    # that is not this node's own address: CVE-2020-8554, Cilium's rule).
+    in_cluster: bool = True
     # loadBalancerSourceRanges when svcSourceRangeCheck enforces them on this frontend: the client prefixes
     # it admits (or refuses, with source_ranges_deny); None = no check. An empty tuple admits nobody (every
     # range was IPv6, say): a Service that asked to be limited never falls open.

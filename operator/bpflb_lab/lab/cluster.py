@@ -1,6 +1,6 @@
 """The lab as the cluster's API server and endpoint controller: validates Pods and Services, allocates
-nodePorts and LoadBalancer addresses, generates EndpointSlices from Pods, and writes everything the agents
-read as one YAML file per object (atomically) into the cluster directory.
+clusterIPs, nodePorts and LoadBalancer addresses, generates EndpointSlices from Pods, and writes everything
+the agents read as one YAML file per object (atomically) into the cluster directory.
 """
 
 from __future__ import annotations
@@ -162,6 +162,11 @@ def validate_service(svc: KubeObject, others: Iterable[KubeObject], previous: Ku
         spec.setdefault("externalTrafficPolicy", "Cluster")
     if spec.get("externalTrafficPolicy") not in (None, "Cluster", "Local"):
         raise LabError(f"{where}: spec.externalTrafficPolicy must be Cluster or Local")
+    if spec.get("internalTrafficPolicy") not in (None, "Cluster", "Local"):
+        raise LabError(f"{where}: spec.internalTrafficPolicy must be Cluster or Local")
+    if svc_type != "ExternalName":
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+        _allocate_cluster_ip(svc, where, others, previous)
 
     used_ports: dict[tuple[int, str], str] = {}
     used_ips: set[IPv4Address] = set()
@@ -294,6 +299,40 @@ def validate_endpoint_slice(obj: KubeObject) -> KubeObject:
             raise LabError(f"{where}: ports[{i}].port must be a number")
         port.setdefault("protocol", "TCP")
     return obj
+
+
+def _allocate_cluster_ip(svc: KubeObject, where: str, others: Iterable[KubeObject],
+                         previous: KubeObject | None) -> None:
+    """spec.clusterIP and spec.clusterIPs as the API server sets them: the one asked for (in the lab's Service
+    network, free) or "None" (headless), else the previous one, else a free address of the Service network
+    (the first free one from a hash of the Service's name: the same Service gets the same address)."""
+    spec = svc["spec"]
+    taken = {str((o.get("spec") or {}).get("clusterIP")): object_key(o) for o in others}
+    asked = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
+    if asked is None and previous is not None:
+        asked = (previous.get("spec") or {}).get("clusterIP")
+    if asked == "None":
+        spec["clusterIP"], spec["clusterIPs"] = "None", ["None"]
+        return
+    net = topology.SERVICE_NET
+    if asked is not None:
+        try:
+            addr = IPv4Address(asked)
+        except ValueError as exc:
+            raise LabError(f"{where}: spec.clusterIP: {exc}") from exc
+        if addr not in net or addr in (net.network_address, net.broadcast_address):
+            raise LabError(f"{where}: spec.clusterIP {addr} is not in the lab's Service network {net}")
+        if str(addr) in taken:
+            raise LabError(f"{where}: spec.clusterIP {addr} is already allocated to Service {taken[str(addr)]}")
+    else:
+        size = net.num_addresses - 2
+        start = int.from_bytes(hashlib.sha256(object_key(svc).encode()).digest()[:4], "big") % size
+        free = next((a for a in (net.network_address + 1 + (start + i) % size for i in range(size))
+                     if str(a) not in taken), None)
+        if free is None:
+            raise LabError(f"{where}: the lab's Service network {net} is exhausted")
+        addr = free
+    spec["clusterIP"], spec["clusterIPs"] = str(addr), [str(addr)]
 
 
 def _lb_ips(svc: KubeObject | None) -> set[IPv4Address]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bpflb_lab.lab import netns
+from bpflb_lab.lab import cgroups, netns
 from bpflb_lab.lab.core import DEFAULT_NAME, ENV_AGENT_CMD, Lab
 from bpflb_lab.lab.errors import LabError, LabUnsupported
 from bpflb_lab.lab.table import format_table
@@ -134,9 +134,11 @@ def _status_text(st: dict[str, Any]) -> list[str]:
             ports += f"; healthCheckNodePort {s['healthCheckNodePort']}"
         fronts = ", ".join(s["loadBalancerIPs"] + s["externalIPs"]) or "-"
         eps = ", ".join(f"{e['pod']}" + ("" if e.get("ready") else " (not ready)") for e in s["endpoints"]) or "none"
-        rows.append([s["name"], s["type"] or "-", s["externalTrafficPolicy"] or "-", ports, fronts, eps])
+        rows.append([s["name"], s["type"] or "-", s.get("clusterIP") or "-", s["externalTrafficPolicy"] or "-",
+                     s.get("internalTrafficPolicy") or "-", ports, fronts, eps])
     if rows:
-        out += format_table(["SERVICE", "TYPE", "eTP", "PORTS", "LB/EXTERNAL IPS", "ENDPOINTS"], rows)
+        out += format_table(["SERVICE", "TYPE", "CLUSTER-IP", "eTP", "iTP", "PORTS", "LB/EXTERNAL IPS", "ENDPOINTS"],
+                            rows)
     else:
         out.append("no Services")
     return out
@@ -160,6 +162,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         argv = ["/bin/sh"]
+    cgroup = None if args.no_cgroup else lab.cgroup(args.host)
+    if cgroup is not None:
+        argv = cgroups.join_argv(cgroup, argv)
     try:
         rc = subprocess.call(netns.nsenter_argv(lab.netns(args.host), argv))
     except FileNotFoundError as exc:
@@ -239,7 +244,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument("--keep-on-failure", action="store_true",
                     help="leave a failed lab in place for inspection (then `lab down`)")
     up.epilog = (f"The agent command comes from ${ENV_AGENT_CMD} when set, a template with {{python}} {{node}} "
-                 "{source_dir} {pin_root} {device} {lab} {netns} {mode} {log}.")
+                 "{source_dir} {pin_root} {device} {lab} {netns} {mode} {log} {cgroup_root}.")
 
     add("down", cmd_down, "remove the lab: processes, namespaces, state and pinned BPF objects")
 
@@ -253,8 +258,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status = add("status", cmd_status, "show the lab's hosts, agents and Services")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    ex = add("exec", cmd_exec, "run a command in a host's network namespace (exit code passed through)")
+    ex = add("exec", cmd_exec, "run a command as a host: in its network namespace and, for a node or a pod, its "
+                               "node's cgroup, where the socket LB applies (exit code passed through)")
     ex.add_argument("host", metavar="HOST", help="fabric, client, nodeK or a pod name")
+    ex.add_argument("--no-cgroup", action="store_true",
+                    help="stay outside the node's cgroup: the socket LB does not see the command (a pod's "
+                         "packets then go through the pod-facing path on its veth)")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default /bin/sh)")
 
     kc = add("kubectl", cmd_kubectl, "run kubectl against the lab's API (--kube): `bpflb lab kubectl -- get mc`")

@@ -1,5 +1,6 @@
-"""The Lab: a Kubernetes-like cluster of network namespaces on this machine, its workload and agents,
-and the Python API the CLI and the tests drive it through.
+"""The Lab: a Kubernetes-like cluster of network namespaces on this machine (each node's processes and pods
+in a cgroup of the node's own), its workload and agents, and the Python API the CLI and the tests drive it
+through.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, TypeVar, get_args
 
 from bpflb.model.settings import AccelerationName, AlgorithmName, ModeName, TunnelName
 from bpflb.model.types import Mode
-from bpflb_lab.lab import cluster, netns, topology
+from bpflb_lab.lab import cgroups, cluster, netns, topology
 from bpflb_lab.lab.cluster import ClusterDir
 from bpflb_lab.lab.errors import LabError, LabUnsupported
 from bpflb_lab.lab.state import DEFAULT_PIN_BASE, DEFAULT_STATE_ROOT, LabPaths, LabState
@@ -83,7 +84,8 @@ class Lab(Workloads, Supervision, Traffic):
     """One lab, identified by its name (the prefix of its namespaces).
 
     agent_cmd is the agent command template (a string split like a shell would, or a list of tokens) with
-    placeholders {python} {node} {source_dir} {pin_root} {device} {lab} {netns} {mode} {log}; default:
+    placeholders {python} {node} {source_dir} {pin_root} {device} {lab} {netns} {mode} {log} {cgroup_root};
+    default:
     $BPFLB_LAB_AGENT_CMD, else DEFAULT_AGENT_CMD. log receives progress lines.
     """
 
@@ -156,6 +158,9 @@ class Lab(Workloads, Supervision, Traffic):
         hosts = topology.base_hosts(self.name, nodes)
         self._log(f"creating namespaces {', '.join(h.netns for h in hosts)}")
         topology.create_base(self.name, nodes, native_routes=tunnel == "Disabled")
+        made = cgroups.create(self.name, [topology.node_name(k) for k in range(1, nodes + 1)])
+        self._log(f"cgroups {made[0].parent}/node1..node{nodes}: each node's agent, pods and `lab exec` "
+                  "processes (its socket LB's attach point)")
         crossing = "native routing" if tunnel == "Disabled" else "VXLAN overlay (built by the agents)"
         self._log(f"fabric {topology.FABRIC_NET}: client {topology.CLIENT_IP}, nodes "
                   f"{topology.node_ip(1)}..{topology.node_ip(nodes)}; pod CIDRs 10.244.K.0/24, {crossing}")
@@ -271,6 +276,11 @@ class Lab(Workloads, Supervision, Traffic):
             self._log(f"deleting namespaces {', '.join(names)}")
         stuck = netns.delete_netns(names)
         report.namespaces = [n for n in names if n not in stuck]
+        top = cgroups.lab_cgroup(self.name) if cgroups.available() else None
+        had_cgroups = top is not None and top.exists()
+        cgroups_left = cgroups.remove(self.name)
+        if had_cgroups and not cgroups_left:
+            report.removed.append(str(top))
         for d in (self.paths.root, self.pin_root):
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
@@ -280,6 +290,8 @@ class Lab(Workloads, Supervision, Traffic):
             problems.append(f"processes {survivors} did not stop")
         if stuck:
             problems.append(f"namespaces {stuck} could not be deleted")
+        if cgroups_left:
+            problems.append(f"cgroups {cgroups_left} could not be removed")
         left = [str(d) for d in (self.paths.root, self.pin_root) if d.exists()]
         if left:
             problems.append(f"could not remove {', '.join(left)}")
@@ -330,6 +342,15 @@ class Lab(Workloads, Supervision, Traffic):
             raise LabError(f"host {host}: namespace {ns} does not exist (is lab {self.name} up?)")
         return ns
 
+    def cgroup(self, host: str) -> Path | None:
+        """The cgroup a host's processes run in: its node's for a node or a pod, None for the others."""
+        if topology.node_index(host):
+            return cgroups.node_cgroup(self.name, host)
+        if host in ("fabric", "client", "control-plane") or topology.lab_netns_regex(self.name).match(host):
+            return None
+        pods = [p for p in self.state().pods.values() if p.key == host or p.name == host]
+        return cgroups.node_cgroup(self.name, pods[0].node) if len(pods) == 1 else None
+
     def node_ip(self, k: int) -> str:
         return str(topology.node_ip(k))
 
@@ -375,6 +396,8 @@ class Lab(Workloads, Supervision, Traffic):
             services.append({
                 "name": f"{meta.get('namespace', 'default')}/{meta['name']}", "type": spec.get("type"),
                 "externalTrafficPolicy": spec.get("externalTrafficPolicy"),
+                "clusterIP": spec.get("clusterIP"), "clusterIPs": spec.get("clusterIPs") or [],
+                "internalTrafficPolicy": spec.get("internalTrafficPolicy"),
                 "ports": [{k: p[k] for k in ("name", "protocol", "port", "targetPort", "nodePort") if k in p}
                           for p in spec.get("ports") or []],
                 "loadBalancerIPs": [i.get("ip") for i in ((svc.get("status") or {}).get("loadBalancer") or {})

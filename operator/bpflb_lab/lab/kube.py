@@ -38,7 +38,7 @@ API_IP = topology.FABRIC_NET.network_address + 2
 API_PORT = 6443
 API_URL = f"http://{API_IP}:{API_PORT}"
 KUBE_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --kube --kubeconfig {kubeconfig} "
-                  "--pin-root {pin_root} --device {device}")
+                  "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root}")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs/cni-cilium"
 START_TIMEOUT = 20.0
 

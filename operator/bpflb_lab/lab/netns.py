@@ -143,8 +143,9 @@ def entered(ns: str) -> Iterator[None]:
         os.close(home)
 
 
-def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
-    """Call fn(*args) in a forked child that has entered namespace ns; return its (pickled) result.
+def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0, cgroup: Path | None = None) -> T:
+    """Call fn(*args) in a forked child that has entered namespace ns (and cgroup, when given, before fn opens
+    any socket); return its (pickled) result.
 
     Exceptions raised by fn come back as LabError carrying the child's traceback. The child is killed
     when it takes longer than timeout seconds.
@@ -159,6 +160,8 @@ def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 10.
             os.close(rfd)
             try:
                 setns(ns)
+                if cgroup is not None:
+                    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
                 payload = pickle.dumps(("ok", fn(*args)))
             except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
                 payload = pickle.dumps(("err", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

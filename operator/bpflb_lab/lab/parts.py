@@ -28,6 +28,9 @@ class LabParts:
     def netns(self, host: str) -> str:
         raise NotImplementedError
 
+    def cgroup(self, host: str) -> Path | None:
+        raise NotImplementedError
+
     def services(self) -> list[KubeObject]:
         raise NotImplementedError
 

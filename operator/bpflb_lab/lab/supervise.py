@@ -1,6 +1,6 @@
 """Process supervision in the lab: every process it starts (agents, echo pods, the control plane's) runs in a
-lab namespace through nsenter, with its log and its readiness file; starting, waiting for ready, restarting,
-and telling a live process from a dead one."""
+lab namespace through nsenter, with its log and its readiness file, a node's and its pods' in the node's
+cgroup; starting, waiting for ready, restarting, and telling a live process from a dead one."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import bpflb
-from bpflb_lab.lab import netns, topology
+from bpflb_lab.lab import cgroups, netns, topology
 from bpflb_lab.lab.errors import LabError
 from bpflb_lab.lab.parts import LabParts
 from bpflb_lab.lab.state import LabState, PodRecord
 
 ENV_AGENT_CMD = "BPFLB_LAB_AGENT_CMD"
 DEFAULT_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --source-dir {source_dir} "
-                     "--pin-root {pin_root} --device {device}")
+                     "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root}")
 ECHO_START_TIMEOUT = 15.0
 BPFFS = Path("/sys/fs/bpf")
 
@@ -65,8 +65,10 @@ class Supervision(LabParts):
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, ns: str, argv: list[str], log: Path, cgroup: Path | None = None) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
+        if cgroup is not None:
+            argv = cgroups.join_argv(cgroup, argv)
         with open(log, "ab") as out:
             proc = subprocess.Popen(netns.nsenter_argv(ns, argv), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True, env=self._child_env())
@@ -79,7 +81,7 @@ class Supervision(LabParts):
         argv = [sys.executable, "-m", "bpflb_lab.lab.echo", "--name", rec.name, "--ready-file", str(ready)]
         argv += [a for p in rec.tcp_ports for a in ("--http-port", str(p))]
         argv += [a for p in rec.udp_ports for a in ("--udp-port", str(p))]
-        proc = self._spawn(rec.netns, argv, self.paths.pod_log(rec.key))
+        proc = self._spawn(rec.netns, argv, self.paths.pod_log(rec.key), cgroups.node_cgroup(self.name, rec.node))
         rec.echo_pid = proc.pid
         return proc
 
@@ -114,7 +116,8 @@ class Supervision(LabParts):
         values = {"python": sys.executable, "node": node, "source_dir": str(self.paths.cluster),
                   "pin_root": str(self.pin_root / node), "device": topology.DEVICE, "lab": self.name,
                   "netns": topology.ns_name(self.name, node), "mode": state.mode,
-                  "log": str(self.paths.agent_log(node)), "kubeconfig": str(self.paths.root / "kubeconfig")}
+                  "log": str(self.paths.agent_log(node)), "kubeconfig": str(self.paths.root / "kubeconfig"),
+                  "cgroup_root": str(cgroups.node_cgroup(self.name, node))}
         try:
             return [token.format(**values) for token in (state.agent_cmd or self._agent_template())]
         except (KeyError, IndexError, ValueError) as exc:
@@ -131,7 +134,8 @@ class Supervision(LabParts):
         for k in range(1, state.nodes + 1):
             node = topology.node_name(k)
             argv = self.agent_argv(state, node)
-            proc = self._spawn(topology.ns_name(self.name, node), argv, self.paths.agent_log(node))
+            proc = self._spawn(topology.ns_name(self.name, node), argv, self.paths.agent_log(node),
+                               cgroups.node_cgroup(self.name, node))
             state.agent_pids[node] = proc.pid
             self._log(f"agent {node}: pid {proc.pid}, log {self.paths.agent_log(node)}")
         state.save(self.paths)
@@ -186,7 +190,7 @@ class Supervision(LabParts):
         if os.path.lexists(marker):
             marker.unlink()     # the old agent's; wait for the new one's
         new = self._spawn(topology.ns_name(self.name, node), self.agent_argv(state, node),
-                          self.paths.agent_log(node))
+                          self.paths.agent_log(node), cgroups.node_cgroup(self.name, node))
         state.agent_pids[node] = new.pid
         state.save(self.paths)
         self._log(f"agent {node}: restarted as pid {new.pid}")

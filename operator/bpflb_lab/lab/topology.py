@@ -21,6 +21,7 @@ LB_NET = IPv4Network("198.18.1.0/24")  # LoadBalancer / external IPs, routed by 
 LB_POOL_FIRST = 10                      # first host number the lab hands out in LB_NET
 LB_GATEWAY_NODE = 1
 POD_NET = IPv4Network("10.244.0.0/16")
+SERVICE_NET = IPv4Network("10.96.0.0/12")  # clusterIPs: routed nowhere, reachable only through the datapath
 POD_FIRST = 10                          # pods on node K get 10.244.K.10, .11, ...
 MAX_NODES = 50
 DEVICE = "eth0"                         # the device of every host on its network (node, client, pod)

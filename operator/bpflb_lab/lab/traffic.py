@@ -1,5 +1,6 @@
-"""Traffic in the lab: commands and Python run inside a host's namespace, probes (HTTP and UDP requests,
-connections, ping) from any host, and the check of every frontend against the mode's expected behaviour."""
+"""Traffic in the lab: commands and Python run as a host (inside its namespace, and a node's or a pod's in
+the node's cgroup unless told otherwise), probes (HTTP and UDP requests, connections, ping) from any host,
+and the check of every frontend against the mode's expected behaviour."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 from bpflb.model.types import Mode
-from bpflb_lab.lab import netns, probe
+from bpflb_lab.lab import cgroups, netns, probe
 from bpflb_lab.lab.check import CheckReport, evaluate, plan
 from bpflb_lab.lab.errors import LabError
 from bpflb_lab.lab.parts import LabParts
@@ -23,23 +24,33 @@ class Traffic(LabParts):
     """Probing a lab (mixed into lab.core.Lab)."""
 
     def exec(self, host: str, argv: Sequence[str], *, capture: bool = True, timeout: float | None = None,
-             check: bool = False, stdin: IO[Any] | int | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a command inside a host's namespace (nsenter; /sys and bpffs stay the root namespace's)."""
+             check: bool = False, stdin: IO[Any] | int | None = None,
+             in_cgroup: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command as a host: inside its namespace (nsenter; /sys and bpffs stay the root namespace's)
+        and, for a node or a pod, its node's cgroup (in_cgroup=False: outside it, unseen by the socket LB)."""
+        cgroup = self.cgroup(host) if in_cgroup else None
+        argv = list(argv) if cgroup is None else cgroups.join_argv(cgroup, argv)
         return subprocess.run(netns.nsenter_argv(self.netns(host), argv), capture_output=capture, text=True,
                               timeout=timeout, check=check, stdin=stdin)
 
-    def run_in(self, host: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
-        """fn(*args) in a forked child inside the host's namespace; its result pickled back."""
-        return netns.run_in_netns(self.netns(host), fn, *args, timeout=timeout)
+    def run_in(self, host: str, fn: Callable[..., T], *args: Any, timeout: float = 10.0,
+               in_cgroup: bool = True) -> T:
+        """fn(*args) in a forked child as the host (its namespace; a node's or a pod's cgroup unless
+        in_cgroup=False); its result pickled back."""
+        return netns.run_in_netns(self.netns(host), fn, *args, timeout=timeout,
+                                  cgroup=self.cgroup(host) if in_cgroup else None)
 
-    def probe(self, host: str, probes: Sequence[Probe], *, parallel: int = 32) -> list[ProbeResult]:
-        """Run probes from host (one process for all of them, up to `parallel` at once)."""
+    def probe(self, host: str, probes: Sequence[Probe], *, parallel: int = 32,
+              in_cgroup: bool = True) -> list[ProbeResult]:
+        """Run probes from host (one process for all of them, up to `parallel` at once); a node's or a pod's
+        from its node's cgroup (the socket LB's) unless in_cgroup=False."""
         if not probes:
             return []
         longest = max(p.timeout for p in probes) * max(
             len(p.paths) if isinstance(p, HttpProbe) else len(p.messages) for p in probes) + 1
         rounds = -(-len(probes) // max(1, parallel))
-        return self.run_in(host, probe.run_probes, list(probes), parallel, timeout=longest * rounds + 10)
+        return self.run_in(host, probe.run_probes, list(probes), parallel, timeout=longest * rounds + 10,
+                           in_cgroup=in_cgroup)
 
     def http_get(self, host: str, url: str, timeout: float = 1.0) -> tuple[str | None, str | None]:
         """GET url from host on a new connection: (body, None), or (None, error) e.g. "connection refused"."""

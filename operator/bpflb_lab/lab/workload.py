@@ -157,7 +157,7 @@ class Workloads(LabParts):
                     self._remove_pod_runtime(old)
                     del state.pods[key]
                 used = {p.ip for p in state.pods.values() if p.node == node}
-                addr = next(str(topology.pod_ip(k, i)) for i in range(256) if str(topology.pod_ip(k, i)) not in used)
+                addr = self._pod_address(manifest, k, used)
                 ns_, name = key.split("/", 1)
                 rec = PodRecord(key=key, manifest=cluster.pod_with_status(manifest, addr, str(topology.node_ip(k))),
                                 node=node, ip=addr, netns=topology.pod_ns_name(self.name, ns_, name),
@@ -181,6 +181,25 @@ class Workloads(LabParts):
             slice_lines.append(f"endpointslice.discovery.k8s.io/{one['metadata']['name']} {verb}")
         self._sync_slices(state, services)
         return lines + svc_lines + slice_lines
+
+    @staticmethod
+    def _pod_address(manifest: KubeObject, k: int, used: set[str]) -> str:
+        """The pod's address: the one its manifest's status.podIP asks for (the lab's way to place a pod, e.g.
+        the client pod), else the node's first free one."""
+        asked = (manifest.get("status") or {}).get("podIP")
+        if asked is None:
+            return next(str(topology.pod_ip(k, i)) for i in range(256) if str(topology.pod_ip(k, i)) not in used)
+        where = f"{cluster.describe(manifest)}: status.podIP {asked!r}"
+        try:
+            addr = IPv4Address(asked)
+        except ValueError as exc:
+            raise LabError(f"{where}: {exc}") from exc
+        cidr = topology.pod_cidr(k)
+        if addr not in cidr or int(addr) - int(cidr.network_address) < topology.POD_FIRST or addr == cidr.broadcast_address:
+            raise LabError(f"{where}: must be in {cidr}, from .{topology.POD_FIRST} on")
+        if str(addr) in used:
+            raise LabError(f"{where}: already used by another pod of node{k}")
+        return str(addr)
 
     def _sync_slices(self, state: LabState, services: dict[str, KubeObject]) -> None:
         """Regenerate every Service's EndpointSlices from the pods; then write the Services themselves."""
