@@ -196,7 +196,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: kmock.Request) -> Any:
         listed: Any = await super()._serve_list(request)
         selected = self._selected(request)
-        items: list[dict[str, Any]] = [obj for obj in listed["items"] if selected(obj)]
+        items: list[dict[str, Any]] = sorted(
+            (obj for obj in listed["items"] if selected(obj)),      # in key order, as etcd lists them
+            key=lambda o: ((o.get("metadata") or {}).get("namespace") or "", (o.get("metadata") or {}).get("name") or ""))
         if apitables.is_table_request(request.headers.get("Accept")):
             return apitables.table(items, self._printer(request), self._revision, request.params.get("includeObject"))
         return {"kind": f"{self._kind(request)}List", "apiVersion": self._api_version(request),

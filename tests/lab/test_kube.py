@@ -198,6 +198,8 @@ def test_the_docs_kubectl_walkthrough_runs_against_the_lab(lab: Lab) -> None:
     # The lab's own listing, as a user of the lab would look at it.
     lines = subprocess.run([sys.executable, "-m", "bpflb", "lab", "kubectl", "--name", lab.name, "--", "get",
                             "svc,endpointslices", "-A"], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"default\s+service/echo-lb\s+LoadBalancer\s+<none>\s+198.18.1.10\s+80:30280/TCP", lines), lines
+    cluster_ip = next(s["clusterIP"] for s in lab.status()["services"] if s["name"] == "default/echo-lb")
+    assert re.search(rf"default\s+service/echo-lb\s+LoadBalancer\s+{cluster_ip}\s+198.18.1.10\s+80:30280/TCP",
+                     lines), lines
     assert re.search(r"default\s+endpointslice.discovery.k8s.io/echo-\w+\s+IPv4\s+8080,8081\s+10.244.2.10,10.244.3.10",
                      lines), lines
