@@ -5,7 +5,8 @@
 
 CLANG ?= clang
 ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
-BPF_CFLAGS ?= -O2 -g -target bpf -Wall -Wextra -Werror -Wno-unused-parameter \
+# -mcpu=v3: the SNAT pool claims a dead flow's port with an atomic compare-and-swap (natpool.h).
+BPF_CFLAGS ?= -O2 -g -target bpf -mcpu=v3 -Wall -Wextra -Werror -Wno-unused-parameter \
 	-I$(ARCH_INCLUDE) -Ibpf_objects/include
 BPF_SRCS := $(wildcard bpf_objects/*.c)
 BPF_OBJS := $(patsubst bpf_objects/%.c,bpf_objects/build/%.o,$(BPF_SRCS))
@@ -29,8 +30,9 @@ bpf_objects/build/%.o: bpf_objects/%.c $(BPF_HDRS) | bpf_objects/build
 bpf_objects/build:
 	$(Q)mkdir -p $@
 
-# The agent's native helper, loaded with ctypes (bpflb.model.maglev): the Maglev table fill loop.
-NATIVE_LIBS := bpf_objects/build/libbpflb_maglev.so
+# The agent's native helper, loaded with ctypes (bpflb.model.maglev): the Maglev table fill loop; and the
+# rate benchmark's TCP client (bpflb.trafficgen), which a Python client could not drive fast enough.
+NATIVE_LIBS := bpf_objects/build/libbpflb_maglev.so bpf_objects/build/bpflb-connstorm
 NATIVE_CFLAGS ?= -O2 -Wall -Wextra -Werror -fPIC -shared
 
 bpf: $(NATIVE_LIBS)
@@ -39,6 +41,9 @@ bpf_objects/build/libbpflb_maglev.so: native/maglev.c | bpf_objects/build
 	@echo "  CC-SO     $@"
 	$(Q)$(CC) $(NATIVE_CFLAGS) $< -o $@
 
+bpf_objects/build/bpflb-connstorm: native/connstorm.c | bpf_objects/build
+	@echo "  CC        $@"
+	$(Q)$(CC) -O2 -Wall -Wextra -Werror -pthread $< -o $@
 # The ClusterIP benchmark's connection client and server (bpflb_lab.bench_clusterip).
 bpf: bpf_objects/build/connbench
 

@@ -26,7 +26,7 @@
 
 /* Tunable limits (override with -D at build time). */
 #ifndef NAT_PORT_TRIES
-#define NAT_PORT_TRIES 32   /* random SNAT source ports tried before giving up on a new flow */
+#define NAT_PORT_TRIES 128  /* random SNAT source ports tried before giving up on a new flow (Cilium: 128) */
 #endif
 
 /* skb->data and skb->data_end loaded straight off the context register: clang may otherwise keep

@@ -1,4 +1,6 @@
-/* Connection tracking: a flow's forward and reverse entries, their lifetimes, their refresh. */
+/* Connection tracking: a flow's forward and reverse entries, their lifetimes (those of nf_conntrack and
+ * Cilium), what the packets of both directions tell about a TCP flow's life, and how an entry keeps the
+ * other entry of its flow in step (refresh, handshake, FIN, RST). */
 #ifndef BPFLB_CONNTRACK_H
 #define BPFLB_CONNTRACK_H
 
@@ -9,7 +11,13 @@
 #define CT_REFRESH_NS NSEC_PER_SEC   /* write last_seen at most once a second per entry */
 #define CT_RESET_LIFETIME_NS NSEC_PER_SEC   /* an RST-closed flow: a second for packets in flight */
 
-/* Lifetime of an entry in nanoseconds, by protocol and state. */
+/* Which entry a packet used: the forward one (client -> backend) or the reverse one (the reply). */
+#define CT_DIR_FWD 0
+#define CT_DIR_REV 1
+
+/* Lifetime of an entry in nanoseconds, by protocol and state.  A TCP flow whose handshake never
+ * completed lives syn_timeout from its creation (ct_track does not refresh it), so a spoofed SYN holds
+ * its state and its SNAT port at most that long, however often the backend retransmits its SYN-ACK. */
 static __always_inline __u64 ct_lifetime(const struct ct_entry *e, __u8 proto, const struct lb_config *cfg)
 {
 	if (e->flags & CT_F_RESET)
@@ -17,39 +25,97 @@ static __always_inline __u64 ct_lifetime(const struct ct_entry *e, __u8 proto, c
 	if (e->flags & CT_F_CLOSING)
 		return (__u64)cfg->closing_timeout * NSEC_PER_SEC;
 	if (proto == IPPROTO_TCP)
-		return (__u64)cfg->tcp_timeout * NSEC_PER_SEC;
+		return (__u64)((e->state & CT_S_ESTABLISHED) ? cfg->tcp_timeout : cfg->syn_timeout) * NSEC_PER_SEC;
 	return (__u64)cfg->udp_timeout * NSEC_PER_SEC;
 }
 
-/* True when the entry may carry this packet: not expired, and not a closed flow seeing a new SYN. */
+/* True while the entry is alive.  last_seen may be a hair ahead of now (another CPU read the clock
+ * later and wrote first): that entry is alive, not 584 years old. */
+static __always_inline int ct_alive(const struct ct_entry *e, __u8 proto, const struct lb_config *cfg, __u64 now)
+{
+	__u64 seen = e->last_seen;
+
+	return seen >= now || now - seen <= ct_lifetime(e, proto, cfg);
+}
+
+/* True when the entry may carry this packet: alive, and not a closed flow seeing a new SYN (the client
+ * reopened its tuple: a new flow, as nf_conntrack does from TIME_WAIT). */
 static __always_inline int ct_usable(const struct ct_entry *e, const struct pkt *p, const struct lb_config *cfg,
 				     __u64 now)
 {
-	if (now - e->last_seen > ct_lifetime(e, p->t.proto, cfg))
+	if (!ct_alive(e, p->t.proto, cfg, now))
 		return 0;
 	if ((e->flags & CT_F_CLOSING) && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
 		return 0;
 	return 1;
 }
 
-/* The end of a flow, seen in one direction: mark the entry closing (FIN) or reset (RST). */
-static __always_inline void ct_close(struct ct_entry *e, __u8 tcp_flags, __u64 now)
+/* Does this segment complete the handshake?  As nf_conntrack sees it: the client's ACK of the backend's
+ * SYN-ACK (its acknowledgment number checked: a spoofed source never saw that SYN-ACK), or any non-SYN
+ * segment from the backend's side (its socket sends one only once established).  The balancing node of a
+ * DSR flow never sees the backend's side and takes the client's first ACK (as Cilium does). */
+static __always_inline int ct_establishes(const struct ct_entry *e, const struct pkt *p, int dir)
 {
-	e->flags |= CT_F_CLOSING | ((tcp_flags & TCPF_RST) ? CT_F_RESET : 0);
-	e->last_seen = now;
+	if ((p->tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) != TCPF_ACK)
+		return 0;
+	if (dir == CT_DIR_REV)
+		return 1;
+	if (e->flags & CT_F_DSR)
+		return 1;
+	return (e->state & CT_S_SYN_ACK) && p->ack == e->syn_ack_seq + 1;
 }
 
-/* Record that a packet used the entry: refresh its timestamp, note FIN/RST.  True when the packet
- * ended the flow, so the caller closes the other direction's entry too (ct_close_peer). */
-static __always_inline int ct_touch(struct ct_entry *e, const struct pkt *p, __u64 now)
+/* Record that a packet used the entry in direction dir.  TCP: RST resets the flow; a FIN marks its
+ * side, and the flow is closing once both sides sent one (a half-closed connection keeps its state);
+ * the backend's SYN-ACK is noted, and the handshake's completion makes the flow established.  The
+ * timestamp is refreshed at most once a second, except while the handshake is incomplete (that
+ * lifetime counts from the flow's creation).  Returns 1 when the flow's other entry must learn of it
+ * (ct_sync_peer). */
+static __always_inline int ct_track(struct ct_entry *e, const struct pkt *p, int dir, __u64 now)
 {
-	if (p->tcp_flags & (TCPF_FIN | TCPF_RST)) {
-		ct_close(e, p->tcp_flags, now);
-		return 1;
+	int sync = 0;
+
+	if (p->t.proto == IPPROTO_TCP) {
+		if (p->tcp_flags & TCPF_RST) {
+			if (!(e->flags & CT_F_RESET)) {
+				e->flags |= CT_F_CLOSING | CT_F_RESET;
+				e->last_seen = now;
+				return 1;
+			}
+		} else {
+			if (p->tcp_flags & TCPF_FIN) {
+				__u8 side = dir == CT_DIR_FWD ? CT_S_FIN_FWD : CT_S_FIN_REV;
+
+				if (!(e->state & side)) {
+					e->state |= side;
+					if ((e->state & (CT_S_FIN_FWD | CT_S_FIN_REV)) == (CT_S_FIN_FWD | CT_S_FIN_REV)) {
+						e->flags |= CT_F_CLOSING;
+						e->last_seen = now;
+					}
+					sync = 1;
+				}
+			}
+			if (!(e->state & CT_S_ESTABLISHED)) {
+				if (dir == CT_DIR_REV && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
+					e->state |= CT_S_SYN_ACK;
+					e->syn_ack_seq = p->seq;
+					return 1;
+				}
+				if (ct_establishes(e, p, dir)) {
+					e->state |= CT_S_ESTABLISHED;
+					e->last_seen = now;
+					return 1;
+				}
+			}
+		}
+		if (!(e->state & CT_S_ESTABLISHED) && !(e->flags & CT_F_CLOSING))
+			return sync;
 	}
-	if (now - e->last_seen > CT_REFRESH_NS)
+	if (now > e->last_seen + CT_REFRESH_NS) {
 		e->last_seen = now;
-	return 0;
+		sync = 1;
+	}
+	return sync;
 }
 
 /* The reverse-direction key of a flow whose reply travels backend -> (nat or client). */
@@ -62,6 +128,78 @@ static __always_inline void ct_reply_tuple(struct ct_tuple *r, __be32 be_addr, _
 	r->dport = peer_port;
 	r->proto = proto;
 	r->pad[0] = r->pad[1] = r->pad[2] = 0;
+}
+
+/* The key of the flow's other entry on this node; 0 when it has none here (DSR: the reverse state of
+ * a DSR flow lives on the backend's node, its forward state on the balancing node). */
+static __always_inline int ct_peer_key(const struct ct_entry *e, int dir, __u8 proto, struct ct_tuple *key)
+{
+	if (e->flags & CT_F_DSR)
+		return 0;
+	if (dir == CT_DIR_FWD) {
+		if (e->flags & CT_F_SNAT)
+			ct_reply_tuple(key, e->backend_addr, e->backend_port, e->nat_addr, e->nat_port, proto);
+		else
+			ct_reply_tuple(key, e->backend_addr, e->backend_port, e->client_addr, e->client_port, proto);
+	} else {
+		ct_reply_tuple(key, e->client_addr, e->client_port, e->fe_addr, e->fe_port, proto);
+	}
+	return 1;
+}
+
+/* Do two entries belong to the same flow?  A client's forward entry can already belong to a newer
+ * flow of the same tuple (a reopened connection) while the old flow's reverse entry runs out. */
+static __always_inline int ct_same_flow(const struct ct_entry *a, const struct ct_entry *b)
+{
+	return a->backend_addr == b->backend_addr && a->backend_port == b->backend_port &&
+	       a->nat_addr == b->nat_addr && a->nat_port == b->nat_port &&
+	       a->client_addr == b->client_addr && a->client_port == b->client_port;
+}
+
+/* The flow's other entry, or NULL (none on this node, gone, or belonging to a newer flow). */
+static __always_inline struct ct_entry *ct_peer(const struct ct_entry *e, int dir, __u8 proto)
+{
+	struct ct_tuple key;
+	struct ct_entry *peer;
+
+	if (!ct_peer_key(e, dir, proto, &key))
+		return NULL;
+	peer = bpf_map_lookup_elem(dir == CT_DIR_FWD ? (void *)&ct_rev : (void *)&ct_fwd, &key);
+	return peer && ct_same_flow(e, peer) ? peer : NULL;
+}
+
+/* Bring the flow's other entry in step with e: both entries live and die together, so the reverse
+ * entry of a flow that only the client keeps busy stays alive (and its SNAT port taken) as long as the
+ * forward one, and the other way round.  What they record only ever grows, so merging is exact. */
+static __always_inline void ct_sync_peer(const struct ct_entry *e, int dir, __u8 proto)
+{
+	struct ct_entry *peer = ct_peer(e, dir, proto);
+
+	if (!peer)
+		return;
+	if ((e->state & CT_S_SYN_ACK) && !(peer->state & CT_S_ESTABLISHED))
+		peer->syn_ack_seq = e->syn_ack_seq;
+	peer->state |= e->state;
+	peer->flags |= e->flags & (CT_F_CLOSING | CT_F_RESET);
+	if (e->last_seen > peer->last_seen)
+		peer->last_seen = e->last_seen;
+}
+
+/* A packet used entry e in direction dir: track it, and tell the other entry when that matters. */
+static __always_inline void ct_account(struct ct_entry *e, const struct pkt *p, int dir, __u64 now)
+{
+	if (ct_track(e, p, dir, now))
+		ct_sync_peer(e, dir, p->t.proto);
+}
+
+/* True when no live entry of e's flow holds on to it from the other side: e's peer is gone, belongs to
+ * another flow, or has run out. */
+static __always_inline int ct_peer_gone(const struct ct_entry *e, int dir, __u8 proto, const struct lb_config *cfg,
+					__u64 now)
+{
+	struct ct_entry *peer = ct_peer(e, dir, proto);
+
+	return !peer || !ct_alive(peer, proto, cfg, now);
 }
 
 /* The reverse entry of a flow this node SNAT'd, when the packet is its reply (addressed to this
@@ -77,28 +215,45 @@ static __always_inline struct ct_entry *ct_snat_reply(const struct pkt *p, const
 	return rev && (rev->flags & CT_F_SNAT) ? rev : NULL;
 }
 
-/* A flow ended in the direction of entry e (forward: is_fwd): close the other direction's entry
- * as well, so an SNAT port is free again once the flow is over, whichever side ended it. */
-static __always_inline void ct_close_peer(const struct ct_entry *e, int is_fwd, __u8 proto, __u8 tcp_flags,
-					  __u64 now)
+/* Record the reverse entry a packet of a new flow needs at key (local backends: DNAT only; DSR: on the
+ * backend's node) without ever overwriting a live flow's entry.  The same flow's entry (a retransmitted
+ * SYN, a DSR UDP flow's next datagram) is kept and tracked as a forward packet; a live entry of another
+ * flow of that tuple is left alone (returns 1); a closed or dead flow's entry is replaced.
+ * 0 when recorded or kept, 1 when another live flow holds the key, <0 when the map refused it (full). */
+static __always_inline int ct_record_rev(const struct ct_tuple *key, const struct ct_entry *rev, const struct pkt *p,
+					 const struct lb_config *cfg, __u64 now)
 {
-	struct ct_tuple key;
-	struct ct_entry *peer;
+	struct ct_entry *old;
+	int rc = bpf_map_update_elem(&ct_rev, key, rev, BPF_NOEXIST);
 
-	if (is_fwd) {
-		if (e->flags & CT_F_SNAT)
-			ct_reply_tuple(&key, e->backend_addr, e->backend_port, e->nat_addr, e->nat_port, proto);
-		else if (e->flags & CT_F_LOCAL)
-			ct_reply_tuple(&key, e->backend_addr, e->backend_port, e->client_addr, e->client_port, proto);
-		else
-			return;   /* DSR: the reply state lives on the backend's node */
-		peer = bpf_map_lookup_elem(&ct_rev, &key);
-	} else {
-		ct_reply_tuple(&key, e->client_addr, e->client_port, e->fe_addr, e->fe_port, proto);
-		peer = bpf_map_lookup_elem(&ct_fwd, &key);
+	if (rc != -17)   /* -EEXIST */
+		return rc;
+	old = bpf_map_lookup_elem(&ct_rev, key);
+	if (old && ct_usable(old, p, cfg, now)) {
+		if ((old->flags ^ rev->flags) & (CT_F_SNAT | CT_F_LOCAL | CT_F_DSR) || old->fe_addr != rev->fe_addr || old->fe_port != rev->fe_port ||
+		    old->backend_addr != rev->backend_addr || old->backend_port != rev->backend_port)
+			return 1;
+		ct_track(old, p, CT_DIR_FWD, now);
+		return 0;
 	}
-	if (peer)
-		ct_close(peer, tcp_flags, now);
+	return bpf_map_update_elem(&ct_rev, key, rev, BPF_ANY);
+}
+
+/* ct_record_rev for the backend's node of a DSR flow (dsr.h): counted; <0 only when the map is full. */
+static __always_inline int ct_record_dsr_rev(const struct ct_tuple *key, const struct ct_entry *rev,
+					     const struct pkt *p, __u64 now)
+{
+	struct lb_config *cfg = config_get();
+	int rc;
+
+	if (!cfg)
+		return -1;
+	rc = ct_record_rev(key, rev, p, cfg, now);
+	if (rc < 0)
+		stat_inc(STAT_CT_INSERT_FAILED);
+	else if (rc > 0)
+		stat_inc(STAT_DSR_STATE_KEPT);
+	return rc;
 }
 
 #endif

@@ -207,7 +207,7 @@ static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt
 	rev.flags = CT_F_DSR;
 	rev.mode = LB_MODE_DSR;
 	ct_reply_tuple(&rkey, p->t.daddr, p->t.dport, p->t.saddr, p->t.sport, p->t.proto);
-	if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0) {
+	if (ct_record_dsr_rev(&rkey, &rev, p, now) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}

@@ -1,5 +1,5 @@
-/* Creating a flow: the decision a new connection gets (local DNAT, DSR, or SNAT with an allocated
- * port) and the conntrack entries that carry it, shared by the tc and XDP programs. */
+/* Creating a flow: the decision a new connection gets (local DNAT, DSR, or SNAT with a port from the
+ * pool) and the conntrack entries that carry it, shared by the tc and XDP programs. */
 #ifndef BPFLB_FLOW_H
 #define BPFLB_FLOW_H
 
@@ -7,18 +7,38 @@
 #include "maps.h"
 #include "parse.h"
 #include "conntrack.h"
+#include "natpool.h"
 #include "dsr.h"
 
-/* Create a new flow's conntrack entries for a freshly selected backend (tc and XDP alike):
- * local backends by DNAT, remote ones by DSR or SNAT as the node's mode says for this protocol.
- * 0 on success, else a verdict (TC_ACT_SHOT; XDP maps it to XDP_DROP). */
-static __always_inline int np_new_flow(struct pkt *p, const struct lb_config *cfg, const struct lb_svc_val *svc,
-				       __u32 be_id, const struct lb_backend *be, struct ct_entry *e, __u64 now)
+/* Why a new flow was not created; tc answers the sender (reset.h), XDP hands the packet on to tc. */
+#define NP_NEW_NO_PORT 1       /* no SNAT port free for the backend tuple */
+#define NP_NEW_CT_FULL 2       /* a conntrack map is full */
+#define NP_NEW_ERROR 3
+
+/* The client's tuple had an entry that can no longer carry it (closed, dead, or its backend gone):
+ * that flow is over, so its reverse entry (and SNAT port) only waits out the closing time. */
+static __always_inline void np_retire(const struct ct_entry *old, __u8 proto, __u64 now)
 {
-	struct ct_entry rev = {};
+	struct ct_entry *peer = ct_peer(old, CT_DIR_FWD, proto);
+
+	if (peer && !(peer->flags & CT_F_CLOSING)) {
+		peer->flags |= CT_F_CLOSING;
+		peer->last_seen = now;
+	}
+}
+
+/* Create a new flow's conntrack entries for a freshly selected backend (tc and XDP alike): local
+ * backends by DNAT, remote ones by DSR or SNAT as the node's mode says for this protocol.  old: the
+ * client tuple's unusable entry, if any.  ctx: the program's context (socket lookups).  On success the
+ * flow is in *e (it may be another CPU's, created for the same tuple a moment earlier) and 0 is
+ * returned, else NP_NEW_*. */
+static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb_config *cfg,
+				       const struct lb_svc_val *svc, __u32 be_id, const struct lb_backend *be,
+				       struct ct_entry *e, struct ct_entry *old, __u64 now)
+{
+	struct ct_entry rev = {}, *won;
 	struct ct_tuple rkey;
-	__u32 span = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
-	int i;
+	int rc, snat = 0;
 
 	e->last_seen = now;
 	e->backend_id = be_id;
@@ -30,52 +50,51 @@ static __always_inline int np_new_flow(struct pkt *p, const struct lb_config *cf
 	e->client_port = p->t.sport;
 	e->svc_id = svc->id;
 	e->mode = cfg->mode;
+	if (be->flags & LB_BE_F_LOCAL)
+		e->flags = CT_F_LOCAL;        /* DNAT only: the pod sees the client; its reply leaves via egress */
+	else if (dsr_mode_applies(cfg->mode, p->t.proto))
+		e->flags = CT_F_DSR;          /* the backend's node keeps the reply state, not this one */
+	else
+		e->flags = CT_F_SNAT;         /* the source becomes this node, with a port of the pool */
+	ct_track(e, p, CT_DIR_FWD, now);      /* what the first packet already says (FIN, RST, a DSR ACK) */
+	if (old)
+		np_retire(old, p->t.proto, now);   /* before a local flow's reverse key is reused below */
 
-	rev = *e;
-	if (be->flags & LB_BE_F_LOCAL) {
-		/* Local backend: DNAT only, the pod sees the client; its reply leaves via egress. */
-		e->flags = CT_F_LOCAL;
-		rev.flags = CT_F_LOCAL;
+	if (e->flags & CT_F_LOCAL) {
+		rev = *e;
 		ct_reply_tuple(&rkey, be->addr, be->port, p->t.saddr, p->t.sport, p->t.proto);
-		if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0)
-			return TC_ACT_SHOT;
-	} else if (dsr_mode_applies(cfg->mode, p->t.proto)) {
-		/* Remote backend by DSR: the backend's node keeps the reply state, not this one. */
-		e->flags = CT_F_DSR;
-	} else {
-		/* Remote backend in SNAT mode: source becomes this node with a free port. */
-		e->flags = CT_F_SNAT;
-		rev.flags = CT_F_SNAT;
+		if (ct_record_rev(&rkey, &rev, p, cfg, now) < 0)
+			return NP_NEW_CT_FULL;
+	} else if (e->flags & CT_F_SNAT) {
 		e->nat_addr = cfg->snat_addr;
-		rev.nat_addr = cfg->snat_addr;
-		if (span == 0 || span > 65536)
-			return TC_ACT_SHOT;
-		for (i = 0; i < NAT_PORT_TRIES; i++) {
-			__be16 port = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % span));
-			struct ct_entry *old;
-
-			ct_reply_tuple(&rkey, be->addr, be->port, cfg->snat_addr, port, p->t.proto);
-			rev.nat_port = port;
-			if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_NOEXIST) == 0)
-				break;
-			/* Taken: by a live flow, or by one that ended (closed or idle past its lifetime),
-			 * whose port is free again. */
-			old = bpf_map_lookup_elem(&ct_rev, &rkey);
-			if (old && now - old->last_seen > ct_lifetime(old, p->t.proto, cfg) &&
-			    bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_EXIST) == 0)
-				break;
-		}
-		if (i < NAT_PORT_TRIES)
-			e->nat_port = rev.nat_port;
-		if (i == NAT_PORT_TRIES) {
-			stat_inc(STAT_DROP_NAT_EXHAUSTED);
-			return TC_ACT_SHOT;
+		rev = *e;
+		rc = natpool_alloc(ctx, cfg, &rev, p->t.proto);
+		if (rc)
+			return rc == -ERR_ENOSPC ? NP_NEW_NO_PORT : NP_NEW_CT_FULL;
+		e->nat_port = rev.nat_port;
+		ct_reply_tuple(&rkey, be->addr, be->port, cfg->snat_addr, rev.nat_port, p->t.proto);
+		snat = 1;
+	}
+	if (old) {
+		rc = bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_ANY);
+	} else {
+		rc = bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_NOEXIST);
+		if (rc == -ERR_EEXIST) {
+			/* Another CPU created this tuple's flow meanwhile (a retransmission): use that one. */
+			if (snat)
+				bpf_map_delete_elem(&ct_rev, &rkey);
+			won = bpf_map_lookup_elem(&ct_fwd, &p->t);
+			if (!won)
+				return NP_NEW_ERROR;
+			*e = *won;
+			return 0;
 		}
 	}
-	if (p->tcp_flags & (TCPF_FIN | TCPF_RST))
-		e->flags |= CT_F_CLOSING;
-	if (bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_ANY) < 0)
-		return TC_ACT_SHOT;
+	if (rc < 0) {
+		if (snat)
+			bpf_map_delete_elem(&ct_rev, &rkey);
+		return NP_NEW_CT_FULL;
+	}
 	return 0;
 }
 

@@ -36,8 +36,9 @@
 #define CT_F_SNAT 1
 #define CT_F_LOCAL 2
 #define CT_F_DSR 4
-#define CT_F_CLOSING 8
+#define CT_F_CLOSING 8        /* both sides sent FIN (or RST): the flow lives closing_timeout more */
 #define CT_F_RESET 16         /* closed by RST: no TIME_WAIT on either side, reusable at once */
+#define CT_F_HOST 32          /* a connection of the node itself, moved off a port a SNAT'd flow holds */
 
 /* Statistic counters (index into the per-CPU lb_stats array). */
 #define STAT_PASS_NOT_SERVICE 0
@@ -61,6 +62,17 @@
 #define STAT_TUNNEL_ENCAP 18
 #define STAT_XDP_TX 19
 #define STAT_XDP_TO_TC 20
+/* 21..31: flow state (issue 11; conntrack.h, flow.h, reset.h, ct_icmp.h, hostnat.h) */
+#define STAT_RESET_NAT_EXHAUSTED 21   /* a TCP flow found no SNAT port: answered with a RST */
+#define STAT_ICMP_NAT_EXHAUSTED 22    /* a UDP flow found no SNAT port: answered with ICMP port unreachable */
+#define STAT_CT_INSERT_FAILED 23      /* a conntrack map was full: the new flow was refused (RST / ICMP) */
+#define STAT_CT_NO_STATE 24           /* a TCP packet without SYN to a frontend found no live flow */
+#define STAT_ICMP_RELATED 25          /* an ICMP error about a tracked flow, translated and delivered */
+#define STAT_HOST_NAT 26              /* a node connection moved off a port a live SNAT'd flow holds */
+#define STAT_NAT_PORT_SOCKET 27       /* a SNAT port skipped: a socket of the node uses it towards the backend */
+#define STAT_NAT_PORT_REUSED 28       /* a SNAT port taken over from a flow that had ended */
+#define STAT_DROP_HOST_NAT_EXHAUSTED 29 /* a node connection found neither its port nor another one free */
+#define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow left that flow's state alone */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
  * traffic (issue 13); 56..63: source ranges (issue 16). */
 #define STAT_MAX 64
@@ -74,7 +86,7 @@
 #define LB_SERVICES_MAX 65536
 #define LB_SVC_SLOTS_MAX 262144
 #define LB_BACKENDS_MAX 65536
-#define CT_MAX 262144
+#define CT_MAX 262144          /* entries of ct_fwd and of ct_rev (hash maps: full means new flows are refused) */
 
 /* A frontend slot: slot 0 is the frontend itself, slots 1..count name its backends. */
 struct lb_svc_key {
@@ -129,7 +141,9 @@ struct ct_entry {
 	__u32 svc_id;
 	__u8 flags;            /* CT_F_* */
 	__u8 mode;             /* LB_MODE_* the flow started with */
-	__u8 pad[2];
+	__u8 state;            /* CT_S_*: what the flow has shown of TCP's life (both entries agree) */
+	__u8 pad;
+	__u32 syn_ack_seq;     /* host order: the backend's SYN-ACK sequence number (CT_S_SYN_ACK) */
 };
 
 /* An address:port/protocol (DSR frontends known cluster-wide, this node's backend endpoints). */
@@ -163,6 +177,7 @@ struct lb_config {
 	__u32 closing_timeout; /* seconds after FIN/RST */
 	__u32 tunnel_mode;     /* TUNNEL_* : how requests reach a backend on another node */
 	__u32 tunnel_vni;      /* VXLAN network identifier of the overlay */
+	__u32 syn_timeout;     /* seconds a TCP flow whose handshake did not complete holds its state and port */
 };
 
 /* ---- Backend selection: Maglev tables and session affinity (issue 8; lb.h, maglev.h, affinity.h) ---- */
@@ -322,6 +337,21 @@ struct lb_neigh_key {
 };
 
 /* ---- end of forwarding safety ---- */
+
+/* ---- flow state (issue 11; conntrack.h, flow.h, hostnat.h, reset.h, ct_icmp.h) ---- */
+
+/* ct_entry.state: monotonic facts about a TCP flow, merged into both of its entries. */
+#define CT_S_ESTABLISHED 1     /* the handshake completed (conntrack.h's ct_establishes says when) */
+#define CT_S_FIN_FWD 2         /* the client (the connection's opener) sent FIN */
+#define CT_S_FIN_REV 4         /* the backend sent FIN */
+#define CT_S_SYN_ACK 8         /* the backend answered the SYN (syn_ack_seq holds its sequence number) */
+
+/* The SNAT port range when the agent is given none: Cilium's NodePort SNAT range, so at least 28,000
+ * flows per (node, backend address, backend port, protocol). */
+#define NAT_PORT_MIN_DEFAULT 32768
+#define NAT_PORT_MAX_DEFAULT 65535
+
+/* ---- end of flow state ---- */
 
 /* ---- source ranges (issue 16; srcrange.h): loadBalancerSourceRanges with svcSourceRangeCheck ---- */
 

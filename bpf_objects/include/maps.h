@@ -24,18 +24,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_backends SEC(".maps");
 
-/* Flows keyed by the client's tuple as received: which backend, which SNAT port. */
+/* Flows keyed by the client's tuple as received: which backend, which SNAT port.  A plain hash, not an
+ * LRU: a flood of new flows must never evict a live flow's state.  Entries expire by their lifetime
+ * (conntrack.h); the datapath reuses dead ones in place and the agent removes them (its conntrack GC),
+ * handshake-incomplete ones first when the map fills.  Full: new flows are refused, and counted. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct ct_tuple);
 	__type(value, struct ct_entry);
 	__uint(max_entries, CT_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ct_fwd SEC(".maps");
 
-/* Flows keyed by the reply's tuple as it leaves the backend: how to translate it back. */
+/* Flows keyed by the reply's tuple as it leaves the backend: how to translate it back.  For a SNAT'd
+ * flow the key holds its port: this entry is the port's reservation (natpool.h).  A hash, as ct_fwd. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct ct_tuple);
 	__type(value, struct ct_entry);
 	__uint(max_entries, CT_MAX);

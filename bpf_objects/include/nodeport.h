@@ -15,6 +15,9 @@
 #include "tunnel.h"
 #include "flow.h"
 #include "srcrange.h"
+#include "reset.h"
+#include "hostnat.h"
+#include "ct_icmp.h"
 #include "direct.h"
 #include "neigh.h"
 
@@ -30,13 +33,14 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	if (skb_ttl_exhausted(skb))
 		return icmp_ttl_exceeded(skb, p, cfg->snat_addr);
 	now = bpf_ktime_get_ns();
-	if (ct_touch(rev, p, now))
-		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
+	ct_account(rev, p, CT_DIR_REV, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
 	stat_inc(STAT_REPLY_SNAT);
+	if (rev->flags & CT_F_HOST)
+		return TC_ACT_OK;   /* a reply to the node's own moved connection: on to its socket */
 	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto);
 }
 
@@ -70,9 +74,9 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	if (node)
 		rc = fib_lookup_v4(skb, &fib, cfg->snat_addr, node, IPPROTO_UDP,
 				   skb->gso_size ? 0 : p->tot_len + growth);
-	else
+	else   /* the route's MTU too (tot_len), so a smaller MTU towards the backend is told, not a drop */
 		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto,
-				   growth && !skb->gso_size ? p->tot_len + growth : 0);
+				   skb->gso_size ? 0 : p->tot_len + growth);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		stat_inc(STAT_ICMP_FRAG_NEEDED);
 		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
@@ -120,6 +124,11 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	case PARSE_TRUNCATED:
 		stat_inc(STAT_PASS_TRUNCATED);
 		return TC_ACT_OK;
+	case PARSE_OTHER_L4:
+		if (p.t.proto != IPPROTO_ICMP)
+			return TC_ACT_OK;
+		rc = ct_icmp_ingress(skb, &p, cfg);
+		return rc >= 0 ? rc : TC_ACT_OK;
 	default:
 		return TC_ACT_OK;
 	}
@@ -149,11 +158,12 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		if (skb_ttl_exhausted(skb))
 			return icmp_ttl_exceeded(skb, &p, cfg->snat_addr);
-		if (ct_touch(e, &p, now))
-			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
+		ct_account(e, &p, CT_DIR_FWD, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return np_forward(skb, &p, e, cfg);
 	}
+	if (p.t.proto == IPPROTO_TCP && !(p.tcp_flags & TCPF_SYN) && (!e || !ct_alive(e, IPPROTO_TCP, cfg, now)))
+		stat_inc(STAT_CT_NO_STATE);   /* mid-stream without state: expired, or never seen here */
 
 	if (svc->count == 0) {
 		if (svc->flags & LB_SVC_F_NO_ENDPOINTS) {
@@ -170,9 +180,9 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_DROP_NO_BACKEND);
 		return TC_ACT_SHOT;
 	}
-	rc = np_new_flow(&p, cfg, svc, be_id, be, &fresh, now);
+	rc = np_new_flow(skb, &p, cfg, svc, be_id, be, &fresh, e, now);
 	if (rc)
-		return rc;
+		return flow_refuse(skb, &p, rc);
 	stat_inc(STAT_NEW_FLOW);
 	return np_forward(skb, &p, &fresh, cfg);
 }
@@ -187,10 +197,24 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	__u64 now;
 	int rc;
 
-	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+	if (!cfg)
 		return TC_ACT_OK;
+	switch (parse_pkt(skb, &p)) {
+	case PARSE_OK:
+		break;
+	case PARSE_OTHER_L4:
+		if (p.t.proto != IPPROTO_ICMP)
+			return TC_ACT_OK;
+		rc = ct_icmp_egress(skb, &p);
+		return rc >= 0 ? rc : TC_ACT_OK;
+	default:
+		return TC_ACT_OK;
+	}
 	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
 	if (!rev) {
+		rc = hostnat_egress(skb, &p, cfg);
+		if (rc >= 0)
+			return rc;
 		if (dsr_untracked_reply(&p) && !direct_egress(&p, cfg, bpf_ktime_get_ns())) {
 			stat_inc(STAT_DROP_DSR_NO_STATE);
 			return TC_ACT_SHOT;
@@ -201,8 +225,7 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	if (!(rev->flags & (CT_F_LOCAL | CT_F_DSR)))
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
-	if (ct_touch(rev, &p, now))
-		ct_close_peer(rev, 0, p.t.proto, p.tcp_flags, now);
+	ct_account(rev, &p, CT_DIR_REV, now);
 	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;

@@ -19,6 +19,8 @@ struct pkt {
 	__u16 tot_len;       /* IPv4 total length, host order */
 	__u8 tcp_flags;      /* TCP flag byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 for UDP */
 	__u8 ihl_bytes;      /* IPv4 header length including options */
+	__u32 seq;           /* TCP sequence and acknowledgment numbers, host order (0 for UDP) */
+	__u32 ack;
 };
 
 #define TCPF_FIN 0x01
@@ -68,6 +70,8 @@ static __always_inline enum parse_result parse_frame(void *data, void *data_end,
 		p->t.sport = th->source;
 		p->t.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->seq = bpf_ntohl(th->seq);
+		p->ack = bpf_ntohl(th->ack_seq);
 		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
 		return PARSE_OK;
 	}

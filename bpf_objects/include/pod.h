@@ -95,8 +95,7 @@ static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_con
 		e->nat_port = p->t.sport;
 		peer = e->nat_addr;
 	}
-	if (p->tcp_flags & (TCPF_FIN | TCPF_RST))
-		e->flags |= CT_F_CLOSING;
+	ct_track(e, p, CT_DIR_FWD, now);      /* what the first packet already says (FIN, RST) */
 	rev = *e;
 	ct_reply_tuple(&rkey, be->addr, be->port, peer, p->t.sport, p->t.proto);
 	if (bpf_map_update_elem(&ct_rev, &rkey, &rev, BPF_ANY) < 0 ||
@@ -108,7 +107,7 @@ static __always_inline int pod_new_flow(const struct pkt *p, const struct lb_con
 }
 
 /* The reverse entry of a live pod flow that the packet answers (flag: CT_F_LOCAL, or CT_F_SNAT for a
- * hairpin flow), or NULL.  An ended flow's entry lingers until LRU eviction, and the pod may reuse the
+ * hairpin flow), or NULL.  An ended flow's entry lingers until reused or collected, and the pod may reuse the
  * tuple for a connection of its own to the backend (a direct one, or one the socket LB sent there):
  * that one must stay untouched. */
 static __always_inline struct ct_entry *pod_flow_reply(const struct pkt *p, const struct lb_config *cfg, __u8 flag,
@@ -123,8 +122,7 @@ static __always_inline struct ct_entry *pod_flow_reply(const struct pkt *p, cons
  * TC_ACT_SHOT when the rewrite failed. */
 static __always_inline int pod_reply(struct __sk_buff *skb, const struct pkt *p, struct ct_entry *rev, __u64 now)
 {
-	if (ct_touch(rev, p, now))
-		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
+	ct_account(rev, p, CT_DIR_REV, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
@@ -171,8 +169,7 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 	}
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
-		if (ct_touch(e, &p, now))
-			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
+		ct_account(e, &p, CT_DIR_FWD, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return pod_forward(skb, &p, e);
 	}

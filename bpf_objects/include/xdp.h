@@ -127,13 +127,13 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 
 	if (!rev)
 		return -1;
-	if (xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return xdp_to_tc();
+	if ((rev->flags & CT_F_HOST) ||
+	    xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return xdp_to_tc();   /* the node's own moved connections are delivered by tc, to the stack */
 	now = bpf_ktime_get_ns();
 	if (xdp_neigh_check_due(&fib, p, now))
 		return xdp_to_tc();
-	if (ct_touch(rev, p, now))
-		ct_close_peer(rev, 0, p->t.proto, p->tcp_flags, now);
+	ct_account(rev, p, CT_DIR_REV, now);
 	if (xdp_rewrite(ctx, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0)
 		return XDP_DROP;
 	stat_inc(STAT_REPLY_SNAT);
@@ -155,7 +155,7 @@ static __always_inline int xdp_forward(struct xdp_md *ctx, struct pkt *p, const 
 		sport = e->nat_port;
 	}
 	rc = xdp_fib(ctx, &fib, saddr, e->backend_addr, p->t.proto,
-		     opt ? p->tot_len + sizeof(struct dsr_opt_v4) : 0);
+		     p->tot_len + (opt ? sizeof(struct dsr_opt_v4) : 0));
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS || xdp_neigh_check_due(&fib, p, now))
 		return xdp_to_tc();   /* unresolved or unchecked neighbour, MTU (ICMP from tc), not forwardable */
 	if (xdp_rewrite(ctx, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
@@ -200,8 +200,7 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {
 		if (e->flags & CT_F_LOCAL)
 			return xdp_to_tc();
-		if (ct_touch(e, &p, now))
-			ct_close_peer(e, 1, p.t.proto, p.tcp_flags, now);
+		ct_account(e, &p, CT_DIR_FWD, now);
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return xdp_forward(ctx, &p, e, now);
 	}
@@ -210,8 +209,10 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	be = lb_select_backend(&p, svc, &be_id);
 	if (!be)
 		return xdp_to_tc();           /* nothing chosen, nothing recorded: tc decides */
-	if (np_new_flow(&p, cfg, svc, be_id, be, &fresh, now))
-		return XDP_DROP;
+	if (p.t.proto == IPPROTO_TCP && !(p.tcp_flags & TCPF_SYN) && (!e || !ct_alive(e, IPPROTO_TCP, cfg, now)))
+		stat_inc(STAT_CT_NO_STATE);
+	if (np_new_flow(ctx, &p, cfg, svc, be_id, be, &fresh, e, now))
+		return xdp_to_tc();           /* no port, conntrack full: tc tries once more, then answers */
 	stat_inc(STAT_NEW_FLOW);
 	if (be->flags & LB_BE_F_LOCAL)
 		return xdp_to_tc();           /* tc delivers it to the pod, in the flow recorded here */

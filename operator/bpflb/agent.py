@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from bpflb.datapath.base import Datapath, NodeProgram
+from bpflb.datapath.conntrack import Schedule, describe
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
 from bpflb.model.cluster import (
@@ -29,7 +30,15 @@ from bpflb.model.cluster import (
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
 from bpflb.model.translate import translate
-from bpflb.model.types import Algorithm, DesiredState, Frontend, FrontendKind, L4Addr, Mode
+from bpflb.model.types import (
+    NAT_PORT_RANGE_DEFAULT,
+    Algorithm,
+    DesiredState,
+    Frontend,
+    FrontendKind,
+    L4Addr,
+    Mode,
+)
 from bpflb.sources.base import Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
@@ -43,6 +52,7 @@ class AgentOptions:
     resync_interval: float = 30.0      # full resync even without a change signal
     cgroup_root: Path | None = None    # the socket LB's cgroup v2 directory; None: this mount namespace's root
     socket_lb: bool = True             # False (--no-socket-lb): never the socket LB on this node, whatever socketLB says
+    nat_port_range: tuple[int, int] = NAT_PORT_RANGE_DEFAULT   # SNAT source ports (--nat-port-range)
     # kube-proxy's health servers (bpflb.healthcheck): healthCheckNodePorts on the node's addresses, and the
     # proxy health server at healthz_bind_address ("" for none). Off by default: `bpflb agent` turns them on.
     health_servers: bool = False
@@ -99,6 +109,7 @@ class Agent:
         # Healthy while every change noticed is synced within twice the resync interval (kube-proxy's rule).
         self.health = ProxyHealth(timeout=2 * opts.resync_interval)
         self.health_servers: HealthServers | None = None
+        self.gc_schedule = Schedule()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -157,7 +168,8 @@ class Agent:
         want = NodeProgram(
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
-                              tunnel_mode=int(network.tunnel), tunnel_vni=network.vni),
+                              tunnel_mode=int(network.tunnel), tunnel_vni=network.vni,
+                              nat_port_min=self.opts.nat_port_range[0], nat_port_max=self.opts.nat_port_range[1]),
             dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
             local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration,
@@ -174,8 +186,9 @@ class Agent:
                      "%d local backend endpoints, %d cluster prefixes (%d keys changed)",
                      *done.cluster_sizes, done.cluster_changes)
         if done.sync.config_changed:
-            log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s)", mode.label,
-                     network.tunnel.label, state.node_addrs[0])
+            lo, hi = self.opts.nat_port_range
+            log.info("datapath mode is %s for new flows, tunnelMode %s (SNAT source %s, ports %d-%d: %d per "
+                     "backend tuple)", mode.label, network.tunnel.label, state.node_addrs[0], lo, hi, hi - lo + 1)
         self.mode = mode
         self._log_frontend_changes(self.state, state)
         self.state = state
@@ -254,9 +267,34 @@ class Agent:
             self._notes_seen.add(text)
             log.warning("not acted on: %s", text)
 
+    def collect_conntrack(self) -> None:
+        """Run the conntrack GC (ended flows out; handshake-incomplete ones early under pressure) and say
+        when it is due next."""
+        report = self.datapath.collect_conntrack()
+        if report is None:
+            self.gc_schedule.due = time.monotonic() + Schedule.IDLE_S
+            return
+        for line in describe(report):
+            log.info("%s", line)
+        self.gc_schedule.after(report, report.capacity, self.datapath.counters())
+
+    def _gc_loop(self) -> None:
+        """The conntrack GC's own thread: a collection of full maps takes a second or more, and syncs must
+        not wait for it (the two touch different maps)."""
+        while not self._stop.wait(0.5):
+            if self.state is None or self.uninstalled:
+                continue
+            try:
+                if time.monotonic() >= self.gc_schedule.due or self.gc_schedule.pressing(self.datapath.counters()):
+                    self.collect_conntrack()
+            except Exception:
+                log.exception("conntrack GC failed; retrying later")
+                self.gc_schedule.due = time.monotonic() + Schedule.ACTIVE_S
+
     def run(self) -> None:
-        """Sync, then re-sync whenever the source changes, until stopped."""
+        """Sync, then re-sync whenever the source changes, until stopped; the conntrack GC runs alongside."""
         self.start()
+        threading.Thread(target=self._gc_loop, name="conntrack-gc", daemon=True).start()
         last_full = 0.0
         try:
             while not self._stop.is_set():

@@ -20,12 +20,18 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+    from bpflb.model.types import parse_port_range
     from bpflb.sources.files import FileSource
 
     _setup_logging(args.verbose)
+    try:
+        nat_ports = parse_port_range(args.nat_port_range)
+    except ValueError as exc:
+        print(f"bpflb agent: --nat-port-range {exc}", file=sys.stderr)
+        return 2
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
                         cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
-                        socket_lb=not args.no_socket_lb,
+                        socket_lb=not args.no_socket_lb, nat_port_range=nat_ports,
                         health_servers=not args.no_health_servers and not args.once,
                         healthz_bind_address=args.healthz_bind_address)
     if args.kube:
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-cluster service account)")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
+                       help="source ports of SNAT'd flows, each unique per (backend address, backend port, "
+                            "protocol); default 32768-65535 (Cilium's range)")
     agent.add_argument("--cgroup-root", metavar="DIR",
                        help="the cgroup v2 directory the socket LB attaches to: every process below it (the node's "
                             "pods and its own) is load-balanced at the socket (default: this mount namespace's "

@@ -1,4 +1,5 @@
-"""`bpflb inspect`: a node's datapath as tables read from its pinned maps (frontends, backends, flows, counters)."""
+"""`bpflb inspect`: a node's datapath as tables read from its pinned maps (frontends, backends, both conntrack
+maps and the SNAT port pool per backend with their fill levels, counters)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Protocol, Self
 
+from bpflb.datapath import conntrack
 from bpflb.datapath.lbmaps import read_stats
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib
 from bpflb.datapath.loader import MAP_TYPES, Map
@@ -40,6 +42,7 @@ class MapSet(Protocol):
     config: Map
     stats_map: Map
     ct_fwd: Map
+    ct_rev: Map
 
 
 @dataclass
@@ -49,10 +52,12 @@ class PinnedMaps:
     config: Map
     stats_map: Map
     ct_fwd: Map
+    ct_rev: Map
     src_ranges: Map | None = None      # absent in pins of releases before source ranges
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd, self.src_ranges):
+        for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd, self.ct_rev,
+                  self.src_ranges):
             if m is not None:
                 m.close()
 
@@ -65,7 +70,7 @@ class PinnedMaps:
     @classmethod
     def open(cls, pin_root: Path) -> PinnedMaps:
         maps = cls(*(open_pinned(pin_root, n) for n in ("lb_services", "lb_backends", "lb_config", "lb_stats",
-                                                        "ct_fwd")))
+                                                        "ct_fwd", "ct_rev")))
         if (pin_root / "lb_src_ranges").exists():
             maps.src_ranges = open_pinned(pin_root, "lb_src_ranges")
         return maps
@@ -129,11 +134,26 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
         fe["backends"] = [backends[i]["address"] if i in backends else f"?{i}" for i in ids]
     cfg = maps.config.lookup(ffi().new("__u32 *", 0))
     stats = read_stats(maps.stats_map)
-    flows = sum(1 for _ in maps.ct_fwd.items_raw())
+    ct = _conntrack(maps, cfg) if cfg is not None else None
     return {"mode": Mode(cfg.mode).label if cfg is not None else None,
             "snat_address": _addr(cfg.snat_addr) if cfg is not None else None,
             "frontends": sorted(frontends.values(), key=lambda f: f["frontend"]),
-            "backends": backends, "flows": flows, "counters": stats}
+            "backends": backends, "flows": ct["ct_fwd"]["entries"] if ct else 0, "conntrack": ct,
+            "counters": stats}
+
+
+def _conntrack(maps: MapSet, cfg: Any) -> dict[str, Any]:
+    """Both conntrack maps by what their entries hold, and the SNAT port pool per backend tuple."""
+    snap = conntrack.snapshot(maps.ct_fwd, maps.ct_rev, maps.config)
+    lo, hi = int(cfg.nat_port_min), int(cfg.nat_port_max)
+    capacity = const("CT_MAX")
+    out: dict[str, Any] = {}
+    for name, table in (("ct_fwd", snap.fwd), ("ct_rev", snap.rev)):
+        out[name] = {"entries": table.n, "max": capacity, "fill": round(table.n / capacity, 4), **table.kinds()}
+    out["nat_ports"] = f"{lo}-{hi}"
+    out["nat_pool"] = [{"backend": u.backend, "ports_used": u.used, "ports": u.size, "fill": round(u.fill, 4)}
+                       for u in conntrack.pool_use(snap, hi - lo + 1)]
+    return out
 
 
 def show(pin_root: Path, as_json: bool = False) -> int:
@@ -153,6 +173,18 @@ def show(pin_root: Path, as_json: bool = False) -> int:
              f"{f['source_ranges_policy']} {', '.join(f['source_ranges']) or '(none)'}")
             for f in data["frontends"]]
     _table(("FRONTEND", "KIND", "POLICY", "BACKENDS", "SOURCE RANGES"), rows)
+    print()
+    ct = data["conntrack"]
+    if ct:
+        print()
+        cols = ("handshake", "established", "closing", "udp", "dead")
+        _table(("CONNTRACK", "ENTRIES", "MAX", "FILL", *(c.upper() for c in cols)),
+               [(name, f"{ct[name]['entries']:,}", f"{ct[name]['max']:,}", f"{ct[name]['fill']:.1%}",
+                 *(f"{ct[name][c]:,}" for c in cols)) for name in ("ct_fwd", "ct_rev")])
+        print()
+        print(f"SNAT port pool: ports {ct['nat_ports']}, each unique per backend address, port and protocol")
+        _table(("BACKEND", "PORTS IN USE", "OF", "FILL"),
+               [(p["backend"], f"{p['ports_used']:,}", f"{p['ports']:,}", f"{p['fill']:.1%}") for p in ct["nat_pool"]])
     print()
     _table(("COUNTER", "PACKETS"), [(k, str(v)) for k, v in data["counters"].items() if v])
     return 0

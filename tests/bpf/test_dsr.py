@@ -75,7 +75,7 @@ def test_hybrid_sends_tcp_by_dsr_and_udp_by_snat(node: Node) -> None:
     tcp = Ether(node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S"))).data)
     assert tcp[IP].src == CLIENT and tcp[IP].ihl == 7
     udp = Ether(node.ingress(frame_in(UDP(sport=5001, dport=30081), payload=b"x")).data)
-    assert udp[IP].src == NODE1 and udp[IP].ihl == 5 and 61000 <= udp[UDP].sport <= 65535
+    assert udp[IP].src == NODE1 and udp[IP].ihl == 5 and 32768 <= udp[UDP].sport <= 65535
     assert recomputed(bytes(udp)) == bytes(udp)
 
 

@@ -44,7 +44,7 @@ def test_remote_backend_first_packet_is_dnat_and_snat(node: Node) -> None:
     assert run.retval == TC_ACT_REDIRECT
     out = Ether(run.data)
     nat_port = out[TCP].sport
-    assert 61000 <= nat_port <= 65535
+    assert 32768 <= nat_port <= 65535
     expected = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / \
         TCP(sport=nat_port, dport=8080, flags="S", seq=1000) / Raw(b"hello")
     assert_frame(run.data, bytes(expected))
@@ -195,11 +195,15 @@ def test_a_snat_port_is_free_again_once_its_flow_ends(node: Node) -> None:
     one_port(node, closing_timeout=0)
     first = node.ingress(frame_in(TCP(sport=42000, dport=30080, flags="S")))
     assert Ether(first.data)[TCP].sport == 61000
-    # The only port is taken by a live flow: a second flow to the same backend cannot have it.
-    assert node.ingress(frame_in(TCP(sport=42001, dport=30080, flags="S"))).retval == TC_ACT_SHOT
+    # The only port is taken by a live flow: a second flow to the same backend cannot have it, and is
+    # told so with a RST.
+    refused = node.ingress(frame_in(TCP(sport=42001, dport=30080, flags="S")))
+    assert refused.retval == TC_ACT_REDIRECT and Ether(refused.data)[TCP].flags == "RA"
     assert node.maps.stats()["drop_nat_exhausted"] == 1
-    # The client ends the first flow: both of its entries close, and the port can be reused.
+    # Both sides end the first flow (FIN each way): both of its entries close, and the port can be reused.
     node.ingress(frame_in(TCP(sport=42000, dport=30080, flags="FA")))
+    node.ingress(bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1) /
+                       TCP(sport=8080, dport=61000, flags="FA")))
     again = node.ingress(frame_in(TCP(sport=42001, dport=30080, flags="S")))
     assert again.retval == TC_ACT_REDIRECT and Ether(again.data)[TCP].sport == 61000
 
@@ -227,7 +231,8 @@ def test_an_idle_flow_expires_after_its_lifetime_and_frees_its_port(node: Node) 
     one_port(node, udp_timeout=1, proto=Proto.UDP)
     first = node.ingress(frame_in(UDP(sport=5000, dport=30080)))
     assert first.retval == TC_ACT_REDIRECT and Ether(first.data)[UDP].sport == 61000
-    assert node.ingress(frame_in(UDP(sport=5001, dport=30080))).retval == TC_ACT_SHOT   # the port is taken
+    refused = node.ingress(frame_in(UDP(sport=5001, dport=30080)))   # the port is taken: ICMP port unreachable
+    assert refused.retval == TC_ACT_REDIRECT and Ether(refused.data).haslayer(ICMP)
     wait_idle(node.maps.ct_fwd, "last_seen", 1.0)
     later = node.ingress(frame_in(UDP(sport=5001, dport=30080)))
     assert later.retval == TC_ACT_REDIRECT and Ether(later.data)[UDP].sport == 61000

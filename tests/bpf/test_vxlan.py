@@ -82,7 +82,7 @@ def test_snat_request_to_a_remote_backend_is_encapsulated(node: Node) -> None:
     assert run.retval == TC_ACT_REDIRECT
     out = Ether(run.data)
     nat_port, outer_sport = out[VXLAN][TCP].sport, out[UDP].sport
-    assert 32768 <= outer_sport < 61000 and 61000 <= nat_port <= 65535
+    assert 32768 <= outer_sport < 61000 and 32768 <= nat_port <= 65535
     inner = IP(src=NODE1, dst=REMOTE_POD, ttl=63, id=7) / TCP(sport=nat_port, dport=8080, flags="S", seq=3) / \
         Raw(b"hello")
     assert run.data == encapsulated(outer_sport, inner, (CLIENT_MAC, ETH0_MAC)), f"\n{out!r}"

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from bpflb.kubeapi import KubeObject
+from bpflb.model.types import NAT_PORT_RANGE_DEFAULT, parse_port_range
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
 
 NAMESPACE = AGENT_CONFIG_NAMESPACE
@@ -28,8 +29,9 @@ CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
 
 @dataclass(frozen=True)
 class AgentPod:
-    """How the agents' pods are scheduled and sized: the Helm chart's agent values (image pull policy and
-    secrets, service account, resources, tolerations, nodeSelector, priorityClassName), which the chart
+    """How the agents' pods are scheduled and sized, and the agent's command-line settings: the Helm chart's
+    agent values (image pull policy and secrets, service account, resources, tolerations, nodeSelector,
+    priorityClassName, natPortRange), which the chart
     writes into the operator's ConfigMap and the operator reads with --agent-pod-config. The defaults are
     what the operator uses without a chart."""
 
@@ -40,6 +42,7 @@ class AgentPod:
     resources: dict[str, Any] = field(default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}})
     tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
     nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    natPortRange: str = "{}-{}".format(*NAT_PORT_RANGE_DEFAULT)   # the agent's --nat-port-range (SNAT ports)
     # The host's cgroup v2 root (Cilium's cgroup.hostRoot): the socket LB attaches there, so that every pod's
     # and the node's own processes are load-balanced at the socket. /sys/fs/cgroup on a pure cgroup v2 host.
     cgroupHostRoot: str = "/sys/fs/cgroup"
@@ -66,6 +69,12 @@ class AgentPod:
         for key in ("imagePullPolicy", "serviceAccountName", "priorityClassName", "cgroupHostRoot"):
             if key in data:
                 out[key] = expect(key, str, "a string")
+        if "natPortRange" in data:
+            try:
+                parse_port_range(expect("natPortRange", str, "a port range MIN-MAX"))
+            except ValueError as exc:
+                raise ValueError(f"{where}: natPortRange: {exc}") from None
+            out["natPortRange"] = data["natPortRange"]
         if not out.get("cgroupHostRoot", "/").startswith("/"):
             raise ValueError(f"{where}: cgroupHostRoot: must be an absolute path; got {out['cgroupHostRoot']!r}")
         if out.get("imagePullPolicy", "IfNotPresent") not in ("Always", "IfNotPresent", "Never"):
@@ -121,7 +130,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "image": image,
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                        "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT],
+                        "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT, "--nat-port-range", pod.natPortRange],
             "env": [{"name": "NODE_NAME",
                      "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
             # Root with three capabilities, not privileged: the image's default user is unprivileged

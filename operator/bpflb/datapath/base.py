@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from typing import Protocol
 
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.conntrack import GcReport
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
@@ -70,6 +71,10 @@ class Datapath(Protocol):
 
     def counters(self) -> dict[str, int]:
         """Packet counters by name (STAT_* of lb_structs.h, lower case)."""
+        ...
+
+    def collect_conntrack(self) -> GcReport | None:
+        """Remove ended flows from the conntrack maps (datapath.conntrack); None when there are none to collect."""
         ...
 
     def refresh_pods(self) -> list[str]:
@@ -140,3 +145,7 @@ class MapsDatapath:
     def counters(self) -> dict[str, int]:
         assert self.maps is not None, "counters() before load()"
         return self.maps.stats()
+
+    def collect_conntrack(self) -> GcReport | None:
+        """The kernel's maps only (the in-memory datapath keeps no flows)."""
+        return None

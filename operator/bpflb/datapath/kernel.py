@@ -13,6 +13,7 @@ from pathlib import Path
 from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.cgroup import attach_cgroup, default_cgroup_root, detach_cgroup
 from bpflb.datapath.clustermaps import ClusterMaps
+from bpflb.datapath.conntrack import Collector, GcReport
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
 from bpflb.datapath.libbpf import BpfError
@@ -134,6 +135,11 @@ class KernelDatapath(MapsDatapath):
                  "replies are forwarded at XDP, everything else by tc", acceleration, report.acceleration)
         self.acceleration = acceleration
 
+    def collect_conntrack(self) -> GcReport | None:
+        maps = self.maps
+        if maps is None:
+            return None
+        return Collector(maps.ct_fwd, maps.ct_rev, maps.config).collect()
     # -- in-cluster traffic: the socket LB on the node's cgroup, the pod-facing path on its pods' veths ---
 
     def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:

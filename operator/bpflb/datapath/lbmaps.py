@@ -20,9 +20,23 @@ from bpflb.datapath.libbpf import const, ffi, lib, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
 from bpflb.model import maglev
-from bpflb.model.types import Algorithm, Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
+from bpflb.model.types import (
+    NAT_PORT_RANGE_DEFAULT,
+    Algorithm,
+    Backend,
+    DesiredState,
+    Frontend,
+    FrontendKind,
+    L4Addr,
+    Mode,
+    Proto,
+)
 
 log = logging.getLogger(__name__)
+
+# The SNAT port range without a setting (NAT_PORT_{MIN,MAX}_DEFAULT of lb_structs.h, Cilium's range):
+# 32,768 ports per (node, backend address, backend port, protocol).
+NAT_PORT_MIN_DEFAULT, NAT_PORT_MAX_DEFAULT = NAT_PORT_RANGE_DEFAULT
 
 _KIND_FLAG = {
     FrontendKind.NODEPORT: "LB_SVC_F_NODEPORT",
@@ -39,13 +53,14 @@ class NodeConfig:
     mode: Mode
     snat_addr: IPv4Address
     ext_ifindex: int
-    nat_port_min: int = 61000
-    nat_port_max: int = 65535
-    tcp_timeout: int = 21600
-    udp_timeout: int = 60
-    closing_timeout: int = 10
+    nat_port_min: int = NAT_PORT_MIN_DEFAULT
+    nat_port_max: int = NAT_PORT_MAX_DEFAULT
+    tcp_timeout: int = 21600      # established TCP (nf_conntrack, Cilium: 6 h)
+    udp_timeout: int = 60         # UDP, refreshed by either direction
+    closing_timeout: int = 10     # after FIN from both sides
     tunnel_mode: int = 0          # TUNNEL_* of lb_structs.h
     tunnel_vni: int = 1
+    syn_timeout: int = 60         # a TCP handshake that never completed: state and SNAT port at most this long
 
 
 @dataclass
@@ -397,7 +412,7 @@ class LBMaps:
             "mode": int(cfg.mode), "snat_addr": _be32(cfg.snat_addr), "nat_port_min": cfg.nat_port_min,
             "nat_port_max": cfg.nat_port_max, "ext_ifindex": cfg.ext_ifindex, "tcp_timeout": cfg.tcp_timeout,
             "udp_timeout": cfg.udp_timeout, "closing_timeout": cfg.closing_timeout,
-            "tunnel_mode": cfg.tunnel_mode, "tunnel_vni": cfg.tunnel_vni})
+            "tunnel_mode": cfg.tunnel_mode, "tunnel_vni": cfg.tunnel_vni, "syn_timeout": cfg.syn_timeout})
         if current is not None and bytes(ffi().buffer(current)) == bytes(ffi().buffer(want)):
             return False
         self.config.update(zero, want)

@@ -48,12 +48,26 @@ int bpf_map__fd(const struct bpf_map *map);
 int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
 const char *bpf_map__pin_path(const struct bpf_map *map);
 int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
+int bpf_map__type(const struct bpf_map *map);
+__u32 bpf_map__key_size(const struct bpf_map *map);
+__u32 bpf_map__value_size(const struct bpf_map *map);
+__u32 bpf_map__max_entries(const struct bpf_map *map);
+__u32 bpf_map__map_flags(const struct bpf_map *map);
+
+/* struct bpf_map_info (uapi linux/bpf.h), the prefix bpflb reads. */
+struct bpf_map_info_prefix {
+    __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
+};
 
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_lookup_and_delete_elem(int fd, const void *key, void *value);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get(const char *pathname);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_map_create(int map_type, const char *map_name, __u32 key_size, __u32 value_size, __u32 max_entries,
+                   const void *opts);
 
 struct bpf_map_batch_opts { size_t sz; __u64 elem_flags; __u64 flags; };
 int bpf_map_update_batch(int fd, const void *keys, const void *values, __u32 *count,

@@ -209,6 +209,38 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
 }
 
 
+def drop_incompatible_pins(obj: Any) -> list[str]:
+    """Unpin every pinned map whose shape (type, key/value size, entries, flags) differs from the object's:
+    libbpf would refuse to load on it. This happens once, when an upgrade changed a map (say, the conntrack
+    maps' type): the state of that map is lost, said in the log; the programs still attached keep the old
+    map until the new ones replace them. Returns the names of the maps unpinned."""
+    f, lb = ffi(), lib()
+    dropped = []
+    m = lb.bpf_object__next_map(obj, f.NULL)
+    while m != f.NULL:
+        name = f.string(lb.bpf_map__name(m)).decode()
+        path = lb.bpf_map__pin_path(m)        # set for the maps pinned by name, under pin_root
+        pin = Path(f.string(path).decode()) if path != f.NULL else None
+        fd = lb.bpf_obj_get(str(pin).encode()) if pin is not None and os.path.lexists(pin) else -1
+        if fd >= 0:
+            info = f.new("struct bpf_map_info_prefix *")
+            size = f.new("__u32 *", f.sizeof("struct bpf_map_info_prefix"))
+            try:
+                rc = lb.bpf_obj_get_info_by_fd(fd, info, size)
+            finally:
+                os.close(fd)
+            want = (lb.bpf_map__type(m), lb.bpf_map__key_size(m), lb.bpf_map__value_size(m),
+                    lb.bpf_map__max_entries(m), lb.bpf_map__map_flags(m))
+            have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+            if rc == 0 and pin is not None and tuple(int(x) for x in have) != tuple(int(x) for x in want):
+                log.warning("pinned map %s has another shape than %s needs (type, key, value, entries, flags: "
+                            "%s, not %s): replacing it; the entries it held are dropped", pin, name, have, want)
+                pin.unlink()
+                dropped.append(name)
+        m = lb.bpf_object__next_map(obj, m)
+    return dropped
+
+
 class BpfObject:
     """A loaded BPF object file whose pinned maps live under pin_root (shared across loads)."""
 
@@ -232,6 +264,8 @@ class BpfObject:
             err = f.errno
             raise BpfError(err, f"cannot open BPF object {path}: {os.strerror(err)} (was `make bpf` run?)")
         self._obj = obj
+        if pin_root is not None:
+            drop_incompatible_pins(obj)
         if pin_root is None:
             m = l.bpf_object__next_map(obj, f.NULL)
             while m != f.NULL:

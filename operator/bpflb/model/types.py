@@ -8,6 +8,20 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bpflb.model.maglev import DEFAULT_SEED, DEFAULT_TABLE_SIZE
 
+# SNAT source ports without a setting: Cilium's NodePort SNAT range, 32,768 ports per backend tuple.
+NAT_PORT_RANGE_DEFAULT = (32768, 65535)
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """The SNAT port range setting, "MIN-MAX", as (MIN, MAX); ValueError says what is expected."""
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"must be MIN-MAX (two port numbers, e.g. 32768-65535); got {text!r}")
+    pair = (int(lo), int(hi))
+    if not 1 <= pair[0] <= pair[1] <= 65535:
+        raise ValueError(f"must be 1 <= MIN <= MAX <= 65535; got {text!r}")
+    return pair
+
 
 class Proto(enum.IntEnum):
     """IP protocol numbers of the L4 protocols the datapath balances."""

@@ -12,8 +12,10 @@ echo-b on node3 behind Service default/echo (NodePort 30080/TCP to an accept-and
   sender and the whole path run on one CPU (the sender's softirq carries every frame to the pods), so
   a rate is the inverse of the path's total cost. A reference run in the same lab sends the frames
   straight to echo-a through node2, skipping node1; node1's cost per packet is derived from the two.
-- Connection rate: TCP connections to node1:30080, 32 in flight from one client process, each counted
-  once its handshake completes and then closed with a RST (no TIME_WAIT, as load generators do).
+- Connection rate: TCP connections to node1:30080, 32 in flight from one client process (bpflb-connstorm,
+  C), each counted once its handshake completes and then closed with a RST (no TIME_WAIT, as load generators
+  do). A reference run right before each window connects straight to an accept listener of echo-a via
+  node2 (no load balancer): the ceiling of the client, the bridge and the pods on this machine.
 """
 
 from __future__ import annotations

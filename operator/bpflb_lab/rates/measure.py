@@ -15,6 +15,7 @@ from bpflb_lab.lab import Lab, topology
 from bpflb_lab.rates.workload import (
     CONCURRENCY,
     FLOWS,
+    REFERENCE_PORT,
     TCP_PORT,
     UDP_PORT,
     Cell,
@@ -51,8 +52,11 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
     cell.sent_pps = statistics.median(sent)
     cell.reference_pps = statistics.median(refs)
     failed, errors = 0, Counter[str]()
-    conns = []
+    conns, conn_refs = [], []
     for _ in range(plan.tcp_repeats):
+        ref = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.pod_ip("echo-a"), REFERENCE_PORT,
+                                                     plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
+        conn_refs.append(ref.rate)
         r = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.node_ip(1), TCP_PORT,
                                                    plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
         conns.append(r.rate)
@@ -60,6 +64,8 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
         errors.update(r.errors)
     cell.conn_samples = conns
     cell.conn_per_s = statistics.median(conns)
+    cell.conn_reference_samples = conn_refs
+    cell.conn_reference = statistics.median(conn_refs)
     cell.conn_failed = failed
     cell.conn_errors = dict(errors)
     if cell.datapath.startswith("bpflb"):

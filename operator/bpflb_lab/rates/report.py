@@ -116,6 +116,9 @@ def table(cells: list[Cell], counts: tuple[int, ...]) -> str:
     lines.append("")
     lines += _grid("new TCP connections/s", cells, counts, lambda c: _fmt(c.conn_per_s, c),
                    _growth("conn_per_s"), "growth")
+    lines.append(f"{'reference: straight to echo-a':<30}" + "".join(
+        f"{_fmt(statistics.median(refs) if refs else None, Cell('', 0)):>15}"
+        for refs in ([c.conn_reference for c in cells if c.services == n and c.conn_reference] for n in counts)))
     troubled = [c for c in cells if c.conn_failed or _drops(c)]
     if troubled:
         lines.append("connection windows with failed attempts (conn/s per window; failures; node1's drop counters):")
@@ -147,9 +150,11 @@ node1:30081, counted and dropped by XDP sinks on the pods' eth0. The sender's CP
 through the bridge, node1, node2 and into the pods, so a rate is 1 / the whole path's cost on one CPU.
 'reference' sends the same frames straight to echo-a via node2; node1 ns/packet = 1e9/rate -
 1e9/reference (node1 and one more bridge crossing; the median over the windows, each paired with the
-reference run just before it). TCP: one client process, 32 connects in flight, each closed by RST once
-established, to an accept-and-close listener in the pods (the Python echo server would cap every row
-at ~2.5k/s). A 2-vCPU VM runs the client, the 'network' and all nodes: compare rows, not absolute
+reference run just before it). TCP: one client process (bpflb-connstorm, C; the Python client it
+replaced capped every row near 25k/s here), 32 connects in flight, each closed by RST once established,
+to an accept-and-close listener in the pods (the Python echo server would cap every row at ~2.5k/s);
+its reference connects straight to echo-a via node2, right before each window: the ceiling without a
+load balancer. A 2-vCPU VM runs the client, the 'network' and all nodes: compare rows, not absolute
 numbers; the reference row shows how much the machine's speed moved between cells."""
 
 

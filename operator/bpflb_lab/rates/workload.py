@@ -22,10 +22,11 @@ from typing import Any
 
 from bpflb_lab import trafficgen as tg
 from bpflb_lab.kubeproxy import lab as kplab
-from bpflb_lab.lab import Lab, netns
+from bpflb_lab.lab import Lab, netns, topology
 from bpflb_lab.lab.errors import LabUnsupported
 
 UDP_PORT, TCP_PORT, ACCEPT_PORT = 30081, 30080, 8090
+REFERENCE_PORT = 8091        # an accept listener of echo-a that no Service names (the connections' reference)
 DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftables")
 SERVICE_COUNTS = (10, 1_000, 10_000)
 QUICK_SERVICE_COUNTS = (10, 1_000)
@@ -62,6 +63,8 @@ class Cell:
     reference_samples: list[float] = field(default_factory=list)   # one right before each udp sample
     conn_per_s: float | None = None        # median
     conn_samples: list[float] = field(default_factory=list)
+    conn_reference: float | None = None    # connections straight to echo-a, not through node1 (median)
+    conn_reference_samples: list[float] = field(default_factory=list)   # one right before each conn sample
     conn_failed: int = 0
     conn_errors: dict[str, int] = field(default_factory=dict)
     node1_stats: dict[str, int] = field(default_factory=dict)   # bpflb: node1's nonzero datapath counters
@@ -230,16 +233,19 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
+    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
     procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb_lab.trafficgen",
-                                                                  "accept", str(ACCEPT_PORT)]),
+                                                                  "accept", str(port)]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, env={**os.environ, "PYTHONPATH": _src_root()})
-             for pod in ("echo-a", "echo-b")]
+             for pod, port in listeners]
+    # The reference connections go to echo-a through node2, routed, bypassing node1.
+    netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
     deadline = time.monotonic() + 15
-    for pod in ("echo-a", "echo-b"):
-        while not lab.run_in(pod, _listening_in_ns, ACCEPT_PORT):
+    for pod, port in listeners:
+        while not lab.run_in(pod, _listening_in_ns, port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the accept listener in {pod} did not start")
+                raise RuntimeError(f"the accept listener on {pod}:{port} did not start")
             time.sleep(0.05)
     node1 = lab.node_ip(1)
     for _ in range(20):

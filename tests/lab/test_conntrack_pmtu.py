@@ -1,0 +1,72 @@
+"""Path-MTU discovery through bpflb on the wire: the pods' nodes reach their pods over a route with a smaller
+MTU (1400), so the client's 1500-byte segments are too big past node1 and the pods' nodes answer with ICMP
+fragmentation-needed about packets bpflb translated. The error must reach the client about the packet it
+sent (SNAT: node1 translates it back; DSR: the pod's node does, on its way out), or the client's large upload
+stalls for good."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bpflb.inspect import collect
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import unique_lab_name
+
+pytestmark = pytest.mark.privileged
+
+NODE1 = "198.18.0.11"
+SIZE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lab(privileged: None) -> Iterator[Lab]:
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up()
+        for node, pod in (("node2", "echo-a"), ("node3", "echo-b")):
+            shared.exec(node, ["ip", "route", "add", f"{shared.pod_ip(pod)}/32", "dev", "cni0", "mtu", "lock",
+                               "1400"], check=True)
+        yield shared
+    finally:
+        shared.down()
+
+
+def upload(addr: str, port: int, size: int, timeout: float) -> tuple[bool, str, float]:
+    """POST size bytes to the echo server and read them back (in the client's namespace): (the echo
+    matched, what went wrong, seconds)."""
+    body = bytes(i % 251 for i in range(size))
+    start = time.monotonic()
+    conn = http.client.HTTPConnection(addr, port, timeout=timeout)
+    try:
+        conn.request("POST", "/echo", body=body, headers={"Connection": "close"})
+        answer = conn.getresponse().read()
+        return answer == body, "" if answer == body else f"{len(answer)} bytes back", time.monotonic() - start
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}", time.monotonic() - start
+    finally:
+        conn.close()
+
+
+def related(lab: Lab, node: str) -> int:
+    n: int = collect(lab.pin_root / node)["counters"]["icmp_related"]
+    return n
+
+
+@pytest.mark.parametrize("mode", ["SNAT", "DSR"])
+def test_a_smaller_mtu_towards_the_pod_makes_a_large_upload_succeed(lab: Lab, mode: str) -> None:
+    lab.set_mode(mode)
+    lab.exec("client", ["ip", "route", "flush", "cache"], check=True)     # no path MTU learnt before
+    before = {n: related(lab, n) for n in ("node1", "node2", "node3")}
+    ok, why, took = lab.run_in("client", upload, NODE1, 30080, SIZE, 20.0, timeout=60)
+    assert ok, f"{mode}: the 1 MiB upload through node1 failed after {took:.1f}s: {why}"
+    got = {n: related(lab, n) - before[n] for n in before}
+    if mode == "SNAT":
+        assert got["node1"] >= 1, f"node1 translated the pods' nodes' errors back to the client: {got}"
+    else:
+        assert got["node2"] + got["node3"] >= 1, f"the pod's node translated its own error: {got}"
+    learnt = lab.exec("client", ["ip", "route", "get", NODE1], check=True).stdout
+    assert "mtu 1400" in learnt, f"the client learnt the path MTU: {learnt}"
