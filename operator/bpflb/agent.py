@@ -19,6 +19,7 @@ from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.conntrack import Schedule, describe
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
+from bpflb.metrics import AgentMetrics
 from bpflb.model.cluster import (
     cluster_prefixes,
     dsr_backends,
@@ -110,6 +111,10 @@ class Agent:
         self.health = ProxyHealth(timeout=2 * opts.resync_interval)
         self.health_servers: HealthServers | None = None
         self.gc_schedule = Schedule()
+        # The probes' and metrics' view of the loop (bpflb.metrics): live while it turns, ready once synced.
+        self.heartbeat = time.monotonic()
+        self.synced = False
+        self.metrics: AgentMetrics | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -302,6 +307,7 @@ class Agent:
                 if report is not None:
                     last_full = time.monotonic()
                 while not self._stop.is_set():
+                    self.heartbeat = time.monotonic()
                     if self.source.wait_for_change(0.5):
                         self.health.queued_update()
                         break
@@ -316,7 +322,7 @@ class Agent:
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
         """One sync attempt of the loop: a failure is logged and kept in last_error (the datapath keeps its
         state; the loop retries), the hook is told, the first good sync writes the ready marker."""
-        started = time.monotonic()
+        started = self.heartbeat = time.monotonic()
         try:
             report = self.sync_once()
             self.last_error = None
@@ -325,6 +331,8 @@ class Agent:
             report = None
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.health.queued_update()         # what was noticed is still not in the datapath
+        self._observe(time.monotonic() - started, report)
+        if self.last_error is not None:
             self._stop.wait(retry_delay)
         if self.on_sync is not None:
             try:
@@ -347,6 +355,14 @@ class Agent:
                 os.symlink(str(os.getpid()), self.ready_marker)
                 log.info("ready: first sync done (%s)", self.ready_marker)
         return report
+
+    def _observe(self, seconds: float, report: SyncReport | None) -> None:
+        """The loop's bookkeeping for the probes and the metrics: ready after the first full sync."""
+        if report is not None:
+            self.synced = True
+        if self.metrics is not None:
+            result = "error" if self.last_error else "waiting" if report is None else "ok"
+            self.metrics.observe_sync(seconds, result, len(self.state.frontends) if self.state else 0)
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:

@@ -37,7 +37,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
-        return run_kube_agent(opts, kubeconfig=args.kubeconfig, uninstall=args.uninstall, once=args.once)
+        return run_kube_agent(opts, kubeconfig=args.kubeconfig, uninstall=args.uninstall, once=args.once,
+                              namespace=args.namespace, metrics_listen=args.metrics_listen)
     agent = Agent(opts, FileSource(Path(args.source_dir)))
     if args.uninstall:
         agent.uninstall(args.device)
@@ -46,19 +47,38 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.once:
         agent.start()
         return 0 if agent.sync_once() is not None else 1
-    agent.run()
+    server = None
+    if args.metrics_listen:
+        from bpflb.metrics import AgentMetrics
+
+        agent.metrics = AgentMetrics(agent)
+        server = agent.metrics.serve(args.metrics_listen)
+    try:
+        agent.run()
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from bpflb.control.operator import OperatorOptions, run
+    from bpflb.control.leader import LeaseTimes
+    from bpflb.control.operator import LeadershipLost, OperatorOptions, run
+    from bpflb.sources.base import own_namespace
 
     _setup_logging(args.verbose)
-    options = OperatorOptions(kubeconfig=args.kubeconfig, namespace=args.namespace,
+    try:
+        lease = LeaseTimes(args.lease_duration, args.renew_deadline, args.retry_period)
+    except ValueError as exc:
+        print(f"bpflb operator: {exc}", file=sys.stderr)
+        return 2
+    options = OperatorOptions(kubeconfig=args.kubeconfig, namespace=own_namespace(args.namespace),
                               webhook_listen=args.webhook_listen, webhook_host=args.webhook_host,
                               webhook_cadump=args.webhook_cadump, webhook_managed=args.webhook_managed,
                               webhook_configuration=args.webhook_configuration,
-                              webhook_cert_dir=args.webhook_cert_dir, health_listen=args.health_listen)
+                              webhook_cert_dir=args.webhook_cert_dir, health_listen=args.health_listen,
+                              leader_elect=args.leader_elect, identity=args.identity, lease=lease,
+                              metrics_listen=args.metrics_listen)
     if args.image:
         options.image = args.image
     if args.agent_pod_config:
@@ -69,7 +89,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"bpflb operator: {exc}", file=sys.stderr)
             return 2
-    run(options)
+    try:
+        run(options)
+    except LeadershipLost as exc:
+        print(f"bpflb operator: {exc}; exiting so that this replica restarts as a standby", file=sys.stderr)
+        return 1
+    except ValueError as exc:           # the kubeconfig or the service account
+        print(f"bpflb operator: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -120,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list+watch the Kubernetes API instead (and report this node's state there)")
     agent.add_argument("--kubeconfig", help="with --kube: kubeconfig file (default: $KUBECONFIG, else the "
                        "in-cluster service account)")
+    agent.add_argument("--namespace", help="with --kube: bpflb's namespace, where the agents' ConfigMap and the "
+                       "node reports are (default: $POD_NAMESPACE, else kube-system)")
+    agent.add_argument("--metrics-listen", metavar="ADDR:PORT",
+                       help="serve Prometheus metrics (GET /metrics) and the probes (GET /healthz: the loop turns; "
+                       "GET /readyz: the first sync is done) there, e.g. 0.0.0.0:9962")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
     agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
@@ -144,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator (kopf): cni-cilium ModuleConfig -> agents")
     op.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else the in-cluster service account)")
-    op.add_argument("--namespace", default="kube-system", help="where the agents' objects live (default kube-system)")
+    op.add_argument("--namespace", help="bpflb's namespace: the agents' ConfigMap and DaemonSet, the node reports, "
+                    "the Lease (default: $POD_NAMESPACE, else kube-system)")
     op.add_argument("--image", help="the agents' container image")
     op.add_argument("--webhook-listen", metavar="ADDR:PORT", help="serve the validating admission webhook (HTTPS)")
     op.add_argument("--webhook-host", help="host name or address the API server reaches the webhook by")
@@ -156,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--webhook-cert-dir", metavar="DIR",
                     help="serve the webhook with DIR/tls.crt and DIR/tls.key instead of a self-signed certificate")
     op.add_argument("--health-listen", metavar="ADDR:PORT", help="serve the liveness probe (GET /healthz) there")
+    op.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics (GET /metrics) there")
+    op.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                    help="only the replica holding the Lease <namespace>/bpflb-operator acts (default: on)")
+    op.add_argument("--identity", help="this replica's name in the Lease (default: $POD_NAME, else host-pid-random)")
+    op.add_argument("--lease-duration", type=float, default=15.0, metavar="SECONDS",
+                    help="a standby takes over after the leader has not renewed for this long (default 15)")
+    op.add_argument("--renew-deadline", type=float, default=10.0, metavar="SECONDS",
+                    help="the leader stops acting when it could not renew for this long (default 10)")
+    op.add_argument("--retry-period", type=float, default=2.0, metavar="SECONDS",
+                    help="between two renewals or acquisition attempts (default 2)")
     op.add_argument("--agent-pod-config", metavar="FILE",
                     help="YAML: the agents' pod settings (resources, tolerations, nodeSelector, ...; the Helm chart's)")
     op.add_argument("-v", "--verbose", action="store_true")

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bpflb.kubeapi import Credentials, KubeClient, resource_path
+from bpflb.kubeapi import KubeClient, anonymous, resource_path
 
 BENCH_PORT = 30600
 POD_POOL = 60000
@@ -51,7 +51,7 @@ def _latency_in_control_plane(server: str, pin_root: str, changes: int) -> list[
     """Runs inside the control-plane namespace (the API is reachable there; bpffs is shared)."""
     from bpflb.inspect import PinnedMaps
 
-    client = KubeClient(Credentials(server=server))
+    client = KubeClient(anonymous(server))
     svc_path = resource_path("v1", "services", "default", "bench")
     eps_path = resource_path("discovery.k8s.io/v1", "endpointslices", "default", "bench-1")
     for path in (eps_path, svc_path):

@@ -62,6 +62,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cert-manager": {"webhook": {"tls": {"existingSecret": "bpflb-webhook-tls"},
                                  "annotations": {"cert-manager.io/inject-ca-from": "kube-system/bpflb-webhook"}}},
     "no-webhook": {"webhook": {"enabled": False}, "moduleConfig": {"create": True, "enabled": False}},
+    "replicas": {"operator": {"replicas": 3, "metricsPort": 19963}, "metrics": {"port": 19962},
+                 "webhook": {"tls": {"existingSecret": "bpflb-webhook-tls", "caBundle": CA}}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s",
+                                                  "labels": {"release": "prometheus"}}}},
     "own-rbac": {"rbac": {"create": False},
                  "serviceAccounts": {"agent": {"create": False, "name": "lb-agent"},
                                      "operator": {"create": False, "name": "lb-operator"}}},
@@ -84,6 +88,8 @@ def test_every_rendered_manifest_validates(variant: str, kube_version: str) -> N
     assert docs
     errors: list[str] = []
     for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue                              # no schema of Kubernetes' own: test_the_service_monitors
         if doc["apiVersion"].startswith("deckhouse.io/"):
             errors += [f"ModuleConfig: {e.message}" for e in
                        jsonschema.Draft7Validator(crd_schema()).iter_errors(doc)]
@@ -158,6 +164,10 @@ def test_the_operator_deployment() -> None:
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     [container] = pod["containers"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}    # Lease, namespace
+    assert "--metrics-listen=0.0.0.0:9963" in container["command"]
+    assert {"name": "metrics", "containerPort": 9963, "protocol": "TCP"} in container["ports"]
     assert container["image"] == "ghcr.io/bpflb/bpflb:1.2.3"
     assert "--image=ghcr.io/bpflb/bpflb:1.2.3" in container["command"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -175,6 +185,93 @@ def test_the_operator_deployment() -> None:
 
     args = build_parser().parse_args(container["command"][1:])
     assert args.webhook_configuration == "bpflb-webhook" and args.health_listen == "0.0.0.0:9876"
+    assert args.leader_elect is True and args.metrics_listen == "0.0.0.0:9963"
+
+
+def test_several_operator_replicas_roll_and_share_the_webhook_certificate() -> None:
+    deployment = find(documents(VARIANTS["replicas"]), "Deployment", "bpflb-operator")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--webhook-cert-dir=/etc/bpflb/webhook-tls" in container["command"]
+    assert "--metrics-listen=0.0.0.0:19963" in container["command"]
+
+
+OTHER_NAMESPACE = "bpflb-system"
+
+
+@pytest.mark.parametrize("variant", ["defaults", "everything", "monitoring"])
+def test_the_chart_installs_into_any_namespace(variant: str, kube_version: str) -> None:
+    """helm install -n bpflb-system: every object of the release is there (or cluster-scoped), and points
+    there; the operator, the agents it makes, their RBAC and admission policies follow; all of it valid."""
+    docs = documents(VARIANTS[variant], namespace=OTHER_NAMESPACE)
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration",
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "ModuleConfig"}
+    for doc in docs:
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], doc["metadata"]
+        elif doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"].endswith("-events"):
+            assert doc["metadata"]["namespace"] == "default"          # Events of the cluster-scoped ModuleConfig
+        else:
+            assert doc["metadata"]["namespace"] == OTHER_NAMESPACE, doc["metadata"]
+        if not doc["apiVersion"].startswith(("monitoring.coreos.com/", "deckhouse.io/")):
+            assert validation_errors(doc, kube_version) == []
+    text = "\n".join(yaml.safe_dump(d) for d in docs)
+    assert "kube-system" not in text
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        assert {s["namespace"] for s in binding["subjects"]} == {OTHER_NAMESPACE}
+    [container] = find(docs, "Deployment", "bpflb-operator")["spec"]["template"]["spec"]["containers"]
+    assert f"--namespace={OTHER_NAMESPACE}" in container["command"]
+    if VARIANTS[variant].get("webhook", {}).get("enabled", True):
+        [hook] = find(docs, "ValidatingWebhookConfiguration")["webhooks"]
+        assert hook["clientConfig"]["service"]["namespace"] == OTHER_NAMESPACE
+    # The agents the operator makes there find their ConfigMap and write their reports there.
+    from bpflb.cli import build_parser
+
+    namespace = build_parser().parse_args(container["command"][1:]).namespace
+    ds = agent_daemonset(DEFAULT_IMAGE, None, namespace)
+    assert ds["metadata"]["namespace"] == OTHER_NAMESPACE and validation_errors(ds, kube_version) == []
+    [agent] = ds["spec"]["template"]["spec"]["containers"]
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in agent["env"]
+
+
+def test_the_agents_ports_and_probes() -> None:
+    """The DaemonSet the operator makes serves metrics and probes on the values' port: live while the
+    agent's loop turns, ready once its first sync is done."""
+    docs = documents(VARIANTS["replicas"])
+    pod = AgentPod.from_mapping(yaml.safe_load(find(docs, "ConfigMap", "bpflb-operator")["data"]["agent-pod.yaml"]))
+    assert pod.metricsPort == 19962
+    [agent] = agent_daemonset(DEFAULT_IMAGE, pod)["spec"]["template"]["spec"]["containers"]
+    assert "--metrics-listen=0.0.0.0:19962" in agent["command"]
+    assert agent["ports"] == [{"name": "metrics", "containerPort": 19962, "hostPort": 19962, "protocol": "TCP"}]
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    from bpflb.cli import build_parser
+
+    assert build_parser().parse_args(agent["command"][1:]).metrics_listen == "0.0.0.0:19962"
+
+
+def test_the_service_monitors(kube_version: str) -> None:
+    """Off by default; when on, a headless Service and a ServiceMonitor per component whose selectors find
+    the agents' and the operator's pods and whose port is the one they serve metrics on."""
+    assert not [d for d in documents() if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    docs = documents(VARIANTS["monitoring"], namespace=OTHER_NAMESPACE)
+    operator_pod = find(docs, "Deployment", "bpflb-operator")["spec"]["template"]
+    agent_pod = agent_daemonset(DEFAULT_IMAGE, None, OTHER_NAMESPACE)["spec"]["template"]
+    for component, pod, port in (("agent", agent_pod, 9962), ("operator", operator_pod, 9963)):
+        service = find(docs, "Service", f"bpflb-{component}-metrics")
+        monitor = find(docs, "ServiceMonitor", f"bpflb-{component}")
+        assert validation_errors(service, kube_version) == []
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        assert service["spec"]["ports"] == [{"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"}]
+        assert port in [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [OTHER_NAMESPACE]}
+        assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s",
+                                                 "honorLabels": True}]
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
 
 def test_a_change_of_the_agents_values_restarts_the_operator() -> None:
@@ -285,7 +382,11 @@ BAD_VALUES = [
     ({"webhook": {"failurePolicy": "Retry"}}, "at '/webhook/failurePolicy'", "'Ignore'"),
     ({"webhook": {"timeoutSeconds": 60}}, "at '/webhook/timeoutSeconds'", "maximum"),
     ({"webhook": {"port": 443}}, "at '/webhook/port'", "minimum"),
-    ({"operator": {"replicas": 2}}, "at '/operator'", "additional properties 'replicas' not allowed"),
+    ({"operator": {"replicas": 0}}, "at '/operator/replicas'", "minimum"),
+    ({"operator": {"replica": 2}}, "at '/operator'", "additional properties 'replica' not allowed"),
+    ({"metrics": {"port": 0}}, "at '/metrics/port'", "minimum"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "at '/metrics/serviceMonitor/interval'",
+     "does not match pattern"),
     ({"serviceAccounts": {"agent": {"create": True, "name": "Bpflb_Agent"}}}, "at '/serviceAccounts/agent/name'",
      "does not match pattern"),
     ({"imagePulSecrets": []}, "at ''", "additional properties 'imagePulSecrets' not allowed"),
@@ -303,7 +404,8 @@ def test_bad_values_fail_with_their_message(values: dict[str, Any], where: str, 
 
 
 TEMPLATE_FAILURES = [
-    ({}, "default", 'bpflb installs into kube-system, not "default"'),
+    ({"operator": {"replicas": 2}}, NAMESPACE,
+     "operator.replicas > 1 with the webhook needs a certificate all replicas share: set webhook.tls.existingSecret"),
     ({"webhook": {"tls": {"existingSecret": "tls"}}}, NAMESPACE,
      "webhook.tls.existingSecret needs the CA that verifies it"),
     ({"webhook": {"tls": {"caBundle": CA}}}, NAMESPACE,
@@ -311,7 +413,7 @@ TEMPLATE_FAILURES = [
 ]
 
 
-@pytest.mark.parametrize(("values", "namespace", "message"), TEMPLATE_FAILURES, ids=["namespace", "ca", "bundle"])
+@pytest.mark.parametrize(("values", "namespace", "message"), TEMPLATE_FAILURES, ids=["replicas", "ca", "bundle"])
 def test_the_template_checks_say_what_to_do(values: dict[str, Any], namespace: str, message: str) -> None:
     with pytest.raises(helm.HelmRenderError) as caught:
         render(values, namespace=namespace)

@@ -108,6 +108,10 @@ def test_the_operator_writes_only_what_it_manages(docs: list[Doc]) -> None:
         ("kube-system", "", "configmaps", "create", ()),
         ("kube-system", "", "configmaps", "patch", ("bpflb-agent",)),
         ("kube-system", "", "configmaps", "update", ("bpflb-agent",)),
+        ("kube-system", "", "configmaps", "delete", ()),       # node reports of Nodes gone; see its policy
+        ("kube-system", "coordination.k8s.io", "leases", "create", ()),
+        ("kube-system", "coordination.k8s.io", "leases", "patch", ("bpflb-operator",)),
+        ("kube-system", "coordination.k8s.io", "leases", "update", ("bpflb-operator",)),
         ("kube-system", "apps", "daemonsets", "create", ()),
         ("kube-system", "apps", "daemonsets", "patch", ("bpflb-agent",)),
         ("kube-system", "apps", "daemonsets", "update", ("bpflb-agent",)),
@@ -116,7 +120,7 @@ def test_the_operator_writes_only_what_it_manages(docs: list[Doc]) -> None:
     }
     reads = {(g.namespace, g.resource) for g in grants(docs, OPERATOR) if g.verb in READ}
     assert {r for _, r in reads} <= {"moduleconfigs", "nodes", "namespaces", "customresourcedefinitions",
-                                      "validatingwebhookconfigurations", "configmaps", "daemonsets"}
+                                      "validatingwebhookconfigurations", "configmaps", "daemonsets", "leases"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,17 +206,36 @@ CASES = [
 @pytest.mark.parametrize(("what", "req", "allowed", "message"), CASES, ids=[c[0] for c in CASES])
 def test_the_admission_policy_confines_each_agent_to_its_own_report(
         docs: list[Doc], what: str, req: dict[str, Any], allowed: bool, message: str) -> None:
-    verdict, why = Policy(find(docs, "ValidatingAdmissionPolicy")).admit(req)
+    verdict, why = Policy(find(docs, "ValidatingAdmissionPolicy", "bpflb-agent-node-report")).admit(req)
     assert (verdict, message in why) == (allowed, True), (what, why)
 
 
 def test_the_policy_follows_the_agents_service_account_name() -> None:
     docs = documents({"serviceAccounts": {"agent": {"create": True, "name": "lb-agent"}}})
-    policy = Policy(find(docs, "ValidatingAdmissionPolicy"))
+    policy = Policy(find(docs, "ValidatingAdmissionPolicy", "bpflb-agent-node-report"))
     user = "system:serviceaccount:kube-system:lb-agent"
     assert policy.admit(request("UPDATE", "coredns", user=user))[0] is False
     assert policy.admit(request("UPDATE", "coredns"))[1] == "not matched"
     assert {g.resource for g in grants(docs, user)} == {"services", "nodes", "endpointslices", "configmaps"}
+
+
+OPERATOR_CASES = [
+    ("a node report", request("DELETE", "bpflb-node-node3", user=OPERATOR, node=None), True, "allowed"),
+    ("the agents' configuration", request("DELETE", "bpflb-agent", user=OPERATOR, node=None), False,
+     "bpflb-operator deletes only node reports (kube-system/bpflb-node-<node>), not kube-system/bpflb-agent"),
+    ("another namespace's ConfigMap", request("DELETE", "bpflb-node-x", user=OPERATOR, node=None, namespace="default"),
+     False, "not default/bpflb-node-x"),
+    ("an agent (not this policy's business)", request("DELETE", "bpflb-agent"), True, "not matched"),
+]
+
+
+@pytest.mark.parametrize(("what", "req", "allowed", "message"), OPERATOR_CASES, ids=[c[0] for c in OPERATOR_CASES])
+def test_the_operator_deletes_only_node_reports(docs: list[Doc], what: str, req: dict[str, Any], allowed: bool,
+                                                message: str) -> None:
+    verdict, why = Policy(find(docs, "ValidatingAdmissionPolicy", "bpflb-operator-report-cleanup")).admit(req)
+    assert (verdict, message in why) == (allowed, True), (what, why)
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "bpflb-operator-report-cleanup")
+    assert binding["spec"] == {"policyName": "bpflb-operator-report-cleanup", "validationActions": ["Deny"]}
 
 
 def test_the_report_the_agent_writes_passes_the_policy(docs: list[Doc]) -> None:
@@ -225,4 +248,4 @@ def test_the_report_the_agent_writes_passes_the_policy(docs: list[Doc]) -> None:
                "data": data}
     req = request("CREATE", report_name("node1"))
     req["object"] = created
-    assert Policy(find(docs, "ValidatingAdmissionPolicy")).admit(req) == (True, "allowed")
+    assert Policy(find(docs, "ValidatingAdmissionPolicy", "bpflb-agent-node-report")).admit(req) == (True, "allowed")

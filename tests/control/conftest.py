@@ -1,5 +1,6 @@
 """Fixtures for the control-plane tests (their helpers are in helpers.py): an emulated Kubernetes API (kmock's KubernetesEmulator on
-127.0.0.1, a real HTTP server), a client for it, and the operator running against it on a thread."""
+127.0.0.1, a real HTTP server; over https with a CA of the test's own: tls_api), a client for it, and the
+operator running against it on a thread."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.kubeapi import Credentials, KubeClient, write_kubeconfig
-from bpflb_lab.apiserver import EmulatedAPI
+from bpflb.kubeapi import KubeClient, anonymous, write_kubeconfig
+from bpflb_lab.apiserver import EmulatedAPI, TLSFiles, make_tls
 from tests.control.helpers import RunningOperator
 
 
@@ -26,8 +27,23 @@ def api() -> Iterator[EmulatedAPI]:
 
 
 @pytest.fixture
+def tls(tmp_path: Path) -> TLSFiles:
+    return make_tls(tmp_path / "tls")
+
+
+@pytest.fixture
+def tls_api(tls: TLSFiles) -> Iterator[EmulatedAPI]:
+    server = EmulatedAPI(tls=tls)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
 def client(api: EmulatedAPI) -> KubeClient:
-    return KubeClient(Credentials(server=api.url))
+    return KubeClient(anonymous(api.url))
 
 
 @pytest.fixture

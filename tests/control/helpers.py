@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bpflb.control import operator as op
-from bpflb.kubeapi import KubeClient, load_credentials
+from bpflb.kubeapi import KubeClient, load_config
 
 NODES = ("node1", "node2", "node3")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
@@ -50,7 +50,7 @@ class RunningOperator:
     state: op.State | None = None
 
     def start(self) -> RunningOperator:
-        self.state = op.State(client=KubeClient(load_credentials(self.options.kubeconfig)), options=self.options)
+        self.state = op.State(client=KubeClient(load_config(self.options.kubeconfig)), options=self.options)
 
         def target() -> None:
             try:

@@ -18,7 +18,7 @@ from bpflb.agent import Agent, AgentOptions
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.libbpf import ffi
 from bpflb.inspect import collect
-from bpflb.kubeapi import Credentials, KubeClient
+from bpflb.kubeapi import KubeClient, anonymous
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
 from bpflb_lab.lab.netns import entered
@@ -56,7 +56,7 @@ def config(mode: str = "SNAT", **extra: str) -> dict[str, Any]:
 
 @pytest.fixture
 def source(api: EmulatedAPI, client: KubeClient) -> Iterator[KubeSource]:
-    src = KubeSource(KubeClient(Credentials(server=api.url)), "node1", backoff_first=0.05, backoff_max=0.2)
+    src = KubeSource(KubeClient(anonymous(api.url)), "node1", backoff_first=0.05, backoff_max=0.2)
     try:
         yield src
     finally:
@@ -159,7 +159,7 @@ def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
     client.create("/api/v1/namespaces/kube-system/configmaps", config("SNAT", configGeneration="g1"))
     client.create(SVC, service("echo", 30080))
     client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
-    agent_client = KubeClient(Credentials(server=api.url))
+    agent_client = KubeClient(anonymous(api.url))
     source = KubeSource(agent_client, "node1", backoff_first=0.05, backoff_max=0.2)
     source.start()                        # watchers in this (root) namespace, where the API listens
     ffi()                                 # the binding is built once, before two threads may use it

@@ -52,7 +52,8 @@ def test_default_agent_command(monkeypatch: pytest.MonkeyPatch) -> None:
         sys.executable, "-m", "bpflb", "agent", "--node-name", "node1",
         "--source-dir", "/run/bpflb/labs/bpflb-tdefault/cluster",
         "--pin-root", "/sys/fs/bpf/bpflb-lab/bpflb-tdefault/node1", "--device", "eth0",
-        "--cgroup-root", str(cgroups.node_cgroup("bpflb-tdefault", "node1"))]
+        "--cgroup-root", str(cgroups.node_cgroup("bpflb-tdefault", "node1")),
+        "--metrics-listen", "0.0.0.0:9962"]        # each node's namespace: the same port on each
     with pytest.raises(LabError, match="bad placeholder"):
         Lab("bpflb-tdefault", agent_cmd="agent {nope}").agent_argv(state, "node1")
 

@@ -30,11 +30,11 @@ app.kubernetes.io/component: operator
 
 {{/* Checks the schema cannot express, each failing with what to do. */}}
 {{- define "bpflb.checks" -}}
-{{- if ne .Release.Namespace "kube-system" }}
-{{- fail (printf "bpflb installs into kube-system, not %q: its agents read kube-system/bpflb-agent and write kube-system/bpflb-node-<node>; use `helm install -n kube-system`" .Release.Namespace) }}
+{{- if and .Values.webhook.enabled (gt (int .Values.operator.replicas) 1) (not .Values.webhook.tls.existingSecret) }}
+{{- fail "operator.replicas > 1 with the webhook needs a certificate all replicas share: set webhook.tls.existingSecret (cert-manager's, for example); each replica would otherwise make and publish its own" }}
 {{- end }}
 {{- if and .Values.webhook.enabled .Values.webhook.tls.existingSecret (not .Values.webhook.tls.caBundle) (not .Values.webhook.annotations) }}
-{{- fail "webhook.tls.existingSecret needs the CA that verifies it: set webhook.tls.caBundle, or let a CA injector fill it in (webhook.annotations, e.g. cert-manager.io/inject-ca-from: kube-system/<certificate>)" }}
+{{- fail (printf "webhook.tls.existingSecret needs the CA that verifies it: set webhook.tls.caBundle, or let a CA injector fill it in (webhook.annotations, e.g. cert-manager.io/inject-ca-from: %s/<certificate>)" .Release.Namespace) }}
 {{- end }}
 {{- if and .Values.webhook.tls.caBundle (not .Values.webhook.tls.existingSecret) }}
 {{- fail "webhook.tls.caBundle is only used with webhook.tls.existingSecret: without it the operator makes its own certificate and publishes its CA bundle itself" }}

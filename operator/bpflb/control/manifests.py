@@ -1,4 +1,5 @@
-"""The objects the operator keeps in shape: the agents' ConfigMap and DaemonSet (kube-system/bpflb-agent),
+"""The objects the operator keeps in shape: the agents' ConfigMap and DaemonSet (bpflb-agent in bpflb's
+namespace: kube-system, or the Helm release's),
 the agents' pod settings the Helm chart hands the operator (AgentPod, read from --agent-pod-config), and
 the subset comparison that decides whether a live object still matches what the operator wants."""
 
@@ -25,6 +26,7 @@ MANAGED = {"app.kubernetes.io/managed-by": "bpflb-operator"}
 # What the agent needs and nothing more: load BPF objects and maps (BPF), attach them to a device with tc
 # and use the networking helpers (NET_ADMIN), and the verifier's pointer rules for tc programs (PERFMON).
 CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
+METRICS_PORT = 9962           # the agents' metrics and probes (Cilium's agent metrics port), on the node
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class AgentPod:
     # The host's cgroup v2 root (Cilium's cgroup.hostRoot): the socket LB attaches there, so that every pod's
     # and the node's own processes are load-balanced at the socket. /sys/fs/cgroup on a pure cgroup v2 host.
     cgroupHostRoot: str = "/sys/fs/cgroup"
+    metricsPort: int = METRICS_PORT
 
     @classmethod
     def from_mapping(cls, data: Any, where: str = "agent pod settings") -> AgentPod:
@@ -96,6 +99,11 @@ class AgentPod:
         if "nodeSelector" in data:
             selector = expect("nodeSelector", dict, "a mapping of label to value")
             out["nodeSelector"] = {str(k): str(v) for k, v in selector.items()}
+        if "metricsPort" in data:
+            port = expect("metricsPort", int, "a port number 1-65535")
+            if not 0 < port < 65536:
+                raise ValueError(f"{where}: metricsPort: must be a port number 1-65535; got {port!r}")
+            out["metricsPort"] = port
         return cls(**out)
 
     @classmethod
@@ -108,15 +116,15 @@ class AgentPod:
         return cls.from_mapping(data, where=str(path))
 
 
-def agent_configmap(data: dict[str, str]) -> KubeObject:
+def agent_configmap(data: dict[str, str], namespace: str = NAMESPACE) -> KubeObject:
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": AGENT_CONFIG_NAME, "namespace": NAMESPACE, "labels": {**SELECTOR, **MANAGED}},
+        "metadata": {"name": AGENT_CONFIG_NAME, "namespace": namespace, "labels": {**SELECTOR, **MANAGED}},
         "data": dict(data),
     }
 
 
-def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> KubeObject:
+def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, namespace: str = NAMESPACE) -> KubeObject:
     """The agents' DaemonSet. Its pod template carries nothing of the configuration: agents read the
     ConfigMap through the API, so a mode change reprograms them without restarting a pod."""
     pod = pod or AgentPod()
@@ -130,9 +138,11 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "image": image,
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
-                        "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT, "--nat-port-range", pod.natPortRange],
-            "env": [{"name": "NODE_NAME",
-                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                        "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT, "--nat-port-range", pod.natPortRange,
+                        f"--metrics-listen=0.0.0.0:{pod.metricsPort}"],
+            # The agent finds its ConfigMap and writes its report in its own namespace (POD_NAMESPACE).
+            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
             # Root with three capabilities, not privileged: the image's default user is unprivileged
             # (the operator's), so the agent says it runs as uid 0.
             "securityContext": {
@@ -145,6 +155,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
             "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
                               "mountPropagation": "HostToContainer"},
                              {"name": "cgroup", "mountPath": CGROUP_ROOT, "readOnly": True}],
+            **agent_probes(pod.metricsPort),
         }],
         # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
         # frontend and every open flow.
@@ -166,12 +177,26 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None) -> 
         spec["containers"][0]["resources"] = copy.deepcopy(pod.resources)
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": DAEMONSET_NAME, "namespace": NAMESPACE, "labels": {**SELECTOR, **MANAGED}},
+        "metadata": {"name": DAEMONSET_NAME, "namespace": namespace, "labels": {**SELECTOR, **MANAGED}},
         "spec": {
             "selector": {"matchLabels": dict(SELECTOR)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "template": {"metadata": {"labels": dict(SELECTOR)}, "spec": spec},
         },
+    }
+
+
+def agent_probes(port: int) -> dict[str, Any]:
+    """The agent container's metrics port and probes (bpflb.metrics): live while its loop turns, ready once
+    its first full sync is done. hostNetwork: the port is the node's."""
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "metrics", "scheme": "HTTP"}, "periodSeconds": period,
+                "timeoutSeconds": 5, "failureThreshold": failures, "successThreshold": 1}
+
+    return {
+        "ports": [{"name": "metrics", "containerPort": port, "hostPort": port, "protocol": "TCP"}],
+        "livenessProbe": probe("/healthz", 10, 6),
+        "readinessProbe": probe("/readyz", 5, 3),
     }
 
 

@@ -1,5 +1,5 @@
-"""The agent on a Kubernetes node: the datapath agent fed by the API (KubeSource) and reporting its
-state per node (NodeReporter); what `bpflb agent --kube` runs."""
+"""The agent on a Kubernetes node: the datapath agent fed by the API (KubeSource), reporting its state per
+node (NodeReporter) in its namespace, with its metrics and probes; what `bpflb agent --kube` runs."""
 
 from __future__ import annotations
 
@@ -9,23 +9,27 @@ import time
 from bpflb.agent import Agent, AgentOptions, install_signal_handlers
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
-from bpflb.kubeapi import KubeClient, load_credentials
+from bpflb.kubeapi import KubeClient, load_config
+from bpflb.metrics import AgentMetrics, MetricsServer
+from bpflb.sources.base import own_namespace
 from bpflb.sources.kube import KubeSource
 
 log = logging.getLogger("bpflb.agent")
 
 
 def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninstall: bool = False,
-                   once: bool = False) -> int:
-    """Run the agent against the API until SIGTERM/SIGINT (exit code 0), or do one sync (once)."""
+                   once: bool = False, namespace: str | None = None, metrics_listen: str | None = None) -> int:
+    """Run the agent against the API until SIGTERM/SIGINT (exit code 0), or do one sync (once). namespace:
+    bpflb's (its ConfigMap, the reports), default $POD_NAMESPACE, else kube-system."""
     try:
-        creds = load_credentials(kubeconfig)
+        config = load_config(kubeconfig)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    client = KubeClient(creds, user_agent=f"bpflb-agent/{opts.node_name}")
-    source = KubeSource(client, opts.node_name)
-    reporter = NodeReporter(client, opts.node_name)
+    ns = own_namespace(namespace)
+    client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}")
+    source = KubeSource(client, opts.node_name, namespace=ns)
+    reporter = NodeReporter(client, opts.node_name, namespace=ns)
 
     def on_sync(agent: Agent, report: SyncReport | None) -> None:
         reporter.update(agent_report(agent, source, report))
@@ -40,8 +44,12 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
         source.close()
 
     install_signal_handlers(stop)
-    log.info("Kubernetes API source: %s (credentials: %s); reporting to ConfigMap %s", creds.server,
-             creds.source, reporter.path)
+    log.info("Kubernetes API source: %s (credentials: %s); reporting to ConfigMap %s", client.server,
+             client.source, reporter.path)
+    server: MetricsServer | None = None
+    if metrics_listen and not once:
+        agent.metrics = AgentMetrics(agent)
+        server = agent.metrics.serve(metrics_listen)
     reporter.start()
     try:
         if once:
@@ -61,3 +69,5 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     finally:
         source.close()
         reporter.close()
+        if server is not None:
+            server.close()

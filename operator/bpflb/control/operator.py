@@ -2,14 +2,20 @@
 DaemonSet, validates it (admission webhook and again in the operator), and aggregates the agents' per-node
 reports into the ModuleConfig status.
 
+One replica acts (leader election on the Lease <namespace>/bpflb-operator, control.leader): the others
+stand by, serving only the admission webhook (when its certificate is shared), and take over when the
+leader stops renewing; a leader that cannot renew stops acting and exits (its pod restarts as a standby).
+
 Handlers (registered by make_registry):
-- login: credentials from --kubeconfig, $KUBECONFIG or the in-cluster service account;
+- login: the kubernetes package's configuration of kubeapi (--kubeconfig, $KUBECONFIG or the in-cluster
+  service account; exec plugins and rotating tokens included);
 - validate (admission): refuses an invalid cni-cilium ModuleConfig with every problem named;
 - reconcile (resume/create/update): validates again; an invalid spec never replaces the configuration in
   force, a valid one is written to the ConfigMap and the DaemonSet is created and kept in shape;
   enabled: false tells the agents to uninstall, waits for their reports, then deletes the DaemonSet;
 - status (a loop started at start-up): conditions, effective mode/tunnel and node counts from the indexed
-  ModuleConfig, reports and Nodes; now and then it also restores the ConfigMap and DaemonSet if they drifted.
+  ModuleConfig, reports and Nodes; now and then it also restores the ConfigMap and DaemonSet if they drifted,
+  and removes the reports of Nodes that are gone; kopf's liveness probe fails when the loop stops turning.
 Only the ModuleConfig named cni-cilium is acted on; other ModuleConfigs belong to other modules.
 """
 
@@ -20,6 +26,9 @@ import contextlib
 import copy
 import datetime
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +36,7 @@ from typing import Any, cast
 
 import kopf
 
+from bpflb.control.leader import LeaseElector, LeaseTimes
 from bpflb.control.manifests import (
     DAEMONSET_NAME,
     DEFAULT_IMAGE,
@@ -38,10 +48,11 @@ from bpflb.control.manifests import (
     daemonset_drifted,
     daemonset_patch,
 )
-from bpflb.control.report import LABELS, REPORT_NAMESPACE, UNINSTALLED, report_name
+from bpflb.control.report import LABELS, STALE_AFTER, UNINSTALLED, orphaned, report_name
 from bpflb.control.status import compute_status, same_status
 from bpflb.control.webhook import WebhookServer, publish_ca_bundle
-from bpflb.kubeapi import KubeClient, load_credentials, resource_path
+from bpflb.kubeapi import ApiError, KubeClient, load_config, resource_path
+from bpflb.metrics import MetricsServer, OperatorMetrics
 from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     GROUP,
@@ -63,8 +74,17 @@ ANNOTATION_PREFIX = "bpflb.deckhouse.io"
 STATUS_INTERVAL = 1.0          # seconds between two status computations
 WEBHOOK_ID = "validate-cni-cilium"
 
-CM_PATH = resource_path("v1", "configmaps", NAMESPACE, AGENT_CONFIG_NAME)
-DS_PATH = resource_path("apps/v1", "daemonsets", NAMESPACE, DAEMONSET_NAME)
+STATUS_STALE = 60.0            # kopf's liveness probe fails when the status loop has not turned for this long
+
+
+def cm_path(namespace: str) -> str:
+    return resource_path("v1", "configmaps", namespace, AGENT_CONFIG_NAME)
+
+
+def ds_path(namespace: str) -> str:
+    return resource_path("apps/v1", "daemonsets", namespace, DAEMONSET_NAME)
+
+
 MC_STATUS_PATH = resource_path(f"{GROUP}/{VERSION}", PLURAL, None, MODULE_NAME, "status")
 
 
@@ -83,7 +103,15 @@ class OperatorOptions:
     agent_pod: AgentPod | None = None        # the agents' pod settings (the chart's values); None: defaults
     uninstall_timeout: float = 120.0         # enabled: false: how long to wait for the agents' reports
     reassert_interval: float = 30.0          # how often drift of the ConfigMap/DaemonSet is looked for
+    leader_elect: bool = True                # one replica acts (the Lease <namespace>/bpflb-operator)
+    identity: str | None = None              # this replica in the Lease; default: $POD_NAME, else host-pid-random
+    lease: LeaseTimes = field(default_factory=LeaseTimes)
+    metrics_listen: str | None = None        # "ADDR:PORT": Prometheus metrics (GET /metrics)
+    report_gc_after: float = STALE_AFTER     # a Node gone and its report silent this long: the report goes
 
+
+class LeadershipLost(RuntimeError):
+    """The Lease could not be renewed in time: this replica stopped acting (the CLI exits non-zero)."""
 
 @dataclass
 class State:
@@ -100,6 +128,20 @@ class State:
     said: set[str] = field(default_factory=set)   # spec fields not acted on, logged once each
     rounds: int = 0                          # status rounds done (waits in tests count these, not seconds)
     reasserts: int = 0                       # re-assert rounds done (drift of the ConfigMap and DaemonSet)
+    last_round: float = 0.0                  # monotonic time the status loop last turned (liveness)
+    serve_webhook: bool = True               # this kopf run serves the admission webhook
+    elector: LeaseElector | None = None
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    reports_removed: int = 0
+
+    @property
+    def namespace(self) -> str:
+        return self.options.namespace
+
+    @property
+    def acting(self) -> bool:
+        """Not standing by: leader election off, or this replica holds the Lease and renews it."""
+        return self.elector is None or self.elector.leading
 
 
 def _state(memo: Any) -> State:
@@ -132,7 +174,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.posting.loggers = False
     settings.watching.server_timeout = 300
-    if options.webhook_listen:
+    if options.webhook_listen and _state(memo).serve_webhook:
         addr, _colon, port = options.webhook_listen.rpartition(":")
         client, vwc = _state(memo).client, options.webhook_configuration
         certdir = options.webhook_cert_dir
@@ -145,10 +187,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
-    creds = _state(memo).client.creds
-    return kopf.ConnectionInfo(server=creds.server, ca_path=creds.ca_file, insecure=creds.insecure or None,
-                               token=creds.bearer(), certificate_path=creds.cert_file,
-                               private_key_path=creds.key_file)
+    """kopf's credentials are kubeapi's: whatever kubeconfig kubectl accepts, rotating tokens read again."""
+    info = _state(memo).client.connection_info()
+    return kopf.ConnectionInfo(server=info.server, ca_path=info.ca_path, ca_data=info.ca_data,
+                               insecure=info.insecure or None, scheme=info.scheme, token=info.token,
+                               certificate_path=info.certificate_path, private_key_path=info.private_key_path,
+                               expiration=info.expiration)
+
+
+def status_loop_alive(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """kopf's liveness probe: fails (500) when the status loop has not turned for STATUS_STALE seconds."""
+    state = _state(memo)
+    age = time.monotonic() - state.last_round if state.last_round else 0.0
+    if age > STATUS_STALE:
+        raise kopf.PermanentError(f"the status loop has not turned for {age:.0f}s")
+    return {"rounds": state.rounds, "age": round(age, 1), "leader": state.acting}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,11 +212,11 @@ def node_index(name: str, **_: Any) -> dict[str, bool]:
     return {name: True}
 
 
-def report_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, str]] | None:
+def report_index(namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, dict[str, str]] | None:
     data = body.get("data") or {}
     node = data.get("node")
     # A report counts only under its own node's name (the agents' admission policy enforces the same).
-    if namespace != REPORT_NAMESPACE or not isinstance(node, str) or \
+    if namespace != _state(memo).namespace or not isinstance(node, str) or \
             (body.get("metadata") or {}).get("name") != report_name(node):
         return None
     return {node: {str(k): str(v) for k, v in data.items()}}
@@ -207,13 +260,19 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, runti
         spec = validate_spec(_raw_spec(body))
     except Invalid as exc:
         kept = f"keeping {_summary(state.applied)}" if state.applied else "no configuration applied yet"
+        state.metrics.reconciled("invalid")
         logger.warning(f"invalid configuration, not applied: {exc}; {kept}")
         kopf.warn(body, reason="InvalidConfiguration", message=f"not applied: {exc}; {kept}")
         return
     take_effect(state, spec)
     reports = _reports(kwargs["report_index"])
     elapsed = runtime.total_seconds() if hasattr(runtime, "total_seconds") else 0.0
-    events, pending = await asyncio.to_thread(apply_module, state, spec, reports, elapsed)
+    try:
+        events, pending = await asyncio.to_thread(apply_module, state, spec, reports, elapsed)
+    except Exception:
+        state.metrics.reconciled("error")
+        raise
+    state.metrics.reconciled("pending" if pending else "ok")
     for kind, reason, message in events:
         logger.info(message)
         kopf.event(body, type=kind, reason=reason, message=message)
@@ -237,7 +296,7 @@ def take_effect(state: State, spec: ModuleSpec) -> None:
 
 def _load_applied(state: State) -> None:
     """Recover the configuration in force from the cluster (after an operator restart)."""
-    cm = state.client.get(CM_PATH)
+    cm = state.client.get(cm_path(state.namespace))
     data = (cm or {}).get("data")
     state.applied = {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) and data else None
     state.applied_loaded = True
@@ -247,58 +306,59 @@ def apply_module(state: State, spec: ModuleSpec, reports: Mapping[str, Mapping[s
                  elapsed: float = 0.0) -> tuple[list[tuple[str, str, str]], str | None]:
     """Write the ConfigMap and create/patch/delete the DaemonSet for a valid spec. Returns the Events to post
     and, when enabled: false is still waiting for agents to uninstall, why (the caller retries)."""
-    client, options = state.client, state.options
+    client, options, ns = state.client, state.options, state.namespace
+    cm_at, ds_at = cm_path(ns), ds_path(ns)
     events: list[tuple[str, str, str]] = []
     if spec.maintenance == MAINTENANCE_NO_RECONCILIATION:
-        text = (f"spec.maintenance is {MAINTENANCE_NO_RECONCILIATION}: ConfigMap {NAMESPACE}/{AGENT_CONFIG_NAME} and "
-                f"DaemonSet {NAMESPACE}/{DAEMONSET_NAME} are left as they are")
+        text = (f"spec.maintenance is {MAINTENANCE_NO_RECONCILIATION}: ConfigMap {ns}/{AGENT_CONFIG_NAME} and "
+                f"DaemonSet {ns}/{DAEMONSET_NAME} are left as they are")
         if text not in state.said:
             state.said.add(text)
             events.append(("Normal", "Maintenance", text))
         return events, None
     state.said.discard(next((s for s in state.said if s.startswith("spec.maintenance is")), ""))
     data = agent_config_data(spec.settings, uninstall=not spec.enabled)
-    cm = client.get(CM_PATH)
+    cm = client.get(cm_at)
     if cm is None:
-        client.create(resource_path("v1", "configmaps", NAMESPACE), agent_configmap(data))
-        events.append(("Normal", "ConfigCreated", (f"created ConfigMap {NAMESPACE}/{AGENT_CONFIG_NAME}: "
+        client.create(resource_path("v1", "configmaps", ns), agent_configmap(data, ns))
+        events.append(("Normal", "ConfigCreated", (f"created ConfigMap {ns}/{AGENT_CONFIG_NAME}: "
                        f"{_summary(data)}{'; agents told to uninstall' if not spec.enabled else ''}")))
     else:
         live = {str(k): str(v) for k, v in (cm.get("data") or {}).items()}
-        if live != data or not contains(cm, agent_configmap(data)):
-            client.merge_patch(CM_PATH, {"metadata": {"labels": agent_configmap(data)["metadata"]["labels"]},
+        if live != data or not contains(cm, agent_configmap(data, ns)):
+            client.merge_patch(cm_at, {"metadata": {"labels": agent_configmap(data, ns)["metadata"]["labels"]},
                                          "data": {**{k: None for k in live if k not in data}, **data}})
             changed = ", ".join(f"{k} {live.get(k, '(unset)')} -> {v}" for k, v in data.items()
                                 if live.get(k) != v and k != CONFIG_GENERATION_KEY) or "labels restored"
-            events.append(("Normal", "ConfigUpdated", (f"updated ConfigMap {NAMESPACE}/{AGENT_CONFIG_NAME}: "
+            events.append(("Normal", "ConfigUpdated", (f"updated ConfigMap {ns}/{AGENT_CONFIG_NAME}: "
                            f"{changed} (generation {data[CONFIG_GENERATION_KEY]}); the agents reprogram "
                            "their datapath in place")))
     state.applied = data
     state.applied_loaded = True
 
-    ds = client.get(DS_PATH)
+    ds = client.get(ds_at)
     if spec.enabled:
-        wanted = agent_daemonset(options.image, options.agent_pod)
+        wanted = agent_daemonset(options.image, options.agent_pod, ns)
         if ds is None:
-            client.create(resource_path("apps/v1", "daemonsets", NAMESPACE), wanted)
-            events.append(("Normal", "AgentsCreated", (f"created DaemonSet {NAMESPACE}/{DAEMONSET_NAME} "
+            client.create(resource_path("apps/v1", "daemonsets", ns), wanted)
+            events.append(("Normal", "AgentsCreated", (f"created DaemonSet {ns}/{DAEMONSET_NAME} "
                            f"(image {options.image})")))
         elif daemonset_drifted(ds, wanted):
-            client.merge_patch(DS_PATH, daemonset_patch(ds, wanted))
-            events.append(("Normal", "AgentsUpdated", (f"restored DaemonSet {NAMESPACE}/{DAEMONSET_NAME} to "
+            client.merge_patch(ds_at, daemonset_patch(ds, wanted))
+            events.append(("Normal", "AgentsUpdated", (f"restored DaemonSet {ns}/{DAEMONSET_NAME} to "
                            f"its expected spec (image {options.image})")))
     elif ds is not None:
         left = sorted(n for n, r in reports.items() if r.get("state") != UNINSTALLED)
         if left and elapsed < options.uninstall_timeout:
             return events, (f"enabled: false: waiting for {', '.join(left)} to detach their programs and "
-                            f"remove their pinned maps before deleting DaemonSet {NAMESPACE}/{DAEMONSET_NAME}")
-        client.delete(DS_PATH)
+                            f"remove their pinned maps before deleting DaemonSet {ns}/{DAEMONSET_NAME}")
+        client.delete(ds_at)
         if left:
-            events.append(("Warning", "AgentsRemoved", (f"deleted DaemonSet {NAMESPACE}/{DAEMONSET_NAME} after "
+            events.append(("Warning", "AgentsRemoved", (f"deleted DaemonSet {ns}/{DAEMONSET_NAME} after "
                            f"{options.uninstall_timeout:.0f}s although {', '.join(left)} did not report "
                            "their datapath removed")))
         else:
-            events.append(("Normal", "AgentsRemoved", (f"deleted DaemonSet {NAMESPACE}/{DAEMONSET_NAME}: every "
+            events.append(("Normal", "AgentsRemoved", (f"deleted DaemonSet {ns}/{DAEMONSET_NAME}: every "
                            "agent removed its datapath (spec.enabled is false)")))
     return events, None
 
@@ -315,16 +375,37 @@ def module_index(name: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[
 
 async def status_loop(state: State, indices: Mapping[str, Any]) -> None:
     """Every STATUS_INTERVAL: compute the status from the indexed Nodes and reports, patch it when it
-    changed, post an Event for every condition change, and now and then restore drifted objects."""
+    changed, post an Event for every condition change, now and then restore drifted objects, and remove
+    the reports of Nodes that are gone. Nothing is written while this replica is not the leader."""
     while True:
         await asyncio.sleep(STATUS_INTERVAL)
-        try:
-            await update_status(state, indices)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the API may be away: try again next round
-            log.warning("status update failed: %s; retrying in %.0fs", exc, STATUS_INTERVAL)
+        if state.acting:
+            try:
+                await remove_orphaned_reports(state, indices)
+                await update_status(state, indices)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the API may be away: try again next round
+                log.warning("status update failed: %s; retrying in %.0fs", exc, STATUS_INTERVAL)
         state.rounds += 1
+        state.last_round = time.monotonic()
+        state.metrics.status_round(state.acting)
+
+
+async def remove_orphaned_reports(state: State, indices: Mapping[str, Any]) -> None:
+    """Delete the node reports of Nodes that no longer exist (once their agent has gone quiet too)."""
+    reports = _reports(indices["report_index"])
+    for node in orphaned(reports, set(indices["node_index"].keys()), time.time(), state.options.report_gc_after):
+        path = resource_path("v1", "configmaps", state.namespace, report_name(node))
+        try:
+            gone = await asyncio.to_thread(state.client.delete, path)
+        except ApiError as exc:
+            log.warning("cannot remove the report of the deleted Node %s (%s): %s", node, path, exc)
+            continue
+        if gone:
+            log.info("removed the report %s/%s: Node %s no longer exists", state.namespace, report_name(node), node)
+            state.reports_removed += 1
+            state.metrics.report_removed()
 
 
 async def update_status(state: State, indices: Mapping[str, Any]) -> None:
@@ -338,6 +419,7 @@ async def update_status(state: State, indices: Mapping[str, Any]) -> None:
     observed = body.get("status") or {}
     new = compute_status(body.get("spec"), state.applied, sorted(indices["node_index"].keys()), reports,
                          time.time(), previous=observed, generation=(body.get("metadata") or {}).get("generation"))
+    state.metrics.module_status(new)
     if not same_status(observed, new) and not same_status(state.last_status, new):
         await asyncio.to_thread(state.client.merge_patch, MC_STATUS_PATH, {"status": new})
         state.last_status = new
@@ -405,11 +487,18 @@ async def stop_status_loop(memo: kopf.Memo, **_: Any) -> None:
 # Running
 
 
-def make_registry(*, webhook: bool) -> kopf.OperatorRegistry:
-    """The operator's handlers; the admission handler only with a webhook server to serve it."""
+def make_registry(*, webhook: bool, acting: bool = True) -> kopf.OperatorRegistry:
+    """The operator's handlers; the admission handler only with a webhook server to serve it. A standby
+    (acting=False) logs in and validates, nothing else: no index, no reconciliation, no status."""
     reg = kopf.OperatorRegistry()
     kopf.on.startup(registry=reg)(configure)
     kopf.on.login(registry=reg)(login)
+    if not acting:
+        if webhook:
+            kopf.on.validate(GROUP, VERSION, PLURAL, id=WEBHOOK_ID, operations=["CREATE", "UPDATE"],
+                             registry=reg)(validate)
+        return reg
+    kopf.on.probe(id="status-loop", registry=reg)(status_loop_alive)
     kopf.index("", "v1", "nodes", registry=reg)(node_index)
     kopf.index("", "v1", "configmaps", labels=LABELS, registry=reg)(report_index)
     if webhook:
@@ -423,25 +512,137 @@ def make_registry(*, webhook: bool) -> kopf.OperatorRegistry:
     return reg
 
 
+def _is_set(flag: Any) -> bool:
+    if flag is None:
+        return False
+    if isinstance(flag, asyncio.Future):
+        return flag.done()
+    return bool(flag.is_set())
+
+
+def default_identity() -> str:
+    """This replica's name in the Lease: the pod's ($POD_NAME), else host, pid and a random suffix."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def run(options: OperatorOptions, *, stop_flag: Any = None, ready_flag: Any = None,
         state: State | None = None) -> None:
     """Run the operator until stop_flag is set (or SIGINT/SIGTERM when run from the CLI); state: the one to
-    keep (for a caller that watches its rounds), else a new one."""
+    keep (for a caller that watches its rounds), else a new one. LeadershipLost when this replica led and
+    could not renew its Lease (it stopped acting first)."""
     if state is None:
-        state = State(client=KubeClient(load_credentials(options.kubeconfig), user_agent="bpflb-operator"),
+        state = State(client=KubeClient(load_config(options.kubeconfig), user_agent="bpflb-operator"),
                       options=options)
     client = state.client
-    memo = kopf.Memo(state=state)
-    log.info("operator: watching ModuleConfig %s (%s/%s) and namespace %s at %s%s", MODULE_NAME, GROUP,
-             VERSION, options.namespace, client.creds.server,
+    log.info("operator: watching ModuleConfig %s (%s/%s) and namespace %s at %s (credentials: %s)%s", MODULE_NAME,
+             GROUP, VERSION, options.namespace, client.server, client.source,
              f"; admission webhook on {options.webhook_listen}" if options.webhook_listen else "")
+    server = None
+    if options.metrics_listen:
+        server = MetricsServer(options.metrics_listen, state.metrics.registry, name="operator")
+        server.start()
+    try:
+        asyncio.run(_main(options, state, stop_flag, ready_flag))
+    finally:
+        if server is not None:
+            server.close()
+
+
+async def _main(options: OperatorOptions, state: State, stop_flag: Any, ready_flag: Any) -> None:
     liveness = None
     if options.health_listen:
         addr, _colon, port = options.health_listen.rpartition(":")
         liveness = f"http://{addr or '0.0.0.0'}:{int(port)}/healthz"
-    asyncio.run(kopf.operator(registry=make_registry(webhook=bool(options.webhook_listen)), standalone=True,
-                              namespaces=[options.namespace], memo=memo, stop_flag=stop_flag,
-                              ready_flag=ready_flag, liveness_endpoint=liveness))
+    common: dict[str, Any] = {"standalone": True, "namespaces": [options.namespace], "memo": kopf.Memo(state=state),
+                              "liveness_endpoint": liveness, "ready_flag": ready_flag}
+    webhook = bool(options.webhook_listen)
+    if not options.leader_elect:
+        await kopf.operator(registry=make_registry(webhook=webhook), stop_flag=stop_flag, **common)
+        return
+    elector = LeaseElector(state.client, options.namespace, options.identity or default_identity(),
+                           times=options.lease)
+    state.elector = elector
+    state.metrics.leading(False)
+    leading = await asyncio.to_thread(elector.try_acquire_or_renew)
+    if not leading and not await _stand_by(options, state, elector, stop_flag, common):
+        return
+    await _lead(state, elector, stop_flag, common, webhook)
 
 
-__all__ = ["UNINSTALL_KEY", "WEBHOOK_ID", "OperatorOptions", "State", "apply_module", "make_registry", "run"]
+async def _stand_by(options: OperatorOptions, state: State, elector: LeaseElector, stop_flag: Any,
+                    common: dict[str, Any]) -> bool:
+    """Serve the webhook (when its certificate is shared: a self-signed one is the leader's to publish) and
+    the liveness probe until the Lease is ours (True) or the operator is stopped (False)."""
+    log.info("leader election: Lease %s/%s is held by %s; %s stands by", elector.namespace, elector.name,
+             elector.holder, elector.identity)
+    inner = asyncio.Event()
+    shared_cert = bool(options.webhook_listen and options.webhook_cert_dir)
+    state.serve_webhook = shared_cert
+    standby = asyncio.create_task(kopf.operator(registry=make_registry(webhook=shared_cert, acting=False),
+                                                stop_flag=inner, **common))
+    try:
+        while not _is_set(stop_flag):
+            if standby.done():
+                standby.result()            # an error of kopf's is raised; a signal ends the operator
+                return False
+            if await asyncio.to_thread(elector.try_acquire_or_renew):
+                return True
+            await _sleep_unless(stop_flag, elector.times.retry_period)
+        return False
+    finally:
+        inner.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await standby
+
+
+async def _sleep_unless(flag: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not _is_set(flag) and time.monotonic() < deadline:
+        await asyncio.sleep(min(0.1, seconds))
+
+
+async def _keep_lease(state: State, elector: LeaseElector) -> None:
+    """Renew every retry period; return when no renewal succeeded within the renew deadline."""
+    while True:
+        await asyncio.sleep(elector.times.retry_period)
+        if await asyncio.to_thread(elector.try_acquire_or_renew):
+            continue
+        if time.monotonic() - elector.last_renew >= elector.times.renew_deadline:
+            return
+
+
+async def _wait_flag(flag: Any) -> None:
+    while not _is_set(flag):
+        await asyncio.sleep(0.1)
+
+
+async def _lead(state: State, elector: LeaseElector, stop_flag: Any, common: dict[str, Any], webhook: bool) -> None:
+    """Act (every handler, the status loop) while the Lease is renewed; stop acting when it is not."""
+    log.info("leader election: %s leads (Lease %s/%s)", elector.identity, elector.namespace, elector.name)
+    state.metrics.leading(True)
+    state.serve_webhook = webhook
+    inner = asyncio.Event()
+    acting = asyncio.create_task(kopf.operator(registry=make_registry(webhook=webhook), stop_flag=inner, **common))
+    renewing = asyncio.create_task(_keep_lease(state, elector))
+    stopping = asyncio.create_task(_wait_flag(stop_flag))
+    done, _ = await asyncio.wait({acting, renewing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    lost = renewing in done
+    if lost:
+        log.error("leader election: could not renew Lease %s/%s for %.0fs: %s stops acting", elector.namespace,
+                  elector.name, elector.times.renew_deadline, elector.identity)
+    inner.set()
+    stopping.cancel()
+    state.metrics.leading(False)
+    try:
+        await acting                  # still renewing while kopf winds down: nobody else acts meanwhile
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
+        if lost:
+            raise LeadershipLost(f"lost the Lease {elector.namespace}/{elector.name}")
+        await asyncio.to_thread(elector.release)
+
+
+__all__ = ["UNINSTALL_KEY", "WEBHOOK_ID", "LeadershipLost", "OperatorOptions", "State", "apply_module",
+           "make_registry", "run"]

@@ -1,9 +1,10 @@
 """Per-node reports: each agent writes what its datapath runs into a small ConfigMap of its own,
-kube-system/bpflb-node-<node>, and the operator aggregates them into the ModuleConfig status.
+<namespace>/bpflb-node-<node> (bpflb's namespace: kube-system, or the Helm release's), and the operator
+aggregates them into the ModuleConfig status, and removes the reports of Nodes that are gone.
 
 A ConfigMap per node (not Node annotations) keeps the agents' write access away from Node objects, keeps
-the report readable (`kubectl -n kube-system get cm -l app.kubernetes.io/component=node-report -o yaml`)
-and lets the operator watch only kube-system. The agent writes it from a thread of its own, only when
+the report readable (`kubectl -n <namespace> get cm -l app.kubernetes.io/component=node-report -o yaml`)
+and lets the operator watch only its namespace. The agent writes it from a thread of its own, only when
 something changed plus a heartbeat, so a slow or absent API never holds up the datapath.
 """
 
@@ -13,7 +14,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from bpflb.kubeapi import ApiError, KubeClient, resource_path
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bpflb.report")
 
-REPORT_NAMESPACE = AGENT_CONFIG_NAMESPACE
+REPORT_NAMESPACE = AGENT_CONFIG_NAMESPACE   # the default; reports live in bpflb's namespace
 REPORT_PREFIX = "bpflb-node-"
 LABELS = {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "node-report"}
 HEARTBEAT = 30.0             # seconds between two writes of an unchanged report
@@ -60,12 +61,26 @@ def parse_time(text: str | None) -> float | None:
         return None
 
 
-class NodeReporter:
-    """Keeps kube-system/bpflb-node-<node> equal to the latest report, from a background thread."""
+def orphaned(reports: Mapping[str, Mapping[str, str]], nodes: Collection[str], now: float,
+             after: float = STALE_AFTER) -> list[str]:
+    """The nodes whose report is garbage: no such Node any more, and no heartbeat for `after` seconds (an
+    agent still writing keeps its report, and a Node list not seen yet deletes nothing fresh)."""
+    out = []
+    for node, report in reports.items():
+        updated = parse_time(report.get("updated"))
+        if node not in nodes and (updated is None or now - updated > after):
+            out.append(node)
+    return sorted(out)
 
-    def __init__(self, client: KubeClient, node: str, heartbeat: float = HEARTBEAT) -> None:
+
+class NodeReporter:
+    """Keeps <namespace>/bpflb-node-<node> equal to the latest report, from a background thread."""
+
+    def __init__(self, client: KubeClient, node: str, heartbeat: float = HEARTBEAT,
+                 namespace: str = REPORT_NAMESPACE) -> None:
         self.client = client
         self.node = node
+        self.namespace = namespace
         self.heartbeat = heartbeat
         self._wanted: dict[str, str] | None = None
         self._written: dict[str, str] | None = None
@@ -77,7 +92,7 @@ class NodeReporter:
 
     @property
     def path(self) -> str:
-        return resource_path("v1", "configmaps", REPORT_NAMESPACE, report_name(self.node))
+        return resource_path("v1", "configmaps", self.namespace, report_name(self.node))
 
     def start(self) -> None:
         self._thread.start()
@@ -108,7 +123,7 @@ class NodeReporter:
                     backoff = 0.5
                 except ApiError as exc:
                     if not self._failing:
-                        log.warning("cannot write the node report %s/%s: %s; retrying", REPORT_NAMESPACE,
+                        log.warning("cannot write the node report %s/%s: %s; retrying", self.namespace,
                                     report_name(self.node), exc)
                     self._failing = True
                     if not stopping:
@@ -125,12 +140,12 @@ class NodeReporter:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            self.client.create(resource_path("v1", "configmaps", REPORT_NAMESPACE), {
+            self.client.create(resource_path("v1", "configmaps", self.namespace), {
                 "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": report_name(self.node), "namespace": REPORT_NAMESPACE, "labels": LABELS},
+                "metadata": {"name": report_name(self.node), "namespace": self.namespace, "labels": LABELS},
                 "data": body["data"]})
         if self._failing or self._written is None or data.get("state") != (self._written or {}).get("state"):
-            log.info("node report %s/%s: %s", REPORT_NAMESPACE, report_name(self.node),
+            log.info("node report %s/%s: %s", self.namespace, report_name(self.node),
                      ", ".join(f"{k}={v}" for k, v in data.items() if k != "node"))
         self._failing = False
         self._written = data

@@ -1,5 +1,5 @@
 """The seam between the agent and the BPF adapter: one interface (load, attach, program a desired state,
-read counters, uninstall) with two implementations, the kernel's (datapath.kernel) and an in-memory one
+read counters and map fill levels, uninstall) with two implementations, the kernel's (datapath.kernel) and an in-memory one
 (datapath.memory) for the agent's logic tests without root; both program maps through LBMaps,
 ClusterMaps and EastWestMaps, so the entries they hold are byte for byte the same."""
 
@@ -14,8 +14,23 @@ from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.conntrack import GcReport
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
+from bpflb.datapath.loader import Map
+from bpflb.datapath.mapdiff import MapMirror
 from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
 from bpflb.model.types import DesiredState, L4Addr, Mode
+
+
+@dataclass(frozen=True)
+class MapFill:
+    """Entries in a map and how many it can hold."""
+
+    entries: int
+    capacity: int
+
+    @property
+    def pressure(self) -> float:
+        """entries / capacity (Cilium's bpf_map_pressure)."""
+        return self.entries / self.capacity if self.capacity else 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,10 @@ class Datapath(Protocol):
 
     def counters(self) -> dict[str, int]:
         """Packet counters by name (STAT_* of lb_structs.h, lower case)."""
+        ...
+
+    def fill_levels(self) -> dict[str, MapFill]:
+        """How full each bounded map is, by map name (arrays, full by construction, left out)."""
         ...
 
     def collect_conntrack(self) -> GcReport | None:
@@ -149,3 +168,26 @@ class MapsDatapath:
     def collect_conntrack(self) -> GcReport | None:
         """The kernel's maps only (the in-memory datapath keeps no flows)."""
         return None
+
+    def open_maps(self) -> list[Map]:
+        """Every map this datapath programs, once each (the attributes of LBMaps, ClusterMaps, EastWestMaps);
+        the kernel datapath adds those only its programs write (conntrack, ...)."""
+        found: dict[str, Map] = {}
+        for holder in (self.maps, self.cluster, self.east_west):
+            for value in list(vars(holder).values()) if holder is not None else []:
+                m = value.map if isinstance(value, MapMirror) else value
+                if isinstance(m, Map):
+                    found.setdefault(m.name, m)
+        return [found[name] for name in sorted(found)]
+
+    def _fill(self, m: Map) -> MapFill | None:
+        """One map's fill level (each implementation reads it its own way); None: not bounded that way."""
+        return None
+
+    def fill_levels(self) -> dict[str, MapFill]:
+        out: dict[str, MapFill] = {}
+        for m in self.open_maps():
+            level = self._fill(m)
+            if level is not None:
+                out[m.name] = level
+        return out

@@ -10,15 +10,18 @@ import socket
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.cgroup import attach_cgroup, default_cgroup_root, detach_cgroup
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.conntrack import Collector, GcReport
 from bpflb.datapath.eastwest import EastWestMaps
+from bpflb.datapath.fill import kernel_fill
 from bpflb.datapath.lbmaps import LBMaps
 from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import (
+    MAP_TYPES,
     BpfObject,
+    Map,
     load_lb,
     load_sock,
     load_xdp,
@@ -140,6 +143,17 @@ class KernelDatapath(MapsDatapath):
         if maps is None:
             return None
         return Collector(maps.ct_fwd, maps.ct_rev, maps.config).collect()
+
+    def open_maps(self) -> list[Map]:
+        """Every map of the loaded object that bpflb knows (MAP_TYPES): those its programs write too."""
+        if self.obj is None:
+            return []
+        obj = self.obj
+        return [obj.map(name) for name in sorted(MAP_TYPES) if obj.has_map(name)]
+
+    def _fill(self, m: Map) -> MapFill | None:
+        return kernel_fill(m)
+
     # -- in-cluster traffic: the socket LB on the node's cgroup, the pod-facing path on its pods' veths ---
 
     def _in_cluster(self, want: NodeProgram, report: ProgramReport) -> None:

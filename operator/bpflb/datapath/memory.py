@@ -11,15 +11,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpflb.datapath.base import MapsDatapath, NodeProgram, ProgramReport
+from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
-from bpflb.datapath.libbpf import BpfError, ffi
+from bpflb.datapath.libbpf import BpfError, const, ffi
 from bpflb.datapath.loader import MAP_TYPES, Map
 from bpflb.model.types import Mode
 
 E2BIG = 7
+ARRAYS = frozenset({"lb_config", "lb_stats", "lb_maglev_cfg"})    # full by construction: no fill level
+# The kernel maps' max_entries (the #defines their declarations use; the LPM tries' 4096 is literal there).
+CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX", "ct_fwd": "CT_MAX",
+            "ct_rev": "CT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX", "lb_local_backends": "LB_BACKENDS_MAX",
+            "lb_maglev": "LB_MAGLEV_BLOCKS_MAX", "lb_affinity": "LB_AFFINITY_MAX",
+            "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX"}
 
 
 class MemoryMap(Map):
@@ -79,7 +85,8 @@ class MemoryPins:
     counters: dict[str, int] = field(default_factory=dict)
 
     def map(self, name: str) -> MemoryMap:
-        return MemoryMap(name, self.maps.setdefault(name, {}))
+        bound = CAPACITY.get(name)
+        return MemoryMap(name, self.maps.setdefault(name, {}), const(bound) if bound else 4096)
 
 
 class MemoryDatapath(MapsDatapath):
@@ -152,6 +159,11 @@ class MemoryDatapath(MapsDatapath):
 
     def counters(self) -> dict[str, int]:
         return dict(self.pins.counters)
+
+    def _fill(self, m: Map) -> MapFill | None:
+        if m.name in ARRAYS or not isinstance(m, MemoryMap):
+            return None
+        return MapFill(len(m.entries), m.max_entries)
 
     def uninstall(self, device: str | None) -> None:
         self.close()

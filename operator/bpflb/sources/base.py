@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 KubeObject = dict[str, Any]
 
-# The agent's configuration is a ConfigMap with this namespace/name, in whatever source feeds it.
+# The agent's configuration is a ConfigMap of this name in bpflb's namespace (the Helm release's), in
+# whatever source feeds it; kube-system when nothing says otherwise (and always for the file source).
 AGENT_CONFIG_NAMESPACE = "kube-system"
 AGENT_CONFIG_NAME = "bpflb-agent"
+NAMESPACE_ENV = "POD_NAMESPACE"           # the downward API's metadata.namespace, set by the chart
+
+
+def own_namespace(given: str | None = None) -> str:
+    """The namespace bpflb runs in: given (a flag), else $POD_NAMESPACE, else kube-system."""
+    return given or os.environ.get(NAMESPACE_ENV) or AGENT_CONFIG_NAMESPACE
 
 
 @dataclass

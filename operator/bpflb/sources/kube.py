@@ -4,9 +4,12 @@ ConfigMap, one thread per resource, behind the same interface as the file source
 Failure handling is the point of this module:
 - the first snapshot() waits until every resource has been listed once, so the agent never programs a
   datapath from a partial view;
-- when the API goes away the objects last seen are kept (the datapath stays as programmed), each watcher
-  retries with exponential backoff, and a successful re-list replaces its resource's objects whole
-  (a resync: the agent then writes only what differs);
+- lists come in pages (limit/continue); a watch resumes from the last resourceVersion it saw (bookmarks
+  keep that current on a quiet resource), so a watch the server ended, or one that broke, picks up where
+  it was without listing again; only 410 Gone (that version was compacted away) lists again;
+- when the API goes away the objects last seen are kept (the datapath stays as programmed) and each
+  watcher retries with exponential backoff and jitter (agents on every node must not come back in step);
+  a re-list replaces its resource's objects whole (a resync: the agent then writes only what differs);
 - a failed request is never an empty list: objects are only ever replaced by a list that succeeded.
 """
 
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpflb.kubeapi import ApiError, KubeClient, KubeObject
+from bpflb.kubeapi import ApiError, KubeClient, KubeObject, backoff_delays
 from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
 
 log = logging.getLogger("bpflb.sources.kube")
@@ -54,8 +57,10 @@ class _Resource:
     view: Callable[[KubeObject], KubeObject] = lambda obj: obj
     objects: dict[tuple[str, str], KubeObject] = field(default_factory=dict)
     listed: bool = False                         # one list succeeded since start
+    version: str | None = None                   # where the watch resumes; None: list first
     connected: bool = False
     error: str | None = None
+    outage_since: float | None = None
 
 
 def _key(obj: KubeObject) -> tuple[str, str]:
@@ -75,10 +80,12 @@ def _same(a: KubeObject, b: KubeObject) -> bool:
 class KubeSource:
     """Services, EndpointSlices, Nodes and the agent ConfigMap from the API, kept current by watches."""
 
-    def __init__(self, client: KubeClient, node_name: str, *, backoff_first: float = BACKOFF_FIRST,
-                 backoff_max: float = BACKOFF_MAX, watch_timeout: int = WATCH_TIMEOUT) -> None:
+    def __init__(self, client: KubeClient, node_name: str, *, namespace: str = AGENT_CONFIG_NAMESPACE,
+                 backoff_first: float = BACKOFF_FIRST, backoff_max: float = BACKOFF_MAX,
+                 watch_timeout: int = WATCH_TIMEOUT) -> None:
         self.client = client
         self.node_name = node_name
+        self.namespace = namespace
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
         self.watch_timeout = watch_timeout
@@ -87,12 +94,13 @@ class KubeSource:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
+        self.relists = 0                # lists after the first one (410 Gone, or an outage's resync)
         self.resources = [
             _Resource("Services", "/api/v1/services"),
             _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices"),
             _Resource("Nodes", "/api/v1/nodes", view=_node_view),
-            _Resource(f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}",
-                      f"/api/v1/namespaces/{AGENT_CONFIG_NAMESPACE}/configmaps",
+            _Resource(f"ConfigMap {namespace}/{AGENT_CONFIG_NAME}",
+                      f"/api/v1/namespaces/{namespace}/configmaps",
                       params={"fieldSelector": f"metadata.name={AGENT_CONFIG_NAME}"},
                       keep=lambda obj: _key(obj)[1] == AGENT_CONFIG_NAME),
         ]
@@ -140,7 +148,7 @@ class KubeSource:
                 return False
             if time.monotonic() - last_note > 10:
                 log.warning("still waiting for the first list of every resource from %s: %s",
-                            self.client.creds.server, "; ".join(self.errors()) or "no answer yet")
+                            self.client.server, "; ".join(self.errors()) or "no answer yet")
                 last_note = time.monotonic()
             self._changed.wait(0.1)
         return True
@@ -166,7 +174,7 @@ class KubeSource:
             elif data is None:
                 snap.config = {}
             else:
-                snap.problems.append(f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}: data must be a "
+                snap.problems.append(f"ConfigMap {self.namespace}/{AGENT_CONFIG_NAME}: data must be a "
                                      f"mapping of strings; got a {type(data).__name__}")
                 snap.config = {}
         self.last_config = snap.config
@@ -180,35 +188,44 @@ class KubeSource:
     # -- watchers ---------------------------------------------------------------------------------------
 
     def _run(self, res: _Resource) -> None:
-        backoff = self.backoff_first
-        outage_since: float | None = None
+        delays = backoff_delays(self.backoff_first, self.backoff_max)
         while not self._stop.is_set():
             try:
-                version = self._list(res)
-                if outage_since is not None:
-                    log.info("%s: API reachable again after %.1fs; re-listed %d objects (resync)",
-                             res.name, time.monotonic() - outage_since, len(res.objects))
-                    outage_since = None
-                backoff = self.backoff_first
-                while not self._stop.is_set():
-                    version, relist = self._watch(res, version)
-                    if relist:
-                        break
+                if res.version is None:             # list (again) before watching
+                    if res.listed:
+                        self.relists += 1
+                    res.version = self._list(res) or ""
+                    self._reachable(res, f"listed {len(res.objects)} objects")
+                self._watch(res)                    # until the server ends the stream; raises when it breaks
+                delays = backoff_delays(self.backoff_first, self.backoff_max)
             except ApiError as exc:
-                with self._lock:
-                    res.connected = False
-                    res.error = str(exc)
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    log.warning("%s: %s; keeping the %d objects last seen (the datapath stays as programmed) "
-                                "and retrying with backoff", res.name, exc, len(res.objects))
-                else:
-                    log.debug("%s: still failing: %s", res.name, exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.backoff_max)
-            except Exception:       # a bug must not silently kill the watcher: log it, keep going
-                log.exception("%s: watcher failed; retrying in %.1fs", res.name, self.backoff_max)
+                if exc.status == 410:               # the version to resume from was compacted away
+                    log.info("%s: resourceVersion %s expired (410 Gone); listing again", res.name, res.version)
+                    res.version = None
+                    continue
+                self._unreachable(res, exc)
+                self._stop.wait(next(delays))
+            except Exception:       # a bug must not silently kill the watcher: log it, list again
+                log.exception("%s: watcher failed; listing again in %.1fs", res.name, self.backoff_max)
+                res.version = None
                 self._stop.wait(self.backoff_max)
+
+    def _reachable(self, res: _Resource, what: str) -> None:
+        with self._lock:
+            res.connected, res.error = True, None
+            since, res.outage_since = res.outage_since, None
+        if since is not None:
+            log.info("%s: API reachable again after %.1fs; %s", res.name, time.monotonic() - since, what)
+
+    def _unreachable(self, res: _Resource, exc: ApiError) -> None:
+        with self._lock:
+            res.connected, res.error = False, str(exc)
+            first, res.outage_since = res.outage_since is None, res.outage_since or time.monotonic()
+        if first:
+            log.warning("%s: %s; keeping the %d objects last seen (the datapath stays as programmed) and "
+                        "retrying with backoff", res.name, exc, len(res.objects))
+        else:
+            log.debug("%s: still failing: %s", res.name, exc)
 
     def _list(self, res: _Resource) -> str | None:
         items, version = self.client.list(res.path, **res.params)
@@ -218,31 +235,28 @@ class KubeSource:
                 any(not _same(obj, res.objects[key]) for key, obj in fresh.items())
             res.objects = fresh
             res.listed = True
-            res.connected = True
-            res.error = None
         if changed:
             self._changed.set()
         return version
 
-    def _watch(self, res: _Resource, version: str | None) -> tuple[str | None, bool]:
-        """Follow one watch stream; return (the last resourceVersion, whether a re-list is needed)."""
-        for event in self.client.watch(res.path, version, timeout_seconds=self.watch_timeout, stop=self._stop,
-                                       params=res.params):
+    def _watch(self, res: _Resource) -> None:
+        """Follow one watch stream from res.version, keeping res.version at the last one seen (a bookmark's
+        too), until the server ends it. ApiError when it breaks, 410 when that version expired."""
+        for event in self.client.watch(res.path, res.version or None, timeout_seconds=self.watch_timeout,
+                                       stop=self._stop, params=res.params,
+                                       opened=lambda: self._reachable(res, f"resumed the watch from "
+                                                                           f"resourceVersion {res.version}")):
             kind = event.get("type")
             obj = event.get("object")
             if not isinstance(obj, dict):
                 continue
             if kind == "ERROR":
-                code = obj.get("code")
-                if code == 410:         # our resourceVersion is too old: list again
-                    log.info("%s: watch expired (410 Gone); re-listing", res.name)
-                    return None, True
-                raise ApiError(int(code or 0), "WATCH", res.path, str(obj.get("message") or obj))
-            version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                code = int(obj.get("code") or 0)
+                raise ApiError(code, "WATCH", res.path, str(obj.get("message") or obj), str(obj.get("reason") or ""))
+            res.version = (obj.get("metadata") or {}).get("resourceVersion") or res.version
             if kind == "BOOKMARK" or not res.keep(obj):
                 continue
             self._apply(res, kind, obj)
-        return version, False
 
     def _apply(self, res: _Resource, kind: Any, obj: KubeObject) -> None:
         key = _key(obj)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from bpflb.kubeapi import ApiError, Credentials, KubeClient, resource_path
+from bpflb.kubeapi import ApiError, KubeClient, anonymous, resource_path
 from bpflb_lab.lab import netns, topology
 from bpflb_lab.lab.cluster import ClusterDir
 from bpflb_lab.lab.errors import LabError
@@ -38,7 +38,7 @@ API_IP = topology.FABRIC_NET.network_address + 2
 API_PORT = 6443
 API_URL = f"http://{API_IP}:{API_PORT}"
 KUBE_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --kube --kubeconfig {kubeconfig} "
-                  "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root}")
+                  "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root} --metrics-listen 0.0.0.0:9962")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs/cni-cilium"
 START_TIMEOUT = 20.0
 
@@ -106,7 +106,7 @@ def module_config(mode: str, tunnel: str, algorithm: str) -> dict[str, Any]:
 
 
 def _client() -> KubeClient:
-    return KubeClient(Credentials(server=API_URL), user_agent="bpflb-lab")
+    return KubeClient(anonymous(API_URL), user_agent="bpflb-lab")
 
 
 def _call(verb: str, path: str, body: Any = None) -> Any:

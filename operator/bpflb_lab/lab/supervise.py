@@ -20,8 +20,11 @@ from bpflb_lab.lab.parts import LabParts
 from bpflb_lab.lab.state import LabState, PodRecord
 
 ENV_AGENT_CMD = "BPFLB_LAB_AGENT_CMD"
+# Metrics and probes on the node's own namespace (each node is a network namespace: the same port on each).
+METRICS_PORT = 9962
 DEFAULT_AGENT_CMD = ("{python} -m bpflb agent --node-name {node} --source-dir {source_dir} "
-                     "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root}")
+                     "--pin-root {pin_root} --device {device} --cgroup-root {cgroup_root} "
+                     f"--metrics-listen 0.0.0.0:{METRICS_PORT}")
 ECHO_START_TIMEOUT = 15.0
 BPFFS = Path("/sys/fs/bpf")
 
