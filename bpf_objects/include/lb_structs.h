@@ -358,4 +358,26 @@ struct lb_neigh_key {
 
 /* ---- end of flow state ---- */
 
+/* ---- source ranges (issue 16; srcrange.h): loadBalancerSourceRanges with svcSourceRangeCheck ---- */
+
+/* lb_svc_val.flags on a frontend's master slot: the client's address must be in the frontend's prefixes
+ * in lb_src_ranges (LB_SVC_F_SRC_RANGE), or must not be (with LB_SVC_F_SRC_RANGE_DENY as well). */
+#define LB_SVC_F_SRC_RANGE 64
+#define LB_SVC_F_SRC_RANGE_DENY 128
+
+/* Counters of the source range check (lb_stats indices 56..63). */
+#define STAT_DROP_SRC_RANGE 56        /* a packet to a frontend from a client its source ranges refuse */
+
+#define LB_SRC_RANGES_MAX 65536       /* prefixes of all frontends together (lb_src_ranges entries) */
+
+/* A frontend's allowed (or denied) client prefix: an LPM key whose prefixlen counts 32 bits of svc_id and
+ * then the prefix's own length, so a lookup with prefixlen 64 matches only that frontend's prefixes. */
+struct lb_src_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;          /* the frontend's service id (lb_svc_val.id of its master slot) */
+	__u32 addr;            /* network order */
+};
+
+/* ---- end of source ranges ---- */
+
 #endif

@@ -14,6 +14,7 @@
 #include "dsr.h"
 #include "tunnel.h"
 #include "flow.h"
+#include "srcrange.h"
 #include "reset.h"
 #include "hostnat.h"
 #include "ct_icmp.h"
@@ -150,6 +151,8 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_PASS_NOT_SERVICE);
 		return TC_ACT_OK;
 	}
+	if (srcrange_denied(&p, svc))
+		return TC_ACT_SHOT;
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {

@@ -17,6 +17,7 @@
 #include "flow.h"
 #include "fib.h"
 #include "dsr.h"
+#include "srcrange.h"
 #include "neigh.h"
 
 static __always_inline int xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr,
@@ -192,6 +193,8 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	svc = lb_lookup_service(&p);
 	if (!svc || (svc->flags & LB_SVC_F_CLUSTER_IP))   /* a ClusterIP is not served from outside */
 		return XDP_PASS;
+	if (srcrange_denied(&p, svc))
+		return XDP_DROP;
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {

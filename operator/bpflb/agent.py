@@ -19,6 +19,7 @@ from pathlib import Path
 from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.conntrack import Schedule, describe
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
+from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
 from bpflb.metrics import AgentMetrics
 from bpflb.model.budget import Budget, Refusal
 from bpflb.model.cluster import (
@@ -40,7 +41,7 @@ from bpflb.model.types import (
     Mode,
     Problem,
 )
-from bpflb.sources.base import Source
+from bpflb.sources.base import Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
 LOGGED_CHANGES = 50        # frontend changes logged one by one per sync at INFO (the rest at DEBUG, then a summary)
@@ -55,6 +56,10 @@ class AgentOptions:
     cgroup_root: Path | None = None    # the socket LB's cgroup v2 directory; None: this mount namespace's root
     socket_lb: bool = True             # False (--no-socket-lb): never the socket LB on this node, whatever socketLB says
     nat_port_range: tuple[int, int] = NAT_PORT_RANGE_DEFAULT   # SNAT source ports (--nat-port-range)
+    # kube-proxy's health servers (bpflb.healthcheck): healthCheckNodePorts on the node's addresses, and the
+    # proxy health server at healthz_bind_address ("" for none). Off by default: `bpflb agent` turns them on.
+    health_servers: bool = False
+    healthz_bind_address: str = f"0.0.0.0:{PROXY_HEALTH_PORT}"
     mount_bpffs: bool = False          # mount bpffs when the pin root is on none (an agent run on the host itself)
 
 
@@ -108,7 +113,11 @@ class Agent:
         self.mode: Mode | None = None
         self.debug_logging = False
         self._problems_seen: set[str] = set()
+        self._notes_seen: set[str] = set()
         self._stop = threading.Event()
+        # Healthy while every change noticed is synced within twice the resync interval (kube-proxy's rule).
+        self.health = ProxyHealth(timeout=2 * opts.resync_interval)
+        self.health_servers: HealthServers | None = None
         self.gc_schedule = Schedule()
         # The probes' and metrics' view of the loop (bpflb.metrics): live while it turns, ready once synced.
         self.heartbeat = time.monotonic()
@@ -168,6 +177,8 @@ class Agent:
         state = self.translator.translate(snap)
         for problem in state.problems:
             self._problem(str(problem))
+        for note in state.notes:
+            self._note(str(note))
         if not state.node_addrs:
             log.warning("Node %s has no IPv4 address in the source yet; not programming", self.opts.node_name)
             return None
@@ -219,6 +230,7 @@ class Agent:
         self.mode = mode
         self._log_frontend_changes(self.state, state)
         self.state = state
+        self._serve_health(snap, state)
         return done.sync
 
     def _refuse(self, refusals: list[Refusal], failed: list[tuple[str, str, str]]) -> None:
@@ -239,6 +251,21 @@ class Agent:
         for service in self.refused.keys() - refused.keys():
             log.info("Service %s fits the datapath again: programmed", service)
         self.refused = refused
+
+    def _serve_health(self, snap: Snapshot, state: DesiredState) -> None:
+        """The datapath holds what was noticed: healthy again; the health servers follow the new state."""
+        self.health.updated()
+        me = next((n for n in snap.nodes if isinstance(n, dict) and
+                   (n.get("metadata") or {}).get("name") == self.opts.node_name), None)
+        self.health.set_node_eligible(node_eligible(me))
+        if not self.opts.health_servers:
+            return
+        if self.health_servers is None:
+            host, _, port = self.opts.healthz_bind_address.rpartition(":")
+            listen = (host or "0.0.0.0", int(port)) if self.opts.healthz_bind_address else None
+            self.health_servers = HealthServers(self.health, listen)
+        for text in self.health_servers.sync(state.health_checks, state.node_addrs):
+            self._problem(text)
 
     def _socket_lb(self, setting: bool) -> bool:
         """socketLB as the configuration says it, unless this agent was started with --no-socket-lb."""
@@ -270,6 +297,8 @@ class Agent:
         log.info("the agent configuration says %s=true: detaching the programs from %s and removing the "
                  "pinned maps", UNINSTALL_KEY, device or "(no device found)")
         self.uninstall(device)
+        if self.health_servers is not None:
+            self.health_servers.sync({}, ())       # no Service's health is this node's to tell any more
         self.state = None
         self.mode = None
         self.uninstalled = True
@@ -301,6 +330,12 @@ class Agent:
         if text not in self._problems_seen:
             self._problems_seen.add(text)
             log.warning("skipped: %s", text)
+
+    def _note(self, text: str) -> None:
+        """A field bpflb does not act on: said once (it is in the node report as long as it holds)."""
+        if text not in self._notes_seen:
+            self._notes_seen.add(text)
+            log.warning("not acted on: %s", text)
 
     def collect_conntrack(self) -> None:
         """Run the conntrack GC (ended flows out; handshake-incomplete ones early under pressure) and say
@@ -355,17 +390,22 @@ class Agent:
             return
         threading.Thread(target=self._gc_loop, name="conntrack-gc", daemon=True).start()
         last_full = 0.0
-        while not self._stop.is_set():
-            report = self.run_once(last_full)
-            if report is not None:
-                last_full = time.monotonic()
+        try:
             while not self._stop.is_set():
-                self.heartbeat = time.monotonic()
-                if self.source.wait_for_change(0.5):
-                    break
-                self._refresh_pods()
-                if time.monotonic() - last_full > self.opts.resync_interval:
-                    break
+                report = self.run_once(last_full)
+                if report is not None:
+                    last_full = time.monotonic()
+                while not self._stop.is_set():
+                    self.heartbeat = time.monotonic()
+                    if self.source.wait_for_change(0.5):
+                        self.health.queued_update()
+                        break
+                    self._refresh_pods()
+                    if time.monotonic() - last_full > self.opts.resync_interval:
+                        break
+        finally:
+            if self.health_servers is not None:
+                self.health_servers.close()
         self.datapath.close()
 
     def run_once(self, last_full: float = 0.0, retry_delay: float = 1.0) -> SyncReport | None:
@@ -379,6 +419,7 @@ class Agent:
             log.exception("sync failed; the datapath keeps its current state, retrying")
             report = None
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.health.queued_update()         # what was noticed is still not in the datapath
         self._observe(time.monotonic() - started, report)
         if self.last_error is not None:
             self._stop.wait(retry_delay)

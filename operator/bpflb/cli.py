@@ -31,7 +31,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return 2
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
                         cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
-                        socket_lb=not args.no_socket_lb, nat_port_range=nat_ports, mount_bpffs=args.mount_bpffs)
+                        socket_lb=not args.no_socket_lb, nat_port_range=nat_ports,
+                        health_servers=not args.no_health_servers and not args.once,
+                        healthz_bind_address=args.healthz_bind_address, mount_bpffs=args.mount_bpffs)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -179,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--no-socket-lb", action="store_true",
                        help="never attach the socket LB on this node, whatever the configuration's socketLB says")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
+    agent.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="ADDR:PORT",
+                       help="kube-proxy's proxy health server (/healthz, /livez); '' for none (default 0.0.0.0:10256)")
+    agent.add_argument("--no-health-servers", action="store_true",
+                       help="serve neither the proxy health server nor the healthCheckNodePorts of eTP Local "
+                            "LoadBalancer Services (a kube-proxy on the node serves them)")
     agent.add_argument("--uninstall", action="store_true",
                        help="detach the programs from --device and remove the pinned maps, then exit")
     agent.add_argument("-v", "--verbose", action="store_true")

@@ -53,10 +53,13 @@ class PinnedMaps:
     stats_map: Map
     ct_fwd: Map
     ct_rev: Map
+    src_ranges: Map | None = None      # absent in pins of releases before source ranges
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd, self.ct_rev):
-            m.close()
+        for m in (self.services, self.backends, self.config, self.stats_map, self.ct_fwd, self.ct_rev,
+                  self.src_ranges):
+            if m is not None:
+                m.close()
 
     def __enter__(self) -> Self:
         return self
@@ -66,8 +69,23 @@ class PinnedMaps:
 
     @classmethod
     def open(cls, pin_root: Path) -> PinnedMaps:
-        return cls(*(open_pinned(pin_root, n) for n in ("lb_services", "lb_backends", "lb_config", "lb_stats",
+        maps = cls(*(open_pinned(pin_root, n) for n in ("lb_services", "lb_backends", "lb_config", "lb_stats",
                                                         "ct_fwd", "ct_rev")))
+        if (pin_root / "lb_src_ranges").exists():
+            maps.src_ranges = open_pinned(pin_root, "lb_src_ranges")
+        return maps
+
+
+def _source_ranges(maps: MapSet) -> dict[int, list[str]]:
+    """Each frontend's prefixes in lb_src_ranges, by service id."""
+    m: Map | None = getattr(maps, "src_ranges", None)
+    out: dict[int, list[str]] = {}
+    if m is None:
+        return out
+    for k, _ in m.items_raw():
+        key = m.decode_key(k)
+        out.setdefault(int(key.svc_id), []).append(f"{_addr(key.addr)}/{int(key.prefixlen) - 32}")
+    return {sid: sorted(nets) for sid, nets in out.items()}
 
 
 def collect(pin_root: Path) -> dict[str, Any]:
@@ -90,6 +108,7 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
             "local": bool(be.flags & const("LB_BE_F_LOCAL"))}
     frontends: dict[tuple[str, int, str], dict[str, Any]] = {}
     slots: dict[tuple[str, int, str], dict[int, int]] = {}
+    ranges = _source_ranges(maps)
     for k, v in svc.items_raw():
         key, val = svc.decode_key(k), svc.decode_value(v)
         ident = (_addr(key.addr), _port(key.port), Proto(key.proto).name)
@@ -102,7 +121,12 @@ def collect_maps(maps: MapSet) -> dict[str, Any]:
                                 "policy": "Local" if flags & const("LB_SVC_F_LOCAL") else "Cluster",
                                 "count": val.count, "reject": bool(flags & const("LB_SVC_F_NO_ENDPOINTS")),
                                 "affinity_timeout": int(val.affinity_timeout),
-                                "algorithm": "Maglev" if val.algorithm else "Random"}
+                                "algorithm": "Maglev" if val.algorithm else "Random",
+                                "source_ranges": (ranges.get(int(val.id), []) if flags & const("LB_SVC_F_SRC_RANGE")
+                                                  else None),
+                                "source_ranges_policy": (None if not flags & const("LB_SVC_F_SRC_RANGE") else
+                                                         "deny" if flags & const("LB_SVC_F_SRC_RANGE_DENY")
+                                                         else "allow")}
         else:
             slots.setdefault(ident, {})[key.slot] = val.id
     for ident, fe in frontends.items():
@@ -144,9 +168,11 @@ def show(pin_root: Path, as_json: bool = False) -> int:
     sock = f"socket LB on ({', '.join(data['socket_lb'])})" if data.get("socket_lb") else "socket LB off"
     print(f"mode {data['mode']}, SNAT source {data['snat_address']}, {data['flows']} tracked flows, {sock}\n")
     rows = [(f["frontend"], f["kind"], f["policy"],
-             "reject (no endpoints)" if f["reject"] else (", ".join(f["backends"]) or "drop (no local)"))
+             "reject (no endpoints)" if f["reject"] else (", ".join(f["backends"]) or "drop (no local)"),
+             "-" if f["source_ranges"] is None else
+             f"{f['source_ranges_policy']} {', '.join(f['source_ranges']) or '(none)'}")
             for f in data["frontends"]]
-    _table(("FRONTEND", "KIND", "POLICY", "BACKENDS"), rows)
+    _table(("FRONTEND", "KIND", "POLICY", "BACKENDS", "SOURCE RANGES"), rows)
     print()
     ct = data["conntrack"]
     if ct:

@@ -7,8 +7,14 @@ optimistic concurrency (a patch naming a stale resourceVersion is a 409 Conflict
 thread of its own, over http or https, and keeps every request's method, path and Authorization for tests
 to look at; `python -m bpflb_lab.apiserver` runs it as the lab's control-plane process.
 
-It is not a kube-apiserver: no admission webhooks, no label or field selectors (clients filter), no
-garbage collection, no PUT, no authentication (credentials are recorded, not checked).
+What kubectl needs of it is there too (bpflb_lab.apitables): discovery with short names, categories and the
+subresources as kube-apiserver lists them, typed lists, server-side tables (kube-apiserver's columns for
+built-in kinds, a stored CRD's printer columns for its resources), label and field selectors on lists and
+watches, the end of a watch's initial events bookmarked, strategic merge and JSON patches, and the OpenAPI
+kubectl apply's field validation and explain look up.
+
+It is not a kube-apiserver: no admission webhooks, no garbage collection, no PUT, no server-side apply, no
+authentication (credentials are recorded, not checked).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import copy
 import datetime
 import ipaddress
 import json
+import re
 import signal
 import ssl
 import sys
@@ -43,12 +50,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmock._internal import aiobus
 from kmock._internal import k8s as _kmock_k8s
 from kmock._internal import parsing as _kmock_parsing
+from kmock._internal.rendering import Response as _Response
 
 from bpflb.kubeapi import write_kubeconfig
+from bpflb_lab import apitables
 
 T = TypeVar("T")
 
-# (api group/version, plural) -> (kind, namespaced, subresources, short names)
+# (api group/version, plural) -> (kind, namespaced, subresources, short names); categories as kube-apiserver's
 RESOURCES: dict[tuple[str, str], tuple[str, bool, frozenset[str], frozenset[str]]] = {
     ("v1", "namespaces"): ("Namespace", False, frozenset({"status"}), frozenset({"ns"})),
     ("v1", "nodes"): ("Node", False, frozenset({"status"}), frozenset({"no"})),
@@ -61,10 +70,11 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool, frozenset[str], frozenset[str]
     ("coordination.k8s.io/v1", "leases"): ("Lease", True, frozenset(), frozenset()),
     ("deckhouse.io/v1alpha1", "moduleconfigs"): ("ModuleConfig", False, frozenset({"status"}), frozenset({"mc"})),
     ("apiextensions.k8s.io/v1", "customresourcedefinitions"):
-        ("CustomResourceDefinition", False, frozenset({"status"}), frozenset({"crd"})),
+        ("CustomResourceDefinition", False, frozenset({"status"}), frozenset({"crd", "crds"})),
     ("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations"):
         ("ValidatingWebhookConfiguration", False, frozenset(), frozenset()),
 }
+CATEGORIES = {"services": ["all"], "pods": ["all"], "daemonsets": ["all"]}
 NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 VERBS = frozenset({"get", "list", "watch", "create", "patch", "delete"})
 
@@ -149,6 +159,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self.resources[f"{api_version}/{plural}"] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs=set(VERBS), subresources=set(subresources),
                 shortnames=set(short), singular=kind.lower())
+        self.fallback["get", re.compile(r"^/openapi/v3/.+")] << self._serve_openapi
+        self.fallback["get /openapi/v3"] << self._serve_openapi_root
         self.preload("v1", "namespaces", ({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
                                            "status": {"phase": "Active"}} for name in NAMESPACES))
 
@@ -188,15 +200,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         async with self._write_lock:
             if request.data is not None:
                 try:
+                    self._as_merge_patch(request)
                     self._stamp(request)
                 except _kmock_k8s.KubernetesError as exc:
                     return await self._render_error(exc)
             return await super()._handle(request)
 
-    async def _serve_list(self, request: kmock.Request) -> Any:
-        """The objects in a stable order, a page of them when limit is given (continue: the next page)."""
+    async def _list_page(self, request: kmock.Request) -> Any:
+        """The objects its selectors select, in a stable order, a page of them when limit is given (continue:
+        the next page)."""
         answer: Any = await super()._serve_list(request)
-        items = sorted(answer.get("items") or [], key=_object_key)
+        selected = self._selected(request)
+        items = sorted((i for i in answer.get("items") or [] if selected(i)), key=_object_key)
         version = self._revision_now
         params = request.params or {}
         token = params.get("continue")
@@ -225,9 +240,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return bool(resource == request.resource and (request.namespace is None or namespace == request.namespace)
                     and (request.name is None or name == request.name))
 
-    async def _serve_watch(self, request: kmock.Request) -> Any:
-        """From resourceVersion on (the history since), else every object as ADDED first; then live events,
-        BOOKMARKs when asked for, until timeoutSeconds."""
+    async def _watch_stream(self, request: kmock.Request) -> Any:
+        """From resourceVersion on (the history since), else every object as ADDED first (then, with
+        sendInitialEvents, the bookmark that ends them); then live events, BOOKMARKs when asked for, until
+        timeoutSeconds."""
         yield b""
         params = request.params or {}
         since = params.get("resourceVersion") or ""
@@ -254,6 +270,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             seen = max([int(since) if since.isdigit() else 0] + [_revision(e["object"]) for e in replay])
             for event in replay:
                 yield event
+            if params.get("sendInitialEvents") == "true":     # a WatchList (client-go's reflector, kubectl wait)
+                info = self.resources.get(request.resource)
+                yield {"type": "BOOKMARK", "object": {
+                    "kind": info.kind if isinstance(info, kmock.ResourceInfo) else "",
+                    "metadata": {"resourceVersion": str(max(seen, self._revision_now)),
+                                 "annotations": {"k8s.io/initial-events-end": "true"}}}}
             while True:
                 now = asyncio.get_running_loop().time()
                 wait = self.bookmark_interval if bookmarks else None
@@ -282,6 +304,164 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         finally:
             with contextlib.suppress(Exception):
                 await bus.unmark(marker)
+
+    def _as_merge_patch(self, request: kmock.Request) -> None:
+        """Strategic merge patches (kubectl apply on built-in kinds) and JSON patches (kubectl patch --type
+        json) become the JSON merge patches the emulator stores."""
+        kind = (request.headers.get("Content-Type") or "").split(";")[0].strip()
+        if request.action != kmock.action.UPDATE or kind not in ("application/strategic-merge-patch+json",
+                                                                 "application/json-patch+json"):
+            return
+        current = self._current(request) or {}
+        if request.subresource == "status":
+            current = {"status": current.get("status")}
+        if kind == "application/json-patch+json" and isinstance(request.data, list):
+            data = apitables.json_patch_to_merge(current, request.data)
+        else:
+            data = apitables.strategic_to_merge(current, request.data)
+        object.__setattr__(request, "data", data)
+
+    # -- what kubectl reads ---------------------------------------------------------------------------------
+
+    async def _serve_api(self, request: kmock.Request) -> Any:
+        host = request.url.host or "127.0.0.1"
+        return {"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
+                                                "serverAddress": f"{host}:{request.url.port}"}]}
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """An APIResourceList as kube-apiserver gives it: group/version ("v1" for the core group), short names,
+        categories and verbs on the resources, subresources listed bare."""
+        assert request.resource is not None
+        group, version = request.resource.group, request.resource.version
+        resources = []
+        for (api_version, plural), (kind, namespaced, subresources, short) in RESOURCES.items():
+            g, _, v = api_version.rpartition("/")
+            if (g, v) != (group, version):
+                continue
+            resources.append({"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
+                              "verbs": sorted(VERBS), "shortNames": sorted(short),
+                              "categories": CATEGORIES.get(plural, [])})
+            resources += [{"name": f"{plural}/{sub}", "singularName": "", "namespaced": namespaced, "kind": kind,
+                           "verbs": ["get", "patch"]} for sub in sorted(subresources)]
+        if not resources:
+            raise kmock.KubernetesResourceNotFoundError()
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+    def _kind(self, request: kmock.Request) -> str:
+        assert request.resource is not None
+        info = self.resources.get(request.resource)
+        kind = getattr(info, "kind", None)
+        return str(kind or str(request.resource.plural).capitalize())
+
+    def _api_version(self, request: kmock.Request) -> str:
+        assert request.resource is not None
+        group, version = request.resource.group, request.resource.version
+        return f"{group}/{version}" if group else str(version)
+
+    def _printer(self, request: kmock.Request) -> apitables.Printer:
+        assert request.resource is not None
+        kind = self._kind(request)
+        if kind in apitables.BUILTIN and request.resource.group in ("", "discovery.k8s.io", "apps",
+                                                                   "coordination.k8s.io", "apiextensions.k8s.io",
+                                                                   "admissionregistration.k8s.io"):
+            return apitables.BUILTIN[kind]
+        crds = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
+        for (res, _ns, _name), obj in self.objects.items():
+            if res != crds or obj.deleted:
+                continue
+            spec = obj.raw.get("spec") or {}
+            if spec.get("group") == request.resource.group and \
+                    (spec.get("names") or {}).get("plural") == request.resource.plural:
+                printer = apitables.crd_printer(obj.raw, str(request.resource.version))
+                if printer is not None:
+                    return printer
+        return apitables.DEFAULT
+
+    def _selected(self, request: kmock.Request) -> Any:
+        labels = apitables.label_matcher(request.params.get("labelSelector"))
+        fields = apitables.field_matcher(request.params.get("fieldSelector"))
+        return lambda obj: isinstance(obj, dict) and labels(obj) and fields(obj)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        """A typed list (kind <Kind>List), or a Table when kubectl asks for one."""
+        page: Any = await self._list_page(request)
+        if apitables.is_table_request(request.headers.get("Accept")):
+            table = apitables.table(page["items"], self._printer(request), page["metadata"]["resourceVersion"],
+                                    request.params.get("includeObject"))
+            table["metadata"] = page["metadata"]
+            return table
+        return {**page, "kind": f"{self._kind(request)}List", "apiVersion": self._api_version(request)}
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        obj: Any = await super()._serve_fetch(request)
+        if apitables.is_table_request(request.headers.get("Accept")):
+            return apitables.table([obj], self._printer(request), str(self._revision_now), request.params.get("includeObject"))
+        return obj
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:  # type: ignore[override]
+        """The watch stream, filtered by the selectors, as application/json (client-go refuses a stream it
+        has no serializer for)."""
+        return _Response(headers={"Content-Type": "application/json"}, payload=self._watch_events(request))
+
+    async def _watch_events(self, request: kmock.Request) -> Any:
+        """The watch stream with the selectors applied, and Table rows when kubectl asks for a table
+        (`get -w`)."""
+        selected = self._selected(request)
+        printer = self._printer(request) if apitables.is_table_request(request.headers.get("Accept")) else None
+        include = request.params.get("includeObject")
+        async for event in self._watch_stream(request):
+            if not isinstance(event, dict) or event.get("type") in ("BOOKMARK", "ERROR"):
+                yield event
+            elif selected(event.get("object")):
+                yield event if printer is None else {**event, "object": apitables.table(
+                    [event["object"]], printer, str(self._revision_now), include)}
+
+    # -- OpenAPI v3: what kubectl apply's field validation and kubectl explain look up ------------------------
+
+    def _group_versions(self) -> dict[str, list[tuple[str, str, bool]]]:
+        """"api/v1", "apis/GROUP/VERSION" -> (plural, kind, namespaced) of every resource served."""
+        out: dict[str, list[tuple[str, str, bool]]] = {}
+        for (api_version, plural), (kind, namespaced, _sub, _short) in RESOURCES.items():
+            key = f"apis/{api_version}" if "/" in api_version else f"api/{api_version}"
+            out.setdefault(key, []).append((plural, kind, namespaced))
+        return out
+
+    async def _serve_openapi_root(self, request: kmock.Request) -> Any:
+        return {"paths": {gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={self._revision_now}"}
+                          for gv in self._group_versions()}}
+
+    async def _serve_openapi(self, request: kmock.Request) -> Any:
+        """One group/version's document: a PATCH operation per resource that takes fieldValidation (so kubectl
+        lets the server validate instead of downloading schemas), and the schemas stored CRDs declare."""
+        gv = request.url.path.removeprefix("/openapi/v3/").strip("/")
+        resources = self._group_versions().get(gv)
+        if resources is None:
+            raise kmock.KubernetesNotFoundError()
+        group, _, version = gv.removeprefix("apis/").removeprefix("api/").rpartition("/")
+        paths: dict[str, Any] = {}
+        for plural, kind, namespaced in resources:
+            where = f"/{gv}/namespaces/{{namespace}}/{plural}/{{name}}" if namespaced else f"/{gv}/{plural}/{{name}}"
+            paths[where] = {"patch": {
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}]}}
+        schemas: dict[str, Any] = {}
+        crds = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
+        for (res, _ns, _name), obj in self.objects.items():
+            spec = obj.raw.get("spec") or {} if res == crds and not obj.deleted else {}
+            if spec.get("group") != group:
+                continue
+            kind = str((spec.get("names") or {}).get("kind"))
+            for v in spec.get("versions") or []:
+                schema = (v.get("schema") or {}).get("openAPIV3Schema")
+                if v.get("name") == version and schema:
+                    name = ".".join(reversed(str(group).split("."))) + f".{version}.{kind}"
+                    schemas[name] = {**schema, "x-kubernetes-group-version-kind": [
+                        {"group": group, "version": version, "kind": kind}]}
+        return {"openapi": "3.0.0", "info": {"title": "bpflb lab (emulated)", "version": "v0"}, "paths": paths,
+                "components": {"schemas": schemas}}
 
     def _stamp(self, request: kmock.Request) -> None:
         """Fill in what the API server owns before the emulator stores the object."""

@@ -60,6 +60,7 @@ def test_module_config_creates_the_daemonset_and_the_agents_configuration(
     assert cm["data"]["tunnelMode"] == "Disabled"
     assert cm["data"]["lbAlgorithm"] == "Maglev"
     assert cm["data"]["uninstall"] == "false"
+    assert cm["data"]["svcSourceRangeCheck"] == "false"
     assert len(cm["data"]["configGeneration"]) == 12
 
     ds = wait_for("the DaemonSet", lambda: client.get(DS_PATH))
@@ -105,6 +106,11 @@ def test_a_mode_change_updates_the_configuration_and_leaves_the_pod_template_alo
     assert after["spec"]["template"] == before["spec"]["template"]
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]   # not even patched
     assert any("bpfLBMode SNAT -> Hybrid" in e for e in events(client))
+    # svcSourceRangeCheck is accepted and reaches the agents the same way (they enforce the ranges).
+    client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"svcSourceRangeCheck": True}}})
+    wait_for("svcSourceRangeCheck true in the ConfigMap",
+             lambda: (c := client.get(CM_PATH)) and c["data"]["svcSourceRangeCheck"] == "true")
+    assert not any("Degraded" in e or "Invalid" in e for e in events(client))
 
 
 def test_status_follows_the_node_reports(client: KubeClient, start_operator: Callable[..., RunningOperator]) -> None:

@@ -46,7 +46,7 @@ def test_a_refused_service_gets_one_warning_event_per_reason(client: KubeClient)
 def test_the_node_report_and_the_module_config_name_the_refused_service() -> None:
     spec = {"enabled": True, "version": 1, "settings": {"bpfLBMode": "SNAT"}}
     applied = agent_config_data(validate_spec(spec).settings)
-    agent = SimpleNamespace(state=SimpleNamespace(frontends={1: 1, 2: 2}, problems=[]), mode=Mode.SNAT,
+    agent = SimpleNamespace(state=SimpleNamespace(frontends={1: 1, 2: 2}, problems=[], notes=[]), mode=Mode.SNAT,
                             uninstalled=False, last_error=None, refused={"default/big": BIG})
     source = SimpleNamespace(last_config=applied, connected=True, errors=list)
     data = agent_report(agent, source, SimpleNamespace())  # type: ignore[arg-type]

@@ -72,10 +72,12 @@ GOOD = [
                                 "svcSourceRangeCheck": False, "debugLogging": False}},
     {"enabled": False},
     {"enabled": True, "version": 1, "settings": {}},
+    {"version": 1, "settings": {"bpfLBMode": "SNAT", "svcSourceRangeCheck": True}},
 ]
 
 
-@pytest.mark.parametrize("spec", GOOD, ids=["snat", "dsr", "hybrid-maglev", "disabled", "defaults"])
+@pytest.mark.parametrize("spec", GOOD, ids=["snat", "dsr", "hybrid-maglev", "disabled", "defaults",
+                                            "source-range-check"])
 def test_good_configurations_are_allowed(webhook: Callable[..., Any], spec: dict[str, Any]) -> None:
     answer = webhook(spec)
     assert answer["allowed"] is True, answer
@@ -83,9 +85,8 @@ def test_good_configurations_are_allowed(webhook: Callable[..., Any], spec: dict
 
 
 BAD = [
-    ("source-range-check-not-implemented", {"version": 1, "settings": {"svcSourceRangeCheck": True}},
-     ("spec.settings.svcSourceRangeCheck: not implemented yet: this release does not enforce "
-     "loadBalancerSourceRanges; expected false (or unset); got true")),
+    ("wrong-type-source-range-check", {"version": 1, "settings": {"svcSourceRangeCheck": "true"}},
+     'spec.settings.svcSourceRangeCheck: must be true or false; got "true" (a string)'),
     ("maintenance-unknown", {"version": 1, "maintenance": "Sleep"},
      'spec.maintenance: must be NoResourceReconciliation (or unset); got "Sleep"'),
     ("wrong-enum", {"version": 1, "settings": {"bpfLBMode": "dsr"}},

@@ -333,3 +333,57 @@ def pod_path_on(lab: Lab, pod: str) -> bool:
 def cluster_ip(lab: Lab, service: str) -> str:
     """A lab Service's clusterIP ("default/echo")."""
     return str(next(s for s in lab.status()["services"] if s["name"] == service)["clusterIP"])
+
+
+# --- client-side requests that say what happened (run with lab.run_in in the client's namespace) ----------
+
+
+def http_from(addr: str, port: int, path: str = "/hostname", src: str | None = None,
+              timeout: float = 1.0) -> tuple[int | None, str]:
+    """One GET on a new connection (from source address src when given): (status, body), or (None, why) when
+    no answer came ("timeout": dropped; "refused": a RST)."""
+    try:
+        with socket.socket() as s:
+            s.settimeout(timeout)
+            if src is not None:
+                s.bind((src, 0))
+            s.connect((addr, port))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except TimeoutError:
+        return None, "timeout"
+    except ConnectionRefusedError:
+        return None, "refused"
+    except OSError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/") else b"0"
+    return int(status), body.decode(errors="replace")
+
+
+def http_many(targets: list[tuple[str, int, str, str | None]], timeout: float = 1.0) -> list[tuple[int | None, str]]:
+    """http_from for each (addr, port, path, src), one after the other."""
+    return [http_from(a, p, path, src, timeout) for a, p, path, src in targets]
+
+
+def udp_flow(addr: str, port: int, sport: int, progress: str, stop: str, limit: float) -> list[str]:
+    """One UDP flow (a fixed source port): "hostname" every 0.1 s until `stop` exists or `limit` seconds pass;
+    every answer (the pod's name) is appended to the file `progress` as it comes."""
+    answers: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", sport))
+        s.settimeout(0.2)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and not os.path.exists(stop):
+            s.sendto(b"hostname", (addr, port))
+            try:
+                data, _ = s.recvfrom(2048)
+            except TimeoutError:
+                continue
+            answers.append(data.decode().strip())
+            with open(progress, "a") as f:
+                f.write(answers[-1] + "\n")
+            time.sleep(0.1)
+    return answers

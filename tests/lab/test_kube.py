@@ -6,11 +6,17 @@ reaches the operator, which must keep the last valid configuration)."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, kube
@@ -126,3 +132,74 @@ def test_services_changed_through_the_api_reach_the_datapath(lab: Lab) -> None:
     lab.delete("service", "api-svc")
     wait("the frontend gone", lambda: not any(f["frontend"].endswith(":30500/TCP")
                                               for d in datapath(lab).values() for f in d["frontends"]), 10)
+
+
+# -- the docs' kubectl walkthrough, with the real kubectl -----------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def walkthrough() -> list[tuple[str, str | None, str | None]]:
+    """(command, its stdin, the output the doc shows after it) for every kubectl command of the doc's
+    "kubectl walkthrough" section: its shell blocks (heredocs as stdin), then the `kubectl ...` spans of its
+    text; an output block after a shell block belongs to that block's last `kubectl get`."""
+    section = DOC.read_text().split("## kubectl walkthrough", 1)[1].split("\n## ", 1)[0]
+    steps: list[tuple[str, str | None, str | None]] = []
+    for block, output in re.findall(r"```sh\n(.*?)```\n(?:```\n(.*?)```)?", section, re.DOTALL):
+        lines = block.splitlines()
+        i = 0
+        while i < len(lines):
+            line, stdin = lines[i], None
+            heredoc = re.search(r"<<'(\w+)'", line)
+            if heredoc:
+                end = lines.index(heredoc.group(1), i)
+                stdin, line, i = "\n".join(lines[i + 1:end]) + "\n", line[:heredoc.start()].strip(), end
+            steps.append((line, stdin, None))
+            i += 1
+        if output:
+            last = max(k for k, (cmd, _, _) in enumerate(steps) if cmd.startswith("kubectl get"))
+            steps[last] = (steps[last][0], steps[last][1], output)
+    prose = re.sub(r"```.*?```", "", section, flags=re.DOTALL)
+    steps += [(span, None, None) for span in re.findall(r"`(kubectl [^`]+)`", prose)]
+    return steps
+
+
+def run_kubectl(lab: Lab, command: str, stdin: str | None) -> subprocess.CompletedProcess[str]:
+    args = shlex.split(command)
+    assert args[0] == "kubectl", command
+    return subprocess.run(kube.kubectl_argv(lab, args[1:]), input=stdin, capture_output=True, text=True,
+                          timeout=360, check=False)
+
+
+def test_the_docs_kubectl_walkthrough_runs_against_the_lab(lab: Lab) -> None:
+    """The real kubectl (the lab extra's, in the control-plane namespace) runs every command of the
+    walkthrough in docs/operations.md; each succeeds, and `kubectl get mc` prints the columns and values the
+    doc shows (the age aside)."""
+    steps = walkthrough()
+    assert sum(1 for cmd, _, out in steps if out is not None) == 2 and len(steps) >= 9, steps
+    for command, stdin, shown in steps:
+        proc = run_kubectl(lab, command, stdin)
+        assert proc.returncode == 0, f"{command}: {proc.stderr}"
+        if shown is not None:
+            got = [re.split(r"\s{2,}", line.strip()) for line in proc.stdout.strip().splitlines()]
+            want = [re.split(r"\s{2,}", line.strip()) for line in shown.strip().splitlines()]
+            age = want[0].index("AGE")
+            assert got[0] == want[0], (command, proc.stdout)
+            assert [c for k, c in enumerate(got[1]) if k != age] == [c for k, c in enumerate(want[1]) if k != age], \
+                (command, proc.stdout)
+        if "get events" in command:
+            assert "ConfigUpdated" in proc.stdout and "bpfLBMode SNAT -> DSR" in proc.stdout, proc.stdout
+        if "node-report" in command:
+            reports = yaml.safe_load(proc.stdout)["items"]
+            assert sorted(r["data"]["node"] for r in reports) == ["node1", "node2", "node3"]
+        if command.startswith("kubectl describe"):
+            assert all(re.search(rf"Type:\s+{c}\b", proc.stdout)
+                       for c in ("Ready", "Progressing", "Degraded")), proc.stdout   # the doc: the three conditions
+    # The lab's own listing, as a user of the lab would look at it.
+    lines = subprocess.run([sys.executable, "-m", "bpflb", "lab", "kubectl", "--name", lab.name, "--", "get",
+                            "svc,endpointslices", "-A"], capture_output=True, text=True, check=True).stdout
+    cluster_ip = next(s["clusterIP"] for s in lab.status()["services"] if s["name"] == "default/echo-lb")
+    assert re.search(rf"default\s+service/echo-lb\s+LoadBalancer\s+{cluster_ip}\s+198.18.1.10\s+80:30280/TCP",
+                     lines), lines
+    assert re.search(r"default\s+endpointslice.discovery.k8s.io/echo-\w+\s+IPv4\s+8080,8081\s+10.244.2.10,10.244.3.10",
+                     lines), lines

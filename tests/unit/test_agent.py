@@ -1,7 +1,7 @@
 """The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
 of one frontend leaves that frontend out (reported) while everything else is programmed and the next sync
 recovers, a mode switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes
-nothing, the agents' configuration acts (debugLogging, svcSourceRangeCheck refused, uninstall), DSR requests
+nothing, the agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall), DSR requests
 are accepted for this node's backends of the named frontend only, and the neighbour watcher lives while the
 agent does."""
 
@@ -135,18 +135,25 @@ def test_the_maglev_table_cache_builds_each_table_once(tmp_path: Path) -> None:
     assert changed is not None and changed.maglev_tables_built == 1  # only the changed set is rebuilt
 
 
-def test_debug_logging_acts_and_source_range_check_is_refused(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_debug_logging_and_source_range_check_act(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    agent, _, source = make_agent(tmp_path, MemoryPins(),
-                                  {"bpfLBMode": "SNAT", "debugLogging": "true", "svcSourceRangeCheck": "true"})
+    agent, datapath, source = make_agent(tmp_path, MemoryPins(),
+                                         {"bpfLBMode": "SNAT", "debugLogging": "true", "svcSourceRangeCheck": "true"})
+    ranged = service("ranged", type_="LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"],
+                     ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30100}])
+    ranged["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    source.snap.services.append(ranged)
+    source.snap.endpointslices.append(endpoint_slice("ranged", endpoints=two_pods()))
     try:
         assert agent.run_once() is not None
         assert logging.getLogger("bpflb").level == logging.DEBUG
-        assert any("data.svcSourceRangeCheck: not implemented yet" in r.message for r in caplog.records)
+        assert len(datapath.pins.maps["lb_src_ranges"]) == 1          # svcSourceRangeCheck true: enforced
         source.snap.config = {"bpfLBMode": "SNAT"}
-        assert agent.run_once() is not None
+        assert agent.run_once() is not None and agent.run_once() is not None
         assert logging.getLogger("bpflb").level == logging.NOTSET
+        assert datapath.pins.maps["lb_src_ranges"] == {}               # false: the prefixes are gone...
+        said = [r.getMessage() for r in caplog.records if "not enforced" in r.getMessage()]
+        assert len(said) == 1 and "Service default/ranged" in said[0] and "svcSourceRangeCheck is false" in said[0]
     finally:
         logging.getLogger("bpflb").setLevel(logging.NOTSET)
 
@@ -197,3 +204,42 @@ def test_the_neighbour_watcher_runs_from_attach_until_the_agent_ends_or_uninstal
     assert other.run_once() is None and not memory.watching_neighbours
     source.snap.config = {"bpfLBMode": "SNAT"}
     assert other.run_once() is not None and memory.watching_neighbours       # attached again: watching again
+
+
+class ReportSource(StaticSource):
+    """What agent_report reads of the kube source."""
+
+    connected = True
+    last_config: dict[str, str] | None = None
+
+    def errors(self) -> list[str]:
+        return []
+
+
+def test_the_node_report_lists_the_fields_not_acted_on(tmp_path: Path) -> None:
+    from bpflb.control.report import IGNORED_SHOWN, agent_report
+
+    services, slices = two_services()
+    ranged = service("ranged", type_="LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"],
+                     loadBalancerClass="example.com/lb",
+                     ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30100}])
+    ranged["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    source = ReportSource([*services, ranged], [*slices, endpoint_slice("ranged", endpoints=two_pods())],
+                          {"bpfLBMode": "SNAT"})
+    agent = Agent(AgentOptions(NODE, tmp_path, device="eth0"), source, datapath=MemoryDatapath())
+    agent.start()
+    report = agent.run_once()
+    lines = agent_report(agent, source, report)["notActedOn"].splitlines()     # type: ignore[arg-type]
+    assert len(lines) == 2 and all(line.startswith("Service default/ranged: spec.") for line in lines)
+    assert any("loadBalancerSourceRanges: set but not enforced" in line for line in lines)
+    source.snap.config = {"bpfLBMode": "SNAT", "svcSourceRangeCheck": "true"}
+    agent.run_once()
+    assert "loadBalancerSourceRanges" not in agent_report(agent, source, report)["notActedOn"]  # type: ignore[arg-type]
+    # A cluster with many: the report lists the first ones and says where the rest is.
+    many = [service(f"s{i}", trafficDistribution="PreferClose",
+                    ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 31000 + i}])
+            for i in range(IGNORED_SHOWN + 5)]
+    source.snap.services = many
+    agent.run_once()
+    lines = agent_report(agent, source, report)["notActedOn"].splitlines()      # type: ignore[arg-type]
+    assert len(lines) == IGNORED_SHOWN + 1 and lines[-1] == "... and 5 more in the agent's log"

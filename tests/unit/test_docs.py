@@ -42,12 +42,16 @@ TESTED: dict[str, list[tuple[str, str]]] = {
     "docker build": [("tests/chart/test_product_wheel.py", "build_stage_copies()")],
     # The chart: rendered and validated by Helm's own library with the same values.
     "helm install": [("tests/chart/test_chart.py", "moduleConfig")],
-    # The ModuleConfig walkthrough: the same requests through the emulated API, in a lab with the operator.
-    "kubectl apply": [("operator/bpflb_lab/lab/kube.py", 'call(lab, "create", "/apis/deckhouse.io/v1alpha1/moduleconfigs"'),
-                      ("tests/lab/test_kube.py", "shared.up(kube=True")],
-    "kubectl get": [("tests/lab/test_kube.py", 'kube.call(lab, "get", kube.MC_PATH)')],
-    "kubectl patch": [("tests/lab/test_kube.py", '{"spec": {"settings": {"bpfLBMode": "DSR"}}}')],
-    "kubectl wait": [("tests/control/test_operator.py", 'condition(s, "Ready")')],
+    # The ModuleConfig walkthrough: every kubectl command of it, read from the page and run with the real
+    # kubectl against a lab with the operator; kubectl's other uses against the emulated API.
+    "kubectl apply": [("tests/lab/test_kube.py", "def test_the_docs_kubectl_walkthrough_runs_against_the_lab"),
+                      ("tests/control/test_kubectl.py", '"apply", "-f", "-"')],
+    "kubectl get": [("tests/lab/test_kube.py", "walkthrough()"), ("tests/control/test_kubectl.py", '"get", "mc"')],
+    "kubectl patch": [("tests/lab/test_kube.py", "walkthrough()"), ("tests/control/test_kubectl.py", '"patch", "mc"')],
+    "kubectl wait": [("tests/lab/test_kube.py", "walkthrough()"), ("tests/control/test_kubectl.py", '"wait"')],
+    "bpflb lab kubectl": [("tests/lab/test_kube.py", '"lab", "kubectl"')],
+    "bpflb lab set": [("tests/lab/test_lab_objects.py", '"lab", "set"')],
+    "bpflb lab delete": [("tests/lab/test_cli.py", '"delete"'), ("tests/lab/test_lab_objects.py", '"endpointslice"')],
 }
 VERB_WORDS = {"bpflb": 2, "make": 1, "helm": 1, "kubectl": 1, "docker": 1, "scripts/install-deps.sh": 0}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from bpflb.model.settings import (
 )
 from bpflb.model.types import AgentSettings, Algorithm, Mode
 from bpflb.sources.base import Snapshot
-from tests.unit.helpers import NODE, NODE_INTERNAL, endpoint_slice, l4, node, service, two_pods
+from tests.unit.helpers import NODE, NODE_INTERNAL, endpoint_slice, l4, lb_service, node, service, two_pods
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,10 @@ class Node:
     def __init__(self, tmp_path: Path, data: dict[str, str]) -> None:
         svc = service()
         svc["metadata"]["annotations"] = {"service.cilium.io/lb-algorithm": "maglev"}
-        self.snap = Snapshot(services=[svc], endpointslices=[endpoint_slice(endpoints=two_pods())],
+        ranged = lb_service("ranged", loadBalancerSourceRanges=["203.0.113.0/24"],
+                            ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30100}])
+        self.snap = Snapshot(services=[svc, ranged], endpointslices=[endpoint_slice(endpoints=two_pods()),
+                                                                     endpoint_slice("ranged", endpoints=two_pods())],
                              nodes=[node()], config=data)
         self.datapath = MemoryDatapath()
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,9 @@ class Node:
         assert self.agent.state is not None and dp.maps is not None
         front = self.agent.state.frontends[l4(NODE_INTERNAL, 30080)]
         network = dp.network_applied[-1][0] if dp.network_applied else None
+        lb = self.agent.state.frontends[l4("198.51.100.1", 80)]
         return {"mode": dp.maps.mode(), "algorithm": front.algorithm, "acceleration": dp.acceleration,
+                "source_ranges": (lb.source_ranges, len(dp.pins.maps.get("lb_src_ranges", {}))),
                 "tunnel": network.tunnel if network else None, "routes": network.create_node_routes if network else None,
                 "maglev": dp.maps.maglev_cfg.lookup(dp.maps.maglev_cfg.new_key()).table_size, "debug": self.debug,
                 "socket_lb": dp.socket_lb, "uninstalled": dp.uninstalled}
@@ -111,11 +117,12 @@ CHANGES: dict[str, tuple[Any, Callable[[dict[str, Any]], bool]]] = {
     "lbAlgorithm": ("Maglev", lambda v: v["algorithm"] == Algorithm.MAGLEV),
     "maglevTableSize": (65521, lambda v: v["maglev"] == 65521),
     "xdpAcceleration": ("Native", lambda v: v["acceleration"] == "Native"),
+    "svcSourceRangeCheck": (True, lambda v: v["source_ranges"] == ((IPv4Network("203.0.113.0/24"),), 1)),
     "socketLB": (False, lambda v: v["socket_lb"] is None),
 }
 
 
-@pytest.mark.parametrize("name", [n for n in SETTING_NAMES if n != "svcSourceRangeCheck"])
+@pytest.mark.parametrize("name", SETTING_NAMES)
 def test_each_setting_takes_effect_on_the_agent(name: str, tmp_path: Path) -> None:
     value, took_effect = CHANGES[name]
     spec = validate_spec({"version": 1, "settings": {name: value}})       # the webhook's and operator's check
@@ -124,12 +131,13 @@ def test_each_setting_takes_effect_on_the_agent(name: str, tmp_path: Path) -> No
     assert not took_effect(before) and took_effect(after), (before, after)
 
 
-def test_source_range_check_true_is_refused_everywhere(tmp_path: Path) -> None:
-    with pytest.raises(Invalid, match="spec.settings.svcSourceRangeCheck: not implemented yet"):
-        validate_spec({"version": 1, "settings": {"svcSourceRangeCheck": True}})
+def test_source_range_check_is_accepted_everywhere_and_read_back(tmp_path: Path) -> None:
+    assert validate_spec({"version": 1, "settings": {"svcSourceRangeCheck": True}}).settings.svcSourceRangeCheck
     config, problems = decode_agent_config({"svcSourceRangeCheck": "true"})    # a hand-written ConfigMap
-    assert config.settings.svcSourceRangeCheck is False
-    assert [p.field for p in problems] == ["data.svcSourceRangeCheck"] and "not implemented yet" in problems[0].reason
+    assert problems == [] and config.agent_settings().source_range_check
+    config, problems = decode_agent_config({"svcSourceRangeCheck": "yes"})
+    assert not config.settings.svcSourceRangeCheck
+    assert [p.field for p in problems] == ["data.svcSourceRangeCheck"] and "false is used" in problems[0].reason
     assert validate_spec({"version": 1, "settings": {"svcSourceRangeCheck": False}}).settings == DEFAULTS
 
 
@@ -174,6 +182,7 @@ def test_update_policy_and_source_are_said_once_in_the_log(caplog: pytest.LogCap
 
 def test_settings_reach_the_configmap_and_come_back_unchanged() -> None:
     settings = CiliumSettings(bpfLBMode="SNAT", tunnelMode="VXLAN", createNodeRoutes=False, debugLogging=True,
+                              svcSourceRangeCheck=True,
                               extraLoadBalancerAlgorithmsEnabled=True, lbAlgorithm="Maglev", maglevTableSize=4093,
                               xdpAcceleration="BestEffort", socketLB=False)
     data = agent_config_data(settings)

@@ -34,6 +34,7 @@ REPORT_PREFIX = "bpflb-node-"
 LABELS = {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "node-report"}
 HEARTBEAT = 30.0             # seconds between two writes of an unchanged report
 STALE_AFTER = 120.0          # the operator ignores reports older than this
+IGNORED_SHOWN = 20           # fields not acted on listed in a report (all of them are in the agent's log)
 
 REFUSED_KEY = "refused"      # the Services this node refused (do not fit its maps), comma-separated
 REFUSED_LISTED = 50          # listed at most (the message says how many there are)
@@ -162,6 +163,9 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
     tunnel = parse_network_settings(config)[0].tunnel.label
     frontends = len(agent.state.frontends) if agent.state is not None else 0
     problems = len(agent.state.problems) if agent.state is not None else 0
+    notes = [str(n) for n in agent.state.notes] if agent.state is not None else []
+    if len(notes) > IGNORED_SHOWN:
+        notes = notes[:IGNORED_SHOWN] + [f"... and {len(notes) - IGNORED_SHOWN} more in the agent's log"]
     if getattr(agent, "uninstalled", False):
         state, message = UNINSTALLED, "programs detached and pinned maps removed, as the configuration says"
     elif getattr(agent, "last_error", None):
@@ -186,5 +190,8 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
         "frontends": str(frontends),
         "problems": str(problems),
         REFUSED_KEY: ",".join(sorted(refused)[:REFUSED_LISTED]),
+        # Fields of Services this node does not act on, one per line (loadBalancerSourceRanges while
+        # svcSourceRangeCheck is false, a loadBalancerClass, ...); empty when there are none.
+        "notActedOn": "\n".join(notes),
         "message": message,
     }

@@ -164,6 +164,7 @@ class MapsDatapath:
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
         report.refused += [(f.service, f.map_name, f"frontend {f.frontend}: {f.reason}") for f in report.sync.failures]
+        report.problems += report.sync.problems
         # In-cluster paths last: they read the frontends just written; the pod path's sources first.
         if self.east_west is not None:
             self.east_west.sync(want.me.pod_cidrs if want.me else ())

@@ -5,7 +5,7 @@ and never flushes: live flows keep their backends.  Ids of services and backends
 from the pinned maps, so an agent restart picks up where the last one left off.  Maglev tables
 (lb_maglev) are built per frontend from its backends' names, cached by those names, and written
 in blocks with batch updates; frontends with session affinity list their eligible backends in
-lb_affinity_members."""
+lb_affinity_members; frontends with enforced loadBalancerSourceRanges have their prefixes in lb_src_ranges."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bpflb.datapath.clustermaps import l4_key
@@ -81,6 +81,9 @@ class SyncReport:
     maglev_config_changed: bool = False
     affinity_members_written: int = 0
     affinity_members_removed: int = 0
+    source_ranges_written: int = 0
+    source_ranges_removed: int = 0
+    problems: list[str] = field(default_factory=list)     # what could not be programmed as asked (said once)
     internal_views_changed: int = 0   # lb_internal_view entries written or removed
     failures: list[WriteFailure] = field(default_factory=list)   # frontends the kernel refused (left out)
 
@@ -90,7 +93,8 @@ class SyncReport:
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
                     or self.affinity_members_written or self.affinity_members_removed or self.failures
-                    or self.frontends_added or self.frontends_removed or self.internal_views_changed)
+                    or self.frontends_added or self.frontends_removed or self.internal_views_changed
+                    or self.source_ranges_written or self.source_ranges_removed)
 
 
 def _be16(port: int) -> int:
@@ -124,6 +128,11 @@ def svc_key(l4: L4Addr, slot: int) -> bytes:
 
 def _u32(value: int) -> bytes:
     return value.to_bytes(4, "little")
+
+
+def src_range_key(svc_id: int, net: IPv4Network) -> bytes:
+    """struct lb_src_range_key: the LPM prefix length counts the 32 bits of the service id first."""
+    return (32 + net.prefixlen).to_bytes(4, "little") + _u32(svc_id) + net.network_address.packed
 
 
 def _pair(a: int, b: int) -> bytes:
@@ -219,6 +228,7 @@ class _Entries:
     backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
     table: _TableKey | None = None
     view: dict[bytes, bytes] = field(default_factory=dict)   # lb_internal_view: what in-cluster clients get
+    ranges: dict[bytes, bytes] = field(default_factory=dict)  # lb_src_ranges: its enforced source prefixes
 
 
 class LBMaps:
@@ -243,6 +253,7 @@ class LBMaps:
         self.maglev_cfg: Map = obj.map("lb_maglev_cfg")
         self.affinity: Map = obj.map("lb_affinity")
         self.affinity_members: Map = obj.map("lb_affinity_members")
+        self.src_ranges: Map = obj.map("lb_src_ranges")
         self.internal_view: Map = obj.map("lb_internal_view")
         self.icmp_rl: Map = obj.map("lb_icmp_rl")
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
@@ -250,6 +261,7 @@ class LBMaps:
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
+        self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
         self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
         self._tables_kept = 0
@@ -259,6 +271,7 @@ class LBMaps:
         self._full = True                                 # compare everything (maps included) at the next sync
         self._seen = -2                                   # the generation of the state synced last
         self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
+        self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
         self._recover_ids()
         if self._svc_m.entries or self._be_m.entries:
@@ -291,19 +304,38 @@ class LBMaps:
 
     def capacity(self) -> dict[str, int]:
         """max_entries of the maps a sync fills, by map name (the kernel's: a build may change them)."""
-        return {m.map.name: m.capacity for m in (self._svc_m, self._be_m, self._mg_m, self._am_m, self._iv_m)}
+        return {m.map.name: m.capacity for m in (self._svc_m, self._be_m, self._mg_m, self._am_m, self._iv_m,
+                                                 self._sr_m)}
 
     # -- encoding ----------------------------------------------------------------------------
     def _plan(self, fe: Frontend, m: int, seed: int, report: SyncReport) -> _Entries:
-        """The entries one frontend needs (allocating its ids)."""
+        """The entries one frontend needs (allocating its ids). Its source ranges take room in lb_src_ranges
+        (LB_SRC_RANGES_MAX in all); when they no longer fit, the frontend fails closed, admitting no client,
+        reported, until prefixes are freed."""
+        sid = self._service_id(fe.l4)
+        ranges: dict[bytes, bytes] = {}
+        closed = False
+        if fe.source_ranges:
+            if self._sr_used + len(fe.source_ranges) > const("LB_SRC_RANGES_MAX"):
+                closed = True
+                report.problems.append(
+                    f"Service {fe.service}: spec.loadBalancerSourceRanges: lb_src_ranges is full "
+                    f"({const('LB_SRC_RANGES_MAX')} prefixes in all); {fe.kind.value} {fe.l4} admits no client "
+                    f"until prefixes of other Services are freed")
+            else:
+                ranges = {src_range_key(sid, net): b"\x01" for net in fe.source_ranges}
+                self._sr_used += len(ranges)
         flags = const(_KIND_FLAG[fe.kind])
         if fe.local_only:
             flags |= const("LB_SVC_F_LOCAL")
         if fe.no_endpoints:
             flags |= const("LB_SVC_F_NO_ENDPOINTS")
+        if fe.source_ranges is not None:
+            flags |= const("LB_SVC_F_SRC_RANGE")
+            if fe.source_ranges_deny and not closed:
+                flags |= const("LB_SVC_F_SRC_RANGE_DENY")
         addr, port, proto = fe.l4.addr.packed, fe.l4.port.to_bytes(2, "big"), int(fe.l4.proto)
         key, val = SVC_KEY.pack, SVC_VAL.pack
-        sid = self._service_id(fe.l4)
         bid = self._backend_id
         slots = {key(addr, port, slot, proto): val(bid(be.l4), 0, 0, 0, 0)
                  for slot, be in enumerate(fe.backends, start=1)}
@@ -332,7 +364,7 @@ class LBMaps:
         elif fe.internal is not None:
             view = {l4_key(fe.l4): l4_key(fe.internal)}
         return _Entries(fe, sid, master, slots, blocks, members, tuple(b.l4 for b in fe.backends + fe.draining),
-                        table, view)
+                        table, view, ranges)
 
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
@@ -374,6 +406,9 @@ class LBMaps:
                        or (retable and p.table is not None)]
             removed = [p for l4, p in prog.items() if l4 not in new]
         old = {fe.l4: prog[fe.l4] for fe in changed if fe.l4 in prog}
+        if full:
+            self._sr_used = 0
+        self._sr_used -= sum(len(p.ranges) for p in (*removed, *old.values()))
         plans = {fe.l4: self._plan(fe, m, seed, report) for fe in changed}
         # Backend references: what the removed and changed frontends held goes, what the plans hold comes.
         refs = self._be_refs
@@ -395,27 +430,29 @@ class LBMaps:
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
         # stops using them first).
-        late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": []}
+        late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": [], "sr": []}
         for l4, p in old.items():
             plan = plans[l4]
             late["svc"] += [k for k in p.slots if k not in plan.slots]
             late["mg"] += [k for k in p.blocks if k not in plan.blocks]
             late["am"] += [k for k in p.members if k not in plan.members]
             late["iv"] += [k for k in p.view if k not in plan.view]
+            late["sr"] += [k for k in p.ranges if k not in plan.ranges]
 
         # 0. Room first: removed frontends whole (master, then what it named), backends nobody names.
         #    When a map would still overflow before its late deletions, those go first too.
         early: dict[str, list[bytes]] = {
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
-            "iv": [k for p in removed for k in p.view]}
+            "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
-        iv = self._iv_m
+        iv, sr = self._iv_m, self._sr_m
         adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
                 "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
                 "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries),
-                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries)}
-        for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv)):
+                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries),
+                "sr": sum(1 for p in plans.values() for k in p.ranges if k not in sr.entries)}
+        for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
             if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
                 late[name] = []
@@ -427,6 +464,7 @@ class LBMaps:
         report.maglev_blocks_removed += self._remove(mg, early["mg"])
         report.affinity_members_removed += self._remove(am, early["am"])
         report.internal_views_changed += self._remove(iv, early["iv"])
+        report.source_ranges_removed += self._remove(sr, early["sr"])
         for p in removed:
             self._svc_ids.forget(p.fe.l4)
             del prog[p.fe.l4]
@@ -455,6 +493,9 @@ class LBMaps:
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
         report.maglev_blocks_written = self._write(mg, plans, failed, lambda p: p.blocks, fail)
         report.affinity_members_written = self._write(am, plans, failed, lambda p: p.members, fail)
+        # A frontend's prefixes exist before its master says to check them (a new allow list never drops
+        # clients it admits); prefixes it no longer has go only after the master changed (step 4).
+        report.source_ranges_written = self._write(sr, plans, failed, lambda p: p.ranges, fail)
         report.maglev_config_changed = self._set_maglev_config(m, seed)
         self._table_params = (m, seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
@@ -470,6 +511,7 @@ class LBMaps:
         report.maglev_blocks_removed += self._remove(mg, late["mg"])
         report.affinity_members_removed += self._remove(am, late["am"])
         report.internal_views_changed += self._remove(iv, late["iv"])
+        report.source_ranges_removed += self._remove(sr, late["sr"])
         # 5. failed frontends leave whole: master first, then everything either version of them wrote.
         for l4, failure in failed.items():
             plan = plans.pop(l4)
@@ -478,6 +520,8 @@ class LBMaps:
             report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
             report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
             report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
+            report.source_ranges_removed += self._remove(sr, [k for p in gone for k in p.ranges])
+            self._sr_used -= len(plan.ranges)
             for b in plan.backends:
                 refs[b] -= 1
                 late_be.append(b)
@@ -488,8 +532,8 @@ class LBMaps:
         # 6. backends nobody references any more; their flows are steered away on next packet.
         report.backends_removed += self._remove_backends([b for b in dict.fromkeys(late_be) if refs.get(b, 0) <= 0])
         self._retry = {f.frontend for f in report.failures}
-        self._full = any(x.reloads for x in (svc, be_m, mg, am, iv))     # the mirrors were re-read: compare all
-        for x in (svc, be_m, mg, am, iv):
+        self._full = any(x.reloads for x in (svc, be_m, mg, am, iv, sr))   # the mirrors were re-read: compare all
+        for x in (svc, be_m, mg, am, iv, sr):
             x.reloads = 0
         self._seen = state.generation
         self._prune_tables()
@@ -564,6 +608,10 @@ class LBMaps:
             for k in mirror.entries:
                 if k not in want:
                     (late if int.from_bytes(k[:4], "little") in sids else early)[name].append(k)
+        ranges = {k for p in plans.values() for k in p.ranges}
+        for k in self._sr_m.entries:
+            if k not in ranges:
+                (late if int.from_bytes(k[4:8], "little") in sids else early)["sr"].append(k)
         views = {k for p in plans.values() for k in p.view}
         early["iv"] += [k for k in self._iv_m.entries if k not in views]     # a view names nothing the others need
         for l4, ident in self._be_ids.items():

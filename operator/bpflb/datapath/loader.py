@@ -299,6 +299,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_direct": ("struct ct_tuple", "struct lb_direct_flow"),
     "lb_icmp_rl": ("__u32", "struct lb_icmp_rl"),
     "lb_neigh_seen": ("struct lb_neigh_key", "__u64"),
+    # source ranges (bpf_objects/include/srcrange.h)
+    "lb_src_ranges": ("struct lb_src_range_key", "__u8"),
 }
 
 

@@ -26,6 +26,11 @@ from bpflb.model.types import Backend, L4Addr, Problem, Proto
 from bpflb.sources.base import KubeObject
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"    # another proxy's object
+HEADLESS_LABEL = "service.kubernetes.io/headless"                        # a headless Service's object
+# kube-proxy watches Services and EndpointSlices with a selector excluding these labels: objects carrying
+# either are not load-balanced (their Service is said once by the translation of Services).
+IGNORED_LABELS = (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL)
 
 
 @dataclass(slots=True)
@@ -66,6 +71,8 @@ def read_slice(raw: Any, index: int) -> SliceEntry:
     if meta is None:
         return SliceEntry(raw, None, None, None, problems)
     obj = f"EndpointSlice {meta.key}"
+    if any(label in meta.labels for label in IGNORED_LABELS):
+        return SliceEntry(raw, meta.key, None, None, problems)   # another proxy's or a headless Service's
     service = meta.labels.get(SERVICE_NAME_LABEL)
     if not isinstance(service, str) or not service:
         reason = ("missing; expected the name of the Service it belongs to" if service is None

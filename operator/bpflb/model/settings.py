@@ -30,7 +30,6 @@ ModeName = Literal["SNAT", "DSR", "Hybrid"]
 TunnelName = Literal["Disabled", "VXLAN"]
 AlgorithmName = Literal["Random", "Maglev"]
 AccelerationName = Literal["Disabled", "Native", "BestEffort"]
-NOT_IMPLEMENTED = "not implemented yet"
 MAINTENANCE_NO_RECONCILIATION = "NoResourceReconciliation"
 
 
@@ -55,15 +54,6 @@ class CiliumSettings(BaseModel):
     xdpAcceleration: AccelerationName = "Disabled"
     socketLB: bool = True
 
-    @field_validator("svcSourceRangeCheck")
-    @classmethod
-    def _source_ranges(cls, value: bool) -> bool:
-        # Issue 16 enforces loadBalancerSourceRanges; until then a security setting must not look active.
-        if value:
-            raise ValueError(f"{NOT_IMPLEMENTED}: this release does not enforce loadBalancerSourceRanges; "
-                             "expected false (or unset)")
-        return value
-
     @field_validator("maglevTableSize")
     @classmethod
     def _table_size(cls, value: int) -> int:
@@ -86,7 +76,8 @@ SETTING_EFFECTS: dict[str, str] = {
     "source": "operator: Deckhouse's module source; bpflb does not act on it and says so once",
     "bpfLBMode": "agent: lb_config.mode of every node's datapath (new flows)",
     "tunnelMode": "agent: the VXLAN overlay or native routing, and lb_config.tunnel_mode",
-    "svcSourceRangeCheck": "webhook and operator: true is refused (not implemented yet); agent: ignored with a problem",
+    "svcSourceRangeCheck": "agent: LoadBalancer IPs and externalIPs admit only their Service's loadBalancerSourceRanges "
+                           "(lb_src_ranges); false: ranges set on a Service are said once to be not enforced",
     "createNodeRoutes": "agent: routes to the other nodes' pod CIDRs (tunnelMode Disabled)",
     "debugLogging": "agent and operator: log level DEBUG instead of INFO",
     "extraLoadBalancerAlgorithmsEnabled": "agent: honour the service.cilium.io/lb-algorithm annotation",
@@ -258,7 +249,8 @@ class AgentConfig:
         return AgentSettings(mode=Mode.parse(self.settings.bpfLBMode),
                              algorithm=Algorithm.MAGLEV if self.settings.lbAlgorithm == "Maglev" else Algorithm.RANDOM,
                              maglev_table_size=self.settings.maglevTableSize, maglev_seed=self.maglev_seed,
-                             algorithm_annotation=self.settings.extraLoadBalancerAlgorithmsEnabled)
+                             algorithm_annotation=self.settings.extraLoadBalancerAlgorithmsEnabled,
+                             source_range_check=self.settings.svcSourceRangeCheck)
 
 
 def _decode_value(key: str, raw: Any) -> Any:
@@ -299,8 +291,8 @@ def decode_agent_config(config: Mapping[str, Any] | None) -> tuple[AgentConfig, 
             reason = reason.split("; got ")[0] + f"; got {_show(raw)}"
             if isinstance(default, int) and not isinstance(default, bool):
                 reason += f"; the default {default} is used"
-            elif key == "svcSourceRangeCheck":
-                reason += "; false is used"
+            elif isinstance(default, bool):
+                reason += f"; {str(default).lower()} is used"
             problems.append(Problem(CONFIG_OBJECT, f"data.{key}", reason))
             continue
         values[key] = value

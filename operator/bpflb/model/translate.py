@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from bpflb.model.endpoints import SERVICE_NAME_LABEL, SliceEntry, read_slice
+from bpflb.model.endpoints import (
+    HEADLESS_LABEL,
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    SliceEntry,
+    read_slice,
+)
 from bpflb.model.fields import (
     DEFAULT_NAMESPACE,
     NODEPORT_MAX,
@@ -27,7 +33,6 @@ from bpflb.model.frontends import (
     DEFAULT_AFFINITY_TIMEOUT,
     LB_ALGORITHM_ANNOTATION,
     MAX_AFFINITY_TIMEOUT,
-    SERVICE_PROXY_NAME_LABEL,
     Claim,
     _Context,
     _translate_service,
@@ -39,12 +44,14 @@ from bpflb.model.types import (
     Algorithm,
     DesiredState,
     Frontend,
+    HealthCheck,
     L4Addr,
     Problem,
 )
 from bpflb.sources.base import KubeObject, Snapshot
 
-__all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "LB_ALGORITHM_ANNOTATION", "MAX_AFFINITY_TIMEOUT",
+__all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "HEADLESS_LABEL", "LB_ALGORITHM_ANNOTATION",
+           "MAX_AFFINITY_TIMEOUT",
            "NODEPORT_MAX", "NODEPORT_MIN", "SERVICE_NAME_LABEL", "SERVICE_PROXY_NAME_LABEL", "parse_settings",
            "translate"]
 
@@ -136,6 +143,8 @@ class _Service:
     created: str
     claims: list[Claim]
     problems: list[Problem]
+    notes: list[Problem]
+    health: HealthCheck | None
 
 
 @dataclass(slots=True)
@@ -297,13 +306,15 @@ class Translator:
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
         self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
-        self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool] | None = None
+        self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool, bool] | None = None
         self._service_objs = _Objects("Service", _read_service, _rebind_service)
         self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice)
         self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
         self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
         self._services: dict[str, _Service] = {}
         self._svc_problems: dict[str, list[Problem]] = {}
+        self._svc_notes: dict[str, list[Problem]] = {}
+        self._health: dict[str, HealthCheck] = {}                      # healthCheckNodePort asked, by Service
         self._rank: dict[str, str] = {}
         self._claims: dict[L4Addr, list[tuple[str, int, Claim]]] = {}  # (service, claim index, claim), sorted
         self._frontends: dict[L4Addr, Frontend] = {}
@@ -338,7 +349,7 @@ class Translator:
                                     "not found in the snapshot; no frontends are programmed for this node"))
             return DesiredState(node_name, (), problems=problems, settings=settings, generation=self._generation)
         # What every Service's translation depends on (the mode, say, does not: switching it re-translates nothing).
-        context = (node_addrs, settings.algorithm, settings.algorithm_annotation)
+        context = (node_addrs, settings.algorithm, settings.algorithm_annotation, settings.source_range_check)
         whole = self._context != context
         if whole:
             self._context = context
@@ -348,7 +359,6 @@ class Translator:
         dirty = self._update_slices(snapshot.endpointslices)
         touched = self._service_objs.update(snapshot.services)
         todo = dirty | touched if not whole else set(self._service_objs.winner)
-        ctx = _Context(node_name, node_addrs, settings, [])
         for key in sorted(todo):
             obj = self._service_objs.winner.get(key)
             if obj is None:
@@ -360,17 +370,21 @@ class Translator:
                 known.raw = obj.raw                                       # a re-list: the same object
                 continue
             assert obj.meta is not None
-            ctx.problems = []
+            ctx = _Context(node_name, node_addrs, settings, [])
             ordered = tuple(slices[k] for k in sorted(slices))
             claims = _translate_service(obj.meta, obj.raw, [s.parsed for s in ordered if s.parsed is not None],
                                         bool(slices), ctx)
             created = (obj.raw.get("metadata") or {}).get("creationTimestamp")
             self._forget(key)
             self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
-                                           claims, ctx.problems)
+                                           claims, ctx.problems, ctx.notes, ctx.health)
             self._rank[key] = self._services[key].created
             if ctx.problems:
                 self._svc_problems[key] = ctx.problems
+            if ctx.notes:
+                self._svc_notes[key] = ctx.notes
+            if ctx.health is not None:
+                self._health[key] = ctx.health
             self._claim(key, claims)
 
         problems += self._slice_objs.problems(own=True) + self._service_objs.problems(own=False)
@@ -378,8 +392,20 @@ class Translator:
             problems += self._svc_problems[key]
         for l4 in sorted(self._conflicts):
             problems += self._conflicts[l4]
+        # healthCheckNodePorts: the first Service (by namespace/name) that asks for a port serves it.
+        health: dict[int, HealthCheck] = {}
+        for key in sorted(self._health):
+            check = self._health[key]
+            held = health.get(check.port)
+            if held is not None:
+                problems.append(Problem(f"Service {key}", "spec.healthCheckNodePort", f"{check.port} is already "
+                                        f"served for Service {held.namespace}/{held.name}; not served"))
+                continue
+            health[check.port] = check
+        notes = [n for key in sorted(self._svc_notes) for n in self._svc_notes[key]]
         return DesiredState(node_name, node_addrs, frontends=dict(self._frontends), problems=problems,
-                            settings=settings, by_service=dict(self._owned), service_rank=dict(self._rank),
+                            settings=settings, notes=notes, health_checks=dict(sorted(health.items())),
+                            by_service=dict(self._owned), service_rank=dict(self._rank),
                             generation=self._generation, base=self._generation - 1,
                             changes=None if whole else self._changed,
                             services_changed=None if whole else self._changed_services)
@@ -420,6 +446,8 @@ class Translator:
         """Take a Service's claims back (it changed or is gone)."""
         known = self._services.pop(key, None)
         self._svc_problems.pop(key, None)
+        self._svc_notes.pop(key, None)
+        self._health.pop(key, None)
         self._rank.pop(key, None)
         if known is None:
             return

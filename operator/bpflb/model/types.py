@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from bpflb.model.maglev import DEFAULT_SEED, DEFAULT_TABLE_SIZE
 
@@ -119,6 +119,11 @@ class Frontend:
     # False: not served to in-cluster clients at all; their traffic goes to the address itself (an externalIP
     # that is not this node's own address: CVE-2020-8554, Cilium's rule).
     in_cluster: bool = True
+    # loadBalancerSourceRanges when svcSourceRangeCheck enforces them on this frontend: the client prefixes
+    # it admits (or refuses, with source_ranges_deny); None = no check. An empty tuple admits nobody (every
+    # range was IPv6, say): a Service that asked to be limited never falls open.
+    source_ranges: tuple[IPv4Network, ...] | None = None
+    source_ranges_deny: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,17 @@ class AgentSettings:
     maglev_table_size: int = DEFAULT_TABLE_SIZE    # M, a prime of bpflb.model.maglev.TABLE_SIZES
     maglev_seed: int = DEFAULT_SEED                # cluster-wide: every node must build the same tables
     algorithm_annotation: bool = False             # extraLoadBalancerAlgorithmsEnabled: honour lb-algorithm
+    source_range_check: bool = False               # svcSourceRangeCheck: enforce loadBalancerSourceRanges
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A healthCheckNodePort this node answers (eTP Local LoadBalancer Services), as kube-proxy does."""
+
+    port: int
+    namespace: str
+    name: str
+    local_endpoints: int          # this node's ready endpoints of the Service (distinct addresses)
 
 
 @dataclass
@@ -154,6 +170,9 @@ class DesiredState:
     frontends: dict[L4Addr, Frontend] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     settings: AgentSettings = field(default_factory=AgentSettings)
+    # Fields bpflb does not act on (not errors): each said once in the agent's log and its node report.
+    notes: list[Problem] = field(default_factory=list)
+    health_checks: dict[int, HealthCheck] = field(default_factory=dict)      # by healthCheckNodePort
     # The frontends of each Service ("namespace/name"), and when each Service was created (its
     # metadata.creationTimestamp, "" when unknown): who is admitted first when the maps are short (model.budget).
     by_service: dict[str, tuple[Frontend, ...]] = field(default_factory=dict)

@@ -29,6 +29,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 MANAGED_BY = "bpflb-lab"
 SUPPORTED_KINDS = ("Pod", "Service", "EndpointSlice")
+HEADLESS_LABEL = "service.kubernetes.io/headless"
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -52,7 +53,7 @@ def load_documents(text: str, origin: str) -> list[KubeObject]:
 
 
 def check_documents(docs: list[KubeObject], origin: str) -> None:
-    """Every document is a Pod or Service with a name."""
+    """Every document is a Pod, a Service or an EndpointSlice with a name."""
     for i, doc in enumerate(docs):
         kind = doc.get("kind")
         if kind not in SUPPORTED_KINDS:
@@ -173,6 +174,9 @@ def validate_service(svc: KubeObject, others: Iterable[KubeObject], previous: Ku
         for p in (other.get("spec") or {}).get("ports") or []:
             if p.get("nodePort"):
                 used_ports[(p["nodePort"], p.get("protocol", "TCP"))] = object_key(other)
+        hc = (other.get("spec") or {}).get("healthCheckNodePort")
+        if hc:
+            used_ports[(hc, "TCP")] = object_key(other)
         used_ips |= _lb_ips(other)
 
     prev_ports = {(p.get("name", ""), p.get("protocol", "TCP"), p.get("port")): p.get("nodePort")
@@ -219,6 +223,7 @@ def validate_service(svc: KubeObject, others: Iterable[KubeObject], previous: Ku
         except ValueError as exc:
             raise LabError(f"{where}: spec.externalIPs[{i}]: {exc}") from exc
 
+    _health_check_node_port(svc, where, used_ports, previous)
     if svc_type == "LoadBalancer":
         status = svc.setdefault("status", {}).setdefault("loadBalancer", {})
         if not status.get("ingress"):
@@ -239,6 +244,61 @@ def validate_service(svc: KubeObject, others: Iterable[KubeObject], previous: Ku
             if addr in used_ips:
                 raise LabError(f"{where}: LoadBalancer address {addr} is already used by another Service")
     return svc
+
+
+def _health_check_node_port(svc: KubeObject, where: str, used_ports: dict[tuple[int, str], str],
+                            previous: KubeObject | None) -> None:
+    """Like the API server: an eTP Local LoadBalancer Service gets a healthCheckNodePort (the one given, else
+    the one it had, else the first free port of the NodePort range, TCP); any other Service has none."""
+    spec = svc["spec"]
+    if spec.get("type") != "LoadBalancer" or spec.get("externalTrafficPolicy") != "Local":
+        if spec.get("healthCheckNodePort") is not None:
+            raise LabError(f"{where}: spec.healthCheckNodePort is only for type LoadBalancer with "
+                           "externalTrafficPolicy Local")
+        return
+    port = spec.get("healthCheckNodePort") or ((previous or {}).get("spec") or {}).get("healthCheckNodePort")
+    if port is not None:
+        if not isinstance(port, int) or port not in NODEPORT_RANGE:
+            raise LabError(f"{where}: spec.healthCheckNodePort must be in 30000-32767; got {port!r}")
+        if (port, "TCP") in used_ports and used_ports[(port, "TCP")] != object_key(svc):
+            raise LabError(f"{where}: spec.healthCheckNodePort {port} is already allocated to Service "
+                           f"{used_ports[(port, 'TCP')]}")
+    else:
+        port = next((n for n in NODEPORT_RANGE if (n, "TCP") not in used_ports), None)
+        if port is None:
+            raise LabError(f"{where}: no free port left for spec.healthCheckNodePort")
+    spec["healthCheckNodePort"] = port
+    used_ports[(port, "TCP")] = object_key(svc)
+
+
+def validate_endpoint_slice(obj: KubeObject) -> KubeObject:
+    """A user's EndpointSlice (for a Service without a selector), checked as the API server would."""
+    obj = copy.deepcopy(obj)
+    where = describe(obj)
+    obj.setdefault("apiVersion", "discovery.k8s.io/v1")
+    meta = obj.setdefault("metadata", {})
+    meta.setdefault("namespace", "default")
+    labels = meta.setdefault("labels", {})
+    if not isinstance(labels, dict) or not isinstance(labels.get(SERVICE_NAME_LABEL), str):
+        raise LabError(f"{where}: metadata.labels[{SERVICE_NAME_LABEL!r}] must name the Service it belongs to")
+    if labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+        raise LabError(f"{where}: {MANAGED_BY_LABEL}={MANAGED_BY} marks the lab's own slices; leave it out")
+    if obj.get("addressType") not in ("IPv4", "IPv6", "FQDN"):
+        raise LabError(f"{where}: addressType must be IPv4, IPv6 or FQDN; got {obj.get('addressType')!r}")
+    for i, ep in enumerate(obj.get("endpoints") or []):
+        addresses = ep.get("addresses") if isinstance(ep, dict) else None
+        if not isinstance(addresses, list) or not addresses:
+            raise LabError(f"{where}: endpoints[{i}].addresses must be a non-empty list")
+        for j, addr in enumerate(addresses):
+            try:
+                ip_address(addr)
+            except ValueError as exc:
+                raise LabError(f"{where}: endpoints[{i}].addresses[{j}]: {exc}") from exc
+    for i, port in enumerate(obj.get("ports") or []):
+        if not isinstance(port, dict) or not isinstance(port.get("port"), int):
+            raise LabError(f"{where}: ports[{i}].port must be a number")
+        port.setdefault("protocol", "TCP")
+    return obj
 
 
 def _allocate_cluster_ip(svc: KubeObject, where: str, others: Iterable[KubeObject],
@@ -308,28 +368,6 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def validate_slice(eps: KubeObject) -> KubeObject:
-    """Check a user's EndpointSlice (a selector-less Service's endpoints) the way the API server would: the
-    group, IPv4, the Service label; its endpoints are the user's business (the agents judge them)."""
-    eps = copy.deepcopy(eps)
-    where = describe(eps)
-    eps.setdefault("apiVersion", "discovery.k8s.io/v1")
-    if eps["apiVersion"] != "discovery.k8s.io/v1":
-        raise LabError(f"{where}: apiVersion must be discovery.k8s.io/v1")
-    meta = eps.setdefault("metadata", {})
-    meta.setdefault("namespace", "default")
-    labels = meta.setdefault("labels", {})
-    if not isinstance(labels, dict) or not labels.get(SERVICE_NAME_LABEL):
-        raise LabError(f"{where}: metadata.labels[{SERVICE_NAME_LABEL}] must name its Service")
-    if labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
-        raise LabError(f"{where}: {MANAGED_BY_LABEL}={MANAGED_BY} slices are the lab's own")
-    eps.setdefault("addressType", "IPv4")
-    for key in ("endpoints", "ports"):
-        if not isinstance(eps.setdefault(key, []), list):
-            raise LabError(f"{where}: {key} must be a list")
-    return eps
-
-
 def endpoint_slices(svc: KubeObject, pods: Iterable[KubeObject]) -> list[KubeObject]:
     """EndpointSlices for svc from the running pods its selector matches, as the Kubernetes controller
     would build them: one slice per distinct set of resolved ports; an empty placeholder slice when no
@@ -369,14 +407,18 @@ def endpoint_slices(svc: KubeObject, pods: Iterable[KubeObject]) -> list[KubeObj
         groups.setdefault(json.dumps(ports, sort_keys=True), (ports, []))[1].append(endpoint)
     if not groups:
         groups[json.dumps([])] = ([], [])
+    # As Kubernetes' controller: the Service's labels are copied, and a headless Service's slices say so.
+    labels = {**((svc.get("metadata") or {}).get("labels") or {}), SERVICE_NAME_LABEL: name,
+              MANAGED_BY_LABEL: MANAGED_BY}
+    if spec.get("clusterIP") == "None":
+        labels[HEADLESS_LABEL] = ""
     slices = []
     for digest_src, (ports, endpoints) in sorted(groups.items()):
         suffix = hashlib.sha1(f"{ns}/{name}/{digest_src}".encode()).hexdigest()[:5]
         slices.append({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
-            "metadata": {"name": f"{name}-{suffix}", "namespace": ns,
-                         "labels": {SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY}},
+            "metadata": {"name": f"{name}-{suffix}", "namespace": ns, "labels": labels},
             "addressType": "IPv4",
             "endpoints": endpoints,
             "ports": ports,
@@ -399,7 +441,7 @@ def node_object(k: int) -> KubeObject:
 
 
 def lab_settings(mode: str, algorithm: str | None = None, tunnel: str = "Disabled",
-                 acceleration: str = "Disabled") -> CiliumSettings:
+                 acceleration: str = "Disabled", extra: Mapping[str, Any] | None = None) -> CiliumSettings:
     """The lab's module settings, through the one schema: the nodes share one L2 segment, so with tunnelMode
     Disabled the agents install native routes to each other's pod CIDRs (createNodeRoutes), as Deckhouse
     would; per-Service algorithm annotations are on (extraLoadBalancerAlgorithmsEnabled)."""
@@ -407,17 +449,17 @@ def lab_settings(mode: str, algorithm: str | None = None, tunnel: str = "Disable
                               "xdpAcceleration": acceleration, "extraLoadBalancerAlgorithmsEnabled": True}
     if algorithm is not None:
         values["lbAlgorithm"] = algorithm
-    return CiliumSettings.model_validate(values)
+    return CiliumSettings.model_validate({**values, **(extra or {})})
 
 
 def agent_config(mode: str, algorithm: str | None = None, tunnel: str = "Disabled",
-                 acceleration: str = "Disabled") -> KubeObject:
+                 acceleration: str = "Disabled", extra: Mapping[str, Any] | None = None) -> KubeObject:
     """The agents' configuration ConfigMap, as the operator would write it for the lab's settings."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": AGENT_CONFIG_NAME, "namespace": AGENT_CONFIG_NAMESPACE},
-        "data": agent_config_data(lab_settings(mode, algorithm, tunnel, acceleration)),
+        "data": agent_config_data(lab_settings(mode, algorithm, tunnel, acceleration, extra)),
     }
 
 

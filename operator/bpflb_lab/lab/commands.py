@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,7 +34,9 @@ def _errors(fn: Handler) -> Handler:
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
-            return fn(args)
+            rc = fn(args)
+            sys.stdout.flush()          # a closed pipe shows here, inside the handler below
+            return rc
         except LabUnsupported as exc:
             print(f"bpflb lab {args.lab_command}: {exc}", file=sys.stderr)
             return 2
@@ -43,6 +46,13 @@ def _errors(fn: Handler) -> Handler:
         except KeyboardInterrupt:
             print(f"bpflb lab {args.lab_command}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader went away (`bpflb lab status | head`): end quietly, as cat does; stdout points at
+            # /dev/null so Python's own flush at exit finds nothing to complain about.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 0
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -66,6 +76,22 @@ def cmd_mode(args: argparse.Namespace) -> int:
     lab = _lab(args)
     took = lab.set_mode(args.mode, timeout=args.timeout)
     _say(f"lab {lab.name}: every node runs {args.mode} for new flows ({took:.1f}s); open flows keep their mode")
+    return 0
+
+
+@_errors
+def cmd_set(args: argparse.Namespace) -> int:
+    values: dict[str, Any] = {}
+    for pair in args.settings:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise LabError(f"{pair!r}: expected KEY=VALUE, e.g. svcSourceRangeCheck=true")
+        try:
+            values[key] = json.loads(text)      # true, 4093, ...; a bare word stays a string
+        except ValueError:
+            values[key] = text
+    for line in _lab(args).set_settings(**values):
+        _say(f"lab {args.name}: {line} (the agents apply it at their next sync)")
     return 0
 
 
@@ -104,6 +130,8 @@ def _status_text(st: dict[str, Any]) -> list[str]:
     for s in st["services"]:
         ports = ", ".join(f"{p.get('name') or '-'} {p['port']}/{p['protocol']}->{p.get('targetPort')}"
                           + (f" nodePort {p['nodePort']}" if p.get("nodePort") else "") for p in s["ports"])
+        if s.get("healthCheckNodePort"):
+            ports += f"; healthCheckNodePort {s['healthCheckNodePort']}"
         fronts = ", ".join(s["loadBalancerIPs"] + s["externalIPs"]) or "-"
         eps = ", ".join(f"{e['pod']}" + ("" if e.get("ready") else " (not ready)") for e in s["endpoints"]) or "none"
         rows.append([s["name"], s["type"] or "-", s.get("clusterIP") or "-", s["externalTrafficPolicy"] or "-",
@@ -141,6 +169,20 @@ def cmd_exec(args: argparse.Namespace) -> int:
         rc = subprocess.call(netns.nsenter_argv(lab.netns(args.host), argv))
     except FileNotFoundError as exc:
         raise LabError(f"nsenter: {exc.strerror}") from exc
+    return rc if rc >= 0 else 128 - rc
+
+
+@_errors
+def cmd_kubectl(args: argparse.Namespace) -> int:
+    from bpflb_lab.lab import kube
+
+    lab = Lab(args.name)
+    if not lab.state().kube:
+        raise LabError(f"lab {args.name} has no API (bring it up with `bpflb lab up --kube`)")
+    argv = list(args.args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    rc = subprocess.call(kube.kubectl_argv(lab, argv))
     return rc if rc >= 0 else 128 - rc
 
 
@@ -210,6 +252,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mo.add_argument("mode", metavar="SNAT|DSR|Hybrid")
     mo.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
 
+    st = add("set", cmd_set, "change other cni-cilium settings live (e.g. svcSourceRangeCheck=true)")
+    st.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+
     status = add("status", cmd_status, "show the lab's hosts, agents and Services")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -220,6 +265,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     help="stay outside the node's cgroup: the socket LB does not see the command (a pod's "
                          "packets then go through the pod-facing path on its veth)")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default /bin/sh)")
+
+    kc = add("kubectl", cmd_kubectl, "run kubectl against the lab's API (--kube): `bpflb lab kubectl -- get mc`")
+    kc.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="kubectl's arguments")
 
     ap = add("apply", cmd_apply, "add or replace Pods, Services and EndpointSlices (multi-document YAML)")
     ap.add_argument("-f", "--filename", dest="file", required=True, metavar="FILE", help="YAML file, - for stdin")

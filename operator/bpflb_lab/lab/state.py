@@ -130,6 +130,7 @@ class LabState:
     algorithm: str = "Random"  # lbAlgorithm of the agents' ConfigMap: Random | Maglev
     acceleration: str = "Disabled"  # xdpAcceleration of the agents' ConfigMap: Disabled | Native | BestEffort
     kube: bool = False         # --kube: emulated API + operator on the control-plane host, agents on the API
+    settings: dict[str, Any] = field(default_factory=dict)  # other cni-cilium settings (`bpflb lab set`)
 
     def save(self, paths: LabPaths) -> None:
         atomic_write(paths.state_file, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -58,8 +58,8 @@ class Workloads(LabParts):
             return self._apply(state, docs)
 
     def delete(self, kind: str, name: str, namespace: str = "default") -> str:
-        """Delete a Pod (its namespace and echo server go), a Service (and its slices, the lab's and the user's)
-        or a user's EndpointSlice."""
+        """Delete a Pod (its namespace and echo server go), a Service (and its slices) or an EndpointSlice of
+        the user's."""
         key = f"{namespace}/{name}"
         with self.paths.locked():
             state = self.state()
@@ -86,14 +86,15 @@ class Workloads(LabParts):
                 self._publish(state)
                 return f"service/{name} deleted"
             if kind.lower() == "endpointslice":
-                found = [e for e in self.endpoint_slices()
-                         if cluster.object_key(e) == key and
-                         (e["metadata"].get("labels") or {}).get(cluster.MANAGED_BY_LABEL) != cluster.MANAGED_BY]
-                if not found:
-                    raise LabError(f"endpointslice {key} does not exist (or is one the lab manages)")
-                self.cluster.remove(found[0])
+                mine = [o for o in self.endpoint_slices() if cluster.object_key(o) == key]
+                if not mine:
+                    raise LabError(f"endpointslice {key} does not exist")
+                if ((mine[0].get("metadata") or {}).get("labels") or {}).get(cluster.MANAGED_BY_LABEL) == \
+                        cluster.MANAGED_BY:
+                    raise LabError(f"endpointslice {key} is the lab's own (its Service's selector makes it)")
+                self.cluster.remove(mine[0])
                 self._publish(state)
-                return f"endpointslice/{name} deleted"
+                return f"endpointslice.discovery.k8s.io/{name} deleted"
         raise LabError(f"cannot delete kind {kind!r}: pod, service or endpointslice")
 
     def replace_pod(self, name: str) -> None:
@@ -142,7 +143,12 @@ class Workloads(LabParts):
         keys = [p[0] for p in pods]
         if len(set(keys)) != len(keys):
             raise LabError("the same Pod appears twice")
-        user_slices = [cluster.validate_slice(d) for d in docs if d["kind"] == "EndpointSlice"]
+        user_slices = [cluster.validate_endpoint_slice(d) for d in docs if d["kind"] == "EndpointSlice"]
+        managed = {cluster.object_key(o) for o in self.endpoint_slices()
+                   if ((o.get("metadata") or {}).get("labels") or {}).get(cluster.MANAGED_BY_LABEL) == cluster.MANAGED_BY}
+        for one in user_slices:
+            if cluster.object_key(one) in managed:
+                raise LabError(f"{cluster.describe(one)}: the lab's own slice of that name exists; choose another name")
 
         lines = []
         started: list[tuple[PodRecord, subprocess.Popen[bytes]]] = []
@@ -174,11 +180,13 @@ class Workloads(LabParts):
             self._wait_echo(started)
         finally:
             state.save(self.paths)
-        for eps in user_slices:     # a selector-less Service's endpoints, as the user wrote them
-            self.cluster.write(eps)
+        slice_lines = []
+        known = {cluster.object_key(o) for o in self.endpoint_slices()}
+        for one in user_slices:
+            self.cluster.write(one)
+            verb = "configured" if cluster.object_key(one) in known else "created"
+            slice_lines.append(f"endpointslice.discovery.k8s.io/{one['metadata']['name']} {verb}")
         self._sync_slices(state, services)
-        slice_lines = [f"endpointslice/{e['metadata']['name']} configured ({len(e['endpoints'])} endpoints)"
-                       for e in user_slices]
         return lines + svc_lines + slice_lines
 
     @staticmethod
