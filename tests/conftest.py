@@ -1,11 +1,14 @@
-"""Test-suite wide rules: privileged tests fail (never skip) when root, namespaces or BPF are missing."""
+"""Test-suite wide rules: privileged tests fail (never skip) when root, namespaces or BPF are missing; no test
+leaves the socket LB's programs on the host's cgroup v2 root (they would steer every process of the machine)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +42,26 @@ def _privileged_guard(request: pytest.FixtureRequest) -> None:
     problem = _privilege_problem()
     if problem:
         pytest.fail(f"privileged test cannot run here: {problem}", pytrace=False)
+
+
+def _host_socket_programs() -> set[tuple[str, int]]:
+    """The programs attached directly to the host's cgroup v2 root at the socket LB's hooks (root only)."""
+    from bpflb.datapath.cgroup import SOCK_PROGRAMS, attached_programs, default_cgroup_root
+
+    root: Path | None = default_cgroup_root()
+    if os.geteuid() != 0 or root is None:
+        return set()
+    return {(hook, prog) for hook in SOCK_PROGRAMS for prog in attached_programs(root, hook)}
+
+
+@pytest.fixture(autouse=True)
+def _host_cgroup_untouched() -> Iterator[None]:
+    """Network safety: a test may attach the socket LB to scratch or lab cgroups only. An agent started
+    without --cgroup-root attaches to the root of the hierarchy, where it would rewrite connections of
+    every process on this machine (other test runs' included) to the test's lab frontends."""
+    before = _host_socket_programs()
+    yield
+    added = _host_socket_programs() - before
+    if added:
+        pytest.fail(f"the test left programs on the host's cgroup v2 root at {sorted(added)}: run agents "
+                    "with --cgroup-root (a lab or scratch cgroup) or --no-socket-lb", pytrace=False)

@@ -231,10 +231,15 @@ def _emulated_cluster(objects: dict[tuple[str, str], list[dict[str, Any]]]) -> I
             api.close()
 
 
-def _agent(ns: str, kubeconfig: Path, pin_root: Path, once: bool) -> list[str]:
+def _agent(ns: str, kubeconfig: Path, pin_root: Path, once: bool, code: Path | None = None) -> list[str]:
+    """The agent's command in the scratch namespace. Never the socket LB: without a cgroup of its own it would
+    attach to the host's cgroup root and steer every process of the machine (a code that has none needs no
+    flag)."""
+    cli = (code / "operator" / "bpflb" / "cli.py") if code is not None else None
+    no_socket_lb = cli is None or "--no-socket-lb" in cli.read_text()
     return ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "bpflb", "agent",
             "--node-name", "node1", "--kube", "--kubeconfig", str(kubeconfig), "--pin-root", str(pin_root),
-            "--device", "eth0", *(["--once"] if once else [])]
+            "--device", "eth0", *(["--once"] if once else []), *(["--no-socket-lb"] if no_socket_lb else [])]
 
 
 def _fullsync_once(objects: dict[tuple[str, str], list[dict[str, Any]]], code: Path | None) -> dict[str, Any]:
@@ -244,7 +249,7 @@ def _fullsync_once(objects: dict[tuple[str, str], list[dict[str, Any]]], code: P
         t0 = time.monotonic()
         try:
             with open(log, "w") as out:
-                proc = subprocess.Popen(_agent(ns, kubeconfig, pin_root, once=True), stdout=out,
+                proc = subprocess.Popen(_agent(ns, kubeconfig, pin_root, once=True, code=code), stdout=out,
                                         stderr=subprocess.STDOUT, env={**os.environ, **_code_env(code)})
                 _pid, status, usage = os.wait4(proc.pid, 0)
         finally:
@@ -294,7 +299,7 @@ def _latency_once(objects: dict[tuple[str, str], list[dict[str, Any]]], code: Pa
     with _emulated_cluster(objects) as (ns, url, kubeconfig), tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "agent.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(_agent(ns, kubeconfig, pin_root, once=False), stdout=out,
+            proc = subprocess.Popen(_agent(ns, kubeconfig, pin_root, once=False, code=code), stdout=out,
                                     stderr=subprocess.STDOUT, env={**os.environ, **_code_env(code)})
         try:
             deadline = time.monotonic() + 600

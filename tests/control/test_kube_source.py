@@ -166,7 +166,8 @@ def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
     reporter = NodeReporter(agent_client, "node1")
     reporter.start()
     with scratch_node("bpflb-kt") as sn:
-        agent = Agent(AgentOptions(node_name="node1", pin_root=pin_root, device="eth0"), source,
+        # No socket LB: it would attach to the host's cgroup root and catch every process of the machine.
+        agent = Agent(AgentOptions(node_name="node1", pin_root=pin_root, device="eth0", socket_lb=False), source,
                       on_sync=lambda a, r: reporter.update(agent_report(a, source, r)))
 
         def run() -> None:
