@@ -1,7 +1,7 @@
 # Build, test and benchmark entry points of bpflb (BPF objects, Python environment, tests, lab demo).
 .DELETE_ON_ERROR:
 .PHONY: all bpf clean venv test test-unit test-bpf test-lab lint typecheck demo bench deps
-.PHONY: chart bench-quick
+.PHONY: chart bench-quick bpf-layout-test
 
 CLANG ?= clang
 ARCH_INCLUDE ?= /usr/include/$(shell uname -m)-linux-gnu
@@ -51,8 +51,24 @@ bpf_objects/build/connbench: native/connbench.c | bpf_objects/build
 	@echo "  CC        $@"
 	$(Q)$(CC) -O2 -Wall -Wextra -Werror $< -o $@
 
+# The upgrade tests' build (tests/bpf/test_migrate.py, tests/lab/test_upgrade.py): the same objects with another
+# conntrack size and a field added to struct ct_entry, as a next release might have them, in a build dir of
+# their own. An agent given BPFLB_BPF_DIR=$(LAYOUT_TEST_DIR) takes over the default build's pins, and back.
+LAYOUT_TEST_DIR ?= bpf_objects/build-layout-test
+LAYOUT_TEST_CFLAGS ?= -DCT_MAX=131072 -DBPFLB_LAYOUT_TEST
+LAYOUT_TEST_OBJS := $(LAYOUT_TEST_DIR)/bpf_lb.o $(LAYOUT_TEST_DIR)/bpf_xdp.o $(LAYOUT_TEST_DIR)/bpf_sock.o
+
+bpf-layout-test: $(LAYOUT_TEST_OBJS)
+
+$(LAYOUT_TEST_DIR)/%.o: bpf_objects/%.c $(BPF_HDRS) | $(LAYOUT_TEST_DIR)
+	@echo "  CLANG-BPF $@ ($(LAYOUT_TEST_CFLAGS))"
+	$(Q)$(CLANG) $(BPF_CFLAGS) $(LAYOUT_TEST_CFLAGS) -c $< -o $@
+
+$(LAYOUT_TEST_DIR):
+	$(Q)mkdir -p $@
+
 clean:
-	rm -rf bpf_objects/build
+	rm -rf bpf_objects/build $(LAYOUT_TEST_DIR)
 
 # System packages (Debian) and the Python virtualenv; both idempotent.
 deps:
@@ -75,16 +91,16 @@ lint: venv
 typecheck: lint
 
 # The README's test command (after scripts/install-deps.sh): build, lint, every test.
-test: venv bpf lint
+test: venv bpf bpf-layout-test lint
 	$(Q)$(VENV)/bin/pytest -v tests
 
 test-unit: venv
 	$(Q)$(VENV)/bin/pytest tests/unit
 
-test-bpf: venv bpf
+test-bpf: venv bpf bpf-layout-test
 	$(Q)$(VENV)/bin/pytest tests/bpf
 
-test-lab: venv bpf
+test-lab: venv bpf bpf-layout-test
 	$(Q)$(VENV)/bin/pytest tests/lab
 
 # The README's demo command (after scripts/install-deps.sh): build, bring the lab up, check it.

@@ -9,6 +9,7 @@ OUT=${OUT:-results/ci}
 "$BPFLB" bench --maglev --quick --out "$OUT"
 "$BPFLB" bench --clusterip --quick --out "$OUT"
 "$BPFLB" bench-kube fullsync --services 1000 --endpoints 10
+"$BPFLB" bench-kube latency --services 1000 --endpoints 10 --changes 20
 lab="bpflb-ci$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 trap '"$BPFLB" lab down --name "$lab" >/dev/null 2>&1 || true' EXIT
 "$BPFLB" lab up --kube --name "$lab"

@@ -24,6 +24,14 @@ def _privilege_problem() -> str | None:
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
+    # The tests pin maps under /sys/fs/bpf, which must be the machine's bpffs (the agent no longer mounts one
+    # of its own): mounted here when missing, as `bpflb mount-bpffs` does on a node and the lab on its host.
+    from bpflb.datapath.loader import mount_bpffs
+
+    try:
+        mount_bpffs()
+    except OSError as exc:
+        return f"cannot mount bpffs at /sys/fs/bpf: {exc}"
     return None
 
 

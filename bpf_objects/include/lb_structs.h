@@ -86,7 +86,9 @@
 #define LB_SERVICES_MAX 65536
 #define LB_SVC_SLOTS_MAX 262144
 #define LB_BACKENDS_MAX 65536
+#ifndef CT_MAX                 /* a build may size conntrack otherwise (make bpf-layout-test) */
 #define CT_MAX 262144          /* entries of ct_fwd and of ct_rev (hash maps: full means new flows are refused) */
+#endif
 
 /* A frontend slot: slot 0 is the frontend itself, slots 1..count name its backends. */
 struct lb_svc_key {
@@ -144,6 +146,9 @@ struct ct_entry {
 	__u8 state;            /* CT_S_*: what the flow has shown of TCP's life (both entries agree) */
 	__u8 pad;
 	__u32 syn_ack_seq;     /* host order: the backend's SYN-ACK sequence number (CT_S_SYN_ACK) */
+#ifdef BPFLB_LAYOUT_TEST
+	__u64 layout_test;     /* only in the upgrade tests' build (make bpf-layout-test): a field added */
+#endif
 };
 
 /* An address:port/protocol (DSR frontends known cluster-wide, this node's backend endpoints). */

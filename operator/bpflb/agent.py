@@ -4,6 +4,7 @@ kernel's in production, an in-memory one in the agent's unit tests."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -20,17 +21,16 @@ from bpflb.datapath.conntrack import Schedule, describe
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
 from bpflb.healthcheck import PROXY_HEALTH_PORT, HealthServers, ProxyHealth, node_eligible
 from bpflb.metrics import AgentMetrics
+from bpflb.model.budget import Budget, Refusal
 from bpflb.model.cluster import (
+    ClusterFacts,
     cluster_prefixes,
-    dsr_backends,
-    dsr_frontends,
-    local_backends,
     network_settings,
     node_addresses,
     nodes_info,
 )
 from bpflb.model.settings import UNINSTALL_KEY, decode_agent_config
-from bpflb.model.translate import translate
+from bpflb.model.translate import Translator
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
     Algorithm,
@@ -39,10 +39,12 @@ from bpflb.model.types import (
     FrontendKind,
     L4Addr,
     Mode,
+    Problem,
 )
 from bpflb.sources.base import Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
+LOGGED_CHANGES = 50        # frontend changes logged one by one per sync at INFO (the rest at DEBUG, then a summary)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class AgentOptions:
     # proxy health server at healthz_bind_address ("" for none). Off by default: `bpflb agent` turns them on.
     health_servers: bool = False
     healthz_bind_address: str = f"0.0.0.0:{PROXY_HEALTH_PORT}"
+    mount_bpffs: bool = False          # mount bpffs when the pin root is on none (an agent run on the host itself)
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -97,11 +100,16 @@ class Agent:
         if datapath is None:
             from bpflb.datapath.kernel import KernelDatapath
 
-            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root)
+            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root, mount_bpffs=opts.mount_bpffs)
         self.datapath: Datapath = datapath
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one
         self.state: DesiredState | None = None
+        self.translator = Translator(opts.node_name)     # re-translates only what changed
+        self.budget = Budget()                           # which Services fit the maps
+        self.cluster_facts = ClusterFacts()              # DSR frontends, local backends
+        self.refused: dict[str, Problem] = {}            # Services left out of the datapath, by namespace/name
+        self._frozen = -1                                # the state whose heap was last kept from the collector
         self.mode: Mode | None = None
         self.debug_logging = False
         self._problems_seen: set[str] = set()
@@ -138,13 +146,35 @@ class Agent:
     # -- reconcile ---------------------------------------------------------------------------
     def sync_once(self) -> SyncReport | None:
         """Read the source, translate, program the datapath. None when the node is not known yet, or when the
-        configuration says uninstall (then the datapath is removed; it is loaded again once it no longer does)."""
+        configuration says uninstall (then the datapath is removed; it is loaded again once it no longer does).
+
+        The cyclic garbage collector is paused meanwhile: a large cluster's sync makes hundreds of thousands of
+        acyclic objects, and full collections over everything the agent holds would double its time."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync_once()
+        finally:
+            if paused:
+                gc.enable()
+
+    def _freeze_heap(self) -> None:
+        """After a sync that built everything anew (in the loop, once the maps are programmed): what it built
+        lives on, and is acyclic. Kept out of the collector's full passes, which would otherwise walk millions
+        of objects between two small syncs; the previous such heap is handed back to it first."""
+        if self.state is not None and self.state.changes is None and self.state.generation != self._frozen:
+            self._frozen = self.state.generation
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+
+    def _sync_once(self) -> SyncReport | None:
         snap = self.source.snapshot()
         for text in snap.problems:
             self._problem(text)
         config, _ = decode_agent_config(snap.config)      # its problems come back in state.problems
         self._set_debug_logging(config.settings.debugLogging)
-        state = translate(snap, self.opts.node_name)
+        state = self.translator.translate(snap)
         for problem in state.problems:
             self._problem(str(problem))
         for note in state.notes:
@@ -170,16 +200,19 @@ class Agent:
         network = network_settings(config)
         nodes = nodes_info(snap)
         me = next((n for n in nodes if n.name == self.opts.node_name), None)
+        all_addrs = node_addresses(snap)
+        state, refusals = self.budget.fit(state, all_addrs, self.datapath.capacity())
+        dsr, members, local = self.cluster_facts.update(state, all_addrs)
         want = NodeProgram(
             state=state,
             config=NodeConfig(mode=mode, snat_addr=state.node_addrs[0], ext_ifindex=0,
                               tunnel_mode=int(network.tunnel), tunnel_vni=network.vni,
                               nat_port_min=self.opts.nat_port_range[0], nat_port_max=self.opts.nat_port_range[1]),
-            dsr_frontends=dsr_frontends(state, node_addresses(snap)), dsr_backends=frozenset(dsr_backends(state)),
-            local_backends=frozenset(local_backends(state)), prefixes=frozenset(cluster_prefixes(snap)),
+            dsr_frontends=dsr, dsr_backends=members, local_backends=local, prefixes=frozenset(cluster_prefixes(snap)),
             nodes=tuple(nodes), me=me, network=network, acceleration=config.settings.xdpAcceleration,
             socket_lb=self._socket_lb(config.settings.socketLB))
         done = self.datapath.program(want)
+        self._refuse(refusals, done.refused)
         for action in done.network_actions:
             log.info("network (tunnelMode %s): %s", network.tunnel.label, action)
         for action in done.in_cluster_actions:
@@ -199,6 +232,25 @@ class Agent:
         self.state = state
         self._serve_health(snap, state)
         return done.sync
+
+    def _refuse(self, refusals: list[Refusal], failed: list[tuple[str, str, str]]) -> None:
+        """Services left out of the datapath, each alone: by the budget (they do not fit), or because the kernel
+        refused their entries (tried again at the next sync). Logged once each, kept in self.refused for
+        the node report and the Services' Events."""
+        refused = {r.service: r.problem() for r in refusals}
+        for service, map_name, reason in failed:
+            if service and service not in refused:
+                refused[service] = Problem(f"Service {service}", f"map {map_name}",
+                                           f"{reason}; left out and tried again at the next sync, everything "
+                                           f"else is programmed")
+            elif not service:
+                self._problem(f"map {map_name}: {reason}")
+        for service, problem in refused.items():
+            if self.refused.get(service) != problem:
+                log.warning("refused: %s", problem)
+        for service in self.refused.keys() - refused.keys():
+            log.info("Service %s fits the datapath again: programmed", service)
+        self.refused = refused
 
     def _serve_health(self, snap: Snapshot, state: DesiredState) -> None:
         """The datapath holds what was noticed: healthy again; the health servers follow the new state."""
@@ -253,13 +305,26 @@ class Agent:
 
     def _log_frontend_changes(self, old: DesiredState | None, new: DesiredState) -> None:
         before: dict[L4Addr, Frontend] = old.frontends if old else {}
-        for key, fe in new.frontends.items():
-            if before.get(key) != fe:
-                verb = "serving" if old is None else "updated" if key in before else "added"
-                log.info("%s %s", verb, _describe(fe))
-        for key, fe in before.items():
-            if key not in new.frontends:
-                log.info("removed %s %s of Service %s", fe.kind.value, fe.l4, fe.service)
+        incremental = old is not None and new.changes is not None and new.base == old.generation
+        look = new.changes if incremental and new.changes is not None else new.frontends.keys() | before.keys()
+        said = 0
+        debug = log.isEnabledFor(logging.DEBUG)
+        for key in look:
+            fe = new.frontends.get(key)
+            if fe is not None and before.get(key) != fe:
+                said += 1
+                if said <= LOGGED_CHANGES or debug:
+                    verb = "serving" if old is None else "updated" if key in before else "added"
+                    log.log(logging.INFO if said <= LOGGED_CHANGES else logging.DEBUG, "%s %s", verb, _describe(fe))
+            elif fe is None and key in before:
+                said += 1
+                if said <= LOGGED_CHANGES or debug:
+                    gone = before[key]
+                    log.log(logging.INFO if said <= LOGGED_CHANGES else logging.DEBUG,
+                            "removed %s %s of Service %s", gone.kind.value, gone.l4, gone.service)
+        if said > LOGGED_CHANGES:
+            log.info("... and %d more frontends changed in this sync (each at DEBUG: debugLogging); %d frontends of "
+                     "%d Services are served", said - LOGGED_CHANGES, len(new.frontends), len(new.by_service))
 
     def _problem(self, text: str) -> None:
         if text not in self._problems_seen:
@@ -296,9 +361,33 @@ class Agent:
                 log.exception("conntrack GC failed; retrying later")
                 self.gc_schedule.due = time.monotonic() + Schedule.ACTIVE_S
 
+    def start_retrying(self, first_delay: float = 1.0, max_delay: float = 30.0) -> bool:
+        """start(), again and again while the datapath cannot be loaded (say, the pin root is on no bpffs
+        yet): the reason is logged and reported (last_error, the after-sync hook), the process never
+        crash-loops. False when stopped first."""
+        delay = first_delay
+        while not self._stop.is_set():
+            try:
+                self.start()
+            except OSError as exc:
+                self.last_error = f"cannot load the datapath: {exc}"
+                log.error("%s; nothing is changed on this node, retrying in %.0fs", self.last_error, delay)
+                if self.on_sync is not None:
+                    try:
+                        self.on_sync(self, None)
+                    except Exception:
+                        log.exception("the after-sync hook failed")
+                self._stop.wait(delay)
+                delay = min(delay * 2, max_delay)
+                continue
+            self.last_error = None
+            return True
+        return False
+
     def run(self) -> None:
         """Sync, then re-sync whenever the source changes, until stopped; the conntrack GC runs alongside."""
-        self.start()
+        if not self.start_retrying():
+            return
         threading.Thread(target=self._gc_loop, name="conntrack-gc", daemon=True).start()
         last_full = 0.0
         try:
@@ -354,6 +443,7 @@ class Agent:
             if not self.ready_marker.is_symlink():
                 os.symlink(str(os.getpid()), self.ready_marker)
                 log.info("ready: first sync done (%s)", self.ready_marker)
+            self._freeze_heap()
         return report
 
     def _observe(self, seconds: float, report: SyncReport | None) -> None:

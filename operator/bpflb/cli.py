@@ -33,7 +33,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                         cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
                         socket_lb=not args.no_socket_lb, nat_port_range=nat_ports,
                         health_servers=not args.no_health_servers and not args.once,
-                        healthz_bind_address=args.healthz_bind_address)
+                        healthz_bind_address=args.healthz_bind_address, mount_bpffs=args.mount_bpffs)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -100,6 +100,20 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount_bpffs(args: argparse.Namespace) -> int:
+    from bpflb.datapath.libbpf import BpfError
+    from bpflb.datapath.loader import mount_bpffs
+
+    _setup_logging(False)
+    try:
+        done = mount_bpffs(Path(args.path))
+    except BpfError as exc:
+        print(f"bpflb mount-bpffs: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"mounted bpffs at {args.path}" if done else f"bpffs already mounted at {args.path}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bpflb.inspect import show
 
@@ -154,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "GET /readyz: the first sync is done) there, e.g. 0.0.0.0:9962")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
+    agent.add_argument("--mount-bpffs", action="store_true",
+                       help="mount bpffs at /sys/fs/bpf when the pin root is on none (only for an agent run "
+                            "directly on the host: in a pod the mount would be the pod's own, and die with it)")
     agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
                        help="source ports of SNAT'd flows, each unique per (backend address, backend port, "
                             "protocol); default 32768-65535 (Cilium's range)")
@@ -203,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="YAML: the agents' pod settings (resources, tolerations, nodeSelector, ...; the Helm chart's)")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
+
+    mnt = sub.add_parser("mount-bpffs", help="mount the node's bpffs (the agents' init container runs it on the "
+                                             "host's /sys/fs/bpf); nothing when one is mounted there")
+    mnt.add_argument("path", nargs="?", default="/sys/fs/bpf")
+    mnt.set_defaults(func=cmd_mount_bpffs)
 
     insp = sub.add_parser("inspect", help="show a node's frontends, backends, flows and counters")
     insp.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT))

@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bpflb.datapath.lbmaps import possible_cpus
-from bpflb.datapath.libbpf import check, ffi, lib, objects_dir
+from bpflb.datapath.libbpf import check, ffi, lib, objects_dir, possible_cpus
 from bpflb.datapath.loader import BpfObject, xdp_attach
 
 GEN_OBJECT = "bpf_gen.o"

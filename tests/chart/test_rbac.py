@@ -84,11 +84,12 @@ def test_the_agents_read_only_what_they_load_balance(docs: list[Doc]) -> None:
 
 
 def test_the_agents_write_only_their_node_reports(docs: list[Doc]) -> None:
-    """RBAC's part: ConfigMaps in kube-system, create and patch, nothing else; the admission policy's part:
-    bound to every request of the agents' ServiceAccount."""
+    """RBAC's part: ConfigMaps in kube-system, create and patch, and Events (about the Services a node refuses),
+    nothing else; the admission policy's part: bound to every request of the agents' ServiceAccount."""
     writes = {g for g in grants(docs, AGENT) if g.verb not in READ}
     assert writes == {Grant("kube-system", "", "configmaps", "create", ()),
-                      Grant("kube-system", "", "configmaps", "patch", ())}
+                      Grant("kube-system", "", "configmaps", "patch", ()),
+                      Grant(None, "", "events", "create", ())}
     policy = find(docs, "ValidatingAdmissionPolicy", "bpflb-agent-node-report")
     binding = find(docs, "ValidatingAdmissionPolicyBinding", "bpflb-agent-node-report")
     assert binding["spec"]["policyName"] == "bpflb-agent-node-report"
@@ -216,7 +217,7 @@ def test_the_policy_follows_the_agents_service_account_name() -> None:
     user = "system:serviceaccount:kube-system:lb-agent"
     assert policy.admit(request("UPDATE", "coredns", user=user))[0] is False
     assert policy.admit(request("UPDATE", "coredns"))[1] == "not matched"
-    assert {g.resource for g in grants(docs, user)} == {"services", "nodes", "endpointslices", "configmaps"}
+    assert {g.resource for g in grants(docs, user)} == {"services", "nodes", "endpointslices", "configmaps", "events"}
 
 
 OPERATOR_CASES = [

@@ -76,7 +76,13 @@ def test_module_config_creates_the_daemonset_and_the_agents_configuration(
     assert container["securityContext"]["privileged"] is False
     assert {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"} \
         in container["volumeMounts"]
-    assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}} in pod["volumes"]
+    # bpffs is mounted on the host, before the agent starts, by a privileged init container (Bidirectional)
+    [init] = pod["initContainers"]
+    assert init["command"] == ["bpflb", "mount-bpffs", "/sys/fs/bpf"] and init["image"] == container["image"]
+    assert init["securityContext"]["privileged"] is True
+    assert init["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"}]
+    assert "--mount-bpffs" not in container["command"]          # the agent never mounts one itself
     wait_for("the Event", lambda: any("created DaemonSet kube-system/bpflb-agent" in e for e in events(client)))
     # kopf's timers would have put a finalizer on the ModuleConfig; the status loop does not.
     assert not (client.get(f"{MC_PATH}/cni-cilium") or {})["metadata"].get("finalizers")

@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -249,6 +250,61 @@ def root_rules() -> dict[str, str]:
 
 
 
+
+_HOLD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+print("open", *s.getsockname(), flush=True)
+buf = b""
+for line in sys.stdin:
+    try:
+        s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed by the peer")
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        fields = dict(h.split(b": ", 1) for h in head.split(b"\r\n")[1:])
+        length = int(fields[b"Content-Length"])
+        while len(rest) < length:
+            rest += s.recv(4096)
+        buf = rest[length:]
+        print(fields[b"X-Pod-Name"].decode(), rest[:length].decode(), flush=True)
+    except Exception as exc:
+        print("ERROR", type(exc).__name__, exc, flush=True)
+"""
+
+
+class HeldConnection:
+    """One TCP connection from a lab host, kept open by a process of its own: ask() sends a request on it and
+    returns "<pod> <client address as the pod saw it>", or "ERROR ..." when the connection broke. Proves a
+    flow survived whatever happened between two asks (its conntrack entries, on every node it crosses)."""
+
+    def __init__(self, lab: Lab, host: str, addr: str, port: int) -> None:
+        self.proc = subprocess.Popen(netns.nsenter_argv(lab.netns(host), [sys.executable, "-c", _HOLD, addr, str(port)]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.local = self._line(5.0)
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return "ERROR timeout: no answer"
+        return self.proc.stdout.readline().strip() or "ERROR the holder exited"
+
+    def ask(self, timeout: float = 5.0) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("ask\n")
+        self.proc.stdin.flush()
+        return self._line(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 # --- in-cluster traffic (ClusterIP) ----------------------------------------------------------------------
 

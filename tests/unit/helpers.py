@@ -99,3 +99,18 @@ def the_problem(state: DesiredState, *parts: str) -> Problem:
 
 def two_pods() -> list[Obj]:
     return [endpoint("10.0.1.1", NODE, "echo-1"), endpoint("10.0.2.1", "node-b", "echo-2")]
+
+
+class StaticSource:
+    """A Source whose snapshot is whatever the test put there."""
+
+    def __init__(self, services: list[Obj], slices: list[Obj], config: dict[str, str] | None,
+                 nodes: list[Obj] | None = None) -> None:
+        self.snap = Snapshot(services=services, endpointslices=slices, nodes=[node()] if nodes is None else nodes,
+                             config=config)
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    def wait_for_change(self, timeout: float) -> bool:
+        return False

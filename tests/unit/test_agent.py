@@ -1,8 +1,9 @@
 """The agent's logic on the in-memory datapath (no root): a sync programs what the objects say, a failed write
-of one object fails the sync without losing what was programmed and the next attempt recovers, a mode
-switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes nothing, the
-agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall), DSR requests are accepted
-for this node's backends of the named frontend only, and the neighbour watcher lives while the agent does."""
+of one frontend leaves that frontend out (reported) while everything else is programmed and the next sync
+recovers, a mode switch rewrites lb_config and nothing else, a restart on existing (pinned) state writes
+nothing, the agents' configuration acts (debugLogging, svcSourceRangeCheck, uninstall), DSR requests
+are accepted for this node's backends of the named frontend only, and the neighbour watcher lives while the
+agent does."""
 
 from __future__ import annotations
 
@@ -19,21 +20,18 @@ from bpflb.datapath.lbmaps import svc_key
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.model.cluster import ANY_NODE
 from bpflb.model.types import L4Addr, Mode, Proto
-from bpflb.sources.base import Snapshot
-from tests.unit.helpers import NODE, NODE_INTERNAL, Obj, endpoint, endpoint_slice, l4, node, service, two_pods
-
-
-class StaticSource:
-    """A Source whose snapshot is whatever the test put there."""
-
-    def __init__(self, services: list[Obj], slices: list[Obj], config: dict[str, str] | None) -> None:
-        self.snap = Snapshot(services=services, endpointslices=slices, nodes=[node()], config=config)
-
-    def snapshot(self) -> Snapshot:
-        return self.snap
-
-    def wait_for_change(self, timeout: float) -> bool:
-        return False
+from tests.unit.helpers import (
+    NODE,
+    NODE_EXTERNAL,
+    NODE_INTERNAL,
+    Obj,
+    StaticSource,
+    endpoint,
+    endpoint_slice,
+    l4,
+    service,
+    two_pods,
+)
 
 
 def two_services() -> tuple[list[Obj], list[Obj]]:
@@ -74,8 +72,7 @@ def test_a_sync_programs_every_frontend_and_attaches_once(tmp_path: Path) -> Non
     assert again is not None and not again.changed       # nothing differs: nothing written
 
 
-def test_a_failed_write_of_one_object_keeps_the_programmed_state_and_the_next_sync_recovers(
-        tmp_path: Path) -> None:
+def test_a_failed_write_stays_with_its_frontend_and_the_next_sync_recovers(tmp_path: Path) -> None:
     services, slices = two_services()
     agent, datapath, source = make_agent(tmp_path, MemoryPins())
     source.snap.services, source.snap.endpointslices = services[1:], slices[1:]
@@ -85,15 +82,19 @@ def test_a_failed_write_of_one_object_keeps_the_programmed_state_and_the_next_sy
     bad = svc_key(l4(NODE_INTERNAL, 30080), 0)
     datapath.map("lb_services").fail = lambda key: "injected E2BIG" if key == bad else None
     source.snap.services, source.snap.endpointslices = services, slices
-    assert agent.run_once(retry_delay=0) is None
-    assert agent.last_error is not None and "lb_services" in agent.last_error and "E2BIG" in agent.last_error
-    assert bad not in datapath.pins.maps["lb_services"]
-    assert programmed.items() <= datapath.pins.maps["lb_services"].items()   # other's entries untouched
+    report = agent.run_once(retry_delay=0)
+    assert report is not None and agent.last_error is None           # the sync went on without it
+    assert [(f.frontend, f.map_name) for f in report.failures] == [(l4(NODE_INTERNAL, 30080), "lb_services")]
+    assert "injected E2BIG" in str(agent.refused["default/echo"])
+    held = datapath.pins.maps["lb_services"]
+    assert bad not in held and not any(k[:6] == bad[:6] for k in held)   # none of its slots either
+    assert programmed.items() <= held.items()                          # other's entries untouched
+    assert svc_key(l4(NODE_EXTERNAL, 30080), 0) in held                # echo's other frontend is served
 
     datapath.map("lb_services").fail = lambda key: None
     report = agent.run_once()
-    assert report is not None and agent.last_error is None and report.frontends_added == 2
-    assert bad in datapath.pins.maps["lb_services"]
+    assert report is not None and agent.last_error is None and report.frontends_added == 1
+    assert bad in datapath.pins.maps["lb_services"] and agent.refused == {}
 
 
 def test_a_mode_switch_rewrites_lb_config_and_nothing_else(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ TESTED: dict[str, list[tuple[str, str]]] = {
                     ("tests/control/test_kube_source.py", "Agent(")],
     "bpflb operator": [("tests/control/helpers.py", "op.run(")],
     "bpflb inspect": [("tests/bpf/test_lbmaps.py", 'main(["inspect", "--pin-root"')],
+    "bpflb mount-bpffs": [("tests/unit/test_bpffs.py", '"-m", "bpflb", "mount-bpffs"')],
     "bpflb lab up": [("tests/lab/test_cli.py", '"up"')],
     "bpflb lab down": [("tests/lab/test_cli.py", '"down"')],
     "bpflb lab status": [("tests/lab/test_cli.py", '"status"')],

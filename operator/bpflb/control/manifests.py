@@ -124,6 +124,22 @@ def agent_configmap(data: dict[str, str], namespace: str = NAMESPACE) -> KubeObj
     }
 
 
+def bpffs_init_container(image: str, pull_policy: str) -> KubeObject:
+    """Mounts bpffs on the host before the agent starts, whatever the host had mounted (as Cilium does): its
+    /sys/fs/bpf is the host's, with Bidirectional propagation, so the mount lands in the host's namespace and
+    every later pod of the agent sees it (HostToContainer); the agent itself never mounts one. Bidirectional
+    propagation needs a privileged container; it runs `bpflb mount-bpffs`, which does nothing when a bpffs is
+    already mounted there."""
+    return {
+        "name": "mount-bpffs",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["bpflb", "mount-bpffs", "/sys/fs/bpf"],
+        "securityContext": {"privileged": True, "runAsUser": 0},
+        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"}],
+    }
+
+
 def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, namespace: str = NAMESPACE) -> KubeObject:
     """The agents' DaemonSet. Its pod template carries nothing of the configuration: agents read the
     ConfigMap through the API, so a mode change reprograms them without restarting a pod."""
@@ -157,9 +173,10 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, nam
                              {"name": "cgroup", "mountPath": CGROUP_ROOT, "readOnly": True}],
             **agent_probes(pod.metricsPort),
         }],
+        "initContainers": [bpffs_init_container(image, pod.imagePullPolicy)],
         # The host's bpffs: pinned maps outlive the pod, so a restarted agent keeps every
         # frontend and every open flow.
-        "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+        "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
                     # The host's cgroup v2 root, outside the pod's cgroup namespace (the socket LB's attach
                     # point; attaching needs only a descriptor of the directory: read-only).
                     {"name": "cgroup", "hostPath": {"path": pod.cgroupHostRoot, "type": "Directory"}}],

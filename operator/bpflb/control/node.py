@@ -7,6 +7,7 @@ import logging
 import time
 
 from bpflb.agent import Agent, AgentOptions, install_signal_handlers
+from bpflb.control.events import ServiceEvents
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
 from bpflb.kubeapi import KubeClient, load_config
@@ -30,9 +31,11 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}")
     source = KubeSource(client, opts.node_name, namespace=ns)
     reporter = NodeReporter(client, opts.node_name, namespace=ns)
+    events = ServiceEvents(client, opts.node_name, uid_of=lambda key: agent.translator.service_uid(key))
 
     def on_sync(agent: Agent, report: SyncReport | None) -> None:
         reporter.update(agent_report(agent, source, report))
+        events.update(agent.refused)
 
     agent = Agent(opts, source, on_sync=on_sync)
     if uninstall:
@@ -51,6 +54,7 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
         agent.metrics = AgentMetrics(agent)
         server = agent.metrics.serve(metrics_listen)
     reporter.start()
+    events.start()
     try:
         if once:
             started = time.monotonic()
@@ -71,3 +75,4 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
         reporter.close()
         if server is not None:
             server.close()
+        events.close()

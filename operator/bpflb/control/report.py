@@ -36,6 +36,9 @@ HEARTBEAT = 30.0             # seconds between two writes of an unchanged report
 STALE_AFTER = 120.0          # the operator ignores reports older than this
 IGNORED_SHOWN = 20           # fields not acted on listed in a report (all of them are in the agent's log)
 
+REFUSED_KEY = "refused"      # the Services this node refused (do not fit its maps), comma-separated
+REFUSED_LISTED = 50          # listed at most (the message says how many there are)
+
 # The states an agent reports.
 READY = "Ready"              # the datapath is programmed from the configuration named by configGeneration
 WAITING = "Waiting"          # not programmed yet (API not listed yet, or the Node has no address)
@@ -172,6 +175,11 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
                                                               "waiting for this Node's address")
     else:
         state, message = READY, f"{frontends} frontends programmed"
+    refused = dict(getattr(agent, "refused", {}) or {})
+    if refused and state == READY:
+        message += (f"; {len(refused)} Service{'s' if len(refused) != 1 else ''} refused, each alone (the rest is "
+                    f"programmed): " + "; ".join(f"{svc}: {p.field}" for svc, p in sorted(refused.items())[:5])
+                    + (f"; and {len(refused) - 5} more" if len(refused) > 5 else ""))
     if not source.connected:
         message += "; the API is unreachable: " + "; ".join(source.errors())
     return {
@@ -181,6 +189,7 @@ def agent_report(agent: Agent, source: KubeSource, report: SyncReport | None) ->
         CONFIG_GENERATION_KEY: generation,
         "frontends": str(frontends),
         "problems": str(problems),
+        REFUSED_KEY: ",".join(sorted(refused)[:REFUSED_LISTED]),
         # Fields of Services this node does not act on, one per line (loadBalancerSourceRanges while
         # svcSourceRangeCheck is false, a loadBalancerClass, ...); empty when there are none.
         "notActedOn": "\n".join(notes),

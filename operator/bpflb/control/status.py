@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bpflb.control.report import ERROR, READY, STALE_AFTER, UNINSTALLED, parse_time
+from bpflb.control.report import ERROR, READY, REFUSED_KEY, STALE_AFTER, UNINSTALLED, parse_time
 from bpflb.model.settings import (
     CONFIG_GENERATION_KEY,
     SETTINGS_VERSIONS,
@@ -122,6 +122,10 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
     conditions.append(Condition("Degraded", bool(degraded), degraded[0][0] if degraded else "AsExpected",
                                 "; ".join(m for _, m in degraded) if degraded else "no problem found"))
 
+    refused: dict[str, list[str]] = {}          # Service -> the nodes that refused it
+    for node, report in sorted(fresh.items()):
+        for svc in filter(None, (report.get(REFUSED_KEY) or "").split(",")):
+            refused.setdefault(svc, []).append(node)
     if degraded:
         message = f"Degraded: {degraded[0][1]}"
     elif not applied:
@@ -134,6 +138,12 @@ def compute_status(spec: Any, applied: Mapping[str, str] | None, nodes: list[str
         message = f"Ready: {conditions[0].message}"
     else:
         message = f"Progressing: {conditions[1].message}"
+
+    if refused and enabled and applied:
+        shown = "; ".join(f"{svc} on {_names(nodes_)}" for svc, nodes_ in sorted(refused.items())[:5])
+        message += (f"; {_plural(len(refused), 'Service')} refused, each alone (do not fit the datapath's maps; "
+                    f"see the Services' Events): {shown}" + (f" and {len(refused) - 5} more" if len(refused) > 5
+                                                           else ""))
 
     previous_conditions = {c.get("type"): c for c in (previous or {}).get("conditions") or []
                            if isinstance(c, dict)}

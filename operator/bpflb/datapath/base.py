@@ -5,7 +5,8 @@ ClusterMaps and EastWestMaps, so the entries they hold are byte for byte the sam
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
@@ -16,7 +17,7 @@ from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, SyncReport
 from bpflb.datapath.loader import Map
 from bpflb.datapath.mapdiff import MapMirror
-from bpflb.model.cluster import DsrFrontendKind, NetworkSettings, NodeInfo
+from bpflb.model.cluster import NetworkSettings, NodeInfo
 from bpflb.model.types import DesiredState, L4Addr, Mode
 
 
@@ -39,9 +40,9 @@ class NodeProgram:
 
     state: DesiredState                         # frontends, backends, selection settings
     config: NodeConfig                          # lb_config (ext_ifindex is the datapath's own)
-    dsr_frontends: Mapping[L4Addr, DsrFrontendKind] = field(default_factory=dict)
-    dsr_backends: frozenset[tuple[L4Addr, L4Addr]] = frozenset()   # (frontend, local backend) DSR may reach
-    local_backends: frozenset[L4Addr] = frozenset()
+    dsr_frontends: Mapping[L4Addr, int] = field(default_factory=dict)   # -> model.cluster.DsrFrontendKind
+    dsr_backends: Iterable[tuple[L4Addr, L4Addr]] = frozenset()    # (frontend, local backend) DSR may reach
+    local_backends: AbstractSet[L4Addr] | Mapping[L4Addr, int] = frozenset()
     prefixes: frozenset[IPv4Network] = frozenset()
     nodes: tuple[NodeInfo, ...] = ()            # every node: the tunnel map, the overlay's peers
     me: NodeInfo | None = None
@@ -62,6 +63,9 @@ class ProgramReport:
     acceleration: str | None = None             # what was attached now ("native"/"generic"), else None
     problems: list[str] = field(default_factory=list)   # what could not be applied (the rest was)
     in_cluster_actions: list[str] = field(default_factory=list)   # socket LB and pod path changes
+    # Frontends and cluster facts the kernel refused to hold: (Service "namespace/name" or "", map, reason).
+    # The Service is left out whole at the next sync only if the budget says so; the maps keep everything else.
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Datapath(Protocol):
@@ -99,6 +103,10 @@ class Datapath(Protocol):
     def refresh_pods(self) -> list[str]:
         """Give pods' veths that appeared since the last program() the pod-facing path; what was done.
         Cheap when nothing changed (called between syncs)."""
+        ...
+
+    def capacity(self) -> dict[str, int]:
+        """max_entries of every map a sync fills, by map name (after load())."""
         ...
 
     def uninstall(self, device: str | None) -> None:
@@ -147,6 +155,7 @@ class MapsDatapath:
         report.network_actions = self._network(want)
         report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
                                                    want.nodes, want.dsr_backends)
+        report.refused += [(_service_of(obj, want), name, why) for name, obj, why in self.cluster.failures]
         report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.dsr_backends.entries),
                                 len(self.cluster.local_backends.entries), len(self.cluster.cidrs.entries))
         self._accelerate(want.acceleration, report)
@@ -154,12 +163,17 @@ class MapsDatapath:
         config_changed = self.maps.set_config(config)
         report.sync = self.maps.sync(want.state)
         report.sync.config_changed = config_changed
+        report.refused += [(f.service, f.map_name, f"frontend {f.frontend}: {f.reason}") for f in report.sync.failures]
         report.problems += report.sync.problems
         # In-cluster paths last: they read the frontends just written; the pod path's sources first.
         if self.east_west is not None:
             self.east_west.sync(want.me.pod_cidrs if want.me else ())
         self._in_cluster(want, report)
         return report
+
+    def capacity(self) -> dict[str, int]:
+        assert self.maps is not None and self.cluster is not None, "capacity() before load()"
+        return {**self.maps.capacity(), **self.cluster.capacity()}
 
     def counters(self) -> dict[str, int]:
         assert self.maps is not None, "counters() before load()"
@@ -191,3 +205,14 @@ class MapsDatapath:
             if level is not None:
                 out[m.name] = level
         return out
+
+
+def _service_of(obj: object, want: NodeProgram) -> str:
+    """The Service a refused cluster-map key stands for ("" for a node's prefixes or tunnel endpoints)."""
+    if not isinstance(obj, L4Addr):
+        return ""
+    for fe in want.state.frontends.values():
+        if fe.l4 == obj or (fe.l4.port, fe.l4.proto) == (obj.port, obj.proto) \
+                or any(b.l4 == obj for b in fe.backends + fe.draining):
+            return fe.service
+    return ""

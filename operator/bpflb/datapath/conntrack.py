@@ -240,7 +240,17 @@ class Snapshot:
 def snapshot(fwd: Map, rev: Map, config: Map, now: int | None = None) -> Snapshot:
     lt = Lifetimes.read(config)
     t = time.monotonic_ns() if now is None else now      # CLOCK_MONOTONIC: bpf_ktime_get_ns's clock
-    return Snapshot(t, lt, Table(*read_raw(fwd), lt, t), Table(*read_raw(rev), lt, t))
+    return Snapshot(t, lt, Table(*_as_ct_entries(fwd, *read_raw(fwd)), lt, t),
+                    Table(*_as_ct_entries(rev, *read_raw(rev)), lt, t))
+
+
+def _as_ct_entries(m: Map, keys: bytes, values: bytes) -> tuple[bytes, bytes]:
+    """Values cut to the struct ct_entry this code knows, when the map's are longer (another build's, whose
+    fields this one does not read come after: see datapath.migrate and make bpf-layout-test)."""
+    if m.value_size == CT_ENTRY.size:
+        return keys, values
+    vs, size = m.value_size, CT_ENTRY.size
+    return keys, b"".join(values[i:i + size].ljust(size, b"\0") for i in range(0, len(values), vs))
 
 
 @dataclass

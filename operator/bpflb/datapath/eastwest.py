@@ -23,4 +23,7 @@ class EastWestMaps:
         """This node's pod CIDRs; none known (a Node without spec.podCIDR): every source, so the pod path
         still serves pods, without the source check.  Returns the keys touched."""
         nets = list(pod_cidrs) or [ANYWHERE]
-        return self.pod_cidrs.sync(dict.fromkeys((cidr_key(n) for n in nets), b"\x01"))
+        touched, refused = self.pod_cidrs.sync(dict.fromkeys((cidr_key(n) for n in nets), b"\x01"))
+        if refused:                 # a handful of prefixes; the kernel's reason is worth a line
+            raise OSError(f"lb_pod_cidrs: {len(refused)} prefixes refused: {refused[0][1]}")
+        return touched

@@ -43,10 +43,11 @@ log = logging.getLogger("bpflb.agent")
 class KernelDatapath(MapsDatapath):
     """One node's real datapath, its maps pinned under pin_root so they outlive the agent."""
 
-    def __init__(self, pin_root: Path, cgroup_root: Path | None = None) -> None:
+    def __init__(self, pin_root: Path, cgroup_root: Path | None = None, mount_bpffs: bool = False) -> None:
         super().__init__()
         self.pin_root = pin_root
         self.cgroup_root = cgroup_root              # None: this mount namespace's cgroup v2 root
+        self.mount_bpffs = mount_bpffs
         self.obj: BpfObject | None = None
         self.xdp_obj: BpfObject | None = None
         self.sock_obj: BpfObject | None = None
@@ -65,7 +66,7 @@ class KernelDatapath(MapsDatapath):
         return self.pin_root / "links"
 
     def load(self) -> Mode | None:
-        self.obj = load_lb(self.pin_root)
+        self.obj = load_lb(self.pin_root, mount_bpffs=self.mount_bpffs)
         self.maps = LBMaps(self.obj)
         self.cluster = ClusterMaps(self.obj)
         self.east_west = EastWestMaps(self.obj)
@@ -95,6 +96,15 @@ class KernelDatapath(MapsDatapath):
         if self.watch is not None:
             self.watch.close()
             self.watch = None
+
+    def program(self, want: NodeProgram) -> ProgramReport:
+        report = super().program(want)
+        # The new programs are attached (tc by attach(), XDP and the socket LB by this sync): the maps of a
+        # previous version being taken over get the entries its programs made meanwhile, and are unpinned.
+        for obj in (self.obj, self.xdp_obj, self.sock_obj):
+            if obj is not None and obj.migrations:
+                obj.finish_migrations()
+        return report
 
     def _network(self, want: NodeProgram) -> list[str]:
         if want.me is None or self.overlay is None:
@@ -130,6 +140,7 @@ class KernelDatapath(MapsDatapath):
             if self.xdp_obj is None:
                 self.xdp_obj = load_xdp(self.pin_root)
             report.acceleration = xdp_attach(self.xdp_obj.prog_fd("xdp_lb_prog"), self.ifindex, acceleration)
+            self.xdp_obj.finish_migrations()
         except OSError as exc:
             report.problems.append(f"xdpAcceleration {acceleration}: cannot attach XDP to ifindex {self.ifindex}: "
                                    f"{exc}; tc keeps handling all traffic")

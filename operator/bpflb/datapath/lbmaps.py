@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bpflb.datapath.clustermaps import l4_key
-from bpflb.datapath.libbpf import const, ffi, lib, stat_names
+from bpflb.datapath.libbpf import const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
 from bpflb.datapath.mapdiff import MapMirror
 from bpflb.model import maglev
@@ -84,15 +85,16 @@ class SyncReport:
     source_ranges_removed: int = 0
     problems: list[str] = field(default_factory=list)     # what could not be programmed as asked (said once)
     internal_views_changed: int = 0   # lb_internal_view entries written or removed
+    failures: list[WriteFailure] = field(default_factory=list)   # frontends the kernel refused (left out)
 
     @property
     def changed(self) -> bool:
         return bool(self.backends_written or self.backends_removed or self.slots_written
                     or self.slots_removed or self.config_changed or self.maglev_blocks_written
                     or self.maglev_blocks_removed or self.maglev_config_changed
-                    or self.affinity_members_written or self.affinity_members_removed
-                    or self.source_ranges_written or self.source_ranges_removed
-                    or self.internal_views_changed)
+                    or self.affinity_members_written or self.affinity_members_removed or self.failures
+                    or self.frontends_added or self.frontends_removed or self.internal_views_changed
+                    or self.source_ranges_written or self.source_ranges_removed)
 
 
 def _be16(port: int) -> int:
@@ -196,12 +198,49 @@ class IdPool:
     def forget(self, l4: L4Addr) -> None:
         self._ids.pop(l4, None)
 
+    def items(self) -> list[tuple[L4Addr, int]]:
+        return list(self._ids.items())
+
     def __len__(self) -> int:
         return len(self._ids)
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """A frontend whose entries the kernel refused: it is not programmed (removed whole, the rest is)."""
+
+    frontend: L4Addr
+    service: str
+    map_name: str
+    reason: str
+
+
+@dataclass(slots=True)
+class _Entries:
+    """What one frontend holds in the maps (the exact bytes), as last programmed or as planned."""
+
+    fe: Frontend
+    sid: int
+    master: tuple[bytes, bytes]
+    slots: dict[bytes, bytes]
+    blocks: dict[bytes, bytes]           # lb_maglev
+    members: dict[bytes, bytes]          # lb_affinity_members
+    backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
+    table: _TableKey | None = None
+    view: dict[bytes, bytes] = field(default_factory=dict)   # lb_internal_view: what in-cluster clients get
+    ranges: dict[bytes, bytes] = field(default_factory=dict)  # lb_src_ranges: its enforced source prefixes
+
+
 class LBMaps:
-    """The load-balancer maps of one node and the ids recorded in them."""
+    """The load-balancer maps of one node and the ids recorded in them.
+
+    A sync is incremental: only frontends that differ from the last sync (a new Frontend object that is
+    not equal to the programmed one) are encoded and diffed against the maps' mirrors; the first sync after
+    a start (or after the mirror had to be re-read) compares everything and removes what nobody wants.
+    Deletions come before additions wherever the datapath stays valid (removed frontends whole, backends no
+    slot names any more), and all of them when a map would otherwise overflow in between. A write the kernel
+    refuses fails its frontend alone: that frontend is removed and reported (SyncReport.failures), every
+    other one is programmed."""
 
     def __init__(self, obj: MapSource) -> None:
         self.services: Map = obj.map("lb_services")
@@ -223,24 +262,35 @@ class LBMaps:
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
         self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
-        self._svc, self._be, self._mg, self._am = (self._svc_m.entries, self._be_m.entries, self._mg_m.entries,
-                                                   self._am_m.entries)
         self._iv_m = MapMirror(self.internal_view)
         self._tables: dict[_TableKey, tuple[bytes, ...]] = {}
-        self._be_ids = IdPool()
-        for k, v in self._be.items():
-            be = self.backends.decode_value(v)
-            l4 = L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto))
-            self._be_ids.record(l4, int.from_bytes(k, "little"))
-        self._svc_ids = IdPool()
-        for k, v in self._svc.items():
-            key = self.services.decode_key(k)
-            if key.slot == 0:
-                l4 = L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto))
-                self._svc_ids.record(l4, self.services.decode_value(v).id)
-        if self._svc or self._be:
+        self._tables_kept = 0
+        self._prog: dict[L4Addr, _Entries] = {}           # frontends as programmed by this process
+        self._be_refs: dict[L4Addr, int] = {}             # programmed frontends referencing each backend
+        self._be_val: dict[L4Addr, bytes] = {}            # each referenced backend's lb_backends value
+        self._full = True                                 # compare everything (maps included) at the next sync
+        self._seen = -2                                   # the generation of the state synced last
+        self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
+        self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
+        self._table_params: tuple[int, int] | None = None
+        self._recover_ids()
+        if self._svc_m.entries or self._be_m.entries:
             log.info("recovered %d frontends and %d backends from pinned maps",
                      len(self._svc_ids), len(self._be_ids))
+
+    def _recover_ids(self) -> None:
+        """Ids from the maps themselves (pins survive the agent): a restart rewrites nothing."""
+        self._be_ids = IdPool()
+        for k, v in self._be_m.entries.items():
+            addr, port, proto, _flags = BACKEND.unpack(v)
+            self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
+                                int.from_bytes(k, "little"))
+        self._svc_ids = IdPool()
+        for k, v in self._svc_m.entries.items():
+            addr, port, slot, proto = SVC_KEY.unpack(k)
+            if slot == 0:
+                l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
+                self._svc_ids.record(l4, SVC_VAL.unpack(v)[0])
 
     # -- ids ---------------------------------------------------------------------------------
     def _backend_id(self, l4: L4Addr) -> int:
@@ -252,9 +302,29 @@ class LBMaps:
     def backend_id(self, l4: L4Addr) -> int | None:
         return self._be_ids.known(l4)
 
+    def capacity(self) -> dict[str, int]:
+        """max_entries of the maps a sync fills, by map name (the kernel's: a build may change them)."""
+        return {m.map.name: m.capacity for m in (self._svc_m, self._be_m, self._mg_m, self._am_m, self._iv_m,
+                                                 self._sr_m)}
+
     # -- encoding ----------------------------------------------------------------------------
-    def _frontend_entries(self, fe: Frontend, out: dict[bytes, bytes], closed: bool = False) -> None:
-        """closed: the frontend's source ranges did not fit lb_src_ranges; it admits nobody until they do."""
+    def _plan(self, fe: Frontend, m: int, seed: int, report: SyncReport) -> _Entries:
+        """The entries one frontend needs (allocating its ids). Its source ranges take room in lb_src_ranges
+        (LB_SRC_RANGES_MAX in all); when they no longer fit, the frontend fails closed, admitting no client,
+        reported, until prefixes are freed."""
+        sid = self._service_id(fe.l4)
+        ranges: dict[bytes, bytes] = {}
+        closed = False
+        if fe.source_ranges:
+            if self._sr_used + len(fe.source_ranges) > const("LB_SRC_RANGES_MAX"):
+                closed = True
+                report.problems.append(
+                    f"Service {fe.service}: spec.loadBalancerSourceRanges: lb_src_ranges is full "
+                    f"({const('LB_SRC_RANGES_MAX')} prefixes in all); {fe.kind.value} {fe.l4} admits no client "
+                    f"until prefixes of other Services are freed")
+            else:
+                ranges = {src_range_key(sid, net): b"\x01" for net in fe.source_ranges}
+                self._sr_used += len(ranges)
         flags = const(_KIND_FLAG[fe.kind])
         if fe.local_only:
             flags |= const("LB_SVC_F_LOCAL")
@@ -266,67 +336,35 @@ class LBMaps:
                 flags |= const("LB_SVC_F_SRC_RANGE_DENY")
         addr, port, proto = fe.l4.addr.packed, fe.l4.port.to_bytes(2, "big"), int(fe.l4.proto)
         key, val = SVC_KEY.pack, SVC_VAL.pack
-        for slot, be in enumerate(fe.backends, start=1):
-            out[key(addr, port, slot, proto)] = val(self._backend_id(be.l4), 0, 0, 0, 0)
-        out[key(addr, port, 0, proto)] = val(self._service_id(fe.l4), len(fe.backends), flags,
-                                             fe.affinity_timeout, int(fe.algorithm))
-
-    def _backend_entries(self, state: DesiredState) -> dict[bytes, bytes]:
-        out: dict[bytes, bytes] = {}
+        bid = self._backend_id
+        slots = {key(addr, port, slot, proto): val(bid(be.l4), 0, 0, 0, 0)
+                 for slot, be in enumerate(fe.backends, start=1)}
+        master = (key(addr, port, 0, proto),
+                  val(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
+        blocks: dict[bytes, bytes] = {}
+        members: dict[bytes, bytes] = {}
+        table: _TableKey | None = None
+        if fe.backends and fe.algorithm == Algorithm.MAGLEV:
+            table = (maglev_names(fe.backends), m, seed)
+            cached = self._tables.get(table)
+            if cached is None:
+                cached = table_blocks(maglev.build_slots(table[0], m, seed).tobytes())
+                self._tables[table] = cached
+                report.maglev_tables_built += 1
+            blocks = {_pair(sid, i): block for i, block in enumerate(cached)}
+        if fe.backends and fe.affinity_timeout:
+            members = {_pair(sid, bid(be.l4)): _MEMBER for be in fe.backends}
         local_flag = const("LB_BE_F_LOCAL")
-        for fe in state.frontends.values():
-            for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
-                bid = self._backend_id(be.l4)
-                out[_u32(bid)] = BACKEND.pack(be.l4.addr.packed, be.l4.port.to_bytes(2, "big"), int(be.l4.proto),
-                                              local_flag if be.local else 0)
-        return out
-
-    def _selection_entries(self, state: DesiredState, report: SyncReport
-                           ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-        """The Maglev table blocks and the affinity members the state's frontends need."""
-        want_mg: dict[bytes, bytes] = {}
-        want_am: dict[bytes, bytes] = {}
-        used: dict[_TableKey, tuple[bytes, ...]] = {}
-        m, seed = state.settings.maglev_table_size, state.settings.maglev_seed
-        for fe in state.frontends.values():
-            if not fe.backends:
-                continue
-            sid = self._service_id(fe.l4)
-            if fe.algorithm == Algorithm.MAGLEV:
-                key = (maglev_names(fe.backends), m, seed)
-                blocks = used.get(key) or self._tables.get(key)
-                if blocks is None:
-                    blocks = table_blocks(maglev.build_slots(key[0], m, seed).tobytes())
-                    report.maglev_tables_built += 1
-                used[key] = blocks
-                for i, block in enumerate(blocks):
-                    want_mg[_pair(sid, i)] = block
-            if fe.affinity_timeout:
-                for be in fe.backends:
-                    want_am[_pair(sid, self._backend_id(be.l4))] = _MEMBER
-        self._tables = used          # the cache keeps exactly what is programmed
-        return want_mg, want_am
-
-    def _source_range_entries(self, state: DesiredState, report: SyncReport) -> tuple[dict[bytes, bytes], set[L4Addr]]:
-        """The lb_src_ranges entries of the frontends with enforced source ranges, and the frontends whose
-        prefixes no longer fit (LB_SRC_RANGES_MAX in all): those fail closed, admitting no client, and are
-        reported; they recover once entries are freed."""
-        limit = const("LB_SRC_RANGES_MAX")
-        want: dict[bytes, bytes] = {}
-        closed: set[L4Addr] = set()
-        for fe in state.frontends.values():
-            if not fe.source_ranges:
-                continue
-            if len(want) + len(fe.source_ranges) > limit:
-                closed.add(fe.l4)
-                report.problems.append(
-                    f"Service {fe.service}: spec.loadBalancerSourceRanges: lb_src_ranges is full ({limit} prefixes "
-                    f"in all); {fe.kind.value} {fe.l4} admits no client until prefixes of other Services are freed")
-                continue
-            sid = self._service_id(fe.l4)
-            for net in fe.source_ranges:
-                want[src_range_key(sid, net)] = b"\x01"
-        return want, closed
+        for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
+            self._be_val[be.l4] = BACKEND.pack(be.l4.addr.packed, be.l4.port.to_bytes(2, "big"),
+                                               int(be.l4.proto), local_flag if be.local else 0)
+        view: dict[bytes, bytes] = {}
+        if not fe.in_cluster:
+            view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
+        elif fe.internal is not None:
+            view = {l4_key(fe.l4): l4_key(fe.internal)}
+        return _Entries(fe, sid, master, slots, blocks, members, tuple(b.l4 for b in fe.backends + fe.draining),
+                        table, view, ranges)
 
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
@@ -339,70 +377,254 @@ class LBMaps:
 
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: DesiredState) -> SyncReport:
-        """Make the maps hold exactly the state's frontends and backends; write only differences."""
+        """Make the maps hold exactly the state's frontends and backends; write only differences. A frontend
+        whose writes the kernel refuses is left out (SyncReport.failures) and tried again at the next sync."""
         report = SyncReport()
-        want_be = self._backend_entries(state)
-        want_sr, closed = self._source_range_entries(state, report)
-        want_svc: dict[bytes, bytes] = {}
-        masters: list[bytes] = []
-        for fe in state.frontends.values():
-            self._frontend_entries(fe, want_svc, fe.l4 in closed)
-            masters.append(svc_key(fe.l4, 0))
-            if svc_key(fe.l4, 0) not in self._svc:
-                report.frontends_added += 1
-        want_mg, want_am = self._selection_entries(state, report)
-        # Every phase is one batch call (one syscall for many small entries); the phases keep the order
-        # that makes every intermediate state valid for the datapath.
+        m, seed = state.settings.maglev_table_size, state.settings.maglev_seed
+        retable = self._table_params != (m, seed)
+        new, prog = state.frontends, self._prog
+        full = self._full
+        if full and prog:                        # after a sync that did not finish: start from the maps
+            prog.clear()
+            self._be_refs.clear()
+            self._retry.clear()
+            self._recover_ids()
+        self._full = True                        # until this sync is done
+        if full:
+            changed = list(new.values())
+            removed = []
+        elif state.changes is not None and state.base == self._seen and not retable:
+            # The state says what changed since the one synced last: look at those frontends alone (and at
+            # those the kernel refused last time).
+            look = state.changes | self._retry
+            changed = [fe for l4 in look if (fe := new.get(l4)) is not None
+                       and ((p := prog.get(l4)) is None or (p.fe is not fe and p.fe != fe))]
+            removed = [p for l4 in look if l4 not in new and (p := prog.get(l4)) is not None]
+        else:
+            changed = [fe for l4, fe in new.items()
+                       if (p := prog.get(l4)) is None or (p.fe is not fe and p.fe != fe)
+                       or (retable and p.table is not None)]
+            removed = [p for l4, p in prog.items() if l4 not in new]
+        old = {fe.l4: prog[fe.l4] for fe in changed if fe.l4 in prog}
+        if full:
+            self._sr_used = 0
+        self._sr_used -= sum(len(p.ranges) for p in (*removed, *old.values()))
+        plans = {fe.l4: self._plan(fe, m, seed, report) for fe in changed}
+        # Backend references: what the removed and changed frontends held goes, what the plans hold comes.
+        refs = self._be_refs
+        touched: set[L4Addr] = set()
+        for p in (*removed, *old.values()):
+            for l4 in p.backends:
+                refs[l4] -= 1
+                touched.add(l4)
+        for p in plans.values():
+            for l4 in p.backends:
+                refs[l4] = refs.get(l4, 0) + 1
+                touched.add(l4)
+        still_named = {l4 for p in old.values() for l4 in p.backends}   # by slots that stay until rewritten
+        stale_be = [l4 for l4 in touched if refs[l4] <= 0]
+        early_be = [l4 for l4 in stale_be if l4 not in still_named]
+        late_be = [l4 for l4 in stale_be if l4 in still_named]
+        want_be = [(_u32(self._backend_id(l4)), self._be_val[l4]) for l4 in touched if refs[l4] > 0]
+
+        svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
+        # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
+        # stops using them first).
+        late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": [], "sr": []}
+        for l4, p in old.items():
+            plan = plans[l4]
+            late["svc"] += [k for k in p.slots if k not in plan.slots]
+            late["mg"] += [k for k in p.blocks if k not in plan.blocks]
+            late["am"] += [k for k in p.members if k not in plan.members]
+            late["iv"] += [k for k in p.view if k not in plan.view]
+            late["sr"] += [k for k in p.ranges if k not in plan.ranges]
+
+        # 0. Room first: removed frontends whole (master, then what it named), backends nobody names.
+        #    When a map would still overflow before its late deletions, those go first too.
+        early: dict[str, list[bytes]] = {
+            "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
+            "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
+            "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
+        leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
+        iv, sr = self._iv_m, self._sr_m
+        adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
+                "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
+                "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries),
+                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries),
+                "sr": sum(1 for p in plans.values() for k in p.ranges if k not in sr.entries)}
+        for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
+            if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
+                early[name] += late[name]
+                late[name] = []
+        if be_m.capacity and len(be_m.entries) - len(early_be) + \
+                sum(1 for k, _ in want_be if k not in be_m.entries) > be_m.capacity:
+            early_be, late_be = early_be + late_be, []
+        report.frontends_removed = len(removed) + leftover_frontends
+        report.slots_removed += self._remove(svc, early["svc"])
+        report.maglev_blocks_removed += self._remove(mg, early["mg"])
+        report.affinity_members_removed += self._remove(am, early["am"])
+        report.internal_views_changed += self._remove(iv, early["iv"])
+        report.source_ranges_removed += self._remove(sr, early["sr"])
+        for p in removed:
+            self._svc_ids.forget(p.fe.l4)
+            del prog[p.fe.l4]
+        report.backends_removed += self._remove_backends(early_be)
+
+        failed: dict[L4Addr, WriteFailure] = {}
+
+        def fail(l4: L4Addr, map_name: str, reason: str) -> None:
+            if l4 not in failed:
+                failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
+
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        report.backends_written = self._be_m.write(self._be_m.changed(want_be))
+        be_changed = be_m.changed(dict(want_be))
+        bad_be = dict(be_m.write(be_changed))
+        report.backends_written = len(be_changed) - len(bad_be)
+        if bad_be:
+            for l4, p in plans.items():
+                for b in p.backends:
+                    why = bad_be.get(_u32(self._backend_id(b)))
+                    if why is not None:
+                        fail(l4, self.backends.name, f"backend {b}: {why}")
+                        break
         # 2. backend slots before their master entry, so a grown count never points past them.
-        master_set = set(masters)
-        slots = self._svc_m.changed(want_svc, [k for k in want_svc if k not in master_set])
-        self._svc_m.write(slots)
+        report.slots_written = self._write(svc, plans, failed, lambda p: p.slots, fail)
         # 2b. Maglev tables and affinity members name slots and backends that now exist; the table size
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
-        report.maglev_blocks_written = self._mg_m.write(self._mg_m.changed(want_mg))
-        report.affinity_members_written = self._am_m.write(self._am_m.changed(want_am))
+        report.maglev_blocks_written = self._write(mg, plans, failed, lambda p: p.blocks, fail)
+        report.affinity_members_written = self._write(am, plans, failed, lambda p: p.members, fail)
         # A frontend's prefixes exist before its master says to check them (a new allow list never drops
-        # clients it admits); prefixes it no longer has go only after the master changed (step 5).
-        report.source_ranges_written = self._sr_m.write(self._sr_m.changed(want_sr))
-        report.maglev_config_changed = self._set_maglev_config(state.settings.maglev_table_size,
-                                                               state.settings.maglev_seed)
+        # clients it admits); prefixes it no longer has go only after the master changed (step 4).
+        report.source_ranges_written = self._write(sr, plans, failed, lambda p: p.ranges, fail)
+        report.maglev_config_changed = self._set_maglev_config(m, seed)
+        self._table_params = (m, seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
-        report.slots_written = len(slots) + self._svc_m.write(self._svc_m.changed(want_svc, masters))
+        appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc.entries]
+        report.slots_written += self._write(svc, plans, failed, lambda p: dict([p.master]), fail)
+        report.frontends_added = sum(1 for l4 in appearing if l4 not in failed)
         # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
         # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
         # to in-cluster clients (east_west.h).
-        want_iv: dict[bytes, bytes] = {}
-        for fe in state.frontends.values():
-            if not fe.in_cluster:
-                want_iv[l4_key(fe.l4)] = _NOT_IN_CLUSTER
-            elif fe.internal is not None:
-                want_iv[l4_key(fe.l4)] = l4_key(fe.internal)
-        report.internal_views_changed = self._iv_m.sync(want_iv)
-        # 4. stale entries: masters before slots (a shrunk count stops using them first).
-        stale_masters: list[bytes] = []
-        stale_slots: list[bytes] = []
-        for k in self._svc_m.stale(want_svc):
-            key = self.services.decode_key(k)
-            (stale_masters if key.slot == 0 else stale_slots).append(k)
-            if key.slot == 0:
-                self._svc_ids.forget(L4Addr(_from_be32(key.addr), _from_be16(key.port), Proto(key.proto)))
-        for stale in (stale_masters, stale_slots):
-            self._svc_m.remove(stale)
-        report.frontends_removed = len(stale_masters)
-        report.slots_removed = len(stale_masters) + len(stale_slots)
-        # 5. tables and members of frontends gone, shrunk or switched off (their master no longer uses them).
-        report.maglev_blocks_removed = self._mg_m.remove(self._mg_m.stale(want_mg))
-        report.affinity_members_removed = self._am_m.remove(self._am_m.stale(want_am))
-        report.source_ranges_removed = self._sr_m.remove(self._sr_m.stale(want_sr))
+        report.internal_views_changed += self._write(iv, plans, failed, lambda p: p.view, fail)
+        # 4. what changed frontends no longer use: masters before slots, tables and members.
+        report.slots_removed += self._remove(svc, late["svc"])
+        report.maglev_blocks_removed += self._remove(mg, late["mg"])
+        report.affinity_members_removed += self._remove(am, late["am"])
+        report.internal_views_changed += self._remove(iv, late["iv"])
+        report.source_ranges_removed += self._remove(sr, late["sr"])
+        # 5. failed frontends leave whole: master first, then everything either version of them wrote.
+        for l4, failure in failed.items():
+            plan = plans.pop(l4)
+            gone = [plan, *([old[l4]] if l4 in old else [])]
+            report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in p.slots])
+            report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
+            report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
+            report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
+            report.source_ranges_removed += self._remove(sr, [k for p in gone for k in p.ranges])
+            self._sr_used -= len(plan.ranges)
+            for b in plan.backends:
+                refs[b] -= 1
+                late_be.append(b)
+            prog.pop(l4, None)
+            self._svc_ids.forget(l4)
+            report.failures.append(failure)
+        prog.update(plans)
         # 6. backends nobody references any more; their flows are steered away on next packet.
-        stale_be = self._be_m.stale(want_be)
-        for k in stale_be:
-            be = self.backends.decode_value(self._be[k])
-            self._be_ids.forget(L4Addr(_from_be32(be.addr), _from_be16(be.port), Proto(be.proto)))
-        report.backends_removed = self._be_m.remove(stale_be)
+        report.backends_removed += self._remove_backends([b for b in dict.fromkeys(late_be) if refs.get(b, 0) <= 0])
+        self._retry = {f.frontend for f in report.failures}
+        self._full = any(x.reloads for x in (svc, be_m, mg, am, iv, sr))   # the mirrors were re-read: compare all
+        for x in (svc, be_m, mg, am, iv, sr):
+            x.reloads = 0
+        self._seen = state.generation
+        self._prune_tables()
         return report
+
+    def _write(self, mirror: MapMirror, plans: dict[L4Addr, _Entries], failed: dict[L4Addr, WriteFailure],
+               part: Callable[[_Entries], dict[bytes, bytes]],
+               fail: Callable[[L4Addr, str, str], None]) -> int:
+        """Write one kind of entry of every plan not failed yet; refused keys fail their frontend."""
+        owner: dict[bytes, L4Addr] = {}
+        items: list[tuple[bytes, bytes]] = []
+        have = mirror.entries
+        for l4, p in plans.items():
+            if l4 in failed:
+                continue
+            for k, v in part(p).items():
+                if have.get(k) != v:
+                    items.append((k, v))
+                    owner[k] = l4
+        refused = mirror.write(items)
+        for k, why in refused:
+            fail(owner[k], mirror.map.name, why)
+        return len(items) - len(refused)
+
+    def _remove(self, mirror: MapMirror, keys: list[bytes]) -> int:
+        """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
+        present = [k for k in keys if k in mirror.entries]
+        bad = mirror.remove(present)
+        if bad:
+            log.warning("map %s: %d deletions refused (%s); the next sync compares everything again",
+                        mirror.map.name, len(bad), bad[0][1])
+            mirror.reloads += 1
+        return len(present) - len(bad)
+
+    def _remove_backends(self, stale: list[L4Addr]) -> int:
+        keys = []
+        for l4 in stale:
+            ident = self._be_ids.known(l4)
+            self._be_refs.pop(l4, None)
+            self._be_val.pop(l4, None)
+            if ident is not None:
+                keys.append(_u32(ident))
+                self._be_ids.forget(l4)
+        return self._remove(self._be_m, keys)
+
+    def _leftovers(self, plans: dict[L4Addr, _Entries], early: dict[str, list[bytes]], late: dict[str, list[bytes]],
+                   early_be: list[L4Addr], late_be: list[L4Addr]) -> int:
+        """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
+        whole go first (their masters before the rest); what frontends still served hold goes after their new
+        entries are in place. Returns how many frontends are gone."""
+        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)}
+        masters: list[bytes] = []
+        slots: list[bytes] = []
+        named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
+        for k, v in self._svc_m.entries.items():
+            addr, port, slot, proto = SVC_KEY.unpack(k)
+            l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
+            if l4 in plans:
+                if slot:
+                    named.add(SVC_VAL.unpack(v)[0])
+                if k not in wanted:
+                    late["svc"].append(k)
+            elif slot:
+                slots.append(k)
+            else:
+                masters.append(k)
+                self._svc_ids.forget(l4)
+        early["svc"][:0] = masters + slots
+        sids = {p.sid for p in plans.values()}
+        for name, mirror, part in (("mg", self._mg_m, "blocks"), ("am", self._am_m, "members")):
+            want = {k for p in plans.values() for k in getattr(p, part)}
+            for k in mirror.entries:
+                if k not in want:
+                    (late if int.from_bytes(k[:4], "little") in sids else early)[name].append(k)
+        ranges = {k for p in plans.values() for k in p.ranges}
+        for k in self._sr_m.entries:
+            if k not in ranges:
+                (late if int.from_bytes(k[4:8], "little") in sids else early)["sr"].append(k)
+        views = {k for p in plans.values() for k in p.view}
+        early["iv"] += [k for k in self._iv_m.entries if k not in views]     # a view names nothing the others need
+        for l4, ident in self._be_ids.items():
+            if self._be_refs.get(l4, 0) <= 0:
+                (late_be if ident in named else early_be).append(l4)
+        return len(masters)
+
+    def _prune_tables(self) -> None:
+        """The Maglev cache keeps the tables programmed frontends use (looked at when it has grown by half)."""
+        if len(self._tables) > max(16, self._tables_kept * 3 // 2):
+            used = {p.table for p in self._prog.values() if p.table is not None}
+            self._tables = {k: v for k, v in self._tables.items() if k in used}
+            self._tables_kept = len(self._tables)
 
     def set_config(self, cfg: NodeConfig) -> bool:
         """Write the node's runtime settings; True when they changed."""
@@ -458,14 +680,3 @@ def read_stats(stats_map: Map) -> dict[str, int]:
         if lib().bpf_map_lookup_elem(stats_map.fd, ffi().new("__u32 *", idx), buf) == 0:
             out[name] = sum(int(buf[i]) for i in range(ncpu))
     return out
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs (the per-CPU map value count)."""
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    total = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        total += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return total

@@ -58,6 +58,7 @@ __u32 bpf_map__map_flags(const struct bpf_map *map);
 struct bpf_map_info_prefix {
     __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
 };
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
@@ -116,7 +117,7 @@ int bpf_link__destroy(struct bpf_link *link);
 int bpf_link__fd(const struct bpf_link *link);
 int bpf_prog_query(int target_fd, int type, __u32 query_flags, __u32 *attach_flags, __u32 *prog_ids,
                    __u32 *prog_cnt);
-int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+/* (bpf_obj_get_info_by_fd is declared with the maps' functions above) */
 /* struct bpf_link_info (uapi linux/bpf.h) up to its cgroup member; the kernel fills a shorter struct. */
 struct bpf_link_info_cgroup {
     __u32 type; __u32 id; __u32 prog_id; __u32 _pad; __u64 cgroup_id; __u32 attach_type; __u32 _pad2;
@@ -131,6 +132,29 @@ struct sk_buff_ctx {
     __u32 remote_port; __u32 local_port; __u32 data_meta; __u64 flow_keys; __u64 tstamp; __u32 wire_len;
     __u32 gso_segs; __u64 sk; __u32 gso_size; __u8 tstamp_type; __u8 _pad[3]; __u64 hwtstamp;
 };
+
+/* Taking over another version's pinned maps (datapath.migrate): the whole struct bpf_map_info (uapi
+ * linux/bpf.h), its BTF ids included, and libbpf's BTF reader (btf.h; struct btf_type, btf_member, btf_array
+ * as uapi linux/btf.h lays them out). */
+struct bpflb_map_info {
+    __u32 type; __u32 id; __u32 key_size; __u32 value_size; __u32 max_entries; __u32 map_flags;
+    char name[16]; __u32 ifindex; __u32 btf_vmlinux_value_type_id; __u64 netns_dev; __u64 netns_ino;
+    __u32 btf_id; __u32 btf_key_type_id; __u32 btf_value_type_id; __u32 _pad; __u64 map_extra;
+};
+__u32 bpf_map__btf_key_type_id(const struct bpf_map *map);
+__u32 bpf_map__btf_value_type_id(const struct bpf_map *map);
+struct btf;
+struct btf_ext;
+struct btf_type { __u32 name_off; __u32 info; __u32 size_or_type; };
+struct btf_member { __u32 name_off; __u32 type; __u32 offset; };
+struct btf_array { __u32 type; __u32 index_type; __u32 nelems; };
+struct btf *bpf_object__btf(const struct bpf_object *obj);
+struct btf *btf__load_from_kernel_by_id(__u32 id);
+struct btf *btf__parse(const char *path, struct btf_ext **btf_ext);
+void btf__free(struct btf *btf);
+__u32 btf__type_cnt(const struct btf *btf);
+const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
+const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
 """
 
 BPF_ANY = 0
@@ -148,6 +172,14 @@ TC_ACT_REDIRECT = 7
 
 class BpfError(OSError):
     """A libbpf call failed; the message names the call and the object it was about."""
+
+
+class BatchError(BpfError):
+    """A batch map operation stopped at an element: done elements before it were applied, none after."""
+
+    def __init__(self, errno_: int, message: str, done: int) -> None:
+        super().__init__(errno_, message)
+        self.done = done
 
 
 def objects_dir() -> Path:
@@ -169,10 +201,31 @@ _DEFINE_INT = re.compile(r"^#define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)\s*(/\*.*\*/)?
 
 
 def _header_for_cffi(text: str) -> str:
-    """Keep the plain declarations and integer #defines of a C header, drop other directives."""
+    """Keep the plain declarations and integer #defines of a C header, drop other directives. #ifdef/#ifndef
+    blocks are honoured for names the header itself #defines (nothing is defined from outside): Python sees
+    the default build, which is what `make bpf` compiles (test builds add -D flags; their maps are read by
+    the sizes the kernel reports, see loader.Map)."""
     kept = []
+    defined: set[str] = set()
+    active: list[bool] = []
     for line in text.splitlines():
         stripped = line.strip()
+        words = stripped.split()
+        if words and words[0] in ("#ifdef", "#ifndef") and len(words) > 1:
+            on = (words[1] in defined) == (words[0] == "#ifdef")
+            active.append(on and all(active))
+            continue
+        if words and words[0] == "#else" and active:
+            outer = all(active[:-1])
+            active[-1] = outer and not active[-1]
+            continue
+        if words and words[0] == "#endif" and active:
+            active.pop()
+            continue
+        if not all(active):
+            continue
+        if words and words[0] == "#define" and len(words) > 1:
+            defined.add(words[1])
         if stripped.startswith("#") and not _DEFINE_INT.match(stripped):
             continue
         kept.append(line)
@@ -238,3 +291,22 @@ def const(name: str) -> int:
     """An integer #define of lb_structs.h (e.g. LB_MODE_DSR)."""
     value: int = getattr(lib(), name)
     return value
+
+
+def map_info(fd: int) -> Any:
+    """What the kernel says of the map behind fd (struct bpf_map_info: type, sizes, max_entries, BTF ids)."""
+    info = ffi().new("struct bpflb_map_info *")
+    size = ffi().new("__u32 *", ffi().sizeof("struct bpflb_map_info"))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, size), f"reading the definition of map fd {fd}")
+    return info
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs (the per-CPU map value count)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    total = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        total += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return total

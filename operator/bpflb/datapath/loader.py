@@ -11,16 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bpflb.datapath import migrate
 from bpflb.datapath.libbpf import (
     BPF_ANY,
     BPF_F_TEST_XDP_LIVE_FRAMES,
     BPF_TC_F_REPLACE,
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
+    BatchError,
     BpfError,
     check,
     ffi,
     lib,
+    map_info,
     objects_dir,
 )
 
@@ -48,19 +51,83 @@ def bpffs_mountpoint(path: Path) -> Path | None:
     return best
 
 
-def ensure_bpffs(pin_root: Path) -> None:
-    """Mount bpffs at /sys/fs/bpf when the pin root is not on one (the agent's job on a fresh node)."""
-    if bpffs_mountpoint(pin_root) is not None:
-        return
-    target = Path("/sys/fs/bpf")
-    if target not in pin_root.parents:
-        raise BpfError(22, f"pin root {pin_root} is not on a bpf filesystem and not under {target}")
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def on_bpffs(path: Path) -> bool:
+    """Whether path (or, while it does not exist yet, its nearest existing parent) is on a bpf filesystem, as
+    the kernel sees it (statfs: a bpffs hidden under another mount does not count)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    buf = ctypes.create_string_buffer(256)          # struct statfs; f_type is its first word
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(probe).encode(), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == BPF_FS_MAGIC
+
+
+class NotOnBpffs(BpfError):
+    """The pin root is on no bpf filesystem: maps created there would die with this mount namespace."""
+
+
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+def mount_bpffs(target: Path = BPFFS_ROOT) -> bool:
+    """Mount bpffs at target unless a bpf filesystem is already mounted exactly there; True when mounted now.
+    What the DaemonSet's init container runs (`bpflb mount-bpffs`) on the host's /sys/fs/bpf, with
+    Bidirectional propagation, so the mount is the host's and outlives every pod."""
+    if on_bpffs(target) and bpffs_mountpoint(target) == target:
+        return False
     target.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", str(target).encode(), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"mount -t bpf bpf {target}: {os.strerror(err)}")
     log.info("mounted bpffs at %s (it was missing)", target)
+    return True
+
+
+def ensure_bpffs(pin_root: Path, mount: bool = False) -> None:
+    """The pin root must be on the node's bpf filesystem, or the maps die with this process's mount namespace
+    (every flow dropped at the next restart, the programs replaced by ones on fresh maps). The agent never
+    mounts one itself unless told (mount: an agent run directly on the host, `--mount-bpffs`): in a pod, a
+    bpffs mounted by the agent would be the pod's own. NotOnBpffs says what to do instead."""
+    if on_bpffs(pin_root):
+        _warn_if_private(pin_root)
+        return
+    if mount:
+        if BPFFS_ROOT not in pin_root.parents:
+            raise NotOnBpffs(22, f"pin root {pin_root} is not on a bpf filesystem and not under {BPFFS_ROOT}")
+        mount_bpffs(BPFFS_ROOT)
+        return
+    raise NotOnBpffs(2, (
+        f"pin root {pin_root} is not on a bpf filesystem: refusing to create maps that would not outlive this "
+        f"mount namespace (every flow would be dropped at the next restart). Mount the node's bpffs "
+        f"(`mount -t bpf bpf {BPFFS_ROOT}` on the host; the DaemonSet's init container runs `bpflb mount-bpffs`) "
+        f"and give the agent the host's {BPFFS_ROOT} (hostPath, mountPropagation HostToContainer); an agent run "
+        f"directly on the host may pass --mount-bpffs"))
+
+
+def _warn_if_private(pin_root: Path) -> None:
+    """Say so when the bpffs holding the pin root looks like this mount namespace's own: another namespace
+    than PID 1's (when this process can tell), and a mount that propagates to and from no other one."""
+    try:
+        if os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt"):
+            return
+        mount = bpffs_mountpoint(pin_root)
+        with open("/proc/self/mountinfo") as info:
+            for line in info:
+                fields = line.split()
+                if len(fields) > 6 and Path(fields[4].replace("\\040", " ")) == mount:
+                    tags = fields[6:fields.index("-")]
+                    if any(t.startswith(("shared:", "master:")) for t in tags):
+                        return
+    except (OSError, ValueError):
+        return
+    log.warning("the bpffs at %s is private to this mount namespace as far as the agent can tell (no propagation "
+                "from the host): if it is not the host's, the pins under %s die with it", mount, pin_root)
 
 
 @dataclass
@@ -72,8 +139,16 @@ class TestRun:
     duration_ns: int
 
 
+def _csize(cdata: Any) -> int:
+    """The size of what a cffi pointer points to (or of an array)."""
+    kind = ffi().typeof(cdata)
+    return int(ffi().sizeof(kind.item) if kind.kind == "pointer" else ffi().sizeof(cdata))
+
+
 class Map:
-    """A loaded BPF map addressed by its struct types from lb_structs.h."""
+    """A loaded BPF map addressed by its struct types from lb_structs.h. Its key and value sizes and its
+    capacity are the kernel's (a map of another build, say a test build with a larger struct, is read
+    safely: decode() takes what the Python view knows of it)."""
 
     def __init__(self, name: str, fd: int, key_type: str, value_type: str) -> None:
         self.name = name
@@ -82,6 +157,11 @@ class Map:
         self.value_type = value_type
         self.key_size = ffi().sizeof(key_type)
         self.value_size = ffi().sizeof(value_type)
+        self.max_entries = 0
+        if fd >= 0:
+            info = map_info(fd)
+            self.key_size, self.value_size = int(info.key_size), int(info.value_size)
+            self.max_entries = int(info.max_entries)
 
     def close(self) -> None:
         """Close a map opened on its own (a pin); maps of a loaded object close with the object."""
@@ -95,19 +175,31 @@ class Map:
     def new_value(self, **fields: Any) -> Any:
         return ffi().new(f"{self.value_type} *", fields) if fields else ffi().new(f"{self.value_type} *")
 
+    def _sized(self, value: Any) -> Any:
+        """value as a buffer of the kernel's value size (zero-filled beyond what the Python view knows)."""
+        size = _csize(value)
+        if size >= self.value_size:
+            return value
+        buf = ffi().new("char[]", self.value_size)
+        ffi().memmove(buf, value, size)
+        return buf
+
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
-        check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
+        check(lib().bpf_map_update_elem(self.fd, key, self._sized(value), flags), f"update of map {self.name}")
 
     def update_raw(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         check(lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of map {self.name}")
 
     def lookup(self, key: Any) -> Any | None:
         value = self.new_value()
-        rc = lib().bpf_map_lookup_elem(self.fd, key, value)
+        buf = self._sized(value)
+        rc = lib().bpf_map_lookup_elem(self.fd, key, buf)
         if rc < 0:
             if -rc == 2 or (rc == -1 and ffi().errno == 2):
                 return None
             check(rc, f"lookup in map {self.name}")
+        if buf is not value:
+            ffi().memmove(value, buf, _csize(value))
         return value
 
     def delete_raw(self, key: bytes) -> bool:
@@ -128,8 +220,11 @@ class Map:
         values = f.from_buffer(b"".join(v for _, v in items))
         count = f.new("__u32 *", len(items))
         opts = f.new("struct bpf_map_batch_opts *", {"sz": f.sizeof("struct bpf_map_batch_opts")})
-        check(lib().bpf_map_update_batch(self.fd, keys, values, count, opts),
-              f"batch update of map {self.name} ({count[0]} of {len(items)} entries written)")
+        rc = lib().bpf_map_update_batch(self.fd, keys, values, count, opts)
+        if rc < 0:
+            err = -rc if rc != -1 else f.errno
+            raise BatchError(err, f"batch update of map {self.name} ({count[0]} of {len(items)} entries written): "
+                                  f"{os.strerror(err)}", int(count[0]))
 
     def delete_many(self, keys: list[bytes]) -> None:
         """Delete many entries in one bpf_map_delete_batch call; keys already gone are no error."""
@@ -209,44 +304,14 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
 }
 
 
-def drop_incompatible_pins(obj: Any) -> list[str]:
-    """Unpin every pinned map whose shape (type, key/value size, entries, flags) differs from the object's:
-    libbpf would refuse to load on it. This happens once, when an upgrade changed a map (say, the conntrack
-    maps' type): the state of that map is lost, said in the log; the programs still attached keep the old
-    map until the new ones replace them. Returns the names of the maps unpinned."""
-    f, lb = ffi(), lib()
-    dropped = []
-    m = lb.bpf_object__next_map(obj, f.NULL)
-    while m != f.NULL:
-        name = f.string(lb.bpf_map__name(m)).decode()
-        path = lb.bpf_map__pin_path(m)        # set for the maps pinned by name, under pin_root
-        pin = Path(f.string(path).decode()) if path != f.NULL else None
-        fd = lb.bpf_obj_get(str(pin).encode()) if pin is not None and os.path.lexists(pin) else -1
-        if fd >= 0:
-            info = f.new("struct bpf_map_info_prefix *")
-            size = f.new("__u32 *", f.sizeof("struct bpf_map_info_prefix"))
-            try:
-                rc = lb.bpf_obj_get_info_by_fd(fd, info, size)
-            finally:
-                os.close(fd)
-            want = (lb.bpf_map__type(m), lb.bpf_map__key_size(m), lb.bpf_map__value_size(m),
-                    lb.bpf_map__max_entries(m), lb.bpf_map__map_flags(m))
-            have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
-            if rc == 0 and pin is not None and tuple(int(x) for x in have) != tuple(int(x) for x in want):
-                log.warning("pinned map %s has another shape than %s needs (type, key, value, entries, flags: "
-                            "%s, not %s): replacing it; the entries it held are dropped", pin, name, have, want)
-                pin.unlink()
-                dropped.append(name)
-        m = lb.bpf_object__next_map(obj, m)
-    return dropped
-
-
 class BpfObject:
     """A loaded BPF object file whose pinned maps live under pin_root (shared across loads)."""
 
-    def __init__(self, path: Path, pin_root: Path | None, share_with: BpfObject | None = None) -> None:
+    def __init__(self, path: Path, pin_root: Path | None, share_with: BpfObject | None = None,
+                 mount_bpffs: bool = False) -> None:
         """share_with: an object already loaded whose maps of the same names this one uses (how an
-        unpinned XDP object and tc object share state in tests; pinned objects share by their pins)."""
+        unpinned XDP object and tc object share state in tests; pinned objects share by their pins).
+        mount_bpffs: mount the node's bpffs when the pin root is on none (see ensure_bpffs)."""
         self.path = path
         self.pin_root = pin_root
         f, l = ffi(), lib()
@@ -254,7 +319,7 @@ class BpfObject:
         opts = f.new("struct bpf_object_open_opts *")
         opts.sz = f.sizeof("struct bpf_object_open_opts")
         if pin_root is not None:
-            ensure_bpffs(pin_root)
+            ensure_bpffs(pin_root, mount_bpffs)
             pin_root.mkdir(parents=True, exist_ok=True)
             root = f.new("char[]", str(pin_root).encode())
             self._keep.append(root)
@@ -264,8 +329,9 @@ class BpfObject:
             err = f.errno
             raise BpfError(err, f"cannot open BPF object {path}: {os.strerror(err)} (was `make bpf` run?)")
         self._obj = obj
+        self.migrations: list[migrate.Migration] = []      # maps of another version being taken over
         if pin_root is not None:
-            drop_incompatible_pins(obj)
+            self.migrations = migrate.prepare(obj, pin_root)
         if pin_root is None:
             m = l.bpf_object__next_map(obj, f.NULL)
             while m != f.NULL:
@@ -274,11 +340,24 @@ class BpfObject:
                 if share_with is not None and name in MAP_TYPES and share_with.has_map(name):
                     check(l.bpf_map__reuse_fd(m, share_with.map(name).fd), f"sharing map {name}")
                 m = l.bpf_object__next_map(obj, m)
-        rc = l.bpf_object__load(obj)
+        rc = self._load(obj)
         if rc < 0:
             l.bpf_object__close(obj)
             self._obj = f.NULL
+            if pin_root is not None:
+                migrate.restore(self.migrations, pin_root)
             check(rc, f"loading BPF object {path} (the verifier log is above)")
+        if self.migrations:
+            migrate.first_pass(self.migrations, self.map_fd)
+
+    def _load(self, obj: Any) -> int:
+        """bpf_object__load (a method: a test makes it fail after the maps of another version were parked)."""
+        return int(lib().bpf_object__load(obj))
+
+    def finish_migrations(self) -> None:
+        """Once the programs of this object are attached: the entries the previous version's programs made
+        meanwhile are copied too, and its maps unpinned (see datapath.migrate)."""
+        migrate.last_pass(self.migrations)
 
     def program(self, name: str) -> Any:
         """The libbpf struct bpf_program of a program (for attach calls)."""
@@ -458,9 +537,9 @@ def tc_attached_prog_id(ifindex: int, *, ingress: bool) -> int | None:
     return int(opts.prog_id)
 
 
-def load_lb(pin_root: Path | None, obj_dir: Path | None = None) -> BpfObject:
+def load_lb(pin_root: Path | None, obj_dir: Path | None = None, mount_bpffs: bool = False) -> BpfObject:
     """Load bpf_lb.o; its maps are pinned under pin_root (None: unpinned, for tests and benchmarks)."""
-    return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root)
+    return BpfObject((obj_dir or objects_dir()) / LB_OBJECT, pin_root, mount_bpffs=mount_bpffs)
 
 
 def load_xdp(pin_root: Path | None, share_with: BpfObject | None = None, obj_dir: Path | None = None) -> BpfObject:

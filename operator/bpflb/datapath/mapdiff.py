@@ -1,12 +1,20 @@
 """The one map-diff engine: a BPF map's entries as the exact bytes the kernel holds, mirrored in memory,
 so that a sync writes only the keys whose bytes differ and deletes only the keys nobody wants. Every map
-bpflb programs (lbmaps, clustermaps) goes through it; callers choose the order of the phases."""
+bpflb programs (lbmaps, clustermaps) goes through it; callers choose the order of the phases.
+
+The mirror never drifts from the kernel: it follows every write the kernel accepted, one by one (a batch
+that stops halfway says how far it got), and is re-read from the map itself after any failure it cannot
+account for. A failed key is returned with the kernel's reason, never raised: the caller decides which
+object it belongs to and refuses that object alone."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import Map
+
+Failures = list[tuple[bytes, str]]      # (key, the kernel's reason) of every write that did not happen
 
 
 class MapMirror:
@@ -16,6 +24,18 @@ class MapMirror:
         self.map = m
         self.batch = batch          # one bpf_map_*_batch syscall per phase; False for maps without batch ops
         self.entries: dict[bytes, bytes] = dict(m.items_raw())
+        self.reloads = 0            # how often the kernel's truth had to be re-read (after a failure)
+
+    @property
+    def capacity(self) -> int:
+        """The map's max_entries (0 when unknown)."""
+        return self.map.max_entries
+
+    def reload(self) -> None:
+        """Read the map's entries from the kernel again: the truth after a write whose outcome is unknown."""
+        self.entries.clear()
+        self.entries.update(self.map.items_raw())
+        self.reloads += 1
 
     def changed(self, want: Mapping[bytes, bytes], keys: Iterable[bytes] | None = None) -> list[tuple[bytes, bytes]]:
         """The (key, value) pairs of want (only keys, when given) that the map does not hold as they are."""
@@ -28,28 +48,64 @@ class MapMirror:
         """The keys the map holds that want does not."""
         return [k for k in self.entries if k not in want]
 
-    def write(self, items: list[tuple[bytes, bytes]]) -> int:
-        """Write the pairs (the mirror follows only what the kernel accepted); return how many."""
+    def write(self, items: list[tuple[bytes, bytes]]) -> Failures:
+        """Write the pairs; return those the kernel refused, with its reason. The mirror holds exactly what
+        the kernel accepted."""
+        if not items:
+            return []
+        done = 0
         if self.batch:
-            self.map.update_many(items)
-            self.entries.update(items)
-        else:
-            for k, v in items:
+            try:
+                self.map.update_many(items)
+                done = len(items)
+            except BpfError as exc:
+                done = getattr(exc, "done", None) or 0
+                if getattr(exc, "done", None) is None:
+                    self.reload()       # how far the batch got is unknown: ask the kernel
+            self.entries.update(items[:done])
+            if done == len(items):
+                return []
+        failures: Failures = []
+        for k, v in items[done:]:
+            if self.entries.get(k) == v:
+                continue
+            try:
                 self.map.update_raw(k, v)
-                self.entries[k] = v
-        return len(items)
+            except BpfError as exc:
+                failures.append((k, exc.strerror or str(exc)))
+                continue
+            self.entries[k] = v
+        return failures
 
-    def remove(self, keys: list[bytes]) -> int:
-        """Delete the keys (missing ones are no error); return how many."""
-        if self.batch:
-            self.map.delete_many(keys)
-        else:
-            for k in keys:
-                self.map.delete_raw(k)
+    def remove(self, keys: list[bytes]) -> Failures:
+        """Delete the keys (missing ones are no error); return those the kernel refused to delete."""
+        if not keys:
+            return []
+        try:
+            if self.batch:
+                self.map.delete_many(keys)
+                for k in keys:
+                    self.entries.pop(k, None)
+                return []
+        except BpfError:
+            self.reload()
+        failures: Failures = []
         for k in keys:
+            if k not in self.entries:
+                continue
+            try:
+                self.map.delete_raw(k)
+            except BpfError as exc:
+                failures.append((k, exc.strerror or str(exc)))
+                continue
             self.entries.pop(k, None)
-        return len(keys)
+        return failures
 
-    def sync(self, want: Mapping[bytes, bytes]) -> int:
-        """Make the map hold exactly want: changed keys first, then stale ones; return keys touched."""
-        return self.write(self.changed(want)) + self.remove(self.stale(want))
+    def sync(self, want: Mapping[bytes, bytes]) -> tuple[int, Failures]:
+        """Make the map hold exactly want: stale keys first (room before anything is added), then changed
+        ones; return (keys touched, the writes refused)."""
+        stale = self.stale(want)
+        failures = self.remove(stale)
+        changed = self.changed(want)
+        failures += self.write(changed)
+        return len(stale) + len(changed) - len(failures), failures

@@ -15,7 +15,7 @@ from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramRepor
 from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import LBMaps
-from bpflb.datapath.libbpf import BpfError, const, ffi
+from bpflb.datapath.libbpf import BatchError, BpfError, const, ffi
 from bpflb.datapath.loader import MAP_TYPES, Map
 from bpflb.model.types import Mode
 
@@ -25,20 +25,31 @@ ARRAYS = frozenset({"lb_config", "lb_stats", "lb_maglev_cfg"})    # full by cons
 CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX", "ct_fwd": "CT_MAX",
             "ct_rev": "CT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX", "lb_local_backends": "LB_BACKENDS_MAX",
             "lb_maglev": "LB_MAGLEV_BLOCKS_MAX", "lb_affinity": "LB_AFFINITY_MAX",
-            "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX"}
+            "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX", "lb_dsr_backends": "LB_DSR_BACKENDS_MAX",
+            "lb_internal_view": "LB_SERVICES_MAX"}
+
+_FIXED_CAPACITY = {"lb_config": 1, "lb_maglev_cfg": 1}
+
+
+def default_capacity(name: str) -> int:
+    """A map's max_entries in the default build (the LPM tries' and the others' literal 4096)."""
+    if name in CAPACITY:
+        return const(CAPACITY[name])
+    return _FIXED_CAPACITY.get(name, 4096)
 
 
 class MemoryMap(Map):
     """A map whose entries live in a dict: Map's interface, no kernel. fail(key) -> a reason makes a write of
     that key fail as the kernel's would (a BpfError naming the map); max_entries bounds it like the kernel."""
 
-    def __init__(self, name: str, entries: dict[bytes, bytes], max_entries: int = 1 << 20) -> None:
+    def __init__(self, name: str, entries: dict[bytes, bytes], max_entries: int | None = None) -> None:
         key_type, value_type = MAP_TYPES[name]
         super().__init__(name, -1, key_type, value_type)
         self.entries = entries
-        self.max_entries = max_entries
+        self.max_entries = default_capacity(name) if max_entries is None else max_entries
         self.fail: Callable[[bytes], str | None] = lambda key: None
         self.writes = 0
+        self.peak = len(entries)              # the most entries the map held at once
 
     def _put(self, key: bytes, value: bytes) -> None:
         reason = self.fail(key)
@@ -48,6 +59,7 @@ class MemoryMap(Map):
             raise BpfError(E2BIG, f"update of map {self.name}: {reason}")
         self.entries[key] = value
         self.writes += 1
+        self.peak = max(self.peak, len(self.entries))
 
     def update(self, key: Any, value: Any, flags: int = 0) -> None:
         self._put(bytes(ffi().buffer(key)), bytes(ffi().buffer(value)))
@@ -56,8 +68,11 @@ class MemoryMap(Map):
         self._put(key, value)
 
     def update_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        for k, v in items:
-            self._put(k, v)
+        for done, (k, v) in enumerate(items):
+            try:
+                self._put(k, v)
+            except BpfError as exc:     # as the kernel's batch: stops at the element, says how far it got
+                raise BatchError(exc.errno or E2BIG, f"batch update of map {self.name}: {exc.strerror}", done) from exc
 
     def lookup(self, key: Any) -> Any | None:
         raw = self.entries.get(bytes(ffi().buffer(key)))
@@ -83,10 +98,10 @@ class MemoryPins:
 
     maps: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    capacity: dict[str, int] = field(default_factory=dict)     # max_entries other than the default build's
 
     def map(self, name: str) -> MemoryMap:
-        bound = CAPACITY.get(name)
-        return MemoryMap(name, self.maps.setdefault(name, {}), const(bound) if bound else 4096)
+        return MemoryMap(name, self.maps.setdefault(name, {}), self.capacity.get(name))
 
 
 class MemoryDatapath(MapsDatapath):

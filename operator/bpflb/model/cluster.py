@@ -4,8 +4,10 @@ the pod CIDRs, which frontends a DSR option may name, and how pod traffic crosse
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from typing import Generic, TypeVar
 
 from bpflb.model.settings import AgentConfig, decode_agent_config
 from bpflb.model.types import DesiredState, FrontendKind, L4Addr, Problem
@@ -87,6 +89,128 @@ def dsr_backends(state: DesiredState) -> set[tuple[L4Addr, L4Addr]]:
         key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto) if fe.kind is FrontendKind.NODEPORT else fe.l4
         out.update((key, be.l4) for be in (*fe.backends, *fe.draining) if be.local)
     return out
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Facts(Mapping[K, int]):
+    """Keys ClusterFacts keeps (each with its one-byte map value), and what changed since the Facts it handed
+    out before (generation `base`): `added` (new keys, or a new value) and `removed`. A consumer that wrote
+    those earlier Facts needs to write only these. Valid until the next update of its ClusterFacts."""
+
+    def __init__(self, values: dict[K, int], generation: int, base: int, added: set[K], removed: set[K]) -> None:
+        self._values = values
+        self.generation, self.base = generation, base
+        self.added, self.removed = added, removed
+
+    def __getitem__(self, key: K) -> int:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class _Counted(Generic[K]):
+    """Keys counted by how many frontends need them (and under which value, the highest wins), with what
+    changed since the last take()."""
+
+    def __init__(self) -> None:
+        self.counts: dict[K, dict[int, int]] = {}
+        self.values: dict[K, int] = {}
+        self.added: set[K] = set()
+        self.removed: set[K] = set()
+
+    def count(self, keys: Iterable[tuple[K, int]], sign: int) -> None:
+        for k, value in keys:
+            per = self.counts.get(k)
+            if per is None:
+                per = self.counts[k] = {}
+            left = per.get(value, 0) + sign
+            if left:
+                per[value] = left
+            else:
+                del per[value]
+            before = self.values.get(k)
+            after = max(per) if per else None
+            if after is None:
+                del self.counts[k]
+                del self.values[k]
+                self.added.discard(k)
+                if before is not None:
+                    self.removed.add(k)
+            elif after != before:
+                self.values[k] = after
+                self.added.add(k)
+                self.removed.discard(k)
+
+    def take(self, generation: int, base: int) -> Facts[K]:
+        facts = Facts(self.values, generation, base, self.added, self.removed)
+        self.added, self.removed = set(), set()
+        return facts
+
+
+class ClusterFacts:
+    """dsr_frontends(), dsr_backends() and local_backends() of the states an agent programs, kept up to date by
+    reference counts from what each state says changed (DesiredState.changes): a sync that changes one Service
+    costs that Service's frontends, not the cluster's, and so does writing them (Facts.added, .removed)."""
+
+    def __init__(self) -> None:
+        self._reset(frozenset())
+
+    def _reset(self, addrs: frozenset[IPv4Address]) -> None:
+        self._addrs = addrs
+        self._seen = -2
+        self._per: dict[L4Addr, tuple[tuple[tuple[L4Addr, int], ...], tuple[tuple[L4Addr, int], ...],
+                                      tuple[tuple[tuple[L4Addr, L4Addr], int], ...]]] = {}
+        self._dsr: _Counted[L4Addr] = _Counted()
+        self._local: _Counted[L4Addr] = _Counted()
+        self._members: _Counted[tuple[L4Addr, L4Addr]] = _Counted()
+
+    def update(self, state: DesiredState, all_node_addrs: set[IPv4Address]
+               ) -> tuple[Facts[L4Addr], Facts[tuple[L4Addr, L4Addr]], Facts[L4Addr]]:
+        """(the DSR frontends with their DsrFrontendKind, the DSR (frontend, backend) members, this node's
+        backend endpoints) of state: what dsr_frontends(), dsr_backends() and local_backends() give."""
+        addrs = frozenset(all_node_addrs)
+        look: Iterable[L4Addr]
+        base = self._seen
+        if state.changes is not None and state.base == self._seen and addrs == self._addrs:
+            look = state.changes
+        else:
+            self._reset(addrs)
+            base = -1                     # nothing to be relative to: the consumer compares everything
+            look = state.frontends.keys()
+        for l4 in look:
+            before = self._per.pop(l4, None)
+            if before is not None:
+                self._dsr.count(before[0], -1)
+                self._local.count(before[1], -1)
+                self._members.count(before[2], -1)
+            fe = state.frontends.get(l4)
+            if fe is None:
+                continue
+            dsr: tuple[tuple[L4Addr, int], ...] = ()
+            members: tuple[tuple[tuple[L4Addr, L4Addr], int], ...] = ()
+            local: tuple[tuple[L4Addr, int], ...] = ()
+            if fe.kind is not FrontendKind.CLUSTER_IP:             # a ClusterIP never enters from outside
+                local = tuple((be.l4, 1) for be in (*fe.backends, *fe.draining) if be.local)
+            if not fe.local_only and fe.kind is not FrontendKind.CLUSTER_IP:
+                if fe.kind is FrontendKind.NODEPORT:
+                    dsr = tuple((L4Addr(a, fe.l4.port, fe.l4.proto), int(DsrFrontendKind.NODEPORT)) for a in addrs)
+                    key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto)
+                else:
+                    dsr, key = ((fe.l4, int(DsrFrontendKind.ADDRESS)),), fe.l4
+                members = tuple(((key, be), 1) for be, _ in local)
+            self._per[l4] = (dsr, local, members)
+            self._dsr.count(dsr, +1)
+            self._local.count(local, +1)
+            self._members.count(members, +1)
+        self._seen = state.generation
+        return (self._dsr.take(state.generation, base), self._members.take(state.generation, base),
+                self._local.take(state.generation, base))
 
 
 def local_backends(state: DesiredState) -> set[L4Addr]:

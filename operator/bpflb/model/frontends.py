@@ -6,11 +6,11 @@ first keeps it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any
 
-from bpflb.model.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, _backends, _SliceIndex
+from bpflb.model.endpoints import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, _backends, _Slice
 from bpflb.model.fields import (
     NODEPORT_MAX,
     NODEPORT_MIN,
@@ -58,24 +58,35 @@ _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 
 
 @dataclass(frozen=True, slots=True)
-class _Owner:
-    """Who claimed a frontend first: the Service and the index of its port."""
+class Claim:
+    """A frontend a Service asks for: which of its ports asks, through which field. When two claims want the
+    same address:port/protocol, the first (Services by namespace/name, then in the order they ask) keeps it."""
 
-    service: str
+    l4: L4Addr
+    frontend: Frontend
+    field: str
     port_index: int
 
 
 @dataclass
 class _Context:
+    """What one Service's translation reads (the node, the settings, the Service's EndpointSlices) and what
+    it says besides its claims (problems, notes, its healthCheckNodePort)."""
+
     node_name: str
     node_addrs: tuple[IPv4Address, ...]
     settings: AgentSettings
-    index: _SliceIndex
-    frontends: dict[L4Addr, Frontend]
-    owners: dict[L4Addr, _Owner]
     problems: list[Problem]
-    notes: list[Problem]
-    health_checks: dict[int, HealthCheck]
+    notes: list[Problem] = field(default_factory=list)
+    slices: list[_Slice] = field(default_factory=list)
+    health: HealthCheck | None = None
+
+
+def conflict(service: str, claim: Claim, holder_service: str, holder_port: int) -> Problem:
+    """The Problem of a claim that lost its frontend to an earlier one."""
+    holder = (f"spec.ports[{holder_port}] of this Service" if holder_service == service
+              else f"Service {holder_service}")
+    return Problem(f"Service {service}", claim.field, f"frontend {claim.l4} is already used by {holder}; skipped")
 
 
 def _frontend_ips(values: list[Any], field: str, ip_key: str | None, obj: str,
@@ -134,25 +145,30 @@ def _policy(spec: dict[str, Any], field: str) -> bool:
     return policy == "Local"
 
 
-def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
+def _translate_service(meta: _Meta, raw: KubeObject, slices: list[_Slice], claimed: bool,
+                       ctx: _Context) -> list[Claim]:
+    """The frontends one Service asks for on this node, in the order it asks (its problems and notes go to
+    ctx); slices are its usable EndpointSlices, claimed whether it has any EndpointSlice at all."""
     obj = f"Service {meta.key}"
+    claims: list[Claim] = []
+    ctx.slices = slices
     for label in (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL):
         if label in meta.labels:        # another proxy's Service, or headless: kube-proxy leaves it alone too
             ctx.notes.append(Problem(obj, f'metadata.labels["{label}"]', "bpflb leaves this Service alone, as "
                                      "kube-proxy does; no frontend"))
-            return
+            return claims
     try:
         spec = _mapping(raw.get("spec"), "spec")
         if spec.get("clusterIP") == "None":
-            return              # headless: nothing to balance
+            return claims       # headless: nothing to balance
         kind = _str(spec.get("type"), "spec.type", "ClusterIP")
         if kind not in _SERVICE_TYPES:
             raise _Invalid("spec.type", f"expected one of {', '.join(_SERVICE_TYPES)}; got {_show(kind)}")
         if kind == "ExternalName":
-            return              # a DNS alias, never proxied
+            return claims       # a DNS alias, never proxied
         external_ips = _list(spec.get("externalIPs"), "spec.externalIPs")
         if _ipv6_only(spec, obj, ctx):
-            return
+            return claims
         local_only = _policy(spec, "externalTrafficPolicy")
         internal_local = _policy(spec, "internalTrafficPolicy")
         cluster_ips = _cluster_ips(spec, obj, ctx.problems)
@@ -168,13 +184,12 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         selector = _mapping(spec.get("selector"), "spec.selector")
     except _Invalid as bad:
         ctx.problems.append(Problem(obj, bad.field, bad.reason + "; the Service is skipped"))
-        return
+        return claims
 
-    key = (meta.namespace, meta.name)
-    if not selector and key not in ctx.index.claimed:
+    if not selector and not claimed:
         ctx.problems.append(Problem(obj, "spec.selector",
                                     "selector-less Service without EndpointSlices; the Service is skipped"))
-        return
+        return claims
 
     _note_ignored_fields(meta, spec, obj, ctx)
     algorithm = _algorithm(meta, obj, ctx)
@@ -183,7 +198,6 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
     node_port_field = kind in ("NodePort", "LoadBalancer")
     lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx))
     ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx))
-    slices = ctx.index.slices.get(key, [])
     used_ports: dict[tuple[str, Proto], int] = {}
     if kind == "LoadBalancer" and local_only:
         _health_check(meta, spec, obj, ctx)
@@ -220,31 +234,22 @@ def _translate_service(meta: _Meta, raw: KubeObject, ctx: _Context) -> None:
         # the others externalTrafficPolicy (computed once when both are alike).
         views: dict[bool, tuple[tuple[Backend, ...], tuple[Backend, ...], bool]] = {}
         internal: L4Addr | None = None
-        owner = _Owner(meta.key, i)
         for l4, fe_kind, path in wanted:
-            first = ctx.owners.get(l4)
-            if first == owner:
-                continue        # e.g. the same address both in externalIPs and in the ingress status
-            if first is not None:
-                holder = (f"spec.ports[{first.port_index}] of this Service" if first.service == meta.key
-                          else f"Service {first.service}")
-                ctx.problems.append(Problem(obj, path, f"frontend {l4} is already used by {holder}; skipped"))
-                continue
-            ctx.owners[l4] = owner
             policy_local = internal_local if fe_kind is FrontendKind.CLUSTER_IP else local_only
             if policy_local not in views:
                 views[policy_local] = _backends(slices, name, proto, ctx.node_name, policy_local)
             backends, draining, no_endpoints = views[policy_local]
             ranged = fe_kind in _RANGED_KINDS
-            ctx.frontends[l4] = Frontend(
+            claims.append(Claim(l4, Frontend(
                 l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=policy_local,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
                 affinity_timeout=affinity_timeout, draining=draining,
                 source_ranges=ranges if ranged else None, source_ranges_deny=deny and ranged,
                 internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal,
-                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs)
+                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs), path, i))
             if fe_kind is FrontendKind.CLUSTER_IP and internal is None:
                 internal = l4
+    return claims
 
 
 def _ipv6_only(spec: dict[str, Any], obj: str, ctx: _Context) -> bool:
@@ -350,14 +355,8 @@ def _health_check(meta: _Meta, spec: dict[str, Any], obj: str, ctx: _Context) ->
     except _Invalid as bad:
         ctx.problems.append(Problem(obj, bad.field, bad.reason + "; not served"))
         return
-    held = ctx.health_checks.get(port)
-    if held is not None:
-        ctx.problems.append(Problem(obj, "spec.healthCheckNodePort", f"{port} is already served for Service "
-                                    f"{held.namespace}/{held.name}; not served"))
-        return
-    local = {ep.ip for one in ctx.index.slices.get((meta.namespace, meta.name), []) for ep in one.endpoints
-             if ep.ready and ep.node == ctx.node_name}
-    ctx.health_checks[port] = HealthCheck(port, meta.namespace, meta.name, len(local))
+    local = {ep.ip for one in ctx.slices for ep in one.endpoints if ep.ready and ep.node == ctx.node_name}
+    ctx.health = HealthCheck(port, meta.namespace, meta.name, len(local))   # who holds a port: the translator
 
 
 def _affinity_timeout(spec: dict[str, Any]) -> int:

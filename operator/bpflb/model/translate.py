@@ -4,10 +4,20 @@ EndpointSlices, frontends.py the Services."""
 
 from __future__ import annotations
 
+import bisect
 import gc
+from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
-from bpflb.model.endpoints import HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, _index_slices
+from bpflb.model.endpoints import (
+    HEADLESS_LABEL,
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    SliceEntry,
+    read_slice,
+)
 from bpflb.model.fields import (
     DEFAULT_NAMESPACE,
     NODEPORT_MAX,
@@ -23,13 +33,19 @@ from bpflb.model.frontends import (
     DEFAULT_AFFINITY_TIMEOUT,
     LB_ALGORITHM_ANNOTATION,
     MAX_AFFINITY_TIMEOUT,
+    Claim,
     _Context,
     _translate_service,
+    conflict,
 )
 from bpflb.model.settings import decode_agent_config
 from bpflb.model.types import (
     AgentSettings,
+    Algorithm,
     DesiredState,
+    Frontend,
+    HealthCheck,
+    L4Addr,
     Problem,
 )
 from bpflb.sources.base import KubeObject, Snapshot
@@ -111,46 +127,378 @@ def translate(snapshot: Snapshot, node_name: str) -> DesiredState:
     When the node's Node object is absent the state has no frontends and a Problem says so.
     Frontends are in L4Addr order and backends in (name, address) order, whatever the input order, so
     every node computes the same backend order.
+    """
+    state = Translator(node_name).translate(snapshot)
+    state.frontends = {l4: state.frontends[l4] for l4 in sorted(state.frontends)}
+    return state
+
+
+@dataclass(slots=True)
+class _Service:
+    """One Service as last translated: the objects it came from and what it asks for."""
+
+    raw: KubeObject
+    slices: tuple[SliceEntry, ...]
+    key: str
+    created: str
+    claims: list[Claim]
+    problems: list[Problem]
+    notes: list[Problem]
+    health: HealthCheck | None
+
+
+@dataclass(slots=True)
+class _Object:
+    """One object of a snapshot list, known by its identity: its namespace/name (None when its metadata is
+    unusable), its checked metadata, and the problems reading it gave."""
+
+    raw: Any
+    key: str | None
+    meta: _Meta | None
+    problems: list[Problem]
+    source: Any = None        # the object as the source handed it over (raw, or what raw was read from)
+
+
+def _quick_key(raw: Any) -> str | None:
+    """namespace/name of a raw object when its metadata is plain (None otherwise: it is read in full)."""
+    meta = raw.get("metadata") if type(raw) is dict else None
+    if type(meta) is not dict or type(meta.get("name")) is not str:
+        return None
+    namespace = meta.get("namespace")
+    return f"{namespace if type(namespace) is str and namespace else DEFAULT_NAMESPACE}/{meta['name']}"
+
+
+def _same(a: KubeObject, b: KubeObject) -> bool:
+    """The same object for the translation: the same dict (sources hand unchanged objects over as they
+    were), or the same resourceVersion of the same object (a re-list)."""
+    if a is b:
+        return True
+    meta_a, meta_b = a.get("metadata"), b.get("metadata")
+    if not isinstance(meta_a, dict) or not isinstance(meta_b, dict):
+        return False
+    rv = meta_a.get("resourceVersion")
+    return bool(rv) and rv == meta_b.get("resourceVersion") and meta_a.get("uid") == meta_b.get("uid") \
+        and meta_a.get("name") == meta_b.get("name") and meta_a.get("namespace") == meta_b.get("namespace")
+
+
+class _Objects:
+    """The objects of one snapshot list (Services or EndpointSlices) followed by identity: what is new, what
+    is gone and which namespace/name each one holds, at the cost of a set comparison (in C) when nothing
+    changed. Two objects with one namespace/name: the first in the list is used, the others are Problems."""
+
+    def __init__(self, kind: str, read: Callable[[Any, int], _Object],
+                 rebind: Callable[[_Object, Any], None]) -> None:
+        self.kind = kind
+        self.read = read
+        self.rebind = rebind
+        self.ids: set[int] = set()
+        self.by_id: dict[int, _Object] = {}
+        self.by_key: dict[str, list[int]] = {}
+        self.winner: dict[str, _Object] = {}
+        self.duplicates: dict[str, list[Problem]] = {}
+        self.unnamed: dict[int, list[Problem]] = {}
+        self.troubled: set[str] = set()         # namespace/names whose object has problems of its own
+
+    def update(self, raws: list[Any]) -> set[str]:
+        """Follow the list; return the namespace/names whose object changed (appeared, went, replaced)."""
+        order = list(map(id, raws))
+        ids = set(order)
+        if ids == self.ids and len(ids) == len(raws):
+            return set()
+        fresh = ids - self.ids
+        position: dict[int, int] = {}
+        if len(ids) != len(raws) or len(fresh) > 8:
+            position = dict(zip(order, range(len(order)), strict=True))
+        else:
+            position = {new: order.index(new) for new in fresh}      # a few: found by a scan in C
+        touched: set[str] = set()
+        went: dict[str, _Object] = {}
+        for gone in self.ids - ids:
+            obj = self.by_id.pop(gone)
+            self.unnamed.pop(gone, None)
+            if obj.key is not None:
+                self.by_key[obj.key].remove(gone)
+                touched.add(obj.key)
+                went[obj.key] = obj
+        for new in fresh:
+            i = position[new]
+            raw = raws[i]
+            key = _quick_key(raw)
+            old = went.get(key) if key is not None else None
+            if old is not None and _same(old.source, raw):
+                obj = old                      # another object, the same resourceVersion: a re-list, a replay
+                obj.source = raw
+                self.rebind(obj, raw)
+            else:
+                obj = self.read(raw, i)
+            self.by_id[new] = obj
+            if obj.key is None:
+                self.unnamed[new] = obj.problems
+            else:
+                self.by_key.setdefault(obj.key, []).append(new)
+                touched.add(obj.key)
+        self.ids = ids
+        for key in touched:
+            holders = self.by_key.get(key) or []
+            if not holders:
+                self.by_key.pop(key, None)
+                self.winner.pop(key, None)
+                self.duplicates.pop(key, None)
+                self.troubled.discard(key)
+                continue
+            if len(holders) > 1:
+                if len(position) < len(raws):
+                    position = dict(zip(order, range(len(order)), strict=True))
+                holders.sort(key=lambda h: position[h])
+                self.duplicates[key] = [Problem(f"{self.kind} {key}", "metadata.name",
+                                                "duplicate object with the same namespace/name; only the first is "
+                                                "used")] * (len(holders) - 1)
+            else:
+                self.duplicates.pop(key, None)
+            self.winner[key] = winner = self.by_id[holders[0]]
+            if winner.problems:
+                self.troubled.add(key)
+            else:
+                self.troubled.discard(key)
+        return touched
+
+    def problems(self, own: bool) -> list[Problem]:
+        """The problems of reading the list: nameless objects, duplicates, and (own) each object's own."""
+        out = [p for key in sorted(self.troubled) if key in self.winner for p in self.winner[key].problems] \
+            if own else []
+        for found in (self.unnamed, self.duplicates):
+            out += [p for probs in found.values() for p in probs]
+        return out
+
+
+def _read_service(raw: Any, index: int) -> _Object:
+    problems: list[Problem] = []
+    meta = _meta("Service", raw, index, problems)
+    return _Object(raw, None if meta is None else meta.key, meta, problems, raw)
+
+
+def _rebind_service(obj: _Object, raw: Any) -> None:
+    obj.raw = raw
+
+
+def _read_slice_object(raw: Any, index: int) -> _Object:
+    entry = read_slice(raw, index)
+    return _Object(entry, entry.key, None, entry.problems, raw)
+
+
+def _rebind_slice(obj: _Object, raw: Any) -> None:
+    obj.raw.raw = raw
+
+
+class Translator:
+    """translate() with a memory, for the agent: it keeps every Service's and EndpointSlice's translation and
+    redoes only those whose objects changed since the last snapshot (another object in the list, unless it has
+    the same resourceVersion), the Services whose EndpointSlices changed, and the frontends two Services compete
+    for. When nothing changed, a sync costs two set comparisons. The result equals translate()'s, frontends in
+    another order; unchanged Services keep their Frontend objects, and the state says which frontends and
+    Services differ from the previous state this translator made (DesiredState.changes, .base), so the budget
+    and the map programming below do only that work too.
 
     The cyclic garbage collector is paused while it runs (and restored after): the result is hundreds of
     thousands of acyclic objects for a large cluster, and full collections over the caller's snapshot
-    would otherwise double the run time.
-    """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _translate(snapshot, node_name)
-    finally:
-        if paused:
-            gc.enable()
+    would otherwise double the run time."""
 
+    def __init__(self, node_name: str) -> None:
+        self.node_name = node_name
+        self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
+        self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool, bool] | None = None
+        self._service_objs = _Objects("Service", _read_service, _rebind_service)
+        self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice)
+        self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
+        self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
+        self._services: dict[str, _Service] = {}
+        self._svc_problems: dict[str, list[Problem]] = {}
+        self._svc_notes: dict[str, list[Problem]] = {}
+        self._health: dict[str, HealthCheck] = {}                      # healthCheckNodePort asked, by Service
+        self._rank: dict[str, str] = {}
+        self._claims: dict[L4Addr, list[tuple[str, int, Claim]]] = {}  # (service, claim index, claim), sorted
+        self._frontends: dict[L4Addr, Frontend] = {}
+        self._conflicts: dict[L4Addr, list[Problem]] = {}
+        self._owned: dict[str, tuple[Frontend, ...]] = {}
+        self._generation = 0
+        self._changed: set[L4Addr] = set()
+        self._changed_services: set[str] = set()
 
-def _translate(snapshot: Snapshot, node_name: str) -> DesiredState:
-    settings, problems = parse_settings(snapshot.config)
-    node_addrs = _node_addrs(snapshot, node_name, problems)
-    if node_addrs is None:
-        problems.append(Problem(f"Node {node_name}", "metadata.name",
-                                "not found in the snapshot; no frontends are programmed for this node"))
-        return DesiredState(node_name, (), problems=problems, settings=settings)
+    def translate(self, snapshot: Snapshot) -> DesiredState:
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._translate(snapshot)
+        finally:
+            if paused:
+                gc.enable()
 
-    index = _index_slices(snapshot.endpointslices, problems)
-    ctx = _Context(node_name, node_addrs, settings, index, {}, {}, problems, [], {})
+    def _settings(self, config: dict[str, str] | None) -> tuple[AgentSettings, list[Problem]]:
+        if self._config is None or self._config[0] != config:
+            settings, problems = parse_settings(config)
+            self._config = (None if config is None else dict(config), settings, problems)
+        return self._config[1], list(self._config[2])
 
-    services: list[tuple[_Meta, KubeObject]] = []
-    for i, raw in enumerate(snapshot.services):
-        meta = _meta("Service", raw, i, problems)
-        if meta is not None:
-            services.append((meta, raw))
-    services.sort(key=lambda pair: pair[0].key)          # stable: duplicates keep input order
-    seen: set[str] = set()
-    for meta, raw in services:
-        if meta.key in seen:
-            problems.append(Problem(f"Service {meta.key}", "metadata.name",
-                                    "duplicate object with the same namespace/name; only the first is used"))
-            continue
-        seen.add(meta.key)
-        _translate_service(meta, raw, ctx)
+    def _translate(self, snapshot: Snapshot) -> DesiredState:
+        node_name = self.node_name
+        settings, problems = self._settings(snapshot.config)
+        node_addrs = _node_addrs(snapshot, node_name, problems)
+        self._generation += 1
+        if node_addrs is None:
+            problems.append(Problem(f"Node {node_name}", "metadata.name",
+                                    "not found in the snapshot; no frontends are programmed for this node"))
+            return DesiredState(node_name, (), problems=problems, settings=settings, generation=self._generation)
+        # What every Service's translation depends on (the mode, say, does not: switching it re-translates nothing).
+        context = (node_addrs, settings.algorithm, settings.algorithm_annotation, settings.source_range_check)
+        whole = self._context != context
+        if whole:
+            self._context = context
+            for key in list(self._services):
+                self._forget(key)
+        self._changed, self._changed_services = set(), set()
+        dirty = self._update_slices(snapshot.endpointslices)
+        touched = self._service_objs.update(snapshot.services)
+        todo = dirty | touched if not whole else set(self._service_objs.winner)
+        for key in sorted(todo):
+            obj = self._service_objs.winner.get(key)
+            if obj is None:
+                self._forget(key)
+                continue
+            known = self._services.get(key)
+            slices = self._by_svc.get(tuple(key.split("/", 1)), {})     # type: ignore[arg-type]
+            if known is not None and key not in dirty and _same(known.raw, obj.raw):
+                known.raw = obj.raw                                       # a re-list: the same object
+                continue
+            assert obj.meta is not None
+            ctx = _Context(node_name, node_addrs, settings, [])
+            ordered = tuple(slices[k] for k in sorted(slices))
+            claims = _translate_service(obj.meta, obj.raw, [s.parsed for s in ordered if s.parsed is not None],
+                                        bool(slices), ctx)
+            created = (obj.raw.get("metadata") or {}).get("creationTimestamp")
+            self._forget(key)
+            self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
+                                           claims, ctx.problems, ctx.notes, ctx.health)
+            self._rank[key] = self._services[key].created
+            if ctx.problems:
+                self._svc_problems[key] = ctx.problems
+            if ctx.notes:
+                self._svc_notes[key] = ctx.notes
+            if ctx.health is not None:
+                self._health[key] = ctx.health
+            self._claim(key, claims)
 
-    frontends = {l4: ctx.frontends[l4] for l4 in sorted(ctx.frontends)}
-    return DesiredState(node_name, node_addrs, frontends=frontends, problems=problems, settings=settings,
-                        notes=ctx.notes, health_checks=dict(sorted(ctx.health_checks.items())))
+        problems += self._slice_objs.problems(own=True) + self._service_objs.problems(own=False)
+        for key in sorted(self._svc_problems):
+            problems += self._svc_problems[key]
+        for l4 in sorted(self._conflicts):
+            problems += self._conflicts[l4]
+        # healthCheckNodePorts: the first Service (by namespace/name) that asks for a port serves it.
+        health: dict[int, HealthCheck] = {}
+        for key in sorted(self._health):
+            check = self._health[key]
+            held = health.get(check.port)
+            if held is not None:
+                problems.append(Problem(f"Service {key}", "spec.healthCheckNodePort", f"{check.port} is already "
+                                        f"served for Service {held.namespace}/{held.name}; not served"))
+                continue
+            health[check.port] = check
+        notes = [n for key in sorted(self._svc_notes) for n in self._svc_notes[key]]
+        return DesiredState(node_name, node_addrs, frontends=dict(self._frontends), problems=problems,
+                            settings=settings, notes=notes, health_checks=dict(sorted(health.items())),
+                            by_service=dict(self._owned), service_rank=dict(self._rank),
+                            generation=self._generation, base=self._generation - 1,
+                            changes=None if whole else self._changed,
+                            services_changed=None if whole else self._changed_services)
+
+    def service_uid(self, key: str) -> str | None:
+        """metadata.uid of the Service namespace/name as last translated (for Events about it)."""
+        known = self._services.get(key)
+        uid = (known.raw.get("metadata") or {}).get("uid") if known is not None else None
+        return uid if isinstance(uid, str) else None
+
+    def _update_slices(self, raws: list[KubeObject]) -> set[str]:
+        """Bring the EndpointSlice index up to date; return the Services ("namespace/name") whose slices changed."""
+        dirty: set[str] = set()
+        objs = self._slice_objs
+        for key in objs.update(raws):
+            now = objs.winner.get(key)
+            entry = now.raw if now is not None else None
+            # the entry indexed under this slice's name, if any, goes (its Service may differ from the new one's)
+            svc = self._slice_svc.pop(key, None)
+            before = None
+            if svc is not None:
+                mine = self._by_svc[svc]
+                before = mine.pop(key, None)
+                if before is not entry or (entry is not None and entry.service != svc):
+                    dirty.add("/".join(svc))
+                if not mine:
+                    del self._by_svc[svc]
+            owner = entry.service if entry is not None else None
+            if entry is not None and owner is not None:
+                if before is not entry or owner != svc:
+                    dirty.add("/".join(owner))
+                self._by_svc.setdefault(owner, {})[key] = entry
+                self._slice_svc[key] = owner
+        return dirty
+
+    # -- frontends two Services compete for ---------------------------------------------------------------
+    def _forget(self, key: str) -> None:
+        """Take a Service's claims back (it changed or is gone)."""
+        known = self._services.pop(key, None)
+        self._svc_problems.pop(key, None)
+        self._svc_notes.pop(key, None)
+        self._health.pop(key, None)
+        self._rank.pop(key, None)
+        if known is None:
+            return
+        touched = []
+        for claim in known.claims:
+            entries = self._claims.get(claim.l4)
+            if entries is not None:
+                entries[:] = [e for e in entries if e[0] != key]
+                touched.append(claim.l4)
+        self._settle(touched, {key})
+
+    def _claim(self, key: str, claims: list[Claim]) -> None:
+        for i, claim in enumerate(claims):
+            bisect.insort(self._claims.setdefault(claim.l4, []), (key, i, claim), key=lambda e: (e[0], e[1]))
+        self._settle([c.l4 for c in claims], {key})
+
+    def _settle(self, l4s: list[L4Addr], services: set[str]) -> None:
+        """Decide who holds each of these frontends (the first claim), and who must be told it lost."""
+        for l4 in dict.fromkeys(l4s):
+            entries = self._claims.get(l4)
+            old = self._frontends.get(l4)
+            if old is not None:
+                services.add(old.service)
+            if not entries:
+                self._claims.pop(l4, None)
+                if self._frontends.pop(l4, None) is not None:
+                    self._changed.add(l4)
+                self._conflicts.pop(l4, None)
+                continue
+            first_key, _, first = entries[0]
+            if old is not first.frontend:
+                self._frontends[l4] = first.frontend
+                self._changed.add(l4)
+            services.add(first_key)
+            lost = [conflict(k, c, first_key, first.port_index) for k, _, c in entries[1:]
+                    if not (k == first_key and c.port_index == first.port_index)]
+            if lost:
+                self._conflicts[l4] = lost
+            else:
+                self._conflicts.pop(l4, None)
+        for key in services:
+            known = self._services.get(key)
+            # by identity: hashing a Frontend would hash every one of its backends
+            owned = tuple({id(c.frontend): c.frontend for c in known.claims
+                           if self._frontends.get(c.l4) is c.frontend}.values()) if known else ()
+            before = self._owned.get(key)
+            if owned:
+                if before is None or len(before) != len(owned) or any(a is not b for a, b in zip(before, owned,
+                                                                                                 strict=True)):
+                    self._owned[key] = owned
+                    self._changed_services.add(key)
+            elif before is not None:
+                del self._owned[key]
+                self._changed_services.add(key)

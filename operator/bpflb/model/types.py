@@ -64,7 +64,7 @@ class FrontendKind(enum.Enum):
     CLUSTER_IP = "ClusterIP"          # served to in-cluster clients only (socket LB, pod-facing tc)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class L4Addr:
     """An address:port/protocol triple, the identity of a frontend or a backend."""
 
@@ -86,7 +86,7 @@ class L4Addr:
         return f"{self.addr}:{self.port}/{self.proto.name}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """One endpoint of a Service port, as this node sees it."""
 
@@ -97,7 +97,7 @@ class Backend:
     terminating: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """One address:port a client can hit, with the backends this node may pick for it."""
 
@@ -173,3 +173,14 @@ class DesiredState:
     # Fields bpflb does not act on (not errors): each said once in the agent's log and its node report.
     notes: list[Problem] = field(default_factory=list)
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)      # by healthCheckNodePort
+    # The frontends of each Service ("namespace/name"), and when each Service was created (its
+    # metadata.creationTimestamp, "" when unknown): who is admitted first when the maps are short (model.budget).
+    by_service: dict[str, tuple[Frontend, ...]] = field(default_factory=dict)
+    service_rank: dict[str, str] = field(default_factory=dict)
+    # What differs from the state whose generation is `base` (the previous one its translator made): the
+    # frontends added, replaced or gone, and the Services whose frontends did. None: not known, compare all.
+    # Unchanged frontends are the same objects in both states.
+    generation: int = 0
+    base: int = -1
+    changes: set[L4Addr] | None = None
+    services_changed: set[str] | None = None

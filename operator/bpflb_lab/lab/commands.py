@@ -272,7 +272,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ap = add("apply", cmd_apply, "add or replace Pods, Services and EndpointSlices (multi-document YAML)")
     ap.add_argument("-f", "--filename", dest="file", required=True, metavar="FILE", help="YAML file, - for stdin")
 
-    de = add("delete", cmd_delete, "delete a Pod or a Service")
+    de = add("delete", cmd_delete, "delete a Pod, a Service (and its EndpointSlices) or an EndpointSlice")
     de.add_argument("kind", choices=["pod", "service", "endpointslice"], help="what to delete")
     de.add_argument("object_name", metavar="NAME")
     de.add_argument("-n", "--namespace", default="default")

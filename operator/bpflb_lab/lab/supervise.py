@@ -68,13 +68,15 @@ class Supervision(LabParts):
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, ns: str, argv: list[str], log: Path, cgroup: Path | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, ns: str, argv: list[str], log: Path, cgroup: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
         if cgroup is not None:
             argv = cgroups.join_argv(cgroup, argv)
         with open(log, "ab") as out:
             proc = subprocess.Popen(netns.nsenter_argv(ns, argv), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, env=self._child_env())
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**self._child_env(), **(env or {})})
         self._children[proc.pid] = proc
         return proc
 
@@ -171,9 +173,13 @@ class Supervision(LabParts):
             if waiting:
                 time.sleep(0.05)
 
-    def restart_agent(self, node: str, timeout: float = 30.0) -> None:
+    def restart_agent(self, node: str, timeout: float = 30.0, *, wrap: list[str] | None = None,
+                      env: dict[str, str] | None = None, wait_ready: bool = True) -> int:
         """Stop a node's agent (SIGTERM: programs stay attached, maps stay pinned) and start it again;
-        returns once the new one has synced (it re-attaches its programs on the pinned maps)."""
+        returns its pid once the new one has synced (it re-attaches its programs on the pinned maps).
+        wrap: a command the agent runs under (e.g. `unshare -m --propagation slave --`: a fresh mount
+        namespace, as a new pod gets); env: extra environment (e.g. BPFLB_BPF_DIR, another build of the
+        objects); wait_ready=False returns at once (an agent expected not to get ready)."""
         state = self.state()
         old = state.agent_pids.get(node)
         if old is None:
@@ -192,11 +198,13 @@ class Supervision(LabParts):
         marker = self.pin_root / node / "ready"
         if os.path.lexists(marker):
             marker.unlink()     # the old agent's; wait for the new one's
-        new = self._spawn(topology.ns_name(self.name, node), self.agent_argv(state, node),
-                          self.paths.agent_log(node), cgroups.node_cgroup(self.name, node))
+        new = self._spawn(topology.ns_name(self.name, node), [*(wrap or []), *self.agent_argv(state, node)],
+                          self.paths.agent_log(node), cgroups.node_cgroup(self.name, node), env)
         state.agent_pids[node] = new.pid
         state.save(self.paths)
         self._log(f"agent {node}: restarted as pid {new.pid}")
+        if not wait_ready:
+            return new.pid
         deadline = time.monotonic() + timeout
         while not os.path.lexists(self.pin_root / node / "ready"):
             if new.poll() is not None:
@@ -205,3 +213,4 @@ class Supervision(LabParts):
             if time.monotonic() > deadline:
                 raise LabError(f"agent on {node} not ready {timeout:.0f}s after restart")
             time.sleep(0.05)
+        return new.pid

@@ -39,8 +39,10 @@ class Workloads(LabParts):
         return self._pod(self.state(), name).ip
 
     def apply(self, source: str | Path | Iterable[KubeObject]) -> list[str]:
-        """Apply Pods and Services (a YAML file path, YAML text, or parsed objects); return kubectl-like
-        lines ("pod/echo-c created (node1, 10.244.1.10)"). EndpointSlices are regenerated."""
+        """Apply Pods, Services and EndpointSlices (a YAML file path, YAML text, or parsed objects); return
+        kubectl-like lines ("pod/echo-c created (node1, 10.244.1.10)"). The lab's EndpointSlices are regenerated
+        from the Pods; an EndpointSlice applied is the user's (a selector-less Service's endpoints, any number
+        of them, with no Pods behind)."""
         if isinstance(source, Path):
             try:
                 docs = cluster.load_documents(source.read_text(), str(source))
@@ -75,6 +77,11 @@ class Workloads(LabParts):
                 if svc is None:
                     raise LabError(f"service {key} does not exist")
                 self.cluster.replace_slices(key, [])
+                for eps in self.endpoint_slices():       # the user's slices of a selector-less Service too
+                    meta = eps.get("metadata") or {}
+                    if meta.get("namespace", "default") == namespace and \
+                            (meta.get("labels") or {}).get(cluster.SERVICE_NAME_LABEL) == name:
+                        self.cluster.remove(eps)
                 self.cluster.remove(svc)
                 self._publish(state)
                 return f"service/{name} deleted"

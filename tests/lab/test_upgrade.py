@@ -1,0 +1,77 @@
+"""Upgrades keep flows, on the wire: connections opened through node1 — one SNAT'd, one by DSR (the backend's
+node answering the client directly) — keep working after every agent restarts with another build of the
+objects (`make bpf-layout-test`: conntrack half the size, a field added to struct ct_entry), whose maps the
+agents take over from the pins, and again after going back to the default build."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpflb.datapath.libbpf import lib, map_info, objects_dir
+from bpflb_lab.lab import Lab
+from tests.lab.helpers import NODE1, HeldConnection, unique_lab_name
+
+pytestmark = pytest.mark.privileged
+
+NODES = ("node1", "node2", "node3")
+CLIENT = "198.18.0.100"
+LAYOUT_TEST_DIR = Path(__file__).resolve().parents[2] / "bpf_objects" / "build-layout-test"
+
+
+@pytest.fixture(scope="module")
+def lab(privileged: None) -> Iterator[Lab]:
+    shared = Lab(unique_lab_name())
+    try:
+        shared.up(mode="SNAT")
+        yield shared
+    finally:
+        shared.down()
+
+
+def ct_shape(lab: Lab, node: str) -> tuple[int, int]:
+    """(max_entries, value size) of a node's pinned ct_fwd."""
+    fd = lib().bpf_obj_get(str(lab.pin_root / node / "ct_fwd").encode())
+    assert fd >= 0
+    try:
+        info = map_info(fd)
+        return int(info.max_entries), int(info.value_size)
+    finally:
+        os.close(fd)
+
+
+def restart_all(lab: Lab, obj_dir: Path) -> None:
+    assert (obj_dir / "bpf_lb.o").exists(), f"{obj_dir}/bpf_lb.o is missing: run `make bpf bpf-layout-test`"
+    for node in NODES:
+        lab.restart_agent(node, env={"BPFLB_BPF_DIR": str(obj_dir)})
+
+
+def test_snat_and_dsr_connections_survive_an_upgrade_and_a_downgrade_of_the_map_layout(lab: Lab) -> None:
+    snat = HeldConnection(lab, "client", NODE1, 30080)
+    lab.set_mode("DSR")
+    dsr = HeldConnection(lab, "client", NODE1, 30080)
+    try:
+        before = {"snat": snat.ask(), "dsr": dsr.ask()}
+        assert before["snat"].split()[1].startswith(f"{NODE1}:"), before      # the pod saw node1 (SNAT)
+        assert before["dsr"].split()[1].startswith(f"{CLIENT}:"), before     # the pod saw the client (DSR)
+        assert {ct_shape(lab, n) for n in NODES} == {(262144, 48)}
+
+        restart_all(lab, LAYOUT_TEST_DIR)                                     # the upgrade
+        assert {ct_shape(lab, n) for n in NODES} == {(131072, 56)}
+        assert {"snat": snat.ask(), "dsr": dsr.ask()} == before
+        log = lab.paths.agent_log("node1").read_text()
+        assert "value layout +layout_test" in log and "map ct_fwd taken over" in log
+        assert not any((lab.pin_root / n / "migrating").exists() for n in NODES)
+
+        restart_all(lab, objects_dir())                                       # and back
+        assert {ct_shape(lab, n) for n in NODES} == {(262144, 48)}
+        assert {"snat": snat.ask(), "dsr": dsr.ask()} == before
+        assert "value layout -layout_test" in lab.paths.agent_log("node1").read_text()
+        body, error = lab.http_get("client", f"http://{NODE1}:30080/hostname", timeout=2.0)
+        assert body and body.startswith("echo-"), error                      # and new connections are served
+    finally:
+        snat.close()
+        dsr.close()
