@@ -5,9 +5,7 @@ privileged tests run the real agent (BPF maps in the kernel, tc on a scratch nam
 from __future__ import annotations
 
 import os
-import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,20 +127,6 @@ def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source
 
 # ---------------------------------------------------------------------------------------------------------
 # The real agent on the API
-
-
-@pytest.fixture
-def pin_root() -> Iterator[Path]:
-    bpffs = Path("/sys/fs/bpf")
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1:3] == [str(bpffs), "bpf"] for line in f)
-    if not mounted:
-        os.system("mount -t bpf bpf /sys/fs/bpf")
-    root = bpffs / f"bpflb-kt-{uuid.uuid4().hex[:8]}"
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def frontends(pin_root: Path) -> dict[str, list[str]]:
