@@ -24,6 +24,7 @@ import pytest
 
 from bpflb.model import maglev
 from bpflb_lab.lab import Lab
+from tests.lab.conftest import lab_running
 from tests.lab.helpers import (
     affinity_idle,
     capture,
@@ -32,7 +33,6 @@ from tests.lab.helpers import (
     http_from,
     http_many,
     udp_flow,
-    unique_lab_name,
     wait_until,
 )
 
@@ -52,13 +52,9 @@ CONFIGS: dict[str, dict[str, str]] = {
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def lab(request: pytest.FixtureRequest, privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(**CONFIGS[request.param])
+    with lab_running(**CONFIGS[request.param]) as shared:
         shared.exec("client", ["ip", "addr", "add", f"{OUTSIDER}/24", "dev", "eth0"], check=True)
         yield shared
-    finally:
-        shared.down()
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
