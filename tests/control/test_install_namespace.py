@@ -6,24 +6,19 @@ ModuleConfig status); a bad configuration is named where it is; nothing is writt
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bpflb.agent import Agent, AgentOptions
 from bpflb.control.leader import LEASE_NAME
 from bpflb.control.node import kube_parts
-from bpflb.control.report import agent_report
-from bpflb.datapath.libbpf import ffi
 from bpflb.kubeapi import KubeClient, anonymous
 from bpflb.sources.base import NAMESPACE_ENV, own_namespace
 from bpflb_lab.apiserver import EmulatedAPI
-from bpflb_lab.lab.netns import entered
-from bpflb_lab.scratch import NODE1, scratch_node
-from tests.control.helpers import MC_PATH, RunningOperator, module_config, wait_for
+from bpflb_lab.scratch import NODE1
+from tests.control.helpers import MC_PATH, RunningOperator, agent_on_scratch_node, module_config, wait_for
 
 NS = "bpflb-system"
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
@@ -62,42 +57,22 @@ def test_the_operator_and_an_agent_keep_everything_in_their_own_namespace(
     # The agent's side, as `bpflb agent --kube` builds it (no --namespace either).
     agent_client = KubeClient(anonymous(api.url))
     source, reporter = kube_parts(agent_client, "node1")
-    source.start()                        # watchers in this (root) namespace, where the API listens
-    ffi()                                 # the binding is built once, before two threads may use it
-    reporter.start()
-    with scratch_node("bpflb-ns") as sn:
-        # No socket LB: it would attach to the host's cgroup root and catch every process of the machine.
-        agent = Agent(AgentOptions(node_name="node1", pin_root=pin_root, device="eth0", socket_lb=False), source,
-                      on_sync=lambda a, r: reporter.update(agent_report(a, source, r)))
+    with agent_on_scratch_node(source, reporter, pin_root, "bpflb-ns"):
+        report_path = f"/api/v1/namespaces/{NS}/configmaps/bpflb-node-node1"
+        report = wait_for(f"the node report in {NS}", lambda: (c := client.get(report_path)) and
+                          c["data"].get("state") == "Ready" and c["data"])
+        assert report["bpfLBMode"] == "DSR"
+        assert report["configGeneration"] == cm["data"]["configGeneration"]    # it read the operator's ConfigMap
+        status = wait_for("the report counted in the ModuleConfig status",
+                          lambda: (s := mc_status(client)).get("nodes", {}).get("current") == 1 and s)
+        assert status["nodes"]["ready"] == "1/1" and status["bpfLBMode"] == "DSR"
 
-        def run() -> None:
-            with entered(sn.ns):
-                agent.run()
-
-        worker = threading.Thread(target=run, name="agent")
-        worker.start()
-        try:
-            report_path = f"/api/v1/namespaces/{NS}/configmaps/bpflb-node-node1"
-            report = wait_for(f"the node report in {NS}", lambda: (c := client.get(report_path)) and
-                              c["data"].get("state") == "Ready" and c["data"])
-            assert report["bpfLBMode"] == "DSR"
-            assert report["configGeneration"] == cm["data"]["configGeneration"]    # it read the operator's ConfigMap
-            status = wait_for("the report counted in the ModuleConfig status",
-                              lambda: (s := mc_status(client)).get("nodes", {}).get("current") == 1 and s)
-            assert status["nodes"]["ready"] == "1/1" and status["bpfLBMode"] == "DSR"
-
-            # A bad value in the agents' ConfigMap is named where that ConfigMap is.
-            client.merge_patch(f"/api/v1/namespaces/{NS}/configmaps/bpflb-agent",
-                               {"data": {"maglevHashSeed": "many"}})
-            said = wait_for("the agent's warning", lambda: [r.getMessage() for r in caplog.records
-                                                            if "data.maglevHashSeed" in r.getMessage()])
-            assert f"ConfigMap {NS}/bpflb-agent: data.maglevHashSeed" in said[0], said
-        finally:
-            agent.stop()
-            source.close()
-            worker.join(10)
-            reporter.close()
-            assert not worker.is_alive()
+        # A bad value in the agents' ConfigMap is named where that ConfigMap is.
+        client.merge_patch(f"/api/v1/namespaces/{NS}/configmaps/bpflb-agent",
+                           {"data": {"maglevHashSeed": "many"}})
+        said = wait_for("the agent's warning", lambda: [r.getMessage() for r in caplog.records
+                                                        if "data.maglevHashSeed" in r.getMessage()])
+        assert f"ConfigMap {NS}/bpflb-agent: data.maglevHashSeed" in said[0], said
 
     written = [(r.method, r.path) for r in api.requests() if r.method in WRITES]
     assert any(f"/namespaces/{NS}/" in path for _method, path in written)
