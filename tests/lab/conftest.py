@@ -1,6 +1,7 @@
 """Fixtures for the lab tests. Tests marked `privileged` need root and network namespaces: without them they
 FAIL with an explanation (never skip; tests/conftest.py guards every marked test, and the `privileged`
-fixture here guards the session-scoped lab, which is set up before any function-scoped guard runs)."""
+fixture here guards the session-scoped lab, which is set up before any function-scoped guard runs). Every
+module-scoped lab is made by lab_running, each module giving its own Lab.up arguments and setup."""
 
 from __future__ import annotations
 
