@@ -34,7 +34,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libbpf1 iproute2 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/bpflb /opt/bpflb
-COPY --from=build /src/bpf_objects/build/bpf_lb.o /src/bpf_objects/build/bpf_xdp.o /src/bpf_objects/build/libbpflb_maglev.so /usr/lib/bpflb/
+COPY --from=build /src/bpf_objects/build/bpf_lb.o /src/bpf_objects/build/bpf_xdp.o /src/bpf_objects/build/bpf_sock.o /usr/lib/bpflb/
+COPY --from=build /src/bpf_objects/build/libbpflb_maglev.so /usr/lib/bpflb/
 COPY --from=build /src/bpf_objects/include/lb_structs.h /usr/lib/bpflb/include/
 ENV PATH=/opt/bpflb/bin:$PATH \
     BPFLB_BPF_DIR=/usr/lib/bpflb \

@@ -1,10 +1,12 @@
 """Packet builders and the datapath handles of the BPF tests, the one home of them (fixtures are in
 conftest.py): node1's addresses (the scratch namespace's), frontends and states to program, frames in, the
-whole-frame comparison with checksums, and waits on the datapath's own state (entry ages) instead of sleeps."""
+whole-frame comparison with checksums, and waits on conditions (the datapath's own state, such as entry ages)
+instead of sleeps."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -133,6 +135,18 @@ def one_port(node: Node, closing_timeout: int = 10, *, udp_timeout: int = 60, tc
                                     udp_timeout=udp_timeout, tcp_timeout=tcp_timeout))
     remote = backend(REMOTE_POD, 8080, local=False, proto=proto)
     node.maps.sync(state(fe(NODE1, 30080, (remote,), proto=proto)))
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0, step: Callable[[], None] | None = None) -> None:
+    """Poll check() until it is true, calling step() between two polls (what makes the condition come, e.g.
+    a datagram sent); fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        if step is not None:
+            step()
+        time.sleep(0.02)
 
 
 def wait_idle(m: Map, stamp: str, seconds: float, timeout: float = 30.0) -> None:

@@ -15,9 +15,8 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -35,6 +34,7 @@ from tests.bpf.packets import (
     backend,
     fe,
     state,
+    wait_for,
 )
 
 pytestmark = pytest.mark.privileged
@@ -58,16 +58,6 @@ def neigh_state(ns: str, addr: str, dev: str) -> tuple[str, str]:
     if not words:
         return "", ""
     return (words[words.index("lladdr") + 1] if "lladdr" in words else ""), words[-1]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0, step: Callable[[], None] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        if step is not None:
-            step()
-        time.sleep(0.02)
 
 
 @dataclass

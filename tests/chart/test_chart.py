@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -116,6 +119,21 @@ def test_the_chart_crd_is_the_repository_crd() -> None:
 
 def test_the_packaged_chart_carries_the_crd(tmp_path: Any) -> None:
     archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        [crd] = packaged.crds
+        assert crd["data"] == CRD.read_text()
+
+
+def test_make_chart_lints_and_packages_the_chart(tmp_path: Path) -> None:
+    """`make chart` (the docs' packaging step), run: its recipe is scripts/chart.py, which lints the chart and
+    writes an archive carrying the CRD (here into tmp_path instead of dist/)."""
+    [recipe] = re.findall(r"^chart:.*\n\t(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert recipe.split()[-3:] == ["scripts/chart.py", "--out", "dist"], recipe
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [archive] = tmp_path.glob("bpflb-*.tgz")
+    assert f"chart: {archive}" in done.stdout
     with helm.Chart.load(archive) as packaged:
         [crd] = packaged.crds
         assert crd["data"] == CRD.read_text()

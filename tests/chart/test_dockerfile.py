@@ -1,20 +1,23 @@
 """The Dockerfile, structurally (no container engine runs on this project's machines, so nothing here builds
 it): its build stage runs the same make target the tests build with and installs the package; its runtime
-stage copies the objects the agent really loads and the header it reads, points the agent at them, carries
-no compiler, and starts `bpflb`."""
+stage copies exactly the objects the agent really loads (as the product's code names them), the header it reads
+and the product's virtualenv, points the agent at them, carries no compiler, and starts `bpflb`."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
 from dataclasses import dataclass, field
 
-from bpflb.datapath.loader import LB_OBJECT, XDP_OBJECT
+from bpflb.datapath.loader import LB_OBJECT, SOCK_OBJECT, XDP_OBJECT
 from bpflb.model.maglev import NATIVE_LIB
 from tests.chart.helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
+BUILD = ROOT / "bpf_objects" / "build"
+PRODUCT = ROOT / "operator" / "bpflb"
 
 
 @dataclass
@@ -97,19 +100,46 @@ def test_the_build_stage_runs_the_make_targets_the_tests_build() -> None:
     assert any("pip install" in r and r.rstrip().endswith(".") for r in build.args("RUN"))
 
 
-def test_the_runtime_stage_copies_what_runs_and_points_the_agent_at_it() -> None:
+def built_files_the_product_names() -> set[str]:
+    """Every file of bpf_objects/build the product's code names (a string constant such as loader.py's
+    SOCK_OBJECT or maglev.py's NATIVE_LIB): what the agent loads at run time, read from the code rather than
+    listed here, so an object the agent gains is an object the image must carry."""
+    built = {p.name for p in BUILD.iterdir() if p.is_file()}
+    named: set[str] = set()
+    for source in PRODUCT.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in built:
+                named.add(node.value)
+    return named
+
+
+def test_the_product_names_the_objects_the_agent_loads() -> None:
+    # The scan above finds what the loaders and the Maglev library load (guards the scan itself).
+    assert {LB_OBJECT, XDP_OBJECT, SOCK_OBJECT, NATIVE_LIB} <= built_files_the_product_names()
+
+
+def test_the_runtime_stage_copies_exactly_what_runs_and_points_the_agent_at_it() -> None:
     runtime = stages()["runtime"]
     copies = [shlex.split(c) for c in runtime.args("COPY")]
     from_build = [c[1:] for c in copies if c[0] == "--from=build"]
     assert len(from_build) == len(copies), "the runtime stage takes everything from the build stage"
     sources = {src: cmd[-1] for cmd in from_build for src in cmd[:-1]}
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(runtime.args("ENV"))))
-    for obj in (LB_OBJECT, XDP_OBJECT, NATIVE_LIB):
-        assert sources.get(f"/src/bpf_objects/build/{obj}") == env["BPFLB_BPF_DIR"] + "/", obj
-    assert sources["/src/bpf_objects/include/lb_structs.h"] == env["BPFLB_BPF_INCLUDE"] + "/"
-    assert sources["/opt/bpflb"] == "/opt/bpflb" and env["PATH"].startswith("/opt/bpflb/bin:")
-    # Test-only objects stay behind.
-    assert not any(o in " ".join(sources) for o in ("bpf_pass.o", "bpf_gen.o", "bpf_xdp_pass.o"))
+    expected = {f"/src/bpf_objects/build/{name}": env["BPFLB_BPF_DIR"] + "/"
+                for name in built_files_the_product_names()}
+    expected["/src/bpf_objects/include/lb_structs.h"] = env["BPFLB_BPF_INCLUDE"] + "/"
+    expected["/opt/bpflb"] = "/opt/bpflb"            # the virtualenv holding the product's wheel alone
+    # Exactly these: a missing object cannot attach in the image; anything more (test objects, the lab's
+    # tools, a source tree) does not belong on a node.
+    assert sources == expected, {"missing": expected.keys() - sources.keys(),
+                                 "unexpected": sources.keys() - expected.keys()}
+    assert env["PATH"].startswith("/opt/bpflb/bin:")
+
+
+def test_the_virtualenv_is_built_from_the_product_package_alone() -> None:
+    build = stages()["build"]
+    copied = {src.rstrip("/") for c in build.args("COPY") for src in shlex.split(c)[:-1]}
+    assert copied == {"Makefile", "pyproject.toml", "bpf_objects", "native", "operator/bpflb"}, copied
 
 
 def test_the_runtime_stage_has_no_compiler_and_the_libraries_that_run() -> None:

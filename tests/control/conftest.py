@@ -1,9 +1,12 @@
 """Fixtures for the control-plane tests (their helpers are in helpers.py): an emulated Kubernetes API (kmock's KubernetesEmulator on
-127.0.0.1, a real HTTP server; over https with a CA of the test's own: tls_api), a client for it, and the
-operator running against it on a thread."""
+127.0.0.1, a real HTTP server; over https with a CA of the test's own: tls_api), a client for it, the
+operator running against it on a thread, and a scratch pin root for an agent's maps."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,17 @@ def start_operator(kubeconfig: Path) -> Iterator[Callable[..., RunningOperator]]
         for runner in running:
             if runner.thread is not None and runner.thread.is_alive():
                 runner.stop()
+
+
+@pytest.fixture
+def pin_root() -> Iterator[Path]:
+    bpffs = Path("/sys/fs/bpf")
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1:3] == [str(bpffs), "bpf"] for line in f)
+    if not mounted:
+        os.system("mount -t bpf bpf /sys/fs/bpf")
+    root = bpffs / f"bpflb-kt-{uuid.uuid4().hex[:8]}"
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

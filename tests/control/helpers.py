@@ -1,19 +1,28 @@
 """Helpers of the control-plane tests (the one home of them; fixtures are in conftest.py): API paths, the
-condition wait, the ModuleConfig builder, the operator on a thread, a free port, Nodes."""
+condition wait, the ModuleConfig builder, the operator on a thread, the real agent on a scratch node, a free
+port, Nodes."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bpflb.agent import Agent, AgentOptions
 from bpflb.control import operator as op
+from bpflb.control.report import NodeReporter, agent_report
+from bpflb.datapath.libbpf import ffi
 from bpflb.kubeapi import KubeClient, load_config
+from bpflb.sources.kube import KubeSource
+from bpflb_lab.lab.netns import entered
+from bpflb_lab.scratch import ScratchNode, scratch_node
 
 NODES = ("node1", "node2", "node3")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
@@ -76,6 +85,35 @@ class RunningOperator:
         if self.thread is not None:
             self.thread.join(20)
             assert not self.thread.is_alive(), "the operator did not stop within 20s"
+
+
+@contextmanager
+def agent_on_scratch_node(source: KubeSource, reporter: NodeReporter, pin_root: Path,
+                          prefix: str) -> Iterator[tuple[Agent, ScratchNode]]:
+    """The real agent for source's node (BPF maps under pin_root, tc on a scratch namespace's eth0) fed by
+    source and reporting through reporter, on a thread of its own; stopped, joined and closed at the end."""
+    source.start()                        # watchers in this (root) namespace, where the API listens
+    ffi()                                 # the binding is built once, before two threads may use it
+    reporter.start()
+    with scratch_node(prefix) as sn:
+        # No socket LB: it would attach to the host's cgroup root and catch every process of the machine.
+        agent = Agent(AgentOptions(node_name=source.node_name, pin_root=pin_root, device="eth0", socket_lb=False),
+                      source, on_sync=lambda a, r: reporter.update(agent_report(a, source, r)))
+
+        def run() -> None:
+            with entered(sn.ns):
+                agent.run()
+
+        worker = threading.Thread(target=run, name="agent")
+        worker.start()
+        try:
+            yield agent, sn
+        finally:
+            agent.stop()
+            source.close()
+            worker.join(10)
+            reporter.close()
+            assert not worker.is_alive()
 
 
 def free_port() -> int:

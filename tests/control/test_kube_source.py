@@ -5,25 +5,20 @@ privileged tests run the real agent (BPF maps in the kernel, tc on a scratch nam
 from __future__ import annotations
 
 import os
-import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bpflb.agent import Agent, AgentOptions
-from bpflb.control.report import NodeReporter, agent_report
-from bpflb.datapath.libbpf import ffi
+from bpflb.control.report import NodeReporter
 from bpflb.inspect import collect
 from bpflb.kubeapi import KubeClient, anonymous
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
-from bpflb_lab.lab.netns import entered
-from bpflb_lab.scratch import NODE1, scratch_node
-from tests.control.helpers import wait_for
+from bpflb_lab.scratch import NODE1
+from tests.control.helpers import agent_on_scratch_node, wait_for
 
 SVC = "/api/v1/namespaces/default/services"
 EPS = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
@@ -131,20 +126,6 @@ def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source
 # The real agent on the API
 
 
-@pytest.fixture
-def pin_root() -> Iterator[Path]:
-    bpffs = Path("/sys/fs/bpf")
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1:3] == [str(bpffs), "bpf"] for line in f)
-    if not mounted:
-        os.system("mount -t bpf bpf /sys/fs/bpf")
-    root = bpffs / f"bpflb-kt-{uuid.uuid4().hex[:8]}"
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def frontends(pin_root: Path) -> dict[str, list[str]]:
     try:
         return {f["frontend"]: f["backends"] for f in collect(pin_root)["frontends"]}
@@ -161,69 +142,49 @@ def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
     client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
     agent_client = KubeClient(anonymous(api.url))
     source = KubeSource(agent_client, "node1", backoff_first=0.05, backoff_max=0.2)
-    source.start()                        # watchers in this (root) namespace, where the API listens
-    ffi()                                 # the binding is built once, before two threads may use it
     reporter = NodeReporter(agent_client, "node1")
-    reporter.start()
-    with scratch_node("bpflb-kt") as sn:
-        # No socket LB: it would attach to the host's cgroup root and catch every process of the machine.
-        agent = Agent(AgentOptions(node_name="node1", pin_root=pin_root, device="eth0", socket_lb=False), source,
-                      on_sync=lambda a, r: reporter.update(agent_report(a, source, r)))
+    with agent_on_scratch_node(source, reporter, pin_root, "bpflb-kt") as (_agent, sn):
+        fe = f"{NODE1}:30080/TCP"
+        wait_for("the frontend", lambda: frontends(pin_root).get(fe) == ["10.244.2.10:8080"])
+        report = wait_for("the node report", lambda: (c := client.get(
+            "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")) and
+            c["data"].get("state") == "Ready" and c["data"])
+        assert report["bpfLBMode"] == "SNAT" and report["configGeneration"] == "g1"
+        assert report["frontends"] == "1"
 
-        def run() -> None:
-            with entered(sn.ns):
-                agent.run()
+        # EndpointSlice changed -> backends follow; Service changed -> frontend follows; deleted -> gone.
+        client.merge_patch(f"{EPS}/echo-abc", endpoint_slice("echo", "10.244.2.10", "10.244.3.10"))
+        wait_for("two backends", lambda: sorted(frontends(pin_root).get(fe) or []) ==
+                 ["10.244.2.10:8080", "10.244.3.10:8080"])
+        client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                                                "nodePort": 30081}]}})
+        wait_for("the new nodePort", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
+        client.create(SVC, service("other", 30082))
+        wait_for("a second Service", lambda: f"{NODE1}:30082/TCP" in frontends(pin_root))
+        client.delete(f"{SVC}/other")
+        wait_for("the Service removed", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
 
-        worker = threading.Thread(target=run, name="agent")
-        worker.start()
-        try:
-            fe = f"{NODE1}:30080/TCP"
-            wait_for("the frontend", lambda: frontends(pin_root).get(fe) == ["10.244.2.10:8080"])
-            report = wait_for("the node report", lambda: (c := client.get(
-                "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")) and
-                c["data"].get("state") == "Ready" and c["data"])
-            assert report["bpfLBMode"] == "SNAT" and report["configGeneration"] == "g1"
-            assert report["frontends"] == "1"
+        # The API goes away for a while: the datapath stays exactly as programmed.
+        before = frontends(pin_root)
+        api.stop()
+        wait_for("every watcher noticed the outage",
+                 lambda: not source.connected and len(source.errors()) == len(source.resources))
+        assert frontends(pin_root) == before
+        assert not source.connected
+        # ... changes made meanwhile are picked up by the resync once it is back.
+        api.emulator.preload("discovery.k8s.io/v1", "endpointslices",
+                             [endpoint_slice("echo", "10.244.3.10")])
+        api.start()
+        wait_for("the resync", lambda: frontends(pin_root).get(f"{NODE1}:30081/TCP") == ["10.244.3.10:8080"])
 
-            # EndpointSlice changed -> backends follow; Service changed -> frontend follows; deleted -> gone.
-            client.merge_patch(f"{EPS}/echo-abc", endpoint_slice("echo", "10.244.2.10", "10.244.3.10"))
-            wait_for("two backends", lambda: sorted(frontends(pin_root).get(fe) or []) ==
-                     ["10.244.2.10:8080", "10.244.3.10:8080"])
-            client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080,
-                                                                    "nodePort": 30081}]}})
-            wait_for("the new nodePort", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
-            client.create(SVC, service("other", 30082))
-            wait_for("a second Service", lambda: f"{NODE1}:30082/TCP" in frontends(pin_root))
-            client.delete(f"{SVC}/other")
-            wait_for("the Service removed", lambda: set(frontends(pin_root)) == {f"{NODE1}:30081/TCP"})
-
-            # The API goes away for a while: the datapath stays exactly as programmed.
-            before = frontends(pin_root)
-            api.stop()
-            wait_for("every watcher noticed the outage",
-                     lambda: not source.connected and len(source.errors()) == len(source.resources))
-            assert frontends(pin_root) == before
-            assert not source.connected
-            # ... changes made meanwhile are picked up by the resync once it is back.
-            api.emulator.preload("discovery.k8s.io/v1", "endpointslices",
-                                 [endpoint_slice("echo", "10.244.3.10")])
-            api.start()
-            wait_for("the resync", lambda: frontends(pin_root).get(f"{NODE1}:30081/TCP") == ["10.244.3.10:8080"])
-
-            # The uninstall instruction: programs detached, pinned maps removed, reported; then back.
-            client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
-                               {"data": {"uninstall": "true"}})
-            wait_for("the pins removed", lambda: not pin_root.exists())
-            tc = os.popen(f"ip netns exec {sn.ns} tc filter show dev eth0 ingress").read()
-            assert "lb_ingress" not in tc
-            wait_for("the Uninstalled report", lambda: client.get(
-                "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")["data"]["state"] == "Uninstalled")
-            client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
-                               {"data": {"uninstall": "false"}})
-            wait_for("the datapath back", lambda: f"{NODE1}:30081/TCP" in frontends(pin_root))
-        finally:
-            agent.stop()
-            source.close()
-            worker.join(10)
-            reporter.close()
-            assert not worker.is_alive()
+        # The uninstall instruction: programs detached, pinned maps removed, reported; then back.
+        client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
+                           {"data": {"uninstall": "true"}})
+        wait_for("the pins removed", lambda: not pin_root.exists())
+        tc = os.popen(f"ip netns exec {sn.ns} tc filter show dev eth0 ingress").read()
+        assert "lb_ingress" not in tc
+        wait_for("the Uninstalled report", lambda: client.get(
+            "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")["data"]["state"] == "Uninstalled")
+        client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
+                           {"data": {"uninstall": "false"}})
+        wait_for("the datapath back", lambda: f"{NODE1}:30081/TCP" in frontends(pin_root))

@@ -1,6 +1,7 @@
 """Fixtures for the lab tests. Tests marked `privileged` need root and network namespaces: without them they
 FAIL with an explanation (never skip; tests/conftest.py guards every marked test, and the `privileged`
-fixture here guards the session-scoped lab, which is set up before any function-scoped guard runs)."""
+fixture here guards the session-scoped lab, which is set up before any function-scoped guard runs). Every
+module-scoped lab is made by lab_running, each module giving its own Lab.up arguments and setup."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,15 +40,24 @@ def privileged() -> None:
                     + "; ".join(problems), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def lab(privileged: None) -> Iterator[Lab]:
-    """A lab with the default workload and no agents, shared by the read-only tests of a session."""
-    shared = Lab(unique_lab_name())
+@contextmanager
+def lab_running(agent_cmd: str | None = None, **up: Any) -> Iterator[Lab]:
+    """A lab of a unique name brought up with `up`'s arguments (Lab.up's), and always taken down: the body of
+    every module's `lab` fixture, which does its own setup inside the `with` (a failed setup takes it down too).
+    agent_cmd: the agents' command line, when not the lab's default."""
+    shared = Lab(unique_lab_name(), agent_cmd=agent_cmd)
     try:
-        shared.up(agents=False)
+        shared.up(**up)
         yield shared
     finally:
         shared.down()
+
+
+@pytest.fixture(scope="session")
+def lab(privileged: None) -> Iterator[Lab]:
+    """A lab with the default workload and no agents, shared by the read-only tests of a session."""
+    with lab_running(agents=False) as shared:
+        yield shared
 
 
 @pytest.fixture

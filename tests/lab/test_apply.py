@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bpflb_lab.lab import Lab, LabError, netns
-from tests.lab.helpers import unique_lab_name
+from tests.lab.conftest import lab_running
 
 pytestmark = pytest.mark.privileged
 
@@ -18,12 +18,8 @@ pytestmark = pytest.mark.privileged
 @pytest.fixture(scope="module")
 def mlab(privileged: None) -> Iterator[Lab]:
     """A lab of this module's own: these tests change its workload."""
-    lab = Lab(unique_lab_name())
-    try:
-        lab.up(agents=False)
+    with lab_running(agents=False) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def endpoints(lab: Lab, service: str) -> dict[str, Any]:

@@ -23,13 +23,13 @@ from bpflb.inspect import collect
 from bpflb.model.settings import CiliumSettings, agent_config_data
 from bpflb_lab.lab import Lab, cluster
 from bpflb_lab.lab.probe import HttpProbe, ProbeResult
+from tests.lab.conftest import lab_running
 from tests.lab.helpers import (
     NODE1,
     cluster_ip,
     counted,
     node_rules,
     pod_path_on,
-    unique_lab_name,
     wait_programmed,
     wait_until,
 )
@@ -97,9 +97,7 @@ CLIENTS = {"pod-socket": ("client-pod", True), "pod-packet": ("client-pod", Fals
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up()
+    with lab_running() as shared:
         shared.apply(WORKLOAD)
         for name, count in (("ci-echo", 2), ("ci-near", 1), ("ci-far", 0), ("ci-sticky", 2)):
             cip = cluster_ip(shared, f"default/{name}")
@@ -109,8 +107,6 @@ def lab(privileged: None) -> Iterator[Lab]:
         for pod in ("client-pod", "echo-a"):
             wait_until(f"the pod path on {pod}'s veth", lambda pod=pod: pod_path_on(shared, pod))  # type: ignore[misc]
         yield shared
-    finally:
-        shared.down()
 
 
 def gets(lab: Lab, client: str, addr: str, count: int = 12, port: int = 80) -> list[ProbeResult]:

@@ -20,8 +20,8 @@ import pytest
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, netns
+from tests.lab.conftest import lab_running
 from tests.lab.conn_holder import HolderProcess
-from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -30,14 +30,10 @@ NODE1 = "198.18.0.11"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up()
+    with lab_running() as shared:
         # The client is one address: 20,000 connections to one frontend need that many source ports.
         netns.write_sysctls(shared.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
         yield shared
-    finally:
-        shared.down()
 
 
 def node1(lab: Lab) -> dict[str, Any]:

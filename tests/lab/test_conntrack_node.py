@@ -17,8 +17,8 @@ import pytest
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.core import DEFAULT_AGENT_CMD
+from tests.lab.conftest import lab_running
 from tests.lab.conn_holder import HolderProcess
-from tests.lab.helpers import unique_lab_name
 
 pytestmark = pytest.mark.privileged
 
@@ -49,17 +49,13 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name(), agent_cmd=f"{DEFAULT_AGENT_CMD} --nat-port-range {RANGE[0]}-{RANGE[-1]}")
-    try:
-        shared.up()
+    with lab_running(agent_cmd=f"{DEFAULT_AGENT_CMD} --nat-port-range {RANGE[0]}-{RANGE[-1]}") as shared:
         shared.apply(HOLD)
         deadline = time.monotonic() + 30
         while shared.http_get("client", f"http://{NODE1}:30500/hostname")[0] != "hold-a":
             assert time.monotonic() < deadline, "node1 does not serve the hold Service"
             time.sleep(0.2)
         yield shared
-    finally:
-        shared.down()
 
 
 def counters(lab: Lab) -> dict[str, int]:

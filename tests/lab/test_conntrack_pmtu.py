@@ -14,7 +14,7 @@ import pytest
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import unique_lab_name
+from tests.lab.conftest import lab_running
 
 pytestmark = pytest.mark.privileged
 
@@ -24,15 +24,11 @@ SIZE = 1 << 20
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up()
+    with lab_running() as shared:
         for node, pod in (("node2", "echo-a"), ("node3", "echo-b")):
             shared.exec(node, ["ip", "route", "add", f"{shared.pod_ip(pod)}/32", "dev", "cni0", "mtu", "lock",
                                "1400"], check=True)
         yield shared
-    finally:
-        shared.down()
 
 
 def upload(addr: str, port: int, size: int, timeout: float) -> tuple[bool, str, float]:

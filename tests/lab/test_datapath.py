@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from bpflb_lab.lab import Lab
+from tests.lab.conftest import lab_running
 from tests.lab.helpers import (
     answers,
     capture,
     long_lived,
     seen_ip,
-    unique_lab_name,
     wait_programmed,
     wait_until,
 )
@@ -32,12 +32,8 @@ LB_IP = "198.18.1.10"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up()          # real agents: bpflb agent in every node namespace
+    with lab_running() as shared:          # real agents: bpflb agent in every node namespace
         yield shared
-    finally:
-        shared.down()
 
 
 def test_the_lab_check_passes_and_every_verdict_is_what_kube_proxy_would_give(lab: Lab) -> None:

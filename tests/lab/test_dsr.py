@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bpflb_lab.lab import Lab
+from tests.lab.conftest import lab_running
 from tests.lab.helpers import (
     answers,
     capture,
@@ -19,7 +20,6 @@ from tests.lab.helpers import (
     mac_of,
     own_ports,
     seen_ip,
-    unique_lab_name,
     wait_until,
 )
 
@@ -32,12 +32,8 @@ LB_IP = "198.18.1.10"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(mode="DSR")
+    with lab_running(mode="DSR") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 @pytest.mark.parametrize(("frontend", "port"), [(NODE1, 30080), (LB_IP, 80)])

@@ -20,7 +20,8 @@ import yaml
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, kube
-from tests.lab.helpers import unique_lab_name
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import wait_until as wait
 
 pytestmark = pytest.mark.privileged
 
@@ -30,12 +31,8 @@ NODE1 = "198.18.0.11"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(kube=True)
+    with lab_running(kube=True) as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def mc(lab: Lab) -> dict[str, Any]:
@@ -45,17 +42,6 @@ def mc(lab: Lab) -> dict[str, Any]:
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
-
-
-def wait(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"not within {timeout:.0f}s: {what}; last: {last!r}")
 
 
 def datapath(lab: Lab) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import pytest
 from bpflb_lab.kubeproxy import MODES
 from bpflb_lab.kubeproxy import lab as kplab
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import root_rules, unique_lab_name
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import root_rules
 
 pytestmark = pytest.mark.privileged
 
@@ -38,13 +39,9 @@ class KubeProxyLab:
 def kp(request: pytest.FixtureRequest, privileged: None) -> Iterator[KubeProxyLab]:
     """A lab without agents whose nodes run the generated kube-proxy rules of one mode."""
     before = root_rules()
-    lab = Lab(unique_lab_name())
-    try:
-        lab.up(agents=False)
+    with lab_running(agents=False) as lab:
         lab.apply(EMPTY)
         yield KubeProxyLab(lab, request.param, before, kplab.install(lab, request.param))
-    finally:
-        lab.down()
     assert root_rules() == before, "the root namespace's rules changed"
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from bpflb_lab.lab import Lab, LabError, cluster
-from tests.lab.helpers import frontend, unique_lab_name, wait_until
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import frontend, wait_until
 
 
 def service(name: str = "s", **spec: Any) -> dict[str, Any]:
@@ -74,12 +75,8 @@ def test_the_controllers_slices_carry_the_services_labels_and_say_headless() -> 
 
 @pytest.fixture(scope="module")
 def alab(privileged: None) -> Iterator[Lab]:
-    lab = Lab(unique_lab_name())
-    try:
-        lab.up()
+    with lab_running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 SELECTORLESS = """\

@@ -12,7 +12,8 @@ import pytest
 
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
-from tests.lab.helpers import capture, mac_of, own_ports, seen_ip, unique_lab_name
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import capture, mac_of, own_ports, seen_ip
 
 pytestmark = pytest.mark.privileged
 
@@ -50,14 +51,10 @@ def wait_programmed(lab: Lab, node_port: int, proto: str, timeout: float = 10.0)
 
 @pytest.fixture(scope="module", params=["Disabled", "VXLAN"])
 def lab(request: pytest.FixtureRequest, privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(tunnel=request.param)
+    with lab_running(tunnel=request.param) as shared:
         shared.apply(UDP_LOCAL)
         wait_programmed(shared, 30181, "UDP")
         yield shared
-    finally:
-        shared.down()
 
 
 @pytest.mark.parametrize("policy", ["Cluster", "Local"])

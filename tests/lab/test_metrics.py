@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.supervise import METRICS_PORT
-from tests.lab.helpers import unique_lab_name, wait_programmed, wait_until
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import wait_programmed, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -23,12 +24,8 @@ NODE1 = "198.18.0.11"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up()          # real agents, each serving its metrics in its node's namespace
+    with lab_running() as shared:          # real agents, each serving its metrics in its node's namespace
         yield shared
-    finally:
-        shared.down()
 
 
 def get(lab: Lab, node: str, path: str) -> tuple[int, str]:

@@ -16,19 +16,16 @@ import pytest
 from bpflb.datapath.libbpf import lib, map_info
 from bpflb.datapath.loader import tc_attached_prog_id
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import NODE1, HeldConnection, unique_lab_name, wait_until
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import NODE1, HeldConnection, wait_until
 
 pytestmark = pytest.mark.privileged
 
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(mode="SNAT")
+    with lab_running(mode="SNAT") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def ingress_prog() -> int | None:

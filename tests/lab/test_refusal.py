@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from bpflb_lab.lab import Lab, kube
-from tests.lab.helpers import unique_lab_name, wait_until
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -25,12 +26,8 @@ SLOW = 120.0          # three agents translating 75,000 frontends on two shared 
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(kube=True, mode="SNAT")
+    with lab_running(kube=True, mode="SNAT") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def report(lab: Lab, node: str) -> dict[str, str]:

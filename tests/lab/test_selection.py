@@ -17,7 +17,8 @@ import pytest
 
 from bpflb.model import maglev
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import affinity_idle, unique_lab_name, wait_programmed, wait_until
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import affinity_idle, wait_programmed, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -35,12 +36,8 @@ def programmed(lab: Lab, name: str, check: Callable[[dict[str, Any] | None], boo
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(algorithm="Maglev")
+    with lab_running(algorithm="Maglev") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def predicted(sport: int, port: int = 30080, pods: list[str] = PODS) -> str:

@@ -13,7 +13,8 @@ import pytest
 
 from bpflb.datapath.libbpf import lib, map_info, objects_dir
 from bpflb_lab.lab import Lab
-from tests.lab.helpers import NODE1, HeldConnection, unique_lab_name
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import NODE1, HeldConnection
 
 pytestmark = pytest.mark.privileged
 
@@ -24,12 +25,8 @@ LAYOUT_TEST_DIR = Path(__file__).resolve().parents[2] / "bpf_objects" / "build-l
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(mode="SNAT")
+    with lab_running(mode="SNAT") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def ct_shape(lab: Lab, node: str) -> tuple[int, int]:

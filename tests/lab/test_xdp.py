@@ -11,7 +11,8 @@ import pytest
 
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, cluster
-from tests.lab.helpers import capture, mac_of, own_ports, seen_ip, unique_lab_name
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import capture, mac_of, own_ports, seen_ip
 
 pytestmark = pytest.mark.privileged
 
@@ -20,12 +21,8 @@ CLIENT, NODE1 = "198.18.0.100", "198.18.0.11"
 
 @pytest.fixture(scope="module")
 def lab(privileged: None) -> Iterator[Lab]:
-    shared = Lab(unique_lab_name())
-    try:
-        shared.up(acceleration="Native")
+    with lab_running(acceleration="Native") as shared:
         yield shared
-    finally:
-        shared.down()
 
 
 def counters(lab: Lab, node: str) -> dict[str, int]:

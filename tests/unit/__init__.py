@@ -1,1 +1,2 @@
-"""Tests of the unit tier (helpers.py holds its helpers, conftest.py its fixtures)."""
+"""Tests of the unit tier (helpers.py holds its helpers; no fixture is shared between its modules, so it has
+no conftest.py)."""

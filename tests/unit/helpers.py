@@ -1,10 +1,15 @@
-"""Builders of the unit tier: raw Kubernetes objects (Nodes, Services, EndpointSlices), one translation, and
-the problem finder. The one home for them; test modules import from here, never from each other."""
+"""Builders of the unit tier: raw Kubernetes objects (Nodes, Services, EndpointSlices), one translation, the
+problem finder and the condition wait. The one home for them; test modules import from here, never from each
+other."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
+
+import pytest
 
 from bpflb.model.translate import translate
 from bpflb.model.types import DesiredState, Frontend, L4Addr, Problem, Proto
@@ -114,3 +119,12 @@ class StaticSource:
 
     def wait_for_change(self, timeout: float) -> bool:
         return False
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll check() until it is truthy; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)

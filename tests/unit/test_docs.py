@@ -2,7 +2,8 @@
 (shell blocks, and inline `bpflb ...` code), each is reduced to its verb ("bpflb lab up", "kubectl patch"),
 and each verb must be in TESTED, which names the files that run it (a test, or CI's own scripts) and a text
 those files must contain. A new command in a doc without a runner fails here; so does a runner that no
-longer runs it. The README stays short (about 250 lines at most); the rest lives in docs/."""
+longer runs it; a test named as a runner is named whole. The README's "Two commands" are two, and CI runs
+its test command exactly as written. The README stays short (about 250 lines at most); the rest lives in docs/."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ TESTED: dict[str, list[tuple[str, str]]] = {
     "make demo": [("Makefile", "demo: venv bpf"), ("tests/lab/test_cli.py", '"up"'),
                   ("tests/lab/test_cli.py", '"check"')],
     "make test": [(".ci/run", "make test")],
-    "make chart": [("tests/chart/test_chart.py", "def test_")],
+    "make chart": [("tests/chart/test_chart.py", "def test_make_chart_lints_and_packages_the_chart("),
+                   ("Makefile", "scripts/chart.py --out dist")],
     "make bench-quick": [(".ci/run", "make bench-quick")],
     "scripts/install-deps.sh": [(".ci/run", "scripts/install-deps.sh")],
     "bpflb agent": [("tests/lab/test_cluster.py", '"agent", "--node-name"'),
-                    ("tests/control/test_kube_source.py", "Agent(")],
+                    ("tests/control/test_kube_source.py",
+                     "def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage("),
+                    ("tests/control/test_install_namespace.py",
+                     "def test_the_operator_and_an_agent_keep_everything_in_their_own_namespace(")],
     "bpflb operator": [("tests/control/helpers.py", "op.run(")],
     "bpflb inspect": [("tests/bpf/test_lbmaps.py", 'main(["inspect", "--pin-root"')],
     "bpflb mount-bpffs": [("tests/unit/test_bpffs.py", '"-m", "bpflb", "mount-bpffs"')],
@@ -41,10 +46,11 @@ TESTED: dict[str, list[tuple[str, str]]] = {
     # The image: no container engine here; the wheel its build stage makes is built and inspected.
     "docker build": [("tests/chart/test_product_wheel.py", "build_stage_copies()")],
     # The chart: rendered and validated by Helm's own library with the same values.
-    "helm install": [("tests/chart/test_chart.py", "moduleConfig")],
+    "helm install": [("tests/chart/test_chart.py", "def test_every_rendered_manifest_validates("),
+                     ("tests/chart/test_chart.py", "def test_the_chart_installs_into_any_namespace(")],
     # The ModuleConfig walkthrough: every kubectl command of it, read from the page and run with the real
     # kubectl against a lab with the operator; kubectl's other uses against the emulated API.
-    "kubectl apply": [("tests/lab/test_kube.py", "def test_the_docs_kubectl_walkthrough_runs_against_the_lab"),
+    "kubectl apply": [("tests/lab/test_kube.py", "def test_the_docs_kubectl_walkthrough_runs_against_the_lab("),
                       ("tests/control/test_kubectl.py", '"apply", "-f", "-"')],
     "kubectl get": [("tests/lab/test_kube.py", "walkthrough()"), ("tests/control/test_kubectl.py", '"get", "mc"')],
     "kubectl patch": [("tests/lab/test_kube.py", "walkthrough()"), ("tests/control/test_kubectl.py", '"patch", "mc"')],
@@ -111,6 +117,24 @@ def test_every_runner_still_runs_its_command() -> None:
         for path, needle in runners:
             text = (ROOT / path).read_text()
             assert needle in text, f"{name}: {path} no longer contains {needle!r}"
+            # A test named as a runner is named whole (not any `def test_` of the file).
+            if needle.startswith("def "):
+                assert re.fullmatch(r"def test_\w+\(", needle), f"{name}: {needle!r} names no test"
+
+
+def two_commands() -> list[str]:
+    """The commands of the README's "Two commands" block (comments dropped)."""
+    section = (ROOT / "README.md").read_text().split("\n## Two commands\n", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    return [line.split(" #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_two_commands_are_two_and_ci_runs_the_test_one_verbatim() -> None:
+    commands = two_commands()
+    assert len(commands) == 2, commands
+    [test] = [c for c in commands if c.endswith("make test")]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test in ci, f"CI does not run the README's test command {test!r} as it is written"
 
 
 def test_internal_links_resolve() -> None:

@@ -1,8 +1,12 @@
-"""The layers of .importlinter hold, and a violation fails: lint-imports (what `make lint` runs) passes on the
-tree, and fails on a copy of it where the model imports the datapath and the product imports the lab."""
+"""The contracts of .importlinter hold, and a violation of each kind fails: lint-imports (what `make lint` runs)
+passes on the tree, and reports BROKEN on copies of it where the model imports the datapath and the product
+imports the lab (forbidden imports), a lower layer imports a higher one (layers), and two sibling modules
+import each other (no cycles), each time the contract violated and only that one."""
 
 from __future__ import annotations
 
+import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -20,21 +24,65 @@ def lint(source_root: Path) -> subprocess.CompletedProcess[str]:
                           env={"PYTHONPATH": str(source_root), "PATH": "/usr/bin:/bin"})
 
 
+def contract_names() -> dict[str, str]:
+    """Contract id (the section's suffix) -> its name, from .importlinter."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter")
+    prefix = "importlinter:contract:"
+    return {section.removeprefix(prefix): config[section]["name"] for section in config.sections()
+            if section.startswith(prefix)}
+
+
+def verdicts(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """Contract id -> KEPT | BROKEN, as lint-imports' summary says (its lines wrap long names)."""
+    text = " ".join(done.stdout.split())
+    out = {}
+    for key, name in contract_names().items():
+        found = re.findall(rf"{re.escape(name)} (KEPT|BROKEN)", text)
+        assert found, f"lint-imports said nothing of {name!r}: {done.stdout}{done.stderr}"
+        out[key] = found[0]
+    return out
+
+
+def scratch_tree(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """A copy of operator/ with each (module file, import line) appended."""
+    copy = tmp_path / "operator"
+    shutil.copytree(ROOT / "operator", copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for module, line in edits:
+        path = copy / module
+        path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
+    return copy
+
+
 def test_the_tree_keeps_every_contract() -> None:
     done = lint(ROOT / "operator")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout
+    assert set(verdicts(done).values()) == {"KEPT"}
 
 
 def test_a_wrong_import_breaks_the_contracts(tmp_path: Path) -> None:
-    copy = tmp_path / "operator"
-    shutil.copytree(ROOT / "operator", copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    types = copy / "bpflb" / "model" / "types.py"
-    types.write_text(types.read_text() + "\nfrom bpflb.datapath import lbmaps  # noqa: E402,F401\n")
-    agent = copy / "bpflb" / "agent.py"
-    agent.write_text(agent.read_text() + "\nimport bpflb_lab.lab  # noqa: E402,F401\n")
-    done = lint(copy)
+    done = lint(scratch_tree(tmp_path, ("bpflb/model/types.py", "from bpflb.datapath import lbmaps"),
+                             ("bpflb/agent.py", "import bpflb_lab.lab")))
     assert done.returncode != 0, done.stdout
     assert "The model and the sources import neither the datapath nor the control plane BROKEN" in \
         " ".join(done.stdout.split())
     assert "The product never imports the workshop" in done.stdout and "bpflb.agent -> bpflb_lab.lab" in done.stdout
+
+
+def test_a_lower_layer_importing_a_higher_one_breaks_the_layers(tmp_path: Path) -> None:
+    # healthcheck sits with the datapath, below inspect (which imports nothing of healthcheck: no cycle).
+    done = lint(scratch_tree(tmp_path, ("bpflb/healthcheck.py", "import bpflb.inspect")))
+    assert done.returncode != 0, done.stdout
+    assert verdicts(done) == {**dict.fromkeys(contract_names(), "KEPT"), "product-layers": "BROKEN"}
+    assert "bpflb.healthcheck -> bpflb.inspect" in done.stdout
+
+
+def test_two_sibling_modules_importing_each_other_break_the_no_cycles_contract(tmp_path: Path) -> None:
+    # Two modules of one layer (bpflb.control): no layer is crossed, only the cycle is wrong.
+    done = lint(scratch_tree(tmp_path, ("bpflb/control/events.py", "import bpflb.control.status"),
+                             ("bpflb/control/status.py", "import bpflb.control.events")))
+    assert done.returncode != 0, done.stdout
+    assert verdicts(done) == {**dict.fromkeys(contract_names(), "KEPT"), "no-cycles": "BROKEN"}
+    said = " ".join(done.stdout.split())
+    assert "allowed in bpflb.control." in said and (".status -> .events" in said or ".events -> .status" in said)

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +21,7 @@ from bpflb.datapath.libbpf import stat_names
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.metrics import AgentMetrics, MetricsServer, OperatorMetrics, split_listen
 from bpflb.sources.base import Snapshot
-from tests.unit.helpers import NODE, Obj, endpoint_slice, node, service, two_pods
+from tests.unit.helpers import NODE, Obj, endpoint_slice, node, service, two_pods, wait_for
 
 
 class Source:
@@ -58,14 +57,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def wait_for(what: str, check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -82,6 +82,14 @@ def test_invalid_settings_keep_defaults_with_problems() -> None:
     assert len(state.frontends) == 2          # the services are still translated
 
 
+def test_a_bad_setting_names_the_configmap_where_it_is() -> None:
+    # bpflb installed in a namespace of its own reads its ConfigMap there, and a problem with it says so.
+    snap = Snapshot(nodes=[node()], config={"bpfLBMode": "dsr"}, config_namespace="bpflb-system")
+    the_problem(translate(snap, NODE), "ConfigMap bpflb-system/bpflb-agent", "data.bpfLBMode", "SNAT, DSR, Hybrid")
+    default = translate(Snapshot(nodes=[node()], config={"bpfLBMode": "dsr"}), NODE)     # the file source's
+    the_problem(default, "ConfigMap kube-system/bpflb-agent", "data.bpfLBMode")
+
+
 # -- frontends ----------------------------------------------------------------------------------------------
 
 

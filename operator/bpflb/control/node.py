@@ -18,6 +18,13 @@ from bpflb.sources.kube import KubeSource
 log = logging.getLogger("bpflb.agent")
 
 
+def kube_parts(client: KubeClient, node_name: str, namespace: str | None = None) -> tuple[KubeSource, NodeReporter]:
+    """The agent's view of the API and its node report, both in bpflb's namespace: namespace (the flag),
+    else $POD_NAMESPACE (the chart's downward API), else kube-system."""
+    ns = own_namespace(namespace)
+    return KubeSource(client, node_name, namespace=ns), NodeReporter(client, node_name, namespace=ns)
+
+
 def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninstall: bool = False,
                    once: bool = False, namespace: str | None = None, metrics_listen: str | None = None) -> int:
     """Run the agent against the API until SIGTERM/SIGINT (exit code 0), or do one sync (once). namespace:
@@ -27,10 +34,8 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    ns = own_namespace(namespace)
     client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}")
-    source = KubeSource(client, opts.node_name, namespace=ns)
-    reporter = NodeReporter(client, opts.node_name, namespace=ns)
+    source, reporter = kube_parts(client, opts.node_name, namespace)
     events = ServiceEvents(client, opts.node_name, uid_of=lambda key: agent.translator.service_uid(key))
 
     def on_sync(agent: Agent, report: SyncReport | None) -> None:

@@ -17,7 +17,7 @@ from bpflb.model.maglev import DEFAULT_SEED, SEED_MAX, TABLE_SIZES
 from bpflb.model.messages import json_kind as _kind
 from bpflb.model.messages import show as _show
 from bpflb.model.types import AgentSettings, Algorithm, Mode, Problem
-from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE
+from bpflb.sources.base import config_object
 
 MODULE_NAME = "cni-cilium"                 # the only ModuleConfig bpflb acts on
 GROUP = "deckhouse.io"
@@ -231,7 +231,7 @@ def wants_uninstall(config: Mapping[str, str] | None) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # The agents' side: the same schema read back from the ConfigMap's string data.
 
-CONFIG_OBJECT = f"ConfigMap {AGENT_CONFIG_NAMESPACE}/{AGENT_CONFIG_NAME}"
+CONFIG_OBJECT = config_object()              # where it is when nothing says otherwise (decode_agent_config's obj)
 MAGLEV_SEED_KEY = "maglevHashSeed"            # agent-only: every node of a cluster must use the same seed
 
 
@@ -266,16 +266,17 @@ def _decode_value(key: str, raw: Any) -> Any:
     return raw
 
 
-def decode_agent_config(config: Mapping[str, Any] | None) -> tuple[AgentConfig, list[Problem]]:
+def decode_agent_config(config: Mapping[str, Any] | None,
+                        obj: str = CONFIG_OBJECT) -> tuple[AgentConfig, list[Problem]]:
     """Read the agents' ConfigMap data with the module settings' own validation. An absent ConfigMap (None)
-    means the defaults; an invalid value keeps its default and comes back as a Problem naming the key, what
-    was expected, what was given and the default used. Unknown keys are left alone (other components may
-    read them)."""
+    means the defaults; an invalid value keeps its default and comes back as a Problem naming the ConfigMap
+    (obj: "ConfigMap <bpflb's namespace>/bpflb-agent"), the key, what was expected, what was given and the
+    default used. Unknown keys are left alone (other components may read them)."""
     problems: list[Problem] = []
     if config is None:
         return AgentConfig(), problems
     if not isinstance(config, Mapping):
-        problems.append(Problem(CONFIG_OBJECT, "data", f"must be a mapping of strings; got {_show(config)}"))
+        problems.append(Problem(obj, "data", f"must be a mapping of strings; got {_show(config)}"))
         return AgentConfig(), problems
     values: dict[str, Any] = {}
     for key in SETTING_NAMES:
@@ -293,7 +294,7 @@ def decode_agent_config(config: Mapping[str, Any] | None) -> tuple[AgentConfig, 
                 reason += f"; the default {default} is used"
             elif isinstance(default, bool):
                 reason += f"; {str(default).lower()} is used"
-            problems.append(Problem(CONFIG_OBJECT, f"data.{key}", reason))
+            problems.append(Problem(obj, f"data.{key}", reason))
             continue
         values[key] = value
     seed = DEFAULT_SEED
@@ -303,7 +304,7 @@ def decode_agent_config(config: Mapping[str, Any] | None) -> tuple[AgentConfig, 
         if text.isascii() and text.isdigit() and 0 <= int(text) <= SEED_MAX:
             seed = int(text)
         else:
-            problems.append(Problem(CONFIG_OBJECT, f"data.{MAGLEV_SEED_KEY}", f"must be an integer in "
+            problems.append(Problem(obj, f"data.{MAGLEV_SEED_KEY}", f"must be an integer in "
                                     f"0..{SEED_MAX}; got {_show(raw_seed)}; the default {DEFAULT_SEED} is used"))
     uninstall = str(config.get(UNINSTALL_KEY, "")).lower() == "true"
     return AgentConfig(CiliumSettings.model_validate(values), seed, uninstall,

@@ -38,7 +38,7 @@ from bpflb.model.frontends import (
     _translate_service,
     conflict,
 )
-from bpflb.model.settings import decode_agent_config
+from bpflb.model.settings import CONFIG_OBJECT, decode_agent_config
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -48,7 +48,7 @@ from bpflb.model.types import (
     L4Addr,
     Problem,
 )
-from bpflb.sources.base import KubeObject, Snapshot
+from bpflb.sources.base import KubeObject, Snapshot, config_object
 
 __all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "HEADLESS_LABEL", "LB_ALGORITHM_ANNOTATION",
            "MAX_AFFINITY_TIMEOUT",
@@ -60,11 +60,11 @@ __all__ = ["DEFAULT_AFFINITY_TIMEOUT", "DEFAULT_NAMESPACE", "HEADLESS_LABEL", "L
 # Settings
 
 
-def parse_settings(config: dict[str, str] | None) -> tuple[AgentSettings, list[Problem]]:
+def parse_settings(config: dict[str, str] | None, obj: str = CONFIG_OBJECT) -> tuple[AgentSettings, list[Problem]]:
     """Read the agent ConfigMap data into AgentSettings through the one schema (bpflb.model.settings); an
     invalid value keeps its default (Deckhouse's: bpfLBMode Hybrid, lbAlgorithm Random, maglevTableSize
-    16381, maglevHashSeed 0) and is a Problem."""
-    config_, problems = decode_agent_config(config)
+    16381, maglevHashSeed 0) and is a Problem of obj (the ConfigMap, where it is)."""
+    config_, problems = decode_agent_config(config, obj)
     return config_.agent_settings(), problems
 
 
@@ -122,7 +122,8 @@ def translate(snapshot: Snapshot, node_name: str) -> DesiredState:
     same frontend: the one whose "namespace/name" sorts first keeps it.
 
     Settings: an invalid bpfLBMode or lbAlgorithm in the agent ConfigMap is a Problem and that setting
-    keeps its default (Hybrid, Random) in state.settings (look for problems whose obj is settings.CONFIG_OBJECT).
+    keeps its default (Hybrid, Random) in state.settings (look for problems whose obj is the ConfigMap,
+    sources.base.config_object(snapshot.config_namespace)).
 
     When the node's Node object is absent the state has no frontends and a Problem says so.
     Frontends are in L4Addr order and backends in (name, address) order, whatever the input order, so
@@ -305,7 +306,7 @@ class Translator:
 
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
-        self._config: tuple[dict[str, str] | None, AgentSettings, list[Problem]] | None = None
+        self._config: tuple[tuple[dict[str, str] | None, str], AgentSettings, list[Problem]] | None = None
         self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool, bool] | None = None
         self._service_objs = _Objects("Service", _read_service, _rebind_service)
         self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice)
@@ -333,15 +334,15 @@ class Translator:
             if paused:
                 gc.enable()
 
-    def _settings(self, config: dict[str, str] | None) -> tuple[AgentSettings, list[Problem]]:
-        if self._config is None or self._config[0] != config:
-            settings, problems = parse_settings(config)
-            self._config = (None if config is None else dict(config), settings, problems)
+    def _settings(self, config: dict[str, str] | None, obj: str) -> tuple[AgentSettings, list[Problem]]:
+        if self._config is None or self._config[0] != (config, obj):
+            settings, problems = parse_settings(config, obj)
+            self._config = ((None if config is None else dict(config), obj), settings, problems)
         return self._config[1], list(self._config[2])
 
     def _translate(self, snapshot: Snapshot) -> DesiredState:
         node_name = self.node_name
-        settings, problems = self._settings(snapshot.config)
+        settings, problems = self._settings(snapshot.config, config_object(snapshot.config_namespace))
         node_addrs = _node_addrs(snapshot, node_name, problems)
         self._generation += 1
         if node_addrs is None:

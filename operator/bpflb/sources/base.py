@@ -20,6 +20,11 @@ def own_namespace(given: str | None = None) -> str:
     return given or os.environ.get(NAMESPACE_ENV) or AGENT_CONFIG_NAMESPACE
 
 
+def config_object(namespace: str = AGENT_CONFIG_NAMESPACE) -> str:
+    """The agents' ConfigMap as messages name it."""
+    return f"ConfigMap {namespace}/{AGENT_CONFIG_NAME}"
+
+
 @dataclass
 class Snapshot:
     """A consistent view of the objects the agent programs its node from (raw Kubernetes dicts)."""
@@ -28,6 +33,7 @@ class Snapshot:
     endpointslices: list[KubeObject] = field(default_factory=list)
     nodes: list[KubeObject] = field(default_factory=list)
     config: dict[str, str] | None = None      # data of the bpflb-agent ConfigMap, None when absent
+    config_namespace: str = AGENT_CONFIG_NAMESPACE    # where that ConfigMap is (problems with it name it there)
     problems: list[str] = field(default_factory=list)  # unreadable files / documents, already explained
 
 

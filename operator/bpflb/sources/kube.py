@@ -165,7 +165,7 @@ class KubeSource:
         with self._lock:
             snap = Snapshot(services=list(self._services.objects.values()),
                             endpointslices=list(self._slices.objects.values()),
-                            nodes=list(self._nodes.objects.values()))
+                            nodes=list(self._nodes.objects.values()), config_namespace=self.namespace)
             config = next(iter(self._config.objects.values()), None)
         if config is not None:
             data = config.get("data")
