@@ -338,15 +338,20 @@ def test_a_syn_burst_from_a_spoofed_source_gets_no_more_icmp_than_the_budget(nat
         assert burst <= len(icmp) <= allowed, (len(icmp), allowed)
         after = counters(lab, "node1")
         assert after["icmp_rate_limited"] - before.get("icmp_rate_limited", 0) >= 5000 - allowed
-        # A broadcast source gets none at all (counted as suppressed, never spending the budget).
+        # A broadcast source gets none at all (counted as suppressed, never spending the budget).  The capture
+        # is on node1's port of the fabric: everything node1 sends or receives, the burst itself included.
         frames = _reject_burst(client_mac, node1_mac, "198.18.0.255", 5000)
-        with capture(lab, "fabric", "icmp", device="br0") as on_fabric:
+        with capture(lab, "fabric", "icmp or (tcp and src host 198.18.0.255 and dst port 30580)",
+                     device="node1") as on_fabric:
             before = counters(lab, "node1")
             lab.run_in("client", send_frames, frames, timeout=60)
             wait_until("node1 to see the broadcast-source burst",
                        lambda: counters(lab, "node1")["icmp_suppressed"] - before.get("icmp_suppressed", 0) >= 5000,
                        timeout=30)
-        assert not [line for line in on_fabric.lines or [] if f"{NODE1} > " in line], on_fabric.lines
+        # Positive control: the capture saw the frames that would elicit the errors, on their way to node1.
+        assert len(on_fabric.matching(src="198.18.0.255", dst=NODE1, dport=30580)) == 5000, len(on_fabric.frames)
+        assert not on_fabric.icmp, on_fabric.icmp[:5]
+        assert not [line for line in on_fabric.lines or [] if f"{NODE1} > " in line], (on_fabric.lines or [])[:5]
     finally:
         set_icmp_limit(budget, 1000, 50)
         budget.close()
