@@ -73,6 +73,7 @@
 #define STAT_NAT_PORT_REUSED 28       /* a SNAT port taken over from a flow that had ended */
 #define STAT_DROP_HOST_NAT_EXHAUSTED 29 /* a node connection found neither its port nor another one free */
 #define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow left that flow's state alone */
+#define STAT_RESET_SUPPRESSED 31      /* a refusal's RST not sent: its sender is no unicast host (icmp.h's rules) */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
  * traffic (issue 13); 56..63: source ranges (issue 16). */
 #define STAT_MAX 64

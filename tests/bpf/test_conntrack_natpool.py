@@ -6,6 +6,7 @@ both of their entries are dead."""
 from __future__ import annotations
 
 import socket
+import time
 from collections import Counter
 
 import pytest
@@ -32,6 +33,7 @@ from tests.bpf.packets import (
     ETH0_MAC,
     NODE1,
     REMOTE_POD,
+    SENDERS,
     Node,
     XdpNode,
     assert_frame,
@@ -128,6 +130,46 @@ def test_exhausted_udp_is_answered_with_icmp_port_unreachable(node: Node) -> Non
     assert_frame(run.data, bytes(expected))
     stats = node.maps.stats()
     assert stats["drop_nat_exhausted"] == 1 and stats["icmp_nat_exhausted"] == 1
+
+
+@pytest.mark.parametrize("case", [*SENDERS, "a frame sent to the broadcast MAC"])
+def test_exhausted_tcp_sends_no_reset_to_a_sender_that_is_no_unicast_host(node: Node, case: str) -> None:
+    """The RST of a refusal keeps icmp.h's sender rules: a spoofed flood on an exhausted tuple reflects
+    nothing towards a broadcast, multicast, zero, loopback, own or unroutable address."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    open_flows(node, SYN, 2000, 16)
+    if case in SENDERS:
+        frame = client_frame(TCP(sport=2100, dport=30080, flags="S", seq=1000), src=SENDERS[case])
+    else:
+        frame = bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / Ether(with_sport(SYN, 2100))[IP])
+    run = node.ingress(frame)
+    assert run.retval == TC_ACT_SHOT and not Ether(run.data)[TCP].flags.R, Ether(run.data)[TCP].flags
+    stats = node.maps.stats()
+    assert stats["drop_nat_exhausted"] == 1 and stats["reset_suppressed"] == 1
+    # The control: a unicast client in the same state still gets its RST.
+    assert Ether(node.ingress(with_sport(SYN, 2101)).data)[TCP].flags == "RA"
+    assert node.maps.stats()["reset_suppressed"] == 1
+
+
+def test_exhausted_udp_gets_no_more_errors_than_the_icmp_budget(node: Node) -> None:
+    """The ICMP errors of refusals draw on the node's budget (rate 1/s, burst 2 here): of 10 refused datagrams,
+    2 are answered (one more per second the test takes), the rest counted as rate-limited."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    udp = client_frame(UDP(sport=1, dport=30080), b"ping")
+    open_flows(node, udp, 2000, 16)
+    frames = [with_sport(udp, 2100 + i) for i in range(10)]
+    with inside(node):
+        start = time.monotonic()
+        node.maps.set_icmp_limit(rate=1, burst=2)
+        runs = [node.obj.test_run("lb_ingress", f, ifindex=node.eth0) for f in frames]
+        elapsed = time.monotonic() - start
+    answered = [r for r in runs if Ether(r.data).haslayer(ICMP)]
+    assert all(r.retval == TC_ACT_REDIRECT for r in answered) and \
+        all(r.retval == TC_ACT_SHOT for r in runs if r not in answered)
+    assert len(answered) == 2 or 2 < len(answered) <= 2 + int(elapsed), (len(answered), elapsed)
+    stats = node.maps.stats()
+    assert stats["drop_nat_exhausted"] == 10 and stats["icmp_nat_exhausted"] == 10
+    assert stats["icmp_sent"] == len(answered) and stats["icmp_rate_limited"] == 10 - len(answered)
 
 
 def test_a_port_a_node_socket_uses_towards_the_backend_is_never_handed_out(node: Node) -> None:

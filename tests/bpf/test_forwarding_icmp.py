@@ -23,6 +23,7 @@ from tests.bpf.packets import (
     ETH0_MAC,
     NODE1,
     REMOTE,
+    SENDERS,
     Node,
     fe,
     state,
@@ -48,22 +49,6 @@ def syn(src: str = CLIENT, *, sport: int = 43000, flags: str = "S", ttl: int = 6
 def is_icmp(run_data: bytes) -> bool:
     pkt = Ether(run_data)
     return pkt.haslayer(ICMP)
-
-
-SENDERS = {
-    "this network (0/8)": "0.0.0.0",
-    "0/8, not zero": "0.1.2.3",
-    "loopback": "127.0.0.1",
-    "multicast": "224.0.0.1",
-    "multicast, admin scope": "239.1.2.3",
-    "class E": "240.0.0.1",
-    "limited broadcast": "255.255.255.255",
-    "the node's own address": NODE1,
-    "the node's other address": "10.244.1.1",
-    "the subnet broadcast of the node's network": "198.18.0.255",
-    "the subnet broadcast of the pod network": "10.244.1.255",
-    "a sender with no route back": "203.0.113.5",
-}
 
 
 @pytest.mark.parametrize("case", list(SENDERS))
