@@ -1,13 +1,16 @@
 """BPF unit tests of the SNAT port pool (natpool.h, flow.h, reset.h): ports unique per full tuple at high
 occupancy, the default range's capacity, exhaustion answered with a RST (TCP) or ICMP port unreachable (UDP)
-and counted, ports of the node's own sockets never handed out, and dead flows' ports given again only when
+and counted (never towards a sender that is no unicast host, ICMP within the node's budget), ports of the node's own
+sockets (connecting, bound, listening, in TIME_WAIT) never handed out, and dead flows' ports given again only when
 both of their entries are dead."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -32,6 +35,7 @@ from tests.bpf.packets import (
     CLIENT_MAC,
     ETH0_MAC,
     NODE1,
+    NODE2_MAC,
     REMOTE_POD,
     SENDERS,
     Node,
@@ -196,6 +200,62 @@ def test_a_port_a_node_socket_uses_towards_the_backend_is_never_handed_out(node:
     finally:
         tcp.close()
         udp.close()
+
+
+def _time_wait(node: Node, port: int) -> socket.socket:
+    """Inside node1: a connection of the node from NODE1:port to the remote pod, taken through its handshake
+    and closed (FIN both ways) by frames written on eth0's peer, so that it lies in TIME_WAIT; returns the
+    raw socket on the peer (the caller closes it)."""
+    wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    wire.bind(("wire0", 0))
+    wire.settimeout(5)
+
+    def from_node(flag: str) -> TCP:
+        while True:
+            pkt = Ether(wire.recv(2048))
+            if pkt.haslayer(TCP) and pkt[TCP].sport == port and flag in str(pkt[TCP].flags):
+                return pkt[TCP]
+
+    def to_node(flags: str, seq: int, ack: int) -> None:
+        wire.send(bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
+                        TCP(sport=8080, dport=port, flags=flags, seq=seq, ack=ack, window=65535)))
+
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    conn.bind((NODE1, port))
+    conn.setblocking(False)
+    assert conn.connect_ex((REMOTE_POD, 8080)) == 115                    # EINPROGRESS
+    syn = from_node("S")
+    to_node("SA", 5000, syn.seq + 1)
+    _, writable, _ = select.select([], [conn], [], 5)
+    assert writable and conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0, "the handshake completed"
+    conn.close()                                                          # the node closes first: FIN
+    fin = from_node("F")
+    to_node("FA", 5001, fin.seq + 1)
+    return wire
+
+
+def test_a_port_a_node_listener_or_time_wait_holds_is_never_handed_out(node: Node) -> None:
+    """The socket check covers what the backend's reply would find: a listener on the node's address and port
+    (any peer), and a connection of the node in TIME_WAIT towards the same backend tuple."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    with inside(node):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((NODE1, 40005))
+        listener.listen()
+        wire = _time_wait(node, 40009)
+        tcp_table = Path("/proc/net/tcp").read_text()
+    try:
+        # /proc/net/tcp: local address 0B0012C6:9C49 (198.18.0.11:40009), state 06 (TIME_WAIT)
+        assert any(f.split()[1] == "0B0012C6:9C49" and f.split()[3] == "06" for f in tcp_table.splitlines()[1:]), \
+            tcp_table
+        ports = open_flows(node, SYN, 2000, 14)
+        assert len(set(ports)) == 14 and not {40005, 40009} & set(ports), sorted(ports)
+        refused = node.ingress(with_sport(SYN, 2100))          # the last two ports are the listener's and the TIME_WAIT's
+        assert Ether(refused.data)[TCP].flags == "RA"
+        assert node.maps.stats()["nat_port_socket"] >= 2
+    finally:
+        wire.close()
+        listener.close()
 
 
 def test_a_dead_flows_port_is_given_again_only_when_both_entries_are_dead(node: Node) -> None:
