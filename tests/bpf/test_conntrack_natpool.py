@@ -75,12 +75,26 @@ SYN = client_frame(TCP(sport=1, dport=30080, flags="S", seq=1000))
 
 
 def test_the_default_range_gives_30000_concurrent_flows_to_one_backend_unique_ports(node: Node) -> None:
+    """docs/limits.md's figure.  128 random tries per new flow: with k ports held a flow is refused with
+    probability (k/32768)^128, so a refusal before 30,000 flows are in place happens in about 0.3% of fills
+    (and a second one almost never): the client's retry from another port is allowed for, as a client would."""
     program(node)      # the agent's default range, 32768-65535
-    ports = open_flows(node, SYN, 1024, 30_000)
+    ports: list[int] = []
+    refused = 0
+    with inside(node):
+        sport = 1024
+        while len(ports) < 30_000 and refused <= 3:
+            run = node.obj.test_run("lb_ingress", with_sport(SYN, sport), ifindex=node.eth0)
+            if run.retval == TC_ACT_REDIRECT and Ether(run.data)[IP].dst == REMOTE_POD:
+                ports.append(out_sport(run.data))
+            else:
+                refused += 1
+            sport += 1
+    assert refused <= 3 and len(ports) == 30_000, (refused, len(ports))
     assert len(set(ports)) == 30_000, "two live flows share a SNAT port"
     assert min(ports) >= 32768 and max(ports) <= 65535
     assert len(list(node.maps.ct_rev.items_raw())) == 30_000
-    assert node.maps.stats().get("drop_nat_exhausted", 0) == 0
+    assert node.maps.stats().get("drop_nat_exhausted", 0) == refused
 
 
 def test_ports_are_unique_per_backend_tuple_not_per_node(node: Node) -> None:
