@@ -368,6 +368,7 @@ struct lb_neigh_key {
 
 /* Counters of the source range check (lb_stats indices 56..63). */
 #define STAT_DROP_SRC_RANGE 56        /* a packet to a frontend from a client its source ranges refuse */
+#define STAT_XDP_DROP_SRC_RANGE 57    /* of those, dropped at XDP (never reaching tc) */
 
 #define LB_SRC_RANGES_MAX 65536       /* prefixes of all frontends together (lb_src_ranges entries) */
 

@@ -225,7 +225,7 @@ def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Itera
             if f"(0x{ethertype:04x})" in line:
                 skip = True            # a marker frame and its hex dump
                 continue
-            if skip and line.startswith("\t"):
+            if skip and (line.startswith("\t") or not line.strip()):
                 continue
             skip = False
             lines.append(line)
