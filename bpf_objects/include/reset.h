@@ -33,12 +33,11 @@ static __always_inline int reset_reply(struct __sk_buff *skb, const struct pkt *
 		__be16 len;
 	} ph = {};
 	__u8 tmp[ETH_ALEN];
-	__u32 csum, used;
+	__u32 csum, used, zero = 0;
+	/* The route lookup's working memory outside the stack, as icmp_reply keeps it (icmp.h's, per CPU). */
+	struct icmp_scratch *w = bpf_map_lookup_elem(&icmp_scratch, &zero);
 
 	_Static_assert(sizeof(out) == 40, "IPv4 + TCP header must be contiguous");
-
-	__u32 zero = 0;
-	struct icmp_scratch *w = bpf_map_lookup_elem(&icmp_scratch, &zero);
 
 	if (p->tcp_flags & TCPF_RST)
 		return TC_ACT_SHOT;     /* a RST is never answered */
