@@ -202,8 +202,10 @@ def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Itera
     what = f"tcpdump on {host} {device} ({bpf_filter})"
     result = Capture([])
     try:
-        if not listening.wait(10):
-            pytest.fail(f"{what} did not start listening within 10 s: {' / '.join(err) or 'no output'}")
+        deadline = time.monotonic() + 10
+        while not listening.wait(0.05):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start listening: {' / '.join(err) or 'no output'}")
         yield result
         deadline = time.monotonic() + 10
         while not marked.is_set():
