@@ -127,6 +127,26 @@ static __always_inline int icmp_sender_ok(const struct __sk_buff *skb, const str
 	return 1;
 }
 
+/* May an answer the datapath makes (an ICMP error here, a RST in reset.h) go back to this packet's sender?
+ * icmp_sender_ok's rules, then, for a packet from the wire, the FIB's route from saddr back to the sender:
+ * the node's own addresses and every subnet broadcast (local routes) refuse it, as does having no route.
+ * Returns the lookup's result (BPF_FIB_LKUP_RET_SUCCESS, fib filled in, or _NO_NEIGH; 0 when to_stack),
+ * or -1: no answer. */
+static __always_inline int answer_route(struct __sk_buff *skb, const struct pkt *p, struct bpf_fib_lookup *fib,
+					__be32 saddr, __u8 proto, int to_stack)
+{
+	int rc;
+
+	if (!icmp_sender_ok(skb, p, !to_stack))
+		return -1;
+	if (to_stack)
+		return 0;
+	rc = fib_lookup_v4(skb, fib, saddr, p->t.saddr, proto, 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	return rc;
+}
+
 /* What icmp_reply sends, in one register (a BPF function takes five arguments). */
 #define ICMP_WHAT(type, code, mtu) (((__u32)(type) << 24) | ((__u32)(code) << 16) | (__u16)(mtu))
 
@@ -149,16 +169,10 @@ static __attribute__((noinline)) int icmp_reply(struct __sk_buff *skb, const str
 
 	if (!w)
 		return TC_ACT_SHOT;
-	if (!icmp_sender_ok(skb, p, !to_stack)) {
+	rc = answer_route(skb, p, &w->fib, saddr, IPPROTO_ICMP, to_stack);
+	if (rc < 0) {
 		stat_inc(STAT_ICMP_SUPPRESSED);
 		return TC_ACT_SHOT;
-	}
-	if (!to_stack) {
-		rc = fib_lookup_v4(skb, &w->fib, saddr, p->t.saddr, IPPROTO_ICMP, 0);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
-			stat_inc(STAT_ICMP_SUPPRESSED);     /* a local or broadcast address, or unroutable */
-			return TC_ACT_SHOT;
-		}
 	}
 	if (!icmp_rl_allow()) {
 		stat_inc(STAT_ICMP_RATE_LIMITED);

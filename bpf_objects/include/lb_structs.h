@@ -73,6 +73,7 @@
 #define STAT_NAT_PORT_REUSED 28       /* a SNAT port taken over from a flow that had ended */
 #define STAT_DROP_HOST_NAT_EXHAUSTED 29 /* a node connection found neither its port nor another one free */
 #define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow left that flow's state alone */
+#define STAT_RESET_SUPPRESSED 31      /* a refusal's RST not sent: its sender is no unicast host (icmp.h's rules) */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
  * traffic (issue 13); 56..63: source ranges (issue 16). */
 #define STAT_MAX 64
@@ -367,6 +368,7 @@ struct lb_neigh_key {
 
 /* Counters of the source range check (lb_stats indices 56..63). */
 #define STAT_DROP_SRC_RANGE 56        /* a packet to a frontend from a client its source ranges refuse */
+#define STAT_XDP_DROP_SRC_RANGE 57    /* of those, dropped at XDP (never reaching tc) */
 
 #define LB_SRC_RANGES_MAX 65536       /* prefixes of all frontends together (lb_src_ranges entries) */
 

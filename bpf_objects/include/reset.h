@@ -1,7 +1,9 @@
 /* Refusing a new flow the node cannot track (no SNAT port left for its backend tuple, conntrack full),
  * never silently: a TCP segment is answered with a RST built here from it (RFC 793's reset rules), a
  * UDP datagram with ICMP port unreachable (icmp.h, which applies the node's ICMP hygiene and rate
- * limit).  Each refusal is counted by its reason. */
+ * limit).  The RST keeps the same sender hygiene (icmp.h's answer_route): none to a broadcast,
+ * multicast, zero, loopback or own address, an unroutable sender, or a frame not sent to this host, so
+ * a spoofed flood on an exhausted tuple reflects nothing.  Each refusal is counted by its reason. */
 #ifndef BPFLB_RESET_H
 #define BPFLB_RESET_H
 
@@ -31,12 +33,20 @@ static __always_inline int reset_reply(struct __sk_buff *skb, const struct pkt *
 		__be16 len;
 	} ph = {};
 	__u8 tmp[ETH_ALEN];
-	__u32 csum, used;
+	__u32 csum, used, zero = 0;
+	/* The route lookup's working memory outside the stack, as icmp_reply keeps it (icmp.h's, per CPU). */
+	struct icmp_scratch *w = bpf_map_lookup_elem(&icmp_scratch, &zero);
 
 	_Static_assert(sizeof(out) == 40, "IPv4 + TCP header must be contiguous");
 
 	if (p->tcp_flags & TCPF_RST)
 		return TC_ACT_SHOT;     /* a RST is never answered */
+	if (!w)
+		return TC_ACT_SHOT;
+	if (answer_route(skb, p, &w->fib, p->t.daddr, IPPROTO_TCP, 0) < 0) {
+		stat_inc(STAT_RESET_SUPPRESSED);
+		return TC_ACT_SHOT;
+	}
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0 ||
 	    bpf_skb_load_bytes(skb, p->l4_off & 0x7f, &th, sizeof(th)) < 0)
 		return TC_ACT_SHOT;

@@ -193,8 +193,10 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 	svc = lb_lookup_service(&p);
 	if (!svc || (svc->flags & LB_SVC_F_CLUSTER_IP))   /* a ClusterIP is not served from outside */
 		return XDP_PASS;
-	if (srcrange_denied(&p, svc))
+	if (srcrange_denied(&p, svc)) {
+		stat_inc(STAT_XDP_DROP_SRC_RANGE);
 		return XDP_DROP;
+	}
 	now = bpf_ktime_get_ns();
 	e = bpf_map_lookup_elem(&ct_fwd, &p.t);
 	if (e && ct_usable(e, &p, cfg, now) && lb_flow_backend(e)) {

@@ -96,6 +96,24 @@ LOCAL = backend(LOCAL_POD, 8080, local=True)
 OTHER_NODE = "198.18.0.13"          # the node a DSR request entered through, seen from a backend's node
 
 
+# Senders no answer of the datapath (ICMP error, RST) may go to, as node1 sees them: its own addresses and
+# subnet broadcasts are in its local routing table, and it has no default route.
+SENDERS = {
+    "this network (0/8)": "0.0.0.0",
+    "0/8, not zero": "0.1.2.3",
+    "loopback": "127.0.0.1",
+    "multicast": "224.0.0.1",
+    "multicast, admin scope": "239.1.2.3",
+    "class E": "240.0.0.1",
+    "limited broadcast": "255.255.255.255",
+    "the node's own address": NODE1,
+    "the node's other address": "10.244.1.1",
+    "the subnet broadcast of the node's network": "198.18.0.255",
+    "the subnet broadcast of the pod network": "10.244.1.255",
+    "a sender with no route back": "203.0.113.5",
+}
+
+
 def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: object) -> bytes:
     pkt = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=64, id=7, **ip) / l4hdr
     if payload:

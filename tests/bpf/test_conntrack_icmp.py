@@ -75,18 +75,20 @@ def expected_error(src_mac: str, src: str, dst: str, quoted: bytes, type_: int =
 
 
 @pytest.mark.parametrize("length", [28, 576])
-def test_frag_needed_about_a_snat_request_reaches_the_client(node: Node, length: int) -> None:
-    """A router behind node1 cannot forward the SNAT'd request: the client learns the path MTU about the
-    packet it sent (quoted exactly as it sent it, its TCP checksum included when quoted)."""
+@pytest.mark.parametrize(("code", "mtu"), [(4, 1400), (1, 0)], ids=["frag needed", "host unreachable"])
+def test_an_error_about_a_snat_request_reaches_the_client(node: Node, length: int, code: int, mtu: int) -> None:
+    """A router behind node1 cannot forward the SNAT'd request (too big for the next hop; the backend's host
+    does not answer ARP): the client learns it about the packet it sent (quoted exactly as it sent it, its
+    TCP checksum included when quoted)."""
     program(node)
     node.ingress(client_frame(TCP(sport=2000, dport=30080, flags="S", seq=1000)))
     sent = Ether(client_frame(TCP(sport=2000, dport=30080, flags="PA", seq=1001, ack=1), BIG))
     translated = Ether(node.ingress(bytes(sent)).data)
     assert translated[IP].dst == REMOTE_POD
-    run = node.ingress(icmp_error(NODE2_MAC, NODE2, NODE1, quote(translated[IP], length)))
+    run = node.ingress(icmp_error(NODE2_MAC, NODE2, NODE1, quote(translated[IP], length), code=code, mtu=mtu))
     assert run.retval == TC_ACT_REDIRECT
     as_sent = with_ttl(sent[IP], 63)
-    assert_frame(run.data, expected_error(NODE2_MAC, NODE2, CLIENT, as_sent[:length]))
+    assert_frame(run.data, expected_error(NODE2_MAC, NODE2, CLIENT, as_sent[:length], code=code, mtu=mtu))
     assert node.maps.stats()["icmp_related"] == 1
 
 

@@ -1,12 +1,16 @@
 """BPF unit tests of the SNAT port pool (natpool.h, flow.h, reset.h): ports unique per full tuple at high
 occupancy, the default range's capacity, exhaustion answered with a RST (TCP) or ICMP port unreachable (UDP)
-and counted, ports of the node's own sockets never handed out, and dead flows' ports given again only when
+and counted (never towards a sender that is no unicast host, ICMP within the node's budget), ports of the node's own
+sockets (connecting, bound, listening, in TIME_WAIT) never handed out, and dead flows' ports given again only when
 both of their entries are dead."""
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -31,7 +35,9 @@ from tests.bpf.packets import (
     CLIENT_MAC,
     ETH0_MAC,
     NODE1,
+    NODE2_MAC,
     REMOTE_POD,
+    SENDERS,
     Node,
     XdpNode,
     assert_frame,
@@ -69,12 +75,26 @@ SYN = client_frame(TCP(sport=1, dport=30080, flags="S", seq=1000))
 
 
 def test_the_default_range_gives_30000_concurrent_flows_to_one_backend_unique_ports(node: Node) -> None:
+    """docs/limits.md's figure.  128 random tries per new flow: with k ports held a flow is refused with
+    probability (k/32768)^128, so a refusal before 30,000 flows are in place happens in about 0.3% of fills
+    (and a second one almost never): the client's retry from another port is allowed for, as a client would."""
     program(node)      # the agent's default range, 32768-65535
-    ports = open_flows(node, SYN, 1024, 30_000)
+    ports: list[int] = []
+    refused = 0
+    with inside(node):
+        sport = 1024
+        while len(ports) < 30_000 and refused <= 3:
+            run = node.obj.test_run("lb_ingress", with_sport(SYN, sport), ifindex=node.eth0)
+            if run.retval == TC_ACT_REDIRECT and Ether(run.data)[IP].dst == REMOTE_POD:
+                ports.append(out_sport(run.data))
+            else:
+                refused += 1
+            sport += 1
+    assert refused <= 3 and len(ports) == 30_000, (refused, len(ports))
     assert len(set(ports)) == 30_000, "two live flows share a SNAT port"
     assert min(ports) >= 32768 and max(ports) <= 65535
     assert len(list(node.maps.ct_rev.items_raw())) == 30_000
-    assert node.maps.stats().get("drop_nat_exhausted", 0) == 0
+    assert node.maps.stats().get("drop_nat_exhausted", 0) == refused
 
 
 def test_ports_are_unique_per_backend_tuple_not_per_node(node: Node) -> None:
@@ -130,6 +150,46 @@ def test_exhausted_udp_is_answered_with_icmp_port_unreachable(node: Node) -> Non
     assert stats["drop_nat_exhausted"] == 1 and stats["icmp_nat_exhausted"] == 1
 
 
+@pytest.mark.parametrize("case", [*SENDERS, "a frame sent to the broadcast MAC"])
+def test_exhausted_tcp_sends_no_reset_to_a_sender_that_is_no_unicast_host(node: Node, case: str) -> None:
+    """The RST of a refusal keeps icmp.h's sender rules: a spoofed flood on an exhausted tuple reflects
+    nothing towards a broadcast, multicast, zero, loopback, own or unroutable address."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    open_flows(node, SYN, 2000, 16)
+    if case in SENDERS:
+        frame = client_frame(TCP(sport=2100, dport=30080, flags="S", seq=1000), src=SENDERS[case])
+    else:
+        frame = bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / Ether(with_sport(SYN, 2100))[IP])
+    run = node.ingress(frame)
+    assert run.retval == TC_ACT_SHOT and not Ether(run.data)[TCP].flags.R, Ether(run.data)[TCP].flags
+    stats = node.maps.stats()
+    assert stats["drop_nat_exhausted"] == 1 and stats["reset_suppressed"] == 1
+    # The control: a unicast client in the same state still gets its RST.
+    assert Ether(node.ingress(with_sport(SYN, 2101)).data)[TCP].flags == "RA"
+    assert node.maps.stats()["reset_suppressed"] == 1
+
+
+def test_exhausted_udp_gets_no_more_errors_than_the_icmp_budget(node: Node) -> None:
+    """The ICMP errors of refusals draw on the node's budget (rate 1/s, burst 2 here): of 10 refused datagrams,
+    2 are answered (one more per second the test takes), the rest counted as rate-limited."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    udp = client_frame(UDP(sport=1, dport=30080), b"ping")
+    open_flows(node, udp, 2000, 16)
+    frames = [with_sport(udp, 2100 + i) for i in range(10)]
+    with inside(node):
+        start = time.monotonic()
+        node.maps.set_icmp_limit(rate=1, burst=2)
+        runs = [node.obj.test_run("lb_ingress", f, ifindex=node.eth0) for f in frames]
+        elapsed = time.monotonic() - start
+    answered = [r for r in runs if Ether(r.data).haslayer(ICMP)]
+    assert all(r.retval == TC_ACT_REDIRECT for r in answered) and \
+        all(r.retval == TC_ACT_SHOT for r in runs if r not in answered)
+    assert len(answered) == 2 or 2 < len(answered) <= 2 + int(elapsed), (len(answered), elapsed)
+    stats = node.maps.stats()
+    assert stats["drop_nat_exhausted"] == 10 and stats["icmp_nat_exhausted"] == 10
+    assert stats["icmp_sent"] == len(answered) and stats["icmp_rate_limited"] == 10 - len(answered)
+
+
 def test_a_port_a_node_socket_uses_towards_the_backend_is_never_handed_out(node: Node) -> None:
     """The pool's socket check: a connection of the node itself (here in SYN_SENT, towards the remote pod)
     and a bound UDP socket keep their ports; other backend tuples still get those ports."""
@@ -154,6 +214,62 @@ def test_a_port_a_node_socket_uses_towards_the_backend_is_never_handed_out(node:
     finally:
         tcp.close()
         udp.close()
+
+
+def _time_wait(node: Node, port: int) -> socket.socket:
+    """Inside node1: a connection of the node from NODE1:port to the remote pod, taken through its handshake
+    and closed (FIN both ways) by frames written on eth0's peer, so that it lies in TIME_WAIT; returns the
+    raw socket on the peer (the caller closes it)."""
+    wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    wire.bind(("wire0", 0))
+    wire.settimeout(5)
+
+    def from_node(flag: str) -> TCP:
+        while True:
+            pkt = Ether(wire.recv(2048))
+            if pkt.haslayer(TCP) and pkt[TCP].sport == port and flag in str(pkt[TCP].flags):
+                return pkt[TCP]
+
+    def to_node(flags: str, seq: int, ack: int) -> None:
+        wire.send(bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
+                        TCP(sport=8080, dport=port, flags=flags, seq=seq, ack=ack, window=65535)))
+
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    conn.bind((NODE1, port))
+    conn.setblocking(False)
+    assert conn.connect_ex((REMOTE_POD, 8080)) == 115                    # EINPROGRESS
+    syn = from_node("S")
+    to_node("SA", 5000, syn.seq + 1)
+    _, writable, _ = select.select([], [conn], [], 5)
+    assert writable and conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0, "the handshake completed"
+    conn.close()                                                          # the node closes first: FIN
+    fin = from_node("F")
+    to_node("FA", 5001, fin.seq + 1)
+    return wire
+
+
+def test_a_port_a_node_listener_or_time_wait_holds_is_never_handed_out(node: Node) -> None:
+    """The socket check covers what the backend's reply would find: a listener on the node's address and port
+    (any peer), and a connection of the node in TIME_WAIT towards the same backend tuple."""
+    program(node, nat_port_min=40000, nat_port_max=40015)
+    with inside(node):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((NODE1, 40005))
+        listener.listen()
+        wire = _time_wait(node, 40009)
+        tcp_table = Path("/proc/net/tcp").read_text()
+    try:
+        # /proc/net/tcp: local address 0B0012C6:9C49 (198.18.0.11:40009), state 06 (TIME_WAIT)
+        assert any(f.split()[1] == "0B0012C6:9C49" and f.split()[3] == "06" for f in tcp_table.splitlines()[1:]), \
+            tcp_table
+        ports = open_flows(node, SYN, 2000, 14)
+        assert len(set(ports)) == 14 and not {40005, 40009} & set(ports), sorted(ports)
+        refused = node.ingress(with_sport(SYN, 2100))          # the last two ports are the listener's and the TIME_WAIT's
+        assert Ether(refused.data)[TCP].flags == "RA"
+        assert node.maps.stats()["nat_port_socket"] >= 2
+    finally:
+        wire.close()
+        listener.close()
 
 
 def test_a_dead_flows_port_is_given_again_only_when_both_entries_are_dead(node: Node) -> None:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -425,6 +426,99 @@ def test_an_external_ip_is_translated_only_when_it_is_the_nodes_own(lab: SockLab
     own = lab.one("tcp", NODE1, 80)[0]
     assert names([own]) == ["echo-a"] and own["peer"] == [NODE1, 80]
     assert lab.stats()["sock_connect"] - before == 1
+
+
+def _echo_snapshot(spec: dict[str, Any], endpoints: list[tuple[str, str, dict[str, bool]]]) -> Snapshot:
+    """Service default/echo (spec merged over a ClusterIP on port 80 -> 8080) and its EndpointSlice:
+    (pod, node, conditions) per endpoint; node1 is this node."""
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+           "spec": {"type": "ClusterIP", "clusterIP": CLUSTER_IP, "selector": {"app": "echo"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec}}
+    if spec.get("type") == "LoadBalancer":
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
+    slc = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+           "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
+           "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+           "endpoints": [{"addresses": [PODS[pod]], "nodeName": node, "conditions": conditions,
+                          "targetRef": {"kind": "Pod", "name": pod}} for pod, node, conditions in endpoints]}
+    node1 = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+             "status": {"addresses": [{"type": "InternalIP", "address": NODE1}]}}
+    return Snapshot(services=[svc], endpointslices=[slc], nodes=[node1], config=None)
+
+
+READY = {"ready": True, "serving": True, "terminating": False}
+SERVING_TERMINATING = {"ready": False, "serving": True, "terminating": True}
+TERMINATING = {"ready": False, "serving": False, "terminating": True}
+LB_IP = "192.0.2.80"
+
+
+def test_a_loadbalancer_ip_from_inside_gets_the_internal_view(lab: SockLab) -> None:
+    """translate() -> LBMaps -> socket: a pod connecting to a LoadBalancer IP gets the Service's backends as
+    a ClusterIP would give them (every ready endpoint), although externalTrafficPolicy Local leaves the
+    LoadBalancer frontend itself only node1's; the application sees the LoadBalancer IP it connected to."""
+    st = translate(_echo_snapshot({"type": "LoadBalancer", "externalTrafficPolicy": "Local"},
+                                  [("echo-a", "node2", READY), ("echo-b", "node1", READY),
+                                   ("echo-c", "node2", READY)]), "node1")
+    assert st.problems == []
+    lb = st.frontends[l4(LB_IP, 80)]
+    assert lb.local_only and {b.name for b in lb.backends} == {"echo-b"}, "the external view: node1's only"
+    lab.program(st)
+    before = lab.stats()
+    out = lab.one("tcp", LB_IP, 80, count=30)
+    assert all("errno" not in r for r in out), out
+    assert set(names(out)) == {"echo-a", "echo-b", "echo-c"}            # 30 draws: all three (p ~ 1e-5)
+    assert all(r["peer"] == [LB_IP, 80] for r in out)                    # getpeername4
+    assert lab.stats()["sock_reverse"] - before["sock_reverse"] == 30
+
+
+def test_with_no_ready_endpoint_a_serving_terminating_one_takes_new_connects(lab: SockLab) -> None:
+    """kube-proxy's rule (KEP-1669), translate() -> LBMaps -> socket: while a Service has ready endpoints
+    new connections go to them alone; with none ready, to the ones still serving while they terminate, never
+    to one that stopped serving."""
+    st = translate(_echo_snapshot({}, [("echo-a", "node2", SERVING_TERMINATING), ("echo-b", "node1", READY),
+                                       ("echo-c", "node2", TERMINATING)]), "node1")
+    lab.program(st)
+    assert set(names(lab.one("tcp", CLUSTER_IP, 80, count=12))) == {"echo-b"}
+    st = translate(_echo_snapshot({}, [("echo-a", "node2", SERVING_TERMINATING),
+                                       ("echo-c", "node2", TERMINATING)]), "node1")
+    assert st.problems == []
+    lab.program(st)
+    out = lab.one("tcp", CLUSTER_IP, 80, count=12)
+    assert all("errno" not in r for r in out), out
+    assert set(names(out)) == {"echo-a"} and all(r["peer"] == [CLUSTER_IP, 80] for r in out)
+    # None serving at all: refused at once, as a Service without endpoints.
+    lab.program(translate(_echo_snapshot({}, [("echo-c", "node2", TERMINATING)]), "node1"))
+    assert lab.one("tcp", CLUSTER_IP, 80)[0]["errno"] == ECONNREFUSED
+
+
+def test_tcp_connects_to_a_maglev_frontend_follow_the_models_table(lab: SockLab) -> None:
+    """A TCP connect() reads the frontend's Maglev table at a random pseudo-flow (sock.h), so no single
+    connect can be predicted; the backends' shares of the connects are the model's table's
+    (bpflb.model.maglev.build_table).  With 200 backends in 251 entries those shares are far from equal: 51
+    backends hold two entries, 149 one, so the 51 get 102/251 = 41% of the connects.  A pick that is not the
+    table (Random's slots, another table) gives them 51/200 = 26%."""
+    many = {f"m{i:03d}": f"10.244.1.{50 + i}" for i in range(200)}
+    for addr in many.values():
+        _ip(lab.backend_ns, "addr", "add", f"{addr}/32", "dev", "eth0")
+    servers = Backends({name: (lab.backend_ns, addr) for name, addr in many.items()})
+    try:
+        seed = 7
+        fe = Frontend(l4(CLUSTER_IP, 80), FrontendKind.CLUSTER_IP, "default/echo", "", False,
+                      tuple(Backend(l4(addr, BACKEND_PORT), name, "node1", True) for name, addr in many.items()),
+                      False, algorithm=Algorithm.MAGLEV)
+        lab.program(state(fe, seed=seed))
+        entries = Counter(maglev.build_table(list(many), 251, seed))
+        double = {name for name, n in entries.items() if n == 2}
+        assert len(double) == 51 and set(entries.values()) == {1, 2}
+        out = lab.one("tcp", CLUSTER_IP, 80, count=2000)
+        assert all("errno" not in r for r in out), [r for r in out if "errno" in r][:3]
+        got = names(out)
+        assert set(got) <= set(many)
+        share = sum(name in double for name in got) / len(got)
+        # Binomial(2000, 0.406): sd 1.1%; the bounds are 5 sd from the table's share, 13 from Random's.
+        assert 0.35 <= share <= 0.46, f"{share:.1%} of the connects went to the 51 backends with two entries"
+    finally:
+        servers.close()
 
 
 # -- attachment -----------------------------------------------------------------------------------------

@@ -145,10 +145,12 @@ def test_xdp_drops_a_refused_client_and_forwards_an_admitted_one(xnode: XdpNode)
     assert refused.retval == XDP_DROP
     stats = xnode.maps.stats()
     assert stats["drop_src_range"] == 1 and stats["new_flow"] == 1 and stats["xdp_to_tc"] == 0
+    assert stats["xdp_drop_src_range"] == 1
     # A deny list at XDP; a packet XDP hands to tc (IP options) is still checked there.
     xnode.maps.sync(state(ranged(LB_IP, f"{OUTSIDER}/32", deny=True)))
     assert xnode.xdp(syn(OUTSIDER, sport=40002)).retval == XDP_DROP
     with_options = syn(OUTSIDER, sport=40003, options=[IPOption_Router_Alert()])
     assert xnode.xdp(with_options).retval == XDP_PASS
     assert xnode.ingress(with_options).retval == TC_ACT_SHOT
-    assert xnode.maps.stats()["drop_src_range"] == 3
+    stats = xnode.maps.stats()
+    assert stats["drop_src_range"] == 3 and stats["xdp_drop_src_range"] == 2, "the one with options at tc"

@@ -11,12 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 
@@ -161,24 +162,77 @@ class Capture:
 
 @contextmanager
 def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Iterator[Capture]:
-    """tcpdump on a lab host's device for the duration of the block (frames in both directions)."""
+    """tcpdump on a lab host's device for the duration of the block (frames in both directions).  The block
+    starts only once tcpdump listens, and the capture ends only once a marker frame, sent on the device after
+    the block, has come out of tcpdump: every frame the device carried before it is in the result, so a check
+    that something is absent is not vacuous.  Fails when tcpdump does not start, the marker never comes, or
+    the kernel dropped frames of the capture."""
+    ethertype = 0x88B5                  # IEEE 802 local experimental: no datapath or stack acts on it
+    # A multicast source MAC: no bridge learns or forwards it; sent to the device's own MAC, the peer ignores it.
+    marker = "03:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
     direction = [] if device == "any" else ["-Q", "inout"]
-    argv = netns.nsenter_argv(lab.netns(host), ["tcpdump", "-i", device, "-nn", "-e", "-l", *direction,
-                                                bpf_filter])
+    # Immediate mode: each frame reaches tcpdump at once (not when a 1 s block times out); a short snapshot
+    # and a 16 MiB buffer keep a burst of thousands of frames from being dropped.
+    argv = netns.nsenter_argv(lab.netns(host), ["tcpdump", "-i", device, "-nn", "-e", "-l", "--immediate-mode",
+                                                "-s", "512", "-B", "16384", *direction,
+                                                f"({bpf_filter}) or (ether proto 0x{ethertype:04x})"])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    listening, marked = threading.Event(), threading.Event()
+
+    def read(stream: IO[str], into: list[str], event: threading.Event, sign: str) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+            if sign in line:
+                event.set()
+
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [threading.Thread(target=read, args=(proc.stdout, out, marked, marker), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err, listening, "listening on"), daemon=True)]
+    for t in readers:
+        t.start()
+
+    def send_marker(dev: str, src: str) -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((dev, 0))
+            own = bytes(s.getsockname()[4])[:6].ljust(6, b"\0")
+            s.send(own + bytes.fromhex(src.replace(":", "")) + ethertype.to_bytes(2, "big") + bytes(46))
+
+    what = f"tcpdump on {host} {device} ({bpf_filter})"
     result = Capture([])
     try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 5
-        while "listening on" not in (proc.stderr.readline() or "") and time.monotonic() < deadline:
-            pass
+        deadline = time.monotonic() + 10
+        while not listening.wait(0.05):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start listening: {' / '.join(err) or 'no output'}")
         yield result
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not marked.is_set():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} never showed its end marker (sent on {device}): the capture may be incomplete")
+            lab.run_in(host, send_marker, "lo" if device == "any" else device, marker, in_cgroup=False)
+            marked.wait(1.0)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=10)
-        result.lines = out.splitlines()
-        for line in out.splitlines():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for t in readers:
+            t.join(timeout=5)
+        lines, skip = [], False
+        for line in out:
+            if f"(0x{ethertype:04x})" in line:
+                skip = True            # a marker frame and its hex dump
+                continue
+            if skip and (line.startswith("\t") or not line.strip()):
+                continue
+            skip = False
+            lines.append(line)
+        result.lines = lines
+        for line in lines:
             icmp = _ICMP.search(line)
             if icmp:
                 result.icmp.append(IcmpFrame(icmp["smac"], icmp["src"], icmp["dst"], icmp["what"]))
@@ -187,6 +241,9 @@ def capture(lab: Lab, host: str, bpf_filter: str, device: str = "eth0") -> Itera
             if m:
                 result.frames.append(Frame(m["smac"], m["dmac"], m["src"], int(m["sport"]), m["dst"],
                                            int(m["dport"]), line))
+    dropped = next((int(line.split()[0]) for line in err if line.endswith("packets dropped by kernel")), 0)
+    if dropped:
+        pytest.fail(f"{what}: the kernel dropped {dropped} frames of the capture, which is incomplete")
 
 
 def own_ports(results: list[Any]) -> set[int]:

@@ -1,8 +1,8 @@
 """Path-MTU discovery through bpflb on the wire: the pods' nodes reach their pods over a route with a smaller
 MTU (1400), so the client's 1500-byte segments are too big past node1 and the pods' nodes answer with ICMP
 fragmentation-needed about packets bpflb translated. The error must reach the client about the packet it
-sent (SNAT: node1 translates it back; DSR: the pod's node does, on its way out), or the client's large upload
-stalls for good."""
+sent (SNAT: node1 translates it back, with XDP on it too; DSR and Hybrid: the pod's node does, on its way out),
+or the client's large upload stalls for good."""
 
 from __future__ import annotations
 
@@ -47,22 +47,47 @@ def upload(addr: str, port: int, size: int, timeout: float) -> tuple[bool, str, 
         conn.close()
 
 
-def related(lab: Lab, node: str) -> int:
-    n: int = collect(lab.pin_root / node)["counters"]["icmp_related"]
-    return n
+@pytest.mark.parametrize(("mode", "acceleration"),
+                         [("SNAT", "Disabled"), ("DSR", "Disabled"), ("Hybrid", "Disabled"), ("SNAT", "Native")])
+def test_a_smaller_mtu_towards_the_pod_makes_a_large_upload_succeed(lab: Lab, mode: str, acceleration: str) -> None:
+    from bpflb_lab.lab import cluster, topology
+    from tests.lab.helpers import wait_until
 
+    def accelerate(to: str) -> None:
+        """XDP on every node (acceleration Native, node1's the one that matters here) or none, as the agents'
+        ConfigMap says; the lab's veths prepared for XDP as Lab.up(acceleration=...) does (idempotent)."""
+        state = lab.state()
+        if to != "Disabled":
+            topology.prepare_for_xdp(lab.name, state.nodes)
+            for pod in ("echo-a", "echo-b"):
+                lab.exec(pod, ["ethtool", "-K", "eth0", "tx", "off"], in_cgroup=False, check=True)
+        with lab.paths.locked():
+            lab.cluster.write(cluster.agent_config(state.mode, state.algorithm, state.tunnel, to, state.settings))
+            state.acceleration = to
+            state.save(lab.paths)
+        for node in ("node1", "node2", "node3"):
+            wait_until(f"{node}: XDP {'attached' if to != 'Disabled' else 'detached'}",
+                       lambda node=node: ("prog/xdp" in lab.exec(node, ["ip", "-d", "link", "show", "eth0"],  # type: ignore[misc]
+                                                                 check=True).stdout) == (to != "Disabled"),
+                       timeout=30)
 
-@pytest.mark.parametrize("mode", ["SNAT", "DSR"])
-def test_a_smaller_mtu_towards_the_pod_makes_a_large_upload_succeed(lab: Lab, mode: str) -> None:
     lab.set_mode(mode)
-    lab.exec("client", ["ip", "route", "flush", "cache"], check=True)     # no path MTU learnt before
-    before = {n: related(lab, n) for n in ("node1", "node2", "node3")}
-    ok, why, took = lab.run_in("client", upload, NODE1, 30080, SIZE, 20.0, timeout=60)
-    assert ok, f"{mode}: the 1 MiB upload through node1 failed after {took:.1f}s: {why}"
-    got = {n: related(lab, n) - before[n] for n in before}
+    accelerate(acceleration)
+    try:
+        lab.exec("client", ["ip", "route", "flush", "cache"], check=True)     # no path MTU learnt before
+        before = {n: dict(collect(lab.pin_root / n)["counters"]) for n in ("node1", "node2", "node3")}
+        ok, why, took = lab.run_in("client", upload, NODE1, 30080, SIZE, 20.0, timeout=60)
+        assert ok, f"{mode}, XDP {acceleration}: the 1 MiB upload through node1 failed after {took:.1f}s: {why}"
+        after = {n: dict(collect(lab.pin_root / n)["counters"]) for n in before}
+    finally:
+        accelerate("Disabled")
+    got = {n: after[n]["icmp_related"] - before[n].get("icmp_related", 0) for n in before}
     if mode == "SNAT":
         assert got["node1"] >= 1, f"node1 translated the pods' nodes' errors back to the client: {got}"
-    else:
+    else:       # DSR, and Hybrid's TCP
         assert got["node2"] + got["node3"] >= 1, f"the pod's node translated its own error: {got}"
+    if acceleration != "Disabled":
+        xdp_tx = after["node1"]["xdp_tx"] - before["node1"].get("xdp_tx", 0)
+        assert xdp_tx >= 1, "node1 forwarded the upload's packets at XDP"
     learnt = lab.exec("client", ["ip", "route", "get", NODE1], check=True).stdout
     assert "mtu 1400" in learnt, f"the client learnt the path MTU: {learnt}"

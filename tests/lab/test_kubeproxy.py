@@ -104,5 +104,12 @@ def test_external_traffic_policy_local(kp: KubeProxyLab) -> None:
 
 
 def test_a_service_without_endpoints_is_rejected(kp: KubeProxyLab) -> None:
-    body, err = kp.lab.http_get("client", f"http://{NODE1}:30400/hostname")
-    assert body is None and err == "connection refused"    # REJECT with icmp-port-unreachable
+    """kube-proxy's REJECT, as it is on the wire: ICMP port unreachable from the node about the client's SYN
+    (not a RST, which would refuse the connection too)."""
+    from tests.lab.helpers import capture
+
+    with capture(kp.lab, "client", f"icmp or (tcp and src host {NODE1} and src port 30400)") as wire:
+        body, err = kp.lab.http_get("client", f"http://{NODE1}:30400/hostname")
+    assert body is None and err == "connection refused"
+    assert wire.port_unreachable(src=NODE1, dst=CLIENT, port=30400), wire.lines
+    assert not wire.matching(src=NODE1, sport=30400), "no RST: the refusal is the ICMP error"

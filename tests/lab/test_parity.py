@@ -165,6 +165,8 @@ def test_source_ranges_decide_which_client_reaches_the_loadbalancer_ip(lab: Lab)
             assert reaches(lab, ip, 80, CLIENT)
             assert get(lab, ip, 80, src=OUTSIDER) == (None, "timeout")          # dropped, not refused
         assert grew["node1"]["drop_src_range"] >= 1
+        if lab.state().acceleration != "Disabled":      # at XDP, every one of them: none left to tc
+            assert grew["node1"]["xdp_drop_src_range"] == grew["node1"]["drop_src_range"], grew["node1"]
 
         # The ranges change live: now only the other address...
         lab.apply(svc("ranged", RANGED % f"{OUTSIDER}/32"))
