@@ -343,10 +343,13 @@ class KubeClient:
             raise
         return answer
 
-    def list(self, path: str, **params: str) -> tuple[list[KubeObject], str | None]:
+    def list(self, path: str, *, reduce: Callable[[KubeObject], Any] | None = None,
+             **params: str) -> tuple[list[Any], str | None]:
         """(every item, the list's resourceVersion), fetched page by page (limit/continue). A continue token
-        that expired (410) starts the list again from the first page, as client-go's pager does."""
-        items: list[KubeObject] = []
+        that expired (410) starts the list again from the first page, as client-go's pager does. reduce: each
+        item is handed to it as its page arrives and what it returns is kept instead (None: dropped), so a
+        large list never holds every decoded object at once."""
+        items: list[Any] = []
         token: str | None = None
         version: str | None = None
         while True:
@@ -362,7 +365,10 @@ class KubeClient:
                     items, token = [], None
                     continue
                 raise
-            items.extend(i for i in answer.get("items") or [] if isinstance(i, dict))
+            page = [i for i in answer.get("items") or [] if isinstance(i, dict)]
+            if reduce is not None:
+                page = [r for r in map(reduce, page) if r is not None]
+            items.extend(page)
             meta = answer.get("metadata") or {}
             version = version or meta.get("resourceVersion")
             token = meta.get("continue") or None

@@ -12,6 +12,7 @@ from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
 from bpflb.kubeapi import KubeClient, load_config
 from bpflb.metrics import AgentMetrics, MetricsServer
+from bpflb.model.endpoints import slice_record
 from bpflb.sources.base import own_namespace
 from bpflb.sources.kube import KubeSource
 
@@ -29,7 +30,7 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
         return 2
     ns = own_namespace(namespace)
     client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}")
-    source = KubeSource(client, opts.node_name, namespace=ns)
+    source = KubeSource(client, opts.node_name, namespace=ns, slice_view=slice_record)
     reporter = NodeReporter(client, opts.node_name, namespace=ns)
     events = ServiceEvents(client, opts.node_name, uid_of=lambda key: agent.translator.service_uid(key))
 

@@ -282,7 +282,7 @@ def _rebind_service(obj: _Object, raw: Any) -> None:
 
 
 def _read_slice_object(raw: Any, index: int) -> _Object:
-    entry = read_slice(raw, index)
+    entry = raw if type(raw) is SliceEntry else read_slice(raw, index)    # a record the source read already
     return _Object(entry, entry.key, None, entry.problems, raw)
 
 
