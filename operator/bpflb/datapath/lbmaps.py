@@ -122,6 +122,7 @@ def _from_be16(value: int) -> int:
 SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot, proto, pad
 SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
 BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
+_BACKEND_INTS = struct.Struct(">IHBB")     # the same bytes from the address and port as integers
 
 
 def svc_key(l4: L4Addr, slot: int) -> bytes:
@@ -341,7 +342,7 @@ class LBMaps:
             if fe.source_ranges_deny and not closed:
                 flags |= const("LB_SVC_F_SRC_RANGE_DENY")
         l4 = fe.l4
-        addr, port, proto = l4.packed, l4[1].to_bytes(2, "big"), l4[2]
+        addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
         key = SVC_KEY.pack
         ids, values, referenced = self._slot_values(fe.backends, fe.draining)
         slots = dict(zip([key(addr, port, slot, proto) for slot in range(1, len(ids) + 1)], values))
@@ -379,16 +380,16 @@ class LBMaps:
         ids = self._be_ids
         got, new = ids._ids.get, ids.get
         local_flag = const("LB_BE_F_LOCAL")
-        be_val, pack = self._be_val, BACKEND.pack
+        be_val, pack = self._be_val, _BACKEND_INTS.pack
         idents: list[int] = []
         for be in backends:
-            l4 = be.l4
+            l4 = be[0]
             ident = got(l4)
             idents.append(new(l4) if ident is None else ident)
-            be_val[l4] = pack(l4.packed, l4[1].to_bytes(2, "big"), l4[2], local_flag if be.local else 0)
+            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
         for be in draining:
-            l4 = be.l4
-            be_val[l4] = pack(l4.packed, l4[1].to_bytes(2, "big"), l4[2], local_flag if be.local else 0)
+            l4 = be[0]
+            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
         shared, pack_val = self._slot_val, SVC_VAL.pack
         values = [shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents]
         referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
@@ -479,11 +480,16 @@ class LBMaps:
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
         iv, sr = self._iv_m, self._sr_m
-        adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
-                "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
-                "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries),
-                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries),
-                "sr": sum(1 for p in plans.values() for k in p.ranges if k not in sr.entries)}
+
+        def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
+            have = mirror.entries
+            if not have:                # the first sync: every key is new
+                return sum(len(part(p)) for p in plans.values())
+            return sum(1 for p in plans.values() for k in part(p) if k not in have)
+
+        adds = {"svc": adding(svc, lambda p: p.slots) + adding(svc, lambda p: (p.master[0],)),
+                "mg": adding(mg, lambda p: p.blocks), "am": adding(am, lambda p: p.members),
+                "iv": adding(iv, lambda p: p.view), "sr": adding(sr, lambda p: p.ranges)}
         for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
             if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
