@@ -9,6 +9,7 @@ lb_affinity_members; frontends with enforced loadBalancerSourceRanges have their
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections import Counter
@@ -123,6 +124,21 @@ SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot
 SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
 BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
 _BACKEND_INTS = struct.Struct(">IHBB")     # the same bytes from the address and port as integers
+
+
+@functools.cache
+def _svc_flags(kind: FrontendKind, local_only: bool, no_endpoints: bool, ranged: bool, deny: bool) -> int:
+    """lb_svc_val.flags of a frontend (LB_SVC_F_* of lb_structs.h)."""
+    flags = const(_KIND_FLAG[kind])
+    if local_only:
+        flags |= const("LB_SVC_F_LOCAL")
+    if no_endpoints:
+        flags |= const("LB_SVC_F_NO_ENDPOINTS")
+    if ranged:
+        flags |= const("LB_SVC_F_SRC_RANGE")
+        if deny:
+            flags |= const("LB_SVC_F_SRC_RANGE_DENY")
+    return flags
 
 
 def svc_key(l4: L4Addr, slot: int) -> bytes:
@@ -332,15 +348,8 @@ class LBMaps:
             else:
                 ranges = {src_range_key(sid, net): b"\x01" for net in fe.source_ranges}
                 self._sr_used += len(ranges)
-        flags = const(_KIND_FLAG[fe.kind])
-        if fe.local_only:
-            flags |= const("LB_SVC_F_LOCAL")
-        if fe.no_endpoints:
-            flags |= const("LB_SVC_F_NO_ENDPOINTS")
-        if fe.source_ranges is not None:
-            flags |= const("LB_SVC_F_SRC_RANGE")
-            if fe.source_ranges_deny and not closed:
-                flags |= const("LB_SVC_F_SRC_RANGE_DENY")
+        flags = _svc_flags(fe.kind, fe.local_only, fe.no_endpoints, fe.source_ranges is not None,
+                           fe.source_ranges_deny and not closed)
         l4 = fe.l4
         addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
         key = SVC_KEY.pack

@@ -45,6 +45,7 @@ _CILIUM_ANNOTATIONS = (LB_ALGORITHM_ANNOTATION, SOURCE_RANGES_POLICY_ANNOTATION,
 # service.cilium.io/type values -> the frontend kinds kept at the edge (the ClusterIP, which in-cluster paths
 # and the other frontends' internal views use, and externalIPs, which are not a Service type, always stay)
 _KEPT = frozenset({FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP})
+_ALL_KINDS = frozenset(FrontendKind)
 _EXPOSED_KINDS = {"ClusterIP": _KEPT,
                   "NodePort": _KEPT | {FrontendKind.NODEPORT},
                   "LoadBalancer": _KEPT | {FrontendKind.LOADBALANCER}}
@@ -285,13 +286,13 @@ def _exposed_kinds(meta: _Meta, obj: str, ctx: _Context) -> frozenset[FrontendKi
     """The frontend kinds the Service gets: all, or those service.cilium.io/type names (Cilium's semantics)."""
     value = meta.annotations.get(SERVICE_TYPE_ANNOTATION)
     if value is None:
-        return frozenset(FrontendKind)
+        return _ALL_KINDS
     kinds = _EXPOSED_KINDS.get(value) if isinstance(value, str) else None
     if kinds is None:
         ctx.problems.append(Problem(obj, f'metadata.annotations["{SERVICE_TYPE_ANNOTATION}"]',
                                     f"expected one of {', '.join(_EXPOSED_KINDS)}; got {_show(value)}; "
                                     "every frontend is served"))
-        return frozenset(FrontendKind)
+        return _ALL_KINDS
     return kinds
 
 
