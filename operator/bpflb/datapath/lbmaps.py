@@ -524,7 +524,7 @@ class LBMaps:
                 failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
 
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        be_changed = be_m.changed(dict(want_be))
+        be_changed = be_m.changed(dict(want_be)) if be_m.entries else want_be     # its keys are distinct
         bad_be = dict(be_m.write(be_changed))
         report.backends_written = len(be_changed) - len(bad_be)
         if bad_be:
@@ -590,22 +590,22 @@ class LBMaps:
                part: Callable[[_Entries], dict[bytes, bytes]],
                fail: Callable[[L4Addr, str, str], None]) -> int:
         """Write one kind of entry of every plan not failed yet; refused keys fail their frontend."""
-        items: list[tuple[bytes, bytes]] = []
+        keys: list[bytes] = []
+        values: list[bytes] = []
         have = mirror.entries
-        if have:
-            for l4, p in plans.items():
-                if l4 not in failed:
-                    items += [(k, v) for k, v in part(p).items() if have.get(k) != v]
-        else:                   # an empty map (the first sync): everything is written
-            for l4, p in plans.items():
-                if l4 not in failed:
-                    items += part(p).items()
-        refused = mirror.write(items)
+        for l4, p in plans.items():
+            if l4 not in failed:
+                entries = part(p)
+                if have:
+                    entries = {k: v for k, v in entries.items() if have.get(k) != v}
+                keys += entries
+                values += entries.values()
+        refused = mirror.write_columns(keys, values)
         if refused:
             owner = {k: l4 for l4, p in plans.items() if l4 not in failed for k in part(p)}
             for k, why in refused:
                 fail(owner[k], mirror.map.name, why)
-        return len(items) - len(refused)
+        return len(keys) - len(refused)
 
     def _remove(self, mirror: MapMirror, keys: list[bytes]) -> int:
         """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
@@ -633,7 +633,7 @@ class LBMaps:
         """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
         whole go first (their masters before the rest); what frontends still served hold goes after their new
         entries are in place. Returns how many frontends are gone."""
-        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)}
+        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if self._svc_m.entries else set()
         masters: list[bytes] = []
         slots: list[bytes] = []
         named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
