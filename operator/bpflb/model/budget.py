@@ -15,6 +15,7 @@ distinct keys, shared between Services; lb_internal_view one entry per frontend 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
@@ -128,7 +129,7 @@ class Budget:
     def _reset(self) -> None:
         self._demands: dict[str, _Demand] = {}
         self._counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
-        self._refs: dict[str, dict[Any, int]] = {name: {} for name in _SETS}
+        self._refs: dict[str, Counter[Any]] = {name: Counter() for name in _SETS}
         self._too_big_services: set[str] = set()
         self._refused: set[str] = set()          # refused by the last fit
         self._seen = -2                          # the generation of the last state fitted
@@ -138,8 +139,11 @@ class Budget:
             self._counts[name] += sign * n
         for name, keys in d.sets.items():
             refs = self._refs[name]
+            if sign > 0:
+                refs.update(keys)           # counted in C
+                continue
             for k in keys:
-                left = refs.get(k, 0) + sign
+                left = refs[k] - 1
                 if left:
                     refs[k] = left
                 else:
