@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,31 +344,53 @@ class KubeClient:
             raise
         return answer
 
-    def list(self, path: str, **params: str) -> tuple[list[KubeObject], str | None]:
+    def list(self, path: str, *, reduce: Callable[[KubeObject], Any] | None = None,
+             **params: str) -> tuple[list[Any], str | None]:
         """(every item, the list's resourceVersion), fetched page by page (limit/continue). A continue token
-        that expired (410) starts the list again from the first page, as client-go's pager does."""
-        items: list[KubeObject] = []
-        token: str | None = None
-        version: str | None = None
-        while True:
+        that expired (410) starts the list again from the first page, as client-go's pager does. reduce: each
+        item is handed to it as its page arrives and what it returns is kept instead (None: dropped), so a
+        large list never holds every decoded object at once; the next page is asked for meanwhile (a thread
+        waits for it), so reducing a page costs no time when the server is the slower of the two."""
+
+        def page(token: str | None) -> KubeObject:
             query = {**params, "limit": str(self.page_size)}
             if token:
                 query["continue"] = token
-            try:
-                answer = self.request("GET", path, params=query) or {}
-            except ApiError as exc:
-                if exc.status == 410 and token:
-                    log.info("list %s: the continue token expired after %d objects; listing again", path,
-                             len(items))
-                    items, token = [], None
-                    continue
-                raise
-            items.extend(i for i in answer.get("items") or [] if isinstance(i, dict))
-            meta = answer.get("metadata") or {}
-            version = version or meta.get("resourceVersion")
-            token = meta.get("continue") or None
-            if not token:
-                return items, meta.get("resourceVersion") or version
+            answer: KubeObject = self.request("GET", path, params=query) or {}
+            return answer
+
+        items: list[Any] = []
+        token: str | None = None
+        version: str | None = None
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="list-page") if reduce is not None else None
+        try:
+            future = ahead.submit(page, None) if ahead is not None else None
+            while True:
+                try:
+                    answer = future.result() if future is not None else page(token)
+                except ApiError as exc:
+                    if exc.status == 410 and token:
+                        log.info("list %s: the continue token expired after %d objects; listing again", path,
+                                 len(items))
+                        items, token = [], None
+                        future = ahead.submit(page, None) if ahead is not None else None
+                        continue
+                    raise
+                meta = answer.get("metadata") or {}
+                version = version or meta.get("resourceVersion")
+                token = meta.get("continue") or None
+                if token and ahead is not None:
+                    future = ahead.submit(page, token)          # the next page comes while this one is reduced
+                got = [i for i in answer.get("items") or [] if isinstance(i, dict)]
+                del answer
+                if reduce is not None:
+                    got = [r for r in map(reduce, got) if r is not None]
+                items.extend(got)
+                if not token:
+                    return items, meta.get("resourceVersion") or version
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=False, cancel_futures=True)
 
     def create(self, path: str, obj: KubeObject) -> KubeObject:
         answer: KubeObject = self.request("POST", path, obj)

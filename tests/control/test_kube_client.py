@@ -71,6 +71,30 @@ def test_an_expired_continue_token_starts_the_list_again(api: EmulatedAPI, clien
     assert len(pages) == 1 + 1 + 3            # first page, the refused continue, then the list again (6 in 3)
 
 
+def test_a_reduced_list_keeps_what_reduce_returns_even_across_an_expired_token(
+        api: EmulatedAPI, client: KubeClient) -> None:
+    """list(reduce=...): each item reduced as its page arrives (the next page asked for meanwhile), None dropped,
+    in order; an expired continue token starts it again from the first page, nothing kept twice."""
+    for i in range(5):
+        client.create(SVC, service(f"s{i}", 30080 + i))
+    pager = KubeClient(anonymous(api.url), page_size=2)
+    real_request = pager.request
+    calls = itertools.count()
+
+    def compact_after_first_page(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        answer = real_request(method, path, *args, **kwargs)
+        if next(calls) == 0:
+            client.create(SVC, service("s5", 30085))
+            api.compact()
+        return answer
+
+    pager.request = compact_after_first_page  # type: ignore[method-assign]
+    names, version = pager.list("/api/v1/services",
+                                reduce=lambda obj: None if obj["metadata"]["name"] == "s2" else obj["metadata"]["name"])
+    assert names == ["s0", "s1", "s3", "s4", "s5"] and version
+    assert len(requests_to(api, "/api/v1/services", watch=False)) == 1 + 1 + 3
+
+
 def test_a_watch_the_server_ends_resumes_where_it_was_without_listing_again(
         api: EmulatedAPI, client: KubeClient, source: KubeSource) -> None:
     client.create(SVC, service("a"))

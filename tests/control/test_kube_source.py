@@ -15,6 +15,7 @@ import pytest
 from bpflb.control.report import NodeReporter
 from bpflb.inspect import collect
 from bpflb.kubeapi import KubeClient, anonymous
+from bpflb.model.endpoints import SliceEntry, slice_record
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
 from bpflb_lab.scratch import NODE1
@@ -113,6 +114,39 @@ def test_an_outage_keeps_the_objects_and_a_reconnect_resyncs(
     api.start()
     wait_for("the resync", lambda: {s["metadata"]["name"] for s in source.snapshot().services} == {"echo", "late"})
     wait_for("connected again", lambda: source.connected)
+
+
+def test_the_agents_source_keeps_slim_records_and_a_relist_keeps_the_unchanged_ones(
+        api: EmulatedAPI, client: KubeClient) -> None:
+    """What `bpflb agent --kube` runs: Services trimmed to what the translation reads, EndpointSlices as the
+    model's records (the decoded objects dropped as each page arrives, pages of 2 here); a list that finds the
+    resourceVersions it has seen keeps the very same records, so the translation redoes nothing."""
+    client.create("/api/v1/nodes", node())
+    big = service("echo", 30080)
+    big["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    big["status"] = {"conditions": [{"type": "Ready", "status": "True"}], "loadBalancer": {}}
+    client.create(SVC, big)
+    client.create(SVC, service("other", 30081))
+    client.create(EPS, endpoint_slice("echo", "10.244.2.10", "10.244.2.11"))
+    src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", backoff_first=0.05, backoff_max=0.2,
+                     slice_view=slice_record)
+    try:
+        snap = src.snapshot()
+        echo = next(s for s in snap.services if s["metadata"]["name"] == "echo")
+        assert "managedFields" not in echo["metadata"] and echo["status"] == {"loadBalancer": {}}
+        assert echo["spec"]["ports"][0]["nodePort"] == 30080 and echo["metadata"]["resourceVersion"]
+        [record] = snap.endpointslices
+        assert isinstance(record, SliceEntry) and record.raw is None and record.key == "default/echo-abc"
+        assert record.parsed is not None and [ep.ip for ep in record.parsed.endpoints] == [0x0AF4020A, 0x0AF4020B]
+        client.merge_patch(f"{SVC}/other", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30082}]}})
+        wait_for("the patch", lambda: any(s["spec"]["ports"][0]["nodePort"] == 30082 for s in src.snapshot().services))
+        for res in src.resources[:2]:
+            src._list(res)                  # a re-list, as after 410 Gone
+        again = src.snapshot()
+        assert next(s for s in again.services if s["metadata"]["name"] == "echo") is echo
+        assert again.endpointslices[0] is record
+    finally:
+        src.close()
 
 
 def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source: KubeSource) -> None:

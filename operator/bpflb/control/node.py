@@ -12,6 +12,7 @@ from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
 from bpflb.kubeapi import KubeClient, load_config
 from bpflb.metrics import AgentMetrics, MetricsServer
+from bpflb.model.endpoints import slice_record
 from bpflb.sources.base import own_namespace
 from bpflb.sources.kube import KubeSource
 
@@ -22,7 +23,8 @@ def kube_parts(client: KubeClient, node_name: str, namespace: str | None = None)
     """The agent's view of the API and its node report, both in bpflb's namespace: namespace (the flag),
     else $POD_NAMESPACE (the chart's downward API), else kube-system."""
     ns = own_namespace(namespace)
-    return KubeSource(client, node_name, namespace=ns), NodeReporter(client, node_name, namespace=ns)
+    source = KubeSource(client, node_name, namespace=ns, slice_view=slice_record)
+    return source, NodeReporter(client, node_name, namespace=ns)
 
 
 def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninstall: bool = False,
@@ -60,18 +62,21 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
         server = agent.metrics.serve(metrics_listen)
     reporter.start()
     events.start()
+    source.start()              # the lists come in while the datapath loads
     try:
         if once:
             started = time.monotonic()
+            agent.start()
+            loaded = time.monotonic()
             source.wait_synced()
             listed = time.monotonic()
-            agent.start()
             report = agent.sync_once()
             done = time.monotonic()
             on_sync(agent, report)
             objects = sum(len(res.objects) for res in source.resources)
-            log.info("once: listed %d objects in %.3fs; loaded, translated and programmed %d frontends in %.3fs",
-                     objects, listed - started, len(agent.state.frontends) if agent.state else 0, done - listed)
+            log.info("once: listed %d objects in %.3fs; the datapath loaded meanwhile in %.3fs; translated and "
+                     "programmed %d frontends in %.3fs", objects, listed - started, loaded - started,
+                     len(agent.state.frontends) if agent.state else 0, done - listed)
             return 0 if report is not None else 1
         agent.run()
         return 0

@@ -9,11 +9,14 @@ lb_affinity_members; frontends with enforced loadBalancerSourceRanges have their
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from itertools import chain
 from typing import Any
 
 from bpflb.datapath.clustermaps import l4_key
@@ -120,10 +123,26 @@ def _from_be16(value: int) -> int:
 SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot, proto, pad
 SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
 BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
+_BACKEND_INTS = struct.Struct(">IHBB")     # the same bytes from the address and port as integers
+
+
+@functools.cache
+def _svc_flags(kind: FrontendKind, local_only: bool, no_endpoints: bool, ranged: bool, deny: bool) -> int:
+    """lb_svc_val.flags of a frontend (LB_SVC_F_* of lb_structs.h)."""
+    flags = const(_KIND_FLAG[kind])
+    if local_only:
+        flags |= const("LB_SVC_F_LOCAL")
+    if no_endpoints:
+        flags |= const("LB_SVC_F_NO_ENDPOINTS")
+    if ranged:
+        flags |= const("LB_SVC_F_SRC_RANGE")
+        if deny:
+            flags |= const("LB_SVC_F_SRC_RANGE_DENY")
+    return flags
 
 
 def svc_key(l4: L4Addr, slot: int) -> bytes:
-    return SVC_KEY.pack(l4.addr.packed, l4.port.to_bytes(2, "big"), slot, int(l4.proto))
+    return SVC_KEY.pack(l4.packed, l4[1].to_bytes(2, "big"), slot, l4[2])
 
 
 def _u32(value: int) -> bytes:
@@ -273,6 +292,10 @@ class LBMaps:
         self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
+        # Within one sync: the slots of each backends tuple (by identity), each backend id's slot value.
+        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], list[bytes],
+                                         tuple[L4Addr, ...]]] = {}
+        self._slot_val: dict[int, bytes] = {}
         self._recover_ids()
         if self._svc_m.entries or self._be_m.entries:
             log.info("recovered %d frontends and %d backends from pinned maps",
@@ -325,22 +348,15 @@ class LBMaps:
             else:
                 ranges = {src_range_key(sid, net): b"\x01" for net in fe.source_ranges}
                 self._sr_used += len(ranges)
-        flags = const(_KIND_FLAG[fe.kind])
-        if fe.local_only:
-            flags |= const("LB_SVC_F_LOCAL")
-        if fe.no_endpoints:
-            flags |= const("LB_SVC_F_NO_ENDPOINTS")
-        if fe.source_ranges is not None:
-            flags |= const("LB_SVC_F_SRC_RANGE")
-            if fe.source_ranges_deny and not closed:
-                flags |= const("LB_SVC_F_SRC_RANGE_DENY")
-        addr, port, proto = fe.l4.addr.packed, fe.l4.port.to_bytes(2, "big"), int(fe.l4.proto)
-        key, val = SVC_KEY.pack, SVC_VAL.pack
-        bid = self._backend_id
-        slots = {key(addr, port, slot, proto): val(bid(be.l4), 0, 0, 0, 0)
-                 for slot, be in enumerate(fe.backends, start=1)}
+        flags = _svc_flags(fe.kind, fe.local_only, fe.no_endpoints, fe.source_ranges is not None,
+                           fe.source_ranges_deny and not closed)
+        l4 = fe.l4
+        addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
+        key = SVC_KEY.pack
+        ids, values, referenced = self._slot_values(fe.backends, fe.draining)
+        slots = dict(zip([key(addr, port, slot, proto) for slot in range(1, len(ids) + 1)], values))
         master = (key(addr, port, 0, proto),
-                  val(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
+                  SVC_VAL.pack(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
         blocks: dict[bytes, bytes] = {}
         members: dict[bytes, bytes] = {}
         table: _TableKey | None = None
@@ -353,18 +369,41 @@ class LBMaps:
                 report.maglev_tables_built += 1
             blocks = {_pair(sid, i): block for i, block in enumerate(cached)}
         if fe.backends and fe.affinity_timeout:
-            members = {_pair(sid, bid(be.l4)): _MEMBER for be in fe.backends}
-        local_flag = const("LB_BE_F_LOCAL")
-        for be in fe.backends + fe.draining:      # draining: in no slot, but open flows find them
-            self._be_val[be.l4] = BACKEND.pack(be.l4.addr.packed, be.l4.port.to_bytes(2, "big"),
-                                               int(be.l4.proto), local_flag if be.local else 0)
+            members = {_pair(sid, ident): _MEMBER for ident in ids}
         view: dict[bytes, bytes] = {}
         if not fe.in_cluster:
             view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
         elif fe.internal is not None:
             view = {l4_key(fe.l4): l4_key(fe.internal)}
-        return _Entries(fe, sid, master, slots, blocks, members, tuple(b.l4 for b in fe.backends + fe.draining),
+        return _Entries(fe, sid, master, slots, blocks, members, referenced,
                         table, view, ranges)
+
+    def _slot_values(self, backends: tuple[Backend, ...], draining: tuple[Backend, ...]
+                     ) -> tuple[list[int], list[bytes], tuple[L4Addr, ...]]:
+        """The backend ids of a frontend's slots and their lb_services values (allocating the ids), and each
+        backend's lb_backends value recorded (draining ones too: in no slot, but open flows find them).
+        The frontends of one Service port share their backends (one tuple): done once per tuple in a sync."""
+        known = self._per_tuple.get(id(backends))
+        if known is not None and known[0] is backends and known[1] is draining:
+            return known[2], known[3], known[4]
+        ids = self._be_ids
+        got, new = ids._ids.get, ids.get
+        local_flag = const("LB_BE_F_LOCAL")
+        be_val, pack = self._be_val, _BACKEND_INTS.pack
+        idents: list[int] = []
+        for be in backends:
+            l4 = be[0]
+            ident = got(l4)
+            idents.append(new(l4) if ident is None else ident)
+            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+        for be in draining:
+            l4 = be[0]
+            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+        shared, pack_val = self._slot_val, SVC_VAL.pack
+        values = [shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents]
+        referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
+        self._per_tuple[id(backends)] = (backends, draining, idents, values, referenced)
+        return idents, values, referenced
 
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
@@ -409,7 +448,10 @@ class LBMaps:
         if full:
             self._sr_used = 0
         self._sr_used -= sum(len(p.ranges) for p in (*removed, *old.values()))
-        plans = {fe.l4: self._plan(fe, m, seed, report) for fe in changed}
+        try:
+            plans = {fe.l4: self._plan(fe, m, seed, report) for fe in changed}
+        finally:
+            self._per_tuple, self._slot_val = {}, {}
         # Backend references: what the removed and changed frontends held goes, what the plans hold comes.
         refs = self._be_refs
         touched: set[L4Addr] = set()
@@ -417,15 +459,15 @@ class LBMaps:
             for l4 in p.backends:
                 refs[l4] -= 1
                 touched.add(l4)
-        for p in plans.values():
-            for l4 in p.backends:
-                refs[l4] = refs.get(l4, 0) + 1
-                touched.add(l4)
+        for l4, n in Counter(chain.from_iterable(p.backends for p in plans.values())).items():
+            refs[l4] = refs.get(l4, 0) + n
+            touched.add(l4)
         still_named = {l4 for p in old.values() for l4 in p.backends}   # by slots that stay until rewritten
         stale_be = [l4 for l4 in touched if refs[l4] <= 0]
         early_be = [l4 for l4 in stale_be if l4 not in still_named]
         late_be = [l4 for l4 in stale_be if l4 in still_named]
-        want_be = [(_u32(self._backend_id(l4)), self._be_val[l4]) for l4 in touched if refs[l4] > 0]
+        known, bid, be_val = self._be_ids._ids.get, self._be_ids.get, self._be_val   # draining ones: ids now
+        want_be = [((known(l4) or bid(l4)).to_bytes(4, "little"), be_val[l4]) for l4 in touched if refs[l4] > 0]
 
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
@@ -447,11 +489,16 @@ class LBMaps:
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
         iv, sr = self._iv_m, self._sr_m
-        adds = {"svc": sum(1 for p in plans.values() for k in (p.master[0], *p.slots) if k not in svc.entries),
-                "mg": sum(1 for p in plans.values() for k in p.blocks if k not in mg.entries),
-                "am": sum(1 for p in plans.values() for k in p.members if k not in am.entries),
-                "iv": sum(1 for p in plans.values() for k in p.view if k not in iv.entries),
-                "sr": sum(1 for p in plans.values() for k in p.ranges if k not in sr.entries)}
+
+        def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
+            have = mirror.entries
+            if not have:                # the first sync: every key is new
+                return sum(len(part(p)) for p in plans.values())
+            return sum(1 for p in plans.values() for k in part(p) if k not in have)
+
+        adds = {"svc": adding(svc, lambda p: p.slots) + adding(svc, lambda p: (p.master[0],)),
+                "mg": adding(mg, lambda p: p.blocks), "am": adding(am, lambda p: p.members),
+                "iv": adding(iv, lambda p: p.view), "sr": adding(sr, lambda p: p.ranges)}
         for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
             if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
@@ -477,7 +524,7 @@ class LBMaps:
                 failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
 
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        be_changed = be_m.changed(dict(want_be))
+        be_changed = be_m.changed(dict(want_be)) if be_m.entries else want_be     # its keys are distinct
         bad_be = dict(be_m.write(be_changed))
         report.backends_written = len(be_changed) - len(bad_be)
         if bad_be:
@@ -543,20 +590,22 @@ class LBMaps:
                part: Callable[[_Entries], dict[bytes, bytes]],
                fail: Callable[[L4Addr, str, str], None]) -> int:
         """Write one kind of entry of every plan not failed yet; refused keys fail their frontend."""
-        owner: dict[bytes, L4Addr] = {}
-        items: list[tuple[bytes, bytes]] = []
+        keys: list[bytes] = []
+        values: list[bytes] = []
         have = mirror.entries
         for l4, p in plans.items():
-            if l4 in failed:
-                continue
-            for k, v in part(p).items():
-                if have.get(k) != v:
-                    items.append((k, v))
-                    owner[k] = l4
-        refused = mirror.write(items)
-        for k, why in refused:
-            fail(owner[k], mirror.map.name, why)
-        return len(items) - len(refused)
+            if l4 not in failed:
+                entries = part(p)
+                if have:
+                    entries = {k: v for k, v in entries.items() if have.get(k) != v}
+                keys += entries
+                values += entries.values()
+        refused = mirror.write_columns(keys, values)
+        if refused:
+            owner = {k: l4 for l4, p in plans.items() if l4 not in failed for k in part(p)}
+            for k, why in refused:
+                fail(owner[k], mirror.map.name, why)
+        return len(keys) - len(refused)
 
     def _remove(self, mirror: MapMirror, keys: list[bytes]) -> int:
         """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
@@ -584,7 +633,7 @@ class LBMaps:
         """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
         whole go first (their masters before the rest); what frontends still served hold goes after their new
         entries are in place. Returns how many frontends are gone."""
-        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)}
+        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if self._svc_m.entries else set()
         masters: list[bytes] = []
         slots: list[bytes] = []
         named: set[int] = set()              # backend ids the slots of served frontends name meanwhile

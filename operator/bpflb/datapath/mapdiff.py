@@ -51,22 +51,26 @@ class MapMirror:
     def write(self, items: list[tuple[bytes, bytes]]) -> Failures:
         """Write the pairs; return those the kernel refused, with its reason. The mirror holds exactly what
         the kernel accepted."""
-        if not items:
+        return self.write_columns([k for k, _ in items], [v for _, v in items])
+
+    def write_columns(self, keys: list[bytes], values: list[bytes]) -> Failures:
+        """write() of keys[i] -> values[i]: a large sync's writes without a pair object for each."""
+        if not keys:
             return []
         done = 0
         if self.batch:
             try:
-                self.map.update_many(items)
-                done = len(items)
+                self.map.update_columns(keys, values)
+                done = len(keys)
             except BpfError as exc:
                 done = getattr(exc, "done", None) or 0
                 if getattr(exc, "done", None) is None:
                     self.reload()       # how far the batch got is unknown: ask the kernel
-            self.entries.update(items[:done])
-            if done == len(items):
+            self.entries.update(zip(keys, values) if done == len(keys) else zip(keys[:done], values[:done]))
+            if done == len(keys):
                 return []
         failures: Failures = []
-        for k, v in items[done:]:
+        for k, v in zip(keys[done:], values[done:], strict=True):
             if self.entries.get(k) == v:
                 continue
             try:

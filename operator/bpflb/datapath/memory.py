@@ -68,7 +68,10 @@ class MemoryMap(Map):
         self._put(key, value)
 
     def update_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        for done, (k, v) in enumerate(items):
+        self.update_columns([k for k, _ in items], [v for _, v in items])
+
+    def update_columns(self, keys: list[bytes], values: list[bytes]) -> None:
+        for done, (k, v) in enumerate(zip(keys, values, strict=True)):
             try:
                 self._put(k, v)
             except BpfError as exc:     # as the kernel's batch: stops at the element, says how far it got

@@ -15,6 +15,7 @@ distinct keys, shared between Services; lb_internal_view one entry per frontend 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
@@ -63,7 +64,7 @@ class Refusal:
 class _Demand:
     frontends: tuple[Frontend, ...]
     counts: dict[str, int]
-    sets: dict[str, frozenset[Any]]
+    sets: dict[str, tuple[Any, ...]]      # per map of distinct keys, the Service's keys (each once); none: absent
     too_big: Frontend | None
 
 
@@ -86,10 +87,10 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
         if n and fe.affinity_timeout:
             counts[MEMBERS] += n
         external = fe.kind is not FrontendKind.CLUSTER_IP      # ClusterIPs: no DSR, no reply guard
-        for be in fe.backends + fe.draining:
-            backends.add(be.l4)
-            if be.local and external:
-                local.add(be.l4)
+        every = fe.backends + fe.draining if fe.draining else fe.backends
+        backends.update([be.l4 for be in every])
+        if external:
+            local.update([be.l4 for be in every if be.local])
         if not fe.in_cluster or fe.internal is not None:
             views.add(fe.l4)
         if not fe.local_only and external:
@@ -100,8 +101,10 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
                 dsr.add(fe.l4)
                 key = fe.l4
             members.update((key, be.l4) for be in fe.backends + fe.draining if be.local)
-    return _Demand(frontends, counts, {BACKENDS: frozenset(backends), DSR: frozenset(dsr), LOCAL: frozenset(local),
-                                       DSR_MEMBERS: frozenset(members), VIEWS: frozenset(views)}, too_big)
+    # Tuples, not sets: a large cluster has 10,000 of these, kept between syncs.
+    sets = {name: tuple(keys) for name, keys in ((BACKENDS, backends), (DSR, dsr), (LOCAL, local),
+                                                 (DSR_MEMBERS, members), (VIEWS, views)) if keys}
+    return _Demand(frontends, counts, sets, too_big)
 
 
 def by_service(state: DesiredState) -> dict[str, tuple[Frontend, ...]]:
@@ -126,7 +129,7 @@ class Budget:
     def _reset(self) -> None:
         self._demands: dict[str, _Demand] = {}
         self._counts: dict[str, int] = dict.fromkeys(_COUNTED, 0)
-        self._refs: dict[str, dict[Any, int]] = {name: {} for name in _SETS}
+        self._refs: dict[str, Counter[Any]] = {name: Counter() for name in _SETS}
         self._too_big_services: set[str] = set()
         self._refused: set[str] = set()          # refused by the last fit
         self._seen = -2                          # the generation of the last state fitted
@@ -136,8 +139,11 @@ class Budget:
             self._counts[name] += sign * n
         for name, keys in d.sets.items():
             refs = self._refs[name]
+            if sign > 0:
+                refs.update(keys)           # counted in C
+                continue
             for k in keys:
-                left = refs.get(k, 0) + sign
+                left = refs[k] - 1
                 if left:
                     refs[k] = left
                 else:
@@ -217,7 +223,7 @@ class Budget:
             if short is None:
                 for name in _SETS:
                     cap = capacity.get(name)
-                    fresh[name] = d.sets[name] - taken[name] if cap else frozenset()
+                    fresh[name] = frozenset(d.sets.get(name, ())).difference(taken[name]) if cap else frozenset()
                     if cap and len(taken[name]) + len(fresh[name]) > cap:
                         short = (name, len(fresh[name]), cap - len(taken[name]))
                         break

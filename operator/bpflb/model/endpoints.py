@@ -4,8 +4,9 @@ ready; eTP Local on this node only) plus the draining ones that keep their open 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from operator import itemgetter
 from typing import Any
 
 from bpflb.model.fields import (
@@ -38,7 +39,6 @@ class _Endpoint:
     """One address of one EndpointSlice endpoint, conditions resolved with the API defaults."""
 
     ip: int                   # the address as an integer: cheap to hash, unlike IPv4Address
-    addr: IPv4Address
     name: str                 # targetRef name, else the address
     node: str | None
     ready: bool
@@ -50,6 +50,9 @@ class _Endpoint:
 class _Slice:
     ports: dict[tuple[str, Proto], int]     # (port name, protocol) -> backend port; first entry wins
     endpoints: tuple[_Endpoint, ...]
+    # Every endpoint ready, each address once: the common slice, whose endpoints are then kept in backend order
+    # (name, address) and become backends as they are, with no rule to apply.
+    plain: bool = False
 
 
 @dataclass(slots=True)
@@ -57,7 +60,7 @@ class SliceEntry:
     """One EndpointSlice as read: its namespace/name, the Service it belongs to, its parsed content (None when
     unusable) and its problems. The translator keeps these between syncs, one per slice object."""
 
-    raw: Any
+    raw: Any                               # the object it was read from (None in the records of slice_record)
     key: str | None                        # namespace/name, None when the metadata is unusable
     service: tuple[str, str] | None        # (namespace, Service name) it belongs to
     parsed: _Slice | None
@@ -89,6 +92,14 @@ def read_slice(raw: Any, index: int) -> SliceEntry:
     else:
         parsed = _parse_slice(raw, obj, problems)
     return SliceEntry(raw, meta.key, key, parsed, problems)
+
+
+def slice_record(raw: Any) -> SliceEntry:
+    """An EndpointSlice reduced to what the translation uses of it, the decoded object not kept: what the
+    Kubernetes source holds of each slice (the translator takes these records as they are)."""
+    entry = read_slice(raw, 0)
+    entry.raw = None
+    return entry
 
 
 def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice | None:
@@ -128,6 +139,7 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
             serving = _bool(conditions.get("serving"), "conditions.serving", ready)
             terminating = _bool(conditions.get("terminating"), "conditions.terminating", False)
             node = _str(entry.get("nodeName"), "nodeName", "") or None
+            node = sys.intern(node) if node else None
             target = _mapping(entry.get("targetRef"), "targetRef")
             target_name = _str(target.get("name"), "targetRef.name", "")
             addresses = _list(entry.get("addresses"), "addresses")
@@ -144,9 +156,11 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
             except _Invalid as bad:
                 problems.append(Problem(obj, f"endpoints[{i}].addresses[{j}]", bad.reason))
                 continue
-            endpoints.append(
-                _Endpoint(ip, IPv4Address(ip), target_name or text, node, ready, serving, terminating))
-    return _Slice(ports, tuple(endpoints))
+            endpoints.append(_Endpoint(ip, target_name or text, node, ready, serving, terminating))
+    plain = all(ep.ready for ep in endpoints) and len({ep.ip for ep in endpoints}) == len(endpoints)
+    if plain:
+        endpoints.sort(key=lambda ep: (ep.name, ep.ip))
+    return _Slice(ports, tuple(endpoints), plain)
 
 
 def _plain_endpoint(raw: Any) -> _Endpoint | None:
@@ -193,7 +207,7 @@ def _plain_endpoint(raw: Any) -> _Endpoint | None:
         return None
     if ip is None:
         return None
-    return _Endpoint(ip, IPv4Address(ip), name or addresses[0], node or None, ready,
+    return _Endpoint(ip, name or addresses[0], sys.intern(node) if node else None, ready,
                      ready if serving is None else serving, terminating)
 
 
@@ -210,6 +224,8 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
     still listed (terminating, or not ready) that this node could have picked; it gets no new flow, but
     its open flows continue until it leaves the EndpointSlices.
     """
+    if len(slices) == 1 and slices[0].plain:
+        return _plain_backends(slices[0], port_name, proto, node_name, local_only)
     chosen: dict[tuple[int, int], _Endpoint] = {}        # (address, port) -> endpoint
     for one in slices:
         port = one.ports.get((port_name, proto))
@@ -228,10 +244,30 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
     picked = {(ep.ip, port) for port, ep in eligible}
     backends = [_backend(ep, port, proto, node_name) for port, ep in eligible]
     draining = [_backend(ep, port, proto, node_name) for port, ep in pool if (ep.ip, port) not in picked]
-    backends.sort(key=lambda b: (b.name, b.l4))
-    draining.sort(key=lambda b: (b.name, b.l4))
+    backends.sort(key=_BACKEND_ORDER)
+    draining.sort(key=_BACKEND_ORDER)
     return tuple(backends), tuple(draining), no_endpoints
 
 
+_BACKEND_ORDER = itemgetter(1, 0)          # (name, l4)
+_new = tuple.__new__
+
+
+def _plain_backends(one: _Slice, port_name: str, proto: Proto, node_name: str,
+                    local_only: bool) -> tuple[tuple[Backend, ...], tuple[Backend, ...], bool]:
+    """_backends of one plain slice (every endpoint ready, each address once, in backend order): the same
+    result, without the rules' bookkeeping (this runs for nearly every Service port of a large cluster)."""
+    port = one.ports.get((port_name, proto))
+    if port is None:
+        return (), (), True
+    p = int(proto)
+    eps = one.endpoints
+    if local_only:
+        eps = tuple(ep for ep in eps if ep.node == node_name)
+    return tuple([_new(Backend, (_new(L4Addr, (ep.ip, port, p)), ep.name, ep.node, ep.node == node_name,
+                                 ep.terminating)) for ep in eps]), (), not one.endpoints
+
+
 def _backend(ep: _Endpoint, port: int, proto: Proto, node_name: str) -> Backend:
-    return Backend(L4Addr(ep.addr, port, proto), ep.name, ep.node, ep.node == node_name, ep.terminating)
+    return _new(Backend, (_new(L4Addr, (ep.ip, port, int(proto))), ep.name, ep.node, ep.node == node_name,
+                          ep.terminating))

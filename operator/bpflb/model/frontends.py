@@ -45,6 +45,7 @@ _CILIUM_ANNOTATIONS = (LB_ALGORITHM_ANNOTATION, SOURCE_RANGES_POLICY_ANNOTATION,
 # service.cilium.io/type values -> the frontend kinds kept at the edge (the ClusterIP, which in-cluster paths
 # and the other frontends' internal views use, and externalIPs, which are not a Service type, always stay)
 _KEPT = frozenset({FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP})
+_ALL_KINDS = frozenset(FrontendKind)
 _EXPOSED_KINDS = {"ClusterIP": _KEPT,
                   "NodePort": _KEPT | {FrontendKind.NODEPORT},
                   "LoadBalancer": _KEPT | {FrontendKind.LOADBALANCER}}
@@ -199,6 +200,8 @@ def _translate_service(meta: _Meta, raw: KubeObject, slices: list[_Slice], claim
     lb_ips = list(_frontend_ips(ingress, "status.loadBalancer.ingress", "ip", obj, ctx))
     ext_ips = list(_frontend_ips(external_ips, "spec.externalIPs", None, obj, ctx))
     used_ports: dict[tuple[str, Proto], int] = {}
+    service = meta.key
+    node_ips = {int(a) for a in ctx.node_addrs} if ext_ips else set()
     if kind == "LoadBalancer" and local_only:
         _health_check(meta, spec, obj, ctx)
 
@@ -227,7 +230,8 @@ def _translate_service(meta: _Meta, raw: KubeObject, slices: list[_Slice], claim
                        for a in ctx.node_addrs]
         wanted += [(L4Addr(a, port, proto), FrontendKind.LOADBALANCER, path) for a, path in lb_ips]
         wanted += [(L4Addr(a, port, proto), FrontendKind.EXTERNAL_IP, path) for a, path in ext_ips]
-        wanted = [w for w in wanted if w[1] in exposed]
+        if exposed is not _ALL_KINDS:
+            wanted = [w for w in wanted if w[1] in exposed]
         if not wanted:
             continue
         # The port's endpoints under each traffic policy its frontends use: the ClusterIP internalTrafficPolicy,
@@ -239,14 +243,14 @@ def _translate_service(meta: _Meta, raw: KubeObject, slices: list[_Slice], claim
             if policy_local not in views:
                 views[policy_local] = _backends(slices, name, proto, ctx.node_name, policy_local)
             backends, draining, no_endpoints = views[policy_local]
-            ranged = fe_kind in _RANGED_KINDS
+            ranged = fe_kind is FrontendKind.LOADBALANCER or fe_kind is FrontendKind.EXTERNAL_IP   # _RANGED_KINDS
             claims.append(Claim(l4, Frontend(
-                l4=l4, kind=fe_kind, service=meta.key, port_name=name, local_only=policy_local,
+                l4=l4, kind=fe_kind, service=service, port_name=name, local_only=policy_local,
                 backends=backends, no_endpoints=no_endpoints, algorithm=algorithm,
                 affinity_timeout=affinity_timeout, draining=draining,
                 source_ranges=ranges if ranged else None, source_ranges_deny=deny and ranged,
                 internal=None if fe_kind is FrontendKind.CLUSTER_IP else internal,
-                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4.addr in ctx.node_addrs), path, i))
+                in_cluster=fe_kind is not FrontendKind.EXTERNAL_IP or l4[0] in node_ips), path, i))
             if fe_kind is FrontendKind.CLUSTER_IP and internal is None:
                 internal = l4
     return claims
@@ -285,13 +289,13 @@ def _exposed_kinds(meta: _Meta, obj: str, ctx: _Context) -> frozenset[FrontendKi
     """The frontend kinds the Service gets: all, or those service.cilium.io/type names (Cilium's semantics)."""
     value = meta.annotations.get(SERVICE_TYPE_ANNOTATION)
     if value is None:
-        return frozenset(FrontendKind)
+        return _ALL_KINDS
     kinds = _EXPOSED_KINDS.get(value) if isinstance(value, str) else None
     if kinds is None:
         ctx.problems.append(Problem(obj, f'metadata.annotations["{SERVICE_TYPE_ANNOTATION}"]',
                                     f"expected one of {', '.join(_EXPOSED_KINDS)}; got {_show(value)}; "
                                     "every frontend is served"))
-        return frozenset(FrontendKind)
+        return _ALL_KINDS
     return kinds
 
 

@@ -283,7 +283,7 @@ def _rebind_service(obj: _Object, raw: Any) -> None:
 
 
 def _read_slice_object(raw: Any, index: int) -> _Object:
-    entry = read_slice(raw, index)
+    entry = raw if type(raw) is SliceEntry else read_slice(raw, index)    # a record the source read already
     return _Object(entry, entry.key, None, entry.problems, raw)
 
 
@@ -462,7 +462,11 @@ class Translator:
 
     def _claim(self, key: str, claims: list[Claim]) -> None:
         for i, claim in enumerate(claims):
-            bisect.insort(self._claims.setdefault(claim.l4, []), (key, i, claim), key=lambda e: (e[0], e[1]))
+            entries = self._claims.get(claim.l4)
+            if entries is None:             # nearly always: a frontend only one Service wants
+                self._claims[claim.l4] = [(key, i, claim)]
+            else:
+                bisect.insort(entries, (key, i, claim), key=lambda e: (e[0], e[1]))
         self._settle([c.l4 for c in claims], {key})
 
     def _settle(self, l4s: list[L4Addr], services: set[str]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from operator import itemgetter
+from typing import Self
 
 from bpflb.model.maglev import DEFAULT_SEED, DEFAULT_TABLE_SIZE
 
@@ -64,37 +66,74 @@ class FrontendKind(enum.Enum):
     CLUSTER_IP = "ClusterIP"          # served to in-cluster clients only (socket LB, pod-facing tc)
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class L4Addr:
-    """An address:port/protocol triple, the identity of a frontend or a backend."""
+class L4Addr(tuple[int, int, int]):
+    """An address:port/protocol triple, the identity of a frontend or a backend.
 
-    addr: IPv4Address
-    port: int
-    proto: Proto
+    A tuple of three integers underneath (address, port, protocol number): hashed and compared by the hundred
+    thousand on every large sync, which a tuple of ints does in C; ordered as (address, port, protocol)."""
 
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        # Hashed by the hundred thousand on every sync, and IPv4Address's own hash goes through hex():
-        # computed once per address.
-        object.__setattr__(self, "_hash", hash((int(self.addr), self.port, int(self.proto))))
+    def __new__(cls, addr: IPv4Address | int, port: int, proto: Proto | int) -> Self:
+        return tuple.__new__(cls, (addr if type(addr) is int else int(addr), port,
+                                   proto if type(proto) is int else int(proto)))
 
-    def __hash__(self) -> int:
-        return self._hash
+    @property
+    def addr(self) -> IPv4Address:
+        return IPv4Address(self[0])
+
+    @property
+    def ip(self) -> int:
+        """The address as an integer."""
+        return self[0]
+
+    @property
+    def packed(self) -> bytes:
+        """The address in network order (4 bytes)."""
+        return self[0].to_bytes(4, "big")
+
+    port = property(itemgetter(1), doc="the port number")
+
+    @property
+    def proto(self) -> Proto:
+        return _PROTOS[self[2]]
+
+    def __repr__(self) -> str:
+        return f"L4Addr(addr={self.addr!r}, port={self[1]}, proto={self.proto!r})"
 
     def __str__(self) -> str:
-        return f"{self.addr}:{self.port}/{self.proto.name}"
+        return f"{self.addr}:{self[1]}/{self.proto.name}"
+
+    def __reduce__(self) -> tuple[type[L4Addr], tuple[int, int, int]]:
+        return L4Addr, (self[0], self[1], self[2])
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Backend:
-    """One endpoint of a Service port, as this node sees it."""
+_PROTOS = {int(p): p for p in Proto}
 
-    l4: L4Addr
-    name: str            # stable identity across nodes (pod name or address), used to order backends
-    node_name: str | None
-    local: bool          # on this node: reached without SNAT, and the only kind eTP Local may use
-    terminating: bool = False
+
+class Backend(tuple[L4Addr, str, str | None, bool, bool]):
+    """One endpoint of a Service port, as this node sees it.
+
+    A tuple underneath (l4, name, node_name, local, terminating), made, compared and hashed in C: a large
+    cluster has a hundred thousand, made anew whenever a Service's endpoints are translated."""
+
+    __slots__ = ()
+
+    def __new__(cls, l4: L4Addr, name: str, node_name: str | None, local: bool, terminating: bool = False) -> Self:
+        return tuple.__new__(cls, (l4, name, node_name, local, terminating))
+
+    l4 = property(itemgetter(0), doc="the backend's address:port/protocol")
+    name = property(itemgetter(1), doc="stable identity across nodes (pod name or address): orders the backends")
+    node_name = property(itemgetter(2), doc="the node it runs on, None when unknown")
+    local = property(itemgetter(3), doc="on this node: reached without SNAT, the only kind eTP Local may use")
+    terminating = property(itemgetter(4), doc="its pod is terminating")
+
+    def __repr__(self) -> str:
+        return (f"Backend(l4={self[0]!r}, name={self[1]!r}, node_name={self[2]!r}, local={self[3]!r}, "
+                f"terminating={self[4]!r})")
+
+    def __reduce__(self) -> tuple[type[Backend], tuple[L4Addr, str, str | None, bool, bool]]:
+        return Backend, (self[0], self[1], self[2], self[3], self[4])
 
 
 @dataclass(frozen=True, slots=True)

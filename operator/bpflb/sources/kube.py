@@ -46,6 +46,25 @@ def _node_view(obj: KubeObject) -> KubeObject:
     }
 
 
+# What the translation reads of a Service's metadata and status; the rest (managedFields, conditions) is never
+# kept: the agent holds 10,000 Services between syncs.
+_SERVICE_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "labels", "annotations")
+
+
+def service_view(obj: KubeObject) -> KubeObject:
+    """What the agent keeps of a Service: its spec, status.loadBalancer and the identity part of its metadata.
+    A field of the wrong type is kept as it came (the translation reports it)."""
+    out: KubeObject = {k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}
+    meta = obj.get("metadata")
+    if meta is not None:
+        out["metadata"] = {k: meta[k] for k in _SERVICE_METADATA if k in meta} if type(meta) is dict else meta
+    status = obj.get("status")
+    if status is not None:
+        out["status"] = ({"loadBalancer": status["loadBalancer"]} if "loadBalancer" in status else {}) \
+            if type(status) is dict else status
+    return out
+
+
 @dataclass
 class _Resource:
     """One watched resource: where it is, which objects count, and what was last seen."""
@@ -54,8 +73,9 @@ class _Resource:
     path: str
     params: dict[str, str] = field(default_factory=dict)
     keep: Callable[[KubeObject], bool] = lambda obj: True
-    view: Callable[[KubeObject], KubeObject] = lambda obj: obj
-    objects: dict[tuple[str, str], KubeObject] = field(default_factory=dict)
+    view: Callable[[KubeObject], Any] = lambda obj: obj     # what is kept of each object (the raw dict is not)
+    objects: dict[tuple[str, str], Any] = field(default_factory=dict)
+    versions: dict[tuple[str, str], str | None] = field(default_factory=dict)   # each object's resourceVersion
     listed: bool = False                         # one list succeeded since start
     version: str | None = None                   # where the watch resumes; None: list first
     connected: bool = False
@@ -68,21 +88,25 @@ def _key(obj: KubeObject) -> tuple[str, str]:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
-def _same(a: KubeObject, b: KubeObject) -> bool:
-    """Equal for the agent: same resourceVersion when both have one, else equal content."""
-    rv_a = (a.get("metadata") or {}).get("resourceVersion")
-    rv_b = (b.get("metadata") or {}).get("resourceVersion")
-    if rv_a and rv_b and rv_a == rv_b:
-        return True
-    return a == b
+def _version(obj: KubeObject) -> str | None:
+    meta = obj.get("metadata")
+    version = meta.get("resourceVersion") if type(meta) is dict else None
+    return version if isinstance(version, str) and version else None
 
 
 class KubeSource:
-    """Services, EndpointSlices, Nodes and the agent ConfigMap from the API, kept current by watches."""
+    """Services, EndpointSlices, Nodes and the agent ConfigMap from the API, kept current by watches.
+
+    Each object is reduced as it arrives (a list page, a watch event) to what the agent uses of it, and the
+    decoded dict is dropped: Services to service_view, EndpointSlices to what slice_view makes of them (the
+    agent passes the model's reader, whose records the translation takes as they are; by default the dict).
+    An object whose resourceVersion did not change keeps the record made before (the same object), so a
+    re-list of unchanged objects costs the translation nothing."""
 
     def __init__(self, client: KubeClient, node_name: str, *, namespace: str = AGENT_CONFIG_NAMESPACE,
                  backoff_first: float = BACKOFF_FIRST, backoff_max: float = BACKOFF_MAX,
-                 watch_timeout: int = WATCH_TIMEOUT) -> None:
+                 watch_timeout: int = WATCH_TIMEOUT,
+                 slice_view: Callable[[KubeObject], Any] | None = None) -> None:
         self.client = client
         self.node_name = node_name
         self.namespace = namespace
@@ -96,8 +120,9 @@ class KubeSource:
         self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
         self.relists = 0                # lists after the first one (410 Gone, or an outage's resync)
         self.resources = [
-            _Resource("Services", "/api/v1/services"),
-            _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices"),
+            _Resource("Services", "/api/v1/services", view=service_view),
+            _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices",
+                      view=slice_view if slice_view is not None else lambda obj: obj),
             _Resource("Nodes", "/api/v1/nodes", view=_node_view),
             _Resource(f"ConfigMap {namespace}/{AGENT_CONFIG_NAME}",
                       f"/api/v1/namespaces/{namespace}/configmaps",
@@ -228,12 +253,24 @@ class KubeSource:
             log.debug("%s: still failing: %s", res.name, exc)
 
     def _list(self, res: _Resource) -> str | None:
-        items, version = self.client.list(res.path, **res.params)
-        fresh = {_key(obj): res.view(obj) for obj in items if res.keep(obj)}
+        objects, versions = res.objects, res.versions     # only this resource's thread writes them
+
+        def reduce(obj: KubeObject) -> tuple[tuple[str, str], str | None, Any, bool] | None:
+            """Each item as its page arrives: (key, resourceVersion, the record, whether it is new)."""
+            if not res.keep(obj):
+                return None
+            key, version = _key(obj), _version(obj)
+            old = objects.get(key)
+            if old is not None and version is not None and versions.get(key) == version:
+                return key, version, old, False
+            return key, version, res.view(obj), True
+
+        items, version = self.client.list(res.path, reduce=reduce, **res.params)
+        fresh = {key: record for key, _, record, _ in items}
         with self._lock:
-            changed = not res.listed or fresh.keys() != res.objects.keys() or \
-                any(not _same(obj, res.objects[key]) for key, obj in fresh.items())
+            changed = not res.listed or fresh.keys() != objects.keys() or any(new for *_, new in items)
             res.objects = fresh
+            res.versions = {key: v for key, v, _, _ in items}
             res.listed = True
         if changed:
             self._changed.set()
@@ -259,18 +296,23 @@ class KubeSource:
             self._apply(res, kind, obj)
 
     def _apply(self, res: _Resource, kind: Any, obj: KubeObject) -> None:
-        key = _key(obj)
+        key, version = _key(obj), _version(obj)
+        old = res.objects.get(key)
+        if kind in ("ADDED", "MODIFIED") and old is not None and version is not None and \
+                res.versions.get(key) == version:
+            return                                  # a replay of what was seen (the same resourceVersion)
+        view = res.view(obj) if kind in ("ADDED", "MODIFIED") else None
         with self._lock:
             if kind == "DELETED":
                 changed = res.objects.pop(key, None) is not None
+                res.versions.pop(key, None)
             elif kind in ("ADDED", "MODIFIED"):
-                view = res.view(obj)
-                old = res.objects.get(key)
-                changed = old is None or not _same(view, old)
-                if changed and old is not None and res.view is _node_view:
+                changed = old is None or view != old
+                if changed and old is not None and view is not None and res.view is _node_view:
                     changed = {**view, "metadata": {**view["metadata"], "resourceVersion": None}} != \
                         {**old, "metadata": {**old["metadata"], "resourceVersion": None}}
-                res.objects[key] = view
+                res.objects[key] = view if changed else old
+                res.versions[key] = version
             else:
                 changed = False
         if changed:
