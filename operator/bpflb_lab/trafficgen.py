@@ -1,19 +1,17 @@
 """Traffic for the rate benchmark (`bpflb bench`), always inside lab namespaces: an XDP live-frames UDP
 sender (bpf_objects/bpf_gen.c), XDP sinks that count what reaches the backend pods, a TCP connection
-storm, and the accept-and-close listener it connects to.
+storm (native/connstorm.c; its listeners are native/connbench.c `serve`).
 
 The functions named `*_in_ns` run inside a namespace: call them through `Lab.run_in(host, fn, ...)`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,32 +161,3 @@ def connection_storm_in_ns(addr: str, port: int, seconds: float, concurrency: in
     out = json.loads(done.stdout)
     return ConnResult(ok=int(out["ok"]), failed=int(out["failed"]), seconds=float(out["seconds"]),
                       errors={str(k): int(v) for k, v in out["errors"].items()})
-
-
-# ------------------------------------------------------------------------------------------ the listener
-
-def accept_forever(port: int) -> None:
-    """Accept TCP connections on port and close each at once: the connection benchmark's server, fast
-    enough that the handshakes through the load balancer, not a server, are what is measured."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", port))
-    sock.listen(4096)
-    while True:
-        conn, _ = sock.accept()
-        conn.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m bpflb_lab.trafficgen accept PORT (run inside a pod's namespace by the benchmark)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "accept" or not args[1].isdigit():
-        print("usage: python -m bpflb_lab.trafficgen accept PORT", file=sys.stderr)
-        return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        accept_forever(int(args[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import inspect
 import json
-import os
 import secrets
 import statistics
 import subprocess
@@ -17,9 +16,9 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from bpflb.datapath.libbpf import objects_dir
 from bpflb_lab import trafficgen as tg
 from bpflb_lab.kubeproxy import lab as kplab
 from bpflb_lab.lab import Lab, netns, topology
@@ -234,10 +233,12 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
     listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
-    procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [sys.executable, "-m", "bpflb_lab.trafficgen",
-                                                                  "accept", str(port)]),
+    # The listeners are C (native/connbench.c `serve`: accept and close): a Python accept loop cost ~10 us of
+    # CPU per connection on this 2-core machine and was part of every row's ceiling, the reference's too.
+    server = str(objects_dir() / "connbench")
+    procs = [subprocess.Popen(netns.nsenter_argv(lab.netns(pod), [server, "serve", str(port)]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env={**os.environ, "PYTHONPATH": _src_root()})
+                              start_new_session=True)
              for pod, port in listeners]
     # The reference connections go to echo-a through node2, routed, bypassing node1.
     netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
@@ -254,9 +255,3 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
         if all(r.ok for r in udp) and tcp.ok and not tcp.failed:
             return procs
     raise RuntimeError(f"node1:{UDP_PORT}/UDP or node1:{TCP_PORT}/TCP does not answer in lab {lab.name}")
-
-
-def _src_root() -> str:
-    import bpflb
-
-    return str(Path(bpflb.__file__).resolve().parent.parent)
