@@ -39,13 +39,18 @@ static __always_inline int ct_alive(const struct ct_entry *e, __u8 proto, const 
 }
 
 /* True when the entry may carry this packet: alive, and not a closed flow seeing a new SYN (the client
- * reopened its tuple: a new flow, as nf_conntrack does from TIME_WAIT). */
+ * reopened its tuple: a new flow, as nf_conntrack does from TIME_WAIT).  A flow whose client already sent
+ * its FIN counts as closed for this: the socket that sent it sends no SYN on the connection any more (as
+ * Cilium reopens an entry closing in either direction).  That matters where only the client's side is
+ * seen: a DSR flow's balancing node never learns of the backend's FIN, and would otherwise carry the
+ * client's next connection on that tuple in the old flow's mode and to its backend. */
 static __always_inline int ct_usable(const struct ct_entry *e, const struct pkt *p, const struct lb_config *cfg,
 				     __u64 now)
 {
 	if (!ct_alive(e, p->t.proto, cfg, now))
 		return 0;
-	if ((e->flags & CT_F_CLOSING) && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+	if (((e->flags & CT_F_CLOSING) || (e->state & CT_S_FIN_FWD)) &&
+	    (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
 		return 0;
 	return 1;
 }

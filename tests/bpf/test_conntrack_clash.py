@@ -214,3 +214,23 @@ def test_a_udp_dsr_flow_keeps_its_mapping_for_every_datagram(node: Node) -> None
     local = Ether(node.egress(from_pod(UDP(sport=8081, dport=5100), b"echo-a")).data)
     assert (local[IP].src, local[UDP].sport, local[UDP].dport) == (NODE1, 30180, 5100)
     assert node.maps.stats()["ct_port_remapped"] == 1
+
+
+def test_a_dsr_flow_the_client_closed_is_reopened_by_its_next_syn(node: Node) -> None:
+    """The balancing node of a DSR flow sees only the client's side, never the backend's FIN, so the flow
+    never looks closed there.  Once the client sent its FIN, a SYN on that tuple is the client's next
+    connection (TIME_WAIT reuse): a new flow, in the node's mode now, never the old flow's DSR."""
+    from tests.bpf.packets import REMOTE, REMOTE_POD
+
+    node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.DSR)
+    assert Ether(node.ingress(frame_in(TCP(sport=48000, dport=30080, flags="S", seq=10))).data)[IP].ihl == 7
+    node.ingress(frame_in(TCP(sport=48000, dport=30080, flags="A", seq=11, ack=99)))
+    node.ingress(frame_in(TCP(sport=48000, dport=30080, flags="FA", seq=11, ack=150)))
+    node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.SNAT)
+    again = Ether(node.ingress(frame_in(TCP(sport=48000, dport=30080, flags="S", seq=5000))).data)
+    assert (again[IP].src, again[IP].dst, again[IP].ihl) == (NODE1, REMOTE_POD, 5), "the old DSR flow went on"
+    # A SYN retransmitted before any FIN stays in its flow (mode switched or not).
+    node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.DSR)
+    node.ingress(frame_in(TCP(sport=48002, dport=30080, flags="S", seq=10)))
+    node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.SNAT)
+    assert Ether(node.ingress(frame_in(TCP(sport=48002, dport=30080, flags="S", seq=10))).data)[IP].ihl == 7
