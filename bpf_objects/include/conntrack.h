@@ -39,13 +39,18 @@ static __always_inline int ct_alive(const struct ct_entry *e, __u8 proto, const 
 }
 
 /* True when the entry may carry this packet: alive, and not a closed flow seeing a new SYN (the client
- * reopened its tuple: a new flow, as nf_conntrack does from TIME_WAIT). */
+ * reopened its tuple: a new flow, as nf_conntrack does from TIME_WAIT).  A flow whose client already sent
+ * its FIN counts as closed for this: the socket that sent it sends no SYN on the connection any more (as
+ * Cilium reopens an entry closing in either direction).  That matters where only the client's side is
+ * seen: a DSR flow's balancing node never learns of the backend's FIN, and would otherwise carry the
+ * client's next connection on that tuple in the old flow's mode and to its backend. */
 static __always_inline int ct_usable(const struct ct_entry *e, const struct pkt *p, const struct lb_config *cfg,
 				     __u64 now)
 {
 	if (!ct_alive(e, p->t.proto, cfg, now))
 		return 0;
-	if ((e->flags & CT_F_CLOSING) && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+	if (((e->flags & CT_F_CLOSING) || (e->state & CT_S_FIN_FWD)) &&
+	    (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
 		return 0;
 	return 1;
 }
@@ -131,16 +136,20 @@ static __always_inline void ct_reply_tuple(struct ct_tuple *r, __be32 be_addr, _
 }
 
 /* The key of the flow's other entry on this node; 0 when it has none here (DSR: the reverse state of
- * a DSR flow lives on the backend's node, its forward state on the balancing node). */
+ * a DSR flow lives on the backend's node, its forward state on the balancing node; but a DSR flow the
+ * backend's node gave another client port has its mapping there, dsr.h's dsr_portmap). */
 static __always_inline int ct_peer_key(const struct ct_entry *e, int dir, __u8 proto, struct ct_tuple *key)
 {
-	if (e->flags & CT_F_DSR)
+	if ((e->flags & (CT_F_DSR | CT_F_PORTMAP)) == CT_F_DSR)
 		return 0;
 	if (dir == CT_DIR_FWD) {
-		if (e->flags & CT_F_SNAT)
+		if (e->flags & (CT_F_SNAT | CT_F_PORTMAP))
 			ct_reply_tuple(key, e->backend_addr, e->backend_port, e->nat_addr, e->nat_port, proto);
 		else
 			ct_reply_tuple(key, e->backend_addr, e->backend_port, e->client_addr, e->client_port, proto);
+	} else if (e->flags & CT_F_DSR) {
+		/* a remapped DSR flow's mapping, keyed by its requests as they arrive (client -> pod) */
+		ct_reply_tuple(key, e->client_addr, e->client_port, e->backend_addr, e->backend_port, proto);
 	} else {
 		ct_reply_tuple(key, e->client_addr, e->client_port, e->fe_addr, e->fe_port, proto);
 	}
@@ -237,6 +246,69 @@ static __always_inline int ct_record_rev(const struct ct_tuple *key, const struc
 		return 0;
 	}
 	return bpf_map_update_elem(&ct_rev, key, rev, BPF_ANY);
+}
+
+/* Linux keeps a closed TCP connection's tuple in TIME_WAIT this long (TCP_TIMEWAIT_LEN). */
+#define CT_TIME_WAIT_NS (60ULL * NSEC_PER_SEC)
+
+/* Does another flow still hold key, the reverse key a new flow to a local backend would take (the pod
+ * sees the client's own tuple)?  Held: an entry of a different flow (another frontend, another kind)
+ * that is alive, or that closed by FIN less than TIME_WAIT ago while the map still has it: the pod's
+ * socket may still be in TIME_WAIT, and a SYN on that tuple from a new flow (whose client picked its
+ * sequence number and timestamps for another destination) is answered with the old connection's ACK,
+ * costing the client a SYN retransmission (a second).  Not held: a flow closed by RST (no socket, no
+ * TIME_WAIT), and the same frontend's flow (the client reopening its own tuple, which TIME_WAIT accepts
+ * and ct_record_rev replaces). */
+static __always_inline int ct_rev_held(const struct ct_tuple *key, const struct ct_entry *rev, __u8 proto,
+				       const struct lb_config *cfg, __u64 now)
+{
+	struct ct_entry *old = bpf_map_lookup_elem(&ct_rev, key);
+	__u64 seen;
+
+	if (!old || (old->flags & CT_F_RESET))   /* a RST left no socket on the tuple, no TIME_WAIT */
+		return 0;
+	if (!((old->flags ^ rev->flags) & (CT_F_SNAT | CT_F_LOCAL | CT_F_DSR)) && old->fe_addr == rev->fe_addr &&
+	    old->fe_port == rev->fe_port && old->backend_addr == rev->backend_addr &&
+	    old->backend_port == rev->backend_port)
+		return 0;
+	if (ct_alive(old, proto, cfg, now))
+		return 1;
+	seen = old->last_seen;
+	return proto == IPPROTO_TCP && (old->flags & CT_F_CLOSING) && now - seen <= CT_TIME_WAIT_NS;
+}
+
+#define CT_PORTMAP_TRIES 4
+
+/* A new flow to a pod of this node whose reverse key another flow holds (ct_rev_held): give it another
+ * client port, as nf_nat does on a tuple clash, so the pod sees a tuple of its own (the client's address
+ * stays).  A random port of the node's NAT range whose reverse key is free: rkey becomes that key, e
+ * records the port (CT_F_PORTMAP, nat_addr:nat_port) and its reverse entry is written.  0 when recorded,
+ * -1 when no free port was found (e and rkey unchanged), another negative value when the map refused. */
+static __always_inline int ct_portmap(const struct lb_config *cfg, struct ct_entry *e, struct ct_tuple *rkey)
+{
+	__u32 span = cfg->nat_port_max >= cfg->nat_port_min ? cfg->nat_port_max - cfg->nat_port_min + 1 : 1;
+	struct ct_entry rev;
+	int i, rc;
+
+	for (i = 0; i < CT_PORTMAP_TRIES; i++) {
+		rkey->dport = bpf_htons((__u16)(cfg->nat_port_min + bpf_get_prandom_u32() % span));
+		if (rkey->dport == e->client_port)
+			continue;
+		rev = *e;
+		rev.flags |= CT_F_PORTMAP;
+		rev.nat_addr = e->client_addr;
+		rev.nat_port = rkey->dport;
+		rc = bpf_map_update_elem(&ct_rev, rkey, &rev, BPF_NOEXIST);
+		if (rc == 0) {
+			*e = rev;
+			stat_inc(STAT_CT_PORT_REMAPPED);
+			return 0;
+		}
+		if (rc != -17)   /* -EEXIST: taken, try another */
+			return rc;
+	}
+	rkey->dport = e->client_port;
+	return -1;
 }
 
 /* ct_record_rev for the backend's node of a DSR flow (dsr.h): counted; <0 only when the map is full. */

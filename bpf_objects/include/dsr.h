@@ -178,6 +178,56 @@ static __always_inline int dsr_accepts(const struct pkt *p, const struct dsr_opt
 	return bpf_map_lookup_elem(&lb_dsr_backends, &m) != NULL;
 }
 
+/* Backend node, a DSR request whose tuple the pod still holds for another flow (ct_rev_held: another
+ * frontend's live flow, or a connection in its TIME_WAIT): the flow gets another client port, as a local
+ * flow does (flow.h).  Its requests arrive with the client's port and, TCP past the SYN, without the
+ * option, so the mapping lives in ct_fwd under the tuple they arrive with (client -> pod), found again by
+ * the flow's later requests here and in dsr_mapped_ingress.  A mapping of an earlier flow that this
+ * request does not continue is removed.  Returns the client port the pod is to see (network order), 0 to
+ * keep the client's own.  rev and rkey: the flow's reverse entry and key, updated when remapped. */
+static __always_inline __be16 dsr_portmap(const struct pkt *p, const struct lb_config *cfg, struct ct_entry *rev,
+					  struct ct_tuple *rkey, __u64 now)
+{
+	struct ct_entry *m = bpf_map_lookup_elem(&ct_fwd, &p->t);
+
+	if (m && (m->flags & CT_F_PORTMAP)) {
+		if (m->fe_addr == rev->fe_addr && m->fe_port == rev->fe_port && ct_usable(m, p, cfg, now)) {
+			ct_account(m, p, CT_DIR_FWD, now);
+			return m->nat_port;
+		}
+		bpf_map_delete_elem(&ct_fwd, &p->t);
+	}
+	if (!ct_rev_held(rkey, rev, p->t.proto, cfg, now) || ct_portmap(cfg, rev, rkey) < 0)
+		return 0;
+	if (bpf_map_update_elem(&ct_fwd, &p->t, rev, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&ct_rev, rkey);
+		return 0;
+	}
+	return rev->nat_port;
+}
+
+/* Backend node, ingress: a TCP segment without the option of a DSR flow dsr_portmap gave another client
+ * port: rewritten to that port and delivered.  -1 when the packet is no such segment. */
+static __always_inline int dsr_mapped_ingress(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg)
+{
+	struct ct_entry *m = bpf_map_lookup_elem(&ct_fwd, &p->t);
+	__u64 now;
+
+	if (!m || (m->flags & (CT_F_DSR | CT_F_PORTMAP)) != (CT_F_DSR | CT_F_PORTMAP))
+		return -1;
+	now = bpf_ktime_get_ns();
+	if (!ct_alive(m, p->t.proto, cfg, now))
+		return -1;
+	if (skb_ttl_exhausted(skb))
+		return icmp_ttl_exceeded(skb, p, cfg->snat_addr);
+	ct_account(m, p, CT_DIR_FWD, now);
+	if (nat_rewrite(skb, p, p->t.saddr, m->nat_port, p->t.daddr, p->t.dport) < 0) {
+		stat_inc(STAT_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return fib_forward(skb, p->t.saddr, p->t.daddr, p->t.proto);
+}
+
 /* Backend node, ingress: a request carrying a DSR option.  For one of its backends of the named
  * frontend: record how to translate the pod's replies, strip the option, deliver.  Anything else: drop
  * and count, no state.  Returns a verdict, -2 when accepted (the caller forwards the stripped packet),
@@ -188,6 +238,7 @@ static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt
 	struct dsr_opt_v4 opt;
 	struct ct_entry rev = {};
 	struct ct_tuple rkey;
+	__be16 mapped;
 
 	if (!dsr_read_opt(skb, p, &opt))
 		return -1;
@@ -207,11 +258,13 @@ static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt
 	rev.flags = CT_F_DSR;
 	rev.mode = LB_MODE_DSR;
 	ct_reply_tuple(&rkey, p->t.daddr, p->t.dport, p->t.saddr, p->t.sport, p->t.proto);
-	if (ct_record_dsr_rev(&rkey, &rev, p, now) < 0) {
+	mapped = dsr_portmap(p, cfg, &rev, &rkey, now);
+	if (!mapped && ct_record_dsr_rev(&rkey, &rev, p, now) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
-	if (dsr_strip_opt(skb, p, &opt) < 0) {
+	if (dsr_strip_opt(skb, p, &opt) < 0 ||
+	    (mapped && nat_rewrite(skb, p, p->t.saddr, mapped, p->t.daddr, p->t.dport) < 0)) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}

@@ -38,7 +38,7 @@ static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb
 {
 	struct ct_entry rev = {}, *won;
 	struct ct_tuple rkey;
-	int rc, snat = 0;
+	int rc, own_rev = 0;   /* a reverse entry this call wrote, undone if the forward one fails */
 
 	e->last_seen = now;
 	e->backend_id = be_id;
@@ -63,7 +63,10 @@ static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb
 	if (e->flags & CT_F_LOCAL) {
 		rev = *e;
 		ct_reply_tuple(&rkey, be->addr, be->port, p->t.saddr, p->t.sport, p->t.proto);
-		if (ct_record_rev(&rkey, &rev, p, cfg, now) < 0)
+		rc = ct_rev_held(&rkey, &rev, p->t.proto, cfg, now) ? ct_portmap(cfg, e, &rkey) : -1;
+		if (rc == 0)
+			own_rev = 1;
+		else if (rc != -1 || ct_record_rev(&rkey, &rev, p, cfg, now) < 0)
 			return NP_NEW_CT_FULL;
 	} else if (e->flags & CT_F_SNAT) {
 		e->nat_addr = cfg->snat_addr;
@@ -73,7 +76,7 @@ static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb
 			return rc == -ERR_ENOSPC ? NP_NEW_NO_PORT : NP_NEW_CT_FULL;
 		e->nat_port = rev.nat_port;
 		ct_reply_tuple(&rkey, be->addr, be->port, cfg->snat_addr, rev.nat_port, p->t.proto);
-		snat = 1;
+		own_rev = 1;
 	}
 	if (old) {
 		rc = bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_ANY);
@@ -81,7 +84,7 @@ static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb
 		rc = bpf_map_update_elem(&ct_fwd, &p->t, e, BPF_NOEXIST);
 		if (rc == -ERR_EEXIST) {
 			/* Another CPU created this tuple's flow meanwhile (a retransmission): use that one. */
-			if (snat)
+			if (own_rev)
 				bpf_map_delete_elem(&ct_rev, &rkey);
 			won = bpf_map_lookup_elem(&ct_fwd, &p->t);
 			if (!won)
@@ -91,7 +94,7 @@ static __always_inline int np_new_flow(void *ctx, struct pkt *p, const struct lb
 		}
 	}
 	if (rc < 0) {
-		if (snat)
+		if (own_rev)
 			bpf_map_delete_elem(&ct_rev, &rkey);
 		return NP_NEW_CT_FULL;
 	}

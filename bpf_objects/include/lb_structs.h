@@ -39,6 +39,7 @@
 #define CT_F_CLOSING 8        /* both sides sent FIN (or RST): the flow lives closing_timeout more */
 #define CT_F_RESET 16         /* closed by RST: no TIME_WAIT on either side, reusable at once */
 #define CT_F_HOST 32          /* a connection of the node itself, moved off a port a SNAT'd flow holds */
+#define CT_F_PORTMAP 64       /* to a local backend, the client port remapped to nat_port (flow.h, np_portmap) */
 
 /* Statistic counters (index into the per-CPU lb_stats array). */
 #define STAT_PASS_NOT_SERVICE 0
@@ -72,7 +73,7 @@
 #define STAT_NAT_PORT_SOCKET 27       /* a SNAT port skipped: a socket of the node uses it towards the backend */
 #define STAT_NAT_PORT_REUSED 28       /* a SNAT port taken over from a flow that had ended */
 #define STAT_DROP_HOST_NAT_EXHAUSTED 29 /* a node connection found neither its port nor another one free */
-#define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow left that flow's state alone */
+#define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow, no other port free: that flow's state kept */
 #define STAT_RESET_SUPPRESSED 31      /* a refusal's RST not sent: its sender is no unicast host (icmp.h's rules) */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
  * traffic (issue 13); 56..63: source ranges (issue 16). */
@@ -128,8 +129,9 @@ struct ct_tuple {
 
 /* Forward entry (key: the client's tuple as received) or reverse entry (key: the reply's
  * tuple as it leaves the backend).  Forward: rewrite the destination to backend_addr:port
- * and, with CT_F_SNAT, the source to nat_addr:nat_port.  Reverse: rewrite the source to
- * the frontend (fe_addr:fe_port) and, with CT_F_SNAT, the destination to the client. */
+ * and, with CT_F_SNAT or CT_F_PORTMAP, the source to nat_addr:nat_port.  Reverse: rewrite the
+ * source to the frontend (fe_addr:fe_port) and, with CT_F_SNAT or CT_F_PORTMAP, the destination
+ * to the client. */
 struct ct_entry {
 	__u64 last_seen;       /* bpf_ktime_get_ns() of the last packet, refreshed at most once a second */
 	__u32 backend_id;
@@ -292,13 +294,16 @@ struct lb_sock_affinity_key {
  *   unroutable sender, for a frame not addressed to this host, or about a RST.
  * direct_flow: TCP flows of a backend pod the load balancer did not make (reached at the pod's own
  *   address, or opened by the pod), whose replies may leave untranslated.
- * xdp_neigh_check: flow starts XDP handed to tc so the kernel keeps verifying a next hop (neigh.h). */
+ * xdp_neigh_check: flow starts XDP handed to tc so the kernel keeps verifying a next hop (neigh.h).
+ * ct_port_remapped: new flows to a local backend whose client port was remapped, the pod's view of the
+ *   client's tuple being held by another flow (another frontend's, possibly in the pod's TIME_WAIT). */
 #define STAT_DROP_TTL_EXCEEDED 32
 #define STAT_ICMP_SENT 33
 #define STAT_ICMP_RATE_LIMITED 34
 #define STAT_ICMP_SUPPRESSED 35
 #define STAT_DIRECT_FLOW 36
 #define STAT_XDP_NEIGH_CHECK 37
+#define STAT_CT_PORT_REMAPPED 38
 
 /* lb_dsr_frontends values: how the backends of a frontend a DSR option may name are listed in
  * lb_dsr_backends. */

@@ -60,7 +60,7 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	__u32 growth = opt ? sizeof(struct dsr_opt_v4) : 0;
 	int rc;
 
-	if (e->flags & CT_F_SNAT) {
+	if (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) {
 		saddr = e->nat_addr;
 		sport = e->nat_port;
 	}
@@ -147,6 +147,9 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	/* Every packet of a flow is addressed to its frontend: one lookup settles non-service traffic. */
 	svc = lb_lookup_service(&p);
 	if (!svc || (svc->flags & LB_SVC_F_CLUSTER_IP)) {   /* a ClusterIP is not served from outside */
+		rc = dsr_mapped_ingress(skb, &p, cfg);
+		if (rc >= 0)
+			return rc;
 		direct_ingress(&p);
 		stat_inc(STAT_PASS_NOT_SERVICE);
 		return TC_ACT_OK;
@@ -226,7 +229,9 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
 	ct_account(rev, &p, CT_DIR_REV, now);
-	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr, p.t.dport) < 0) {
+	/* CT_F_PORTMAP: the pod answered the client's remapped port; the client's own port goes back. */
+	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr,
+			(rev->flags & CT_F_PORTMAP) ? rev->client_port : p.t.dport) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}

@@ -62,3 +62,22 @@ def test_probe_mixes_protocols_and_reports_errors(lab: Lab) -> None:
     assert results[1].pod == "echo-b" and results[1].client_ip == "198.18.0.11"
     assert results[2].error == "connection refused"
     assert results[3].error in ("timeout", "network unreachable", "no route to host")
+
+
+@pytest.mark.privileged
+def test_a_udp_probe_sends_from_the_port_it_is_given(lab: Lab) -> None:
+    [result] = lab.probe("node2", [UdpProbe("10.244.2.10", 8081, ("clientip",), local_port=19990)])
+    assert result.ok and result.local == "10.244.2.1:19990" and result.replies == ["10.244.2.1:19990"]
+
+
+@pytest.mark.privileged
+def test_each_check_sends_udp_from_ports_no_check_used_lately(lab: Lab) -> None:
+    """lab.check's UDP probes are new flows for the datapath, never a live flow of an earlier check (which
+    keeps the mode it started with across set_mode): their ports are taken in turn from CHECK_UDP_PORTS."""
+    from bpflb_lab.lab.traffic import CHECK_UDP_PORTS
+
+    probes = [UdpProbe("198.18.0.11", 30081), HttpProbe("198.18.0.11", 30080), UdpProbe("198.18.0.12", 30181)]
+    first = [p.local_port for p in lab.fresh_udp_ports(probes) if isinstance(p, UdpProbe)]
+    second = [p.local_port for p in lab.fresh_udp_ports(probes) if isinstance(p, UdpProbe)]
+    assert len(set(first + second)) == 4 and all(CHECK_UDP_PORTS[0] <= p < CHECK_UDP_PORTS[1] for p in first + second)
+    assert lab.fresh_udp_ports(probes)[1] == probes[1]        # TCP: a new SYN is a new flow anyway

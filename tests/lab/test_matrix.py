@@ -5,6 +5,8 @@ received); with VXLAN, that the underlay carried UDP 8472 between node addresses
 
 from __future__ import annotations
 
+import random
+import socket
 import time
 from collections.abc import Iterator
 
@@ -135,3 +137,60 @@ def test_the_lab_check_passes_on_either_tunnel(lab: Lab, mode: str) -> None:
     lab.set_mode(mode)
     report = lab.check()
     assert report.ok, f"tunnel {lab.state().tunnel}:\n{report.render()}"
+
+
+def _ask(proto: str, local_port: int, addr: str, port: int) -> str:
+    """From the client's local_port, a new connected socket (as lab.check's probes): "GET /hostname" over
+    TCP or "hostname" over UDP, one attempt, 1 s; the pod that answered, or the error."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", local_port))
+        sock.settimeout(1.0)
+        sock.connect((addr, port))
+        if proto == "UDP":
+            sock.send(b"hostname")
+            return sock.recv(100).decode()
+        sock.sendall(b"GET /hostname HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        return data.split(b"\r\n\r\n", 1)[-1].decode()
+    except OSError as exc:
+        return f"error: {exc!r}"
+    finally:
+        sock.close()
+
+
+def _reused_ports(proto: str, first: tuple[str, int], then: tuple[str, int], base: int, clashes: int) -> list[str]:
+    """From ports base, base+2, ...: ask `first`, then at once `then` from the same port, until `clashes`
+    ports reached echo-a (node2's pod) both times; what each of those second requests got."""
+    out = []
+    for local_port in range(base, base + 200, 2):
+        if _ask(proto, local_port, *first) != "echo-a":
+            continue
+        second = _ask(proto, local_port, *then)
+        if second != "echo-a" and not second.startswith("error"):
+            continue            # balanced to the other pod: no shared tuple
+        out.append(f"port {local_port}: {second}")
+        if len(out) == clashes:
+            break
+    return out
+
+
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_a_client_port_reused_towards_another_frontend_of_the_same_pod(lab: Lab, proto: str) -> None:
+    """lab.check's lost second: the client's port, used a moment ago through node1 (DSR to node2's pod),
+    used again for node2's eTP Local NodePort (and the other way round).  The pod would see the same tuple
+    for both flows: the new flow's answers left as the earlier frontend's (or its SYN met the earlier
+    connection's TIME_WAIT).  Every such second request is answered, each from its own frontend."""
+    lab.set_mode("DSR")
+    dsr = (NODE1, 30080 if proto == "TCP" else 30081)
+    local = (NODE2, 30180 if proto == "TCP" else 30181)
+    base = random.randrange(20000, 30000, 2)       # below the ephemeral range: no probe of the kernel's own
+    for first, then in ((dsr, local), (local, dsr)):
+        got = lab.run_in("client", _reused_ports, proto, first, then, base, 3, timeout=300)
+        assert len(got) == 3, f"{proto} {first} then {then}: only {got} reached echo-a twice"
+        failed = [g for g in got if not g.endswith(": echo-a")]
+        assert not failed, f"{proto} {first} then {then} from the same client port: {failed}"
+        base += 200

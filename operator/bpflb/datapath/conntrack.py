@@ -87,6 +87,7 @@ class _Flags:
     def __init__(self) -> None:
         self.snat, self.local, self.dsr = const("CT_F_SNAT"), const("CT_F_LOCAL"), const("CT_F_DSR")
         self.closing, self.reset, self.host = const("CT_F_CLOSING"), const("CT_F_RESET"), const("CT_F_HOST")
+        self.portmap = const("CT_F_PORTMAP")
         self.established = const("CT_S_ESTABLISHED")
 
 
@@ -103,12 +104,14 @@ def flags() -> _Flags:
 def peer_key(e: Entry, forward: bool, proto: int) -> bytes | None:
     """conntrack.h's ct_peer_key: the key of the flow's other entry on this node, packed."""
     f = flags()
-    if e.flags & f.dsr:
+    if (e.flags & (f.dsr | f.portmap)) == f.dsr:
         return None
     if forward:
-        if e.flags & f.snat:
+        if e.flags & (f.snat | f.portmap):
             return CT_TUPLE.pack(e.backend_addr, e.nat_addr, e.backend_port, e.nat_port, proto)
         return CT_TUPLE.pack(e.backend_addr, e.client_addr, e.backend_port, e.client_port, proto)
+    if e.flags & f.dsr:   # a remapped DSR flow's mapping, keyed client -> pod
+        return CT_TUPLE.pack(e.client_addr, e.backend_addr, e.client_port, e.backend_port, proto)
     return CT_TUPLE.pack(e.client_addr, e.fe_addr, e.client_port, e.fe_port, proto)
 
 

@@ -7,6 +7,7 @@ Every probe returns a ProbeResult instead of raising, with errors named the way 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import itertools
@@ -38,6 +39,7 @@ class UdpProbe:
     port: int
     messages: tuple[str, ...] = ("hostname",)
     timeout: float = 1.0
+    local_port: int = 0     # the socket's own port; 0: the kernel's choice (or when that port is busy)
 
 
 Probe = HttpProbe | UdpProbe
@@ -118,6 +120,9 @@ def udp_probe(probe: UdpProbe) -> ProbeResult:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.settimeout(probe.timeout)
+        if probe.local_port:
+            with contextlib.suppress(OSError):
+                sock.bind(("0.0.0.0", probe.local_port))
         sock.connect((probe.addr, probe.port))  # connected: ICMP port unreachable surfaces as ECONNREFUSED
         host, port = sock.getsockname()[:2]
         result.local = f"{host}:{port}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -16,8 +17,10 @@ from bpflb_lab.lab.check import CheckReport, evaluate, plan
 from bpflb_lab.lab.errors import LabError
 from bpflb_lab.lab.parts import LabParts
 from bpflb_lab.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
+from bpflb_lab.lab.state import atomic_write
 
 T = TypeVar("T")
+CHECK_UDP_PORTS = (10000, 20000)   # lab.check's UDP source ports, taken in turn (Traffic.fresh_udp_ports)
 
 
 class Traffic(LabParts):
@@ -94,6 +97,29 @@ class Traffic(LabParts):
         state = self.state()
         start = time.monotonic()
         scenarios = plan(self.services(), self.endpoint_slices(), state.nodes, Mode.parse(state.mode), timeout)
-        probes = [p for sc in scenarios for p in sc.probes]
+        probes = self.fresh_udp_ports([p for sc in scenarios for p in sc.probes])
         results = self.probe("client", probes, parallel=64)
         return CheckReport(self.name, state.mode, evaluate(scenarios, results), time.monotonic() - start)
+
+    def fresh_udp_ports(self, probes: list[Probe]) -> list[Probe]:
+        """The UDP probes of a check, each from a port no earlier check of this lab used lately.  A datagram
+        on a tuple whose flow is alive (60 s) continues that flow, in the mode it started with (set_mode:
+        open flows keep theirs): a port the kernel happened to pick again right after a mode switch would
+        get the old mode's answer, and the check would judge the new mode by it.  TCP needs none of this:
+        a new connection's SYN starts a new flow on its closed tuple.  The ports come in turn from
+        CHECK_UDP_PORTS (below the ephemeral range), the next one kept in the lab's run directory."""
+        cursor = self.paths.run / "check-udp-port"
+        low, high = CHECK_UDP_PORTS
+        try:
+            nxt = int(cursor.read_text())
+        except (OSError, ValueError):
+            nxt = low
+        out: list[Probe] = []
+        for p in probes:
+            if isinstance(p, UdpProbe):
+                nxt = nxt if low <= nxt < high else low
+                p = replace(p, local_port=nxt)
+                nxt += 1
+            out.append(p)
+        atomic_write(cursor, f"{nxt}\n")
+        return out
