@@ -83,8 +83,12 @@ class Kernel(Protocol):
     def entries(self) -> Mapping[tuple[int, IPv4Address], Entry]:
         """The IPv4 neighbour entries by (ifindex, address)."""
 
-    def send(self, ifindex: int, dst_mac: str, src: IPv4Address, target: IPv4Address) -> None:
-        """An ARP request for target from src (and the device's current MAC) to dst_mac."""
+    def own_mac(self, ifindex: int) -> str:
+        """The device's MAC now."""
+
+    def send(self, ifindex: int, dst_mac: str, src: IPv4Address, target: IPv4Address, own_mac: str) -> None:
+        """An ARP request for target from src and own_mac to dst_mac; OSError when the device's MAC is no
+        longer own_mac."""
 
 
 @dataclass
@@ -150,6 +154,9 @@ class Refresher:
         with self._lock:
             now = self.clock()
             self._routes(now)
+            # The device's MAC before the entries: when it changes, the kernel flushes them (neigh_changeaddr),
+            # and a request in between would announce the new MAC; send() refuses then.
+            own = self._own_macs()
             entries = self.kernel.entries()
             for peer in self.peers.values():
                 entry = entries.get((peer.route.ifindex, peer.addr)) if peer.route else None
@@ -158,13 +165,14 @@ class Refresher:
                     peer.mac = entry.mac if entry is not None else ""
                     continue
                 self._notice(peer, entry)
-                if self._send(peer, entry.mac):
+                if self._send(peer, entry.mac, own):
                     self.stats.unicast += 1
                     peer.sent = self.clock()
 
     def check(self) -> None:
         """Broadcast for each peer whose entry was not confirmed since its unicast request left."""
         with self._lock:
+            own = self._own_macs()
             entries = self.kernel.entries()
             now = self.clock()
             for peer in self.peers.values():
@@ -184,7 +192,7 @@ class Refresher:
                     if peer.silent == 1:
                         log.debug("node neighbour %s did not answer at %s: asking by broadcast", peer.addr,
                                   entry.mac)
-                    if self._send(peer, BROADCAST):
+                    if self._send(peer, BROADCAST, own):
                         self.stats.broadcast += 1
 
     def _notice(self, peer: Peer, entry: Entry) -> None:
@@ -196,10 +204,22 @@ class Refresher:
                      peer.addr, peer.mac, entry.mac, how)
         peer.mac = entry.mac
 
-    def _send(self, peer: Peer, dst_mac: str) -> bool:
+    def _own_macs(self) -> dict[int, str]:
+        out = {}
+        for ifindex in {p.route.ifindex for p in self.peers.values() if p.route is not None}:
+            try:
+                out[ifindex] = self.kernel.own_mac(ifindex)
+            except OSError as exc:          # the device went away: its routes are looked up again
+                log.debug("node neighbours: device %d: %s", ifindex, exc)
+                self._routes_at = None
+        return out
+
+    def _send(self, peer: Peer, dst_mac: str, own: Mapping[int, str]) -> bool:
         assert peer.route is not None
+        if peer.route.ifindex not in own:
+            return False
         try:
-            self.kernel.send(peer.route.ifindex, dst_mac, peer.route.src, peer.addr)
+            self.kernel.send(peer.route.ifindex, dst_mac, peer.route.src, peer.addr, own[peer.route.ifindex])
         except OSError as exc:
             self.stats.errors += 1
             log.debug("ARP request to %s (%s): %s", peer.addr, dst_mac, exc)
@@ -256,16 +276,31 @@ class NetlinkKernel:
                                                                      int(n["state"]), confirmed)
         return out
 
-    def send(self, ifindex: int, dst_mac: str, src: IPv4Address, target: IPv4Address) -> None:
+    def _socket(self, ifindex: int) -> socket.socket:
         s = self.sockets.get(ifindex)
         if s is None:
             # Protocol 0: this socket only sends, the kernel queues nothing to it.
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            s.bind((socket.if_indextoname(ifindex), 0))
+            try:
+                s.bind((socket.if_indextoname(ifindex), 0))
+            except OSError:
+                s.close()
+                raise
             self.sockets[ifindex] = s
-        # The device's MAC as of now (getsockname reads it from the device), never a cached one.
-        own = ":".join(f"{b:02x}" for b in bytes(s.getsockname()[4])[:6])
-        s.send(arp_request(own, src, target, dst_mac))
+        return s
+
+    def own_mac(self, ifindex: int) -> str:
+        # getsockname reads the bound device's address as of now.
+        name = self._socket(ifindex).getsockname()
+        if len(name[4]) < 6:     # the device went away: bind again next time
+            self.sockets.pop(ifindex).close()
+            raise OSError(f"device {ifindex} is gone")
+        return ":".join(f"{b:02x}" for b in bytes(name[4])[:6])
+
+    def send(self, ifindex: int, dst_mac: str, src: IPv4Address, target: IPv4Address, own_mac: str) -> None:
+        if self.own_mac(ifindex) != own_mac:
+            raise OSError(f"the MAC of device {ifindex} changed since its neighbours were read")
+        self._socket(ifindex).send(arp_request(own_mac, src, target, dst_mac))
 
 
 class NodeNeighbours:
