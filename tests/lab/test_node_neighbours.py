@@ -137,7 +137,7 @@ def change_node2_mac(lab: Lab, tmp: Path, limit: float) -> tuple[float | None, i
     with capture(lab, "node1", "arp") as cap:
         try:
             lab.exec("node2", ["ip", "link", "set", "dev", "eth0", "address", new], check=True)
-            changed = time.monotonic()
+            changed, changed_wall = time.monotonic(), time.time()
             # From now on frames to the old MAC go nowhere: the client starts only then (a frame in between would
             # reach node2 as PACKET_OTHERHOST, and its tc program could take it: not what a real network does).
             gone = old_nic_gone(lab, old)
@@ -156,6 +156,10 @@ def change_node2_mac(lab: Lab, tmp: Path, limit: float) -> tuple[float | None, i
             with contextlib.suppress(NameError):
                 gone.__exit__(None, None, None)
     assert mac_of(lab, "node2") == new
+    for line in lab.paths.agent_log("node1").read_text().splitlines():
+        if f"changed MAC from {old} to {new}" in line:     # when node1's agent saw its entry hold the new MAC
+            at = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+            print(f"\nnode1's agent saw the new MAC {at - changed_wall:.2f}s after the change: {line[24:]}")
     after = len([a for a in attempts_in(record) if a[0] > changed])
     return took, after, old, new, arp_frames(cap.lines or [])
 
