@@ -1,8 +1,8 @@
 """The kernel's datapath: bpf_lb.o (and bpf_xdp.o, bpf_sock.o) loaded through libbpf with maps pinned under
 the pin root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's
 overlay in netlink, the neighbour hygiene of the node's bridges (datapath.neighbours) and of its peer nodes
-(datapath.nodeneigh), the socket LB on the
-node's cgroup and the pod-facing path on its pods' veths. What `bpflb agent` runs."""
+(datapath.nodeneigh), the socket LB on the node's cgroup and the pod-facing path on its pods' veths. What
+`bpflb agent` runs."""
 
 from __future__ import annotations
 
