@@ -256,7 +256,14 @@ class NetlinkKernel:
         self.ipr.close()
 
     def route(self, addr: IPv4Address) -> Route | None:
-        for msg in self.ipr.route("get", dst=str(addr)):
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            msgs = self.ipr.route("get", dst=str(addr))
+        except NetlinkError as exc:       # no route to it (ENETUNREACH): nothing on-link to verify
+            log.debug("node neighbour %s: %s", addr, exc)
+            return None
+        for msg in msgs:
             if msg["type"] != RTN_UNICAST or msg.get_attr("RTA_GATEWAY"):
                 return None
             oif, src = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_PREFSRC")
