@@ -61,6 +61,7 @@ class AgentOptions:
     health_servers: bool = False
     healthz_bind_address: str = f"0.0.0.0:{PROXY_HEALTH_PORT}"
     mount_bpffs: bool = False          # mount bpffs when the pin root is on none (an agent run on the host itself)
+    node_neigh_refresh: float = 0.5    # seconds between ARP checks of each on-link peer node (--node-neigh-refresh; 0: off)
 
 
 def device_for_address(addr: IPv4Address) -> str | None:
@@ -100,7 +101,8 @@ class Agent:
         if datapath is None:
             from bpflb.datapath.kernel import KernelDatapath
 
-            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root, mount_bpffs=opts.mount_bpffs)
+            datapath = KernelDatapath(opts.pin_root, opts.cgroup_root, mount_bpffs=opts.mount_bpffs,
+                                      node_neigh_refresh=opts.node_neigh_refresh)
         self.datapath: Datapath = datapath
         self.uninstalled = False           # the configuration said uninstall, and it was done
         self.last_error: str | None = None  # why the last sync attempt failed, None after a good one

@@ -29,11 +29,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bpflb agent: --nat-port-range {exc}", file=sys.stderr)
         return 2
+    if not 0 <= args.node_neigh_refresh <= 3600:
+        print(f"bpflb agent: --node-neigh-refresh {args.node_neigh_refresh:g}: expected seconds from 0 (off) to "
+              "3600", file=sys.stderr)
+        return 2
     opts = AgentOptions(node_name=args.node_name, pin_root=Path(args.pin_root), device=args.device,
                         cgroup_root=Path(args.cgroup_root) if args.cgroup_root else None,
                         socket_lb=not args.no_socket_lb, nat_port_range=nat_ports,
                         health_servers=not args.no_health_servers and not args.once,
-                        healthz_bind_address=args.healthz_bind_address, mount_bpffs=args.mount_bpffs)
+                        healthz_bind_address=args.healthz_bind_address, mount_bpffs=args.mount_bpffs,
+                        node_neigh_refresh=args.node_neigh_refresh)
     if args.kube:
         from bpflb.control.node import run_kube_agent
 
@@ -174,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--nat-port-range", default="32768-65535", metavar="MIN-MAX",
                        help="source ports of SNAT'd flows, each unique per (backend address, backend port, "
                             "protocol); default 32768-65535 (Cilium's range)")
+    agent.add_argument("--node-neigh-refresh", type=float, default=0.5, metavar="SECONDS",
+                       help="every SECONDS, send each peer node on a link of this node a unicast ARP request to the "
+                            "MAC its neighbour entry holds, and a broadcast one when that is not confirmed: a node "
+                            "re-created with a new MAC is reached again within about this long (0: off; default 0.5)")
     agent.add_argument("--cgroup-root", metavar="DIR",
                        help="the cgroup v2 directory the socket LB attaches to: every process below it (the node's "
                             "pods and its own) is load-balanced at the socket (default: this mount namespace's "

@@ -162,6 +162,17 @@ class DatapathCollector(Collector):
             entries.add_metric([name], fill.entries)
             capacity.add_metric([name], fill.capacity)
         yield from (drops, packets, pressure, entries, capacity)
+        neigh = self.agent.datapath.node_neighbour_counts()
+        if neigh:
+            requests = CounterMetricFamily("bpflb_node_neighbour_arp_requests", "ARP requests the agent sent to "
+                                           "verify peer nodes' neighbour entries, by kind (unicast, broadcast)",
+                                           labels=["kind"])
+            for kind in ("unicast", "broadcast"):
+                requests.add_metric([kind], neigh.get(kind, 0))
+            yield requests
+            yield CounterMetricFamily("bpflb_node_neighbour_mac_changes", "Peer nodes found answering from a new "
+                                      "MAC (the kernel's neighbour entry now holds it)",
+                                      value=neigh.get("mac_changes", 0))
 
 
 class AgentMetrics:

@@ -159,3 +159,16 @@ def test_the_server_answers_what_it_serves_and_refuses_a_bad_address() -> None:
         server.close()
     with pytest.raises(ValueError, match="expected ADDR:PORT"):
         split_listen("localhost")
+
+
+def test_the_node_neighbour_refreshers_counters_are_exposed_when_it_runs(
+        served: tuple[Agent, MemoryDatapath, Source, AgentMetrics, str]) -> None:
+    agent, datapath, _source, _metrics, url = served
+    agent.start()
+    assert agent.run_once() is not None
+    assert not [k for k in samples(get(f"{url}/metrics")[1]) if k[0].startswith("bpflb_node_neighbour")]
+    datapath.node_neighbour_counts = lambda: {"unicast": 40, "broadcast": 3, "mac_changes": 1}  # type: ignore[method-assign]
+    got = samples(get(f"{url}/metrics")[1])
+    assert got[("bpflb_node_neighbour_arp_requests_total", (("kind", "unicast"),))] == 40
+    assert got[("bpflb_node_neighbour_arp_requests_total", (("kind", "broadcast"),))] == 3
+    assert got[("bpflb_node_neighbour_mac_changes_total", ())] == 1

@@ -24,8 +24,9 @@ CGROUP_ROOT = "/run/bpflb/cgroupv2"         # where the agent's container sees t
 SELECTOR = {"app.kubernetes.io/name": "bpflb", "app.kubernetes.io/component": "agent"}
 MANAGED = {"app.kubernetes.io/managed-by": "bpflb-operator"}
 # What the agent needs and nothing more: load BPF objects and maps (BPF), attach them to a device with tc
-# and use the networking helpers (NET_ADMIN), and the verifier's pointer rules for tc programs (PERFMON).
-CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON")
+# and use the networking helpers (NET_ADMIN), and the verifier's pointer rules for tc programs (PERFMON); the
+# ARP requests that verify the peer nodes' neighbour entries leave through a packet socket (NET_RAW).
+CAPABILITIES = ("BPF", "NET_ADMIN", "PERFMON", "NET_RAW")
 METRICS_PORT = 9962           # the agents' metrics and probes (Cilium's agent metrics port), on the node
 
 
@@ -33,7 +34,7 @@ METRICS_PORT = 9962           # the agents' metrics and probes (Cilium's agent m
 class AgentPod:
     """How the agents' pods are scheduled and sized, and the agent's command-line settings: the Helm chart's
     agent values (image pull policy and secrets, service account, resources, tolerations, nodeSelector,
-    priorityClassName, natPortRange), which the chart
+    priorityClassName, natPortRange, nodeNeighRefresh), which the chart
     writes into the operator's ConfigMap and the operator reads with --agent-pod-config. The defaults are
     what the operator uses without a chart."""
 
@@ -45,6 +46,7 @@ class AgentPod:
     tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
     nodeSelector: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
     natPortRange: str = "{}-{}".format(*NAT_PORT_RANGE_DEFAULT)   # the agent's --nat-port-range (SNAT ports)
+    nodeNeighRefresh: float = 0.5      # the agent's --node-neigh-refresh (seconds; 0: off)
     # The host's cgroup v2 root (Cilium's cgroup.hostRoot): the socket LB attaches there, so that every pod's
     # and the node's own processes are load-balanced at the socket. /sys/fs/cgroup on a pure cgroup v2 host.
     cgroupHostRoot: str = "/sys/fs/cgroup"
@@ -78,6 +80,11 @@ class AgentPod:
             except ValueError as exc:
                 raise ValueError(f"{where}: natPortRange: {exc}") from None
             out["natPortRange"] = data["natPortRange"]
+        if "nodeNeighRefresh" in data:
+            refresh = expect("nodeNeighRefresh", (int, float), "seconds from 0 (off) to 3600")
+            if not 0 <= refresh <= 3600:
+                raise ValueError(f"{where}: nodeNeighRefresh: must be seconds from 0 (off) to 3600; got {refresh!r}")
+            out["nodeNeighRefresh"] = float(refresh)
         if not out.get("cgroupHostRoot", "/").startswith("/"):
             raise ValueError(f"{where}: cgroupHostRoot: must be an absolute path; got {out['cgroupHostRoot']!r}")
         if out.get("imagePullPolicy", "IfNotPresent") not in ("Always", "IfNotPresent", "Never"):
@@ -155,7 +162,7 @@ def agent_daemonset(image: str = DEFAULT_IMAGE, pod: AgentPod | None = None, nam
             "imagePullPolicy": pod.imagePullPolicy,
             "command": ["bpflb", "agent", "--kube", "--node-name", "$(NODE_NAME)",
                         "--pin-root", PIN_ROOT, "--cgroup-root", CGROUP_ROOT, "--nat-port-range", pod.natPortRange,
-                        f"--metrics-listen=0.0.0.0:{pod.metricsPort}"],
+                        f"--node-neigh-refresh={pod.nodeNeighRefresh:g}", f"--metrics-listen=0.0.0.0:{pod.metricsPort}"],
             # The agent finds its ConfigMap and writes its report in its own namespace (POD_NAMESPACE).
             "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],

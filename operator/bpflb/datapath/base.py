@@ -96,6 +96,10 @@ class Datapath(Protocol):
         """How full each bounded map is, by map name (arrays, full by construction, left out)."""
         ...
 
+    def node_neighbour_counts(self) -> dict[str, int]:
+        """The peer-node neighbour refresher's counters (datapath.nodeneigh), empty when it does not run."""
+        ...
+
     def collect_conntrack(self) -> GcReport | None:
         """Remove ended flows from the conntrack maps (datapath.conntrack); None when there are none to collect."""
         ...
@@ -178,6 +182,9 @@ class MapsDatapath:
     def counters(self) -> dict[str, int]:
         assert self.maps is not None, "counters() before load()"
         return self.maps.stats()
+
+    def node_neighbour_counts(self) -> dict[str, int]:
+        return {}
 
     def collect_conntrack(self) -> GcReport | None:
         """The kernel's maps only (the in-memory datapath keeps no flows)."""

@@ -1,7 +1,8 @@
 """The kernel's datapath: bpf_lb.o (and bpf_xdp.o, bpf_sock.o) loaded through libbpf with maps pinned under
 the pin root, tc programs on the external device (and the VXLAN device), the XDP fast path, the node's
-overlay in netlink, the neighbour hygiene of the node's bridges (datapath.neighbours), the socket LB on the
-node's cgroup and the pod-facing path on its pods' veths. What `bpflb agent` runs."""
+overlay in netlink, the neighbour hygiene of the node's bridges (datapath.neighbours) and of its peer nodes
+(datapath.nodeneigh), the socket LB on the node's cgroup and the pod-facing path on its pods' veths. What
+`bpflb agent` runs."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from bpflb.datapath.loader import (
     xdp_detach,
 )
 from bpflb.datapath.neighbours import NeighbourHygiene
+from bpflb.datapath.nodeneigh import DEFAULT_REFRESH, NodeNeighbours
 from bpflb.datapath.overlay import VXLAN_DEV, Overlay
 from bpflb.datapath.pods import LinkWatch, pod_devices, veth_devices
 from bpflb.model.cluster import Tunnel
@@ -43,7 +45,8 @@ log = logging.getLogger("bpflb.agent")
 class KernelDatapath(MapsDatapath):
     """One node's real datapath, its maps pinned under pin_root so they outlive the agent."""
 
-    def __init__(self, pin_root: Path, cgroup_root: Path | None = None, mount_bpffs: bool = False) -> None:
+    def __init__(self, pin_root: Path, cgroup_root: Path | None = None, mount_bpffs: bool = False,
+                 node_neigh_refresh: float = DEFAULT_REFRESH) -> None:
         super().__init__()
         self.pin_root = pin_root
         self.cgroup_root = cgroup_root              # None: this mount namespace's cgroup v2 root
@@ -55,6 +58,8 @@ class KernelDatapath(MapsDatapath):
         self.tunnel_ifindex = 0
         self.acceleration: str | None = None      # what this process last applied
         self.neighbours: NeighbourHygiene | None = None   # running while this process has the programs attached
+        self.node_neighbours = NodeNeighbours(node_neigh_refresh)   # peer nodes' entries verified (0: off)
+        self._node_neighbours_said = False
         self.sock_cgroup: Path | None = None      # where this process attached the socket LB
         self.pod_path: dict[int, str] = {}        # pod veths this process gave the pod-facing path
         self.pod_cidrs: tuple[IPv4Network, ...] = ()
@@ -88,8 +93,16 @@ class KernelDatapath(MapsDatapath):
             self.neighbours.start()
             log.info("watching the node's bridges: a MAC that leaves one has its IPv4 neighbour entries forgotten "
                      "(a replaced pod keeping its address is resolved again, without waiting for ARP timers)")
+        if self.node_neighbours.refresher is None:
+            self.node_neighbours.start()
+        if self.node_neighbours.refresher is not None and not self._node_neighbours_said:
+            self._node_neighbours_said = True
+            log.info("verifying the on-link peer nodes' neighbour entries every %gs (a unicast ARP request to the MAC "
+                     "each holds, a broadcast one when it is not confirmed): a node re-created with a new MAC is "
+                     "reached again without waiting for ARP timers", self.node_neighbours.interval)
 
     def close(self) -> None:
+        self.node_neighbours.stop()
         if self.neighbours is not None:
             self.neighbours.stop()
             self.neighbours = None
@@ -99,6 +112,7 @@ class KernelDatapath(MapsDatapath):
 
     def program(self, want: NodeProgram) -> ProgramReport:
         report = super().program(want)
+        self.node_neighbours.set_peers(n.addr for n in want.nodes if want.me is None or n.name != want.me.name)
         # The new programs are attached (tc by attach(), XDP and the socket LB by this sync): the maps of a
         # previous version being taken over get the entries its programs made meanwhile, and are unpinned.
         for obj in (self.obj, self.xdp_obj, self.sock_obj):
@@ -148,6 +162,9 @@ class KernelDatapath(MapsDatapath):
         log.info("xdpAcceleration %s: XDP program attached in %s mode; remote-backend flows and SNAT "
                  "replies are forwarded at XDP, everything else by tc", acceleration, report.acceleration)
         self.acceleration = acceleration
+
+    def node_neighbour_counts(self) -> dict[str, int]:
+        return self.node_neighbours.counts()
 
     def collect_conntrack(self) -> GcReport | None:
         maps = self.maps
