@@ -3,12 +3,14 @@ in a scratch namespace that looks like node1 (routes and neighbours for its FIB 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from bpflb.datapath.lbmaps import LBMaps
-from bpflb.datapath.loader import load_lb, load_xdp
+from bpflb.datapath.loader import load_lb, load_xdp, remove_pins
 from bpflb_lab.scratch import scratch_node
 from tests.bpf.packets import (  # noqa: F401 - the names this module exported before; new tests import packets
     CLIENT,
@@ -46,3 +48,13 @@ def xnode() -> Iterator[XdpNode]:
         finally:
             xdp.close()
             obj.close()
+
+
+@pytest.fixture
+def pin_root() -> Iterator[Path]:
+    """A bpffs directory of the test's own for pinned maps, removed with everything in it afterwards."""
+    root = Path(f"/sys/fs/bpf/bpflb-test-{uuid.uuid4().hex[:8]}")
+    try:
+        yield root
+    finally:
+        remove_pins(root)

@@ -5,8 +5,6 @@ bad objects leave everything else programmed, and a restart on pinned maps recov
 from __future__ import annotations
 
 import copy
-import uuid
-from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
-from bpflb.datapath.loader import load_lb, remove_pins
+from bpflb.datapath.loader import load_lb
 from bpflb.inspect import collect, collect_maps
 from bpflb.model.translate import translate
 from bpflb.model.types import Mode
@@ -99,14 +97,6 @@ def test_sync_is_a_diff_and_live_flows_survive_unrelated_changes(node: Node) -> 
     report = node.maps.sync(translate(snap, "node1"))
     assert (report.frontends_removed, report.slots_removed, report.backends_removed) == (1, 2, 1)
 
-
-@pytest.fixture
-def pin_root() -> Iterator[Path]:
-    root = Path(f"/sys/fs/bpf/bpflb-test-{uuid.uuid4().hex[:8]}")
-    try:
-        yield root
-    finally:
-        remove_pins(root)
 
 
 def test_restart_on_pinned_maps_recovers_ids_and_writes_nothing(pin_root: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
-from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from scapy.layers.l2 import Ether
 from bpflb.datapath import migrate
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig, read_stats
 from bpflb.datapath.libbpf import TC_ACT_REDIRECT, BpfError, ffi, lib, map_info, objects_dir, possible_cpus
-from bpflb.datapath.loader import BpfObject, load_lb, remove_pins
+from bpflb.datapath.loader import BpfObject, load_lb
 from bpflb.model.types import Mode
 from bpflb_lab.lab.netns import entered
 from bpflb_lab.scratch import scratch_node
@@ -31,14 +29,6 @@ pytestmark = pytest.mark.privileged
 
 LAYOUT_TEST_DIR = Path(__file__).resolve().parents[2] / "bpf_objects" / "build-layout-test"
 
-
-@pytest.fixture
-def pin_root() -> Iterator[Path]:
-    root = Path(f"/sys/fs/bpf/bpflb-test-{uuid.uuid4().hex[:8]}")
-    try:
-        yield root
-    finally:
-        remove_pins(root)
 
 
 def built(obj_dir: Path) -> Path:

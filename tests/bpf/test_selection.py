@@ -5,7 +5,6 @@ backend keeps its open flows while getting no new ones."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -17,7 +16,7 @@ from scapy.layers.l2 import Ether
 
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_REDIRECT
-from bpflb.datapath.loader import load_lb, remove_pins
+from bpflb.datapath.loader import load_lb
 from bpflb.model import maglev
 from bpflb.model.types import (
     AgentSettings,
@@ -201,14 +200,6 @@ def _backend_addrs(node: Node) -> set[str]:
     return {str(IPv4Address(node.maps.backends.decode_value(v).addr.to_bytes(4, "little")))
             for _, v in node.maps.backends.items_raw()}
 
-
-@pytest.fixture
-def pin_root() -> Iterator[Path]:
-    root = Path(f"/sys/fs/bpf/bpflb-h8-test-{uuid.uuid4().hex[:8]}")
-    try:
-        yield root
-    finally:
-        remove_pins(root)
 
 
 def test_a_restart_on_pinned_maps_rebuilds_the_same_tables_and_writes_nothing(pin_root: Path) -> None:

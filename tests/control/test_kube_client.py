@@ -29,6 +29,26 @@ def requests_to(api: EmulatedAPI, path: str, *, watch: bool) -> list[Seen]:
     return [r for r in api.requests() if r.path == path and (r.query.get("watch") == "true") == watch]
 
 
+def pager_whose_first_page_is_compacted_away(api: EmulatedAPI, client: KubeClient) -> KubeClient:
+    """Services s0..s4 and a client listing them 2 at a time; after its first page the API moves on (s5 is
+    created) and compacts, so the first page's resourceVersion is gone when the continue token comes back."""
+    for i in range(5):
+        client.create(SVC, service(f"s{i}", 30080 + i))
+    pager = KubeClient(anonymous(api.url), page_size=2)
+    real_request = pager.request
+    calls = itertools.count()
+
+    def compact_after_first_page(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        answer = real_request(method, path, *args, **kwargs)
+        if next(calls) == 0:
+            client.create(SVC, service("s5", 30085))
+            api.compact()
+        return answer
+
+    pager.request = compact_after_first_page  # type: ignore[method-assign]
+    return pager
+
+
 @pytest.fixture
 def source(api: EmulatedAPI) -> Iterator[KubeSource]:
     src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", backoff_first=0.05, backoff_max=0.2,
@@ -51,20 +71,7 @@ def test_lists_come_in_pages(api: EmulatedAPI, client: KubeClient) -> None:
 
 
 def test_an_expired_continue_token_starts_the_list_again(api: EmulatedAPI, client: KubeClient) -> None:
-    for i in range(5):
-        client.create(SVC, service(f"s{i}", 30080 + i))
-    pager = KubeClient(anonymous(api.url), page_size=2)
-    real_request = pager.request
-    calls = itertools.count()
-
-    def compact_after_first_page(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        answer = real_request(method, path, *args, **kwargs)
-        if next(calls) == 0:                   # the API moves on and compacts: the first page's version is gone
-            client.create(SVC, service("s5", 30085))
-            api.compact()
-        return answer
-
-    pager.request = compact_after_first_page  # type: ignore[method-assign]
+    pager = pager_whose_first_page_is_compacted_away(api, client)
     items, _ = pager.list("/api/v1/services")
     assert [i["metadata"]["name"] for i in items] == ["s0", "s1", "s2", "s3", "s4", "s5"]
     pages = requests_to(api, "/api/v1/services", watch=False)
@@ -75,20 +82,7 @@ def test_a_reduced_list_keeps_what_reduce_returns_even_across_an_expired_token(
         api: EmulatedAPI, client: KubeClient) -> None:
     """list(reduce=...): each item reduced as its page arrives (the next page asked for meanwhile), None dropped,
     in order; an expired continue token starts it again from the first page, nothing kept twice."""
-    for i in range(5):
-        client.create(SVC, service(f"s{i}", 30080 + i))
-    pager = KubeClient(anonymous(api.url), page_size=2)
-    real_request = pager.request
-    calls = itertools.count()
-
-    def compact_after_first_page(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        answer = real_request(method, path, *args, **kwargs)
-        if next(calls) == 0:
-            client.create(SVC, service("s5", 30085))
-            api.compact()
-        return answer
-
-    pager.request = compact_after_first_page  # type: ignore[method-assign]
+    pager = pager_whose_first_page_is_compacted_away(api, client)
     names, version = pager.list("/api/v1/services",
                                 reduce=lambda obj: None if obj["metadata"]["name"] == "s2" else obj["metadata"]["name"])
     assert names == ["s0", "s1", "s3", "s4", "s5"] and version
