@@ -115,6 +115,7 @@ class KubeSource:
         self.watch_timeout = watch_timeout
         self._lock = threading.Lock()
         self._changed = threading.Event()
+        self._listed = threading.Condition(self._lock)    # notified when a resource's first list is in
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
@@ -146,6 +147,8 @@ class KubeSource:
         """Stop the watchers (they end at their next event or error; they are daemon threads)."""
         self._stop.set()
         self._changed.set()
+        with self._lock:
+            self._listed.notify_all()
 
     @property
     def synced(self) -> bool:
@@ -168,14 +171,19 @@ class KubeSource:
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_note = time.monotonic()
-        while not self.synced:
-            if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
-                return False
-            if time.monotonic() - last_note > 10:
-                log.warning("still waiting for the first list of every resource from %s: %s",
-                            self.client.server, "; ".join(self.errors()) or "no answer yet")
-                last_note = time.monotonic()
-            self._changed.wait(0.1)
+        with self._lock:
+            # Woken by each first list (and by close()), not by every change: a busy wait here took the
+            # GIL from the threads decoding the lists.
+            while not all(res.listed for res in self.resources):
+                now = time.monotonic()
+                if self._stop.is_set() or (deadline is not None and now > deadline):
+                    return False
+                if now - last_note > 10:
+                    errors = "; ".join(f"{res.name}: {res.error}" for res in self.resources if res.error)
+                    log.warning("still waiting for the first list of every resource from %s: %s",
+                                self.client.server, errors or "no answer yet")
+                    last_note = now
+                self._listed.wait(1.0 if deadline is None else max(0.0, min(1.0, deadline - now)))
         return True
 
     # -- the Source interface ---------------------------------------------------------------------------
@@ -272,6 +280,7 @@ class KubeSource:
             res.objects = fresh
             res.versions = {key: v for key, v, _, _ in items}
             res.listed = True
+            self._listed.notify_all()
         if changed:
             self._changed.set()
         return version
