@@ -173,6 +173,8 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return pod_forward(skb, &p, e);
 	}
+	if (p.t.proto == IPPROTO_TCP && !(p.tcp_flags & TCPF_SYN) && (!e || !ct_alive(e, IPPROTO_TCP, cfg, now)))
+		stat_inc(STAT_CT_NO_STATE);   /* mid-stream without state: expired, or never seen here */
 	if (svc->count == 0) {
 		if (svc->flags & LB_SVC_F_NO_ENDPOINTS) {
 			stat_inc(STAT_REJECT_NO_ENDPOINTS);

@@ -133,6 +133,20 @@ def test_pod_to_clusterip_is_dnat_only_and_the_reply_comes_from_the_service(node
     assert stats["new_flow"] == 0 and stats["reply_dnat"] == 0        # the external counters stay still
 
 
+def test_a_pod_segment_without_syn_and_without_state_is_counted_as_the_node_path_counts_it(node: Node) -> None:
+    """A pod's mid-stream TCP segment to a Service that finds no live flow (expired, or never seen here) is
+    carried as nf_conntrack's loose tracking does (a new flow), and counted in ct_no_state like the
+    node-facing path's: the sign of lost or expired state. Its SYN-opened flows are not."""
+    node.program(state(cip(["echo-a"])))
+    assert pod_in(node, from_pod(TCP(sport=40000, dport=80, flags="S", seq=1))).retval == TC_ACT_OK
+    assert pod_in(node, from_pod(TCP(sport=40000, dport=80, flags="A", seq=2, ack=10))).retval == TC_ACT_OK
+    assert node.maps.stats()["ct_no_state"] == 0
+    stray = pod_in(node, from_pod(TCP(sport=40001, dport=80, flags="A", seq=5, ack=7)))
+    assert stray.retval == TC_ACT_OK and Ether(stray.data)[IP].dst == REMOTE_POD
+    stats = node.maps.stats()
+    assert (stats["pod_new_flow"], stats["ct_no_state"], stats["fwd_established"]) == (2, 1, 1)
+
+
 def test_udp_keeps_a_zero_checksum_and_non_service_traffic_is_untouched(node: Node) -> None:
     node.program(state(cip(["echo-b"], port=53, proto=Proto.UDP)))
     raw = Ether(from_pod(UDP(sport=5000, dport=53), payload=b"query"))
