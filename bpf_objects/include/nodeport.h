@@ -239,4 +239,21 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* tc egress on the overlay device (tunnelMode VXLAN).  The node's own connections to another node's pods
+ * are routed through it: their inner packets leave here, before the kernel encapsulates them, and never
+ * cross the external device's egress as TCP/UDP.  So they are moved off ports a SNAT'd flow holds here
+ * (hostnat.h); their replies come back decapsulated through lb_ingress on this device.  Nothing else
+ * is touched (the pods' own overlay traffic passes). */
+static __always_inline int np_overlay_egress(struct __sk_buff *skb)
+{
+	struct lb_config *cfg = config_get();
+	struct pkt p = {};
+	int rc;
+
+	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+		return TC_ACT_OK;
+	rc = hostnat_egress(skb, &p, cfg);
+	return rc >= 0 ? rc : TC_ACT_OK;
+}
+
 #endif
