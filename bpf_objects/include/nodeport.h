@@ -101,10 +101,10 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	return fib_redirect_ttl(skb, &fib, rc, 0);
 }
 
-/* tc ingress on the external device. */
+/* tc ingress on the external device (and on the overlay device). */
 static __always_inline int np_ingress(struct __sk_buff *skb)
 {
-	struct lb_config *cfg = config_get();
+	struct lb_config *cfg;
 	struct pkt p = {};
 	struct ct_entry *e, fresh = {};
 	struct lb_svc_val *svc;
@@ -113,6 +113,13 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	__u64 now;
 	int rc;
 
+	/* A frame to another host's MAC (a promiscuous or bridged device, a flooding L2) is not this node's to
+	 * balance, translate or forward: the kernel's IP stack drops it, and so it stays. */
+	if (skb->pkt_type == PACKET_OTHERHOST) {
+		stat_inc(STAT_PASS_OTHER_HOST);
+		return TC_ACT_OK;
+	}
+	cfg = config_get();
 	if (!cfg)
 		return TC_ACT_OK;
 	switch (parse_pkt(skb, &p)) {
