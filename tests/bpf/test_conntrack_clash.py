@@ -6,17 +6,14 @@ port from its own frontend, and the earlier flow keeps its translation."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
-
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, IPOption
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
-from bpflb.model.cluster import dsr_backends, dsr_frontends
 from bpflb.model.types import Mode, Proto
-from tests.bpf.ct_util import age, configure, entries, flag
+from tests.bpf.ct_util import age, backends_node, dsr_request, entries, flag, from_pod
 from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
@@ -27,40 +24,12 @@ from tests.bpf.packets import (
     OTHER_NODE,
     Node,
     assert_frame,
-    backend,
     fe,
     frame_in,
     state,
 )
 
 pytestmark = pytest.mark.privileged
-
-LB_IP = "198.18.1.10"      # a LoadBalancer IP another node balances (DSR), leading to the same pod
-
-
-def backends_node(node: Node, proto: Proto = Proto.TCP, port: int = 8080) -> None:
-    """node1 as the node of LOCAL_POD:port, reached at its NodePorts :30080 and :30180 (node1's own, a
-    local backend) and by DSR through OTHER_NODE's NodePort :30080 and LB_IP:80 (balanced elsewhere)."""
-    local = backend(LOCAL_POD, port, local=True, proto=proto)
-    desired = state(fe(NODE1, 30080, (local,), proto=proto), fe(NODE1, 30180, (local,), proto=proto, local_only=True))
-    configure(node, mode=Mode.DSR)
-    node.maps.sync(desired)
-    nodes = {IPv4Address(NODE1), IPv4Address(OTHER_NODE)}
-    node.cluster.sync(dsr_frontends(desired, nodes), {local.l4}, {IPv4Network(f"{n}/32") for n in nodes},
-                      dsr_backends=dsr_backends(desired))
-
-
-def dsr_request(l4: TCP | UDP, fe_addr: str = OTHER_NODE, fe_port: int = 30080, payload: bytes = b"") -> bytes:
-    """A DSR request as the balancing node forwards it: to the pod, the frontend in the option."""
-    opt = IPOption(b"\x9a\x08" + fe_port.to_bytes(2, "big") + IPv4Address(fe_addr).packed)
-    pkt = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=3, options=[opt]) / l4
-    return bytes(pkt / Raw(payload) if payload else pkt)
-
-
-def from_pod(l4: TCP | UDP, payload: bytes = b"") -> bytes:
-    """The pod's packet to the client as it leaves node1 (tc egress of the external device)."""
-    pkt = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=63, id=8) / l4
-    return bytes(pkt / Raw(payload) if payload else pkt)
 
 
 def test_a_local_flow_on_a_tuple_a_dsr_flow_holds_gets_a_client_port_of_its_own(node: Node) -> None:

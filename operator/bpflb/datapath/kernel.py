@@ -131,12 +131,14 @@ class KernelDatapath(MapsDatapath):
 
     def _attach_tunnel(self, tunnel: Tunnel) -> None:
         """Requests and replies that crossed the overlay arrive on the VXLAN device: the same ingress
-        program handles them there (DSR options, SNAT replies)."""
+        program handles them there (DSR options, SNAT replies).  The node's own connections to other nodes'
+        pods leave through it: lb_overlay_egress moves them off ports SNAT'd flows hold."""
         assert self.obj is not None and self.overlay is not None
         idx = self.overlay.vxlan_ifindex() if tunnel is Tunnel.VXLAN else None
         if idx and idx != self.tunnel_ifindex:
             tc_attach(self.obj.prog_fd("lb_ingress"), idx, ingress=True)
-            log.info("attached lb_ingress to %s (ifindex %d)", VXLAN_DEV, idx)
+            tc_attach(self.obj.prog_fd("lb_overlay_egress"), idx, ingress=False)
+            log.info("attached lb_ingress and lb_overlay_egress to %s (ifindex %d)", VXLAN_DEV, idx)
         self.tunnel_ifindex = idx or 0
 
     def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
