@@ -17,8 +17,8 @@ from tests.unit.helpers import NODE, endpoint, endpoint_slice, node, service
 _rv = itertools.count(1)
 
 
-def versioned(obj: dict[str, object]) -> dict[str, object]:
-    obj["metadata"]["resourceVersion"] = str(next(_rv))        # type: ignore[index]
+def versioned(obj: KubeObject) -> KubeObject:
+    obj["metadata"]["resourceVersion"] = str(next(_rv))
     return obj
 
 
