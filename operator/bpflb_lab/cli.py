@@ -30,8 +30,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_rates:
         from bpflb_lab.rates import run_rate_bench
 
-        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
+        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration,
+                             datapaths=_datapaths(args.datapaths), counts=_counts(args.services),
+                             tcp_rounds=args.tcp_rounds)
     return rc
+
+
+def _datapaths(text: str | None) -> tuple[str, ...]:
+    from bpflb_lab.rates import DATAPATHS
+
+    if not text:
+        return DATAPATHS
+    short = {"xdp": "bpflb XDP", "tc": "bpflb tc", "iptables": "kube-proxy iptables",
+             "nftables": "kube-proxy nftables"}
+    picked = [w.strip().lower() for w in text.split(",") if w.strip()]
+    unknown = [w for w in picked if w not in short]
+    if unknown:
+        raise SystemExit(f"bpflb bench: --datapaths: unknown {', '.join(unknown)} (expected some of "
+                         f"{', '.join(short)})")
+    return tuple(dp for key, dp in short.items() if key in picked)
+
+
+def _counts(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        counts = tuple(sorted({int(w.replace("_", "")) for w in text.split(",") if w.strip()}))
+    except ValueError:
+        raise SystemExit(f"bpflb bench: --services: expected numbers separated by commas, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise SystemExit(f"bpflb bench: --services: expected Service counts of at least 1, got {text!r}")
+    return counts
 
 
 def register(sub: Any) -> None:
@@ -58,6 +87,12 @@ def register(sub: Any) -> None:
                             "nftables, each in a lab of its own)")
     bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
                        help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
+    bench.add_argument("--datapaths", metavar="LIST",
+                       help="rates: only these datapaths, comma-separated among xdp, tc, iptables, nftables")
+    bench.add_argument("--services", metavar="LIST", help="rates: these Service counts, comma-separated "
+                                                          "(default 10,1000,10000; --quick 10,1000)")
+    bench.add_argument("--tcp-rounds", type=int, metavar="N",
+                       help="rates: connection windows per cell (each beside its two reference windows)")
     bench.set_defaults(func=cmd_bench)
 
     from bpflb_lab.lab.commands import register as register_lab

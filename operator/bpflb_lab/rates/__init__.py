@@ -14,12 +14,16 @@ echo-b on node3 behind Service default/echo (NodePort 30080/TCP to an accept-and
   straight to echo-a through node2, skipping node1; node1's cost per packet is derived from the two.
 - Connection rate: TCP connections to node1:30080, 32 in flight from one client process (bpflb-connstorm,
   C), each counted once its handshake completes and then closed with a RST (no TIME_WAIT, as load generators
-  do). A reference run right before each window connects straight to an accept listener of echo-a via
-  node2 (no load balancer): the ceiling of the client, the bridge and the pods on this machine.
+  do). Two reference runs right before each window, both to accept listeners of echo-a that no Service
+  names: one straight via node2, skipping node1 (the ceiling of the client, the bridge and the pods on this
+  machine), one forwarded by node1's kernel with no load balancer, its replies routed back through node1
+  too (client -> node1 -> node2 -> pod and back, the hops of a connection SNAT'd by node1): the ceiling of
+  any load balancer on node1 in this lab.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -34,15 +38,20 @@ __all__ = ["DATAPATHS", "NA_ACCELERATION", "QUICK_SERVICE_COUNTS", "Cell", "run_
 
 
 def run_rate_bench(quick: bool = False, out_dir: Path | None = None, *, acceleration: str = "Native",
-                   datapaths: tuple[str, ...] = DATAPATHS, counts: tuple[int, ...] | None = None) -> int:
+                   datapaths: tuple[str, ...] = DATAPATHS, counts: tuple[int, ...] | None = None,
+                   tcp_rounds: int | None = None) -> int:
     """Measure every cell, print the table, write bench-rates.{txt,json,png}; 0 when every cell has its
     figures (a datapath that is not available counts as having them: its cells say n/a and why)."""
     plan = QUICK if quick else FULL
+    if tcp_rounds:
+        plan = dataclasses.replace(plan, tcp_repeats=tcp_rounds)
     counts = counts or plan.counts
     started = time.monotonic()
     print(f"bpflb bench: rates, {len(datapaths)} datapaths x {len(counts)} Service counts, one lab each",
           file=sys.stderr)
-    cells = [measure_cell(dp, n, plan, acceleration) for dp in datapaths for n in counts]
+    # Service count by Service count, the datapaths one after the other: the cells compared with each other
+    # are measured minutes, not a whole run, apart on this shared machine.
+    cells = [measure_cell(dp, n, plan, acceleration) for n in counts for dp in datapaths]
     text = table(cells, counts)
     print(text)
     print()

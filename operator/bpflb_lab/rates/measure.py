@@ -15,6 +15,7 @@ from bpflb_lab.lab import Lab, topology
 from bpflb_lab.rates.workload import (
     CONCURRENCY,
     FLOWS,
+    FORWARDED_PORT,
     REFERENCE_PORT,
     TCP_PORT,
     UDP_PORT,
@@ -23,6 +24,7 @@ from bpflb_lab.rates.workload import (
     Unavailable,
     _cell_lab,
     _progress,
+    forwarded_packets,
 )
 
 
@@ -52,13 +54,21 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
     cell.sent_pps = statistics.median(sent)
     cell.reference_pps = statistics.median(refs)
     failed, errors = 0, Counter[str]()
-    conns, conn_refs = [], []
+    conns, conn_refs, forwarded = [], [], []
+    fwd_packets, fwd_conns = 0, 0
+
+    def storm(addr: str, port: int) -> tg.ConnResult:
+        return lab.run_in("client", functools.partial(tg.connection_storm_in_ns, addr, port, plan.tcp_seconds,
+                                                      CONCURRENCY), timeout=plan.tcp_seconds + 60)
+
     for _ in range(plan.tcp_repeats):
-        ref = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.pod_ip("echo-a"), REFERENCE_PORT,
-                                                     plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
-        conn_refs.append(ref.rate)
-        r = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.node_ip(1), TCP_PORT,
-                                                   plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
+        conn_refs.append(storm(lab.pod_ip("echo-a"), REFERENCE_PORT).rate)
+        before = forwarded_packets(lab)
+        fwd = storm(lab.pod_ip("echo-a"), FORWARDED_PORT)
+        fwd_packets += forwarded_packets(lab) - before
+        fwd_conns += fwd.ok
+        forwarded.append(fwd.rate)
+        r = storm(lab.node_ip(1), TCP_PORT)
         conns.append(r.rate)
         failed += r.failed
         errors.update(r.errors)
@@ -66,6 +76,13 @@ def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
     cell.conn_per_s = statistics.median(conns)
     cell.conn_reference_samples = conn_refs
     cell.conn_reference = statistics.median(conn_refs)
+    cell.conn_forwarded_samples = forwarded
+    cell.conn_forwarded = statistics.median(forwarded)
+    cell.forwarded_per_conn = fwd_packets / fwd_conns if fwd_conns else None
+    if cell.forwarded_per_conn is not None and cell.forwarded_per_conn < 3.9:
+        # SYN, ACK and RST one way and the SYN-ACK the other: fewer means the replies went around node1.
+        raise RuntimeError(f"node1 forwarded {cell.forwarded_per_conn:.1f} packets per connection of the "
+                           "forwarded reference (at least 4 when both directions cross it)")
     cell.conn_failed = failed
     cell.conn_errors = dict(errors)
     if cell.datapath.startswith("bpflb"):
@@ -108,7 +125,9 @@ def measure_cell(datapath: str, services: int, plan: Plan, acceleration: str) ->
         traceback.print_exc(file=sys.stderr)
     _progress(f"{datapath}, {services:,} Services: " + (cell.note or (
         f"UDP {(cell.udp_pps or 0) / 1e3:,.0f} kpps at the pods (sent {(cell.sent_pps or 0) / 1e3:,.0f}, "
-        f"reference {(cell.reference_pps or 0) / 1e3:,.0f}); TCP {cell.conn_per_s:,.0f} conn/s"
+        f"reference {(cell.reference_pps or 0) / 1e3:,.0f}); TCP {cell.conn_per_s:,.0f} conn/s (forwarded reference "
+        f"{cell.conn_forwarded or 0:,.0f}, {cell.forwarded_per_conn or 0:.1f} packets/conn via node1; "
+        f"direct reference {cell.conn_reference or 0:,.0f})"
         + (f", {cell.conn_failed} failed {cell.conn_errors}" if cell.conn_failed else "")
         + (f"; node1 drops {_drops(cell)}" if _drops(cell) else "")
         + (f"; node1 xdp_tx {cell.node1_stats.get('xdp_tx', 0):,}" if cell.datapath == "bpflb XDP" else ""))))

@@ -26,6 +26,8 @@ from bpflb_lab.lab.errors import LabUnsupported
 
 UDP_PORT, TCP_PORT, ACCEPT_PORT = 30081, 30080, 8090
 REFERENCE_PORT = 8091        # an accept listener of echo-a that no Service names (the connections' reference)
+FORWARDED_PORT = 8092        # another one, reached through node1 by plain IP forwarding (the forwarded reference)
+FORWARDED_TABLE = 92         # the routing table of the forwarded reference's rules (client and node2)
 DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftables")
 SERVICE_COUNTS = (10, 1_000, 10_000)
 QUICK_SERVICE_COUNTS = (10, 1_000)
@@ -64,6 +66,9 @@ class Cell:
     conn_samples: list[float] = field(default_factory=list)
     conn_reference: float | None = None    # connections straight to echo-a, not through node1 (median)
     conn_reference_samples: list[float] = field(default_factory=list)   # one right before each conn sample
+    conn_forwarded: float | None = None    # connections to echo-a forwarded by node1's kernel, no LB (median)
+    conn_forwarded_samples: list[float] = field(default_factory=list)   # one right before each conn sample
+    forwarded_per_conn: float | None = None  # packets node1 forwarded per forwarded connection (>= 4: both ways)
     conn_failed: int = 0
     conn_errors: dict[str, int] = field(default_factory=dict)
     node1_stats: dict[str, int] = field(default_factory=dict)   # bpflb: node1's nonzero datapath counters
@@ -204,7 +209,7 @@ def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> It
             mode = datapath.removeprefix("kube-proxy ")
             [done] = kplab.install(lab, mode, ["node1"])
             cell.setup = f"{done.summary}; loaded in {done.seconds:.1f}s"
-        acceptors = _prepare_traffic(lab)
+        acceptors = _prepare_traffic(lab, datapath)
         _progress(f"{datapath}, {services:,} Services: lab {lab.name} ready in {time.monotonic() - start:.1f}s "
                   f"({cell.setup})")
         yield lab
@@ -224,7 +229,33 @@ def _listening_in_ns(port: int) -> bool:
                    for line in list(f)[1:])
 
 
-def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
+def _forwarded_route(lab: Lab, datapath: str) -> None:
+    """The forwarded reference's path: connections to echo-a:FORWARDED_PORT go client -> node1 -> node2 -> pod
+    and their replies pod -> node2 -> node1 -> client, the hops of a connection SNAT'd by node1, forwarded by
+    node1's kernel with no load balancer.  Policy rules on the port keep every other flow's route as it was.
+    node1 already routes the pod CIDRs to their nodes and the client on-link, and sends no ICMP redirects.
+    In kube-proxy's cells node1 tracks connections for its rules: the reference's packets are exempted
+    (raw NOTRACK), so they meet neither conntrack nor the rules (a bpflb cell's node1 has neither)."""
+    pod, node1, table = lab.pod_ip("echo-a"), lab.node_ip(1), FORWARDED_TABLE
+    netns.ip_batch(lab.netns("client"), [f"route add {pod}/32 via {node1} table {table}",
+                                         f"rule add ipproto tcp dport {FORWARDED_PORT} lookup {table} pref {table}"])
+    netns.ip_batch(lab.netns("node2"), [
+        f"route add {topology.CLIENT_IP}/32 via {node1} table {table}",
+        f"rule add from {pod} ipproto tcp sport {FORWARDED_PORT} lookup {table} pref {table}"])
+    if not datapath.startswith("bpflb"):
+        for flag in ("--dport", "--sport"):
+            lab.exec("node1", ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "-p", "tcp", flag,
+                               str(FORWARDED_PORT), "-j", "NOTRACK"], check=True)
+
+
+def forwarded_packets(lab: Lab) -> int:
+    """Packets node1's kernel has forwarded (Ip: ForwDatagrams of its namespace)."""
+    lines = [ln.split() for ln in lab.exec("node1", ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+             if ln.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
+def _prepare_traffic(lab: Lab, datapath: str) -> list[subprocess.Popen[bytes]]:
     """Sinks on the pods, XDP on the fabric side of the client's veth, the listeners, a wide port range for
     the client, and the neighbours resolved along the path (one real request of each kind)."""
     pin = lab.pin_root / "bench"
@@ -232,7 +263,8 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
-    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
+    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT),
+                 ("echo-a", FORWARDED_PORT)]
     # The listeners are C (native/connbench.c `serve`: accept and close): a Python accept loop cost ~10 us of
     # CPU per connection on this 2-core machine and was part of every row's ceiling, the reference's too.
     server = str(objects_dir() / "connbench")
@@ -242,6 +274,7 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
              for pod, port in listeners]
     # The reference connections go to echo-a through node2, routed, bypassing node1.
     netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
+    _forwarded_route(lab, datapath)
     deadline = time.monotonic() + 15
     for pod, port in listeners:
         while not lab.run_in(pod, _listening_in_ns, port):
