@@ -206,10 +206,14 @@ def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> It
             took = _wait_synced(lab, services)
             cell.setup = f"{services:,} Services programmed by the agents in {took:.1f}s"
         else:
+            # Every node, as kube-proxy runs in a cluster (and bpflb's agents in its cells): the SNAT'd SYN
+            # meets node2's rules as well as node1's.
             mode = datapath.removeprefix("kube-proxy ")
-            [done] = kplab.install(lab, mode, ["node1"])
-            cell.setup = f"{done.summary}; loaded in {done.seconds:.1f}s"
-        acceptors = _prepare_traffic(lab, datapath)
+            done = kplab.install(lab, mode)
+            cell.setup = (f"{done[0].summary} on each of {len(done)} nodes; loaded in "
+                          f"{max(d.seconds for d in done):.1f}s at most")
+            _untracked_references(lab)
+        acceptors = _prepare_traffic(lab)
         _progress(f"{datapath}, {services:,} Services: lab {lab.name} ready in {time.monotonic() - start:.1f}s "
                   f"({cell.setup})")
         yield lab
@@ -229,23 +233,28 @@ def _listening_in_ns(port: int) -> bool:
                    for line in list(f)[1:])
 
 
-def _forwarded_route(lab: Lab, datapath: str) -> None:
+def _forwarded_route(lab: Lab) -> None:
     """The forwarded reference's path: connections to echo-a:FORWARDED_PORT go client -> node1 -> node2 -> pod
     and their replies pod -> node2 -> node1 -> client, the hops of a connection SNAT'd by node1, forwarded by
     node1's kernel with no load balancer.  Policy rules on the port keep every other flow's route as it was.
-    node1 already routes the pod CIDRs to their nodes and the client on-link, and sends no ICMP redirects.
-    In kube-proxy's cells node1 tracks connections for its rules: the reference's packets are exempted
-    (raw NOTRACK), so they meet neither conntrack nor the rules (a bpflb cell's node1 has neither)."""
+    node1 already routes the pod CIDRs to their nodes and the client on-link, and sends no ICMP redirects."""
     pod, node1, table = lab.pod_ip("echo-a"), lab.node_ip(1), FORWARDED_TABLE
     netns.ip_batch(lab.netns("client"), [f"route add {pod}/32 via {node1} table {table}",
                                          f"rule add ipproto tcp dport {FORWARDED_PORT} lookup {table} pref {table}"])
     netns.ip_batch(lab.netns("node2"), [
         f"route add {topology.CLIENT_IP}/32 via {node1} table {table}",
         f"rule add from {pod} ipproto tcp sport {FORWARDED_PORT} lookup {table} pref {table}"])
-    if not datapath.startswith("bpflb"):
-        for flag in ("--dport", "--sport"):
-            lab.exec("node1", ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "-p", "tcp", flag,
-                               str(FORWARDED_PORT), "-j", "NOTRACK"], check=True)
+
+
+def _untracked_references(lab: Lab) -> None:
+    """In kube-proxy's cells every node tracks connections for its rules: the references' packets are exempted
+    (raw NOTRACK), so they meet neither conntrack nor the rules.  (In bpflb's cells its programs see them as
+    packets of no Service, the path every packet of a node takes.)"""
+    for node in ("node1", "node2", "node3"):
+        for port in (REFERENCE_PORT, FORWARDED_PORT):
+            for flag in ("--dport", "--sport"):
+                lab.exec(node, ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "-p", "tcp", flag, str(port),
+                                "-j", "NOTRACK"], check=True)
 
 
 def forwarded_packets(lab: Lab) -> int:
@@ -255,7 +264,7 @@ def forwarded_packets(lab: Lab) -> int:
     return int(lines[1][lines[0].index("ForwDatagrams")])
 
 
-def _prepare_traffic(lab: Lab, datapath: str) -> list[subprocess.Popen[bytes]]:
+def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
     """Sinks on the pods, XDP on the fabric side of the client's veth, the listeners, a wide port range for
     the client, and the neighbours resolved along the path (one real request of each kind)."""
     pin = lab.pin_root / "bench"
@@ -274,7 +283,7 @@ def _prepare_traffic(lab: Lab, datapath: str) -> list[subprocess.Popen[bytes]]:
              for pod, port in listeners]
     # The reference connections go to echo-a through node2, routed, bypassing node1.
     netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
-    _forwarded_route(lab, datapath)
+    _forwarded_route(lab)
     deadline = time.monotonic() + 15
     for pod, port in listeners:
         while not lab.run_in(pod, _listening_in_ns, port):
