@@ -1,9 +1,11 @@
 """`bpflb bench`, rates: forwarding rate and new-connection rate through node1 of a lab built for the run,
 for bpflb with XDP acceleration, bpflb at tc, and the same Services as kube-proxy's iptables and nftables
-rules (bpflb_lab.kubeproxy), at 10, 1,000 and 10,000 Services; a table, JSON and a PNG chart.
+rules (bpflb_lab.kubeproxy; on every node, as bpflb's agents), at 10, 1,000 and 10,000 Services; a table,
+JSON and a PNG chart.
 
 Every (datapath, Service count) cell gets a lab of its own (unique name, always taken down): the state one
-measurement leaves (conntrack, NAT ports) never leaks into the next. Each lab holds echo-a on node2 and
+measurement leaves (conntrack, NAT ports) never leaks into the next. The labs of one Service count are up
+side by side and take turns, window by window (this machine is shared: its load moves within seconds). Each lab holds echo-a on node2 and
 echo-b on node3 behind Service default/echo (NodePort 30080/TCP to an accept-and-close listener on 8090,
 30081/UDP to 8081), plus N-1 LoadBalancer Services pointed at the same two pods.
 
@@ -30,7 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bpflb_lab.rates.measure import measure_cell
+from bpflb_lab.rates.measure import measure_cells
 from bpflb_lab.rates.report import NOTE, chart, goals, machine, table
 from bpflb_lab.rates.workload import DATAPATHS, FULL, NA_ACCELERATION, QUICK, QUICK_SERVICE_COUNTS, Cell
 
@@ -49,9 +51,9 @@ def run_rate_bench(quick: bool = False, out_dir: Path | None = None, *, accelera
     started = time.monotonic()
     print(f"bpflb bench: rates, {len(datapaths)} datapaths x {len(counts)} Service counts, one lab each",
           file=sys.stderr)
-    # Service count by Service count, the datapaths one after the other: the cells compared with each other
-    # are measured minutes, not a whole run, apart on this shared machine.
-    cells = [measure_cell(dp, n, plan, acceleration) for n in counts for dp in datapaths]
+    # Service count by Service count, the datapaths' labs up side by side and measured in turns: the cells
+    # compared with each other share the machine's load, window by window.
+    cells = [c for n in counts for c in measure_cells(datapaths, n, plan, acceleration)]
     text = table(cells, counts)
     print(text)
     print()
