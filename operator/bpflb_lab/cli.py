@@ -32,7 +32,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration,
                              datapaths=_datapaths(args.datapaths), counts=_counts(args.services),
-                             tcp_rounds=args.tcp_rounds)
+                             tcp_rounds=args.tcp_rounds,
+                             kube_proxy_nodes=_nodes(args.kube_proxy_nodes))
     return rc
 
 
@@ -49,6 +50,15 @@ def _datapaths(text: str | None) -> tuple[str, ...]:
         raise SystemExit(f"bpflb bench: --datapaths: unknown {', '.join(unknown)} (expected some of "
                          f"{', '.join(short)})")
     return tuple(dp for key, dp in short.items() if key in picked)
+
+
+def _nodes(text: str | None) -> tuple[str, ...]:
+    names = tuple(w.strip() for w in (text or "").split(",") if w.strip())
+    wrong = [n for n in names if n not in ("node1", "node2", "node3")]
+    if wrong:
+        raise SystemExit(f"bpflb bench: --kube-proxy-nodes: unknown {', '.join(wrong)} (the rate labs have node1, "
+                         "node2 and node3)")
+    return names
 
 
 def _counts(text: str | None) -> tuple[int, ...] | None:
@@ -93,6 +103,9 @@ def register(sub: Any) -> None:
                                                           "(default 10,1000,10000; --quick 10,1000)")
     bench.add_argument("--tcp-rounds", type=int, metavar="N",
                        help="rates: connection windows per cell (each beside its two reference windows)")
+    bench.add_argument("--kube-proxy-nodes", metavar="LIST",
+                       help="rates: the nodes that load kube-proxy's rules, e.g. node1 (default: every node, as "
+                            "bpflb's agents)")
     bench.set_defaults(func=cmd_bench)
 
     from bpflb_lab.lab.commands import register as register_lab

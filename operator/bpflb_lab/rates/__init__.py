@@ -41,12 +41,13 @@ __all__ = ["DATAPATHS", "NA_ACCELERATION", "QUICK_SERVICE_COUNTS", "Cell", "run_
 
 def run_rate_bench(quick: bool = False, out_dir: Path | None = None, *, acceleration: str = "Native",
                    datapaths: tuple[str, ...] = DATAPATHS, counts: tuple[int, ...] | None = None,
-                   tcp_rounds: int | None = None) -> int:
+                   tcp_rounds: int | None = None, kube_proxy_nodes: tuple[str, ...] = ()) -> int:
     """Measure every cell, print the table, write bench-rates.{txt,json,png}; 0 when every cell has its
     figures (a datapath that is not available counts as having them: its cells say n/a and why)."""
     plan = QUICK if quick else FULL
     if tcp_rounds:
         plan = dataclasses.replace(plan, tcp_repeats=tcp_rounds)
+    plan = dataclasses.replace(plan, kube_proxy_nodes=kube_proxy_nodes)
     counts = counts or plan.counts
     started = time.monotonic()
     print(f"bpflb bench: rates, {len(datapaths)} datapaths x {len(counts)} Service counts, one lab each",

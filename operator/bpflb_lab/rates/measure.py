@@ -133,7 +133,8 @@ def measure_cells(datapaths: tuple[str, ...], services: int, plan: Plan, acceler
     with contextlib.ExitStack() as stack:
         for cell in cells:
             with _failure(cell):
-                lab = stack.enter_context(_cell_lab(cell.datapath, services, acceleration, cell))
+                lab = stack.enter_context(_cell_lab(cell.datapath, services, acceleration, cell,
+                                                         plan.kube_proxy_nodes))
                 running.append(Windows(lab, plan, cell))
         for k in range(max(plan.udp_repeats, plan.tcp_repeats)):
             order = running[k % len(running):] + running[:k % len(running)] if running else []

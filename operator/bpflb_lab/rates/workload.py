@@ -45,6 +45,7 @@ class Plan:
     udp_repeats: int
     tcp_seconds: float
     tcp_repeats: int
+    kube_proxy_nodes: tuple[str, ...] = ()   # the nodes that load kube-proxy's rules (empty: every node)
 
 
 FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=2)
@@ -190,7 +191,8 @@ def _wait_synced(lab: Lab, services: int, timeout: float = 120.0) -> float:
 
 
 @contextlib.contextmanager
-def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> Iterator[Lab]:
+def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell,
+              kube_proxy_nodes: tuple[str, ...] = ()) -> Iterator[Lab]:
     """A lab for one cell, with the datapath and the Services in place; always taken down."""
     lab = Lab(f"bpflb-rates-{secrets.token_hex(3)}")
     acceptors: list[subprocess.Popen[bytes]] = []
@@ -209,10 +211,10 @@ def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> It
             # Every node, as kube-proxy runs in a cluster (and bpflb's agents in its cells): the SNAT'd SYN
             # meets node2's rules as well as node1's.
             mode = datapath.removeprefix("kube-proxy ")
-            done = kplab.install(lab, mode)
-            cell.setup = (f"{done[0].summary} on each of {len(done)} nodes; loaded in "
+            done = kplab.install(lab, mode, list(kube_proxy_nodes) or None)
+            cell.setup = (f"{done[0].summary} on {', '.join(d.node for d in done)}; loaded in "
                           f"{max(d.seconds for d in done):.1f}s at most")
-            _untracked_references(lab)
+            _untracked_references(lab, [d.node for d in done])
         acceptors = _prepare_traffic(lab)
         _progress(f"{datapath}, {services:,} Services: lab {lab.name} ready in {time.monotonic() - start:.1f}s "
                   f"({cell.setup})")
@@ -246,11 +248,11 @@ def _forwarded_route(lab: Lab) -> None:
         f"rule add from {pod} ipproto tcp sport {FORWARDED_PORT} lookup {table} pref {table}"])
 
 
-def _untracked_references(lab: Lab) -> None:
+def _untracked_references(lab: Lab, nodes: list[str]) -> None:
     """In kube-proxy's cells every node tracks connections for its rules: the references' packets are exempted
     (raw NOTRACK), so they meet neither conntrack nor the rules.  (In bpflb's cells its programs see them as
     packets of no Service, the path every packet of a node takes.)"""
-    for node in ("node1", "node2", "node3"):
+    for node in nodes:
         for port in (REFERENCE_PORT, FORWARDED_PORT):
             for flag in ("--dport", "--sport"):
                 lab.exec(node, ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "-p", "tcp", flag, str(port),
