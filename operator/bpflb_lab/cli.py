@@ -26,14 +26,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bpflb_lab.bench import run_bench
 
     out = Path(args.out) if args.out else None
+    rates = {"datapaths": _datapaths(args.datapaths), "counts": _counts(args.services),
+             "tcp_rounds": args.tcp_rounds, "kube_proxy_nodes": _nodes(args.kube_proxy_nodes)}   # refused first
     rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out)
     if not args.no_rates:
         from bpflb_lab.rates import run_rate_bench
 
-        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration,
-                             datapaths=_datapaths(args.datapaths), counts=_counts(args.services),
-                             tcp_rounds=args.tcp_rounds,
-                             kube_proxy_nodes=_nodes(args.kube_proxy_nodes))
+        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration, **rates)
     return rc
 
 
@@ -50,6 +49,12 @@ def _datapaths(text: str | None) -> tuple[str, ...]:
         raise SystemExit(f"bpflb bench: --datapaths: unknown {', '.join(unknown)} (expected some of "
                          f"{', '.join(short)})")
     return tuple(dp for key, dp in short.items() if key in picked)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _nodes(text: str | None) -> tuple[str, ...]:
@@ -101,7 +106,7 @@ def register(sub: Any) -> None:
                        help="rates: only these datapaths, comma-separated among xdp, tc, iptables, nftables")
     bench.add_argument("--services", metavar="LIST", help="rates: these Service counts, comma-separated "
                                                           "(default 10,1000,10000; --quick 10,1000)")
-    bench.add_argument("--tcp-rounds", type=int, metavar="N",
+    bench.add_argument("--tcp-rounds", type=_positive, metavar="N",
                        help="rates: connection windows per cell (each beside its two reference windows)")
     bench.add_argument("--kube-proxy-nodes", metavar="LIST",
                        help="rates: the nodes that load kube-proxy's rules, e.g. node1 (default: every node, as "
