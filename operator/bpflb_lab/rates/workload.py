@@ -267,10 +267,17 @@ def forwarded_packets(lab: Lab) -> int:
 
 
 def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
-    """Sinks on the pods, XDP on the fabric side of the client's veth, the listeners, a wide port range for
+    """Sinks on the pods, XDP on the fabric side of every host's veth, the listeners, a wide port range for
     the client, and the neighbours resolved along the path (one real request of each kind)."""
     pin = lab.pin_root / "bench"
-    lab.run_in("fabric", tg.attach_in_ns, "xdp_pass", "client")
+    # A pass-through XDP program on the fabric end of every host's veth, in every cell: veth then carries
+    # frames by NAPI, which the XDP cells need (Lab.up(acceleration=...) attaches the same) and which makes
+    # every crossing cheaper; the other cells get it too, or their whole path would be slower than the XDP
+    # cells' for reasons that are not node1's.
+    for host in ("client", "node1", "node2", "node3"):
+        lab.run_in("fabric", tg.attach_in_ns, "xdp_pass", host)
+        if host != "client" and not _xdp_on(lab, host):
+            lab.run_in(host, tg.attach_in_ns, "xdp_pass", "eth0")   # NAPI the other way too (see above)
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
