@@ -48,7 +48,7 @@ class Plan:
     kube_proxy_nodes: tuple[str, ...] = ()   # the nodes that load kube-proxy's rules (empty: every node)
 
 
-FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=2)
+FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=5)
 QUICK = Plan(QUICK_SERVICE_COUNTS, udp_seconds=0.25, udp_repeats=3, tcp_seconds=0.5, tcp_repeats=1)
 
 
