@@ -26,12 +26,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bpflb_lab.bench import run_bench
 
     out = Path(args.out) if args.out else None
+    rates = {"datapaths": _datapaths(args.datapaths), "counts": _counts(args.services),
+             "tcp_rounds": args.tcp_rounds, "kube_proxy_nodes": _nodes(args.kube_proxy_nodes)}   # refused first
     rc = 0 if args.rates_only else run_bench(quick=args.quick, out_dir=out)
     if not args.no_rates:
         from bpflb_lab.rates import run_rate_bench
 
-        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration)
+        rc |= run_rate_bench(quick=args.quick, out_dir=out, acceleration=args.acceleration, **rates)
     return rc
+
+
+def _datapaths(text: str | None) -> tuple[str, ...]:
+    from bpflb_lab.rates import DATAPATHS
+
+    if not text:
+        return DATAPATHS
+    short = {"xdp": "bpflb XDP", "tc": "bpflb tc", "iptables": "kube-proxy iptables",
+             "nftables": "kube-proxy nftables"}
+    picked = [w.strip().lower() for w in text.split(",") if w.strip()]
+    unknown = [w for w in picked if w not in short]
+    if unknown:
+        raise SystemExit(f"bpflb bench: --datapaths: unknown {', '.join(unknown)} (expected some of "
+                         f"{', '.join(short)})")
+    return tuple(dp for key, dp in short.items() if key in picked)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _nodes(text: str | None) -> tuple[str, ...]:
+    names = tuple(w.strip() for w in (text or "").split(",") if w.strip())
+    wrong = [n for n in names if n not in ("node1", "node2", "node3")]
+    if wrong:
+        raise SystemExit(f"bpflb bench: --kube-proxy-nodes: unknown {', '.join(wrong)} (the rate labs have node1, "
+                         "node2 and node3)")
+    return names
+
+
+def _counts(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        counts = tuple(sorted({int(w.replace("_", "")) for w in text.split(",") if w.strip()}))
+    except ValueError:
+        raise SystemExit(f"bpflb bench: --services: expected numbers separated by commas, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise SystemExit(f"bpflb bench: --services: expected Service counts of at least 1, got {text!r}")
+    return counts
 
 
 def register(sub: Any) -> None:
@@ -58,6 +102,15 @@ def register(sub: Any) -> None:
                             "nftables, each in a lab of its own)")
     bench.add_argument("--acceleration", default="Native", choices=("Native", "BestEffort"),
                        help="xdpAcceleration of the rates' bpflb XDP row (default Native)")
+    bench.add_argument("--datapaths", metavar="LIST",
+                       help="rates: only these datapaths, comma-separated among xdp, tc, iptables, nftables")
+    bench.add_argument("--services", metavar="LIST", help="rates: these Service counts, comma-separated "
+                                                          "(default 10,1000,10000; --quick 10,1000)")
+    bench.add_argument("--tcp-rounds", type=_positive, metavar="N",
+                       help="rates: connection windows per cell (each beside its two reference windows)")
+    bench.add_argument("--kube-proxy-nodes", metavar="LIST",
+                       help="rates: the nodes that load kube-proxy's rules, e.g. node1 (default: every node, as "
+                            "bpflb's agents)")
     bench.set_defaults(func=cmd_bench)
 
     from bpflb_lab.lab.commands import register as register_lab

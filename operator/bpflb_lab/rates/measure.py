@@ -3,18 +3,21 @@ TCP connections per second, in one cell's lab; node1's datapath counters say whe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 
 from bpflb_lab import trafficgen as tg
 from bpflb_lab.lab import Lab, topology
 from bpflb_lab.rates.workload import (
     CONCURRENCY,
     FLOWS,
+    FORWARDED_PORT,
     REFERENCE_PORT,
     TCP_PORT,
     UDP_PORT,
@@ -23,6 +26,7 @@ from bpflb_lab.rates.workload import (
     Unavailable,
     _cell_lab,
     _progress,
+    forwarded_packets,
 )
 
 
@@ -36,42 +40,68 @@ def _udp(lab: Lab, frame: bytes, sinks: list[str], seconds: float) -> tuple[floa
     return got / sent.seconds, sent.rate
 
 
-def _measure(lab: Lab, plan: Plan, cell: Cell) -> None:
-    client_mac = _mac(lab, "client")
-    to_node1 = tg.udp_frame(client_mac, _mac(lab, "node1"), str(topology.CLIENT_IP), lab.node_ip(1), UDP_PORT)
-    direct = tg.udp_frame(client_mac, _mac(lab, "node2"), str(topology.CLIENT_IP), lab.pod_ip("echo-a"), 8081)
-    refs, rates, sent = [], [], []
-    for _ in range(plan.udp_repeats):
-        refs.append(_udp(lab, direct, ["echo-a"], plan.udp_seconds)[0])
-        got, out = _udp(lab, to_node1, ["echo-a", "echo-b"], plan.udp_seconds)
-        rates.append(got)
-        sent.append(out)
-    cell.udp_samples = rates
-    cell.reference_samples = refs
-    cell.udp_pps = statistics.median(rates)
-    cell.sent_pps = statistics.median(sent)
-    cell.reference_pps = statistics.median(refs)
-    failed, errors = 0, Counter[str]()
-    conns, conn_refs = [], []
-    for _ in range(plan.tcp_repeats):
-        ref = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.pod_ip("echo-a"), REFERENCE_PORT,
-                                                     plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
-        conn_refs.append(ref.rate)
-        r = lab.run_in("client", functools.partial(tg.connection_storm_in_ns, lab.node_ip(1), TCP_PORT,
-                                                   plan.tcp_seconds, CONCURRENCY), timeout=plan.tcp_seconds + 60)
-        conns.append(r.rate)
-        failed += r.failed
-        errors.update(r.errors)
-    cell.conn_samples = conns
-    cell.conn_per_s = statistics.median(conns)
-    cell.conn_reference_samples = conn_refs
-    cell.conn_reference = statistics.median(conn_refs)
-    cell.conn_failed = failed
-    cell.conn_errors = dict(errors)
-    if cell.datapath.startswith("bpflb"):
-        cell.node1_stats = _node1_stats(lab)
-        if cell.datapath == "bpflb XDP" and not cell.node1_stats.get("xdp_tx"):
-            cell.note = "XDP forwarded nothing on node1 (counter xdp_tx is 0): this cell measured tc"
+class Windows:
+    """One cell's measurement in windows, so that the cells of a Service count can take turns: every
+    window of every cell sits between windows of the others, and the machine's load hits them alike."""
+
+    def __init__(self, lab: Lab, plan: Plan, cell: Cell) -> None:
+        self.lab, self.plan, self.cell = lab, plan, cell
+        client_mac = _mac(lab, "client")
+        self.to_node1 = tg.udp_frame(client_mac, _mac(lab, "node1"), str(topology.CLIENT_IP), lab.node_ip(1),
+                                     UDP_PORT)
+        self.direct = tg.udp_frame(client_mac, _mac(lab, "node2"), str(topology.CLIENT_IP), lab.pod_ip("echo-a"),
+                                   8081)
+        self.sent: list[float] = []
+        self.errors = Counter[str]()
+        self.fwd_packets = self.fwd_conns = 0
+
+    def udp(self) -> None:
+        """A reference window straight to echo-a, then one through node1."""
+        self.cell.reference_samples.append(_udp(self.lab, self.direct, ["echo-a"], self.plan.udp_seconds)[0])
+        got, out = _udp(self.lab, self.to_node1, ["echo-a", "echo-b"], self.plan.udp_seconds)
+        self.cell.udp_samples.append(got)
+        self.sent.append(out)
+
+    def tcp(self) -> None:
+        """The two references' windows, then one through node1's load balancer."""
+        lab, cell = self.lab, self.cell
+        cell.conn_reference_samples.append(self._storm(lab.pod_ip("echo-a"), REFERENCE_PORT).rate)
+        before = forwarded_packets(lab)
+        fwd = self._storm(lab.pod_ip("echo-a"), FORWARDED_PORT)
+        self.fwd_packets += forwarded_packets(lab) - before
+        self.fwd_conns += fwd.ok
+        cell.conn_forwarded_samples.append(fwd.rate)
+        r = self._storm(lab.node_ip(1), TCP_PORT)
+        cell.conn_samples.append(r.rate)
+        cell.conn_failed += r.failed
+        self.errors.update(r.errors)
+
+    def _storm(self, addr: str, port: int) -> tg.ConnResult:
+        return self.lab.run_in("client", functools.partial(tg.connection_storm_in_ns, addr, port,
+                                                           self.plan.tcp_seconds, CONCURRENCY),
+                               timeout=self.plan.tcp_seconds + 60)
+
+    def finish(self) -> None:
+        """Medians, node1's counters, and whether the forwarded reference really crossed node1 both ways."""
+        cell = self.cell
+        if cell.udp_samples:
+            cell.udp_pps = statistics.median(cell.udp_samples)
+            cell.sent_pps = statistics.median(self.sent)
+            cell.reference_pps = statistics.median(cell.reference_samples)
+        if cell.conn_samples:
+            cell.conn_per_s = statistics.median(cell.conn_samples)
+            cell.conn_reference = statistics.median(cell.conn_reference_samples)
+            cell.conn_forwarded = statistics.median(cell.conn_forwarded_samples)
+        cell.conn_errors = dict(self.errors)
+        cell.forwarded_per_conn = self.fwd_packets / self.fwd_conns if self.fwd_conns else None
+        if cell.datapath.startswith("bpflb"):
+            cell.node1_stats = _node1_stats(self.lab)
+            if cell.datapath == "bpflb XDP" and not cell.node1_stats.get("xdp_tx"):
+                cell.note = "XDP forwarded nothing on node1 (counter xdp_tx is 0): this cell measured tc"
+        if cell.forwarded_per_conn is not None and cell.forwarded_per_conn < 3.9:
+            # SYN, ACK and RST one way and the SYN-ACK the other: fewer means the replies went around node1.
+            raise RuntimeError(f"node1 forwarded {cell.forwarded_per_conn:.1f} packets per connection of the "
+                               "forwarded reference (at least 4 when both directions cross it)")
 
 
 def _node1_stats(lab: Lab) -> dict[str, int]:
@@ -95,21 +125,56 @@ def _mac(lab: Lab, host: str) -> str:
     return link.split("link/ether ")[1].split()[0]
 
 
-def measure_cell(datapath: str, services: int, plan: Plan, acceleration: str) -> Cell:
-    cell = Cell(datapath, services)
+def measure_cells(datapaths: tuple[str, ...], services: int, plan: Plan, acceleration: str) -> list[Cell]:
+    """The cells of one Service count, their labs up side by side, measured in turns: each round gives
+    every cell a UDP and a TCP window (with their references), in an order that rotates round by round."""
+    cells = [Cell(dp, services) for dp in datapaths]
+    running: list[Windows] = []
+    with contextlib.ExitStack() as stack:
+        for cell in cells:
+            with _failure(cell):
+                lab = stack.enter_context(_cell_lab(cell.datapath, services, acceleration, cell,
+                                                         plan.kube_proxy_nodes))
+                running.append(Windows(lab, plan, cell))
+        for k in range(max(plan.udp_repeats, plan.tcp_repeats)):
+            order = running[k % len(running):] + running[:k % len(running)] if running else []
+            for w in order:
+                if w.cell.failed:
+                    continue
+                with _failure(w.cell):
+                    if k < plan.udp_repeats:
+                        w.udp()
+                    if k < plan.tcp_repeats:
+                        w.tcp()
+            _progress(f"{services:,} Services: round {k + 1} of {max(plan.udp_repeats, plan.tcp_repeats)} done")
+        for w in running:
+            if not w.cell.failed:
+                with _failure(w.cell):
+                    w.finish()
+    for cell in cells:
+        _report(cell)
+    return cells
+
+
+@contextlib.contextmanager
+def _failure(cell: Cell) -> Iterator[None]:
+    """A cell that cannot be measured says why; one broken cell must not lose the others' figures."""
     try:
-        with _cell_lab(datapath, services, acceleration, cell) as lab:
-            _measure(lab, plan, cell)
+        yield
     except Unavailable as exc:
         cell.note = str(exc)
-    except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the others' figures
+    except Exception as exc:  # noqa: BLE001
         cell.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         cell.failed = True
         traceback.print_exc(file=sys.stderr)
-    _progress(f"{datapath}, {services:,} Services: " + (cell.note or (
+
+
+def _report(cell: Cell) -> None:
+    _progress(f"{cell.datapath}, {cell.services:,} Services: " + (cell.note or (
         f"UDP {(cell.udp_pps or 0) / 1e3:,.0f} kpps at the pods (sent {(cell.sent_pps or 0) / 1e3:,.0f}, "
-        f"reference {(cell.reference_pps or 0) / 1e3:,.0f}); TCP {cell.conn_per_s:,.0f} conn/s"
+        f"reference {(cell.reference_pps or 0) / 1e3:,.0f}); TCP {cell.conn_per_s or 0:,.0f} conn/s (forwarded reference "
+        f"{cell.conn_forwarded or 0:,.0f}, {cell.forwarded_per_conn or 0:.1f} packets/conn via node1; "
+        f"direct reference {cell.conn_reference or 0:,.0f})"
         + (f", {cell.conn_failed} failed {cell.conn_errors}" if cell.conn_failed else "")
         + (f"; node1 drops {_drops(cell)}" if _drops(cell) else "")
         + (f"; node1 xdp_tx {cell.node1_stats.get('xdp_tx', 0):,}" if cell.datapath == "bpflb XDP" else ""))))
-    return cell

@@ -26,6 +26,8 @@ from bpflb_lab.lab.errors import LabUnsupported
 
 UDP_PORT, TCP_PORT, ACCEPT_PORT = 30081, 30080, 8090
 REFERENCE_PORT = 8091        # an accept listener of echo-a that no Service names (the connections' reference)
+FORWARDED_PORT = 8092        # another one, reached through node1 by plain IP forwarding (the forwarded reference)
+FORWARDED_TABLE = 92         # the routing table of the forwarded reference's rules (client and node2)
 DATAPATHS = ("bpflb XDP", "bpflb tc", "kube-proxy iptables", "kube-proxy nftables")
 SERVICE_COUNTS = (10, 1_000, 10_000)
 QUICK_SERVICE_COUNTS = (10, 1_000)
@@ -43,9 +45,10 @@ class Plan:
     udp_repeats: int
     tcp_seconds: float
     tcp_repeats: int
+    kube_proxy_nodes: tuple[str, ...] = ()   # the nodes that load kube-proxy's rules (empty: every node)
 
 
-FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=2)
+FULL = Plan(SERVICE_COUNTS, udp_seconds=1.0, udp_repeats=5, tcp_seconds=1.0, tcp_repeats=5)
 QUICK = Plan(QUICK_SERVICE_COUNTS, udp_seconds=0.25, udp_repeats=3, tcp_seconds=0.5, tcp_repeats=1)
 
 
@@ -64,6 +67,9 @@ class Cell:
     conn_samples: list[float] = field(default_factory=list)
     conn_reference: float | None = None    # connections straight to echo-a, not through node1 (median)
     conn_reference_samples: list[float] = field(default_factory=list)   # one right before each conn sample
+    conn_forwarded: float | None = None    # connections to echo-a forwarded by node1's kernel, no LB (median)
+    conn_forwarded_samples: list[float] = field(default_factory=list)   # one right before each conn sample
+    forwarded_per_conn: float | None = None  # packets node1 forwarded per forwarded connection (>= 4: both ways)
     conn_failed: int = 0
     conn_errors: dict[str, int] = field(default_factory=dict)
     node1_stats: dict[str, int] = field(default_factory=dict)   # bpflb: node1's nonzero datapath counters
@@ -185,7 +191,8 @@ def _wait_synced(lab: Lab, services: int, timeout: float = 120.0) -> float:
 
 
 @contextlib.contextmanager
-def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> Iterator[Lab]:
+def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell,
+              kube_proxy_nodes: tuple[str, ...] = ()) -> Iterator[Lab]:
     """A lab for one cell, with the datapath and the Services in place; always taken down."""
     lab = Lab(f"bpflb-rates-{secrets.token_hex(3)}")
     acceptors: list[subprocess.Popen[bytes]] = []
@@ -201,9 +208,13 @@ def _cell_lab(datapath: str, services: int, acceleration: str, cell: Cell) -> It
             took = _wait_synced(lab, services)
             cell.setup = f"{services:,} Services programmed by the agents in {took:.1f}s"
         else:
+            # Every node, as kube-proxy runs in a cluster (and bpflb's agents in its cells): the SNAT'd SYN
+            # meets node2's rules as well as node1's.
             mode = datapath.removeprefix("kube-proxy ")
-            [done] = kplab.install(lab, mode, ["node1"])
-            cell.setup = f"{done.summary}; loaded in {done.seconds:.1f}s"
+            done = kplab.install(lab, mode, list(kube_proxy_nodes) or None)
+            cell.setup = (f"{done[0].summary} on {', '.join(d.node for d in done)}; loaded in "
+                          f"{max(d.seconds for d in done):.1f}s at most")
+            _untracked_references(lab, [d.node for d in done])
         acceptors = _prepare_traffic(lab)
         _progress(f"{datapath}, {services:,} Services: lab {lab.name} ready in {time.monotonic() - start:.1f}s "
                   f"({cell.setup})")
@@ -224,15 +235,54 @@ def _listening_in_ns(port: int) -> bool:
                    for line in list(f)[1:])
 
 
+def _forwarded_route(lab: Lab) -> None:
+    """The forwarded reference's path: connections to echo-a:FORWARDED_PORT go client -> node1 -> node2 -> pod
+    and their replies pod -> node2 -> node1 -> client, the hops of a connection SNAT'd by node1, forwarded by
+    node1's kernel with no load balancer.  Policy rules on the port keep every other flow's route as it was.
+    node1 already routes the pod CIDRs to their nodes and the client on-link, and sends no ICMP redirects."""
+    pod, node1, table = lab.pod_ip("echo-a"), lab.node_ip(1), FORWARDED_TABLE
+    netns.ip_batch(lab.netns("client"), [f"route add {pod}/32 via {node1} table {table}",
+                                         f"rule add ipproto tcp dport {FORWARDED_PORT} lookup {table} pref {table}"])
+    netns.ip_batch(lab.netns("node2"), [
+        f"route add {topology.CLIENT_IP}/32 via {node1} table {table}",
+        f"rule add from {pod} ipproto tcp sport {FORWARDED_PORT} lookup {table} pref {table}"])
+
+
+def _untracked_references(lab: Lab, nodes: list[str]) -> None:
+    """In kube-proxy's cells every node tracks connections for its rules: the references' packets are exempted
+    (raw NOTRACK), so they meet neither conntrack nor the rules.  (In bpflb's cells its programs see them as
+    packets of no Service, the path every packet of a node takes.)"""
+    for node in nodes:
+        for port in (REFERENCE_PORT, FORWARDED_PORT):
+            for flag in ("--dport", "--sport"):
+                lab.exec(node, ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "-p", "tcp", flag, str(port),
+                                "-j", "NOTRACK"], check=True)
+
+
+def forwarded_packets(lab: Lab) -> int:
+    """Packets node1's kernel has forwarded (Ip: ForwDatagrams of its namespace)."""
+    lines = [ln.split() for ln in lab.exec("node1", ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+             if ln.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
 def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
-    """Sinks on the pods, XDP on the fabric side of the client's veth, the listeners, a wide port range for
+    """Sinks on the pods, XDP on the fabric side of every host's veth, the listeners, a wide port range for
     the client, and the neighbours resolved along the path (one real request of each kind)."""
     pin = lab.pin_root / "bench"
-    lab.run_in("fabric", tg.attach_in_ns, "xdp_pass", "client")
+    # A pass-through XDP program on the fabric end of every host's veth, in every cell: veth then carries
+    # frames by NAPI, which the XDP cells need (Lab.up(acceleration=...) attaches the same) and which makes
+    # every crossing cheaper; the other cells get it too, or their whole path would be slower than the XDP
+    # cells' for reasons that are not node1's.
+    for host in ("client", "node1", "node2", "node3"):
+        lab.run_in("fabric", tg.attach_in_ns, "xdp_pass", host)
+        if host != "client" and not _xdp_on(lab, host):
+            lab.run_in(host, tg.attach_in_ns, "xdp_pass", "eth0")   # NAPI the other way too (see above)
     for pod in ("echo-a", "echo-b"):
         lab.run_in(pod, tg.attach_in_ns, "xdp_sink", "eth0", str(pin / pod))
     netns.write_sysctls(lab.netns("client"), {"net.ipv4.ip_local_port_range": "1024 65535"})
-    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT)]
+    listeners = [("echo-a", ACCEPT_PORT), ("echo-b", ACCEPT_PORT), ("echo-a", REFERENCE_PORT),
+                 ("echo-a", FORWARDED_PORT)]
     # The listeners are C (native/connbench.c `serve`: accept and close): a Python accept loop cost ~10 us of
     # CPU per connection on this 2-core machine and was part of every row's ceiling, the reference's too.
     server = str(objects_dir() / "connbench")
@@ -242,6 +292,7 @@ def _prepare_traffic(lab: Lab) -> list[subprocess.Popen[bytes]]:
              for pod, port in listeners]
     # The reference connections go to echo-a through node2, routed, bypassing node1.
     netns.ip_batch(lab.netns("client"), [f"route add {topology.pod_cidr(2)} via {lab.node_ip(2)}"])
+    _forwarded_route(lab)
     deadline = time.monotonic() + 15
     for pod, port in listeners:
         while not lab.run_in(pod, _listening_in_ns, port):
