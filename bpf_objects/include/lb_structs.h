@@ -390,9 +390,10 @@ struct lb_src_range_key {
 /* ---- IP fragments (frag.h): a fragmented datagram of a flow is translated whole ---- */
 
 /* Counters (lb_stats indices 64..71).  frag_tracked: first fragments translated, their ports recorded for
- * the rest of the datagram; frag_followed: later fragments translated like their first one;
- * frag_track_failed: first fragments translated whose ports could not be recorded (the rest of that
- * datagram passes untouched).  A later fragment with no record counts as pass_fragment (ingress). */
+ * the rest of the datagram; frag_followed: later fragments that found their first fragment's record and
+ * went the way of its flow; frag_track_failed: first fragments translated whose ports could not be
+ * recorded (the rest of that datagram passes untouched).  A later fragment with no record counts as
+ * pass_fragment (ingress). */
 #define STAT_FRAG_TRACKED 64
 #define STAT_FRAG_FOLLOWED 65
 #define STAT_FRAG_TRACK_FAILED 66

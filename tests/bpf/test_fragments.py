@@ -17,7 +17,6 @@ from scapy.packet import Packet, Raw
 
 from bpflb.datapath import loader
 from bpflb.datapath.eastwest import EastWestMaps
-from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.model.cluster import dsr_backends, dsr_frontends
 from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, Mode, Proto

@@ -1,0 +1,108 @@
+"""Fragmented UDP datagrams through a NodePort on the wire, with the real agents: a request and an answer both
+larger than the lab's 1,500-byte MTU, so the client's stack and the pod's cut them into fragments and every
+fragment crosses bpflb on its own (nothing on the way reassembles them). The client must get the whole
+answer, and the pod must have seen the address the mode promises: node1's in SNAT and Hybrid (UDP is SNAT'd),
+the client's own for a backend on the node it entered. In DSR the option makes the first fragment of a
+full-size datagram too big for the path: the client is told (fragmentation needed, path MTU 1492), loses that
+datagram, and its next one, cut to the learnt MTU, goes through with the client's address seen."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from bpflb_lab.lab import Lab
+from tests.lab.conftest import lab_running
+from tests.lab.helpers import counted
+
+pytestmark = pytest.mark.privileged
+
+CLIENT = "198.18.0.100"
+NODE1, NODE2 = "198.18.0.11", "198.18.0.12"
+SIZE = 3000                       # three fragments each way at 1,500 bytes
+
+
+@pytest.fixture(scope="module")
+def lab(privileged: None) -> Iterator[Lab]:
+    with lab_running() as shared:
+        yield shared
+
+
+def big_udp(addr: str, port: int, attempts: int, timeout: float) -> list[tuple[str, bool] | None]:
+    """In the client: "clientip <SIZE bytes>" from one socket, `attempts` times, each waiting `timeout` for the
+    answer: per attempt (the address:port the pod saw, the rest came back whole), or None without an answer."""
+    pad = bytes(i % 251 for i in range(SIZE))
+    outcomes: list[tuple[str, bool] | None] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        s.settimeout(timeout)
+        for _ in range(attempts):
+            s.sendto(b"clientip " + pad, (addr, port))
+            try:
+                data, _ = s.recvfrom(65535)
+            except TimeoutError:
+                outcomes.append(None)
+                continue
+            seen, _, rest = data.partition(b" ")
+            outcomes.append((seen.decode(), rest == pad))
+    return outcomes
+
+
+def ask(lab: Lab, addr: str, port: int = 30081, attempts: int = 1, timeout: float = 5.0) -> list[tuple[str, bool] | None]:
+    return lab.run_in("client", big_udp, addr, port, attempts, timeout, timeout=attempts * timeout + 10)
+
+
+@pytest.mark.parametrize("mode", ["SNAT", "Hybrid"])
+def test_a_fragmented_request_and_answer_through_node1_to_a_remote_pod(lab: Lab, mode: str) -> None:
+    lab.set_mode(mode)
+    with counted(lab, "node1") as delta:
+        [outcome] = ask(lab, NODE1)
+    assert outcome is not None, f"{mode}: no answer to a {SIZE}-byte datagram through {NODE1}:30081"
+    seen, whole = outcome
+    assert whole, f"{mode}: the answer came back cut or changed"
+    assert seen.startswith(f"{NODE1}:"), f"{mode}: the pod saw {seen}, not node1 (SNAT)"
+    node1 = delta["node1"]
+    # Two first fragments translated (request, answer), four later ones following them.
+    assert node1["frag_tracked"] >= 2 and node1["frag_followed"] >= 4, node1
+    assert node1["pass_fragment"] == 0 and node1["frag_track_failed"] == 0, node1
+
+
+def test_a_fragmented_request_and_answer_to_a_local_pod_keep_the_client_address(lab: Lab) -> None:
+    """node2's NodePort: its own pod (echo-a) sees the client, node3's (echo-b) sees node2; both answer whole.
+    New sockets (new flows) until the local pod has answered."""
+    lab.set_mode("SNAT")
+    seen = set()
+    with counted(lab, "node2") as delta:
+        for _ in range(20):
+            [outcome] = ask(lab, NODE2)
+            assert outcome is not None and outcome[1], f"no whole answer through {NODE2}:30081: {outcome}"
+            seen.add(outcome[0].partition(":")[0])
+            if CLIENT in seen:
+                break
+    assert CLIENT in seen and seen <= {CLIENT, NODE2}, seen
+    node2 = delta["node2"]
+    assert node2["frag_tracked"] >= 2 and node2["frag_followed"] >= 4, node2
+
+
+def test_dsr_loses_the_first_full_size_datagram_to_path_mtu_discovery_then_delivers(lab: Lab) -> None:
+    lab.set_mode("DSR")
+    try:
+        lab.exec("client", ["ip", "route", "flush", "cache"], check=True)    # no path MTU learnt before
+        with counted(lab, "node1", "node2", "node3") as delta:
+            first, second = ask(lab, NODE1, attempts=2, timeout=3.0)
+        assert first is None, f"the first datagram's 1,500-byte first fragment cannot carry the option: {first}"
+        assert second is not None, "the datagram cut to the learnt path MTU (1492) got no answer"
+        seen, whole = second
+        assert whole and seen.startswith(f"{CLIENT}:"), (seen, whole)
+        assert delta["node1"]["icmp_frag_needed"] >= 1, delta["node1"]
+        assert delta["node1"]["frag_followed"] >= 2 and delta["node1"]["dsr_opt_inserted"] >= 3, delta["node1"]
+        backend = delta["node2"] if delta["node2"]["dsr_accepted"] else delta["node3"]
+        assert backend["dsr_accepted"] >= 3, "every fragment carried the option to the backend's node"
+        assert backend["frag_tracked"] >= 2 and backend["frag_followed"] >= 4, backend
+        route = lab.exec("client", ["ip", "route", "get", NODE1], check=True).stdout
+        assert "mtu 1492" in route, route
+    finally:
+        lab.exec("client", ["ip", "route", "flush", "cache"], check=True)
+        lab.set_mode("SNAT")
