@@ -78,11 +78,24 @@ static __always_inline enum parse_result parse_l4(struct iphdr *ip, __u32 ihl, _
 	return PARSE_OTHER_L4;
 }
 
+/* What every IPv4 packet tells, fragment or not. */
+static __always_inline void parse_ip(struct iphdr *ip, __u32 ihl, __u32 tot_len, struct pkt *p)
+{
+	p->t.saddr = ip->saddr;
+	p->t.daddr = ip->daddr;
+	p->t.proto = ip->protocol;
+	p->t.pad[0] = p->t.pad[1] = p->t.pad[2] = 0;
+	p->tot_len = tot_len;
+	p->ihl_bytes = ihl;
+	p->l4_off = ETH_HLEN + ihl;
+}
+
 /* A fragment (ip's MF or offset set): addresses, protocol and IP id; a first fragment's ports too.
  * Always PARSE_FRAGMENT, so a caller that does not follow fragments (XDP, the ICMP paths) passes it. */
 static __always_inline enum parse_result parse_fragment(struct iphdr *ip, __u32 ihl, __u32 tot_len, void *data_end,
 							 struct pkt *p)
 {
+	parse_ip(ip, ihl, tot_len, p);
 	p->ip_id = ip->id;
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		p->frag = PKT_FRAG_LATER;
@@ -112,16 +125,10 @@ static __always_inline enum parse_result parse_frame(void *data, void *data_end,
 	tot_len = bpf_ntohs(ip->tot_len);
 	if (tot_len < ihl || tot_len > len - ETH_HLEN)
 		return PARSE_TRUNCATED;
-
-	p->t.saddr = ip->saddr;
-	p->t.daddr = ip->daddr;
-	p->t.proto = ip->protocol;
-	p->t.pad[0] = p->t.pad[1] = p->t.pad[2] = 0;
-	p->tot_len = tot_len;
-	p->ihl_bytes = ihl;
-	p->l4_off = ETH_HLEN + ihl;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return parse_fragment(ip, ihl, tot_len, data_end, p);
+
+	parse_ip(ip, ihl, tot_len, p);
 	return parse_l4(ip, ihl, tot_len, data_end, p, 0);
 }
 
