@@ -2,9 +2,9 @@
  * exceeded), back to its sender.  Every one goes through icmp_reply, which applies the rules a host
  * or router keeps (RFC 1812 4.3.2.7, the kernel's icmp_send): no error about an error, a RST or a
  * fragment other than the first, none to a sender that is not a routable unicast host, none for a
- * frame not addressed to this host; and a
- * node-wide token bucket (lb_icmp_rl, like net.ipv4.icmp_msgs_per_sec/_burst) caps how many leave,
- * so a flood of spoofed packets cannot turn the node into a reflector. */
+ * frame not addressed to this host; and a node-wide token bucket (lb_icmp_rl, like
+ * net.ipv4.icmp_msgs_per_sec/_burst) caps how many leave, so a flood of spoofed packets cannot turn
+ * the node into a reflector. */
 #ifndef BPFLB_ICMP_H
 #define BPFLB_ICMP_H
 

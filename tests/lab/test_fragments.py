@@ -15,7 +15,7 @@ import pytest
 
 from bpflb_lab.lab import Lab
 from tests.lab.conftest import lab_running
-from tests.lab.helpers import counted
+from tests.lab.helpers import cluster_ip, counted, pod_path_on, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -30,28 +30,34 @@ def lab(privileged: None) -> Iterator[Lab]:
         yield shared
 
 
-def big_udp(addr: str, port: int, attempts: int, timeout: float) -> list[tuple[str, bool] | None]:
+Outcome = tuple[str, bool, str]
+
+
+def big_udp(addr: str, port: int, attempts: int, timeout: float) -> list[Outcome | None]:
     """In the client: "clientip <SIZE bytes>" from one socket, `attempts` times, each waiting `timeout` for the
-    answer: per attempt (the address:port the pod saw, the rest came back whole), or None without an answer."""
+    answer: per attempt (the address:port the pod saw, the rest came back whole, the address:port the answer
+    came from), or None without an answer."""
     pad = bytes(i % 251 for i in range(SIZE))
-    outcomes: list[tuple[str, bool] | None] = []
+    outcomes: list[Outcome | None] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", 0))
         s.settimeout(timeout)
         for _ in range(attempts):
             s.sendto(b"clientip " + pad, (addr, port))
             try:
-                data, _ = s.recvfrom(65535)
+                data, peer = s.recvfrom(65535)
             except TimeoutError:
                 outcomes.append(None)
                 continue
             seen, _, rest = data.partition(b" ")
-            outcomes.append((seen.decode(), rest == pad))
+            outcomes.append((seen.decode(), rest == pad, f"{peer[0]}:{peer[1]}"))
     return outcomes
 
 
-def ask(lab: Lab, addr: str, port: int = 30081, attempts: int = 1, timeout: float = 5.0) -> list[tuple[str, bool] | None]:
-    return lab.run_in("client", big_udp, addr, port, attempts, timeout, timeout=attempts * timeout + 10)
+def ask(lab: Lab, addr: str, port: int = 30081, attempts: int = 1, timeout: float = 5.0, host: str = "client",
+        in_cgroup: bool = True) -> list[Outcome | None]:
+    return lab.run_in(host, big_udp, addr, port, attempts, timeout, timeout=attempts * timeout + 10,
+                      in_cgroup=in_cgroup)
 
 
 @pytest.mark.parametrize("mode", ["SNAT", "Hybrid"])
@@ -60,8 +66,9 @@ def test_a_fragmented_request_and_answer_through_node1_to_a_remote_pod(lab: Lab,
     with counted(lab, "node1") as delta:
         [outcome] = ask(lab, NODE1)
     assert outcome is not None, f"{mode}: no answer to a {SIZE}-byte datagram through {NODE1}:30081"
-    seen, whole = outcome
+    seen, whole, source = outcome
     assert whole, f"{mode}: the answer came back cut or changed"
+    assert source == f"{NODE1}:30081", source
     assert seen.startswith(f"{NODE1}:"), f"{mode}: the pod saw {seen}, not node1 (SNAT)"
     node1 = delta["node1"]
     # Two first fragments translated (request, answer), four later ones following them.
@@ -77,7 +84,8 @@ def test_a_fragmented_request_and_answer_to_a_local_pod_keep_the_client_address(
     with counted(lab, "node2") as delta:
         for _ in range(20):
             [outcome] = ask(lab, NODE2)
-            assert outcome is not None and outcome[1], f"no whole answer through {NODE2}:30081: {outcome}"
+            assert outcome is not None and outcome[1] and outcome[2] == f"{NODE2}:30081", \
+                f"no whole answer through {NODE2}:30081: {outcome}"
             seen.add(outcome[0].partition(":")[0])
             if CLIENT in seen:
                 break
@@ -94,8 +102,8 @@ def test_dsr_loses_the_first_full_size_datagram_to_path_mtu_discovery_then_deliv
             first, second = ask(lab, NODE1, attempts=2, timeout=3.0)
         assert first is None, f"the first datagram's 1,500-byte first fragment cannot carry the option: {first}"
         assert second is not None, "the datagram cut to the learnt path MTU (1492) got no answer"
-        seen, whole = second
-        assert whole and seen.startswith(f"{CLIENT}:"), (seen, whole)
+        seen, whole, source = second
+        assert whole and seen.startswith(f"{CLIENT}:") and source == f"{NODE1}:30081", second
         assert delta["node1"]["icmp_frag_needed"] >= 1, delta["node1"]
         assert delta["node1"]["frag_followed"] >= 2 and delta["node1"]["dsr_opt_inserted"] >= 3, delta["node1"]
         backend = delta["node2"] if delta["node2"]["dsr_accepted"] else delta["node3"]
@@ -106,3 +114,22 @@ def test_dsr_loses_the_first_full_size_datagram_to_path_mtu_discovery_then_deliv
     finally:
         lab.exec("client", ["ip", "route", "flush", "cache"], check=True)
         lab.set_mode("SNAT")
+
+
+@pytest.mark.parametrize("in_cgroup", [True, False], ids=["socket", "packet"])
+def test_a_pods_fragmented_datagram_to_a_clusterip_and_the_answer(lab: Lab, in_cgroup: bool) -> None:
+    """client-pod on node1 to the echo Service's clusterIP: by the socket LB (the datagram leaves addressed
+    to the backend), or by the pod-facing tc path (in_cgroup False: each fragment DNAT'd on the pod's veth,
+    the answer's shown from the Service). The backend sees the pod's own address either way."""
+    lab.set_mode("SNAT")
+    cip = cluster_ip(lab, "default/echo")
+    wait_until("the pod path on client-pod's veth", lambda: pod_path_on(lab, "client-pod"))
+    with counted(lab, "node1") as delta:
+        [outcome] = ask(lab, cip, 8081, host="client-pod", in_cgroup=in_cgroup)
+    assert outcome is not None, f"no answer to a {SIZE}-byte datagram to {cip}:8081"
+    seen, whole, source = outcome
+    assert whole and source == f"{cip}:8081", outcome
+    assert seen.partition(":")[0] == lab.pod_ip("client-pod"), seen
+    if not in_cgroup:
+        node1 = delta["node1"]
+        assert node1["frag_tracked"] >= 2 and node1["frag_followed"] >= 4, node1
