@@ -133,3 +133,30 @@ def test_a_pods_fragmented_datagram_to_a_clusterip_and_the_answer(lab: Lab, in_c
     if not in_cgroup:
         node1 = delta["node1"]
         assert node1["frag_tracked"] >= 2 and node1["frag_followed"] >= 4, node1
+
+
+@pytest.fixture(scope="module")
+def vxlan_lab(privileged: None) -> Iterator[Lab]:
+    with lab_running(tunnel="VXLAN") as shared:
+        yield shared
+
+
+def test_vxlan_fragments_are_encapsulated_whole_once_the_client_learnt_the_overlays_mtu(vxlan_lab: Lab) -> None:
+    """Over the overlay each fragment grows by 50 bytes: the client's 1,500-byte first fragment no longer fits.
+    node1 answers it with fragmentation needed (1450), as it answers an unfragmented datagram, and that
+    datagram is lost; the next ones, cut to the learnt MTU, go through whole, every fragment of request and
+    answer encapsulated (the answer's by the backend's node, none leaving with the pod's address on the
+    underlay), the answer's fragments translated back on node1 after decapsulation."""
+    lab = vxlan_lab
+    lab.exec("client", ["ip", "route", "flush", "cache"], check=True)
+    with counted(lab, "node1", "node2", "node3") as delta:
+        outcomes = ask(lab, NODE1, attempts=3, timeout=2.0)
+    assert outcomes[0] is None, f"a 1,500-byte fragment cannot cross the overlay: {outcomes}"
+    for outcome in outcomes[1:]:
+        assert outcome is not None, f"no answer once the path MTU was learnt: {outcomes}"
+        seen, whole, source = outcome
+        assert whole and seen.startswith(f"{NODE1}:") and source == f"{NODE1}:30081", outcome
+    node1 = delta["node1"]
+    assert node1["icmp_frag_needed"] == 1 and node1["reply_snat"] >= 6 and node1["frag_followed"] >= 8, node1
+    backend = max((delta["node2"], delta["node3"]), key=lambda d: d["tunnel_encap"])
+    assert backend["tunnel_encap"] >= 6 and backend["frag_tracked"] >= 2, backend
