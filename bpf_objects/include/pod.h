@@ -174,8 +174,6 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return pod_forward(skb, &p, e);
 	}
-	if (frag_later(&p))
-		return TC_ACT_OK;
 	if (p.t.proto == IPPROTO_TCP && !(p.tcp_flags & TCPF_SYN) && (!e || !ct_alive(e, IPPROTO_TCP, cfg, now)))
 		stat_inc(STAT_CT_NO_STATE);   /* mid-stream without state: expired, or never seen here */
 	if (svc->count == 0) {
@@ -186,6 +184,8 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_DROP_NO_LOCAL_BACKEND);
 		return TC_ACT_SHOT;
 	}
+	if (frag_later(&p))
+		return TC_ACT_OK;   /* no new flow from a later fragment (frag.h) */
 	/* Selected on the real flow, addressed to the frontend whose slots are used. */
 	sel = p;
 	sel.t.daddr = key.addr;

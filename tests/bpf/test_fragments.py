@@ -331,3 +331,36 @@ def test_pod_to_clusterip_fragments_are_dnat_and_the_reply_fragments_come_from_t
     assert_frags(back, datagram(CIP, LOCAL_POD, 53, 5013, ident=55, ttl=63, smac=LXC_MAC, dmac=LOCAL_POD_MAC))
     stats = node.maps.stats()
     assert (stats["pod_new_flow"], stats["pod_reply"], stats["frag_tracked"], stats["frag_followed"]) == (1, 3, 2, 4)
+
+
+def forget_flows(node: Node) -> None:
+    """The flows' state gone (collected, or the agent's conntrack GC): both maps emptied."""
+    for m in (node.maps.ct_fwd, node.maps.ct_rev):
+        for key, _ in list(m.items_raw()):
+            m.delete_raw(key)
+
+
+def test_a_later_fragment_whose_flow_ended_starts_no_flow(node: Node) -> None:
+    node.program(state(fe(NODE1, 30081, (UDP_REMOTE,), proto=Proto.UDP)))
+    first, middle, _ = frags(datagram(CLIENT, NODE1, 5015, 30081))
+    assert node.ingress(first).retval == TC_ACT_REDIRECT
+    forget_flows(node)
+    run = node.ingress(middle)
+    assert run.retval == TC_ACT_OK and run.data == middle
+    assert not node.maps.flows(), "no flow, and no SNAT port, for a datagram's later fragment"
+    stats = node.maps.stats()
+    assert (stats["frag_followed"], stats["pass_fragment"], stats["new_flow"]) == (1, 1, 1)
+
+
+def test_a_pods_later_fragment_whose_flow_ended_starts_no_flow(node: Node) -> None:
+    EastWestMaps(node.obj).sync([IPv4Network("10.244.1.0/24")])
+    remote = Backend(l4(REMOTE_POD, 8081, Proto.UDP), "echo-a", "node2", False)
+    svc = Frontend(l4(CIP, 53, Proto.UDP), FrontendKind.CLUSTER_IP, "default/dns", "", False, (remote,), False)
+    node.program(DesiredState("node1", (IPv4Address(NODE1),), {svc.l4: svc}))
+    first, middle, _ = frags(datagram(LOCAL_POD, CIP, 5016, 53, smac=LOCAL_POD_MAC, dmac=LXC_MAC))
+    assert Ether(pod_run(node, "lb_pod_ingress", first).data)[IP].dst == REMOTE_POD
+    forget_flows(node)
+    run = pod_run(node, "lb_pod_ingress", middle)
+    assert run.retval == TC_ACT_OK and run.data == middle
+    assert not node.maps.flows()
+    assert node.maps.stats()["pod_new_flow"] == 1
