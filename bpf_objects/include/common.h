@@ -21,6 +21,10 @@
 #define AF_INET 2
 #endif
 
+#ifndef PACKET_OTHERHOST
+#define PACKET_OTHERHOST 3     /* skb->pkt_type: a unicast frame to another host's MAC (linux/if_packet.h) */
+#endif
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 

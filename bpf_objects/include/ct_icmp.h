@@ -4,8 +4,10 @@
  * quoted addresses and ports, and every checksum covering them (outer IPv4, ICMP, quoted IPv4, quoted
  * TCP/UDP when present) -- and delivered to whoever sent the original: the client for an error about a
  * request this node SNAT'd, the pod for an error about its reply on its way to the client, the client
- * again for an error this node or its pod raised about a DNAT'd or DSR request.  So path-MTU discovery
- * works through bpflb in every mode. */
+ * again for an error this node or its pod raised about a DNAT'd or DSR request.  A flow whose client port
+ * was remapped on a clash (conntrack.h's ct_portmap) is quoted with the port each side knows: the client's
+ * own towards the client, the remapped one towards the pod.  So path-MTU discovery works through bpflb in
+ * every mode. */
 #ifndef BPFLB_CT_ICMP_H
 #define BPFLB_CT_ICMP_H
 
@@ -161,9 +163,11 @@ static __always_inline int ct_icmp_ingress(struct __sk_buff *skb, const struct p
 	e = bpf_map_lookup_elem(&ct_fwd, &key);
 	if (!e || (e->flags & CT_F_HOST))
 		return -1;
+	/* The pod sent its reply to the flow's SNAT address, or to the client port remapped on a clash
+	 * (CT_F_PORTMAP, nat_addr the client's: a local flow, or a DSR flow's mapping on its backend's node). */
 	if (ct_icmp_rewrite(skb, &err, err.outer.saddr, e->backend_addr, e->backend_addr, e->backend_port,
-			    (e->flags & CT_F_SNAT) ? e->nat_addr : e->client_addr,
-			    (e->flags & CT_F_SNAT) ? e->nat_port : e->client_port) < 0)
+			    (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_addr : e->client_addr,
+			    (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_port : e->client_port) < 0)
 		return TC_ACT_SHOT;
 	return fib_forward(skb, err.outer.saddr, e->backend_addr, IPPROTO_ICMP);
 }
@@ -183,8 +187,10 @@ static __always_inline int ct_icmp_egress(struct __sk_buff *skb, const struct pk
 	e = bpf_map_lookup_elem(&ct_rev, &key);
 	if (!e || !(e->flags & (CT_F_LOCAL | CT_F_DSR)))
 		return -1;
+	/* A request delivered from a remapped client port (CT_F_PORTMAP) is quoted with the client's own. */
 	if (ct_icmp_rewrite(skb, &err, err.outer.saddr == e->backend_addr ? e->fe_addr : err.outer.saddr,
-			    err.outer.daddr, err.q.saddr, err.q.sport, e->fe_addr, e->fe_port) < 0)
+			    err.outer.daddr, err.q.saddr, (e->flags & CT_F_PORTMAP) ? e->client_port : err.q.sport,
+			    e->fe_addr, e->fe_port) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

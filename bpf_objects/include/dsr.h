@@ -41,6 +41,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_dsr_backends SEC(".maps");
 
+/* Whether this node may hold DSR flows whose client port was remapped (dsr_portmap): non-service packets
+ * look in ct_fwd for such a flow's mapping only then.  [0] counts mappings, incremented before each is
+ * written; [1] is a value of [0] the agent's conntrack collector read before a scan that began over a
+ * millisecond later (every program that incremented [0] earlier has written its entry by then) and found no
+ * mapping.  Equal: none exists.  A mapping made meanwhile moves [0] on, so the gate stays open; the agent
+ * opens it at start ([1] = [0] - 1), for mappings a previous agent's datapath made. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 2);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_dsr_mapped SEC(".maps");
+
+/* True when this node may hold a remapped DSR flow (see lb_dsr_mapped). */
+static __always_inline int dsr_mapped_possible(void)
+{
+	__u32 made = 0, cleared = 1;
+	__u64 *m = bpf_map_lookup_elem(&lb_dsr_mapped, &made), *c = bpf_map_lookup_elem(&lb_dsr_mapped, &cleared);
+
+	return !m || !c || *m != *c;
+}
+
 /* This node's backend endpoints: their replies must never leave untranslated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -189,6 +212,8 @@ static __always_inline __be16 dsr_portmap(const struct pkt *p, const struct lb_c
 					  struct ct_tuple *rkey, __u64 now)
 {
 	struct ct_entry *m = bpf_map_lookup_elem(&ct_fwd, &p->t);
+	__u64 *made;
+	__u32 zero = 0;
 
 	if (m && (m->flags & CT_F_PORTMAP)) {
 		if (m->fe_addr == rev->fe_addr && m->fe_port == rev->fe_port && ct_usable(m, p, cfg, now)) {
@@ -199,6 +224,9 @@ static __always_inline __be16 dsr_portmap(const struct pkt *p, const struct lb_c
 	}
 	if (!ct_rev_held(rkey, rev, p->t.proto, cfg, now) || ct_portmap(cfg, rev, rkey) < 0)
 		return 0;
+	made = bpf_map_lookup_elem(&lb_dsr_mapped, &zero);
+	if (made)
+		__sync_fetch_and_add(made, 1);      /* before the entry exists: see lb_dsr_mapped */
 	if (bpf_map_update_elem(&ct_fwd, &p->t, rev, BPF_ANY) < 0) {
 		bpf_map_delete_elem(&ct_rev, rkey);
 		return 0;
@@ -210,9 +238,12 @@ static __always_inline __be16 dsr_portmap(const struct pkt *p, const struct lb_c
  * port: rewritten to that port and delivered.  -1 when the packet is no such segment. */
 static __always_inline int dsr_mapped_ingress(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg)
 {
-	struct ct_entry *m = bpf_map_lookup_elem(&ct_fwd, &p->t);
+	struct ct_entry *m;
 	__u64 now;
 
+	if (!dsr_mapped_possible())
+		return -1;
+	m = bpf_map_lookup_elem(&ct_fwd, &p->t);
 	if (!m || (m->flags & (CT_F_DSR | CT_F_PORTMAP)) != (CT_F_DSR | CT_F_PORTMAP))
 		return -1;
 	now = bpf_ktime_get_ns();

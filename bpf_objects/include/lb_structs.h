@@ -296,7 +296,9 @@ struct lb_sock_affinity_key {
  *   address, or opened by the pod), whose replies may leave untranslated.
  * xdp_neigh_check: flow starts XDP handed to tc so the kernel keeps verifying a next hop (neigh.h).
  * ct_port_remapped: new flows to a local backend whose client port was remapped, the pod's view of the
- *   client's tuple being held by another flow (another frontend's, possibly in the pod's TIME_WAIT). */
+ *   client's tuple being held by another flow (another frontend's, possibly in the pod's TIME_WAIT).
+ * pass_other_host: frames tc ingress received addressed to another host's MAC (PACKET_OTHERHOST: a
+ *   promiscuous or bridged device on a flooding L2), passed untouched for the kernel to drop. */
 #define STAT_DROP_TTL_EXCEEDED 32
 #define STAT_ICMP_SENT 33
 #define STAT_ICMP_RATE_LIMITED 34
@@ -304,6 +306,7 @@ struct lb_sock_affinity_key {
 #define STAT_DIRECT_FLOW 36
 #define STAT_XDP_NEIGH_CHECK 37
 #define STAT_CT_PORT_REMAPPED 38
+#define STAT_PASS_OTHER_HOST 39
 
 /* lb_dsr_frontends values: how the backends of a frontend a DSR option may name are listed in
  * lb_dsr_backends. */

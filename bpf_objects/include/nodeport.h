@@ -102,10 +102,10 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	return fib_redirect_ttl(skb, &fib, rc, 0);
 }
 
-/* tc ingress on the external device. */
+/* tc ingress on the external device (and on the overlay device). */
 static __always_inline int np_ingress(struct __sk_buff *skb)
 {
-	struct lb_config *cfg = config_get();
+	struct lb_config *cfg;
 	struct pkt p = {};
 	struct ct_entry *e, fresh = {};
 	struct lb_svc_val *svc;
@@ -114,6 +114,13 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	__u64 now;
 	int rc;
 
+	/* A frame to another host's MAC (a promiscuous or bridged device, a flooding L2) is not this node's to
+	 * balance, translate or forward: the kernel's IP stack drops it, and so it stays. */
+	if (skb->pkt_type == PACKET_OTHERHOST) {
+		stat_inc(STAT_PASS_OTHER_HOST);
+		return TC_ACT_OK;
+	}
+	cfg = config_get();
 	if (!cfg)
 		return TC_ACT_OK;
 	switch (frag_parse_pkt(skb, &p)) {
@@ -242,6 +249,23 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	}
 	stat_inc(STAT_REPLY_DNAT);
 	return TC_ACT_OK;
+}
+
+/* tc egress on the overlay device (tunnelMode VXLAN).  The node's own connections to another node's pods
+ * are routed through it: their inner packets leave here, before the kernel encapsulates them, and never
+ * cross the external device's egress as TCP/UDP.  So they are moved off ports a SNAT'd flow holds here
+ * (hostnat.h); their replies come back decapsulated through lb_ingress on this device.  Nothing else
+ * is touched (the pods' own overlay traffic passes). */
+static __always_inline int np_overlay_egress(struct __sk_buff *skb)
+{
+	struct lb_config *cfg = config_get();
+	struct pkt p = {};
+	int rc;
+
+	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+		return TC_ACT_OK;
+	rc = hostnat_egress(skb, &p, cfg);
+	return rc >= 0 ? rc : TC_ACT_OK;
 }
 
 #endif

@@ -20,6 +20,40 @@
 #include "srcrange.h"
 #include "neigh.h"
 
+/* The kernel's own view of the receiving device, relocated against its BTF (CO-RE): XDP runs before
+ * eth_type_trans, so it has no pkt_type, and reads the device's MAC itself.  dev_addr_shadow is the
+ * kernel's copy of dev_addr, kept in step by every address change (dev_addr_mod). */
+struct net_device___bpflb {
+	unsigned char dev_addr_shadow[32];   /* MAX_ADDR_LEN */
+} __attribute__((preserve_access_index));
+
+struct xdp_rxq_info___bpflb {
+	struct net_device___bpflb *dev;
+} __attribute__((preserve_access_index));
+
+struct xdp_buff___bpflb {
+	struct xdp_rxq_info___bpflb *rxq;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* Is the frame a unicast one to another host's MAC (what tc would see as PACKET_OTHERHOST)?  Broadcast
+ * and multicast frames are not (group bit), as for the kernel. */
+static __always_inline int xdp_other_host(struct xdp_md *ctx, const struct ethhdr *eth)
+{
+	struct xdp_buff___bpflb *kctx = bpf_cast_to_kern_ctx(ctx);
+	struct net_device___bpflb *dev = kctx->rxq->dev;
+	__u32 i;
+
+	if (eth->h_dest[0] & 1)
+		return 0;
+#pragma unroll
+	for (i = 0; i < ETH_ALEN; i++)
+		if (eth->h_dest[i] != dev->dev_addr_shadow[i])
+			return 1;
+	return 0;
+}
+
 static __always_inline int xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr,
 				   __u8 proto, __u16 tot_len)
 {
@@ -183,6 +217,8 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (parse_frame(data, data_end, bpf_xdp_get_buff_len(ctx), &p) != PARSE_OK)
 		return XDP_PASS;
+	if (xdp_other_host(ctx, data))
+		return XDP_PASS;              /* another host's frame: tc passes it (and counts it), the kernel drops it */
 	if (ip_ttl(data, data_end) <= 1)
 		return xdp_to_tc();           /* tc answers time exceeded (or leaves it to the kernel) */
 	rc = xdp_snat_reply(ctx, &p, cfg);

@@ -10,7 +10,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 from typing import Any
 
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP, IPOption
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -18,9 +18,19 @@ from bpflb.datapath.conntrack import CT_ENTRY, Entry, port
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import const
 from bpflb.datapath.loader import Map
-from bpflb.model.types import Mode
+from bpflb.model.types import Mode, Proto
 from bpflb_lab.lab.netns import entered
-from tests.bpf.packets import CLIENT, CLIENT_MAC, ETH0_MAC, NODE1, NODE2_MAC, REMOTE_POD, Node
+from tests.bpf.packets import (
+    CLIENT,
+    CLIENT_MAC,
+    ETH0_MAC,
+    LOCAL_POD,
+    NODE1,
+    NODE2_MAC,
+    OTHER_NODE,
+    REMOTE_POD,
+    Node,
+)
 
 NS = 1_000_000_000
 
@@ -121,3 +131,38 @@ def dsr_backend_node(node: Node, balancers: tuple[str, ...]) -> None:
     nodes = {IPv4Address(NODE1), *(IPv4Address(b) for b in balancers)}
     node.cluster.sync(dsr_frontends(desired, nodes), {local.l4}, {IPv4Network(f"{n}/32") for n in nodes},
                       dsr_backends=dsr_backends(desired))
+
+
+# A backend's node where client tuples clash (test_conntrack_clash.py, test_conntrack_icmp.py).
+
+LB_IP = "198.18.1.10"      # a LoadBalancer IP another node balances (DSR), leading to the same pod
+
+
+def backends_node(node: Node, proto: Proto = Proto.TCP, port: int = 8080) -> None:
+    """node1 as the node of LOCAL_POD:port, reached at its NodePorts :30080 and :30180 (node1's own, a
+    local backend) and by DSR through OTHER_NODE's NodePort :30080 and LB_IP:80 (balanced elsewhere)."""
+    from ipaddress import IPv4Network
+
+    from bpflb.model.cluster import dsr_backends, dsr_frontends
+    from tests.bpf.packets import backend, fe, state
+
+    local = backend(LOCAL_POD, port, local=True, proto=proto)
+    desired = state(fe(NODE1, 30080, (local,), proto=proto), fe(NODE1, 30180, (local,), proto=proto, local_only=True))
+    configure(node, mode=Mode.DSR)
+    node.maps.sync(desired)
+    nodes = {IPv4Address(NODE1), IPv4Address(OTHER_NODE)}
+    node.cluster.sync(dsr_frontends(desired, nodes), {local.l4}, {IPv4Network(f"{n}/32") for n in nodes},
+                      dsr_backends=dsr_backends(desired))
+
+
+def dsr_request(l4: TCP | UDP, fe_addr: str = OTHER_NODE, fe_port: int = 30080, payload: bytes = b"") -> bytes:
+    """A DSR request as the balancing node forwards it: to the pod, the frontend in the option."""
+    opt = IPOption(b"\x9a\x08" + fe_port.to_bytes(2, "big") + IPv4Address(fe_addr).packed)
+    pkt = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=3, options=[opt]) / l4
+    return bytes(pkt / Raw(payload) if payload else pkt)
+
+
+def from_pod(l4: TCP | UDP, payload: bytes = b"") -> bytes:
+    """The pod's packet to the client as it leaves node1 (tc egress of the external device)."""
+    pkt = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=63, id=8) / l4
+    return bytes(pkt / Raw(payload) if payload else pkt)

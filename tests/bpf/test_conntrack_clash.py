@@ -6,17 +6,15 @@ port from its own frontend, and the earlier flow keeps its translation."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
-
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, IPOption
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
-from bpflb.model.cluster import dsr_backends, dsr_frontends
+from bpflb.datapath.conntrack import Collector, close_dsr_gate, dsr_mappings_made, open_dsr_gate
+from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, ffi
 from bpflb.model.types import Mode, Proto
-from tests.bpf.ct_util import age, configure, entries, flag
+from tests.bpf.ct_util import age, backends_node, dsr_request, entries, flag, from_pod
 from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
@@ -27,40 +25,12 @@ from tests.bpf.packets import (
     OTHER_NODE,
     Node,
     assert_frame,
-    backend,
     fe,
     frame_in,
     state,
 )
 
 pytestmark = pytest.mark.privileged
-
-LB_IP = "198.18.1.10"      # a LoadBalancer IP another node balances (DSR), leading to the same pod
-
-
-def backends_node(node: Node, proto: Proto = Proto.TCP, port: int = 8080) -> None:
-    """node1 as the node of LOCAL_POD:port, reached at its NodePorts :30080 and :30180 (node1's own, a
-    local backend) and by DSR through OTHER_NODE's NodePort :30080 and LB_IP:80 (balanced elsewhere)."""
-    local = backend(LOCAL_POD, port, local=True, proto=proto)
-    desired = state(fe(NODE1, 30080, (local,), proto=proto), fe(NODE1, 30180, (local,), proto=proto, local_only=True))
-    configure(node, mode=Mode.DSR)
-    node.maps.sync(desired)
-    nodes = {IPv4Address(NODE1), IPv4Address(OTHER_NODE)}
-    node.cluster.sync(dsr_frontends(desired, nodes), {local.l4}, {IPv4Network(f"{n}/32") for n in nodes},
-                      dsr_backends=dsr_backends(desired))
-
-
-def dsr_request(l4: TCP | UDP, fe_addr: str = OTHER_NODE, fe_port: int = 30080, payload: bytes = b"") -> bytes:
-    """A DSR request as the balancing node forwards it: to the pod, the frontend in the option."""
-    opt = IPOption(b"\x9a\x08" + fe_port.to_bytes(2, "big") + IPv4Address(fe_addr).packed)
-    pkt = Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=3, options=[opt]) / l4
-    return bytes(pkt / Raw(payload) if payload else pkt)
-
-
-def from_pod(l4: TCP | UDP, payload: bytes = b"") -> bytes:
-    """The pod's packet to the client as it leaves node1 (tc egress of the external device)."""
-    pkt = Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=63, id=8) / l4
-    return bytes(pkt / Raw(payload) if payload else pkt)
 
 
 def test_a_local_flow_on_a_tuple_a_dsr_flow_holds_gets_a_client_port_of_its_own(node: Node) -> None:
@@ -234,3 +204,44 @@ def test_a_dsr_flow_the_client_closed_is_reopened_by_its_next_syn(node: Node) ->
     node.ingress(frame_in(TCP(sport=48002, dport=30080, flags="S", seq=10)))
     node.program(state(fe(NODE1, 30080, (REMOTE,))), Mode.SNAT)
     assert Ether(node.ingress(frame_in(TCP(sport=48002, dport=30080, flags="S", seq=10))).data)[IP].ihl == 7
+
+
+def gate_open(node: Node) -> bool:
+    """lb_dsr_mapped: whether non-service packets look in ct_fwd for a remapped DSR flow's mapping."""
+    return dsr_mappings_made(node.maps.dsr_mapped) != int(node.maps.dsr_mapped.lookup(ffi().new("__u32 *", 1))[0])
+
+
+def test_non_service_packets_look_for_remapped_dsr_flows_only_while_the_node_may_hold_one(node: Node) -> None:
+    """The lookup dsr_mapped_ingress makes for every non-service packet is skipped while the node holds no
+    remapped DSR flow (lb_dsr_mapped).  The agent opens the gate at start (a previous agent's flows); a
+    collection that finds no mapping closes it; a remap opens it again before its mapping exists, and its
+    later segments are rewritten; a collection keeps it open while the mapping lives and closes it once the
+    flow is gone.  A mapping counted while a collection ran keeps it open."""
+    collector = Collector(node.maps.ct_fwd, node.maps.ct_rev, node.maps.config, node.maps.dsr_mapped)
+    assert not gate_open(node)                          # fresh maps: no remap ever made
+    open_dsr_gate(node.maps.dsr_mapped)                 # what the agent does when it loads the datapath
+    assert gate_open(node)
+    assert collector.collect().dsr_mapped == 0 and not gate_open(node)
+
+    backends_node(node)
+    node.ingress(frame_in(TCP(sport=45100, dport=30180, flags="S", seq=100)))
+    node.egress(from_pod(TCP(sport=8080, dport=45100, flags="SA", seq=900, ack=101)))
+    mapped = Ether(node.ingress(dsr_request(TCP(sport=45100, dport=8080, flags="S", seq=5000))).data)[TCP].sport
+    assert mapped != 45100 and gate_open(node)
+    assert collector.collect().dsr_mapped == 1 and gate_open(node)
+
+    def later(seq: int, flags: str = "A") -> bytes:
+        return bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=LOCAL_POD, ttl=63, id=4) /
+                     TCP(sport=45100, dport=8080, flags=flags, seq=seq, ack=7001))
+
+    assert Ether(node.ingress(later(5001)).data)[TCP].sport == mapped
+    node.ingress(later(5001, "R"))                      # the client resets it: both entries end
+    age(node, 3)                                        # past a reset flow's lifetime
+    assert collector.collect().dsr_mapped == 0 and not gate_open(node)
+    stray = later(5002)
+    assert (run := node.ingress(stray)).retval == TC_ACT_OK and run.data == stray    # no mapping: untouched
+
+    made = dsr_mappings_made(node.maps.dsr_mapped)
+    node.maps.dsr_mapped.update(ffi().new("__u32 *", 0), ffi().new("__u64 *", made + 1))  # a remap meanwhile
+    close_dsr_gate(node.maps.dsr_mapped, made)
+    assert gate_open(node)

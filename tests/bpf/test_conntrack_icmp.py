@@ -14,7 +14,7 @@ from scapy.packet import Packet, Raw
 
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
 from bpflb.model.types import Mode, Proto
-from tests.bpf.ct_util import client_frame, configure, dsr_backend_node
+from tests.bpf.ct_util import backends_node, client_frame, configure, dsr_backend_node, dsr_request, from_pod
 from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
@@ -23,6 +23,7 @@ from tests.bpf.packets import (
     NODE1,
     NODE2,
     NODE2_MAC,
+    OTHER_NODE,
     REMOTE_POD,
     Node,
     assert_frame,
@@ -34,7 +35,6 @@ from tests.bpf.packets import (
 pytestmark = pytest.mark.privileged
 
 ROUTER = "198.18.0.254"        # a router on the client's side of node1
-OTHER_NODE = "198.18.0.13"     # the balancing node of a DSR flow, seen from a backend's node
 BIG = b"d" * 1200
 
 
@@ -181,3 +181,126 @@ def test_errors_about_no_flow_and_other_icmp_pass_untouched(node: Node) -> None:
         run = node.ingress(frame)
         assert run.retval == TC_ACT_OK and run.data == frame
     assert node.maps.stats().get("icmp_related", 0) == 0
+
+
+# Errors about flows whose client port was remapped on a clash (conntrack.h's ct_portmap): the pod knows the
+# flow by the remapped port, the client by its own.  Each error must reach its side quoted with that side's
+# port (and the earlier flow that holds the client's tuple keeps its own translation).
+
+POD_GW = "10.244.1.1"          # node1's address on the pods' network: where its stack's errors to a pod come from
+
+
+def remapped_udp_local(node: Node) -> tuple[Packet, Packet]:
+    """A DSR datagram from client port 5000 through OTHER_NODE, then one from the same port to node1's own
+    NodePort :30180 (a local backend): the second flow's client port is remapped.  (the client's datagram of
+    the remapped flow as it sent it, the same as node1 delivered it to the pod)."""
+    backends_node(node, Proto.UDP, 8081)
+    assert node.ingress(dsr_request(UDP(sport=5000, dport=8081), payload=b"hostname")).retval == TC_ACT_REDIRECT
+    sent = Ether(client_frame(UDP(sport=5000, dport=30180), b"is anyone there", dst=NODE1))
+    delivered = Ether(node.ingress(bytes(sent)).data)
+    assert delivered[UDP].sport != 5000 and node.maps.stats()["ct_port_remapped"] == 1
+    return sent, delivered
+
+
+def test_a_pods_error_about_a_remapped_request_reaches_the_client_with_its_own_port(node: Node) -> None:
+    """UDP port unreachable from the pod about the remapped flow's datagram (client:mapped -> pod): the client
+    sees it from the frontend, about the datagram it sent from its own port; the UDP checksum in the quote is
+    its own.  The same error about the earlier (DSR) flow's datagram still names that flow's frontend."""
+    sent, delivered = remapped_udp_local(node)
+    error = bytes(Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=64, id=5) /
+                  ICMP(type=3, code=3) / Raw(quote(delivered[IP], 64)))
+    run = node.egress(error)
+    assert run.retval == TC_ACT_OK
+    assert_frame(run.data, bytes(Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=NODE1, dst=CLIENT, ttl=64, id=5) /
+                                 ICMP(type=3, code=3) / Raw(with_ttl(sent[IP], 63)[:64])))
+    assert node.maps.stats()["icmp_related"] == 1
+
+    dsr_delivered = IP(src=CLIENT, dst=LOCAL_POD, ttl=62, id=3) / UDP(sport=5000, dport=8081) / Raw(b"hostname")
+    dsr_sent = IP(src=CLIENT, dst=OTHER_NODE, ttl=62, id=3) / UDP(sport=5000, dport=30080) / Raw(b"hostname")
+    error = bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=64, id=6) /
+                  ICMP(type=3, code=3) / Raw(quote(dsr_delivered, 64)))
+    assert_frame(node.egress(error).data,
+                 bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=OTHER_NODE, dst=CLIENT, ttl=64, id=6) /
+                       ICMP(type=3, code=3) / Raw(bytes(dsr_sent)[:64])))
+
+
+@pytest.mark.parametrize("length", [28, 576])
+def test_the_nodes_frag_needed_about_a_remapped_tcp_request_reaches_the_client(node: Node, length: int) -> None:
+    """node1's stack cannot take the remapped flow's segment on to the pod (MTU) and answers from its own
+    address, quoting the segment as it was then (client:mapped -> pod): the client learns it about the
+    segment it sent, TCP checksum included when quoted; the outer source stays the node's."""
+    backends_node(node)
+    assert node.ingress(dsr_request(TCP(sport=45000, dport=8080, flags="S", seq=100))).retval == TC_ACT_REDIRECT
+    mapped = int(Ether(node.ingress(client_frame(TCP(sport=45000, dport=30180, flags="S", seq=5000))).data)[TCP].sport)
+    assert mapped != 45000
+    node.egress(from_pod(TCP(sport=8080, dport=mapped, flags="SA", seq=7000, ack=5001)))
+    sent = Ether(client_frame(TCP(sport=45000, dport=30180, flags="PA", seq=5001, ack=7001), BIG))
+    delivered = Ether(node.ingress(bytes(sent)).data)
+    assert (delivered[IP].dst, delivered[TCP].sport) == (LOCAL_POD, mapped)
+    error = bytes(Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=POD_GW, dst=CLIENT, ttl=64, id=5) /
+                  ICMP(type=3, code=4, nexthopmtu=1000) / Raw(quote(delivered[IP], length)))
+    run = node.egress(error)
+    assert run.retval == TC_ACT_OK
+    assert_frame(run.data, bytes(Ether(src=ETH0_MAC, dst=CLIENT_MAC) / IP(src=POD_GW, dst=CLIENT, ttl=64, id=5) /
+                                 ICMP(type=3, code=4, nexthopmtu=1000) / Raw(with_ttl(sent[IP], 63)[:length])))
+
+
+def test_frag_needed_about_a_remapped_reply_reaches_the_pod_with_its_port(node: Node) -> None:
+    """A smaller MTU on the client's side: the router's error quotes the reply as the client would get it
+    (node1:30180 -> client:45000); the pod learns it about the reply it sent, to the remapped port."""
+    backends_node(node)
+    node.ingress(dsr_request(TCP(sport=45000, dport=8080, flags="S", seq=100)))
+    mapped = int(Ether(node.ingress(client_frame(TCP(sport=45000, dport=30180, flags="S", seq=5000))).data)[TCP].sport)
+    assert mapped != 45000
+    reply = Ether(from_pod(TCP(sport=8080, dport=mapped, flags="PA", seq=7001, ack=5001), BIG))
+    translated = Ether(node.egress(bytes(reply)).data)
+    assert (translated[IP].src, translated[TCP].sport, translated[TCP].dport) == (NODE1, 30180, 45000)
+    run = node.ingress(icmp_error(CLIENT_MAC, ROUTER, NODE1, quote(translated[IP], 576)))
+    assert run.retval == TC_ACT_REDIRECT
+    assert_frame(run.data, expected_error(CLIENT_MAC, ROUTER, LOCAL_POD, bytes(reply[IP])[:576]))
+    assert node.maps.stats()["icmp_related"] == 1
+
+
+def test_the_dsr_backends_node_delivers_an_error_about_a_remapped_reply_with_the_pods_port(node: Node) -> None:
+    """DSR, the flow remapped on the backend's node (node1) because a local flow holds the client's tuple: the
+    balancing node sends a router's error about the reply on to the pod (client's own port in the quote);
+    node1 gives the quote the port the pod answered.  An error about the local flow's reply is not taken
+    for the DSR flow."""
+    backends_node(node)
+    node.ingress(client_frame(TCP(sport=45100, dport=30180, flags="S", seq=100)))
+    node.egress(from_pod(TCP(sport=8080, dport=45100, flags="SA", seq=900, ack=101)))
+    mapped = int(Ether(node.ingress(dsr_request(TCP(sport=45100, dport=8080, flags="S", seq=5000))).data)[TCP].sport)
+    assert mapped != 45100
+    pod_sent = IP(src=LOCAL_POD, dst=CLIENT, ttl=64, id=3) / TCP(sport=8080, dport=mapped, flags="PA", seq=7001,
+                                                                 ack=5001) / Raw(BIG)
+    as_balancer_sent_on = IP(src=LOCAL_POD, dst=CLIENT, ttl=62, id=3) / TCP(sport=8080, dport=45100, flags="PA",
+                                                                            seq=7001, ack=5001) / Raw(BIG)
+    run = node.ingress(icmp_error(NODE2_MAC, ROUTER, LOCAL_POD, quote(with_ttl(as_balancer_sent_on, 62), 576), ttl=63))
+    assert run.retval == TC_ACT_REDIRECT
+    assert_frame(run.data, expected_error(NODE2_MAC, ROUTER, LOCAL_POD, with_ttl(pod_sent, 62)[:576], ttl=62))
+    assert node.maps.stats()["icmp_related"] == 1
+
+    # The local flow's reply, node1:30180 -> client:45100: its error reaches the pod about port 45100.
+    local_reply = IP(src=LOCAL_POD, dst=CLIENT, ttl=63, id=8) / TCP(sport=8080, dport=45100, flags="A", seq=901,
+                                                                    ack=101)
+    as_client_got = IP(src=NODE1, dst=CLIENT, ttl=63, id=8) / TCP(sport=30180, dport=45100, flags="A", seq=901,
+                                                                  ack=101)
+    run = node.ingress(icmp_error(CLIENT_MAC, ROUTER, NODE1, quote(as_client_got, 40)))
+    assert_frame(run.data, expected_error(CLIENT_MAC, ROUTER, LOCAL_POD, bytes(local_reply)[:40]))
+
+
+def test_a_pods_error_about_a_remapped_dsr_request_names_the_dsr_frontend_and_the_clients_port(node: Node) -> None:
+    """The other way round: a local UDP flow holds client port 5100, a DSR datagram from it is remapped; the
+    pod's port unreachable about that datagram reaches the client from the frontend it used (through
+    OTHER_NODE), about its own port."""
+    backends_node(node, Proto.UDP, 8081)
+    node.ingress(client_frame(UDP(sport=5100, dport=30180), b"hostname"))
+    delivered = Ether(node.ingress(dsr_request(UDP(sport=5100, dport=8081), payload=b"hostname")).data)
+    assert delivered[UDP].sport != 5100 and delivered[IP].ihl == 5
+    dsr_sent = IP(src=CLIENT, dst=OTHER_NODE, ttl=62, id=3) / UDP(sport=5100, dport=30080) / Raw(b"hostname")
+    error = bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=LOCAL_POD, dst=CLIENT, ttl=64, id=6) /
+                  ICMP(type=3, code=3) / Raw(quote(delivered[IP], 64)))
+    run = node.egress(error)
+    assert run.retval == TC_ACT_OK
+    assert_frame(run.data, bytes(Ether(src=ETH0_MAC, dst=NODE2_MAC) / IP(src=OTHER_NODE, dst=CLIENT, ttl=64, id=6) /
+                                 ICMP(type=3, code=3) / Raw(bytes(dsr_sent)[:64])))

@@ -17,6 +17,7 @@ from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
 from bpflb.model.cluster import NodeInfo
 from bpflb.model.types import Mode, Proto
+from bpflb_lab.lab.netns import entered
 from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
@@ -166,3 +167,25 @@ def test_pod_packet_too_big_for_the_overlay_answers_fragmentation_needed_to_the_
     fits[IP].chksum = None
     out = node.egress(bytes(Ether(bytes(fits))))
     assert out.retval == TC_ACT_OK and Ether(out.data)[UDP].dport == 8472
+
+
+def test_the_overlay_egress_touches_only_the_nodes_own_moved_connections(node: Node) -> None:
+    """lb_overlay_egress (the overlay device's egress, where the node's own connections to other nodes' pods
+    leave): the pods' traffic through the overlay, and a packet from the node's address on a port a SNAT'd
+    flow holds that no socket of the node sent with that tuple (BPF_PROG_TEST_RUN's socket has no ports;
+    on the wire, a request this node forwarded keeps its client's socket), pass untouched.  The move itself
+    is shown in the lab (tests/lab/test_conntrack_node.py, tunnelMode VXLAN)."""
+    overlay(node, Mode.SNAT, fe(NODE1, 30080, (REMOTE,)))
+    nat_port = Ether(node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="S", seq=1))).data)[VXLAN][TCP].sport
+    frames = [
+        bytes(Ether(src=vtep(NODE1), dst=vtep(NODE2)) / IP(src=LOCAL_POD, dst=REMOTE_POD, ttl=64) /
+              TCP(sport=8080, dport=nat_port, flags="S", seq=1)),
+        bytes(Ether(src=vtep(NODE1), dst=vtep(NODE2)) / IP(src=NODE1, dst=REMOTE_POD, ttl=64) /
+              TCP(sport=nat_port, dport=8080, flags="S", seq=1)),
+        bytes(Ether(src=vtep(NODE1), dst=vtep(NODE2)) / IP(src=NODE1, dst=REMOTE_POD, ttl=64) /
+              UDP(sport=nat_port, dport=8080) / Raw(b"x")),
+    ]
+    with entered(node.ns):
+        runs = [node.obj.test_run("lb_overlay_egress", f, ifindex=node.eth0) for f in frames]
+    assert [(r.retval, r.data) for r in runs] == [(TC_ACT_OK, f) for f in frames]
+    assert node.maps.stats().get("host_nat", 0) == 0

@@ -26,8 +26,8 @@ def health(obj: dict[str, Any]) -> tuple[str, str]:
     """Run the health script the way Argo CD does: `obj` is the live object, the script returns a table with
     status and message."""
     lua = lua51.LuaRuntime(unpack_returned_tuples=True)
-    lua.globals().obj = lua.table_from(obj, recursive=True)
-    result = lua.execute(LUA.read_text())
+    lua.globals()["obj"] = lua.table_from(obj, recursive=True)
+    result: Any = lua.execute(LUA.read_text())          # the script's table (the stubs type a Lua value as object)
     return str(result["status"]), str(result["message"] or "")
 
 

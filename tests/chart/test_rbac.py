@@ -14,6 +14,8 @@ from typing import Any
 
 import celpy
 import pytest
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 from tests.chart.helpers import Doc, documents, find
 
@@ -142,9 +144,9 @@ class Policy:
 
     def admit(self, request: dict[str, Any]) -> tuple[bool, str]:
         activation: dict[str, Any] = {
-            "request": celpy.json_to_cel(request),
-            "object": celpy.json_to_cel(request.get("object")),
-            "oldObject": celpy.json_to_cel(request.get("oldObject")),
+            "request": json_to_cel(request),
+            "object": json_to_cel(request.get("object")),
+            "oldObject": json_to_cel(request.get("oldObject")),
         }
         for condition in self.spec.get("matchConditions", []):
             if not bool(self._eval(condition["expression"], activation)):
@@ -152,13 +154,13 @@ class Policy:
         variables: dict[str, Any] = {}
         for variable in self.spec.get("variables", []):
             variables[variable["name"]] = self._eval(variable["expression"],
-                                                     {**activation, "variables": celpy.json_to_cel(variables)})
+                                                     {**activation, "variables": json_to_cel(variables)})
         activation["variables"] = celpy.celtypes.MapType(
             {celpy.celtypes.StringType(k): v for k, v in variables.items()})
         for validation in self.spec["validations"]:
             try:
                 allowed = bool(self._eval(validation["expression"], activation))
-            except celpy.CELEvalError as exc:
+            except CELEvalError as exc:
                 assert self.spec["failurePolicy"] == "Fail"
                 return False, f"evaluation error: {exc}"
             if not allowed:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import pytest
 
@@ -19,7 +19,7 @@ from bpflb.agent import Agent, AgentOptions
 from bpflb.control import operator as op
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.libbpf import ffi
-from bpflb.kubeapi import KubeClient, load_config
+from bpflb.kubeapi import KubeClient, KubeObject, load_config
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.lab.netns import entered
 from bpflb_lab.scratch import ScratchNode, scratch_node
@@ -28,18 +28,29 @@ NODES = ("node1", "node2", "node3")
 MC_PATH = "/apis/deckhouse.io/v1alpha1/moduleconfigs"
 CM_PATH = "/api/v1/namespaces/kube-system/configmaps/bpflb-agent"
 DS_PATH = "/apis/apps/v1/namespaces/kube-system/daemonsets/bpflb-agent"
+T = TypeVar("T")
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll check() until it returns something truthy; fail naming what was awaited."""
+def wait_for(what: str, check: Callable[[], T | None | Literal[False]], timeout: float = 10.0,
+             interval: float = 0.05) -> T:
+    """Poll check() until it returns something truthy and return that; fail naming what was awaited. A check
+    may say "not yet" with None or False (`cond and value`): what it returns is then never either."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None | Literal[False] = None
     while time.monotonic() < deadline:
         last = check()
         if last:
             return last
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def existing(client: KubeClient, path: str) -> KubeObject:
+    """The object at path, which the test expects to exist: a 404 fails the test naming the path."""
+    obj = client.get(path)
+    if obj is None:
+        pytest.fail(f"{path}: not found (404), where the test expects the object")
+    return obj
 
 
 def module_config(mode: str = "SNAT", **settings: Any) -> dict[str, Any]:

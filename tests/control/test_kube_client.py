@@ -15,7 +15,7 @@ import pytest
 from bpflb.kubeapi import ApiError, KubeClient, anonymous, backoff_delays
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI, Seen
-from tests.control.helpers import wait_for
+from tests.control.helpers import existing, wait_for
 
 SVC = "/api/v1/namespaces/default/services"
 
@@ -161,4 +161,4 @@ def test_a_patch_on_a_stale_resource_version_is_a_conflict(client: KubeClient) -
     with pytest.raises(ApiError) as err:
         client.merge_patch(f"{SVC}/a", {"metadata": {"resourceVersion": stale}, "spec": {"type": "NodePort"}})
     assert err.value.status == 409
-    assert client.get(f"{SVC}/a")["spec"]["type"] == "ClusterIP"     # type: ignore[index]
+    assert existing(client, f"{SVC}/a")["spec"]["type"] == "ClusterIP"

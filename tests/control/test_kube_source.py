@@ -19,7 +19,7 @@ from bpflb.model.endpoints import SliceEntry, slice_record
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
 from bpflb_lab.scratch import NODE1
-from tests.control.helpers import agent_on_scratch_node, wait_for
+from tests.control.helpers import agent_on_scratch_node, existing, wait_for
 
 SVC = "/api/v1/namespaces/default/services"
 EPS = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
@@ -217,8 +217,8 @@ def test_the_agent_programs_the_maps_from_the_api_and_survives_an_outage(
         wait_for("the pins removed", lambda: not pin_root.exists())
         tc = os.popen(f"ip netns exec {sn.ns} tc filter show dev eth0 ingress").read()
         assert "lb_ingress" not in tc
-        wait_for("the Uninstalled report", lambda: client.get(
-            "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")["data"]["state"] == "Uninstalled")
+        wait_for("the Uninstalled report", lambda: existing(
+            client, "/api/v1/namespaces/kube-system/configmaps/bpflb-node-node1")["data"]["state"] == "Uninstalled")
         client.merge_patch("/api/v1/namespaces/kube-system/configmaps/bpflb-agent",
                            {"data": {"uninstall": "false"}})
         wait_for("the datapath back", lambda: f"{NODE1}:30081/TCP" in frontends(pin_root))

@@ -187,7 +187,7 @@ def test_label_and_field_selectors() -> None:
 
 
 def test_patches_become_merge_patches() -> None:
-    live = {"spec": {"ports": [{"name": "a", "port": 80, "nodePort": 30080}, {"name": "b", "port": 81}],
+    live: dict[str, Any] = {"spec": {"ports": [{"name": "a", "port": 80, "nodePort": 30080}, {"name": "b", "port": 81}],
                      "selector": {"app": "x"}}}
     smp = {"spec": {"$setElementOrder/ports": [{"port": 81}, {"port": 80}],
                     "ports": [{"port": 80, "nodePort": 30090}, {"port": 81, "$patch": "delete"}]}}

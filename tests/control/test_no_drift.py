@@ -130,7 +130,8 @@ def test_a_removed_ca_bundle_is_put_back(client: KubeClient, start_operator: Cal
     client.create("/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations", copy.deepcopy(rendered_vwc))
 
     def bundle() -> str | None:
-        return ((client.get(VWC_PATH) or {}).get("webhooks") or [{}])[0].get("clientConfig", {}).get("caBundle")
+        ca: str | None = ((client.get(VWC_PATH) or {}).get("webhooks") or [{}])[0].get("clientConfig", {}).get("caBundle")
+        return ca
 
     first = start_operator(webhook_listen=f"127.0.0.1:{free_port()}", webhook_host="bpflb-operator.kube-system.svc",
                            webhook_configuration="bpflb-webhook")

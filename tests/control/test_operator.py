@@ -17,6 +17,7 @@ from tests.control.helpers import (
     MC_PATH,
     RunningOperator,
     add_nodes,
+    existing,
     module_config,
     wait_for,
 )
@@ -171,10 +172,10 @@ def test_an_invalid_configuration_keeps_the_last_valid_one_and_reports_degraded(
     wait_for("the Warning Event", lambda: any(e.startswith("Warning InvalidConfiguration: not applied")
                                               for e in events(client)))
     operator.wait_rounds("a re-assert round with the invalid spec", reasserts=1)   # it still does not apply it
-    assert client.get(CM_PATH)["data"] == valid["data"]
+    assert existing(client, CM_PATH)["data"] == valid["data"]
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"bpfLBMode": "SNAT", "bogus": None}}})
-    wait_for("the fixed configuration", lambda: client.get(CM_PATH)["data"]["bpfLBMode"] == "SNAT")
+    wait_for("the fixed configuration", lambda: existing(client, CM_PATH)["data"]["bpfLBMode"] == "SNAT")
     wait_for("Degraded cleared", lambda: condition(mc_status(client), "Degraded").get("status") == "False")
 
 
@@ -189,7 +190,7 @@ def test_enabled_false_tells_the_agents_to_uninstall_then_removes_them(
     report(client, "node2", generation, "SNAT")
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"enabled": False}})
-    wait_for("uninstall=true", lambda: client.get(CM_PATH)["data"]["uninstall"] == "true")
+    wait_for("uninstall=true", lambda: existing(client, CM_PATH)["data"]["uninstall"] == "true")
     wait_for("Uninstalling", lambda: condition(mc_status(client), "Progressing").get("reason") == "Uninstalling")
     assert client.get(DS_PATH) is not None, "the DaemonSet went before the agents removed their datapath"
     report(client, "node1", "", "", state="Uninstalled")
@@ -203,7 +204,7 @@ def test_enabled_false_tells_the_agents_to_uninstall_then_removes_them(
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"enabled": True}})
     wait_for("the DaemonSet again", lambda: client.get(DS_PATH))
-    assert client.get(CM_PATH)["data"]["uninstall"] == "false"
+    assert existing(client, CM_PATH)["data"]["uninstall"] == "false"
 
 
 def test_a_restarted_operator_creates_no_duplicates_and_restores_drift(
@@ -212,20 +213,20 @@ def test_a_restarted_operator_creates_no_duplicates_and_restores_drift(
     client.create(MC_PATH, module_config("DSR"))
     first = start_operator()
     wait_for("the DaemonSet", lambda: client.get(DS_PATH))
-    cm_version = client.get(CM_PATH)["metadata"]["resourceVersion"]
-    ds_version = client.get(DS_PATH)["metadata"]["resourceVersion"]
+    cm_version = existing(client, CM_PATH)["metadata"]["resourceVersion"]
+    ds_version = existing(client, DS_PATH)["metadata"]["resourceVersion"]
     first.stop()
 
     second = start_operator()
     second.wait_rounds("the resume handler and a re-assert round", reasserts=1)
     assert len(api.objects("apps/v1", "daemonsets")) == 1
     assert len([c for c in api.objects("v1", "configmaps") if c["metadata"]["name"] == "bpflb-agent"]) == 1
-    assert client.get(CM_PATH)["metadata"]["resourceVersion"] == cm_version      # nothing rewritten
-    assert client.get(DS_PATH)["metadata"]["resourceVersion"] == ds_version
+    assert existing(client, CM_PATH)["metadata"]["resourceVersion"] == cm_version      # nothing rewritten
+    assert existing(client, DS_PATH)["metadata"]["resourceVersion"] == ds_version
 
     # Somebody edits the DaemonSet: the operator puts it back.
     client.merge_patch(DS_PATH, {"spec": {"template": {"spec": {"hostNetwork": False}}}})
-    wait_for("the DaemonSet restored", lambda: client.get(DS_PATH)["spec"]["template"]["spec"]["hostNetwork"],
+    wait_for("the DaemonSet restored", lambda: existing(client, DS_PATH)["spec"]["template"]["spec"]["hostNetwork"],
              timeout=10)
 
 
@@ -258,7 +259,7 @@ def test_the_agents_pod_settings_reach_the_daemonset_and_a_removed_node_label_go
     first.stop()
     start_operator(agent_pod=AgentPod())
     wait_for("the DaemonSet rolled to the new settings", lambda: (
-        (spec := client.get(DS_PATH)["spec"]["template"]["spec"])["nodeSelector"] == {"kubernetes.io/os": "linux"}
+        (spec := existing(client, DS_PATH)["spec"]["template"]["spec"])["nodeSelector"] == {"kubernetes.io/os": "linux"}
         and spec["tolerations"] == [{"operator": "Exists"}] and "imagePullSecrets" not in spec
         and spec["priorityClassName"] == "system-node-critical"))
 

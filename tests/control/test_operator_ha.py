@@ -31,6 +31,7 @@ from tests.control.helpers import (
     MC_PATH,
     RunningOperator,
     add_nodes,
+    existing,
     free_port,
     module_config,
     wait_for,
@@ -122,7 +123,7 @@ def test_two_replicas_one_acts_and_the_other_takes_over(tls_api: EmulatedAPI, tl
     killed = time.monotonic()
     wait_for("replica-b to take over", lambda: holder(client) == "replica-b", timeout=30)
     assert time.monotonic() - killed >= 2.0           # not before the dead leader's lease could have run out
-    assert client.get(LEASE)["spec"]["leaseTransitions"] == 1         # type: ignore[index]
+    assert existing(client, LEASE)["spec"]["leaseTransitions"] == 1
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"bpfLBMode": "Hybrid"}}})
     wait_for("Hybrid applied by replica-b",
              lambda: (client.get(CM_PATH) or {}).get("data", {}).get("bpfLBMode") == "Hybrid", timeout=30)

@@ -29,7 +29,7 @@ def webhook(start_operator: Callable[..., RunningOperator], tmp_path: Path) -> I
     def review(spec: Any, name: str = "cni-cilium", operation: str = "CREATE") -> dict[str, Any]:
         obj = {"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig", "metadata": {"name": name},
                "spec": spec}
-        body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        body: dict[str, Any] = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
             "uid": str(uuid.uuid4()), "kind": {"group": "deckhouse.io", "version": "v1alpha1", "kind": "ModuleConfig"},
             "resource": {"group": "deckhouse.io", "version": "v1alpha1", "resource": "moduleconfigs"},
             "requestKind": {"group": "deckhouse.io", "version": "v1alpha1", "kind": "ModuleConfig"},

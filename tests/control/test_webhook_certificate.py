@@ -28,8 +28,12 @@ async def _fn(*_args: Any, **_kwargs: Any) -> Any:
 def test_published_before_listening_then_again_periodically() -> None:
     port = free_port()
     published: list[tuple[bytes, bool]] = []
-    server = WebhookServer(addr="127.0.0.1", port=port, host="bpflb-operator.kube-system.svc",
-                           publish=lambda cadata: published.append((cadata, listening(port))) or 1,
+
+    def publish(cadata: bytes) -> int:
+        published.append((cadata, listening(port)))
+        return 1
+
+    server = WebhookServer(addr="127.0.0.1", port=port, host="bpflb-operator.kube-system.svc", publish=publish,
                            republish_interval=0.05)
 
     async def run() -> None:

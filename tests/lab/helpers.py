@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import pytest
 
@@ -41,10 +41,12 @@ def root_netns_snapshot() -> dict[str, str]:
     return out
 
 
-def wait_until(what: str, check: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
-    """Poll check() until it returns something truthy and return that; fail naming what was awaited."""
+def wait_until(what: str, check: Callable[[], T | None | Literal[False]], timeout: float = 15.0,
+               interval: float = 0.05) -> T:
+    """Poll check() until it returns something truthy and return that; fail naming what was awaited. A check
+    may say "not yet" with None or False (`cond and value`): what it returns is then never either."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None | Literal[False] = None
     while time.monotonic() < deadline:
         last = check()
         if last:

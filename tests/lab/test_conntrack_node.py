@@ -1,6 +1,6 @@
 """Flow state on the wire with a small SNAT range (node1's agent runs with --nat-port-range 40000-40063, so
 every port is contended): the node's own connections and SNAT'd flows to the same pod never take each other's
-ports, in either direction; and a UDP flow only its client keeps busy keeps its port, its backend and its
+ports, in either direction, natively routed and through the VXLAN overlay; and a UDP flow only its client keeps busy keeps its port, its backend and its
 replies for 3 minutes while other flows churn through the range."""
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def lab(privileged: None) -> Iterator[Lab]:
-    with lab_running(agent_cmd=f"{DEFAULT_AGENT_CMD} --nat-port-range {RANGE[0]}-{RANGE[-1]}") as shared:
+@pytest.fixture(scope="module", params=["Disabled", "VXLAN"])
+def lab(privileged: None, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """tunnelMode Disabled or VXLAN: with VXLAN the node's connections to node2's pods leave through the
+    overlay device, the SNAT'd flows through the external one (encapsulated by bpflb)."""
+    with lab_running(agent_cmd=f"{DEFAULT_AGENT_CMD} --nat-port-range {RANGE[0]}-{RANGE[-1]}",
+                     tunnel=request.param) as shared:
         shared.apply(HOLD)
         deadline = time.monotonic() + 30
         while shared.http_get("client", f"http://{NODE1}:30500/hostname")[0] != "hold-a":
@@ -87,6 +90,9 @@ def seen_ports(answer: dict[str, Any]) -> list[int]:
 
 def test_node_connections_and_snat_flows_never_take_each_others_ports(lab: Lab) -> None:
     pod = lab.pod_ip("hold-a")
+    if lab.state().tunnel == "VXLAN":     # the node's connections to the pod do cross the overlay device
+        route = lab.exec("node1", ["ip", "route", "get", pod], check=True).stdout
+        assert "dev bpflb_vxlan" in route, route
     before = counters(lab)
     with HolderProcess(lab, "client") as client, HolderProcess(lab, "node1") as moved, \
             HolderProcess(lab, "node1") as kept:
@@ -175,6 +181,7 @@ def udp_churn(addr: str, port: int, seconds: float, every: float) -> dict[str, A
     return {"answers": dict(got), "flows": len(socks)}
 
 
+@pytest.mark.parametrize("lab", ["Disabled"], indirect=True)   # 3 minutes: the overlay changes nothing of it
 def test_a_udp_flow_only_its_client_keeps_busy_keeps_its_port_backend_and_replies_for_3_minutes(lab: Lab) -> None:
     """3 minutes of one-way traffic (3 UDP lifetimes), while new flows take every port that comes free."""
     result: dict[str, Any] = {}

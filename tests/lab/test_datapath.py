@@ -40,7 +40,7 @@ def test_the_lab_check_passes_and_every_verdict_is_what_kube_proxy_would_give(la
     lab.apply("kind: Service\nmetadata: {name: empty}\nspec: {type: NodePort, selector: {app: none}, "
               "ports: [{port: 80, nodePort: 30400}]}\n")
     for k, node in enumerate(("node1", "node2", "node3"), start=1):
-        wait_programmed(lab, (node,), f"{lab.node_ip(k)}:30400/TCP", lambda fe: bool(fe) and fe["reject"],
+        wait_programmed(lab, (node,), f"{lab.node_ip(k)}:30400/TCP", lambda fe: fe is not None and fe["reject"],
                         "programmed to reject (no endpoints)")
     report = lab.check()
     assert report.ok, report.render()

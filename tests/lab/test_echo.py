@@ -7,7 +7,7 @@ import pytest
 
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.echo import udp_answer
-from bpflb_lab.lab.probe import HttpProbe, UdpProbe
+from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
 
 
 def test_udp_commands() -> None:
@@ -77,7 +77,7 @@ def test_each_check_sends_udp_from_ports_no_check_used_lately(lab: Lab) -> None:
     keeps the mode it started with across set_mode): their ports are taken in turn from CHECK_UDP_PORTS."""
     from bpflb_lab.lab.traffic import CHECK_UDP_PORTS
 
-    probes = [UdpProbe("198.18.0.11", 30081), HttpProbe("198.18.0.11", 30080), UdpProbe("198.18.0.12", 30181)]
+    probes: list[Probe] = [UdpProbe("198.18.0.11", 30081), HttpProbe("198.18.0.11", 30080), UdpProbe("198.18.0.12", 30181)]
     first = [p.local_port for p in lab.fresh_udp_ports(probes) if isinstance(p, UdpProbe)]
     second = [p.local_port for p in lab.fresh_udp_ports(probes) if isinstance(p, UdpProbe)]
     assert len(set(first + second)) == 4 and all(CHECK_UDP_PORTS[0] <= p < CHECK_UDP_PORTS[1] for p in first + second)

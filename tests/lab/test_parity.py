@@ -160,7 +160,7 @@ def test_source_ranges_decide_which_client_reaches_the_loadbalancer_ip(lab: Lab)
             assert len(said) == 1, (n, said)
 
         lab.set_settings(svcSourceRangeCheck=True)
-        programmed(lab, name, lambda fe: bool(fe) and fe["source_ranges"] == [f"{CLIENT}/32"], "allowing the client")
+        programmed(lab, name, lambda fe: fe is not None and fe["source_ranges"] == [f"{CLIENT}/32"], "allowing the client")
         with counted(lab, "node1") as grew:
             assert reaches(lab, ip, 80, CLIENT)
             assert get(lab, ip, 80, src=OUTSIDER) == (None, "timeout")          # dropped, not refused
@@ -170,15 +170,15 @@ def test_source_ranges_decide_which_client_reaches_the_loadbalancer_ip(lab: Lab)
 
         # The ranges change live: now only the other address...
         lab.apply(svc("ranged", RANGED % f"{OUTSIDER}/32"))
-        programmed(lab, name, lambda fe: bool(fe) and fe["source_ranges"] == [f"{OUTSIDER}/32"], "allowing .101")
+        programmed(lab, name, lambda fe: fe is not None and fe["source_ranges"] == [f"{OUTSIDER}/32"], "allowing .101")
         assert reaches(lab, ip, 80, OUTSIDER) and not reaches(lab, ip, 80, CLIENT)
         # ...and Cilium's deny policy turns them into a deny list.
         lab.apply(svc("ranged", RANGED % f"{OUTSIDER}/32", annotations="{service.cilium.io/src-ranges-policy: deny}"))
-        programmed(lab, name, lambda fe: bool(fe) and fe["source_ranges_policy"] == "deny", "with a deny list")
+        programmed(lab, name, lambda fe: fe is not None and fe["source_ranges_policy"] == "deny", "with a deny list")
         assert reaches(lab, ip, 80, CLIENT) and not reaches(lab, ip, 80, OUTSIDER)
 
         lab.set_settings(svcSourceRangeCheck=False)
-        programmed(lab, name, lambda fe: bool(fe) and fe["source_ranges"] is None, "without a check")
+        programmed(lab, name, lambda fe: fe is not None and fe["source_ranges"] is None, "without a check")
         assert reaches(lab, ip, 80, CLIENT) and reaches(lab, ip, 80, OUTSIDER)
     finally:
         lab.set_settings(svcSourceRangeCheck=False)
@@ -310,7 +310,7 @@ def predicted(sport: int) -> str:
 def test_session_affinity_its_timeout_and_its_switch(lab: Lab) -> None:
     lab.apply(svc("aff", AFFINITY + CLIENT_IP_AFFINITY, annotations=MAGLEV))
     try:
-        programmed(lab, "{node}:31030/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 2, "with affinity")
+        programmed(lab, "{node}:31030/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 2, "with affinity")
         pinned = lab.run_in("client", _connect_from, list(range(44000, 44020)), timeout=60)
         assert len(set(pinned)) == 1, pinned
         # A source port Maglev alone sends to the other pod still gets the pinned one...
@@ -322,12 +322,12 @@ def test_session_affinity_its_timeout_and_its_switch(lab: Lab) -> None:
         assert lab.run_in("client", _connect_from, [other + 1000]) == [predicted(other + 1000)]
         # Switched off on the live Service: each connection on its own.
         lab.apply(svc("aff", AFFINITY, annotations=MAGLEV))
-        programmed(lab, "{node}:31030/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 0, "without affinity")
+        programmed(lab, "{node}:31030/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 0, "without affinity")
         ports = list(range(46000, 46030))
         assert lab.run_in("client", _connect_from, ports, timeout=60) == [predicted(p) for p in ports]
         # On again: one pod for all.
         lab.apply(svc("aff", AFFINITY + CLIENT_IP_AFFINITY, annotations=MAGLEV))
-        programmed(lab, "{node}:31030/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 2, "with affinity again")
+        programmed(lab, "{node}:31030/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 2, "with affinity again")
         assert len(set(lab.run_in("client", _connect_from, list(range(46100, 46130)), timeout=60))) == 1
     finally:
         lab.delete("service", "aff")
@@ -347,8 +347,8 @@ def test_multiport_endpoints_reach_the_pod_that_serves_each_port(lab: Lab) -> No
               pod("multi-2", "node3", app="multi", ports="{name: svc2, containerPort: 9101}") + "---\n" +
               svc("multiport", MULTIPORT))
     try:
-        programmed(lab, "{node}:31040/TCP", lambda fe: bool(fe) and len(fe["backends"]) == 1, "with its endpoint")
-        programmed(lab, "{node}:31041/TCP", lambda fe: bool(fe) and len(fe["backends"]) == 1, "with its endpoint")
+        programmed(lab, "{node}:31040/TCP", lambda fe: fe is not None and len(fe["backends"]) == 1, "with its endpoint")
+        programmed(lab, "{node}:31041/TCP", lambda fe: fe is not None and len(fe["backends"]) == 1, "with its endpoint")
         assert set(pods_from(lab, NODE1, 31040, 6)) == {"multi-1"}
         assert set(pods_from(lab, NODE1, 31041, 6)) == {"multi-2"}
         assert set(pods_from(lab, NODE2, 31041, 3)) == {"multi-2"}
@@ -362,7 +362,7 @@ def test_a_service_without_endpoints_is_rejected_with_icmp(lab: Lab) -> None:
     body = "  type: NodePort\n  selector: {app: nobody}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 31050}]\n"
     lab.apply(svc("empty", body))
     try:
-        programmed(lab, "{node}:31050/TCP", lambda fe: bool(fe) and fe["reject"], "to reject")
+        programmed(lab, "{node}:31050/TCP", lambda fe: fe is not None and fe["reject"], "to reject")
         with capture(lab, "client", "icmp") as wire:
             assert get(lab, NODE1, 31050) == (None, "refused")
         assert wire.port_unreachable(src=NODE1, dst=CLIENT, port=31050), wire.lines
@@ -381,14 +381,14 @@ def test_endpoint_conditions_decide_who_gets_new_connections(lab: Lab) -> None:
     lab.apply(svc("conditions", CONDITIONS))
     echo_a = f"{lab.pod_ip('echo-a')}:8080"
     try:
-        programmed(lab, "{node}:31060/TCP", lambda fe: bool(fe) and len(fe["backends"]) == 2, "with both pods")
+        programmed(lab, "{node}:31060/TCP", lambda fe: fe is not None and len(fe["backends"]) == 2, "with both pods")
         lab.apply(pod("echo-a", "node2", status=UNREADY))
-        programmed(lab, "{node}:31060/TCP", lambda fe: bool(fe) and fe["backends"] == [f"{lab.pod_ip('echo-b')}:8080"],
+        programmed(lab, "{node}:31060/TCP", lambda fe: fe is not None and fe["backends"] == [f"{lab.pod_ip('echo-b')}:8080"],
                    "without the unready echo-a")
         assert set(pods_from(lab, NODE1, 31060, 10)) == {"echo-b"}
         # No endpoint ready, both serving and terminating: those are used (kube-proxy's fallback).
         lab.apply(pod("echo-a", "node2", meta=TERMINATING) + "---\n" + pod("echo-b", "node3", meta=TERMINATING))
-        programmed(lab, "{node}:31060/TCP", lambda fe: bool(fe) and echo_a in fe["backends"] and
+        programmed(lab, "{node}:31060/TCP", lambda fe: fe is not None and echo_a in fe["backends"] and
                    len(fe["backends"]) == 2, "with the serving terminating pods")
         assert set(pods_from(lab, NODE1, 31060, 20)) == {"echo-a", "echo-b"}
     finally:
@@ -451,15 +451,15 @@ ETP = """\
 def test_external_traffic_policy_local_and_its_flips(lab: Lab) -> None:
     lab.apply(svc("etp", ETP % "Cluster"))
     try:
-        programmed(lab, "{node}:31080/TCP", lambda fe: bool(fe) and fe["policy"] == "Cluster", "Cluster")
+        programmed(lab, "{node}:31080/TCP", lambda fe: fe is not None and fe["policy"] == "Cluster", "Cluster")
         assert get(lab, NODE1, 31080)[0] == 200
         lab.apply(svc("etp", ETP % "Local"))
-        programmed(lab, "{node}:31080/TCP", lambda fe: bool(fe) and fe["policy"] == "Local", "Local")
+        programmed(lab, "{node}:31080/TCP", lambda fe: fe is not None and fe["policy"] == "Local", "Local")
         assert get(lab, NODE1, 31080) == (None, "timeout")      # no local endpoint on node1: dropped
         status, seen = get(lab, NODE2, 31080, "/clientip")
         assert status == 200 and seen.rsplit(":", 1)[0] == CLIENT  # the client's own address, from node2's pod
         lab.apply(svc("etp", ETP % "Cluster"))
-        programmed(lab, "{node}:31080/TCP", lambda fe: bool(fe) and fe["policy"] == "Cluster", "Cluster again")
+        programmed(lab, "{node}:31080/TCP", lambda fe: fe is not None and fe["policy"] == "Cluster", "Cluster again")
         assert get(lab, NODE1, 31080)[0] == 200
     finally:
         lab.delete("service", "etp")
@@ -480,7 +480,7 @@ def test_a_udp_flow_follows_a_replaced_server_pod(lab: Lab, tmp_path: Path) -> N
     worker = threading.Thread(target=lambda: flow.append(
         lab.run_in("client", udp_flow, NODE1, 31090, 47123, str(progress), str(stop), 60.0, timeout=70)))
     try:
-        programmed(lab, "{node}:31090/UDP", lambda fe: bool(fe) and len(fe["backends"]) == 1, "with udp-a")
+        programmed(lab, "{node}:31090/UDP", lambda fe: fe is not None and len(fe["backends"]) == 1, "with udp-a")
         worker.start()
         wait_until("udp-a answering the flow", lambda: progress.exists() and "udp-a" in progress.read_text())
         lab.delete("pod", "udp-a")

@@ -119,7 +119,7 @@ AFFINITY = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {ti
 
 def test_session_affinity_pins_a_client_until_its_timeout_and_switches_live(lab: Lab) -> None:
     lab.apply(AFFINITY_SERVICE + AFFINITY)
-    programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 3, "with affinity 3 s")
+    programmed(lab, "30380/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 3, "with affinity 3 s")
     try:
         pods = lab.run_in("client", _hostnames, [(NODE1, 30380, 0)] * 50, timeout=60)
         pinned = pods[0]
@@ -134,13 +134,13 @@ def test_session_affinity_pins_a_client_until_its_timeout_and_switches_live(lab:
 
         # Switched off on the live Service: each connection is balanced on its own.
         lab.apply(AFFINITY_SERVICE)
-        programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 0, "without affinity")
+        programmed(lab, "30380/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 0, "without affinity")
         ports = list(range(45000, 45030))
         spread = lab.run_in("client", _hostnames, [(NODE1, 30380, p) for p in ports], timeout=60)
         assert spread == [predicted(p, 30380) for p in ports] and set(spread) == set(PODS)
         # And on again: one pod for every connection.
         lab.apply(AFFINITY_SERVICE + AFFINITY)
-        programmed(lab, "30380/TCP", lambda fe: bool(fe) and fe["affinity_timeout"] == 3, "with affinity again")
+        programmed(lab, "30380/TCP", lambda fe: fe is not None and fe["affinity_timeout"] == 3, "with affinity again")
         again = lab.run_in("client", _hostnames, [(NODE1, 30380, p) for p in range(46000, 46030)], timeout=60)
         assert len(set(again)) == 1, again
     finally:
@@ -176,7 +176,7 @@ def test_a_terminating_pod_gets_no_new_connections_while_an_open_one_keeps_worki
                       for e in s["endpoints"] if e["targetRef"]["name"] == "echo-a"]
         assert conditions and all(c["terminating"] and not c["ready"] for c in conditions), conditions
         echo_a = f"{lab.pod_ip('echo-a')}:8080"
-        programmed(lab, "30080/TCP", lambda fe: bool(fe) and echo_a not in fe["backends"], "without echo-a")
+        programmed(lab, "30080/TCP", lambda fe: fe is not None and echo_a not in fe["backends"], "without echo-a")
         # Flows Maglev used to send to echo-a now all go to echo-b, through both nodes.
         new = lab.run_in("client", _hostnames, [(NODE1, 30080, p) for p in fresh[:20]] +
                          [(NODE2, 30080, p) for p in fresh[20:]], timeout=60)
@@ -191,5 +191,5 @@ def test_a_terminating_pod_gets_no_new_connections_while_an_open_one_keeps_worki
     # The open connection kept answering from echo-a before, during and after the change.
     assert len(held_pods) >= 10 and set(held_pods) == {"echo-a"}, held_pods
     echo_a = f"{lab.pod_ip('echo-a')}:8080"
-    programmed(lab, "30080/TCP", lambda fe: bool(fe) and echo_a in fe["backends"], "with echo-a again")
+    programmed(lab, "30080/TCP", lambda fe: fe is not None and echo_a in fe["backends"], "with echo-a again")
     assert lab.run_in("client", _hostnames, [(NODE1, 30080, p) for p in fresh[:10]]) == ["echo-a"] * 10

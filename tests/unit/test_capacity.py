@@ -7,6 +7,7 @@ recovers; a change re-translates and rewrites only the Service it touches."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,7 @@ def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> N
                              ports=[{"name": "p0", "port": 8080, "protocol": "TCP"}]) for i in range(6)]
     agent, _datapath, source = agent_on(tmp_path, pins, services, slices)
     local = {**services[2], "spec": {**services[2]["spec"], "externalTrafficPolicy": "Local"}}
-    steps = [lambda: None,
+    steps: list[Callable[[], None]] = [lambda: None,
              lambda: setattr(source.snap, "services", services[1:]),                       # one gone
              lambda: setattr(source.snap, "services", [*services[1:2], local, *services[3:]]),  # eTP Local
              lambda: setattr(source.snap, "endpointslices", slices[:4]),                  # endpoints gone
@@ -231,7 +232,7 @@ def test_incremental_cluster_facts_equal_a_full_computation(tmp_path: Path) -> N
         assert pins.maps["lb_dsr_backends"] == {dsr_member_key(fe, be): b"\x01"
                                                 for fe, be in dsr_backends(agent.state)}
         assert set(pins.maps["lb_local_backends"]) == {l4_key(x) for x in local_backends(agent.state)}
-        views = {l4_key(fe.l4): bytes(8) if not fe.in_cluster else l4_key(fe.internal)
+        views = {l4_key(fe.l4): l4_key(fe.internal) if fe.in_cluster and fe.internal is not None else bytes(8)
                  for fe in agent.state.frontends.values() if not fe.in_cluster or fe.internal is not None}
         assert pins.maps["lb_internal_view"] == views and len(views) >= 3
 

@@ -182,4 +182,5 @@ def test_the_agent_hands_its_health_checks_to_the_servers_after_each_sync(tmp_pa
         # The node's address is not on this machine: said (once), and retried at every sync.
         assert any("cannot listen" in p for p in agent._problems_seen)
     finally:
-        agent.health_servers and agent.health_servers.close()
+        if agent.health_servers is not None:
+            agent.health_servers.close()

@@ -110,10 +110,12 @@ class Node:
         front = self.agent.state.frontends[l4(NODE_INTERNAL, 30080)]
         network = dp.network_applied[-1][0] if dp.network_applied else None
         lb = self.agent.state.frontends[l4("198.51.100.1", 80)]
+        maglev = dp.maps.maglev_cfg.lookup(dp.maps.maglev_cfg.new_key())
+        assert maglev is not None, "maglev_cfg: no entry at its one key"
         return {"mode": dp.maps.mode(), "algorithm": front.algorithm, "acceleration": dp.acceleration,
                 "source_ranges": (lb.source_ranges, len(dp.pins.maps.get("lb_src_ranges", {}))),
                 "tunnel": network.tunnel if network else None, "routes": network.create_node_routes if network else None,
-                "maglev": dp.maps.maglev_cfg.lookup(dp.maps.maglev_cfg.new_key()).table_size, "debug": self.debug,
+                "maglev": maglev.table_size, "debug": self.debug,
                 "socket_lb": dp.socket_lb, "uninstalled": dp.uninstalled}
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import cast
 
+from bpflb.kubeapi import KubeObject
 from bpflb.model.endpoints import slice_record
 from bpflb.model.translate import Translator, translate
 from bpflb.sources.base import Snapshot
@@ -15,8 +17,8 @@ from tests.unit.helpers import NODE, endpoint, endpoint_slice, node, service
 _rv = itertools.count(1)
 
 
-def versioned(obj: dict[str, object]) -> dict[str, object]:
-    obj["metadata"]["resourceVersion"] = str(next(_rv))        # type: ignore[index]
+def versioned(obj: KubeObject) -> KubeObject:
+    obj["metadata"]["resourceVersion"] = str(next(_rv))
     return obj
 
 
@@ -67,17 +69,20 @@ def test_the_sources_records_translate_as_the_objects_they_were_read_from() -> N
     not-ready, terminating and repeated endpoints, an unusable one with its problems), and the record keeps
     nothing of the object."""
     snap = cluster()
-    snap.endpointslices[1]["endpoints"] = [                           # type: ignore[index]
+    snap.endpointslices[1]["endpoints"] = [
         endpoint("10.0.1.1", NODE, "s1-a"), endpoint("10.0.1.1", "node-b", "s1-dup"),
         {**endpoint("10.0.1.3", "node-b", "s1-c"), "conditions": {"ready": False, "serving": True,
                                                                  "terminating": True}},
         {**endpoint("10.0.1.4", NODE, "s1-d"), "conditions": {"ready": False}}]
-    snap.endpointslices[2]["addressType"] = "FQDN"                    # type: ignore[index]
-    snap.endpointslices[4]["endpoints"] = [{"addresses": ["10.0.4.1", "not-an-ip"]}]   # type: ignore[index]
+    snap.endpointslices[2]["addressType"] = "FQDN"
+    snap.endpointslices[4]["endpoints"] = [{"addresses": ["10.0.4.1", "not-an-ip"]}]
     records = [slice_record(copy.deepcopy(s)) for s in snap.endpointslices]
     assert all(r.raw is None for r in records) and records[0].parsed is not None and records[0].parsed.plain
     assert records[1].parsed is not None and not records[1].parsed.plain
-    from_records = Snapshot(services=snap.services, endpointslices=records, nodes=snap.nodes, config=snap.config)
+    # The Kubernetes source hands the translator these records where Snapshot types raw objects (its slice_view
+    # returns Any): the same cast here.
+    from_records = Snapshot(services=snap.services, endpointslices=cast(list[KubeObject], records), nodes=snap.nodes,
+                            config=snap.config)
     want, got = translate(snap, NODE), Translator(NODE).translate(from_records)
     assert got.frontends == want.frontends and got.problems == want.problems and got.notes == want.notes
     assert {p.obj for p in want.problems} >= {"EndpointSlice default/s2-abc", "EndpointSlice default/s4-abc"}

@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ class WebhookServer(kopf.WebhookServer):
                 continue
             await self._publish(cadata, until_done=False)
 
-    async def __call__(self, fn: kopf.WebhookFn) -> AsyncIterator[kopf.WebhookClientConfig]:
+    async def __call__(self, fn: kopf.WebhookFn) -> AsyncGenerator[kopf.WebhookClientConfig, None]:
         if self.publish is None:
             async for config in super().__call__(fn):
                 yield config

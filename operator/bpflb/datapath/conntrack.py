@@ -269,6 +269,7 @@ class GcReport:
     pressure: list[str] = field(default_factory=list)
     seconds: float = 0.0
     capacity: int = 0               # entries each map holds at most (CT_MAX)
+    dsr_mapped: int = 0             # remapped DSR flows' mappings in ct_fwd (lb_dsr_mapped closed when none)
 
 
 @dataclass(frozen=True)
@@ -302,15 +303,45 @@ def pool_use(snap: Snapshot, size: int) -> list[PoolUse]:
                   key=lambda u: (-u.used, u.backend))
 
 
+# lb_dsr_mapped (dsr.h): [0] counts remapped DSR flows' mappings made, [1] the count when none was left.
+GATE_GRACE_S = 0.001       # between reading [0] and the scan: far longer than any program's run
+
+
+def _gate(m: Map, index: int) -> int:
+    value = m.lookup(ffi().new("__u32 *", index))
+    return int(value[0]) if value is not None else 0
+
+
+def dsr_mappings_made(m: Map) -> int:
+    return _gate(m, 0)
+
+
+def open_dsr_gate(m: Map) -> None:
+    """Non-service packets look for remapped DSR flows again until a collection finds none (the agent's start:
+    a previous agent's datapath may have made some). [1] = [0] - 1, which [0], only growing, never reaches."""
+    m.update_raw((1).to_bytes(4, "little"), ((_gate(m, 0) - 1) % 2**64).to_bytes(8, "little"))
+
+
+def close_dsr_gate(m: Map, made: int) -> None:
+    """No mapping was left in a scan that began after [0] read made: [1] = made. If the datapath made one
+    meanwhile, [0] has moved on and the gate stays open."""
+    if _gate(m, 0) == made:
+        m.update_raw((1).to_bytes(4, "little"), made.to_bytes(8, "little"))
+
+
 class Collector:
     """The conntrack garbage collector of one node's maps (run by the agent, see Agent.run)."""
 
-    def __init__(self, fwd: Map, rev: Map, config: Map) -> None:
+    def __init__(self, fwd: Map, rev: Map, config: Map, dsr_mapped: Map | None = None) -> None:
         self.fwd, self.rev, self.config = fwd, rev, config
+        self.dsr_mapped = dsr_mapped
         self.capacity = const("CT_MAX")
 
     def collect(self, now: int | None = None) -> GcReport:
         started = time.monotonic()
+        made = dsr_mappings_made(self.dsr_mapped) if self.dsr_mapped is not None else None
+        if made is not None:
+            time.sleep(GATE_GRACE_S)    # every program that counted a mapping before has written it by now
         snap = snapshot(self.fwd, self.rev, self.config, now)
         report = GcReport(snap.fwd.n, snap.rev.n, capacity=self.capacity)
         cfg = self.config.lookup(ffi().new("__u32 *", 0))
@@ -325,6 +356,12 @@ class Collector:
         # Forward entries first: a reverse entry (a port) is never gone while its forward entry is there.
         report.removed_fwd = self._remove(self.fwd, snap.fwd, doomed_fwd, report)
         report.removed_rev = self._remove(self.rev, snap.rev, doomed_rev, report)
+        f = flags()
+        both = f.dsr | f.portmap
+        report.dsr_mapped = sum(1 for i, (_, fl, _) in enumerate(_HOT.iter_unpack(snap.fwd.values))
+                                if fl & both == both and i not in doomed_fwd)
+        if made is not None and self.dsr_mapped is not None and not report.dsr_mapped:
+            close_dsr_gate(self.dsr_mapped, made)
         report.seconds = time.monotonic() - started
         return report
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from bpflb.datapath.base import MapFill, MapsDatapath, NodeProgram, ProgramReport
 from bpflb.datapath.cgroup import attach_cgroup, default_cgroup_root, detach_cgroup
 from bpflb.datapath.clustermaps import ClusterMaps
-from bpflb.datapath.conntrack import Collector, GcReport
+from bpflb.datapath.conntrack import Collector, GcReport, open_dsr_gate
 from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.fill import kernel_fill
 from bpflb.datapath.lbmaps import LBMaps
@@ -73,6 +73,7 @@ class KernelDatapath(MapsDatapath):
     def load(self) -> Mode | None:
         self.obj = load_lb(self.pin_root, mount_bpffs=self.mount_bpffs)
         self.maps = LBMaps(self.obj)
+        open_dsr_gate(self.maps.dsr_mapped)     # a previous agent's datapath may have remapped DSR flows
         self.cluster = ClusterMaps(self.obj)
         self.east_west = EastWestMaps(self.obj)
         log.info("loaded %s with maps pinned under %s", self.obj.path, self.pin_root)
@@ -131,12 +132,14 @@ class KernelDatapath(MapsDatapath):
 
     def _attach_tunnel(self, tunnel: Tunnel) -> None:
         """Requests and replies that crossed the overlay arrive on the VXLAN device: the same ingress
-        program handles them there (DSR options, SNAT replies)."""
+        program handles them there (DSR options, SNAT replies).  The node's own connections to other nodes'
+        pods leave through it: lb_overlay_egress moves them off ports SNAT'd flows hold."""
         assert self.obj is not None and self.overlay is not None
         idx = self.overlay.vxlan_ifindex() if tunnel is Tunnel.VXLAN else None
         if idx and idx != self.tunnel_ifindex:
             tc_attach(self.obj.prog_fd("lb_ingress"), idx, ingress=True)
-            log.info("attached lb_ingress to %s (ifindex %d)", VXLAN_DEV, idx)
+            tc_attach(self.obj.prog_fd("lb_overlay_egress"), idx, ingress=False)
+            log.info("attached lb_ingress and lb_overlay_egress to %s (ifindex %d)", VXLAN_DEV, idx)
         self.tunnel_ifindex = idx or 0
 
     def _accelerate(self, acceleration: str, report: ProgramReport) -> None:
@@ -170,7 +173,7 @@ class KernelDatapath(MapsDatapath):
         maps = self.maps
         if maps is None:
             return None
-        return Collector(maps.ct_fwd, maps.ct_rev, maps.config).collect()
+        return Collector(maps.ct_fwd, maps.ct_rev, maps.config, maps.dsr_mapped).collect()
 
     def open_maps(self) -> list[Map]:
         """Every map of the loaded object that bpflb knows (MAP_TYPES): those its programs write too."""

@@ -275,6 +275,7 @@ class LBMaps:
         self.src_ranges: Map = obj.map("lb_src_ranges")
         self.internal_view: Map = obj.map("lb_internal_view")
         self.icmp_rl: Map = obj.map("lb_icmp_rl")
+        self.dsr_mapped: Map = obj.map("lb_dsr_mapped")      # closed by the conntrack collector (conntrack.py)
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
         self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)

@@ -300,6 +300,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_pod_cidrs": ("struct lb_cidr_key", "__u8"),
     # forwarding safety (dsr.h, direct.h, icmp.h, neigh.h)
     "lb_dsr_backends": ("struct lb_dsr_member", "__u8"),
+    "lb_dsr_mapped": ("__u32", "__u64"),
     "lb_direct": ("struct ct_tuple", "struct lb_direct_flow"),
     "lb_icmp_rl": ("__u32", "struct lb_icmp_rl"),
     "lb_neigh_seen": ("struct lb_neigh_key", "__u64"),

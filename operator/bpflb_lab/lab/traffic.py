@@ -20,7 +20,7 @@ from bpflb_lab.lab.probe import HttpProbe, Probe, ProbeResult, UdpProbe
 from bpflb_lab.lab.state import atomic_write
 
 T = TypeVar("T")
-CHECK_UDP_PORTS = (10000, 20000)   # lab.check's UDP source ports, taken in turn (Traffic.fresh_udp_ports)
+CHECK_UDP_PORTS = (10000, 20000)   # UDP source ports of lab.check and lab.connections, taken in turn (Traffic.fresh_udp_ports)
 
 
 class Traffic(LabParts):
@@ -83,8 +83,9 @@ class Traffic(LabParts):
         probes: list[Probe]
         if proto.upper() == "TCP":
             probes = [HttpProbe(addr, port, (request or "/hostname",), timeout) for _ in range(count)]
-        else:
-            probes = [UdpProbe(addr, port, (request or "hostname",), timeout) for _ in range(count)]
+        else:       # each from a port no flow of an earlier test holds (fresh_udp_ports)
+            probes = self.fresh_udp_ports([UdpProbe(addr, port, (request or "hostname",), timeout)
+                                           for _ in range(count)])
         return self.probe(host, probes, parallel=parallel)
 
     def ping(self, host: str, addr: str, timeout: float = 1.0) -> float | None:
@@ -102,11 +103,11 @@ class Traffic(LabParts):
         return CheckReport(self.name, state.mode, evaluate(scenarios, results), time.monotonic() - start)
 
     def fresh_udp_ports(self, probes: list[Probe]) -> list[Probe]:
-        """The UDP probes of a check, each from a port no earlier check of this lab used lately.  A datagram
-        on a tuple whose flow is alive (60 s) continues that flow, in the mode it started with (set_mode:
-        open flows keep theirs): a port the kernel happened to pick again right after a mode switch would
-        get the old mode's answer, and the check would judge the new mode by it.  TCP needs none of this:
-        a new connection's SYN starts a new flow on its closed tuple.  The ports come in turn from
+        """The UDP probes of a check or of connections(), each from a port no earlier one of this lab used
+        lately.  A datagram on a tuple whose flow is alive (60 s) continues that flow, in the mode it started
+        with (set_mode: open flows keep theirs): a port the kernel happened to pick again right after a mode
+        switch would get the old mode's answer, and the test would judge the new mode by it.  TCP needs none
+        of this: a new connection's SYN starts a new flow on its closed tuple.  The ports come in turn from
         CHECK_UDP_PORTS (below the ephemeral range), the next one kept in the lab's run directory."""
         cursor = self.paths.run / "check-udp-port"
         low, high = CHECK_UDP_PORTS
