@@ -299,6 +299,8 @@ static __always_inline int dsr_backend_ingress(struct __sk_buff *skb, struct pkt
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
+	if (!mapped)   /* a first fragment: the rest of its datagram follows (a remapped one nat_rewrite recorded) */
+		frag_record(p);
 	stat_inc(STAT_DSR_ACCEPTED);
 	return -2;   /* accepted: the caller forwards it like any packet to a pod */
 }

@@ -1,9 +1,10 @@
 /* ICMP errors generated in place of a packet (destination unreachable, fragmentation needed, time
  * exceeded), back to its sender.  Every one goes through icmp_reply, which applies the rules a host
- * or router keeps (RFC 1812 4.3.2.7, the kernel's icmp_send): no error about an error or a RST, none
- * to a sender that is not a routable unicast host, none for a frame not addressed to this host; and a
- * node-wide token bucket (lb_icmp_rl, like net.ipv4.icmp_msgs_per_sec/_burst) caps how many leave,
- * so a flood of spoofed packets cannot turn the node into a reflector. */
+ * or router keeps (RFC 1812 4.3.2.7, the kernel's icmp_send): no error about an error, a RST or a
+ * fragment other than the first, none to a sender that is not a routable unicast host, none for a
+ * frame not addressed to this host; and a node-wide token bucket (lb_icmp_rl, like
+ * net.ipv4.icmp_msgs_per_sec/_burst) caps how many leave, so a flood of spoofed packets cannot turn
+ * the node into a reflector. */
 #ifndef BPFLB_ICMP_H
 #define BPFLB_ICMP_H
 
@@ -169,7 +170,8 @@ static __attribute__((noinline)) int icmp_reply(struct __sk_buff *skb, const str
 
 	if (!w)
 		return TC_ACT_SHOT;
-	rc = answer_route(skb, p, &w->fib, saddr, IPPROTO_ICMP, to_stack);
+	/* Never about a fragment other than the first (RFC 1812 4.3.2.7): it quotes no L4 header. */
+	rc = p->frag == PKT_FRAG_LATER ? -1 : answer_route(skb, p, &w->fib, saddr, IPPROTO_ICMP, to_stack);
 	if (rc < 0) {
 		stat_inc(STAT_ICMP_SUPPRESSED);
 		return TC_ACT_SHOT;

@@ -76,8 +76,8 @@
 #define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow, no other port free: that flow's state kept */
 #define STAT_RESET_SUPPRESSED 31      /* a refusal's RST not sent: its sender is no unicast host (icmp.h's rules) */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
- * traffic (issue 13); 56..63: source ranges (issue 16). */
-#define STAT_MAX 64
+ * traffic (issue 13); 56..63: source ranges (issue 16); 64..71: IP fragments (frag.h). */
+#define STAT_MAX 72
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
  * then the frontend's port and address in network order. */
@@ -389,5 +389,38 @@ struct lb_src_range_key {
 };
 
 /* ---- end of source ranges ---- */
+
+/* ---- IP fragments (frag.h): a fragmented datagram of a flow is translated whole ---- */
+
+/* Counters (lb_stats indices 64..71).  frag_tracked: first fragments translated, their ports recorded for
+ * the rest of the datagram; frag_followed: later fragments that found their first fragment's record and
+ * went the way of its flow; frag_track_failed: first fragments translated whose ports could not be
+ * recorded (the rest of that datagram passes untouched).  A later fragment with no record counts as
+ * pass_fragment (ingress). */
+#define STAT_FRAG_TRACKED 64
+#define STAT_FRAG_FOLLOWED 65
+#define STAT_FRAG_TRACK_FAILED 66
+
+#define LB_FRAG_MAX 8192              /* datagrams in flight whose first fragment was translated (LRU) */
+#define LB_FRAG_LIFETIME_S 2          /* a record older than this is not used (the IP id may come round again) */
+
+/* A fragmented datagram as its fragments arrive (before translation): RFC 791's reassembly key. */
+struct lb_frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;              /* the IPv4 identification field, network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* The L4 ports its first fragment carried, so later fragments find the first one's flow. */
+struct lb_frag_val {
+	__u64 created;         /* bpf_ktime_get_ns() when the first fragment was translated */
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+/* ---- end of IP fragments ---- */
 
 #endif

@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "parse.h"
+#include "frag.h"
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 
@@ -36,10 +37,32 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 diff)
 	return (__u16)~s;
 }
 
+/* A later fragment of a datagram (no L4 header): the addresses and the IPv4 checksum only; the L4
+ * checksum, in the first fragment, was updated there for the whole datagram. */
+static __always_inline int nat_rewrite_later_frag(struct __sk_buff *skb, const struct pkt *p, __be32 saddr, __be32 daddr)
+{
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 diff = 0;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	diff = csum_add32(diff, ~p->t.saddr);
+	diff = csum_add32(diff, saddr);
+	diff = csum_add32(diff, ~p->t.daddr);
+	diff = csum_add32(diff, daddr);
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = csum_apply(ip->check, diff);
+	return 0;
+}
+
 /* Rewrite both endpoints of the packet to (saddr:sport -> daddr:dport).
  * The L4 checksum goes through bpf_l4_csum_replace, which alone knows how to keep
  * CHECKSUM_PARTIAL/COMPLETE skbs right (addresses are in the pseudo-header, ports are not);
- * the IPv4 checksum and the fields themselves are written directly. */
+ * the IPv4 checksum and the fields themselves are written directly.  A fragment's datagram is
+ * translated whole (frag.h): the first fragment's ports are recorded, a later one gets the addresses. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *p,
 				       __be32 saddr, __be16 sport, __be32 daddr, __be16 dport)
 {
@@ -50,6 +73,8 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 	void *data, *data_end;
 	struct iphdr *ip;
 
+	if (p->frag == PKT_FRAG_LATER)
+		return nat_rewrite_later_frag(skb, p, saddr, daddr);
 	if (addrs) {
 		addr_diff = csum_add32(addr_diff, ~p->t.saddr);
 		addr_diff = csum_add32(addr_diff, saddr);
@@ -79,6 +104,8 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 	}
 	if (ports)
 		__builtin_memcpy(data + l4_off, to_ports, sizeof(to_ports));
+	if (p->frag)
+		frag_record(p);
 	return 0;
 }
 

@@ -7,6 +7,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "nat.h"
+#include "frag.h"
 #include "conntrack.h"
 #include "lb.h"
 #include "icmp.h"
@@ -122,10 +123,10 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	cfg = config_get();
 	if (!cfg)
 		return TC_ACT_OK;
-	switch (parse_pkt(skb, &p)) {
+	switch (frag_parse_pkt(skb, &p)) {
 	case PARSE_OK:
 		break;
-	case PARSE_FRAGMENT:
+	case PARSE_FRAGMENT:   /* a later fragment whose first one was not translated here */
 		stat_inc(STAT_PASS_FRAGMENT);
 		return TC_ACT_OK;
 	case PARSE_TRUNCATED:
@@ -172,6 +173,10 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_FWD_ESTABLISHED);
 		return np_forward(skb, &p, e, cfg);
 	}
+	if (frag_later(&p)) {
+		stat_inc(STAT_PASS_FRAGMENT);
+		return TC_ACT_OK;
+	}
 	if (p.t.proto == IPPROTO_TCP && !(p.tcp_flags & TCPF_SYN) && (!e || !ct_alive(e, IPPROTO_TCP, cfg, now)))
 		stat_inc(STAT_CT_NO_STATE);   /* mid-stream without state: expired, or never seen here */
 
@@ -209,7 +214,7 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 
 	if (!cfg)
 		return TC_ACT_OK;
-	switch (parse_pkt(skb, &p)) {
+	switch (frag_parse_pkt(skb, &p)) {
 	case PARSE_OK:
 		break;
 	case PARSE_OTHER_L4:

@@ -8,7 +8,7 @@ enum parse_result {
 	PARSE_OK = 0,        /* a whole, unfragmented IPv4 TCP/UDP header: may be translated */
 	PARSE_NOT_IPV4,      /* another EtherType: not ours */
 	PARSE_OTHER_L4,      /* IPv4 but not TCP/UDP: not ours */
-	PARSE_FRAGMENT,      /* an IP fragment: no trustworthy L4 header, never translated */
+	PARSE_FRAGMENT,      /* an IP fragment: translated only as part of a datagram frag.h follows */
 	PARSE_TRUNCATED,     /* headers cut short or inconsistent: never translated */
 };
 
@@ -21,12 +21,88 @@ struct pkt {
 	__u8 ihl_bytes;      /* IPv4 header length including options */
 	__u32 seq;           /* TCP sequence and acknowledgment numbers, host order (0 for UDP) */
 	__u32 ack;
+	__be16 ip_id;        /* IPv4 identification (fragments only) */
+	__u8 frag;           /* PKT_FRAG_*: which part of a fragmented datagram this is */
+	__u8 pad;
 };
+
+/* pkt.frag.  A first fragment (offset 0, MF) carries the L4 header, parsed as usual (its length checks
+ * allow for the rest of the datagram); a later one carries none: its ports are 0 until frag.h finds
+ * the first one's.  A first fragment whose L4 header is cut short stays PKT_FRAG_NONE (untrackable). */
+#define PKT_FRAG_NONE 0
+#define PKT_FRAG_FIRST 1
+#define PKT_FRAG_LATER 2
 
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
+
+/* The TCP/UDP header at l4 (ip: its IPv4 header, ihl and tot_len checked).  first_frag: the packet is
+ * the first fragment of a datagram, whose UDP length covers the whole datagram (a constant per call
+ * site, so the unfragmented path compiles as if this did not exist). */
+static __always_inline enum parse_result parse_l4(struct iphdr *ip, __u32 ihl, __u32 tot_len, void *data_end,
+						  struct pkt *p, int first_frag)
+{
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)ip + ihl;
+
+		if ((void *)(th + 1) > data_end || tot_len < ihl + sizeof(*th))
+			return PARSE_TRUNCATED;
+		if (th->doff < 5 || tot_len < ihl + th->doff * 4)
+			return PARSE_TRUNCATED;
+		p->t.sport = th->source;
+		p->t.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->seq = bpf_ntohl(th->seq);
+		p->ack = bpf_ntohl(th->ack_seq);
+		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
+		return PARSE_OK;
+	}
+	if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)ip + ihl;
+
+		if ((void *)(uh + 1) > data_end || tot_len < ihl + sizeof(*uh))
+			return PARSE_TRUNCATED;
+		if (bpf_ntohs(uh->len) < sizeof(*uh))
+			return PARSE_TRUNCATED;
+		/* A whole datagram holds its UDP length; a first fragment holds less, the rest follows. */
+		if (first_frag ? bpf_ntohs(uh->len) <= tot_len - ihl : bpf_ntohs(uh->len) > tot_len - ihl)
+			return PARSE_TRUNCATED;
+		p->t.sport = uh->source;
+		p->t.dport = uh->dest;
+		p->tcp_flags = 0;
+		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
+		return PARSE_OK;
+	}
+	return PARSE_OTHER_L4;
+}
+
+/* What every IPv4 packet tells, fragment or not. */
+static __always_inline void parse_ip(struct iphdr *ip, __u32 ihl, __u32 tot_len, struct pkt *p)
+{
+	p->t.saddr = ip->saddr;
+	p->t.daddr = ip->daddr;
+	p->t.proto = ip->protocol;
+	p->t.pad[0] = p->t.pad[1] = p->t.pad[2] = 0;
+	p->tot_len = tot_len;
+	p->ihl_bytes = ihl;
+	p->l4_off = ETH_HLEN + ihl;
+}
+
+/* A fragment (ip's MF or offset set): addresses, protocol and IP id; a first fragment's ports too.
+ * Always PARSE_FRAGMENT, so a caller that does not follow fragments (XDP, the ICMP paths) passes it. */
+static __always_inline enum parse_result parse_fragment(struct iphdr *ip, __u32 ihl, __u32 tot_len, void *data_end,
+							 struct pkt *p)
+{
+	parse_ip(ip, ihl, tot_len, p);
+	p->ip_id = ip->id;
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
+		p->frag = PKT_FRAG_LATER;
+	else if (parse_l4(ip, ihl, tot_len, data_end, p, 1) == PARSE_OK)
+		p->frag = PKT_FRAG_FIRST;
+	return PARSE_FRAGMENT;
+}
 
 /* Parse Ethernet + IPv4 + TCP/UDP between data and data_end (len: the whole frame's length);
  * the verdict says whether the packet may be translated.  Shared by tc and XDP. */
@@ -50,45 +126,10 @@ static __always_inline enum parse_result parse_frame(void *data, void *data_end,
 	if (tot_len < ihl || tot_len > len - ETH_HLEN)
 		return PARSE_TRUNCATED;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return PARSE_FRAGMENT;
+		return parse_fragment(ip, ihl, tot_len, data_end, p);
 
-	p->t.saddr = ip->saddr;
-	p->t.daddr = ip->daddr;
-	p->t.proto = ip->protocol;
-	p->t.pad[0] = p->t.pad[1] = p->t.pad[2] = 0;
-	p->tot_len = tot_len;
-	p->ihl_bytes = ihl;
-	p->l4_off = ETH_HLEN + ihl;
-
-	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)ip + ihl;
-
-		if ((void *)(th + 1) > data_end || tot_len < ihl + sizeof(*th))
-			return PARSE_TRUNCATED;
-		if (th->doff < 5 || tot_len < ihl + th->doff * 4)
-			return PARSE_TRUNCATED;
-		p->t.sport = th->source;
-		p->t.dport = th->dest;
-		p->tcp_flags = ((__u8 *)th)[13];
-		p->seq = bpf_ntohl(th->seq);
-		p->ack = bpf_ntohl(th->ack_seq);
-		p->csum_off = p->l4_off + offsetof(struct tcphdr, check);
-		return PARSE_OK;
-	}
-	if (ip->protocol == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)ip + ihl;
-
-		if ((void *)(uh + 1) > data_end || tot_len < ihl + sizeof(*uh))
-			return PARSE_TRUNCATED;
-		if (bpf_ntohs(uh->len) < sizeof(*uh) || bpf_ntohs(uh->len) > tot_len - ihl)
-			return PARSE_TRUNCATED;
-		p->t.sport = uh->source;
-		p->t.dport = uh->dest;
-		p->tcp_flags = 0;
-		p->csum_off = p->l4_off + offsetof(struct udphdr, check);
-		return PARSE_OK;
-	}
-	return PARSE_OTHER_L4;
+	parse_ip(ip, ihl, tot_len, p);
+	return parse_l4(ip, ihl, tot_len, data_end, p, 0);
 }
 
 /* tc: headers of a non-linear skb may sit outside the linear area; pull them in once, then parse. */

@@ -23,6 +23,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "nat.h"
+#include "frag.h"
 #include "conntrack.h"
 #include "lb.h"
 #include "icmp.h"
@@ -145,7 +146,7 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 	__u64 now;
 	int rc;
 
-	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+	if (!cfg || frag_parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
 	if (p.t.daddr == bpf_htonl(LB_HAIRPIN_ADDR)) {
@@ -183,6 +184,8 @@ static __always_inline int pod_ingress(struct __sk_buff *skb)
 		stat_inc(STAT_DROP_NO_LOCAL_BACKEND);
 		return TC_ACT_SHOT;
 	}
+	if (frag_later(&p))
+		return TC_ACT_OK;   /* no new flow from a later fragment (frag.h) */
 	/* Selected on the real flow, addressed to the frontend whose slots are used. */
 	sel = p;
 	sel.t.daddr = key.addr;
@@ -208,7 +211,7 @@ static __always_inline int pod_egress(struct __sk_buff *skb)
 	struct pkt p = {};
 	__u64 now;
 
-	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+	if (!cfg || frag_parse_pkt(skb, &p) != PARSE_OK)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
 	rev = pod_flow_reply(&p, cfg, CT_F_LOCAL, now);

@@ -114,6 +114,7 @@ static __always_inline int tunnel_egress(struct __sk_buff *skb, const struct pkt
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
+	frag_record(p);   /* a first fragment: the rest of its datagram goes the same way */
 	stat_inc(STAT_TUNNEL_ENCAP);
 	return TC_ACT_OK;
 }

@@ -150,14 +150,19 @@ def test_non_service_packets_pass_untouched(node: Node) -> None:
     assert not node.maps.flows()
 
 
-def test_truncated_and_fragmented_packets_are_never_translated(node: Node) -> None:
+def test_truncated_packets_and_fragments_not_followed_are_never_translated(node: Node) -> None:
+    """Fragments of a translated datagram follow their first one (tests/bpf/test_fragments.py); a first
+    fragment whose TCP header it cuts short (RFC 1858's tiny fragment) and a later fragment without its first
+    one are not followed."""
     node.program(state(fe(NODE1, 30080, (REMOTE,))))
     whole = frame_in(TCP(sport=40007, dport=30080, flags="S"), payload=b"abcdefgh")
+    tiny = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1, id=7, flags="MF", proto=6) / \
+        Raw(bytes(TCP(sport=40007, dport=30080, flags="S"))[:16])
     cases = {
         "tcp header cut short": whole[:14 + 20 + 12],
         "ip header length beyond frame": whole[:14] + bytes([0x4F]) + whole[15:14 + 20 + 8],
         "ip total length beyond frame": whole[:-4],
-        "first fragment (MF)": frame_in(TCP(sport=40007, dport=30080, flags="S"), flags="MF"),
+        "first fragment cutting the tcp header short": bytes(tiny),
         "later fragment": frame_in(TCP(sport=40007, dport=30080, flags="S"), frag=100),
         "tcp data offset too small": bytes(whole[:14 + 20 + 12]) + bytes([0x30]) + whole[14 + 20 + 13:],
     }

@@ -13,6 +13,7 @@ from bpflb_lab.lab.probe import HttpProbe, Probe, UdpProbe
 def test_udp_commands() -> None:
     assert udp_answer(b"hostname\n", "echo-a", ("1.2.3.4", 5)) == b"echo-a"
     assert udp_answer(b"clientip", "echo-a", ("1.2.3.4", 5)) == b"1.2.3.4:5"
+    assert udp_answer(b"clientip \x00\xff" + b"z" * 3000, "echo-a", ("1.2.3.4", 5)) == b"1.2.3.4:5 \x00\xff" + b"z" * 3000
     assert udp_answer(b"echo hello world", "echo-a", ("1.2.3.4", 5)) == b"hello world"
     assert udp_answer(b"shell ls", "echo-a", ("1.2.3.4", 5)) is None
 

@@ -306,6 +306,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_neigh_seen": ("struct lb_neigh_key", "__u64"),
     # source ranges (bpf_objects/include/srcrange.h)
     "lb_src_ranges": ("struct lb_src_range_key", "__u8"),
+    # IP fragments (bpf_objects/include/frag.h)
+    "lb_frags": ("struct lb_frag_key", "struct lb_frag_val"),
 }
 
 

@@ -26,7 +26,7 @@ CAPACITY = {"lb_services": "LB_SVC_SLOTS_MAX", "lb_backends": "LB_BACKENDS_MAX",
             "ct_rev": "CT_MAX", "lb_dsr_frontends": "LB_SERVICES_MAX", "lb_local_backends": "LB_BACKENDS_MAX",
             "lb_maglev": "LB_MAGLEV_BLOCKS_MAX", "lb_affinity": "LB_AFFINITY_MAX",
             "lb_affinity_members": "LB_AFFINITY_MEMBERS_MAX", "lb_dsr_backends": "LB_DSR_BACKENDS_MAX",
-            "lb_internal_view": "LB_SERVICES_MAX"}
+            "lb_internal_view": "LB_SERVICES_MAX", "lb_frags": "LB_FRAG_MAX"}
 
 _FIXED_CAPACITY = {"lb_config": 1, "lb_maglev_cfg": 1}
 

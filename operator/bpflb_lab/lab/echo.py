@@ -7,7 +7,8 @@ socket sees it; GET /echo?msg=x -> x; POST /echo -> the request body; GET /healt
 carries the headers X-Pod-Name and X-Client-Addr, so a single request tells both who answered and whom it saw.
 The HTTP server is one asyncio event loop: it holds tens of thousands of idle connections at once (the
 file-descriptor limit is raised to what the namespace allows).
-UDP: "hostname" -> pod name; "clientip" -> "ip:port"; "echo x" -> x; anything else gets no answer.
+UDP: "hostname" -> pod name; "clientip" -> "ip:port"; "clientip x" -> "ip:port x" (an answer as large as the
+request: the lab's fragmented datagrams); "echo x" -> x; anything else gets no answer.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def udp_answer(message: bytes, pod: str, peer: tuple[str, int]) -> bytes | None:
         return pod.encode()
     if text == "clientip":
         return f"{peer[0]}:{peer[1]}".encode()
+    if message.startswith(b"clientip "):
+        return f"{peer[0]}:{peer[1]}".encode() + message[8:]
     if text == "echo" or text.startswith("echo "):
         return text[5:].encode()
     return None
