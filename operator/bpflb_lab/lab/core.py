@@ -285,6 +285,8 @@ class Lab(Workloads, Supervision, Traffic):
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
                 report.removed.append(str(d))
+            with contextlib.suppress(OSError):      # the labs' common parent, once no lab is left in it
+                d.parent.rmdir()
         problems = []
         if survivors:
             problems.append(f"processes {survivors} did not stop")
