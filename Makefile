@@ -82,10 +82,9 @@ $(VENV)/.installed: pyproject.toml
 	$(Q)$(VENV)/bin/pip install -q -e '.[lab,test]'
 	$(Q)touch $@
 
-# The tests under mypy --strict too (pyproject's [tool.mypy]), by path. Not yet: tests/bpf: next, and
-# tests/lab/test_conntrack_*.py with it (both reworked at the time of writing).
-MYPY_TESTS := tests/__init__.py tests/conftest.py tests/unit tests/control tests/chart \
-	$(filter-out tests/lab/test_conntrack_%,$(wildcard tests/lab/*.py))
+# The tests under mypy --strict too (pyproject's [tool.mypy]): every one of them, tests/bpf and
+# tests/lab/test_conntrack_*.py included.
+MYPY_TESTS := tests
 
 # ruff, mypy --strict over both packages and the tests above, and the import contracts of .importlinter (the layers).
 lint: venv

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
@@ -20,7 +21,7 @@ from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.loader import BpfObject, Map, TestRun
 from bpflb.model.types import Backend, DesiredState, Frontend, FrontendKind, L4Addr, Mode, Proto
 from bpflb_lab.lab.netns import entered
-from bpflb_lab.scratch import (  # noqa: F401  (re-exported for the tests)
+from bpflb_lab.scratch import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
@@ -32,6 +33,11 @@ from bpflb_lab.scratch import (  # noqa: F401  (re-exported for the tests)
     NODE2_MAC,
     REMOTE_POD,
 )
+
+# The public names, node1's addresses from bpflb_lab.scratch among them (re-exported for the tests).
+__all__ = ["CLIENT", "CLIENT_MAC", "ETH0_MAC", "LOCAL", "LOCAL_POD", "LOCAL_POD_MAC", "LXC_MAC", "NODE1", "NODE2",
+           "NODE2_MAC", "OTHER_NODE", "REMOTE", "REMOTE_POD", "SENDERS", "Node", "XdpNode", "assert_frame", "backend",
+           "dsr_option", "fe", "frame_in", "l4", "one_port", "recomputed", "state", "wait_for", "wait_idle"]
 
 
 @dataclass
@@ -114,7 +120,8 @@ SENDERS = {
 }
 
 
-def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: object) -> bytes:
+def frame_in(l4hdr: TCP | UDP, dst: str = NODE1, src: str = CLIENT, payload: bytes = b"", **ip: Any) -> bytes:
+    """A client's frame to node1 through eth0; ip: more IP header fields (scapy's, typed Any as its own)."""
     pkt = Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=src, dst=dst, ttl=64, id=7, **ip) / l4hdr
     if payload:
         pkt = pkt / Raw(payload)

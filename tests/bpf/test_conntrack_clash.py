@@ -208,7 +208,10 @@ def test_a_dsr_flow_the_client_closed_is_reopened_by_its_next_syn(node: Node) ->
 
 def gate_open(node: Node) -> bool:
     """lb_dsr_mapped: whether non-service packets look in ct_fwd for a remapped DSR flow's mapping."""
-    return dsr_mappings_made(node.maps.dsr_mapped) != int(node.maps.dsr_mapped.lookup(ffi().new("__u32 *", 1))[0])
+    made = dsr_mappings_made(node.maps.dsr_mapped)
+    gate = node.maps.dsr_mapped.lookup(ffi().new("__u32 *", 1))
+    assert gate is not None, "lb_dsr_mapped is an array: [1] always exists"
+    return made != int(gate[0])
 
 
 def test_non_service_packets_look_for_remapped_dsr_flows_only_while_the_node_may_hold_one(node: Node) -> None:

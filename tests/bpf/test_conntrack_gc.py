@@ -84,6 +84,7 @@ def test_gc_keeps_a_flow_while_either_of_its_entries_lives(node: Node) -> None:
     m = node.maps.ct_fwd
     [(key, _)] = list(m.items_raw())
     live = m.lookup(m.decode_key(key))
+    assert live is not None
     live.last_seen += 61 * 10**9
     m.update(m.decode_key(key), live)
     report = collector(node).collect()

@@ -7,6 +7,7 @@ live entry is never overwritten. Time passes by moving the entries' clocks back 
 from __future__ import annotations
 
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.privileged
 NAT_PORT = 40000
 
 
-def one_port(node: Node, **settings: object) -> None:
+def one_port(node: Node, **settings: Any) -> None:
     """node1 with a single SNAT port and the agent's lifetimes: every flow to the remote pod competes for it."""
     configure(node, nat_port_min=NAT_PORT, nat_port_max=NAT_PORT, **settings)
     node.maps.sync(state(fe(NODE1, 30080, (backend("10.244.2.10", 8080, local=False),)),

@@ -11,6 +11,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.privileged
 OTHER_POD = "10.244.2.11"
 
 
-def program(node: Node, **settings: object) -> None:
+def program(node: Node, **settings: Any) -> None:
     configure(node, **settings)
     node.maps.sync(state(
         fe(NODE1, 30080, (backend(REMOTE_POD, 8080, local=False),)),
@@ -228,7 +229,7 @@ def _time_wait(node: Node, port: int) -> socket.socket:
         while True:
             pkt = Ether(wire.recv(2048))
             if pkt.haslayer(TCP) and pkt[TCP].sport == port and flag in str(pkt[TCP].flags):
-                return pkt[TCP]
+                return cast(TCP, pkt[TCP])
 
     def to_node(flags: str, seq: int, ack: int) -> None:
         wire.send(bytes(Ether(src=NODE2_MAC, dst=ETH0_MAC) / IP(src=REMOTE_POD, dst=NODE1, ttl=63) /
@@ -281,6 +282,7 @@ def test_a_dead_flows_port_is_given_again_only_when_both_entries_are_dead(node: 
     age(node, 61)
     m = node.maps.ct_fwd
     live = m.lookup(m.decode_key(key))
+    assert live is not None
     live.last_seen = fwd.last_seen
     m.update(m.decode_key(key), live)
     refused = node.ingress(with_sport(udp, 2001))

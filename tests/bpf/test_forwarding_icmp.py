@@ -48,7 +48,7 @@ def syn(src: str = CLIENT, *, sport: int = 43000, flags: str = "S", ttl: int = 6
 
 def is_icmp(run_data: bytes) -> bool:
     pkt = Ether(run_data)
-    return pkt.haslayer(ICMP)
+    return bool(pkt.haslayer(ICMP))
 
 
 @pytest.mark.parametrize("case", list(SENDERS))

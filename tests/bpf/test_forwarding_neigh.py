@@ -192,7 +192,7 @@ def _first_syn_answered(addr: str, port: int) -> bool:
     finally:
         info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         s.close()
-    return struct.unpack_from("=I", info, 100)[0] == 0      # tcpi_total_retrans
+    return int(struct.unpack_from("=I", info, 100)[0]) == 0      # tcpi_total_retrans
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def clear_conntrack(xnode: XdpNode) -> None:
 def test_random_spreads_evenly_with_xdp_because_tc_keeps_xdps_pick(xnode: XdpNode) -> None:
     xnode.program(split_state(Algorithm.RANDOM), Mode.SNAT)
     flows = 1000
-    landed = Counter()
+    landed: Counter[str] = Counter()
     for i in range(flows):
         dst = through_xdp_then_tc(xnode, syn(50000 + i))
         assert dst == recorded_backend(xnode, 50000 + i), "the packet went where the flow was recorded"

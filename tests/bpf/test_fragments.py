@@ -9,11 +9,15 @@ flow; no ICMP error is ever about a later fragment; XDP hands fragments to tc.""
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
+from typing import cast
 
 import pytest
-from scapy.layers.inet import IP, UDP, defragment, fragment
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import defragment as _defragment
+from scapy.layers.inet import fragment as _fragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
+from scapy.plist import PacketList
 
 from bpflb.datapath import loader
 from bpflb.datapath.eastwest import EastWestMaps
@@ -48,6 +52,16 @@ UDP_REMOTE = backend(REMOTE_POD, 8081, local=False, proto=Proto.UDP)
 UDP_LOCAL = backend(LOCAL_POD, 8081, local=True, proto=Proto.UDP)
 PAYLOAD = bytes(range(256)) * 12          # 3,072 bytes: three fragments of at most 1,500 bytes
 FRAG_MAX = const("LB_FRAG_MAX")
+
+
+def fragment(pkt: Packet, fragsize: int) -> list[Packet]:
+    """scapy's fragment(), typed: scapy leaves it unannotated (it returns a list of packets)."""
+    return cast("list[Packet]", _fragment(pkt, fragsize=fragsize))  # type: ignore[no-untyped-call]
+
+
+def defragment(plist: list[Packet]) -> PacketList:
+    """scapy's defragment(), typed: scapy leaves it unannotated (it returns a PacketList)."""
+    return cast(PacketList, _defragment(plist))  # type: ignore[no-untyped-call]
 
 
 def datagram(src: str, dst: str, sport: int, dport: int, *, ident: int = 7, ttl: int = 64, smac: str = CLIENT_MAC,

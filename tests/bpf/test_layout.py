@@ -4,6 +4,7 @@ every shared struct's size and member offsets from the object's BTF, compared wi
 from __future__ import annotations
 
 import re
+from typing import Any, cast
 
 import cffi
 
@@ -25,7 +26,7 @@ BTF_KIND_STRUCT = 4
 def _btf_layout(obj_path: str, struct: str) -> tuple[int, dict[str, int]] | None:
     f = cffi.FFI()
     f.cdef(_BTF_CDEF)
-    lib = f.dlopen("libbpf.so.1")
+    lib: Any = f.dlopen("libbpf.so.1")      # typed Any as libbpf.lib(): the cdef'd functions are dynamic
     btf = lib.btf__parse_elf(obj_path.encode(), f.NULL)
     assert btf != f.NULL, f"no BTF in {obj_path}"
     try:
@@ -38,7 +39,7 @@ def _btf_layout(obj_path: str, struct: str) -> tuple[int, dict[str, int]] | None
         offsets = {}
         for i in range(vlen):
             bits = members[i].offset & 0xFFFFFF if kflag else members[i].offset
-            offsets[f.string(lib.btf__name_by_offset(btf, members[i].name_off)).decode()] = bits // 8
+            offsets[cast(bytes, f.string(lib.btf__name_by_offset(btf, members[i].name_off))).decode()] = bits // 8
         return int(t.size), offsets
     finally:
         lib.btf__free(btf)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
@@ -44,12 +45,12 @@ def ranged(addr: str = LB_IP, *nets: str, deny: bool = False, kind: FrontendKind
                    source_ranges=tuple(IPv4Network(n) for n in nets), source_ranges_deny=deny)
 
 
-def syn(src: str, dst: str = LB_IP, sport: int = 40000, dport: int = 80, **ip: object) -> bytes:
+def syn(src: str, dst: str = LB_IP, sport: int = 40000, dport: int = 80, **ip: Any) -> bytes:
     return frame_in(TCP(sport=sport, dport=dport, flags="S", seq=1), dst=dst, src=src, **ip)
 
 
 def forwarded(run_data: bytes) -> bool:
-    return Ether(run_data)[IP].dst == REMOTE_POD
+    return str(Ether(run_data)[IP].dst) == REMOTE_POD
 
 
 def test_a_client_inside_the_ranges_reaches_the_backend_and_one_outside_is_dropped_and_counted(node: Node) -> None:

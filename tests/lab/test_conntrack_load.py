@@ -74,7 +74,7 @@ def test_20000_concurrent_connections_are_all_answered_while_held_open(lab: Lab)
 
 
 def _csum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
