@@ -11,7 +11,13 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpflb.datapath.conntrack import Collector, close_dsr_gate, dsr_mappings_made, open_dsr_gate
+from bpflb.datapath.conntrack import (
+    Collector,
+    close_dsr_gate,
+    dsr_gate_open,
+    dsr_mappings_made,
+    open_dsr_gate,
+)
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, ffi
 from bpflb.model.types import Mode, Proto
 from tests.bpf.ct_util import age, backends_node, dsr_request, entries, flag, from_pod
@@ -208,10 +214,7 @@ def test_a_dsr_flow_the_client_closed_is_reopened_by_its_next_syn(node: Node) ->
 
 def gate_open(node: Node) -> bool:
     """lb_dsr_mapped: whether non-service packets look in ct_fwd for a remapped DSR flow's mapping."""
-    made = dsr_mappings_made(node.maps.dsr_mapped)
-    gate = node.maps.dsr_mapped.lookup(ffi().new("__u32 *", 1))
-    assert gate is not None, "lb_dsr_mapped is an array: [1] always exists"
-    return made != int(gate[0])
+    return dsr_gate_open(node.maps.dsr_mapped)
 
 
 def test_non_service_packets_look_for_remapped_dsr_flows_only_while_the_node_may_hold_one(node: Node) -> None:

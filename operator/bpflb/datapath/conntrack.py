@@ -316,6 +316,11 @@ def dsr_mappings_made(m: Map) -> int:
     return _gate(m, 0)
 
 
+def dsr_gate_open(m: Map) -> bool:
+    """Whether non-service packets look in ct_fwd for a remapped DSR flow's mapping ([0] != [1])."""
+    return _gate(m, 0) != _gate(m, 1)
+
+
 def open_dsr_gate(m: Map) -> None:
     """Non-service packets look for remapped DSR flows again until a collection finds none (the agent's start:
     a previous agent's datapath may have made some). [1] = [0] - 1, which [0], only growing, never reaches."""
