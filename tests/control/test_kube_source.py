@@ -149,6 +149,45 @@ def test_the_agents_source_keeps_slim_records_and_a_relist_keeps_the_unchanged_o
         src.close()
 
 
+def test_partial_snapshots_hold_the_services_listed_so_far_with_every_slice_and_pace_the_list(
+        api: EmulatedAPI, client: KubeClient) -> None:
+    """Before list-complete the agent gets the Services listed so far, never before every EndpointSlice, Node
+    and the ConfigMap are in (a Service must not be programmed without its endpoints), and the list waits for
+    it: with pages of 2 and a consumer slower than the API, each partial snapshot holds at most a page more
+    than the one before (the list paced), and ending the pacing lets the list finish on its own."""
+    client.create("/api/v1/nodes", node())
+    client.create("/api/v1/namespaces/kube-system/configmaps", config("DSR"))
+    names = [f"svc{i}" for i in range(9)]
+    for i, name in enumerate(names):
+        client.create(SVC, service(name, 30080 + i))
+        client.create(EPS, endpoint_slice(name, f"10.244.2.{10 + i}"))
+    src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", backoff_first=0.05, backoff_max=0.2)
+    try:
+        sizes: list[int] = []
+        while True:
+            snap = src.partial_snapshot(5.0)
+            if snap is None:
+                break
+            assert snap.partial
+            assert len(snap.endpointslices) == len(names) and len(snap.nodes) == 1
+            assert snap.config == {"bpfLBMode": "DSR"}
+            got = [s["metadata"]["name"] for s in snap.services]
+            assert got == names[:len(got)]                    # in list order, each once
+            sizes.append(len(got))
+            threading.Event().wait(0.15)    # slower than the API: without pacing the list would run ahead
+            if len(sizes) == 2:
+                break
+        assert sizes and all(b - a <= 2 for a, b in zip([0, *sizes], sizes, strict=False))
+        assert not src.synced                                 # held a page ahead of the consumer
+        src.end_partial()                                     # the consumer is done: the list goes on alone
+        assert src.wait_synced(10)
+        assert src.partial_snapshot(0.1) is None              # complete: snapshot() is the one to call now
+        assert [s["metadata"]["name"] for s in src.snapshot().services] == names
+        assert src.synced_at is not None
+    finally:
+        src.close()
+
+
 def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source: KubeSource) -> None:
     api.stop()
     threading.Timer(0.3, source.close).start()

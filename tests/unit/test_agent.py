@@ -8,6 +8,7 @@ agent does."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,47 @@ def test_a_restart_on_existing_state_recovers_ids_and_writes_nothing(tmp_path: P
     assert report is not None and not report.changed and report.maglev_tables_built == 2   # a new cache
     assert {name: dict(entries) for name, entries in pins.maps.items()} == held
     assert sum(m.writes for m in after.opened.values()) == 0
+
+
+def test_a_restarted_agents_partial_syncs_remove_nothing_until_the_view_is_complete(tmp_path: Path) -> None:
+    """While the first list comes in, the agent programs the Services listed so far (Snapshot.partial): on a
+    previous agent's maps, those syncs add and update but never remove what the partial view lacks (the
+    Services not listed yet keep serving, their cluster-wide keys too), and the first complete sync removes
+    what no Service wants any more."""
+    pins = MemoryPins()
+    first, _, _ = make_agent(tmp_path, pins, {"bpfLBMode": "DSR"})
+    assert first.run_once() is not None
+    held = {name: set(entries) for name, entries in pins.maps.items()}
+    echo = svc_key(l4(NODE_INTERNAL, 30080), 0)
+    restarted, datapath, source = make_agent(tmp_path, pins, {"bpfLBMode": "DSR"})
+    services, slices = two_services()
+    grown = endpoint_slice("other", [endpoint("10.0.3.1", NODE, "other-1"), endpoint("10.0.3.2", NODE, "other-2")])
+    listed = replace(source.snap, services=[services[1]], endpointslices=[slices[0], grown], partial=True)
+    report = restarted.sync_once(listed)            # "other" listed (and grown), "echo" not yet
+    assert report is not None and report.slots_written and not report.frontends_removed
+    assert (report.slots_removed, report.backends_removed) == (0, 0)
+    assert all(held[name] <= set(pins.maps[name]) for name in held)        # every key still there
+    assert echo in pins.maps["lb_services"]
+    other = datapath.map("lb_services").decode_value(pins.maps["lb_services"][svc_key(l4(NODE_INTERNAL, 30090), 0)])
+    assert other.count == 2
+    # The list completes without "echo" (deleted meanwhile): now it goes, with its cluster-wide keys.
+    source.snap = replace(listed, partial=False)
+    done = restarted.run_once()
+    assert done is not None and done.frontends_removed == 2
+    assert echo not in pins.maps["lb_services"]
+    assert len(pins.maps["lb_dsr_frontends"]) < len(held["lb_dsr_frontends"])
+
+
+def test_partial_syncs_leave_only_the_rest_of_the_list_to_the_complete_sync(tmp_path: Path) -> None:
+    """On fresh maps, what the partial syncs programmed is not written again: the complete sync writes only the
+    Services listed after them."""
+    agent, _, source = make_agent(tmp_path, MemoryPins())
+    partial = agent.sync_once(replace(source.snap, services=source.snap.services[:1], partial=True))
+    assert partial is not None and partial.frontends_added == 2 and partial.backends_written == 2
+    done = agent.run_once()
+    assert done is not None and (done.frontends_added, done.backends_written, done.frontends_removed) == (2, 1, 0)
+    assert done.slots_written == 4                      # "other": a slot and a master on each of its 2 frontends
+    assert (tmp_path / "ready").is_symlink()
 
 
 def test_the_maglev_table_cache_builds_each_table_once(tmp_path: Path) -> None:

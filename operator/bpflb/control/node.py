@@ -68,14 +68,16 @@ def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninsta
             started = time.monotonic()
             agent.start()
             loaded = time.monotonic()
+            partial = agent.sync_as_listed()
             source.wait_synced()
-            listed = time.monotonic()
+            listed = source.synced_at or time.monotonic()       # list-complete: the last first list's end
             report = agent.sync_once()
             done = time.monotonic()
             on_sync(agent, report)
             objects = sum(len(res.objects) for res in source.resources)
-            log.info("once: listed %d objects in %.3fs; the datapath loaded meanwhile in %.3fs; translated and "
-                     "programmed %d frontends in %.3fs", objects, listed - started, loaded - started,
+            log.info("once: listed %d objects in %.3fs; the datapath loaded meanwhile in %.3fs; %d partial syncs "
+                     "while the Services came; from list-complete, translated and programmed %d frontends in "
+                     "%.3fs", objects, listed - started, loaded - started, partial,
                      len(agent.state.frontends) if agent.state else 0, done - listed)
             return 0 if report is not None else 1
         agent.run()

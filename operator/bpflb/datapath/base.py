@@ -49,6 +49,9 @@ class NodeProgram:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     acceleration: str = "Disabled"              # xdpAcceleration
     socket_lb: bool = True                      # socketLB, unless the agent's --no-socket-lb says no
+    # Only some of the Services (their first list still coming in): write what state holds, remove nothing
+    # it lacks; the first complete program() removes what nobody wants.
+    partial: bool = False
 
 
 @dataclass
@@ -158,14 +161,14 @@ class MapsDatapath:
         # frontend, and know every tunnel endpoint, before any node (itself included) starts sending them.
         report.network_actions = self._network(want)
         report.cluster_changes = self.cluster.sync(want.dsr_frontends, want.local_backends, want.prefixes,
-                                                   want.nodes, want.dsr_backends)
+                                                   want.nodes, want.dsr_backends, partial=want.partial)
         report.refused += [(_service_of(obj, want), name, why) for name, obj, why in self.cluster.failures]
         report.cluster_sizes = (len(self.cluster.dsr_frontends.entries), len(self.cluster.dsr_backends.entries),
                                 len(self.cluster.local_backends.entries), len(self.cluster.cidrs.entries))
         self._accelerate(want.acceleration, report)
         config = NodeConfig(**{**want.config.__dict__, "ext_ifindex": self.ifindex})
         config_changed = self.maps.set_config(config)
-        report.sync = self.maps.sync(want.state)
+        report.sync = self.maps.sync(want.state, partial=want.partial)
         report.sync.config_changed = config_changed
         report.refused += [(f.service, f.map_name, f"frontend {f.frontend}: {f.reason}") for f in report.sync.failures]
         report.problems += report.sync.problems

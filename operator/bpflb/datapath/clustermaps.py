@@ -56,6 +56,7 @@ class ClusterMaps:
         # What the last sync could not write: (map name, the object the key stands for, the kernel's reason).
         self.failures: list[tuple[str, Any, str]] = []
         self._written: dict[str, int] = {}      # the generation of the Facts each map holds, when it holds one
+        self._owed: set[str] = set()            # maps a partial sync left stale keys in (removed when complete)
 
     def capacity(self) -> dict[str, int]:
         return {m.map.name: m.capacity for m in (self.dsr_frontends, self.dsr_backends, self.local_backends,
@@ -63,8 +64,10 @@ class ClusterMaps:
 
     def sync(self, dsr_frontends: Mapping[L4Addr, int], local_backends: AbstractSet[L4Addr] | Mapping[L4Addr, int],
              prefixes: AbstractSet[IPv4Network], nodes: Sequence[NodeInfo] = (),
-             dsr_backends: Iterable[tuple[L4Addr, L4Addr]] = ()) -> int:
-        """Write the differences; returns how many keys were added, changed or removed.
+             dsr_backends: Iterable[tuple[L4Addr, L4Addr]] = (), partial: bool = False) -> int:
+        """Write the differences; returns how many keys were added, changed or removed. partial: the facts
+        come from only some of the Services (their first list is still coming in): keys the maps hold beyond
+        them stay until a complete sync.
         nodes feed the tunnel map: every node's pod CIDRs and address -> that node's address.
         dsr_backends (bpflb.model.cluster.dsr_backends) are written before the frontends that name them
         and removed after: a frontend never names backends that are not listed yet."""
@@ -79,9 +82,9 @@ class ClusterMaps:
         self.failures = []
         members = dsr_backends if isinstance(dsr_backends, Facts) else dict.fromkeys(dsr_backends, 1)
         local = local_backends if isinstance(local_backends, Mapping) else dict.fromkeys(local_backends, 1)
-        plans = [(self.dsr_backends, members, self._plan(self.dsr_backends, members, _member_key)),
-                 (self.dsr_frontends, dsr_frontends, self._plan(self.dsr_frontends, dsr_frontends, l4_key)),
-                 (self.local_backends, local, self._plan(self.local_backends, local, l4_key))]
+        plans = [(self.dsr_backends, members, self._plan(self.dsr_backends, members, _member_key, partial)),
+                 (self.dsr_frontends, dsr_frontends, self._plan(self.dsr_frontends, dsr_frontends, l4_key, partial)),
+                 (self.local_backends, local, self._plan(self.local_backends, local, l4_key, partial))]
         failed: list[Failures] = [[], [], []]
         # DSR members first (a frontend never names backends not listed yet), removed last; the others
         # remove what is stale before adding (room first).
@@ -103,15 +106,23 @@ class ClusterMaps:
                 self._written[mirror.map.name] = want.generation
         return total
 
-    def _plan(self, mirror: MapMirror, want: Mapping[Any, int], key: Callable[[Any], bytes]
+    def _plan(self, mirror: MapMirror, want: Mapping[Any, int], key: Callable[[Any], bytes], partial: bool
               ) -> tuple[dict[bytes, bytes], list[bytes], dict[bytes, Any]]:
         """What one map needs (key -> its one-byte value): (to write, to delete, the objects written). Only what
         changed when want is the Facts next to the ones the map holds; else compared with the map (the first
-        time, and after a refused write)."""
-        written = self._written.pop(mirror.map.name, None)      # not valid again until this sync went through
-        if isinstance(want, Facts) and written is not None and want.base == written:
+        time, after a refused write, and at the first complete sync after a partial one left keys)."""
+        name = mirror.map.name
+        written = self._written.pop(name, None)      # not valid again until this sync went through
+        if isinstance(want, Facts) and written is not None and want.base == written and \
+                (partial or name not in self._owed):
             objects = {key(x): x for x in want.added}
             return {k: bytes([want[x]]) for k, x in objects.items()}, [key(x) for x in want.removed], objects
         objects = {key(x): x for x in want}
         full = {k: bytes([want[x]]) for k, x in objects.items()}
-        return dict(mirror.changed(full)), mirror.stale(full), objects
+        stale = mirror.stale(full)
+        if partial and stale:
+            self._owed.add(name)
+            stale = []
+        elif not partial:
+            self._owed.discard(name)
+        return dict(mirror.changed(full)), stale, objects

@@ -289,6 +289,7 @@ class LBMaps:
         self._be_refs: dict[L4Addr, int] = {}             # programmed frontends referencing each backend
         self._be_val: dict[L4Addr, bytes] = {}            # each referenced backend's lb_backends value
         self._full = True                                 # compare everything (maps included) at the next sync
+        self._sweep = False           # a partial sync kept entries of the maps nobody may want: compare at the next complete one
         self._seen = -2                                   # the generation of the state synced last
         self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
@@ -416,14 +417,19 @@ class LBMaps:
         return True
 
     # -- sync --------------------------------------------------------------------------------
-    def sync(self, state: DesiredState) -> SyncReport:
+    def sync(self, state: DesiredState, partial: bool = False) -> SyncReport:
         """Make the maps hold exactly the state's frontends and backends; write only differences. A frontend
-        whose writes the kernel refuses is left out (SyncReport.failures) and tried again at the next sync."""
+        whose writes the kernel refuses is left out (SyncReport.failures) and tried again at the next sync.
+        partial: the state holds only some of the Services (the first list is still coming in): what the maps
+        hold beyond it is kept, and compared away at the first complete sync (only when there is any)."""
         report = SyncReport()
         m, seed = state.settings.maglev_table_size, state.settings.maglev_seed
         retable = self._table_params != (m, seed)
         new, prog = state.frontends, self._prog
-        full = self._full
+        full = self._full or (self._sweep and not partial)
+        if full and partial:        # what a previous agent left stays until a complete state says who wants it
+            self._sweep = self._sweep or any(x.entries for x in (self._svc_m, self._be_m, self._mg_m, self._am_m,
+                                                                  self._iv_m, self._sr_m))
         if full and prog:                        # after a sync that did not finish: start from the maps
             prog.clear()
             self._be_refs.clear()
@@ -488,7 +494,7 @@ class LBMaps:
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
-        leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
+        leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full and not partial else 0
         iv, sr = self._iv_m, self._sr_m
 
         def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
@@ -584,6 +590,8 @@ class LBMaps:
         for x in (svc, be_m, mg, am, iv, sr):
             x.reloads = 0
         self._seen = state.generation
+        if full and not partial:
+            self._sweep = False
         self._prune_tables()
         return report
 

@@ -35,6 +35,9 @@ class Snapshot:
     config: dict[str, str] | None = None      # data of the bpflb-agent ConfigMap, None when absent
     config_namespace: str = AGENT_CONFIG_NAMESPACE    # where that ConfigMap is (problems with it name it there)
     problems: list[str] = field(default_factory=list)  # unreadable files / documents, already explained
+    # Only some of the Services, their list still coming in (KubeSource.partial_snapshot): program what it
+    # holds, remove nothing it lacks.
+    partial: bool = False
 
 
 class Source(Protocol):

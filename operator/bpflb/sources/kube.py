@@ -10,7 +10,10 @@ Failure handling is the point of this module:
 - when the API goes away the objects last seen are kept (the datapath stays as programmed) and each
   watcher retries with exponential backoff and jitter (agents on every node must not come back in step);
   a re-list replaces its resource's objects whole (a resync: the agent then writes only what differs);
-- a failed request is never an empty list: objects are only ever replaced by a list that succeeded.
+- a failed request is never an empty list: objects are only ever replaced by a list that succeeded;
+- the first list of Services starts once the EndpointSlices are in, and partial_snapshot() hands over the
+  Services listed so far with every other resource complete, so the agent translates and programs them as
+  the pages come (what a Service needs is all there) and only the last pages are left at list-complete.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class _Resource:
     objects: dict[tuple[str, str], Any] = field(default_factory=dict)
     versions: dict[tuple[str, str], str | None] = field(default_factory=dict)   # each object's resourceVersion
     listed: bool = False                         # one list succeeded since start
+    partial: dict[tuple[str, str], Any] = field(default_factory=dict)   # the first list's records so far
     version: str | None = None                   # where the watch resumes; None: list first
     connected: bool = False
     error: str | None = None
@@ -116,6 +120,10 @@ class KubeSource:
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._listed = threading.Condition(self._lock)    # notified when a resource's first list is in
+        self._progress = threading.Condition(self._lock)  # notified as the first list's pages come in
+        self._partial_seen = 0                            # Services the last partial_snapshot() held
+        self._pacing = False                              # a consumer takes partial snapshots (end_partial())
+        self.synced_at: float | None = None               # monotonic time every resource was first listed
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
@@ -149,6 +157,7 @@ class KubeSource:
         self._changed.set()
         with self._lock:
             self._listed.notify_all()
+            self._progress.notify_all()
 
     @property
     def synced(self) -> bool:
@@ -186,11 +195,46 @@ class KubeSource:
                 self._listed.wait(1.0 if deadline is None else max(0.0, min(1.0, deadline - now)))
         return True
 
+    def partial_snapshot(self, timeout: float) -> Snapshot | None:
+        """Before the first sync: the Services listed so far (at least one more than the last call's), with
+        the EndpointSlices, Nodes and the agent ConfigMap complete, so each Service in it is whole. None after
+        timeout, once every resource is listed (then snapshot() is the one to call) or when closed."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        services, slices = self._services, self._slices
+        with self._lock:
+            self._pacing = True
+            while True:
+                if self._stop.is_set() or services.listed:
+                    return None
+                ready = all(res.listed for res in self.resources if res is not services)
+                if ready and len(services.partial) > self._partial_seen:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._progress.wait(left)
+            records = list(services.partial.values())
+            self._partial_seen = len(records)
+            self._progress.notify_all()             # the list may go on
+            snap = Snapshot(services=records, endpointslices=list(slices.objects.values()),
+                            nodes=list(self._nodes.objects.values()), config_namespace=self.namespace,
+                            partial=True)
+        self._config_into(snap)
+        return snap
+
+    def end_partial(self) -> None:
+        """The consumer of partial snapshots is done (or failed): the first list goes on at its own pace."""
+        with self._lock:
+            self._pacing = False
+            self._progress.notify_all()
+
     # -- the Source interface ---------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         """The objects as last seen; the first call waits until every resource has been listed once.
-        Raises RuntimeError when closed before that: a partial view must never be programmed."""
+        Raises RuntimeError when closed before that (a view whose deletions could be wrong is never handed
+        over: partial_snapshot() says what it is)."""
         if not self.wait_synced():
             raise RuntimeError("the Kubernetes source was closed before every resource was listed; "
                                "nothing to program")
@@ -199,6 +243,13 @@ class KubeSource:
             snap = Snapshot(services=list(self._services.objects.values()),
                             endpointslices=list(self._slices.objects.values()),
                             nodes=list(self._nodes.objects.values()), config_namespace=self.namespace)
+        self._config_into(snap)
+        self.last_config = snap.config
+        return snap
+
+    def _config_into(self, snap: Snapshot) -> None:
+        """The agent ConfigMap's data as the snapshot's config (a problem when it is not a mapping)."""
+        with self._lock:
             config = next(iter(self._config.objects.values()), None)
         if config is not None:
             data = config.get("data")
@@ -210,8 +261,6 @@ class KubeSource:
                 snap.problems.append(f"ConfigMap {self.namespace}/{AGENT_CONFIG_NAME}: data must be a "
                                      f"mapping of strings; got a {type(data).__name__}")
                 snap.config = {}
-        self.last_config = snap.config
-        return snap
 
     def wait_for_change(self, timeout: float) -> bool:
         """True as soon as a watched object changed since the last snapshot (False after timeout)."""
@@ -222,6 +271,8 @@ class KubeSource:
 
     def _run(self, res: _Resource) -> None:
         delays = backoff_delays(self.backoff_first, self.backoff_max)
+        if res is self._services:
+            self._after_first_list(self._slices)
         while not self._stop.is_set():
             try:
                 if res.version is None:             # list (again) before watching
@@ -242,6 +293,13 @@ class KubeSource:
                 log.exception("%s: watcher failed; listing again in %.1fs", res.name, self.backoff_max)
                 res.version = None
                 self._stop.wait(self.backoff_max)
+
+    def _after_first_list(self, first: _Resource) -> None:
+        """Wait for first's first list (or close()): a Service listed before its EndpointSlices could only
+        be programmed without endpoints, so the Services' pages come once every slice is known."""
+        with self._lock:
+            while not first.listed and not self._stop.is_set():
+                self._listed.wait(1.0)
 
     def _reachable(self, res: _Resource, what: str) -> None:
         with self._lock:
@@ -271,7 +329,19 @@ class KubeSource:
             old = objects.get(key)
             if old is not None and version is not None and versions.get(key) == version:
                 return key, version, old, False
-            return key, version, res.view(obj), True
+            record = res.view(obj)
+            if first:
+                with self._lock:
+                    # Paced while the agent programs the pages as they come: the list runs at most a page
+                    # ahead of it, so at list-complete about a page is left to do.
+                    while self._pacing and not self._stop.is_set() and \
+                            len(res.partial) - self._partial_seen >= self.client.page_size:
+                        self._progress.wait(1.0)
+                    res.partial[key] = record
+                    self._progress.notify_all()
+            return key, version, record, True
+
+        first = not res.listed and res is self._services     # what partial_snapshot() hands over
 
         items, version = self.client.list(res.path, reduce=reduce, **res.params)
         fresh = {key: record for key, _, record, _ in items}
@@ -280,7 +350,11 @@ class KubeSource:
             res.objects = fresh
             res.versions = {key: v for key, v, _, _ in items}
             res.listed = True
+            res.partial = {}
+            if self.synced_at is None and all(r.listed for r in self.resources):
+                self.synced_at = time.monotonic()
             self._listed.notify_all()
+            self._progress.notify_all()
         if changed:
             self._changed.set()
         return version
