@@ -170,7 +170,7 @@ class Agent:
         partial = getattr(self.source, "partial_snapshot", None)
         if partial is None:
             return 0
-        done = 0
+        done = added = removed = 0
         paused = gc.isenabled()
         gc.disable()                # the growing state is acyclic: no full collections over it meanwhile
         try:
@@ -182,8 +182,11 @@ class Agent:
                         break
                     continue
                 t0 = time.monotonic()
-                self._sync_once(snap)
+                report = self._sync_once(snap)
                 done += 1
+                if report is not None:
+                    added += report.frontends_added
+                    removed += report.frontends_removed
                 log.debug("partial sync %d: %d Services in %.3fs", done, len(snap.services), time.monotonic() - t0)
         except Exception:
             log.exception("programming the Services as they are listed failed; the first complete sync does it")
@@ -195,8 +198,8 @@ class Agent:
             if paused:
                 gc.enable()
         if done:
-            log.info("programmed the Services as they were listed, in %d partial syncs (%d frontends so far)",
-                     done, len(self.state.frontends) if self.state else 0)
+            log.info("programmed the Services as they were listed, in %d partial syncs (%d frontends so far: %d "
+                     "added, %d removed)", done, len(self.state.frontends) if self.state else 0, added, removed)
         return done
 
     def _freeze_heap(self) -> None:

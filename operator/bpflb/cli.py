@@ -13,6 +13,13 @@ from typing import Any
 from bpflb.datapath.loader import DEFAULT_PIN_ROOT
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
@@ -43,7 +50,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         from bpflb.control.node import run_kube_agent
 
         return run_kube_agent(opts, kubeconfig=args.kubeconfig, uninstall=args.uninstall, once=args.once,
-                              namespace=args.namespace, metrics_listen=args.metrics_listen)
+                              namespace=args.namespace, metrics_listen=args.metrics_listen,
+                              list_page_size=args.list_page_size)
     agent = Agent(opts, FileSource(Path(args.source_dir)))
     if args.uninstall:
         agent.uninstall(args.device)
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--metrics-listen", metavar="ADDR:PORT",
                        help="serve Prometheus metrics (GET /metrics) and the probes (GET /healthz: the loop turns; "
                        "GET /readyz: the first sync is done) there, e.g. 0.0.0.0:9962")
+    agent.add_argument("--list-page-size", type=_positive_int, metavar="N",
+                       help="with --kube: objects per list request (limit/continue; default 500, as client-go). "
+                       "The agent programs the Services page by page as their first list comes in")
     agent.add_argument("--pin-root", default=str(DEFAULT_PIN_ROOT), help="bpffs directory for pinned maps")
     agent.add_argument("--device", help="external device (default: the one holding the Node's InternalIP)")
     agent.add_argument("--mount-bpffs", action="store_true",

@@ -21,6 +21,7 @@ import yaml
 from bpflb.inspect import collect
 from bpflb_lab.lab import Lab, kube
 from tests.lab.conftest import lab_running
+from tests.lab.helpers import HeldConnection
 from tests.lab.helpers import wait_until as wait
 
 pytestmark = pytest.mark.privileged
@@ -62,6 +63,32 @@ def test_the_lab_runs_on_the_api(lab: Lab) -> None:
     obj = wait("the status Ready on SNAT", lambda: (o := mc(lab)) and
                condition(o, "Ready").get("status") == "True" and o, 10)
     assert obj["status"]["bpfLBMode"] == "SNAT" and obj["status"]["nodes"]["ready"] == "3/3"
+
+
+def test_an_agent_restarted_on_the_api_programs_page_by_page_and_keeps_every_flow(lab: Lab) -> None:
+    """node1's agent restarted with list pages of one object programs the Services as their list comes in
+    (partial syncs, which never remove what is not listed yet): a connection opened before through node1
+    keeps its backend and SNAT source across the restart, no frontend is removed on the way, and every
+    frontend still answers after."""
+    conn = HeldConnection(lab, "client", NODE1, 30080)
+    try:
+        first = conn.ask()
+        assert not first.startswith("ERROR"), first
+        log = lab.paths.agent_log("node1")
+        offset = log.stat().st_size
+        lab.restart_agent("node1", args=["--list-page-size", "1"])
+        text = log.read_bytes()[offset:].decode(errors="replace")
+        partial = re.search(r"programmed the Services as they were listed, in (\d+) partial syncs .* (\d+) removed\)",
+                            text)
+        assert partial is not None and int(partial.group(1)) >= 2, text[-3000:]
+        assert partial.group(2) == "0", partial.group(0)      # not even the Services listed later, for a while
+        assert not re.search(r"bpflb\.agent: removed ", text), text[-3000:]
+        assert all(n == "0" for n in re.findall(r"sync: \d+ frontends added, (\d+) removed", text)), text[-3000:]
+        assert conn.ask() == first            # the same backend, and the same SNAT source the pod saw
+    finally:
+        conn.close()
+    report = lab.check()
+    assert report.ok, report.render()
 
 
 def test_patching_the_module_config_to_dsr_preserves_the_client_address(lab: Lab) -> None:

@@ -10,7 +10,7 @@ from bpflb.agent import Agent, AgentOptions, install_signal_handlers
 from bpflb.control.events import ServiceEvents
 from bpflb.control.report import NodeReporter, agent_report
 from bpflb.datapath.lbmaps import SyncReport
-from bpflb.kubeapi import KubeClient, load_config
+from bpflb.kubeapi import PAGE_SIZE, KubeClient, load_config
 from bpflb.metrics import AgentMetrics, MetricsServer
 from bpflb.model.endpoints import slice_record
 from bpflb.sources.base import own_namespace
@@ -23,20 +23,22 @@ def kube_parts(client: KubeClient, node_name: str, namespace: str | None = None)
     """The agent's view of the API and its node report, both in bpflb's namespace: namespace (the flag),
     else $POD_NAMESPACE (the chart's downward API), else kube-system."""
     ns = own_namespace(namespace)
-    source = KubeSource(client, node_name, namespace=ns, slice_view=slice_record)
+    source = KubeSource(client, node_name, namespace=ns, slice_view=slice_record, paced=True)
     return source, NodeReporter(client, node_name, namespace=ns)
 
 
 def run_kube_agent(opts: AgentOptions, *, kubeconfig: str | None = None, uninstall: bool = False,
-                   once: bool = False, namespace: str | None = None, metrics_listen: str | None = None) -> int:
+                   once: bool = False, namespace: str | None = None, metrics_listen: str | None = None,
+                   list_page_size: int | None = None) -> int:
     """Run the agent against the API until SIGTERM/SIGINT (exit code 0), or do one sync (once). namespace:
-    bpflb's (its ConfigMap, the reports), default $POD_NAMESPACE, else kube-system."""
+    bpflb's (its ConfigMap, the reports), default $POD_NAMESPACE, else kube-system; list_page_size: objects
+    per list request (default PAGE_SIZE)."""
     try:
         config = load_config(kubeconfig)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}")
+    client = KubeClient(config, user_agent=f"bpflb-agent/{opts.node_name}", page_size=list_page_size or PAGE_SIZE)
     source, reporter = kube_parts(client, opts.node_name, namespace)
     events = ServiceEvents(client, opts.node_name, uid_of=lambda key: agent.translator.service_uid(key))
 

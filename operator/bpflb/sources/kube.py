@@ -110,7 +110,7 @@ class KubeSource:
     def __init__(self, client: KubeClient, node_name: str, *, namespace: str = AGENT_CONFIG_NAMESPACE,
                  backoff_first: float = BACKOFF_FIRST, backoff_max: float = BACKOFF_MAX,
                  watch_timeout: int = WATCH_TIMEOUT,
-                 slice_view: Callable[[KubeObject], Any] | None = None) -> None:
+                 slice_view: Callable[[KubeObject], Any] | None = None, paced: bool = False) -> None:
         self.client = client
         self.node_name = node_name
         self.namespace = namespace
@@ -122,7 +122,9 @@ class KubeSource:
         self._listed = threading.Condition(self._lock)    # notified when a resource's first list is in
         self._progress = threading.Condition(self._lock)  # notified as the first list's pages come in
         self._partial_seen = 0                            # Services the last partial_snapshot() held
-        self._pacing = False                              # a consumer takes partial snapshots (end_partial())
+        # The first list of Services waits for a consumer of partial snapshots (the agent, once its datapath
+        # is loaded) from the start when paced, else from its first partial_snapshot(); end_partial() ends it.
+        self._pacing = paced
         self.synced_at: float | None = None               # monotonic time every resource was first listed
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

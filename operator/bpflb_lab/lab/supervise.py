@@ -174,12 +174,14 @@ class Supervision(LabParts):
                 time.sleep(0.05)
 
     def restart_agent(self, node: str, timeout: float = 30.0, *, wrap: list[str] | None = None,
-                      env: dict[str, str] | None = None, wait_ready: bool = True) -> int:
+                      env: dict[str, str] | None = None, wait_ready: bool = True,
+                      args: list[str] | None = None) -> int:
         """Stop a node's agent (SIGTERM: programs stay attached, maps stay pinned) and start it again;
         returns its pid once the new one has synced (it re-attaches its programs on the pinned maps).
         wrap: a command the agent runs under (e.g. `unshare -m --propagation slave --`: a fresh mount
         namespace, as a new pod gets); env: extra environment (e.g. BPFLB_BPF_DIR, another build of the
-        objects); wait_ready=False returns at once (an agent expected not to get ready)."""
+        objects); wait_ready=False returns at once (an agent expected not to get ready); args: added to the
+        agent's command line."""
         state = self.state()
         old = state.agent_pids.get(node)
         if old is None:
@@ -198,7 +200,8 @@ class Supervision(LabParts):
         marker = self.pin_root / node / "ready"
         if os.path.lexists(marker):
             marker.unlink()     # the old agent's; wait for the new one's
-        new = self._spawn(topology.ns_name(self.name, node), [*(wrap or []), *self.agent_argv(state, node)],
+        new = self._spawn(topology.ns_name(self.name, node),
+                          [*(wrap or []), *self.agent_argv(state, node), *(args or [])],
                           self.paths.agent_log(node), cgroups.node_cgroup(self.name, node), env)
         state.agent_pids[node] = new.pid
         state.save(self.paths)
