@@ -12,17 +12,19 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from itertools import chain
+from types import MappingProxyType
 from typing import Any
 
 from bpflb.datapath.clustermaps import l4_key
-from bpflb.datapath.libbpf import const, ffi, lib, possible_cpus, stat_names
+from bpflb.datapath.libbpf import BpfError, const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
-from bpflb.datapath.mapdiff import MapMirror
+from bpflb.datapath.mapdiff import Failures, MapMirror
 from bpflb.model import maglev
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
@@ -234,20 +236,185 @@ class WriteFailure:
     reason: str
 
 
+_NONE: Mapping[bytes, bytes] = MappingProxyType({})     # the entries of a kind a frontend has none of (shared)
+
+
 @dataclass(slots=True)
 class _Entries:
-    """What one frontend holds in the maps (the exact bytes), as last programmed or as planned."""
+    """What one frontend holds in the maps (the exact bytes), as last programmed or as planned. Its lb_services
+    entries are its master (key, value) and the values of its slots 1..n, whose keys are the master's with the
+    slot number (_slot_keys): a large cluster has a hundred thousand slots, kept once (the values are shared by
+    the frontends of one Service port)."""
 
     fe: Frontend
     sid: int
     master: tuple[bytes, bytes]
-    slots: dict[bytes, bytes]
-    blocks: dict[bytes, bytes]           # lb_maglev
-    members: dict[bytes, bytes]          # lb_affinity_members
+    slots: tuple[bytes, ...]             # lb_services values of slots 1..n
+    blocks: Mapping[bytes, bytes]        # lb_maglev
+    members: Mapping[bytes, bytes]       # lb_affinity_members
     backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
     table: _TableKey | None = None
-    view: dict[bytes, bytes] = field(default_factory=dict)   # lb_internal_view: what in-cluster clients get
-    ranges: dict[bytes, bytes] = field(default_factory=dict)  # lb_src_ranges: its enforced source prefixes
+    view: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)     # lb_internal_view: what in-cluster
+    ranges: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)   # clients get; lb_src_ranges: its
+    #                                                                       enforced source prefixes
+
+
+_SLOT_AT = slice(6, 8)
+_CHUNK = 8192                            # lb_services keys per batch update of a large sync                   # lb_svc_key.slot (host order) within the key
+
+
+def _slot_keys(master: bytes, first: int, last: int) -> list[bytes]:
+    """The lb_services keys of slots first..last of the frontend whose master key this is."""
+    head, tail = master[:6], master[8:]
+    return [head + slot.to_bytes(2, sys.byteorder) + tail for slot in range(first, last + 1)]
+
+
+class ServiceMirror:
+    """lb_services as the kernel holds it (MapMirror's rules: it follows every write the kernel accepted and is
+    re-read after a failure it cannot account for), kept per frontend rather than per key: each frontend's
+    master key and a list of its entries' values by slot number (None: absent). A dict of its 140,000 keys
+    would cost 12 MiB at 10,000 Services; this is a fifth of it, and whole frontends are written at once."""
+
+    batch = True
+
+    def __init__(self, m: Map) -> None:
+        self.map = m
+        self.frontends: dict[bytes, list[bytes | None]] = {}     # master key -> values by slot
+        self.size = 0
+        self.reloads = 0
+        self._read()
+
+    @property
+    def capacity(self) -> int:
+        return self.map.max_entries
+
+    @property
+    def entries(self) -> dict[bytes, bytes]:
+        """Every (key, value), made anew (for inspection and tests: the sync never asks for them)."""
+        return dict(self.items())
+
+    def _read(self) -> None:
+        self.frontends.clear()
+        self.size = 0
+        for k, v in self.map.items_raw():
+            self._put(k, v)
+
+    def reload(self) -> None:
+        self._read()
+        self.reloads += 1
+
+    @staticmethod
+    def split(key: bytes) -> tuple[bytes, int]:
+        """(the master key of the key's frontend, its slot number)."""
+        return key[:6] + b"\0\0" + key[8:], int.from_bytes(key[_SLOT_AT], sys.byteorder)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.get(key) is not None
+
+    def get(self, key: bytes) -> bytes | None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        return rec[slot] if rec is not None and slot < len(rec) else None
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for master, rec in self.frontends.items():
+            head, tail = master[:6], master[8:]
+            for slot, v in enumerate(rec):
+                if v is not None:
+                    yield head + slot.to_bytes(2, sys.byteorder) + tail, v
+
+    def absent(self, master: bytes, last: int) -> int:
+        """How many of slots 0..last of the frontend the map does not hold."""
+        rec = self.frontends.get(master)
+        if rec is None:
+            return last + 1
+        return rec[:last + 1].count(None) + max(0, last + 1 - len(rec))
+
+    def _put(self, key: bytes, value: bytes) -> None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        if rec is None:
+            rec = self.frontends[master] = [None] * (slot + 1)
+        elif len(rec) <= slot:
+            rec.extend([None] * (slot + 1 - len(rec)))
+        if rec[slot] is None:
+            self.size += 1
+        rec[slot] = value
+
+    def _drop(self, key: bytes) -> None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        if rec is None or slot >= len(rec) or rec[slot] is None:
+            return
+        rec[slot] = None
+        self.size -= 1
+        while rec and rec[-1] is None:
+            rec.pop()
+        if not rec:
+            del self.frontends[master]
+
+    def write(self, keys: list[bytes], values: list[bytes], runs: list[tuple[bytes, int, int, int]]) -> Failures:
+        """MapMirror.write_columns of keys[i] -> values[i], which runs describe: (master key, first slot, index of
+        its first key in keys, how many consecutive slots), in the order of keys. Returns the refused writes."""
+        if not keys:
+            return []
+        try:
+            self.map.update_columns(keys, values)
+        except BpfError as exc:
+            done = getattr(exc, "done", None)
+            if done is None:
+                self.reload()       # how far the batch got is unknown: ask the kernel
+                done = 0
+            for k, v in zip(keys[:done], values[:done], strict=True):
+                self._put(k, v)
+            failures: Failures = []
+            for k, v in zip(keys[done:], values[done:], strict=True):
+                if self.get(k) == v:
+                    continue
+                try:
+                    self.map.update_raw(k, v)
+                except BpfError as exc_one:
+                    failures.append((k, exc_one.strerror or str(exc_one)))
+                    continue
+                self._put(k, v)
+            return failures
+        frontends = self.frontends
+        for master, first, start, n in runs:
+            end = first + n
+            rec = frontends.get(master)
+            if rec is None:
+                rec = frontends[master] = [None] * end
+            elif len(rec) < end:
+                rec.extend([None] * (end - len(rec)))
+            self.size += rec[first:end].count(None)
+            rec[first:end] = values[start:start + n]
+        return []
+
+    def remove(self, keys: list[bytes]) -> Failures:
+        """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
+        if not keys:
+            return []
+        try:
+            self.map.delete_many(keys)
+            for k in keys:
+                self._drop(k)
+            return []
+        except BpfError:
+            self.reload()
+        failures: Failures = []
+        for k in keys:
+            if k not in self:
+                continue
+            try:
+                self.map.delete_raw(k)
+            except BpfError as exc:
+                failures.append((k, exc.strerror or str(exc)))
+                continue
+            self._drop(k)
+        return failures
 
 
 class LBMaps:
@@ -278,7 +445,7 @@ class LBMaps:
         self.dsr_mapped: Map = obj.map("lb_dsr_mapped")      # closed by the conntrack collector (conntrack.py)
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
-        self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
+        self._svc_m, self._be_m = ServiceMirror(self.services), MapMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
         self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
@@ -294,11 +461,11 @@ class LBMaps:
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
         # Within one sync: the slots of each backends tuple (by identity), each backend id's slot value.
-        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], list[bytes],
+        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], tuple[bytes, ...],
                                          tuple[L4Addr, ...]]] = {}
         self._slot_val: dict[int, bytes] = {}
         self._recover_ids()
-        if self._svc_m.entries or self._be_m.entries:
+        if len(self._svc_m) or self._be_m.entries:
             log.info("recovered %d frontends and %d backends from pinned maps",
                      len(self._svc_ids), len(self._be_ids))
 
@@ -310,11 +477,11 @@ class LBMaps:
             self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
                                 int.from_bytes(k, "little"))
         self._svc_ids = IdPool()
-        for k, v in self._svc_m.entries.items():
-            addr, port, slot, proto = SVC_KEY.unpack(k)
-            if slot == 0:
+        for master, values in self._svc_m.frontends.items():
+            if values[0] is not None:
+                addr, port, _slot, proto = SVC_KEY.unpack(master)
                 l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-                self._svc_ids.record(l4, SVC_VAL.unpack(v)[0])
+                self._svc_ids.record(l4, SVC_VAL.unpack(values[0])[0])
 
     # -- ids ---------------------------------------------------------------------------------
     def _backend_id(self, l4: L4Addr) -> int:
@@ -337,7 +504,7 @@ class LBMaps:
         (LB_SRC_RANGES_MAX in all); when they no longer fit, the frontend fails closed, admitting no client,
         reported, until prefixes are freed."""
         sid = self._service_id(fe.l4)
-        ranges: dict[bytes, bytes] = {}
+        ranges: Mapping[bytes, bytes] = _NONE
         closed = False
         if fe.source_ranges:
             if self._sr_used + len(fe.source_ranges) > const("LB_SRC_RANGES_MAX"):
@@ -353,13 +520,11 @@ class LBMaps:
                            fe.source_ranges_deny and not closed)
         l4 = fe.l4
         addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
-        key = SVC_KEY.pack
-        ids, values, referenced = self._slot_values(fe.backends, fe.draining)
-        slots = dict(zip([key(addr, port, slot, proto) for slot in range(1, len(ids) + 1)], values))
-        master = (key(addr, port, 0, proto),
+        ids, slots, referenced = self._slot_values(fe.backends, fe.draining)
+        master = (SVC_KEY.pack(addr, port, 0, proto),
                   SVC_VAL.pack(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
-        blocks: dict[bytes, bytes] = {}
-        members: dict[bytes, bytes] = {}
+        blocks: Mapping[bytes, bytes] = _NONE
+        members: Mapping[bytes, bytes] = _NONE
         table: _TableKey | None = None
         if fe.backends and fe.algorithm == Algorithm.MAGLEV:
             table = (maglev_names(fe.backends), m, seed)
@@ -371,7 +536,7 @@ class LBMaps:
             blocks = {_pair(sid, i): block for i, block in enumerate(cached)}
         if fe.backends and fe.affinity_timeout:
             members = {_pair(sid, ident): _MEMBER for ident in ids}
-        view: dict[bytes, bytes] = {}
+        view: Mapping[bytes, bytes] = _NONE
         if not fe.in_cluster:
             view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
         elif fe.internal is not None:
@@ -380,7 +545,7 @@ class LBMaps:
                         table, view, ranges)
 
     def _slot_values(self, backends: tuple[Backend, ...], draining: tuple[Backend, ...]
-                     ) -> tuple[list[int], list[bytes], tuple[L4Addr, ...]]:
+                     ) -> tuple[list[int], tuple[bytes, ...], tuple[L4Addr, ...]]:
         """The backend ids of a frontend's slots and their lb_services values (allocating the ids), and each
         backend's lb_backends value recorded (draining ones too: in no slot, but open flows find them).
         The frontends of one Service port share their backends (one tuple): done once per tuple in a sync."""
@@ -401,7 +566,7 @@ class LBMaps:
             l4 = be[0]
             be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
         shared, pack_val = self._slot_val, SVC_VAL.pack
-        values = [shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents]
+        values = tuple([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
         referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
         self._per_tuple[id(backends)] = (backends, draining, idents, values, referenced)
         return idents, values, referenced
@@ -476,7 +641,8 @@ class LBMaps:
         late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": [], "sr": []}
         for l4, p in old.items():
             plan = plans[l4]
-            late["svc"] += [k for k in p.slots if k not in plan.slots]
+            if len(p.slots) > len(plan.slots):
+                late["svc"] += _slot_keys(p.master[0], len(plan.slots) + 1, len(p.slots))
             late["mg"] += [k for k in p.blocks if k not in plan.blocks]
             late["am"] += [k for k in p.members if k not in plan.members]
             late["iv"] += [k for k in p.view if k not in plan.view]
@@ -485,23 +651,24 @@ class LBMaps:
         # 0. Room first: removed frontends whole (master, then what it named), backends nobody names.
         #    When a map would still overflow before its late deletions, those go first too.
         early: dict[str, list[bytes]] = {
-            "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
+            "svc": [p.master[0] for p in removed] + [k for p in removed for k in _slot_keys(p.master[0], 1,
+                                                                                              len(p.slots))],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
         iv, sr = self._iv_m, self._sr_m
 
-        def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
+        def adding(mirror: MapMirror, part: Callable[[_Entries], Mapping[bytes, bytes]]) -> int:
             have = mirror.entries
             if not have:                # the first sync: every key is new
                 return sum(len(part(p)) for p in plans.values())
             return sum(1 for p in plans.values() for k in part(p) if k not in have)
 
-        adds = {"svc": adding(svc, lambda p: p.slots) + adding(svc, lambda p: (p.master[0],)),
+        adds = {"svc": sum(svc.absent(p.master[0], len(p.slots)) for p in plans.values()),
                 "mg": adding(mg, lambda p: p.blocks), "am": adding(am, lambda p: p.members),
                 "iv": adding(iv, lambda p: p.view), "sr": adding(sr, lambda p: p.ranges)}
         for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
-            if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
+            if mirror.capacity and len(mirror) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
                 late[name] = []
         if be_m.capacity and len(be_m.entries) - len(early_be) + \
@@ -536,7 +703,7 @@ class LBMaps:
                         fail(l4, self.backends.name, f"backend {b}: {why}")
                         break
         # 2. backend slots before their master entry, so a grown count never points past them.
-        report.slots_written = self._write(svc, plans, failed, lambda p: p.slots, fail)
+        report.slots_written = self._write_services(plans, failed, fail, masters=False)
         # 2b. Maglev tables and affinity members name slots and backends that now exist; the table size
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
         report.maglev_blocks_written = self._write(mg, plans, failed, lambda p: p.blocks, fail)
@@ -547,8 +714,8 @@ class LBMaps:
         report.maglev_config_changed = self._set_maglev_config(m, seed)
         self._table_params = (m, seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
-        appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc.entries]
-        report.slots_written += self._write(svc, plans, failed, lambda p: dict([p.master]), fail)
+        appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc]
+        report.slots_written += self._write_services(plans, failed, fail, masters=True)
         report.frontends_added = sum(1 for l4 in appearing if l4 not in failed)
         # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
         # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
@@ -564,7 +731,8 @@ class LBMaps:
         for l4, failure in failed.items():
             plan = plans.pop(l4)
             gone = [plan, *([old[l4]] if l4 in old else [])]
-            report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in p.slots])
+            report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in
+                                                                           _slot_keys(p.master[0], 1, len(p.slots))])
             report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
             report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
             report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
@@ -587,8 +755,57 @@ class LBMaps:
         self._prune_tables()
         return report
 
+    def _write_services(self, plans: dict[L4Addr, _Entries], failed: dict[L4Addr, WriteFailure],
+                        fail: Callable[[L4Addr, str, str], None], masters: bool) -> int:
+        """_write of lb_services: the slots of every plan not failed yet (masters: their masters), a frontend at
+        a time, in batches of about _CHUNK keys (their keys are made for the write and dropped after it, rather
+        than all of them held at once); refused keys fail their frontend."""
+        svc = self._svc_m
+        have = svc.frontends
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        runs: list[tuple[bytes, int, int, int]] = []
+        refused: Failures = []
+        written = 0
+        for l4, p in plans.items():
+            if len(keys) >= _CHUNK:
+                refused += svc.write(keys, values, runs)
+                written += len(keys)
+                keys, values, runs = [], [], []
+            if l4 in failed:
+                continue
+            master = p.master[0]
+            rec = have.get(master)
+            if masters:
+                if rec is None or rec[0] != p.master[1]:
+                    runs.append((master, 0, len(keys), 1))
+                    keys.append(master)
+                    values.append(p.master[1])
+                continue
+            slots = p.slots
+            n = len(slots)
+            if not n or (rec is not None and len(rec) > n and tuple(rec[1:n + 1]) == slots):
+                continue
+            if rec is None or len(rec) == 1:
+                runs.append((master, 1, len(keys), n))
+                keys += _slot_keys(master, 1, n)
+                values += slots
+                continue
+            for slot, v in enumerate(slots, 1):
+                if slot >= len(rec) or rec[slot] != v:
+                    runs.append((master, slot, len(keys), 1))
+                    keys += _slot_keys(master, slot, slot)
+                    values.append(v)
+        refused += svc.write(keys, values, runs)
+        written += len(keys)
+        if refused:
+            owner = {p.master[0]: l4 for l4, p in plans.items()}
+            for k, why in refused:
+                fail(owner[svc.split(k)[0]], svc.map.name, why)
+        return written - len(refused)
+
     def _write(self, mirror: MapMirror, plans: dict[L4Addr, _Entries], failed: dict[L4Addr, WriteFailure],
-               part: Callable[[_Entries], dict[bytes, bytes]],
+               part: Callable[[_Entries], Mapping[bytes, bytes]],
                fail: Callable[[L4Addr, str, str], None]) -> int:
         """Write one kind of entry of every plan not failed yet; refused keys fail their frontend."""
         keys: list[bytes] = []
@@ -608,9 +825,9 @@ class LBMaps:
                 fail(owner[k], mirror.map.name, why)
         return len(keys) - len(refused)
 
-    def _remove(self, mirror: MapMirror, keys: list[bytes]) -> int:
+    def _remove(self, mirror: MapMirror | ServiceMirror, keys: list[bytes]) -> int:
         """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
-        present = [k for k in keys if k in mirror.entries]
+        present = [k for k in keys if k in mirror]
         bad = mirror.remove(present)
         if bad:
             log.warning("map %s: %d deletions refused (%s); the next sync compares everything again",
@@ -634,22 +851,21 @@ class LBMaps:
         """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
         whole go first (their masters before the rest); what frontends still served hold goes after their new
         entries are in place. Returns how many frontends are gone."""
-        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if self._svc_m.entries else set()
         masters: list[bytes] = []
         slots: list[bytes] = []
         named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
-        for k, v in self._svc_m.entries.items():
-            addr, port, slot, proto = SVC_KEY.unpack(k)
+        for master, values in self._svc_m.frontends.items():
+            addr, port, _slot, proto = SVC_KEY.unpack(master)
             l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-            if l4 in plans:
-                if slot:
-                    named.add(SVC_VAL.unpack(v)[0])
-                if k not in wanted:
-                    late["svc"].append(k)
-            elif slot:
-                slots.append(k)
-            else:
-                masters.append(k)
+            held = [slot for slot, v in enumerate(values) if v is not None and slot]
+            plan = plans.get(l4)
+            if plan is not None:
+                named.update(SVC_VAL.unpack(v)[0] for v in values[1:] if v is not None)
+                late["svc"] += [k for slot in held if slot > len(plan.slots) for k in _slot_keys(master, slot, slot)]
+                continue
+            slots += [k for slot in held for k in _slot_keys(master, slot, slot)]
+            if values[0] is not None:
+                masters.append(master)
                 self._svc_ids.forget(l4)
         early["svc"][:0] = masters + slots
         sids = {p.sid for p in plans.values()}
