@@ -633,7 +633,12 @@ class LBMaps:
         early_be = [l4 for l4 in stale_be if l4 not in still_named]
         late_be = [l4 for l4 in stale_be if l4 in still_named]
         known, bid, be_val = self._be_ids._ids.get, self._be_ids.get, self._be_val   # draining ones: ids now
-        want_be = [((known(l4) or bid(l4)).to_bytes(4, "little"), be_val[l4]) for l4 in touched if refs[l4] > 0]
+        # What lb_backends should hold of them, as two columns (a large sync's 60,000 without a pair each).
+        want_be = [l4 for l4 in touched if refs[l4] > 0]
+        del touched
+        be_keys = [(known(l4) or bid(l4)).to_bytes(4, "little") for l4 in want_be]
+        be_vals = [be_val[l4] for l4 in want_be]
+        del want_be
 
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
@@ -672,7 +677,7 @@ class LBMaps:
                 early[name] += late[name]
                 late[name] = []
         if be_m.capacity and len(be_m.entries) - len(early_be) + \
-                sum(1 for k, _ in want_be if k not in be_m.entries) > be_m.capacity:
+                sum(1 for k in be_keys if k not in be_m.entries) > be_m.capacity:
             early_be, late_be = early_be + late_be, []
         report.frontends_removed = len(removed) + leftover_frontends
         report.slots_removed += self._remove(svc, early["svc"])
@@ -692,9 +697,13 @@ class LBMaps:
                 failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
 
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        be_changed = be_m.changed(dict(want_be)) if be_m.entries else want_be     # its keys are distinct
-        bad_be = dict(be_m.write(be_changed))
-        report.backends_written = len(be_changed) - len(bad_be)
+        if be_m.entries:            # its keys are distinct
+            have_be = be_m.entries
+            changed_be = [i for i, (k, v) in enumerate(zip(be_keys, be_vals, strict=True)) if have_be.get(k) != v]
+            be_keys, be_vals = [be_keys[i] for i in changed_be], [be_vals[i] for i in changed_be]
+        bad_be = dict(be_m.write_columns(be_keys, be_vals))
+        report.backends_written = len(be_keys) - len(bad_be)
+        del be_keys, be_vals
         if bad_be:
             for l4, p in plans.items():
                 for b in p.backends:
