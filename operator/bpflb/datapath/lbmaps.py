@@ -454,7 +454,9 @@ class LBMaps:
         self._tables_kept = 0
         self._prog: dict[L4Addr, _Entries] = {}           # frontends as programmed by this process
         self._be_refs: dict[L4Addr, int] = {}             # programmed frontends referencing each backend
-        self._be_val: dict[L4Addr, bytes] = {}            # each referenced backend's lb_backends value
+        # Within one sync: the lb_backends value of each backend its plans reference (the others' are in the map
+        # as they should be: a backend whose write failed failed its frontends, which the next sync plans again).
+        self._be_val: dict[L4Addr, bytes] = {}
         self._full = True                                 # compare everything (maps included) at the next sync
         self._seen = -2                                   # the generation of the state synced last
         self._retry: set[L4Addr] = set()                  # frontends the kernel refused at the last sync
@@ -595,6 +597,7 @@ class LBMaps:
             self._retry.clear()
             self._recover_ids()
         self._full = True                        # until this sync is done
+        self._be_val = {}
         if full:
             changed = list(new.values())
             removed = []
@@ -634,11 +637,12 @@ class LBMaps:
         late_be = [l4 for l4 in stale_be if l4 in still_named]
         known, bid, be_val = self._be_ids._ids.get, self._be_ids.get, self._be_val   # draining ones: ids now
         # What lb_backends should hold of them, as two columns (a large sync's 60,000 without a pair each).
-        want_be = [l4 for l4 in touched if refs[l4] > 0]
+        want_be = [l4 for l4 in touched if refs[l4] > 0 and l4 in be_val]
         del touched
         be_keys = [(known(l4) or bid(l4)).to_bytes(4, "little") for l4 in want_be]
         be_vals = [be_val[l4] for l4 in want_be]
         del want_be
+        self._be_val = {}
 
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
@@ -849,7 +853,6 @@ class LBMaps:
         for l4 in stale:
             ident = self._be_ids.known(l4)
             self._be_refs.pop(l4, None)
-            self._be_val.pop(l4, None)
             if ident is not None:
                 keys.append(_u32(ident))
                 self._be_ids.forget(l4)
