@@ -33,6 +33,8 @@ def check(maps: LBMaps, pins: MemoryPins, want: list[Frontend], skip: frozenset[
     ids as lb_backends names them)."""
     held = pins.maps["lb_services"]
     assert maps._svc_m.entries == held
+    # a frontend whose slots 1..n the map holds keeps their values as one object (memory)
+    assert all(type(rec[1]) is bytes or None in rec[1] for rec in maps._svc_m.frontends.values())
     assert len(maps._svc_m) == len(held)
     ids = {int.from_bytes(k, "little"): v for k, v in pins.maps["lb_backends"].items()}
     expected = 0
@@ -57,12 +59,12 @@ def test_service_mirror_follows_writes_and_removals_key_by_key() -> None:
     master = svc_key(L4Addr(NODE, 2, Proto.TCP), 0)
     keys = [svc_key(L4Addr(NODE, 2, Proto.TCP), s) for s in (1, 2, 3)]
     values = [SVC_VAL.pack(s, 0, 0, 0, 0) for s in (1, 2, 3)]
-    assert mirror.write(keys, values, [(master, 1, 0, 3)]) == []
+    assert mirror.write(keys, values, [(master, 1, 0, 3, b"".join(values))]) == []
     assert mirror.entries == m.entries and len(mirror) == 4 and master not in mirror
     assert mirror.absent(master, 3) == 1 and mirror.absent(master, 5) == 3
     m.fail = lambda key: "injected" if key == keys[1] else None
     bad = mirror.write([master, keys[1]], [SVC_VAL.pack(9, 3, 0, 0, 0), bytes(16)],
-                       [(master, 0, 0, 1), (master, 2, 1, 1)])
+                       [(master, 0, 0, 1, None), (master, 2, 1, 1, None)])
     assert [k for k, _ in bad] == [keys[1]] and mirror.entries == m.entries and mirror.get(keys[1]) == values[1]
     assert mirror.remove([keys[2], keys[2], svc_key(L4Addr(NODE, 1, Proto.TCP), 3)]) == []
     assert mirror.entries == m.entries and len(mirror) == 3

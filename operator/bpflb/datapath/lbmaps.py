@@ -249,7 +249,7 @@ class _Entries:
     fe: Frontend
     sid: int
     master: tuple[bytes, bytes]
-    slots: tuple[bytes, ...]             # lb_services values of slots 1..n
+    slots: bytes                         # lb_services values of slots 1..n, one after the other
     blocks: Mapping[bytes, bytes]        # lb_maglev
     members: Mapping[bytes, bytes]       # lb_affinity_members
     backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
@@ -258,9 +258,28 @@ class _Entries:
     ranges: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)   # clients get; lb_src_ranges: its
     #                                                                       enforced source prefixes
 
+    @property
+    def n(self) -> int:
+        """Its number of slots."""
+        return len(self.slots) // _VAL
 
-_SLOT_AT = slice(6, 8)
-_CHUNK = 8192                            # lb_services keys per batch update of a large sync                   # lb_svc_key.slot (host order) within the key
+
+_SLOT_AT = slice(6, 8)                   # lb_svc_key.slot (host order) within the key
+_VAL = SVC_VAL.size
+_CHUNK = 8192                            # lb_services keys per batch update of a large sync
+
+
+@functools.cache
+def _cutter(n: int) -> struct.Struct:
+    """Cuts the values of n slots, one after the other, into one bytes object each, in C (n <= 64: cached)."""
+    return struct.Struct(f"{_VAL}s" * n)
+
+
+def _values(slots: bytes, n: int) -> list[bytes] | tuple[bytes, ...]:
+    """The values of n slots, one after the other, one bytes object each."""
+    if n <= 64:
+        return _cutter(n).unpack(slots)
+    return [slots[i:i + _VAL] for i in range(0, len(slots), _VAL)]
 
 
 def _slot_keys(master: bytes, first: int, last: int) -> list[bytes]:
@@ -272,14 +291,16 @@ def _slot_keys(master: bytes, first: int, last: int) -> list[bytes]:
 class ServiceMirror:
     """lb_services as the kernel holds it (MapMirror's rules: it follows every write the kernel accepted and is
     re-read after a failure it cannot account for), kept per frontend rather than per key: each frontend's
-    master key and a list of its entries' values by slot number (None: absent). A dict of its 140,000 keys
-    would cost 12 MiB at 10,000 Services; this is a fifth of it, and whole frontends are written at once."""
+    master key -> [its master's value, its slots' values]. The slots' values are one bytes object while the
+    map holds all of slots 1..n (nearly always; the plan's own object, shared by the frontends of a Service
+    port), else a list by slot number - 1 (None: absent). A dict of the 140,000 keys of 10,000 Services would
+    cost 12 MiB, and their values 3 MiB more; this is a sixth of it, and whole frontends are written at once."""
 
     batch = True
 
     def __init__(self, m: Map) -> None:
         self.map = m
-        self.frontends: dict[bytes, list[bytes | None]] = {}     # master key -> values by slot
+        self.frontends: dict[bytes, list[Any]] = {}      # master key -> [bytes | None, bytes | list[bytes | None]]
         self.size = 0
         self.reloads = 0
         self._read()
@@ -298,6 +319,8 @@ class ServiceMirror:
         self.size = 0
         for k, v in self.map.items_raw():
             self._put(k, v)
+        for master in self.frontends:
+            self._compact(master)
 
     def reload(self) -> None:
         self._read()
@@ -308,6 +331,28 @@ class ServiceMirror:
         """(the master key of the key's frontend, its slot number)."""
         return key[:6] + b"\0\0" + key[8:], int.from_bytes(key[_SLOT_AT], sys.byteorder)
 
+    @staticmethod
+    def slots(rec: list[Any]) -> Iterator[tuple[int, bytes]]:
+        """(slot number, value) of each slot of a frontend's record that the map holds."""
+        held = rec[1]
+        if type(held) is bytes:
+            for i in range(0, len(held), _VAL):
+                yield i // _VAL + 1, held[i:i + _VAL]
+            return
+        for slot, v in enumerate(held, 1):
+            if v is not None:
+                yield slot, v
+
+    @staticmethod
+    def slot(rec: list[Any], slot: int) -> bytes | None:
+        """The value of one slot (1..) of a frontend's record, None when the map does not hold it."""
+        held = rec[1]
+        if type(held) is bytes:
+            i = (slot - 1) * _VAL
+            return held[i:i + _VAL] if i + _VAL <= len(held) else None
+        value: bytes | None = held[slot - 1] if slot <= len(held) else None
+        return value
+
     def __len__(self) -> int:
         return self.size
 
@@ -317,48 +362,79 @@ class ServiceMirror:
     def get(self, key: bytes) -> bytes | None:
         master, slot = self.split(key)
         rec = self.frontends.get(master)
-        return rec[slot] if rec is not None and slot < len(rec) else None
+        if rec is None:
+            return None
+        if slot == 0:
+            value: bytes | None = rec[0]
+            return value
+        return self.slot(rec, slot)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         for master, rec in self.frontends.items():
+            if rec[0] is not None:
+                yield master, rec[0]
             head, tail = master[:6], master[8:]
-            for slot, v in enumerate(rec):
-                if v is not None:
-                    yield head + slot.to_bytes(2, sys.byteorder) + tail, v
+            for slot, v in self.slots(rec):
+                yield head + slot.to_bytes(2, sys.byteorder) + tail, v
 
     def absent(self, master: bytes, last: int) -> int:
         """How many of slots 0..last of the frontend the map does not hold."""
         rec = self.frontends.get(master)
         if rec is None:
             return last + 1
-        return rec[:last + 1].count(None) + max(0, last + 1 - len(rec))
+        held = rec[1]
+        if type(held) is bytes:
+            missing = max(0, last - len(held) // _VAL)
+        else:
+            missing = held[:last].count(None) + max(0, last - len(held))
+        return missing + (rec[0] is None)
 
     def _put(self, key: bytes, value: bytes) -> None:
         master, slot = self.split(key)
         rec = self.frontends.get(master)
         if rec is None:
-            rec = self.frontends[master] = [None] * (slot + 1)
-        elif len(rec) <= slot:
-            rec.extend([None] * (slot + 1 - len(rec)))
-        if rec[slot] is None:
-            self.size += 1
-        rec[slot] = value
+            rec = self.frontends[master] = [None, b""]
+        if slot == 0:
+            self.size += rec[0] is None
+            rec[0] = value
+            return
+        held = rec[1]
+        if type(held) is bytes:
+            held = rec[1] = [held[i:i + _VAL] for i in range(0, len(held), _VAL)]
+        if len(held) < slot:
+            held.extend([None] * (slot - len(held)))
+        self.size += held[slot - 1] is None
+        held[slot - 1] = value
 
     def _drop(self, key: bytes) -> None:
         master, slot = self.split(key)
         rec = self.frontends.get(master)
-        if rec is None or slot >= len(rec) or rec[slot] is None:
+        if rec is None:
             return
-        rec[slot] = None
+        if slot == 0:
+            if rec[0] is None:
+                return
+            rec[0] = None
+        else:
+            held = rec[1]
+            if type(held) is bytes:
+                if slot * _VAL > len(held):
+                    return
+                held = rec[1] = [held[i:i + _VAL] for i in range(0, len(held), _VAL)]
+            if slot > len(held) or held[slot - 1] is None:
+                return
+            held[slot - 1] = None
+            while held and held[-1] is None:
+                held.pop()
         self.size -= 1
-        while rec and rec[-1] is None:
-            rec.pop()
-        if not rec:
+        if rec[0] is None and not rec[1]:
             del self.frontends[master]
 
-    def write(self, keys: list[bytes], values: list[bytes], runs: list[tuple[bytes, int, int, int]]) -> Failures:
+    def write(self, keys: list[bytes], values: list[bytes], runs: list[tuple[bytes, int, int, int, bytes | None]]
+              ) -> Failures:
         """MapMirror.write_columns of keys[i] -> values[i], which runs describe: (master key, first slot, index of
-        its first key in keys, how many consecutive slots), in the order of keys. Returns the refused writes."""
+        its first key in keys, how many consecutive slots; for all the slots of a frontend that held none, their
+        values as one bytes object, else None), in the order of keys. Returns the refused writes."""
         if not keys:
             return []
         try:
@@ -380,18 +456,35 @@ class ServiceMirror:
                     failures.append((k, exc_one.strerror or str(exc_one)))
                     continue
                 self._put(k, v)
+            for master in {run[0] for run in runs}:
+                self._compact(master)
             return failures
         frontends = self.frontends
-        for master, first, start, n in runs:
-            end = first + n
+        for master, first, start, n, whole in runs:
             rec = frontends.get(master)
-            if rec is None:
-                rec = frontends[master] = [None] * end
-            elif len(rec) < end:
-                rec.extend([None] * (end - len(rec)))
-            self.size += rec[first:end].count(None)
-            rec[first:end] = values[start:start + n]
+            if first == 0 and n == 1:              # a master
+                if rec is None:
+                    rec = frontends[master] = [None, b""]
+                self.size += rec[0] is None
+                rec[0] = values[start]
+                continue
+            if whole is not None and (rec is None or not rec[1]):
+                if rec is None:
+                    frontends[master] = [None, whole]
+                else:
+                    rec[1] = whole
+                self.size += n
+                continue
+            for k, v in zip(keys[start:start + n], values[start:start + n], strict=True):
+                self._put(k, v)
+            self._compact(master)
         return []
+
+    def _compact(self, master: bytes) -> None:
+        """A frontend's slots back to one object once the map holds all of slots 1..n again."""
+        rec = self.frontends.get(master)
+        if rec is not None and type(rec[1]) is list and None not in rec[1]:
+            rec[1] = b"".join(rec[1])
 
     def remove(self, keys: list[bytes]) -> Failures:
         """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
@@ -401,6 +494,8 @@ class ServiceMirror:
             self.map.delete_many(keys)
             for k in keys:
                 self._drop(k)
+            for master in {self.split(k)[0] for k in keys}:
+                self._compact(master)
             return []
         except BpfError:
             self.reload()
@@ -414,6 +509,8 @@ class ServiceMirror:
                 failures.append((k, exc.strerror or str(exc)))
                 continue
             self._drop(k)
+        for master in {self.split(k)[0] for k in keys}:
+            self._compact(master)
         return failures
 
 
@@ -463,7 +560,7 @@ class LBMaps:
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
         # Within one sync: the slots of each backends tuple (by identity), each backend id's slot value.
-        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], tuple[bytes, ...],
+        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], bytes,
                                          tuple[L4Addr, ...]]] = {}
         self._slot_val: dict[int, bytes] = {}
         self._recover_ids()
@@ -479,11 +576,11 @@ class LBMaps:
             self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
                                 int.from_bytes(k, "little"))
         self._svc_ids = IdPool()
-        for master, values in self._svc_m.frontends.items():
-            if values[0] is not None:
+        for master, rec in self._svc_m.frontends.items():
+            if rec[0] is not None:
                 addr, port, _slot, proto = SVC_KEY.unpack(master)
                 l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-                self._svc_ids.record(l4, SVC_VAL.unpack(values[0])[0])
+                self._svc_ids.record(l4, SVC_VAL.unpack(rec[0])[0])
 
     # -- ids ---------------------------------------------------------------------------------
     def _backend_id(self, l4: L4Addr) -> int:
@@ -547,7 +644,7 @@ class LBMaps:
                         table, view, ranges)
 
     def _slot_values(self, backends: tuple[Backend, ...], draining: tuple[Backend, ...]
-                     ) -> tuple[list[int], tuple[bytes, ...], tuple[L4Addr, ...]]:
+                     ) -> tuple[list[int], bytes, tuple[L4Addr, ...]]:
         """The backend ids of a frontend's slots and their lb_services values (allocating the ids), and each
         backend's lb_backends value recorded (draining ones too: in no slot, but open flows find them).
         The frontends of one Service port share their backends (one tuple): done once per tuple in a sync."""
@@ -568,7 +665,7 @@ class LBMaps:
             l4 = be[0]
             be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
         shared, pack_val = self._slot_val, SVC_VAL.pack
-        values = tuple([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
+        values = b"".join([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
         referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
         self._per_tuple[id(backends)] = (backends, draining, idents, values, referenced)
         return idents, values, referenced
@@ -650,8 +747,8 @@ class LBMaps:
         late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": [], "sr": []}
         for l4, p in old.items():
             plan = plans[l4]
-            if len(p.slots) > len(plan.slots):
-                late["svc"] += _slot_keys(p.master[0], len(plan.slots) + 1, len(p.slots))
+            if p.n > plan.n:
+                late["svc"] += _slot_keys(p.master[0], plan.n + 1, p.n)
             late["mg"] += [k for k in p.blocks if k not in plan.blocks]
             late["am"] += [k for k in p.members if k not in plan.members]
             late["iv"] += [k for k in p.view if k not in plan.view]
@@ -661,7 +758,7 @@ class LBMaps:
         #    When a map would still overflow before its late deletions, those go first too.
         early: dict[str, list[bytes]] = {
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in _slot_keys(p.master[0], 1,
-                                                                                              len(p.slots))],
+                                                                                              p.n)],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full else 0
@@ -673,7 +770,7 @@ class LBMaps:
                 return sum(len(part(p)) for p in plans.values())
             return sum(1 for p in plans.values() for k in part(p) if k not in have)
 
-        adds = {"svc": sum(svc.absent(p.master[0], len(p.slots)) for p in plans.values()),
+        adds = {"svc": sum(svc.absent(p.master[0], p.n) for p in plans.values()),
                 "mg": adding(mg, lambda p: p.blocks), "am": adding(am, lambda p: p.members),
                 "iv": adding(iv, lambda p: p.view), "sr": adding(sr, lambda p: p.ranges)}
         for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
@@ -745,7 +842,7 @@ class LBMaps:
             plan = plans.pop(l4)
             gone = [plan, *([old[l4]] if l4 in old else [])]
             report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in
-                                                                           _slot_keys(p.master[0], 1, len(p.slots))])
+                                                                           _slot_keys(p.master[0], 1, p.n)])
             report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
             report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
             report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
@@ -777,7 +874,7 @@ class LBMaps:
         have = svc.frontends
         keys: list[bytes] = []
         values: list[bytes] = []
-        runs: list[tuple[bytes, int, int, int]] = []
+        runs: list[tuple[bytes, int, int, int, bytes | None]] = []
         refused: Failures = []
         written = 0
         for l4, p in plans.items():
@@ -791,22 +888,23 @@ class LBMaps:
             rec = have.get(master)
             if masters:
                 if rec is None or rec[0] != p.master[1]:
-                    runs.append((master, 0, len(keys), 1))
+                    runs.append((master, 0, len(keys), 1, None))
                     keys.append(master)
                     values.append(p.master[1])
                 continue
             slots = p.slots
-            n = len(slots)
-            if not n or (rec is not None and len(rec) > n and tuple(rec[1:n + 1]) == slots):
+            n = p.n
+            if not n or (rec is not None and rec[1] == slots):
                 continue
-            if rec is None or len(rec) == 1:
-                runs.append((master, 1, len(keys), n))
+            if rec is None or not rec[1]:
+                runs.append((master, 1, len(keys), n, slots))
                 keys += _slot_keys(master, 1, n)
-                values += slots
+                values += _values(slots, n)
                 continue
-            for slot, v in enumerate(slots, 1):
-                if slot >= len(rec) or rec[slot] != v:
-                    runs.append((master, slot, len(keys), 1))
+            for slot in range(1, n + 1):
+                v = slots[(slot - 1) * _VAL:slot * _VAL]
+                if svc.slot(rec, slot) != v:
+                    runs.append((master, slot, len(keys), 1, None))
                     keys += _slot_keys(master, slot, slot)
                     values.append(v)
         refused += svc.write(keys, values, runs)
@@ -866,17 +964,17 @@ class LBMaps:
         masters: list[bytes] = []
         slots: list[bytes] = []
         named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
-        for master, values in self._svc_m.frontends.items():
+        for master, rec in self._svc_m.frontends.items():
             addr, port, _slot, proto = SVC_KEY.unpack(master)
             l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-            held = [slot for slot, v in enumerate(values) if v is not None and slot]
+            held = [slot for slot, _ in ServiceMirror.slots(rec)]
             plan = plans.get(l4)
             if plan is not None:
-                named.update(SVC_VAL.unpack(v)[0] for v in values[1:] if v is not None)
-                late["svc"] += [k for slot in held if slot > len(plan.slots) for k in _slot_keys(master, slot, slot)]
+                named.update(SVC_VAL.unpack(v)[0] for _, v in ServiceMirror.slots(rec))
+                late["svc"] += [k for slot in held if slot > plan.n for k in _slot_keys(master, slot, slot)]
                 continue
             slots += [k for slot in held for k in _slot_keys(master, slot, slot)]
-            if values[0] is not None:
+            if rec[0] is not None:
                 masters.append(master)
                 self._svc_ids.forget(l4)
         early["svc"][:0] = masters + slots
