@@ -5,6 +5,7 @@ ready; eTP Local on this node only) plus the draining ones that keep their open 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -75,11 +76,18 @@ class SliceEntry:
     key: str | None                        # namespace/name, None when the metadata is unusable
     service: tuple[str, str] | None        # (namespace, Service name) it belongs to
     parsed: _Slice | None
-    problems: list[Problem]
+    problems: Sequence[Problem]            # () when none (a large cluster: no empty list per slice)
 
 
 def read_slice(raw: Any, index: int) -> SliceEntry:
     """Read one EndpointSlice (index: its position, for the message of a nameless one)."""
+    entry = _read_slice(raw, index)
+    if not entry.problems:
+        entry.problems = ()
+    return entry
+
+
+def _read_slice(raw: Any, index: int) -> SliceEntry:
     problems: list[Problem] = []
     meta = _meta("EndpointSlice", raw, index, problems)
     if meta is None:
@@ -136,6 +144,7 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
             problems.append(Problem(obj, _join(f"ports[{i}]", bad.field), bad.reason))
             continue
         ports.setdefault((name, proto), port)
+    ports = _shared(ports)
 
     endpoints: list[_Endpoint] = []
     for i, raw_endpoint in enumerate(raw_endpoints):
@@ -175,6 +184,22 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
             return _Slice(ports, (), True, (tuple([ep.ip for ep in endpoints]), tuple([ep.name for ep in endpoints]),
                                             tuple([ep.node for ep in endpoints])))
     return _Slice(ports, tuple(endpoints), plain)
+
+
+# The port sets of the slices read (most slices of a cluster list one of a few), each held once: read-only
+# once made. Bounded: emptied when it has grown this large (the slices read before keep theirs).
+_PORT_SETS: dict[tuple[tuple[tuple[str, Proto], int], ...], dict[tuple[str, Proto], int]] = {}
+_PORT_SETS_MAX = 4096
+
+
+def _shared(ports: dict[tuple[str, Proto], int]) -> dict[tuple[str, Proto], int]:
+    key = tuple(ports.items())
+    held = _PORT_SETS.get(key)
+    if held is None:
+        if len(_PORT_SETS) >= _PORT_SETS_MAX:
+            _PORT_SETS.clear()
+        held = _PORT_SETS[key] = ports
+    return held
 
 
 def _plain_endpoint(raw: Any) -> _Endpoint | None:
