@@ -12,17 +12,19 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from itertools import chain
+from types import MappingProxyType
 from typing import Any
 
 from bpflb.datapath.clustermaps import l4_key
-from bpflb.datapath.libbpf import const, ffi, lib, possible_cpus, stat_names
+from bpflb.datapath.libbpf import BpfError, const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
-from bpflb.datapath.mapdiff import MapMirror
+from bpflb.datapath.mapdiff import Failures, MapMirror
 from bpflb.model import maglev
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
@@ -234,20 +236,282 @@ class WriteFailure:
     reason: str
 
 
+_NONE: Mapping[bytes, bytes] = MappingProxyType({})     # the entries of a kind a frontend has none of (shared)
+
+
 @dataclass(slots=True)
 class _Entries:
-    """What one frontend holds in the maps (the exact bytes), as last programmed or as planned."""
+    """What one frontend holds in the maps (the exact bytes), as last programmed or as planned. Its lb_services
+    entries are its master (key, value) and the values of its slots 1..n, whose keys are the master's with the
+    slot number (_slot_keys): a large cluster has a hundred thousand slots, kept once (the values are shared by
+    the frontends of one Service port)."""
 
     fe: Frontend
     sid: int
     master: tuple[bytes, bytes]
-    slots: dict[bytes, bytes]
-    blocks: dict[bytes, bytes]           # lb_maglev
-    members: dict[bytes, bytes]          # lb_affinity_members
+    slots: bytes                         # lb_services values of slots 1..n, one after the other
+    blocks: Mapping[bytes, bytes]        # lb_maglev
+    members: Mapping[bytes, bytes]       # lb_affinity_members
     backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
     table: _TableKey | None = None
-    view: dict[bytes, bytes] = field(default_factory=dict)   # lb_internal_view: what in-cluster clients get
-    ranges: dict[bytes, bytes] = field(default_factory=dict)  # lb_src_ranges: its enforced source prefixes
+    view: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)     # lb_internal_view: what in-cluster
+    ranges: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)   # clients get; lb_src_ranges: its
+    #                                                                       enforced source prefixes
+
+    @property
+    def n(self) -> int:
+        """Its number of slots."""
+        return len(self.slots) // _VAL
+
+
+_SLOT_AT = slice(6, 8)                   # lb_svc_key.slot (host order) within the key
+_VAL = SVC_VAL.size
+_CHUNK = 8192                            # lb_services keys per batch update of a large sync
+
+
+@functools.cache
+def _cutter(n: int) -> struct.Struct:
+    """Cuts the values of n slots, one after the other, into one bytes object each, in C (n <= 64: cached)."""
+    return struct.Struct(f"{_VAL}s" * n)
+
+
+def _values(slots: bytes, n: int) -> list[bytes] | tuple[bytes, ...]:
+    """The values of n slots, one after the other, one bytes object each."""
+    if n <= 64:
+        return _cutter(n).unpack(slots)
+    return [slots[i:i + _VAL] for i in range(0, len(slots), _VAL)]
+
+
+def _slot_keys(master: bytes, first: int, last: int) -> list[bytes]:
+    """The lb_services keys of slots first..last of the frontend whose master key this is."""
+    head, tail = master[:6], master[8:]
+    return [head + slot.to_bytes(2, sys.byteorder) + tail for slot in range(first, last + 1)]
+
+
+class ServiceMirror:
+    """lb_services as the kernel holds it (MapMirror's rules: it follows every write the kernel accepted and is
+    re-read after a failure it cannot account for), kept per frontend rather than per key: each frontend's
+    master key -> [its master's value, its slots' values]. The slots' values are one bytes object while the
+    map holds all of slots 1..n (nearly always; the plan's own object, shared by the frontends of a Service
+    port), else a list by slot number - 1 (None: absent). A dict of the 140,000 keys of 10,000 Services would
+    cost 12 MiB, and their values 3 MiB more; this is a sixth of it, and whole frontends are written at once."""
+
+    batch = True
+
+    def __init__(self, m: Map) -> None:
+        self.map = m
+        self.frontends: dict[bytes, list[Any]] = {}      # master key -> [bytes | None, bytes | list[bytes | None]]
+        self.size = 0
+        self.reloads = 0
+        self._read()
+
+    @property
+    def capacity(self) -> int:
+        return self.map.max_entries
+
+    @property
+    def entries(self) -> dict[bytes, bytes]:
+        """Every (key, value), made anew (for inspection and tests: the sync never asks for them)."""
+        return dict(self.items())
+
+    def _read(self) -> None:
+        self.frontends.clear()
+        self.size = 0
+        for k, v in self.map.items_raw():
+            self._put(k, v)
+        for master in self.frontends:
+            self._compact(master)
+
+    def reload(self) -> None:
+        self._read()
+        self.reloads += 1
+
+    @staticmethod
+    def split(key: bytes) -> tuple[bytes, int]:
+        """(the master key of the key's frontend, its slot number)."""
+        return key[:6] + b"\0\0" + key[8:], int.from_bytes(key[_SLOT_AT], sys.byteorder)
+
+    @staticmethod
+    def slots(rec: list[Any]) -> Iterator[tuple[int, bytes]]:
+        """(slot number, value) of each slot of a frontend's record that the map holds."""
+        held = rec[1]
+        if type(held) is bytes:
+            for i in range(0, len(held), _VAL):
+                yield i // _VAL + 1, held[i:i + _VAL]
+            return
+        for slot, v in enumerate(held, 1):
+            if v is not None:
+                yield slot, v
+
+    @staticmethod
+    def slot(rec: list[Any], slot: int) -> bytes | None:
+        """The value of one slot (1..) of a frontend's record, None when the map does not hold it."""
+        held = rec[1]
+        if type(held) is bytes:
+            i = (slot - 1) * _VAL
+            return held[i:i + _VAL] if i + _VAL <= len(held) else None
+        value: bytes | None = held[slot - 1] if slot <= len(held) else None
+        return value
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.get(key) is not None
+
+    def get(self, key: bytes) -> bytes | None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        if rec is None:
+            return None
+        if slot == 0:
+            value: bytes | None = rec[0]
+            return value
+        return self.slot(rec, slot)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for master, rec in self.frontends.items():
+            if rec[0] is not None:
+                yield master, rec[0]
+            head, tail = master[:6], master[8:]
+            for slot, v in self.slots(rec):
+                yield head + slot.to_bytes(2, sys.byteorder) + tail, v
+
+    def absent(self, master: bytes, last: int) -> int:
+        """How many of slots 0..last of the frontend the map does not hold."""
+        rec = self.frontends.get(master)
+        if rec is None:
+            return last + 1
+        held = rec[1]
+        if type(held) is bytes:
+            missing = max(0, last - len(held) // _VAL)
+        else:
+            missing = held[:last].count(None) + max(0, last - len(held))
+        return missing + (rec[0] is None)
+
+    def _put(self, key: bytes, value: bytes) -> None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        if rec is None:
+            rec = self.frontends[master] = [None, b""]
+        if slot == 0:
+            self.size += rec[0] is None
+            rec[0] = value
+            return
+        held = rec[1]
+        if type(held) is bytes:
+            held = rec[1] = [held[i:i + _VAL] for i in range(0, len(held), _VAL)]
+        if len(held) < slot:
+            held.extend([None] * (slot - len(held)))
+        self.size += held[slot - 1] is None
+        held[slot - 1] = value
+
+    def _drop(self, key: bytes) -> None:
+        master, slot = self.split(key)
+        rec = self.frontends.get(master)
+        if rec is None:
+            return
+        if slot == 0:
+            if rec[0] is None:
+                return
+            rec[0] = None
+        else:
+            held = rec[1]
+            if type(held) is bytes:
+                if slot * _VAL > len(held):
+                    return
+                held = rec[1] = [held[i:i + _VAL] for i in range(0, len(held), _VAL)]
+            if slot > len(held) or held[slot - 1] is None:
+                return
+            held[slot - 1] = None
+            while held and held[-1] is None:
+                held.pop()
+        self.size -= 1
+        if rec[0] is None and not rec[1]:
+            del self.frontends[master]
+
+    def write(self, keys: list[bytes], values: list[bytes], runs: list[tuple[bytes, int, int, int, bytes | None]]
+              ) -> Failures:
+        """MapMirror.write_columns of keys[i] -> values[i], which runs describe: (master key, first slot, index of
+        its first key in keys, how many consecutive slots; for all the slots of a frontend that held none, their
+        values as one bytes object, else None), in the order of keys. Returns the refused writes."""
+        if not keys:
+            return []
+        try:
+            self.map.update_columns(keys, values)
+        except BpfError as exc:
+            done = getattr(exc, "done", None)
+            if done is None:
+                self.reload()       # how far the batch got is unknown: ask the kernel
+                done = 0
+            for k, v in zip(keys[:done], values[:done], strict=True):
+                self._put(k, v)
+            failures: Failures = []
+            for k, v in zip(keys[done:], values[done:], strict=True):
+                if self.get(k) == v:
+                    continue
+                try:
+                    self.map.update_raw(k, v)
+                except BpfError as exc_one:
+                    failures.append((k, exc_one.strerror or str(exc_one)))
+                    continue
+                self._put(k, v)
+            for master in {run[0] for run in runs}:
+                self._compact(master)
+            return failures
+        frontends = self.frontends
+        for master, first, start, n, whole in runs:
+            rec = frontends.get(master)
+            if first == 0 and n == 1:              # a master
+                if rec is None:
+                    rec = frontends[master] = [None, b""]
+                self.size += rec[0] is None
+                rec[0] = values[start]
+                continue
+            if whole is not None and (rec is None or not rec[1]):
+                if rec is None:
+                    frontends[master] = [None, whole]
+                else:
+                    rec[1] = whole
+                self.size += n
+                continue
+            for k, v in zip(keys[start:start + n], values[start:start + n], strict=True):
+                self._put(k, v)
+            self._compact(master)
+        return []
+
+    def _compact(self, master: bytes) -> None:
+        """A frontend's slots back to one object once the map holds all of slots 1..n again."""
+        rec = self.frontends.get(master)
+        if rec is not None and type(rec[1]) is list and None not in rec[1]:
+            rec[1] = b"".join(rec[1])
+
+    def remove(self, keys: list[bytes]) -> Failures:
+        """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
+        if not keys:
+            return []
+        try:
+            self.map.delete_many(keys)
+            for k in keys:
+                self._drop(k)
+            for master in {self.split(k)[0] for k in keys}:
+                self._compact(master)
+            return []
+        except BpfError:
+            self.reload()
+        failures: Failures = []
+        for k in keys:
+            if k not in self:
+                continue
+            try:
+                self.map.delete_raw(k)
+            except BpfError as exc:
+                failures.append((k, exc.strerror or str(exc)))
+                continue
+            self._drop(k)
+        for master in {self.split(k)[0] for k in keys}:
+            self._compact(master)
+        return failures
 
 
 class LBMaps:
@@ -278,7 +542,7 @@ class LBMaps:
         self.dsr_mapped: Map = obj.map("lb_dsr_mapped")      # closed by the conntrack collector (conntrack.py)
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
-        self._svc_m, self._be_m = MapMirror(self.services), MapMirror(self.backends)
+        self._svc_m, self._be_m = ServiceMirror(self.services), MapMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
         self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
@@ -287,7 +551,9 @@ class LBMaps:
         self._tables_kept = 0
         self._prog: dict[L4Addr, _Entries] = {}           # frontends as programmed by this process
         self._be_refs: dict[L4Addr, int] = {}             # programmed frontends referencing each backend
-        self._be_val: dict[L4Addr, bytes] = {}            # each referenced backend's lb_backends value
+        # Within one sync: the lb_backends value of each backend its plans reference (the others' are in the map
+        # as they should be: a backend whose write failed failed its frontends, which the next sync plans again).
+        self._be_val: dict[L4Addr, bytes] = {}
         self._full = True                                 # compare everything (maps included) at the next sync
         self._sweep = False           # a partial sync kept entries of the maps nobody may want: compare at the next complete one
         self._seen = -2                                   # the generation of the state synced last
@@ -295,11 +561,11 @@ class LBMaps:
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
         # Within one sync: the slots of each backends tuple (by identity), each backend id's slot value.
-        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], list[bytes],
+        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], bytes,
                                          tuple[L4Addr, ...]]] = {}
         self._slot_val: dict[int, bytes] = {}
         self._recover_ids()
-        if self._svc_m.entries or self._be_m.entries:
+        if len(self._svc_m) or self._be_m.entries:
             log.info("recovered %d frontends and %d backends from pinned maps",
                      len(self._svc_ids), len(self._be_ids))
 
@@ -311,11 +577,11 @@ class LBMaps:
             self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
                                 int.from_bytes(k, "little"))
         self._svc_ids = IdPool()
-        for k, v in self._svc_m.entries.items():
-            addr, port, slot, proto = SVC_KEY.unpack(k)
-            if slot == 0:
+        for master, rec in self._svc_m.frontends.items():
+            if rec[0] is not None:
+                addr, port, _slot, proto = SVC_KEY.unpack(master)
                 l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-                self._svc_ids.record(l4, SVC_VAL.unpack(v)[0])
+                self._svc_ids.record(l4, SVC_VAL.unpack(rec[0])[0])
 
     # -- ids ---------------------------------------------------------------------------------
     def _backend_id(self, l4: L4Addr) -> int:
@@ -338,7 +604,7 @@ class LBMaps:
         (LB_SRC_RANGES_MAX in all); when they no longer fit, the frontend fails closed, admitting no client,
         reported, until prefixes are freed."""
         sid = self._service_id(fe.l4)
-        ranges: dict[bytes, bytes] = {}
+        ranges: Mapping[bytes, bytes] = _NONE
         closed = False
         if fe.source_ranges:
             if self._sr_used + len(fe.source_ranges) > const("LB_SRC_RANGES_MAX"):
@@ -354,13 +620,11 @@ class LBMaps:
                            fe.source_ranges_deny and not closed)
         l4 = fe.l4
         addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
-        key = SVC_KEY.pack
-        ids, values, referenced = self._slot_values(fe.backends, fe.draining)
-        slots = dict(zip([key(addr, port, slot, proto) for slot in range(1, len(ids) + 1)], values))
-        master = (key(addr, port, 0, proto),
+        ids, slots, referenced = self._slot_values(fe.backends, fe.draining)
+        master = (SVC_KEY.pack(addr, port, 0, proto),
                   SVC_VAL.pack(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
-        blocks: dict[bytes, bytes] = {}
-        members: dict[bytes, bytes] = {}
+        blocks: Mapping[bytes, bytes] = _NONE
+        members: Mapping[bytes, bytes] = _NONE
         table: _TableKey | None = None
         if fe.backends and fe.algorithm == Algorithm.MAGLEV:
             table = (maglev_names(fe.backends), m, seed)
@@ -372,7 +636,7 @@ class LBMaps:
             blocks = {_pair(sid, i): block for i, block in enumerate(cached)}
         if fe.backends and fe.affinity_timeout:
             members = {_pair(sid, ident): _MEMBER for ident in ids}
-        view: dict[bytes, bytes] = {}
+        view: Mapping[bytes, bytes] = _NONE
         if not fe.in_cluster:
             view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
         elif fe.internal is not None:
@@ -381,7 +645,7 @@ class LBMaps:
                         table, view, ranges)
 
     def _slot_values(self, backends: tuple[Backend, ...], draining: tuple[Backend, ...]
-                     ) -> tuple[list[int], list[bytes], tuple[L4Addr, ...]]:
+                     ) -> tuple[list[int], bytes, tuple[L4Addr, ...]]:
         """The backend ids of a frontend's slots and their lb_services values (allocating the ids), and each
         backend's lb_backends value recorded (draining ones too: in no slot, but open flows find them).
         The frontends of one Service port share their backends (one tuple): done once per tuple in a sync."""
@@ -402,7 +666,7 @@ class LBMaps:
             l4 = be[0]
             be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
         shared, pack_val = self._slot_val, SVC_VAL.pack
-        values = [shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents]
+        values = b"".join([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
         referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
         self._per_tuple[id(backends)] = (backends, draining, idents, values, referenced)
         return idents, values, referenced
@@ -430,7 +694,7 @@ class LBMaps:
         full = self._full
         sweep = self._sweep and not partial and not full    # what partial syncs kept, looked at once
         if full and partial:        # what a previous agent left stays until a complete state says who wants it
-            self._sweep = self._sweep or any(x.entries for x in (self._svc_m, self._be_m, self._mg_m, self._am_m,
+            self._sweep = self._sweep or any(len(x) for x in (self._svc_m, self._be_m, self._mg_m, self._am_m,
                                                                   self._iv_m, self._sr_m))
         if full and prog:                        # after a sync that did not finish: start from the maps
             prog.clear()
@@ -438,6 +702,7 @@ class LBMaps:
             self._retry.clear()
             self._recover_ids()
         self._full = True                        # until this sync is done
+        self._be_val = {}
         if full:
             changed = list(new.values())
             removed = []
@@ -476,7 +741,13 @@ class LBMaps:
         early_be = [l4 for l4 in stale_be if l4 not in still_named]
         late_be = [l4 for l4 in stale_be if l4 in still_named]
         known, bid, be_val = self._be_ids._ids.get, self._be_ids.get, self._be_val   # draining ones: ids now
-        want_be = [((known(l4) or bid(l4)).to_bytes(4, "little"), be_val[l4]) for l4 in touched if refs[l4] > 0]
+        # What lb_backends should hold of them, as two columns (a large sync's 60,000 without a pair each).
+        want_be = [l4 for l4 in touched if refs[l4] > 0 and l4 in be_val]
+        del touched
+        be_keys = [(known(l4) or bid(l4)).to_bytes(4, "little") for l4 in want_be]
+        be_vals = [be_val[l4] for l4 in want_be]
+        del want_be
+        self._be_val = {}
 
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
         # Stale entries of frontends that change, removed once their new master is in place (a shrunk count
@@ -484,7 +755,8 @@ class LBMaps:
         late: dict[str, list[bytes]] = {"svc": [], "mg": [], "am": [], "iv": [], "sr": []}
         for l4, p in old.items():
             plan = plans[l4]
-            late["svc"] += [k for k in p.slots if k not in plan.slots]
+            if p.n > plan.n:
+                late["svc"] += _slot_keys(p.master[0], plan.n + 1, p.n)
             late["mg"] += [k for k in p.blocks if k not in plan.blocks]
             late["am"] += [k for k in p.members if k not in plan.members]
             late["iv"] += [k for k in p.view if k not in plan.view]
@@ -493,7 +765,8 @@ class LBMaps:
         # 0. Room first: removed frontends whole (master, then what it named), backends nobody names.
         #    When a map would still overflow before its late deletions, those go first too.
         early: dict[str, list[bytes]] = {
-            "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
+            "svc": [p.master[0] for p in removed] + [k for p in removed for k in _slot_keys(p.master[0], 1,
+                                                                                              p.n)],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
         leftover_frontends = 0
@@ -506,21 +779,21 @@ class LBMaps:
             leftover_frontends = self._leftovers(wanted, early, late, early_be, late_be)
         iv, sr = self._iv_m, self._sr_m
 
-        def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
+        def adding(mirror: MapMirror, part: Callable[[_Entries], Mapping[bytes, bytes]]) -> int:
             have = mirror.entries
             if not have:                # the first sync: every key is new
                 return sum(len(part(p)) for p in plans.values())
             return sum(1 for p in plans.values() for k in part(p) if k not in have)
 
-        adds = {"svc": adding(svc, lambda p: p.slots) + adding(svc, lambda p: (p.master[0],)),
+        adds = {"svc": sum(svc.absent(p.master[0], p.n) for p in plans.values()),
                 "mg": adding(mg, lambda p: p.blocks), "am": adding(am, lambda p: p.members),
                 "iv": adding(iv, lambda p: p.view), "sr": adding(sr, lambda p: p.ranges)}
         for name, mirror in (("svc", svc), ("mg", mg), ("am", am), ("iv", iv), ("sr", sr)):
-            if mirror.capacity and len(mirror.entries) - len(early[name]) + adds[name] > mirror.capacity:
+            if mirror.capacity and len(mirror) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
                 late[name] = []
         if be_m.capacity and len(be_m.entries) - len(early_be) + \
-                sum(1 for k, _ in want_be if k not in be_m.entries) > be_m.capacity:
+                sum(1 for k in be_keys if k not in be_m.entries) > be_m.capacity:
             early_be, late_be = early_be + late_be, []
         report.frontends_removed = len(removed) + leftover_frontends
         report.slots_removed += self._remove(svc, early["svc"])
@@ -540,9 +813,13 @@ class LBMaps:
                 failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
 
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        be_changed = be_m.changed(dict(want_be)) if be_m.entries else want_be     # its keys are distinct
-        bad_be = dict(be_m.write(be_changed))
-        report.backends_written = len(be_changed) - len(bad_be)
+        if be_m.entries:            # its keys are distinct
+            have_be = be_m.entries
+            changed_be = [i for i, (k, v) in enumerate(zip(be_keys, be_vals, strict=True)) if have_be.get(k) != v]
+            be_keys, be_vals = [be_keys[i] for i in changed_be], [be_vals[i] for i in changed_be]
+        bad_be = dict(be_m.write_columns(be_keys, be_vals))
+        report.backends_written = len(be_keys) - len(bad_be)
+        del be_keys, be_vals
         if bad_be:
             for l4, p in plans.items():
                 for b in p.backends:
@@ -551,7 +828,7 @@ class LBMaps:
                         fail(l4, self.backends.name, f"backend {b}: {why}")
                         break
         # 2. backend slots before their master entry, so a grown count never points past them.
-        report.slots_written = self._write(svc, plans, failed, lambda p: p.slots, fail)
+        report.slots_written = self._write_services(plans, failed, fail, masters=False)
         # 2b. Maglev tables and affinity members name slots and backends that now exist; the table size
         # and seed follow the tables (an entry read with the other size is still a slot of the frontend).
         report.maglev_blocks_written = self._write(mg, plans, failed, lambda p: p.blocks, fail)
@@ -562,8 +839,8 @@ class LBMaps:
         report.maglev_config_changed = self._set_maglev_config(m, seed)
         self._table_params = (m, seed)
         # 3. masters last: a frontend appears, grows, or switches algorithm or affinity only now.
-        appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc.entries]
-        report.slots_written += self._write(svc, plans, failed, lambda p: dict([p.master]), fail)
+        appearing = [l4 for l4, p in plans.items() if l4 not in old and p.master[0] not in svc]
+        report.slots_written += self._write_services(plans, failed, fail, masters=True)
         report.frontends_added = sum(1 for l4 in appearing if l4 not in failed)
         # 3b. internal views of external frontends (in-cluster clients): they name ClusterIP frontends, which
         # the datapath looks up itself (a view whose frontend is missing is not used); all zeros: not served
@@ -579,7 +856,8 @@ class LBMaps:
         for l4, failure in failed.items():
             plan = plans.pop(l4)
             gone = [plan, *([old[l4]] if l4 in old else [])]
-            report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in p.slots])
+            report.slots_removed += self._remove(svc, [plan.master[0]] + [k for p in gone for k in
+                                                                           _slot_keys(p.master[0], 1, p.n)])
             report.maglev_blocks_removed += self._remove(mg, [k for p in gone for k in p.blocks])
             report.affinity_members_removed += self._remove(am, [k for p in gone for k in p.members])
             report.internal_views_changed += self._remove(iv, [k for p in gone for k in p.view])
@@ -604,8 +882,58 @@ class LBMaps:
         self._prune_tables()
         return report
 
+    def _write_services(self, plans: dict[L4Addr, _Entries], failed: dict[L4Addr, WriteFailure],
+                        fail: Callable[[L4Addr, str, str], None], masters: bool) -> int:
+        """_write of lb_services: the slots of every plan not failed yet (masters: their masters), a frontend at
+        a time, in batches of about _CHUNK keys (their keys are made for the write and dropped after it, rather
+        than all of them held at once); refused keys fail their frontend."""
+        svc = self._svc_m
+        have = svc.frontends
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        runs: list[tuple[bytes, int, int, int, bytes | None]] = []
+        refused: Failures = []
+        written = 0
+        for l4, p in plans.items():
+            if len(keys) >= _CHUNK:
+                refused += svc.write(keys, values, runs)
+                written += len(keys)
+                keys, values, runs = [], [], []
+            if l4 in failed:
+                continue
+            master = p.master[0]
+            rec = have.get(master)
+            if masters:
+                if rec is None or rec[0] != p.master[1]:
+                    runs.append((master, 0, len(keys), 1, None))
+                    keys.append(master)
+                    values.append(p.master[1])
+                continue
+            slots = p.slots
+            n = p.n
+            if not n or (rec is not None and rec[1] == slots):
+                continue
+            if rec is None or not rec[1]:
+                runs.append((master, 1, len(keys), n, slots))
+                keys += _slot_keys(master, 1, n)
+                values += _values(slots, n)
+                continue
+            for slot in range(1, n + 1):
+                v = slots[(slot - 1) * _VAL:slot * _VAL]
+                if svc.slot(rec, slot) != v:
+                    runs.append((master, slot, len(keys), 1, None))
+                    keys += _slot_keys(master, slot, slot)
+                    values.append(v)
+        refused += svc.write(keys, values, runs)
+        written += len(keys)
+        if refused:
+            owner = {p.master[0]: l4 for l4, p in plans.items()}
+            for k, why in refused:
+                fail(owner[svc.split(k)[0]], svc.map.name, why)
+        return written - len(refused)
+
     def _write(self, mirror: MapMirror, plans: dict[L4Addr, _Entries], failed: dict[L4Addr, WriteFailure],
-               part: Callable[[_Entries], dict[bytes, bytes]],
+               part: Callable[[_Entries], Mapping[bytes, bytes]],
                fail: Callable[[L4Addr, str, str], None]) -> int:
         """Write one kind of entry of every plan not failed yet; refused keys fail their frontend."""
         keys: list[bytes] = []
@@ -625,9 +953,9 @@ class LBMaps:
                 fail(owner[k], mirror.map.name, why)
         return len(keys) - len(refused)
 
-    def _remove(self, mirror: MapMirror, keys: list[bytes]) -> int:
+    def _remove(self, mirror: MapMirror | ServiceMirror, keys: list[bytes]) -> int:
         """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
-        present = [k for k in keys if k in mirror.entries]
+        present = [k for k in keys if k in mirror]
         bad = mirror.remove(present)
         if bad:
             log.warning("map %s: %d deletions refused (%s); the next sync compares everything again",
@@ -640,7 +968,6 @@ class LBMaps:
         for l4 in stale:
             ident = self._be_ids.known(l4)
             self._be_refs.pop(l4, None)
-            self._be_val.pop(l4, None)
             if ident is not None:
                 keys.append(_u32(ident))
                 self._be_ids.forget(l4)
@@ -652,30 +979,28 @@ class LBMaps:
         what the maps hold that no frontend wants (a previous agent's state). Frontends gone
         whole go first (their masters before the rest); what frontends still served hold goes after their new
         entries are in place. Returns how many frontends are gone."""
-        have = self._svc_m.entries
-        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if have else set()
         masters: list[bytes] = []
         slots: list[bytes] = []
-        named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
-        for k in [k for k in have if k not in wanted]:      # (unpacked only when nobody wants it)
-            addr, port, slot, proto = SVC_KEY.unpack(k)
+        served: list[list[Any]] = []         # the records of frontends still served (their slots name backends)
+        for master, rec in self._svc_m.frontends.items():
+            addr, port, _slot, proto = SVC_KEY.unpack(master)
             l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
-            if l4 in plans:
-                late["svc"].append(k)          # a slot its frontend no longer has: it goes after the master
-                if slot:
-                    named.add(SVC_VAL.unpack(have[k])[0])
-            elif slot:
-                slots.append(k)
-            else:
-                masters.append(k)
+            plan = plans.get(l4)
+            if plan is not None:
+                served.append(rec)
+                late["svc"] += [k for slot, _ in ServiceMirror.slots(rec) if slot > plan.n
+                                for k in _slot_keys(master, slot, slot)]
+                continue
+            slots += [k for slot, _ in ServiceMirror.slots(rec) for k in _slot_keys(master, slot, slot)]
+            if rec[0] is not None:
+                masters.append(master)
                 self._svc_ids.forget(l4)
         early["svc"][:0] = masters + slots
         unnamed = [(l4, ident) for l4, ident in self._be_ids.items() if self._be_refs.get(l4, 0) <= 0]
-        if unnamed:
-            for k in wanted:
-                addr, port, slot, proto = SVC_KEY.unpack(k)
-                if slot and k in have:
-                    named.add(SVC_VAL.unpack(have[k])[0])
+        named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
+        if unnamed:                          # (read only when some backend is no frontend's any more)
+            for rec in served:
+                named.update(SVC_VAL.unpack(v)[0] for _, v in ServiceMirror.slots(rec))
         sids = {p.sid for p in plans.values()}
         for name, mirror, part in (("mg", self._mg_m, "blocks"), ("am", self._am_m, "members")):
             want = {k for p in plans.values() for k in getattr(p, part)}

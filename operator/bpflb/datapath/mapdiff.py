@@ -31,6 +31,12 @@ class MapMirror:
         """The map's max_entries (0 when unknown)."""
         return self.map.max_entries
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
     def reload(self) -> None:
         """Read the map's entries from the kernel again: the truth after a write whose outcome is unknown."""
         self.entries.clear()

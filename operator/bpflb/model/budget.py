@@ -62,30 +62,40 @@ class Refusal:
 
 @dataclass(slots=True)
 class _Demand:
+    """What one Service needs: entries of each map of _COUNTED (in that order) and the frontend too big for any
+    map. The distinct keys it needs (_keys) are made again when asked for rather than kept: a large cluster has
+    10,000 Services, whose tuples of keys would be kept between syncs (as many as the backends)."""
+
     frontends: tuple[Frontend, ...]
-    counts: dict[str, int]
-    sets: dict[str, tuple[Any, ...]]      # per map of distinct keys, the Service's keys (each once); none: absent
+    counts: tuple[int, ...]
     too_big: Frontend | None
 
 
-def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address], table_size: int) -> _Demand:
+def _demand(frontends: tuple[Frontend, ...], table_size: int) -> _Demand:
     blocks = -(-table_size // MAGLEV_BLOCK)
-    counts = dict.fromkeys(_COUNTED, 0)
-    backends: set[L4Addr] = set()
-    dsr: set[L4Addr] = set()
-    local: set[L4Addr] = set()
-    members: set[tuple[L4Addr, L4Addr]] = set()
-    views: set[L4Addr] = set()
+    services = maglev_blocks = members = 0
     too_big = None
     for fe in frontends:
         n = len(fe.backends)
         if n > SLOTS_MAX and too_big is None:
             too_big = fe
-        counts[SERVICES] += 1 + n
+        services += 1 + n
         if n and fe.algorithm == Algorithm.MAGLEV:
-            counts[MAGLEV] += blocks
+            maglev_blocks += blocks
         if n and fe.affinity_timeout:
-            counts[MEMBERS] += n
+            members += n
+    return _Demand(frontends, (services, maglev_blocks, members), too_big)   # the order of _COUNTED
+
+
+def _keys(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address]) -> dict[str, tuple[Any, ...]]:
+    """Per map of distinct keys (_SETS), the keys a Service's frontends need, each once; a map it needs none
+    of is absent. The same for the same frontends and node addresses."""
+    backends: set[L4Addr] = set()
+    dsr: set[L4Addr] = set()
+    local: set[L4Addr] = set()
+    members: set[tuple[L4Addr, L4Addr]] = set()
+    views: set[L4Addr] = set()
+    for fe in frontends:
         external = fe.kind is not FrontendKind.CLUSTER_IP      # ClusterIPs: no DSR, no reply guard
         every = fe.backends + fe.draining if fe.draining else fe.backends
         backends.update([be.l4 for be in every])
@@ -101,10 +111,8 @@ def _demand(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address
                 dsr.add(fe.l4)
                 key = fe.l4
             members.update((key, be.l4) for be in fe.backends + fe.draining if be.local)
-    # Tuples, not sets: a large cluster has 10,000 of these, kept between syncs.
-    sets = {name: tuple(keys) for name, keys in ((BACKENDS, backends), (DSR, dsr), (LOCAL, local),
+    return {name: tuple(keys) for name, keys in ((BACKENDS, backends), (DSR, dsr), (LOCAL, local),
                                                  (DSR_MEMBERS, members), (VIEWS, views)) if keys}
-    return _Demand(frontends, counts, sets, too_big)
 
 
 def by_service(state: DesiredState) -> dict[str, tuple[Frontend, ...]]:
@@ -135,9 +143,10 @@ class Budget:
         self._seen = -2                          # the generation of the last state fitted
 
     def _add(self, svc: str, d: _Demand, sign: int) -> None:
-        for name, n in d.counts.items():
+        for name, n in zip(_COUNTED, d.counts, strict=True):
             self._counts[name] += sign * n
-        for name, keys in d.sets.items():
+        assert self._context is not None
+        for name, keys in _keys(d.frontends, self._context[0]).items():
             refs = self._refs[name]
             if sign > 0:
                 refs.update(keys)           # counted in C
@@ -174,7 +183,7 @@ class Budget:
             if d is not None:
                 self._add(svc, demands.pop(svc), -1)
             if fes is not None:
-                d = demands[svc] = _demand(fes, context[0], context[1])
+                d = demands[svc] = _demand(fes, context[1])
                 self._add(svc, d, +1)
         self._seen = state.generation
         fits = all(self._counts[n] <= capacity[n] for n in _COUNTED if capacity.get(n)) and \
@@ -205,6 +214,8 @@ class Budget:
     def _admit(self, state: DesiredState, capacity: Mapping[str, int]) -> list[Refusal]:
         """Oldest first, each Service if it fits what the ones before it left."""
         rank = state.service_rank
+        assert self._context is not None
+        node_addrs = self._context[0]
         used = dict.fromkeys(_COUNTED, 0)
         taken: dict[str, set[Any]] = {name: set() for name in _SETS}
         refusals: list[Refusal] = []
@@ -214,16 +225,17 @@ class Budget:
                 refusals.append(self._too_big(svc, d))
                 continue
             short: tuple[str, int, int] | None = None       # map, needed, left
-            for name in _COUNTED:
+            for name, need in zip(_COUNTED, d.counts, strict=True):
                 cap = capacity.get(name)
-                if cap and used[name] + d.counts[name] > cap:
-                    short = (name, d.counts[name], cap - used[name])
+                if cap and used[name] + need > cap:
+                    short = (name, need, cap - used[name])
                     break
             fresh: dict[str, frozenset[Any]] = {}
             if short is None:
+                sets = _keys(d.frontends, node_addrs)
                 for name in _SETS:
                     cap = capacity.get(name)
-                    fresh[name] = frozenset(d.sets.get(name, ())).difference(taken[name]) if cap else frozenset()
+                    fresh[name] = frozenset(sets.get(name, ())).difference(taken[name]) if cap else frozenset()
                     if cap and len(taken[name]) + len(fresh[name]) > cap:
                         short = (name, len(fresh[name]), cap - len(taken[name]))
                         break
@@ -234,8 +246,8 @@ class Budget:
                     f"are left after the Services admitted before it (oldest first); the Service is not "
                     f"programmed, every other Service is")))
                 continue
-            for name in _COUNTED:
-                used[name] += d.counts[name]
+            for name, need in zip(_COUNTED, d.counts, strict=True):
+                used[name] += need
             for name in _SETS:
                 taken[name] |= fresh.get(name, frozenset())
         return refusals

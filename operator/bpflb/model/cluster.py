@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from typing import Generic, TypeVar
 
 from bpflb.model.settings import AgentConfig, decode_agent_config
-from bpflb.model.types import DesiredState, FrontendKind, L4Addr, Problem
+from bpflb.model.types import DesiredState, Frontend, FrontendKind, L4Addr, Problem
 from bpflb.sources.base import Snapshot
 
 
@@ -116,34 +116,61 @@ class Facts(Mapping[K, int]):
 
 class _Counted(Generic[K]):
     """Keys counted by how many frontends need them (and under which value, the highest wins), with what
-    changed since the last take()."""
+    changed since the last take(). A key's count is a plain int while every frontend names it with one value
+    (nearly always: a dict per key would cost more than everything else these sets hold), a dict of value ->
+    count otherwise."""
 
     def __init__(self) -> None:
-        self.counts: dict[K, dict[int, int]] = {}
+        self.counts: dict[K, int | dict[int, int]] = {}
         self.values: dict[K, int] = {}
         self.added: set[K] = set()
         self.removed: set[K] = set()
 
     def count(self, keys: Iterable[tuple[K, int]], sign: int) -> None:
+        counts, values = self.counts, self.values
         for k, value in keys:
-            per = self.counts.get(k)
-            if per is None:
-                per = self.counts[k] = {}
+            per = counts.get(k)
+            before = values.get(k)
+            if type(per) is int:
+                if value == before:
+                    left = per + sign
+                    if left > 0:
+                        counts[k] = left
+                        continue
+                    if left == 0:
+                        del counts[k]
+                        del values[k]
+                        self.added.discard(k)
+                        self.removed.add(k)
+                        continue
+                assert before is not None
+                per = {before: per}
+            elif per is None:
+                if sign > 0:
+                    counts[k] = sign
+                    values[k] = value
+                    self.added.add(k)
+                    self.removed.discard(k)
+                    continue
+                per = {}
+            assert isinstance(per, dict)
             left = per.get(value, 0) + sign
             if left:
                 per[value] = left
             else:
                 del per[value]
-            before = self.values.get(k)
             after = max(per) if per else None
             if after is None:
-                del self.counts[k]
-                del self.values[k]
+                del counts[k]
+                del values[k]
                 self.added.discard(k)
                 if before is not None:
                     self.removed.add(k)
-            elif after != before:
-                self.values[k] = after
+                continue
+            only = per[after] if len(per) == 1 else 0
+            counts[k] = only if only > 0 else per
+            if after != before:
+                values[k] = after
                 self.added.add(k)
                 self.removed.discard(k)
 
@@ -164,11 +191,28 @@ class ClusterFacts:
     def _reset(self, addrs: frozenset[IPv4Address]) -> None:
         self._addrs = addrs
         self._seen = -2
-        self._per: dict[L4Addr, tuple[tuple[tuple[L4Addr, int], ...], tuple[tuple[L4Addr, int], ...],
-                                      tuple[tuple[tuple[L4Addr, L4Addr], int], ...]]] = {}
+        self._per: dict[L4Addr, Frontend] = {}       # each counted frontend (its keys are made again to uncount)
         self._dsr: _Counted[L4Addr] = _Counted()
         self._local: _Counted[L4Addr] = _Counted()
         self._members: _Counted[tuple[L4Addr, L4Addr]] = _Counted()
+
+    def _keys(self, fe: Frontend) -> tuple[tuple[tuple[L4Addr, int], ...], tuple[tuple[L4Addr, int], ...],
+                                           tuple[tuple[tuple[L4Addr, L4Addr], int], ...]]:
+        """What one frontend counts in (the DSR frontends, this node's backends, the DSR members): the same
+        every time for the same frontend and node addresses (a change of those resets everything)."""
+        dsr: tuple[tuple[L4Addr, int], ...] = ()
+        members: tuple[tuple[tuple[L4Addr, L4Addr], int], ...] = ()
+        local: tuple[tuple[L4Addr, int], ...] = ()
+        if fe.kind is not FrontendKind.CLUSTER_IP:             # a ClusterIP never enters from outside
+            local = tuple((be.l4, 1) for be in (*fe.backends, *fe.draining) if be.local)
+        if not fe.local_only and fe.kind is not FrontendKind.CLUSTER_IP:
+            if fe.kind is FrontendKind.NODEPORT:
+                dsr = tuple((L4Addr(a, fe.l4.port, fe.l4.proto), int(DsrFrontendKind.NODEPORT)) for a in self._addrs)
+                key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto)
+            else:
+                dsr, key = ((fe.l4, int(DsrFrontendKind.ADDRESS)),), fe.l4
+            members = tuple(((key, be), 1) for be, _ in local)
+        return dsr, local, members
 
     def update(self, state: DesiredState, all_node_addrs: set[IPv4Address]
                ) -> tuple[Facts[L4Addr], Facts[tuple[L4Addr, L4Addr]], Facts[L4Addr]]:
@@ -186,25 +230,15 @@ class ClusterFacts:
         for l4 in look:
             before = self._per.pop(l4, None)
             if before is not None:
-                self._dsr.count(before[0], -1)
-                self._local.count(before[1], -1)
-                self._members.count(before[2], -1)
+                dsr, local, members = self._keys(before)
+                self._dsr.count(dsr, -1)
+                self._local.count(local, -1)
+                self._members.count(members, -1)
             fe = state.frontends.get(l4)
             if fe is None:
                 continue
-            dsr: tuple[tuple[L4Addr, int], ...] = ()
-            members: tuple[tuple[tuple[L4Addr, L4Addr], int], ...] = ()
-            local: tuple[tuple[L4Addr, int], ...] = ()
-            if fe.kind is not FrontendKind.CLUSTER_IP:             # a ClusterIP never enters from outside
-                local = tuple((be.l4, 1) for be in (*fe.backends, *fe.draining) if be.local)
-            if not fe.local_only and fe.kind is not FrontendKind.CLUSTER_IP:
-                if fe.kind is FrontendKind.NODEPORT:
-                    dsr = tuple((L4Addr(a, fe.l4.port, fe.l4.proto), int(DsrFrontendKind.NODEPORT)) for a in addrs)
-                    key = L4Addr(ANY_NODE, fe.l4.port, fe.l4.proto)
-                else:
-                    dsr, key = ((fe.l4, int(DsrFrontendKind.ADDRESS)),), fe.l4
-                members = tuple(((key, be), 1) for be, _ in local)
-            self._per[l4] = (dsr, local, members)
+            self._per[l4] = fe
+            dsr, local, members = self._keys(fe)
             self._dsr.count(dsr, +1)
             self._local.count(local, +1)
             self._members.count(members, +1)

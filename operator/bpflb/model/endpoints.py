@@ -5,6 +5,7 @@ ready; eTP Local on this node only) plus the draining ones that keep their open 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -49,10 +50,21 @@ class _Endpoint:
 @dataclass(frozen=True, slots=True)
 class _Slice:
     ports: dict[tuple[str, Proto], int]     # (port name, protocol) -> backend port; first entry wins
-    endpoints: tuple[_Endpoint, ...]
+    # Its endpoints, unless packed: (addresses, names, nodes), one entry per endpoint, each ready, serving and
+    # not terminating (nearly every slice of a large cluster: an object per endpoint costs 6 MiB per 100,000).
+    listed: tuple[_Endpoint, ...]
     # Every endpoint ready, each address once: the common slice, whose endpoints are then kept in backend order
     # (name, address) and become backends as they are, with no rule to apply.
     plain: bool = False
+    packed: tuple[tuple[int, ...], tuple[str, ...], tuple[str | None, ...]] | None = None
+
+    @property
+    def endpoints(self) -> tuple[_Endpoint, ...]:
+        if self.packed is None:
+            return self.listed
+        ips, names, nodes = self.packed
+        return tuple(_Endpoint(ip, name, node, True, True, False) for ip, name, node in zip(ips, names, nodes,
+                                                                                             strict=True))
 
 
 @dataclass(slots=True)
@@ -64,11 +76,18 @@ class SliceEntry:
     key: str | None                        # namespace/name, None when the metadata is unusable
     service: tuple[str, str] | None        # (namespace, Service name) it belongs to
     parsed: _Slice | None
-    problems: list[Problem]
+    problems: Sequence[Problem]            # () when none (a large cluster: no empty list per slice)
 
 
 def read_slice(raw: Any, index: int) -> SliceEntry:
     """Read one EndpointSlice (index: its position, for the message of a nameless one)."""
+    entry = _read_slice(raw, index)
+    if not entry.problems:
+        entry.problems = ()
+    return entry
+
+
+def _read_slice(raw: Any, index: int) -> SliceEntry:
     problems: list[Problem] = []
     meta = _meta("EndpointSlice", raw, index, problems)
     if meta is None:
@@ -125,6 +144,7 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
             problems.append(Problem(obj, _join(f"ports[{i}]", bad.field), bad.reason))
             continue
         ports.setdefault((name, proto), port)
+    ports = _shared(ports)
 
     endpoints: list[_Endpoint] = []
     for i, raw_endpoint in enumerate(raw_endpoints):
@@ -160,7 +180,26 @@ def _parse_slice(raw: KubeObject, obj: str, problems: list[Problem]) -> _Slice |
     plain = all(ep.ready for ep in endpoints) and len({ep.ip for ep in endpoints}) == len(endpoints)
     if plain:
         endpoints.sort(key=lambda ep: (ep.name, ep.ip))
+        if all(ep.serving and not ep.terminating for ep in endpoints):
+            return _Slice(ports, (), True, (tuple([ep.ip for ep in endpoints]), tuple([ep.name for ep in endpoints]),
+                                            tuple([ep.node for ep in endpoints])))
     return _Slice(ports, tuple(endpoints), plain)
+
+
+# The port sets of the slices read (most slices of a cluster list one of a few), each held once: read-only
+# once made. Bounded: emptied when it has grown this large (the slices read before keep theirs).
+_PORT_SETS: dict[tuple[tuple[tuple[str, Proto], int], ...], dict[tuple[str, Proto], int]] = {}
+_PORT_SETS_MAX = 4096
+
+
+def _shared(ports: dict[tuple[str, Proto], int]) -> dict[tuple[str, Proto], int]:
+    key = tuple(ports.items())
+    held = _PORT_SETS.get(key)
+    if held is None:
+        if len(_PORT_SETS) >= _PORT_SETS_MAX:
+            _PORT_SETS.clear()
+        held = _PORT_SETS[key] = ports
+    return held
 
 
 def _plain_endpoint(raw: Any) -> _Endpoint | None:
@@ -261,6 +300,13 @@ def _plain_backends(one: _Slice, port_name: str, proto: Proto, node_name: str,
     if port is None:
         return (), (), True
     p = int(proto)
+    if one.packed is not None:
+        ips, names, nodes = one.packed
+        if local_only:
+            return tuple([_new(Backend, (_new(L4Addr, (ip, port, p)), name, node, True, False))
+                          for ip, name, node in zip(ips, names, nodes, strict=True) if node == node_name]), (), not ips
+        return tuple([_new(Backend, (_new(L4Addr, (ip, port, p)), name, node, node == node_name, False))
+                      for ip, name, node in zip(ips, names, nodes, strict=True)]), (), not ips
     eps = one.endpoints
     if local_only:
         eps = tuple(ep for ep in eps if ep.node == node_name)

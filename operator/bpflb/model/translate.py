@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -143,8 +143,8 @@ class _Service:
     key: str
     created: str
     claims: list[Claim]
-    problems: list[Problem]
-    notes: list[Problem]
+    problems: Sequence[Problem]           # () when none (10,000 Services: no empty list each)
+    notes: Sequence[Problem]
     health: HealthCheck | None
 
 
@@ -156,7 +156,7 @@ class _Object:
     raw: Any
     key: str | None
     meta: _Meta | None
-    problems: list[Problem]
+    problems: Sequence[Problem]           # () when none
     source: Any = None        # the object as the source handed it over (raw, or what raw was read from)
 
 
@@ -196,8 +196,8 @@ class _Objects:
         self.by_id: dict[int, _Object] = {}
         self.by_key: dict[str, list[int]] = {}
         self.winner: dict[str, _Object] = {}
-        self.duplicates: dict[str, list[Problem]] = {}
-        self.unnamed: dict[int, list[Problem]] = {}
+        self.duplicates: dict[str, Sequence[Problem]] = {}
+        self.unnamed: dict[int, Sequence[Problem]] = {}
         self.troubled: set[str] = set()         # namespace/names whose object has problems of its own
 
     def update(self, raws: list[Any]) -> set[str]:
@@ -275,7 +275,7 @@ class _Objects:
 def _read_service(raw: Any, index: int) -> _Object:
     problems: list[Problem] = []
     meta = _meta("Service", raw, index, problems)
-    return _Object(raw, None if meta is None else meta.key, meta, problems, raw)
+    return _Object(raw, None if meta is None else meta.key, meta, problems or (), raw)
 
 
 def _rebind_service(obj: _Object, raw: Any) -> None:
@@ -378,7 +378,7 @@ class Translator:
             created = (obj.raw.get("metadata") or {}).get("creationTimestamp")
             self._forget(key)
             self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
-                                           claims, ctx.problems, ctx.notes, ctx.health)
+                                           claims, ctx.problems or (), ctx.notes or (), ctx.health)
             self._rank[key] = self._services[key].created
             if ctx.problems:
                 self._svc_problems[key] = ctx.problems
