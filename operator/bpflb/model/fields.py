@@ -5,6 +5,7 @@ at hand and skip the smallest unit that contains the bad field."""
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -149,7 +150,7 @@ def _meta(kind: str, obj: Any, index: int, problems: list[Problem]) -> _Meta | N
     raw = obj.get("metadata")
     namespace = DEFAULT_NAMESPACE
     if isinstance(raw, dict) and isinstance(raw.get("namespace"), str) and raw["namespace"]:
-        namespace = raw["namespace"]
+        namespace = sys.intern(raw["namespace"])          # (held by every object's records: once each)
     name = raw.get("name") if isinstance(raw, dict) else None
     if not isinstance(name, str) or not name:
         reason = "missing" if name is None else f"must be a non-empty string; {_got(name)}"

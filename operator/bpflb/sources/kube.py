@@ -19,6 +19,7 @@ Failure handling is the point of this module:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,13 +55,35 @@ def _node_view(obj: KubeObject) -> KubeObject:
 _SERVICE_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "labels", "annotations")
 
 
+# Values most Services repeat, held once each rather than once per Service (JSON decoding shares only keys).
+_SPEC_WORDS = ("type", "externalTrafficPolicy", "internalTrafficPolicy", "sessionAffinity", "ipFamilyPolicy")
+_PORT_WORDS = ("name", "protocol")
+
+
+def _intern_words(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for k in keys:
+        value = obj.get(k)
+        if type(value) is str:
+            obj[k] = sys.intern(value)
+
+
 def service_view(obj: KubeObject) -> KubeObject:
-    """What the agent keeps of a Service: its spec, status.loadBalancer and the identity part of its metadata.
-    A field of the wrong type is kept as it came (the translation reports it)."""
-    out: KubeObject = {k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}
+    """What the agent keeps of a Service: its spec, status.loadBalancer and the identity part of its metadata,
+    the words most Services repeat (namespace, type, port names and protocols, policies) held once each. A
+    field of the wrong type is kept as it came (the translation reports it)."""
+    out: KubeObject = {"spec": obj["spec"]} if "spec" in obj else {}
+    spec = out.get("spec")
+    if type(spec) is dict:
+        _intern_words(spec, _SPEC_WORDS)
+        ports = spec.get("ports")
+        for port in ports if type(ports) is list else ():
+            if type(port) is dict:
+                _intern_words(port, _PORT_WORDS)
     meta = obj.get("metadata")
     if meta is not None:
         out["metadata"] = {k: meta[k] for k in _SERVICE_METADATA if k in meta} if type(meta) is dict else meta
+        if type(meta) is dict:
+            _intern_words(out["metadata"], ("namespace",))
     status = obj.get("status")
     if status is not None:
         out["status"] = ({"loadBalancer": status["loadBalancer"]} if "loadBalancer" in status else {}) \
@@ -89,7 +112,7 @@ class _Resource:
 
 def _key(obj: KubeObject) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
-    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    return sys.intern(str(meta.get("namespace") or "")), str(meta.get("name") or "")
 
 
 def _version(obj: KubeObject) -> str | None:
