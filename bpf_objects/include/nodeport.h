@@ -71,25 +71,48 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
  *   kernel's forwarding, which routes it as the FIB lookup did and fragments it (ip_forward, ip_fragment;
  *   the DSR option has the copy bit, so every fragment carries it).  The TTL is the kernel's to decrement.
  * A SNAT'd packet has no such way (the kernel drops a packet from its own address arriving from outside
- * as a martian): -1, and the caller answers fragmentation needed, as for DF.  The headers are read again
- * here, off the common path. */
-static __always_inline int np_forward_fragmented(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e,
-						 const struct lb_config *cfg, __be32 saddr, __be16 sport, int opt,
-						 __be32 node)
+ * as a martian): -1, and the caller answers fragmentation needed, as for DF.  Off the common path: a BPF
+ * function of its own (np_forward's two inlined copies call one), working out np_forward's choices again. */
+/* np_forward_fragmented's route lookup, per CPU, outside the stack (np_ingress's frame and this function's
+ * share 512 bytes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bpf_fib_lookup);
+	__uint(max_entries, 1);
+} np_frag_fib SEC(".maps");
+
+static __attribute__((noinline)) int np_forward_fragmented(struct __sk_buff *skb, struct pkt *p,
+							   const struct ct_entry *e, const struct lb_config *cfg)
 {
-	struct bpf_fib_lookup fib;
+	__u32 zero = 0;
+	struct bpf_fib_lookup *fib = bpf_map_lookup_elem(&np_frag_fib, &zero);
 	struct lb_tunnel_ep *via;
+	__be32 saddr = p->t.saddr, node = 0;
+	__be16 sport = p->t.sport;
+	int opt = (e->flags & CT_F_DSR) && dsr_needs_opt(p);
 	int rc = 0, overlay = 0;
 
+	if (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) {
+		saddr = e->nat_addr;
+		sport = e->nat_port;
+	}
+	if (cfg->tunnel_mode == TUNNEL_VXLAN && !(e->flags & CT_F_LOCAL)) {
+		via = tunnel_endpoint(e->backend_addr);
+		if (via && via->node_addr != cfg->snat_addr)
+			node = via->node_addr;
+	}
+	if (!fib)
+		return -1;
 	if (node) {
-		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto, 0);
+		rc = fib_lookup_v4(skb, fib, saddr, e->backend_addr, p->t.proto, 0);
 		/* tot_len 0: the helper checks the skb against the route's device and says FRAG_NEEDED, the
 		 * lookup otherwise done (fib filled in), for one too big for it, as this packet is. */
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 			rc = BPF_FIB_LKUP_RET_NO_NEIGH;
-		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib.ifindex != cfg->ext_ifindex) {
-			via = tunnel_endpoint(fib.ipv4_dst);
-			overlay = via && via->node_addr == node && fib.ipv4_dst != node;
+		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib->ifindex != cfg->ext_ifindex) {
+			via = tunnel_endpoint(fib->ipv4_dst);
+			overlay = via && via->node_addr == node && fib->ipv4_dst != node;
 		}
 	}
 	if (!overlay && (e->flags & CT_F_SNAT))
@@ -102,7 +125,7 @@ static __always_inline int np_forward_fragmented(struct __sk_buff *skb, struct p
 	stat_inc(STAT_FWD_FRAGMENTED);
 	if (!overlay)
 		return TC_ACT_OK;
-	return fib_redirect(skb, &fib, rc);
+	return fib_redirect(skb, fib, rc);
 }
 
 /* Translate a packet of a known flow towards its backend and forward it.
@@ -141,7 +164,7 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 				   skb->gso_size ? 0 : p->tot_len + growth);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		if (!skb_ip_df(skb)) {
-			rc = np_forward_fragmented(skb, p, e, cfg, saddr, sport, opt, node);
+			rc = np_forward_fragmented(skb, p, e, cfg);
 			if (rc >= 0)
 				return rc;
 		}
