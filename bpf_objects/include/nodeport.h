@@ -60,6 +60,15 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	return fib_redirect(skb, &fib, rc);
 }
 
+/* np_forward_fragmented's route lookup, per CPU, outside the stack (np_ingress's frame and this function's
+ * share 512 bytes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bpf_fib_lookup);
+	__uint(max_entries, 1);
+} np_frag_fib SEC(".maps");
+
 /* np_forward's way for a packet WITHOUT DF too big for the path once grown (the DSR option, the overlay)
  * or for a smaller MTU towards the backend.  A router fragments such a packet (RFC 791, 1812), and so does
  * bpflb, through the kernel, the packet translated as any other:
@@ -73,15 +82,6 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
  * A SNAT'd packet has no such way (the kernel drops a packet from its own address arriving from outside
  * as a martian): -1, and the caller answers fragmentation needed, as for DF.  Off the common path: a BPF
  * function of its own (np_forward's two inlined copies call one), working out np_forward's choices again. */
-/* np_forward_fragmented's route lookup, per CPU, outside the stack (np_ingress's frame and this function's
- * share 512 bytes). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct bpf_fib_lookup);
-	__uint(max_entries, 1);
-} np_frag_fib SEC(".maps");
-
 static __attribute__((noinline)) int np_forward_fragmented(struct __sk_buff *skb, struct pkt *p,
 							   const struct ct_entry *e, const struct lb_config *cfg)
 {
