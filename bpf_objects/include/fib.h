@@ -72,8 +72,8 @@ static __always_inline int l2_l3_forward_edit(struct __sk_buff *skb, const __u8 
  * BPF_FIB_LKUP_RET_FRAG_NEEDED and fib->mtu_result (nothing else filled in).  tot_len 0 (GSO packets,
  * segmented later; packets whose size does not change) checks the skb against the MTU of the route's
  * device only (the helper's is_skb_forwardable, which lets GSO packets through): a lookup that found the
- * route then says FRAG_NEEDED with fib filled in, so fib_redirect hands the packet to the stack
- * (pass_fib_failed) rather than to a device that would drop it. */
+ * route then says FRAG_NEEDED with fib filled in, so fib_redirect hands the packet to the stack rather
+ * than to a device that would drop it. */
 static __always_inline void fib_params(struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr, __u8 proto,
 				       __u16 tot_len, __u32 ifindex)
 {
@@ -121,6 +121,10 @@ static __always_inline int fib_redirect_ttl(struct __sk_buff *skb, struct bpf_fi
 		}
 		return fib_send(fib);
 	}
+	/* Too big for the route (callers count it): the kernel's forwarding fragments it, or answers
+	 * fragmentation needed for DF, as a router does. */
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return TC_ACT_OK;
 	stat_inc(STAT_PASS_FIB_FAILED);
 	return TC_ACT_OK;
 }
@@ -164,10 +168,8 @@ static __always_inline int fib_forward_sized(struct __sk_buff *skb, __be32 saddr
 	struct bpf_fib_lookup fib;
 	int rc = fib_lookup_v4(skb, &fib, saddr, daddr, proto, skb->gso_size ? 0 : tot_len);
 
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		stat_inc(STAT_PASS_TOO_BIG);
-		return TC_ACT_OK;
-	}
 	return fib_redirect(skb, &fib, rc);
 }
 

@@ -60,72 +60,56 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	return fib_redirect(skb, &fib, rc);
 }
 
-/* np_forward_fragmented's route lookup, per CPU, outside the stack (np_ingress's frame and this function's
- * share 512 bytes). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct bpf_fib_lookup);
-	__uint(max_entries, 1);
-} np_frag_fib SEC(".maps");
-
-/* np_forward's way for a packet WITHOUT DF too big for the path once grown (the DSR option, the overlay)
- * or for a smaller MTU towards the backend.  A router fragments such a packet (RFC 791, 1812), and so does
- * bpflb, through the kernel, the packet translated as any other:
- * - to a backend behind the overlay, into the kernel's own VXLAN device (the agent routes every other
- *   node's pod CIDR through it, gateway in that CIDR): it encapsulates the packet as the BPF encapsulation
- *   would, and ip_output fragments the outer packet (the device leaves outer DF off); the backend's node
- *   reassembles it before decapsulating.  Its source may be the node's (SNAT): it leaves, never re-enters.
- * - otherwise, when the source stays the client's (DSR, a local backend), TC_ACT_OK hands it to the
- *   kernel's forwarding, which routes it as the FIB lookup did and fragments it (ip_forward, ip_fragment;
- *   the DSR option has the copy bit, so every fragment carries it).  The TTL is the kernel's to decrement.
+/* np_forward's way for a packet too big for the path once grown (the DSR option, the overlay) or for a
+ * smaller MTU towards the backend, fib holding the lookup that said so.  With DF: -1, and the caller
+ * answers ICMP fragmentation needed (fib->mtu_result kept).  WITHOUT DF a router fragments such a packet
+ * (RFC 791, 1812), and so does bpflb, through the kernel, the packet translated as any other (the caller
+ * translates it, then forwards it with the returned result and fib):
+ * - to a backend behind the overlay, BPF_FIB_LKUP_RET_NO_NEIGH and fib the route to the backend itself:
+ *   into the kernel's own VXLAN device (the agent routes every other node's pod CIDR through it, gateway
+ *   in that CIDR), which encapsulates the packet as the BPF encapsulation would and lets ip_output
+ *   fragment the outer packet (the device leaves outer DF off); the backend's node reassembles it before
+ *   decapsulating.  Its source may be the node's (SNAT): it leaves, it never re-enters the node's stack.
+ * - otherwise, when the source stays the client's (DSR, a local backend), BPF_FIB_LKUP_RET_FRAG_NEEDED:
+ *   fib_redirect hands it to the kernel's forwarding (TC_ACT_OK), which routes it as the FIB lookup did,
+ *   decrements the TTL and fragments it (ip_forward, ip_fragment; the DSR option has the copy bit, so
+ *   every fragment carries it).
  * A SNAT'd packet has no such way (the kernel drops a packet from its own address arriving from outside
- * as a martian): -1, and the caller answers fragmentation needed, as for DF.  Off the common path: a BPF
- * function of its own (np_forward's two inlined copies call one), working out np_forward's choices again. */
-static __attribute__((noinline)) int np_forward_fragmented(struct __sk_buff *skb, struct pkt *p,
-							   const struct ct_entry *e, const struct lb_config *cfg)
+ * as a martian): -1.  Off the common path, a BPF function of its own (np_forward is inlined twice). */
+static __attribute__((noinline)) int np_too_big(struct __sk_buff *skb, const struct pkt *p, const struct ct_entry *e,
+						const struct lb_config *cfg, struct bpf_fib_lookup *fib)
 {
-	__u32 zero = 0;
-	struct bpf_fib_lookup *fib = bpf_map_lookup_elem(&np_frag_fib, &zero);
-	struct lb_tunnel_ep *via;
-	__be32 saddr = p->t.saddr, node = 0;
-	__be16 sport = p->t.sport;
-	int opt = (e->flags & CT_F_DSR) && dsr_needs_opt(p);
-	int rc = 0, overlay = 0;
+	__u16 mtu = fib->mtu_result;
+	struct lb_tunnel_ep *ep;
+	__be32 node = 0;
+	int rc;
 
-	if (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) {
-		saddr = e->nat_addr;
-		sport = e->nat_port;
-	}
-	if (cfg->tunnel_mode == TUNNEL_VXLAN && !(e->flags & CT_F_LOCAL)) {
-		via = tunnel_endpoint(e->backend_addr);
-		if (via && via->node_addr != cfg->snat_addr)
-			node = via->node_addr;
-	}
-	if (!fib)
+	if (skb_ip_df(skb))
 		return -1;
+	if (cfg->tunnel_mode == TUNNEL_VXLAN && !(e->flags & CT_F_LOCAL)) {
+		ep = tunnel_endpoint(e->backend_addr);
+		if (ep && ep->node_addr != cfg->snat_addr)
+			node = ep->node_addr;
+	}
 	if (node) {
-		rc = fib_lookup_v4(skb, fib, saddr, e->backend_addr, p->t.proto, 0);
+		rc = fib_lookup_v4(skb, fib, (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_addr : p->t.saddr,
+				   e->backend_addr, p->t.proto, 0);
 		/* tot_len 0: the helper checks the skb against the route's device and says FRAG_NEEDED, the
 		 * lookup otherwise done (fib filled in), for one too big for it, as this packet is. */
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-			rc = BPF_FIB_LKUP_RET_NO_NEIGH;
-		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib->ifindex != cfg->ext_ifindex) {
-			via = tunnel_endpoint(fib->ipv4_dst);
-			overlay = via && via->node_addr == node && fib->ipv4_dst != node;
+		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+		     rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) && fib->ifindex != cfg->ext_ifindex) {
+			ep = tunnel_endpoint(fib->ipv4_dst);
+			if (ep && ep->node_addr == node && fib->ipv4_dst != node) {
+				stat_inc(STAT_FWD_FRAGMENTED);
+				return BPF_FIB_LKUP_RET_NO_NEIGH;   /* the neighbour output writes the MACs */
+			}
 		}
+		fib->mtu_result = mtu;
 	}
-	if (!overlay && (e->flags & CT_F_SNAT))
+	if (e->flags & CT_F_SNAT)
 		return -1;
-	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
-	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
-		stat_inc(STAT_DROP_ERROR);
-		return TC_ACT_SHOT;
-	}
 	stat_inc(STAT_FWD_FRAGMENTED);
-	if (!overlay)
-		return TC_ACT_OK;
-	return fib_redirect(skb, fib, rc);
+	return BPF_FIB_LKUP_RET_FRAG_NEEDED;
 }
 
 /* Translate a packet of a known flow towards its backend and forward it.
@@ -133,7 +117,7 @@ static __attribute__((noinline)) int np_forward_fragmented(struct __sk_buff *skb
  * dsr_needs_opt().  A remote backend behind the VXLAN overlay: the result is encapsulated to its
  * node.  The route is looked up before the packet is touched, so growth (option, overlay) that
  * would not fit the path MTU is never a silent drop: a packet with DF becomes ICMP
- * fragmentation-needed for the client, one without is fragmented (np_forward_fragmented). */
+ * fragmentation-needed for the client, one without is fragmented by the kernel (np_too_big). */
 static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e,
 				      const struct lb_config *cfg)
 {
@@ -163,13 +147,12 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto,
 				   skb->gso_size ? 0 : p->tot_len + growth);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		if (!skb_ip_df(skb)) {
-			rc = np_forward_fragmented(skb, p, e, cfg);
-			if (rc >= 0)
-				return rc;
+		rc = np_too_big(skb, p, e, cfg, &fib);
+		if (rc < 0) {
+			stat_inc(STAT_ICMP_FRAG_NEEDED);
+			return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
 		}
-		stat_inc(STAT_ICMP_FRAG_NEEDED);
-		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
+		node = 0;   /* the kernel encapsulates it (its VXLAN device) or forwards it */
 	}
 	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
 	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
