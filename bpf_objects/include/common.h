@@ -21,6 +21,9 @@
 #define AF_INET 2
 #endif
 
+#ifndef PACKET_HOST
+#define PACKET_HOST 0          /* skb->pkt_type: a frame to this host's MAC (linux/if_packet.h) */
+#endif
 #ifndef PACKET_OTHERHOST
 #define PACKET_OTHERHOST 3     /* skb->pkt_type: a unicast frame to another host's MAC (linux/if_packet.h) */
 #endif

@@ -299,7 +299,11 @@ struct lb_sock_affinity_key {
  * ct_port_remapped: new flows to a local backend whose client port was remapped, the pod's view of the
  *   client's tuple being held by another flow (another frontend's, possibly in the pod's TIME_WAIT).
  * pass_other_host: frames tc ingress received addressed to another host's MAC (PACKET_OTHERHOST: a
- *   promiscuous or bridged device on a flooding L2), passed untouched for the kernel to drop. */
+ *   promiscuous or bridged device on a flooding L2), passed untouched for the kernel to drop.
+ * pass_l2_group: IPv4 frames tc ingress received addressed to a broadcast or multicast MAC
+ *   (PACKET_BROADCAST, PACKET_MULTICAST; mDNS and the like count too), passed untouched: the kernel never
+ *   forwards them nor lets TCP take them, and every node of the segment receives them (balanced, one frame
+ *   would become a connection per node). */
 #define STAT_DROP_TTL_EXCEEDED 32
 #define STAT_ICMP_SENT 33
 #define STAT_ICMP_RATE_LIMITED 34
@@ -308,6 +312,7 @@ struct lb_sock_affinity_key {
 #define STAT_XDP_NEIGH_CHECK 37
 #define STAT_CT_PORT_REMAPPED 38
 #define STAT_PASS_OTHER_HOST 39
+#define STAT_PASS_L2_GROUP 40
 
 /* lb_dsr_frontends values: how the backends of a frontend a DSR option may name are listed in
  * lb_dsr_backends. */

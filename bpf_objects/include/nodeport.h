@@ -187,9 +187,16 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	int rc;
 
 	/* A frame to another host's MAC (a promiscuous or bridged device, a flooding L2) is not this node's to
-	 * balance, translate or forward: the kernel's IP stack drops it, and so it stays. */
+	 * balance, translate or forward: the kernel's IP stack drops it, and so it stays.  Nor is one to a
+	 * broadcast or multicast MAC: the kernel neither forwards it nor lets TCP take it, and every node of the
+	 * segment receives it (an externalIP's SYN would become a connection per node). */
 	if (skb->pkt_type == PACKET_OTHERHOST) {
 		stat_inc(STAT_PASS_OTHER_HOST);
+		return TC_ACT_OK;
+	}
+	if (skb->pkt_type != PACKET_HOST) {
+		if (skb->protocol == bpf_htons(ETH_P_IP))     /* (ARP and IPv6 neighbour discovery are not counted) */
+			stat_inc(STAT_PASS_L2_GROUP);
 		return TC_ACT_OK;
 	}
 	cfg = config_get();

@@ -37,16 +37,17 @@ struct xdp_buff___bpflb {
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
-/* Is the frame a unicast one to another host's MAC (what tc would see as PACKET_OTHERHOST)?  Broadcast
- * and multicast frames are not (group bit), as for the kernel. */
-static __always_inline int xdp_other_host(struct xdp_md *ctx, const struct ethhdr *eth)
+/* Is the frame addressed to anything but the device's own MAC: another host's (what tc sees as
+ * PACKET_OTHERHOST), or a group, broadcast or multicast (PACKET_BROADCAST, PACKET_MULTICAST)?  tc passes
+ * and counts those. */
+static __always_inline int xdp_not_to_host(struct xdp_md *ctx, const struct ethhdr *eth)
 {
 	struct xdp_buff___bpflb *kctx = bpf_cast_to_kern_ctx(ctx);
 	struct net_device___bpflb *dev = kctx->rxq->dev;
 	__u32 i;
 
 	if (eth->h_dest[0] & 1)
-		return 0;
+		return 1;
 #pragma unroll
 	for (i = 0; i < ETH_ALEN; i++)
 		if (eth->h_dest[i] != dev->dev_addr_shadow[i])
@@ -217,8 +218,8 @@ static __always_inline int xdp_lb(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (parse_frame(data, data_end, bpf_xdp_get_buff_len(ctx), &p) != PARSE_OK)
 		return XDP_PASS;
-	if (xdp_other_host(ctx, data))
-		return XDP_PASS;              /* another host's frame: tc passes it (and counts it), the kernel drops it */
+	if (xdp_not_to_host(ctx, data))
+		return XDP_PASS;              /* not to this host's MAC: tc passes it (and counts it), the kernel drops it */
 	if (ip_ttl(data, data_end) <= 1)
 		return xdp_to_tc();           /* tc answers time exceeded (or leaves it to the kernel) */
 	rc = xdp_snat_reply(ctx, &p, cfg);

@@ -1,8 +1,11 @@
-"""BPF unit tests of frames addressed to another host's MAC: on a promiscuous or bridged device, on a flooding
+"""BPF unit tests of frames not addressed to the node's MAC. On a promiscuous or bridged device, on a flooding
 L2, the node's ingress sees unicast frames meant for other hosts (PACKET_OTHERHOST), which the kernel's IP
-stack drops.  bpflb must not balance, translate, forward or answer them (a duplicate of another node's
-traffic): tc passes them untouched and counts them (pass_other_host), XDP hands them to tc without touching
-them; the same frames addressed to the node are still handled.
+stack drops; and every node of a segment receives frames sent to a broadcast or multicast MAC
+(PACKET_BROADCAST, PACKET_MULTICAST), which the kernel never forwards nor lets TCP take. bpflb must not
+balance, translate, forward or answer either (a duplicate of another node's traffic; one group frame to an
+externalIP would become a connection per node): tc passes them untouched and counts them (pass_other_host,
+pass_l2_group), XDP hands them to tc without touching them; the same frames addressed to the node are still
+handled.
 
 BPF_PROG_TEST_RUN sets skb->pkt_type from the frame's destination MAC against the test device's own (eth0 of
 the scratch node, ETH0_MAC), as the driver's eth_type_trans does on a real device."""
@@ -38,6 +41,9 @@ pytestmark = pytest.mark.privileged
 
 # Other hosts' MACs: one differing from eth0's in its last byte only, one in its first (group bit still clear).
 OTHER_MACS = {"last byte": "02:00:00:00:00:10", "first byte": "06:00:00:00:00:11"}
+# Group MACs: broadcast, an IPv4 multicast group's, an IPv6 one's.
+GROUP_MACS = {"broadcast": "ff:ff:ff:ff:ff:ff", "IPv4 multicast": "01:00:5e:00:00:01",
+              "IPv6 multicast": "33:33:00:00:00:01"}
 
 
 def to_mac(frame: bytes, mac: str) -> bytes:
@@ -81,6 +87,20 @@ def test_a_new_flow_to_another_hosts_mac_is_passed_untouched_and_counted(node: N
                                                     "drop_dsr_spoofed", "dsr_accepted"))
 
 
+@pytest.mark.parametrize("mac", GROUP_MACS.values(), ids=GROUP_MACS.keys())
+@pytest.mark.parametrize("kind", NEW_FLOWS.keys())
+def test_a_new_flow_to_a_group_mac_is_passed_untouched_and_counted(node: Node, kind: str, mac: str) -> None:
+    program(node)
+    frame = to_mac(NEW_FLOWS[kind], mac)
+    run = node.ingress(frame)
+    assert (run.retval, run.data) == (TC_ACT_OK, frame)
+    assert ct_sizes(node) == (0, 0), "no state for a group frame"
+    stats = node.maps.stats()
+    assert stats["pass_l2_group"] == 1 and not stats.get("pass_other_host")
+    assert not any(stats.get(name, 0) for name in ("new_flow", "icmp_sent", "reject_no_endpoints",
+                                                    "drop_dsr_spoofed", "dsr_accepted"))
+
+
 def test_another_hosts_copy_of_a_flow_is_not_forwarded_but_the_nodes_own_is(node: Node) -> None:
     """A flow this node carries: a copy of its segments, its replies and an ICMP error about it, addressed to
     another MAC, is left alone; the frames addressed to the node go on being translated."""
@@ -112,20 +132,17 @@ def test_another_hosts_copy_of_a_flow_is_not_forwarded_but_the_nodes_own_is(node
     assert final["pass_other_host"] == 3
 
 
-def test_the_node_answers_frames_to_its_own_mac_and_a_broadcast_one(node: Node) -> None:
-    """Positive control for the rule above: the same frames to eth0's MAC are handled (a SYN translated, a
-    frontend without endpoints answered); the group bit is no other host's (PACKET_BROADCAST passes the check,
-    as the kernel's own stack takes such frames)."""
+def test_the_node_answers_frames_to_its_own_mac(node: Node) -> None:
+    """Positive control for the rules above: the same frames to eth0's MAC are handled (a SYN translated, a
+    frontend without endpoints answered)."""
     program(node)
     assert node.ingress(NEW_FLOWS["SNAT to a remote pod"]).retval == TC_ACT_REDIRECT
     assert node.ingress(NEW_FLOWS["a frontend without endpoints (would be answered)"]).retval == TC_ACT_REDIRECT
-    assert node.ingress(to_mac(frame_in(TCP(sport=42000, dport=30080, flags="S", seq=1)),
-                               "ff:ff:ff:ff:ff:ff")).retval == TC_ACT_REDIRECT
     stats = node.maps.stats()
-    assert stats.get("pass_other_host", 0) == 0 and stats["new_flow"] == 2
+    assert not stats.get("pass_other_host") and not stats.get("pass_l2_group") and stats["new_flow"] == 1
 
 
-@pytest.mark.parametrize("mac", OTHER_MACS.values(), ids=OTHER_MACS.keys())
+@pytest.mark.parametrize("mac", [*OTHER_MACS.values(), *GROUP_MACS.values()], ids=[*OTHER_MACS, *GROUP_MACS])
 def test_xdp_hands_another_hosts_frames_to_tc_untouched(xnode: XdpNode, mac: str) -> None:
     """XDP has no pkt_type: it compares the destination MAC with the device's own.  Another host's new flow,
     established segment and SNAT reply go to tc unmodified and without state (where tc passes and counts
@@ -150,6 +167,6 @@ def test_xdp_hands_another_hosts_frames_to_tc_untouched(xnode: XdpNode, mac: str
         assert (out.retval, out.data) == (XDP_PASS, f)
     stats = xnode.maps.stats()
     assert (stats["xdp_tx"], stats["new_flow"], stats.get("reply_snat", 0)) == (1, 1, 0)
-    assert stats["pass_other_host"] == 1
+    assert stats["pass_other_host" if mac in OTHER_MACS.values() else "pass_l2_group"] == 1
     back = xnode.xdp(reply)
     assert back.retval == XDP_TX and Ether(back.data).dst == CLIENT_MAC

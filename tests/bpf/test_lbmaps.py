@@ -119,6 +119,33 @@ def test_restart_on_pinned_maps_recovers_ids_and_writes_nothing(pin_root: Path) 
         obj2.close()
 
 
+def test_partial_syncs_on_a_previous_agents_maps_keep_what_is_not_listed_yet(node: Node) -> None:
+    """A restarted agent programs the Services as their list comes in: its partial syncs leave the frontends of
+    Services not listed yet serving in the kernel (a SYN to one is still translated), and the first complete
+    sync removes them (and the backend only they named) without re-encoding the others."""
+    snap = cluster()
+    both = copy.deepcopy(snap)
+    both.services.append(service("other", [{"name": "http", "protocol": "TCP", "port": 81, "targetPort": 8080,
+                                            "nodePort": 30081}]))
+    both.endpointslices.append(slice_("other", [("other-a", "10.244.2.30", "node2")], HTTP_EP))
+    node.program(translate(both, "node1"))
+
+    def syn_to_other() -> str:
+        frame = bytes(Ether(src=CLIENT_MAC, dst=ETH0_MAC) / IP(src=CLIENT, dst=NODE1) /
+                      TCP(sport=41001, dport=30081, flags="S"))
+        return str(Ether(node.ingress(frame).data)[IP].dst)
+
+    assert syn_to_other() == "10.244.2.30"
+    restarted = LBMaps(node.obj)                      # a new agent's view of the same (pinned) maps
+    listed = restarted.sync(translate(snap, "node1"), partial=True)      # "other" not listed yet
+    assert (listed.frontends_removed, listed.slots_removed, listed.backends_removed) == (0, 0, 0)
+    assert syn_to_other() == "10.244.2.30"
+    done = restarted.sync(translate(snap, "node1"))  # complete, and "other" is not in it: it goes now
+    assert (done.frontends_removed, done.slots_removed, done.backends_removed) == (1, 2, 1)
+    assert done.slots_written == 0                    # what the partial sync programmed is not written again
+    assert syn_to_other() == NODE1                    # no frontend any more: the packet is not translated
+
+
 def _collect(node: Node) -> dict[str, Any]:
     """inspect's view of an unpinned object's maps."""
     return collect_maps(node.maps)

@@ -12,10 +12,14 @@ from typing import Any
 
 import pytest
 
+from bpflb.agent import Agent, AgentOptions
 from bpflb.control.report import NodeReporter
+from bpflb.datapath.lbmaps import SyncReport
+from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.inspect import collect
 from bpflb.kubeapi import KubeClient, anonymous
 from bpflb.model.endpoints import SliceEntry, slice_record
+from bpflb.sources.base import Snapshot
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
 from bpflb_lab.scratch import NODE1
@@ -186,6 +190,48 @@ def test_partial_snapshots_hold_the_services_listed_so_far_with_every_slice_and_
         assert src.synced_at is not None
     finally:
         src.close()
+
+
+def test_the_agent_programs_as_the_services_are_listed_and_a_failed_partial_sync_only_ends_that(
+        api: EmulatedAPI, client: KubeClient, tmp_path: Path) -> None:
+    """The agent on the paced source (in-memory maps): its partial syncs program the Services page by page;
+    when one fails, the list goes on alone and the complete sync programs everything."""
+    client.create("/api/v1/nodes", node())
+    client.create("/api/v1/namespaces/kube-system/configmaps", config("SNAT"))
+    for i in range(6):
+        client.create(SVC, service(f"svc{i}", 30080 + i))
+        client.create(EPS, endpoint_slice(f"svc{i}", f"10.244.2.{10 + i}"))
+    for fail in (False, True):
+        src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", slice_view=slice_record, paced=True)
+        agent = Agent(AgentOptions("node1", tmp_path / str(fail), device="eth0", health_servers=False), src,
+                      datapath=MemoryDatapath(MemoryPins()))
+        seen: list[int] = []
+        real = agent._sync_once
+
+        def partial_sync(snap: Snapshot, real: Any = real, fail: bool = fail, seen: list[int] = seen
+                         ) -> SyncReport | None:
+            if snap.partial:
+                seen.append(len(snap.services))
+                if fail:
+                    raise RuntimeError("a bug in a partial sync")
+            result: SyncReport | None = real(snap)
+            return result
+
+        agent._sync_once = partial_sync         # type: ignore[method-assign]
+        try:
+            agent.start()
+            src.start()
+            partial = agent.sync_as_listed()
+            report = agent.sync_once()
+        finally:
+            src.close()
+        assert report is not None and agent.state is not None and len(agent.state.by_service) == 6
+        if fail:
+            assert partial == 0 and len(seen) == 1        # the first one failed: no more were tried
+            assert report.frontends_added == 6
+        else:
+            assert partial == len(seen) >= 2 and seen == sorted(seen)
+            assert report.frontends_added < 6             # the partial syncs did the rest
 
 
 def test_a_closed_source_never_hands_out_a_partial_view(api: EmulatedAPI, source: KubeSource) -> None:

@@ -308,6 +308,41 @@ def test_xdp_and_tc_make_one_decision_per_flow(native: Lab) -> None:
     assert grew["node1"]["xdp_tx"] >= pods["echo-a"], "remote flows forwarded at XDP"
 
 
+@pytest.mark.parametrize("acceleration", ["Disabled", "Native"])
+def test_a_syn_to_a_group_mac_is_balanced_by_no_node(native: Lab, acceleration: str) -> None:
+    """Every node of the segment receives a frame sent to the broadcast or a multicast MAC. The kernel never
+    forwards one nor lets TCP take it, so kube-proxy serves none; had bpflb balanced it, one SYN to the
+    LoadBalancer address (which every node serves) would have become a connection per node. Sent that way
+    the SYN reaches no pod and no node answers it, each node counting it as pass_l2_group, at tc or after
+    XDP handed it on; the same SYN to node1's MAC is answered (the control)."""
+    lab = native
+    configure(lab, "SNAT", acceleration)
+    service = next(s for s in lab.services() if s["metadata"]["name"] == "echo-lb")
+    vip, port = str(service["status"]["loadBalancer"]["ingress"][0]["ip"]), int(service["spec"]["ports"][0]["port"])
+    client_mac, node1_mac = mac_of(lab, "client"), mac_of(lab, "node1")
+
+    def syn(dst_mac: str, sport: int) -> bytes:
+        return bytes(Ether(src=client_mac, dst=dst_mac) / IP(src=CLIENT, dst=vip) /
+                     TCP(sport=sport, dport=port, flags="S", seq=1000))
+
+    groups = {48001: "ff:ff:ff:ff:ff:ff", 48002: "01:00:5e:00:00:01", 48003: "33:33:00:00:00:01"}
+    nodes = ("node1", "node2", "node3")
+    # The client's kernel would answer a SYN-ACK it never asked for with a RST: harmless, and captured too.
+    before = counters(lab, "node1").get("reply_snat", 0)
+    with counted(lab, *nodes) as grew, capture(lab, "client", f"tcp and host {vip}") as at_client, \
+            capture(lab, "echo-a", "tcp and port 8080") as at_pod:
+        lab.run_in("client", send_frames, [syn(mac, sport) for sport, mac in groups.items()] + [syn(node1_mac, 48000)])
+        wait_until("the control's SYN-ACK back through node1",
+                   lambda: counters(lab, "node1").get("reply_snat", 0) > before, timeout=10)
+    answered = [line for line in at_client.lines or [] if "Flags [S.]" in line]
+    assert [line for line in answered if ".48000:" in line], answered
+    assert not [line for line in answered if any(f".{sport}:" in line for sport in groups)], answered
+    assert not [f for f in at_pod.frames if f.sport in groups or f.dport in groups], at_pod.lines
+    for node in nodes:
+        assert grew[node].get("pass_l2_group", 0) >= len(groups), (node, grew[node])    # (other hosts' too)
+        assert grew[node].get("new_flow", 0) == (1 if node == "node1" else 0), (node, grew[node])
+
+
 def _reject_burst(src_mac: str, dst_mac: str, source: str, count: int) -> list[bytes]:
     return [bytes(Ether(src=src_mac, dst=dst_mac) / IP(src=source, dst=NODE1, ttl=64) /
                   TCP(sport=20000 + i, dport=30580, flags="S", seq=i)) for i in range(count)]

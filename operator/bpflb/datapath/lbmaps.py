@@ -421,12 +421,14 @@ class LBMaps:
         """Make the maps hold exactly the state's frontends and backends; write only differences. A frontend
         whose writes the kernel refuses is left out (SyncReport.failures) and tried again at the next sync.
         partial: the state holds only some of the Services (the first list is still coming in): what the maps
-        hold beyond it is kept, and compared away at the first complete sync (only when there is any)."""
+        hold beyond it is kept, and removed at the first complete sync (when there is any: what the maps hold
+        against every frontend programmed, without encoding those again)."""
         report = SyncReport()
         m, seed = state.settings.maglev_table_size, state.settings.maglev_seed
         retable = self._table_params != (m, seed)
         new, prog = state.frontends, self._prog
-        full = self._full or (self._sweep and not partial)
+        full = self._full
+        sweep = self._sweep and not partial and not full    # what partial syncs kept, looked at once
         if full and partial:        # what a previous agent left stays until a complete state says who wants it
             self._sweep = self._sweep or any(x.entries for x in (self._svc_m, self._be_m, self._mg_m, self._am_m,
                                                                   self._iv_m, self._sr_m))
@@ -494,7 +496,14 @@ class LBMaps:
             "svc": [p.master[0] for p in removed] + [k for p in removed for k in p.slots],
             "mg": [k for p in removed for k in p.blocks], "am": [k for p in removed for k in p.members],
             "iv": [k for p in removed for k in p.view], "sr": [k for p in removed for k in p.ranges]}
-        leftover_frontends = self._leftovers(plans, early, late, early_be, late_be) if full and not partial else 0
+        leftover_frontends = 0
+        if full and not partial:
+            leftover_frontends = self._leftovers(plans, early, late, early_be, late_be)
+        elif sweep:                 # every frontend wanted is programmed (or planned now): the rest is leftovers
+            dropped = {p.fe.l4 for p in removed}
+            wanted = {l4: p for l4, p in prog.items() if l4 not in dropped}
+            wanted.update(plans)
+            leftover_frontends = self._leftovers(wanted, early, late, early_be, late_be)
         iv, sr = self._iv_m, self._sr_m
 
         def adding(mirror: MapMirror, part: Callable[[_Entries], Any]) -> int:
@@ -590,7 +599,7 @@ class LBMaps:
         for x in (svc, be_m, mg, am, iv, sr):
             x.reloads = 0
         self._seen = state.generation
-        if full and not partial:
+        if (full or sweep) and not partial:
             self._sweep = False
         self._prune_tables()
         return report
@@ -639,27 +648,34 @@ class LBMaps:
 
     def _leftovers(self, plans: dict[L4Addr, _Entries], early: dict[str, list[bytes]], late: dict[str, list[bytes]],
                    early_be: list[L4Addr], late_be: list[L4Addr]) -> int:
-        """After a start: what the maps hold that no frontend wants (a previous agent's state). Frontends gone
+        """After a start, or at the first complete sync after partial ones (plans: then every frontend programmed):
+        what the maps hold that no frontend wants (a previous agent's state). Frontends gone
         whole go first (their masters before the rest); what frontends still served hold goes after their new
         entries are in place. Returns how many frontends are gone."""
-        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if self._svc_m.entries else set()
+        have = self._svc_m.entries
+        wanted = {k for p in plans.values() for k in (p.master[0], *p.slots)} if have else set()
         masters: list[bytes] = []
         slots: list[bytes] = []
         named: set[int] = set()              # backend ids the slots of served frontends name meanwhile
-        for k, v in self._svc_m.entries.items():
+        for k in [k for k in have if k not in wanted]:      # (unpacked only when nobody wants it)
             addr, port, slot, proto = SVC_KEY.unpack(k)
             l4 = L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto))
             if l4 in plans:
+                late["svc"].append(k)          # a slot its frontend no longer has: it goes after the master
                 if slot:
-                    named.add(SVC_VAL.unpack(v)[0])
-                if k not in wanted:
-                    late["svc"].append(k)
+                    named.add(SVC_VAL.unpack(have[k])[0])
             elif slot:
                 slots.append(k)
             else:
                 masters.append(k)
                 self._svc_ids.forget(l4)
         early["svc"][:0] = masters + slots
+        unnamed = [(l4, ident) for l4, ident in self._be_ids.items() if self._be_refs.get(l4, 0) <= 0]
+        if unnamed:
+            for k in wanted:
+                addr, port, slot, proto = SVC_KEY.unpack(k)
+                if slot and k in have:
+                    named.add(SVC_VAL.unpack(have[k])[0])
         sids = {p.sid for p in plans.values()}
         for name, mirror, part in (("mg", self._mg_m, "blocks"), ("am", self._am_m, "members")):
             want = {k for p in plans.values() for k in getattr(p, part)}
@@ -672,9 +688,8 @@ class LBMaps:
                 (late if int.from_bytes(k[4:8], "little") in sids else early)["sr"].append(k)
         views = {k for p in plans.values() for k in p.view}
         early["iv"] += [k for k in self._iv_m.entries if k not in views]     # a view names nothing the others need
-        for l4, ident in self._be_ids.items():
-            if self._be_refs.get(l4, 0) <= 0:
-                (late_be if ident in named else early_be).append(l4)
+        for l4, ident in unnamed:
+            (late_be if ident in named else early_be).append(l4)
         return len(masters)
 
     def _prune_tables(self) -> None:
