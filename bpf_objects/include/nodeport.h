@@ -146,7 +146,7 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	else   /* the route's MTU too (tot_len), so a smaller MTU towards the backend is told, not a drop */
 		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto,
 				   skb->gso_size ? 0 : p->tot_len + growth);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+	if (__builtin_expect(rc == BPF_FIB_LKUP_RET_FRAG_NEEDED, 0)) {   /* out of the common path's line */
 		rc = np_too_big(skb, p, e, cfg, &fib);
 		if (rc < 0) {
 			stat_inc(STAT_ICMP_FRAG_NEEDED);
