@@ -28,6 +28,7 @@
 #define PACKET_OTHERHOST 3     /* skb->pkt_type: a unicast frame to another host's MAC (linux/if_packet.h) */
 #endif
 
+#define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 

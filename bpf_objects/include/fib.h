@@ -68,8 +68,12 @@ static __always_inline int l2_l3_forward_edit(struct __sk_buff *skb, const __u8 
 	return 0;
 }
 
-/* Route a packet like a router would; fills *fib.  tot_len 0 skips the MTU check (GSO packets
- * are segmented later); otherwise BPF_FIB_LKUP_RET_FRAG_NEEDED reports fib->mtu_result. */
+/* Route a packet like a router would; fills *fib.  With tot_len, a length beyond the route's MTU gives
+ * BPF_FIB_LKUP_RET_FRAG_NEEDED and fib->mtu_result (nothing else filled in).  tot_len 0 (GSO packets,
+ * segmented later; packets whose size does not change) checks the skb against the MTU of the route's
+ * device only (the helper's is_skb_forwardable, which lets GSO packets through): a lookup that found the
+ * route then says FRAG_NEEDED with fib filled in, so fib_redirect hands the packet to the stack rather
+ * than to a device that would drop it. */
 static __always_inline void fib_params(struct bpf_fib_lookup *fib, __be32 saddr, __be32 daddr, __u8 proto,
 				       __u16 tot_len, __u32 ifindex)
 {
@@ -117,6 +121,10 @@ static __always_inline int fib_redirect_ttl(struct __sk_buff *skb, struct bpf_fi
 		}
 		return fib_send(fib);
 	}
+	/* Too big for the route (callers count it): the kernel's forwarding fragments it, or answers
+	 * fragmentation needed for DF, as a router does. */
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return TC_ACT_OK;
 	stat_inc(STAT_PASS_FIB_FAILED);
 	return TC_ACT_OK;
 }
@@ -126,12 +134,42 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, struct bpf_fib_lo
 	return fib_redirect_ttl(skb, fib, rc, 1);
 }
 
+/* Does the IPv4 packet at the start of the frame forbid fragmentation (DF)?  Read only for a packet too big
+ * for its route, off the common path (a header that is not there counts as DF: nothing is fragmented). */
+static __always_inline int skb_ip_df(struct __sk_buff *skb)
+{
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > data_end)
+		return 1;
+	return (ip->frag_off & bpf_htons(IP_DF)) != 0;
+}
+
 /* Look up and forward in one step, for packets whose size does not change. */
 static __always_inline int fib_forward(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto)
 {
 	struct bpf_fib_lookup fib;
 	int rc = fib_lookup_v4(skb, &fib, saddr, daddr, proto, 0);
 
+	return fib_redirect(skb, &fib, rc);
+}
+
+/* fib_forward for a translated packet whose source is not the node's own (the client's, on the backend's
+ * node), when the route may have a smaller MTU than the way it came (a pod's device, a route's mtu): such
+ * a packet is too big for a redirect, which the device would drop without a word.  It goes to the kernel's
+ * forwarding instead (TC_ACT_OK), which does what a router does: fragments it, or, with DF, answers
+ * fragmentation needed (ct_icmp.h translates that error on its way out, as for any error the node's stack
+ * sends about a translated packet).  Counted as pass_too_big. */
+static __always_inline int fib_forward_sized(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
+					     __u16 tot_len)
+{
+	struct bpf_fib_lookup fib;
+	int rc = fib_lookup_v4(skb, &fib, saddr, daddr, proto, skb->gso_size ? 0 : tot_len);
+
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		stat_inc(STAT_PASS_TOO_BIG);
 	return fib_redirect(skb, &fib, rc);
 }
 

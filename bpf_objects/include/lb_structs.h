@@ -76,8 +76,9 @@
 #define STAT_DSR_STATE_KEPT 30        /* a DSR SYN for a live flow, no other port free: that flow's state kept */
 #define STAT_RESET_SUPPRESSED 31      /* a refusal's RST not sent: its sender is no unicast host (icmp.h's rules) */
 /* STAT indices 21..31: flow state (issue 11); 32..47: forwarding safety (issue 12); 48..55: in-cluster
- * traffic (issue 13); 56..63: source ranges (issue 16); 64..71: IP fragments (frag.h). */
-#define STAT_MAX 72
+ * traffic (issue 13); 56..63: source ranges (issue 16); 64..71: IP fragments (frag.h); 72..79: packets too
+ * big for their next hop (nodeport.h, fib.h). */
+#define STAT_MAX 80
 
 /* The DSR IPv4 option (Cilium's wire format): type 0x9a = copy bit | number 26, length 8,
  * then the frontend's port and address in network order. */
@@ -427,5 +428,18 @@ struct lb_frag_val {
 };
 
 /* ---- end of IP fragments ---- */
+
+/* ---- packets too big for their next hop (nodeport.h, fib.h) ---- */
+
+/* Counters (lb_stats indices 72..79).  fwd_fragmented: forwarded packets without DF that bpflb's growth (the
+ * DSR option, the overlay) or a smaller MTU towards the backend made too big for the path, translated and
+ * handed to the kernel to fragment, as a router does (its forwarding, or its VXLAN device); with DF they are
+ * answered with fragmentation needed (icmp_frag_needed) instead.  pass_too_big: packets the backend's node
+ * delivers to a pod (a DSR request) that are too big for the route there, handed to the kernel's forwarding,
+ * which fragments them or, with DF, answers fragmentation needed. */
+#define STAT_FWD_FRAGMENTED 72
+#define STAT_PASS_TOO_BIG 73
+
+/* ---- end of packets too big ---- */
 
 #endif

@@ -23,16 +23,31 @@
 #include "neigh.h"
 
 /* A reply to a flow this node SNAT'd towards a remote backend: translate it back to the
- * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply. */
+ * client and forward it.  Returns a verdict, or -1 when the packet is not such a reply.
+ * The route to the client is looked up first, with the reply's length: one too big for it (a smaller
+ * MTU on the client's side) would be dropped by the device after a redirect, so the backend is told
+ * instead, about the packet it sent (fragmentation needed from the address it sent to, as a router on
+ * its path would).  Without DF as well: translated, its source is the frontend, often the node's own
+ * address, which the kernel's forwarding refuses (a martian), so it cannot be fragmented here. */
 static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, const struct lb_config *cfg)
 {
 	struct ct_entry *rev = ct_snat_reply(p, cfg);
+	struct bpf_fib_lookup fib;
 	__u64 now;
+	int rc = 0;
 
 	if (!rev)
 		return -1;
 	if (skb_ttl_exhausted(skb))
 		return icmp_ttl_exceeded(skb, p, cfg->snat_addr);
+	if (!(rev->flags & CT_F_HOST)) {
+		rc = fib_lookup_v4(skb, &fib, rev->fe_addr, rev->client_addr, p->t.proto,
+				   skb->gso_size ? 0 : p->tot_len);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+			stat_inc(STAT_ICMP_FRAG_NEEDED);
+			return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result);
+		}
+	}
 	now = bpf_ktime_get_ns();
 	ct_account(rev, p, CT_DIR_REV, now);
 	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, rev->client_addr, rev->client_port) < 0) {
@@ -42,14 +57,67 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, struct pkt *p, c
 	stat_inc(STAT_REPLY_SNAT);
 	if (rev->flags & CT_F_HOST)
 		return TC_ACT_OK;   /* a reply to the node's own moved connection: on to its socket */
-	return fib_forward(skb, rev->fe_addr, rev->client_addr, p->t.proto);
+	return fib_redirect(skb, &fib, rc);
+}
+
+/* np_forward's way for a packet too big for the path once grown (the DSR option, the overlay) or for a
+ * smaller MTU towards the backend, fib holding the lookup that said so.  With DF: -1, and the caller
+ * answers ICMP fragmentation needed (fib->mtu_result kept).  WITHOUT DF a router fragments such a packet
+ * (RFC 791, 1812), and so does bpflb, through the kernel, the packet translated as any other (the caller
+ * translates it, then forwards it with the returned result and fib):
+ * - to a backend behind the overlay, BPF_FIB_LKUP_RET_NO_NEIGH and fib the route to the backend itself:
+ *   into the kernel's own VXLAN device (the agent routes every other node's pod CIDR through it, gateway
+ *   in that CIDR), which encapsulates the packet as the BPF encapsulation would and lets ip_output
+ *   fragment the outer packet (the device leaves outer DF off); the backend's node reassembles it before
+ *   decapsulating.  Its source may be the node's (SNAT): it leaves, it never re-enters the node's stack.
+ * - otherwise, when the source stays the client's (DSR, a local backend), BPF_FIB_LKUP_RET_FRAG_NEEDED:
+ *   fib_redirect hands it to the kernel's forwarding (TC_ACT_OK), which routes it as the FIB lookup did,
+ *   decrements the TTL and fragments it (ip_forward, ip_fragment; the DSR option has the copy bit, so
+ *   every fragment carries it).
+ * A SNAT'd packet has no such way (the kernel drops a packet from its own address arriving from outside
+ * as a martian): -1.  Off the common path, a BPF function of its own (np_forward is inlined twice). */
+static __attribute__((noinline)) int np_too_big(struct __sk_buff *skb, const struct pkt *p, const struct ct_entry *e,
+						const struct lb_config *cfg, struct bpf_fib_lookup *fib)
+{
+	__u16 mtu = fib->mtu_result;
+	struct lb_tunnel_ep *ep;
+	__be32 node = 0;
+	int rc;
+
+	if (skb_ip_df(skb))
+		return -1;
+	if (cfg->tunnel_mode == TUNNEL_VXLAN && !(e->flags & CT_F_LOCAL)) {
+		ep = tunnel_endpoint(e->backend_addr);
+		if (ep && ep->node_addr != cfg->snat_addr)
+			node = ep->node_addr;
+	}
+	if (node) {
+		rc = fib_lookup_v4(skb, fib, (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_addr : p->t.saddr,
+				   e->backend_addr, p->t.proto, 0);
+		/* tot_len 0: the helper checks the skb against the route's device and says FRAG_NEEDED, the
+		 * lookup otherwise done (fib filled in), for one too big for it, as this packet is. */
+		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+		     rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) && fib->ifindex != cfg->ext_ifindex) {
+			ep = tunnel_endpoint(fib->ipv4_dst);
+			if (ep && ep->node_addr == node && fib->ipv4_dst != node) {
+				stat_inc(STAT_FWD_FRAGMENTED);
+				return BPF_FIB_LKUP_RET_NO_NEIGH;   /* the neighbour output writes the MACs */
+			}
+		}
+		fib->mtu_result = mtu;
+	}
+	if (e->flags & CT_F_SNAT)
+		return -1;
+	stat_inc(STAT_FWD_FRAGMENTED);
+	return BPF_FIB_LKUP_RET_FRAG_NEEDED;
 }
 
 /* Translate a packet of a known flow towards its backend and forward it.
  * SNAT: source becomes this node.  DSR: DNAT only, plus the frontend in an IPv4 option when
  * dsr_needs_opt().  A remote backend behind the VXLAN overlay: the result is encapsulated to its
  * node.  The route is looked up before the packet is touched, so growth (option, overlay) that
- * would not fit the path MTU becomes ICMP fragmentation-needed for the client, never a silent drop. */
+ * would not fit the path MTU is never a silent drop: a packet with DF becomes ICMP
+ * fragmentation-needed for the client, one without is fragmented by the kernel (np_too_big). */
 static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, const struct ct_entry *e,
 				      const struct lb_config *cfg)
 {
@@ -78,9 +146,13 @@ static __always_inline int np_forward(struct __sk_buff *skb, struct pkt *p, cons
 	else   /* the route's MTU too (tot_len), so a smaller MTU towards the backend is told, not a drop */
 		rc = fib_lookup_v4(skb, &fib, saddr, e->backend_addr, p->t.proto,
 				   skb->gso_size ? 0 : p->tot_len + growth);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		stat_inc(STAT_ICMP_FRAG_NEEDED);
-		return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
+	if (__builtin_expect(rc == BPF_FIB_LKUP_RET_FRAG_NEEDED, 0)) {   /* out of the common path's line */
+		rc = np_too_big(skb, p, e, cfg, &fib);
+		if (rc < 0) {
+			stat_inc(STAT_ICMP_FRAG_NEEDED);
+			return icmp_send_unreach(skb, p, ICMP_FRAG_NEEDED, fib.mtu_result - growth);
+		}
+		node = 0;   /* the kernel encapsulates it (its VXLAN device) or forwards it */
 	}
 	if (nat_rewrite(skb, p, saddr, sport, e->backend_addr, e->backend_port) < 0 ||
 	    (opt && dsr_insert_opt(skb, p, e->fe_addr, e->fe_port) < 0)) {
@@ -154,7 +226,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		/* Only packets with IP options can be DSR requests for a pod of this node. */
 		rc = dsr_backend_ingress(skb, &p, cfg, bpf_ktime_get_ns());
 		if (rc == -2)
-			return fib_forward(skb, p.t.saddr, p.t.daddr, p.t.proto);
+			return fib_forward_sized(skb, p.t.saddr, p.t.daddr, p.t.proto, p.tot_len);
 		if (rc >= 0)
 			return rc;
 	}

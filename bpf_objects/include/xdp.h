@@ -163,8 +163,8 @@ static __always_inline int xdp_snat_reply(struct xdp_md *ctx, struct pkt *p, con
 	if (!rev)
 		return -1;
 	if ((rev->flags & CT_F_HOST) ||
-	    xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return xdp_to_tc();   /* the node's own moved connections are delivered by tc, to the stack */
+	    xdp_fib(ctx, &fib, rev->fe_addr, rev->client_addr, p->t.proto, p->tot_len) != BPF_FIB_LKUP_RET_SUCCESS)
+		return xdp_to_tc();   /* the node's own moved connections (tc delivers them), MTU (tc tells), ... */
 	now = bpf_ktime_get_ns();
 	if (xdp_neigh_check_due(&fib, p, now))
 		return xdp_to_tc();

@@ -277,17 +277,26 @@ def test_dsr_every_fragment_carries_the_option_when_it_fits(node: Node) -> None:
     assert IP(bytes(dgram))[UDP].chksum == check
 
 
-def test_dsr_fragments_beyond_the_path_mtu_fragmentation_needed_for_the_first_only(node: Node) -> None:
+def test_dsr_fragments_beyond_the_path_mtu_go_translated_to_the_kernel_to_fragment(node: Node) -> None:
+    """Cut at the full MTU, the first and middle fragments cannot carry the option within it.  A fragment has no
+    DF: each is translated (the option in) and handed to the kernel's forwarding, which cuts it again (the
+    option copied into every piece: tests/lab/test_forwarding_mtu.py shows it on the wire); the last one fits
+    and is redirected.  No fragmentation needed, nothing lost."""
     node.program(state(fe(NODE1, 30081, (UDP_REMOTE,), proto=Proto.UDP)), Mode.DSR)
-    first, middle, _ = frags(datagram(CLIENT, NODE1, 5011, 30081))
-    run = node.ingress(first)
-    assert run.retval == TC_ACT_REDIRECT and Ether(run.data)[IP].proto == 1, "fragmentation needed, to the client"
-    assert Ether(run.data)[IP].dst == CLIENT
-    # The first fragment was not translated, so the rest passes untouched (no error quoting a later fragment).
-    run = node.ingress(middle)
-    assert run.retval == TC_ACT_OK and run.data == middle
+    cut = frags(datagram(CLIENT, NODE1, 5011, 30081))
+    outs = []
+    for i, (frame, verdict) in enumerate(zip(cut, (TC_ACT_OK, TC_ACT_OK, TC_ACT_REDIRECT), strict=True)):
+        run = node.ingress(frame)
+        assert run.retval == verdict, i
+        ip = Ether(run.data)[IP]
+        assert (ip.src, ip.dst, ip.ihl, len(ip)) == (CLIENT, REMOTE_POD, 7, len(Ether(frame)[IP]) + 8), i
+        assert bytes(ip.options[0])[:8] == bytes(dsr_option(NODE1, 30081))
+        outs.append(run.data)
+    dgram = IP(bytes(defragment([Ether(o)[IP] for o in outs])[0]))
+    assert (dgram[UDP].sport, dgram[UDP].dport, bytes(dgram[UDP].payload)) == (5011, 8081, PAYLOAD)
     stats = node.maps.stats()
-    assert (stats["icmp_frag_needed"], stats["icmp_sent"], stats["pass_fragment"]) == (1, 1, 1)
+    assert (stats["fwd_fragmented"], stats.get("icmp_frag_needed", 0), stats.get("pass_fragment", 0)) == (2, 0, 0)
+    assert (stats["frag_tracked"], stats["frag_followed"]) == (1, 2)
 
 
 def dsr_backend_node(node: Node) -> None:

@@ -191,7 +191,9 @@ def create_pod(lab: str, node_k: int, pod_ns: str, veth: str, addr: IPv4Address,
         raise LabError(f"node namespace {node_ns} does not exist")
     netns.add_netns([pod_ns])
     netns.write_sysctls(pod_ns, _NO_IPV6)
-    netns.ip_batch(node_ns, [f"link add {veth} type veth peer name {DEVICE} netns {pod_ns}",
+    # Both ends of the veth get the pod's MTU, as a CNI sets them: the node's route to the pod (cni0, whose MTU
+    # follows its ports') then says what fits, and the node fragments or answers rather than the veth dropping.
+    netns.ip_batch(node_ns, [f"link add {veth} mtu {mtu} type veth peer name {DEVICE} netns {pod_ns}",
                              f"link set {veth} master cni0", f"link set {veth} up"])
     netns.ip_batch(pod_ns, [f"addr add {addr}/{pod_cidr(node_k).prefixlen} dev {DEVICE}",
                             f"link set {DEVICE} mtu {mtu}", f"link set {DEVICE} up",
