@@ -24,7 +24,7 @@ from typing import Any
 from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
-from bpflb.datapath.mapdiff import Failures, MapMirror
+from bpflb.datapath.mapdiff import Failures, MapMirror, after_failed_batch
 from bpflb.model import maglev
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
@@ -440,22 +440,7 @@ class ServiceMirror:
         try:
             self.map.update_columns(keys, values)
         except BpfError as exc:
-            done = getattr(exc, "done", None)
-            if done is None:
-                self.reload()       # how far the batch got is unknown: ask the kernel
-                done = 0
-            for k, v in zip(keys[:done], values[:done], strict=True):
-                self._put(k, v)
-            failures: Failures = []
-            for k, v in zip(keys[done:], values[done:], strict=True):
-                if self.get(k) == v:
-                    continue
-                try:
-                    self.map.update_raw(k, v)
-                except BpfError as exc_one:
-                    failures.append((k, exc_one.strerror or str(exc_one)))
-                    continue
-                self._put(k, v)
+            failures = after_failed_batch(self.map, keys, values, exc, self.reload, self.get, self._put)
             for master in {run[0] for run in runs}:
                 self._compact(master)
             return failures

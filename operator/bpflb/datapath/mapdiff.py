@@ -9,12 +9,42 @@ object it belongs to and refuses that object alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import Map
 
 Failures = list[tuple[bytes, str]]      # (key, the kernel's reason) of every write that did not happen
+
+
+def write_each(m: Map, keys: list[bytes], values: list[bytes], held: Callable[[bytes], bytes | None],
+               put: Callable[[bytes, bytes], None]) -> Failures:
+    """Write the pairs one by one, skipping those a mirror (held, put) says the map holds already; the
+    mirror takes each write the kernel accepted. Returns the refused ones with the kernel's reason."""
+    failures: Failures = []
+    for k, v in zip(keys, values, strict=True):
+        if held(k) == v:
+            continue
+        try:
+            m.update_raw(k, v)
+        except BpfError as exc:
+            failures.append((k, exc.strerror or str(exc)))
+            continue
+        put(k, v)
+    return failures
+
+
+def after_failed_batch(m: Map, keys: list[bytes], values: list[bytes], exc: BpfError, reload: Callable[[], None],
+                       held: Callable[[bytes], bytes | None], put: Callable[[bytes, bytes], None]) -> Failures:
+    """After a batch update of the pairs that stopped: the mirror takes what the kernel says it wrote (or the
+    whole map again when it cannot say), then the rest goes one by one (write_each)."""
+    done = getattr(exc, "done", None)
+    if done is None:
+        reload()                    # how far the batch got is unknown: ask the kernel
+        done = 0
+    for k, v in zip(keys[:done], values[:done], strict=True):
+        put(k, v)
+    return write_each(m, keys[done:], values[done:], held, put)
 
 
 class MapMirror:
@@ -63,29 +93,15 @@ class MapMirror:
         """write() of keys[i] -> values[i]: a large sync's writes without a pair object for each."""
         if not keys:
             return []
-        done = 0
-        if self.batch:
-            try:
-                self.map.update_columns(keys, values)
-                done = len(keys)
-            except BpfError as exc:
-                done = getattr(exc, "done", None) or 0
-                if getattr(exc, "done", None) is None:
-                    self.reload()       # how far the batch got is unknown: ask the kernel
-            self.entries.update(zip(keys, values) if done == len(keys) else zip(keys[:done], values[:done]))
-            if done == len(keys):
-                return []
-        failures: Failures = []
-        for k, v in zip(keys[done:], values[done:], strict=True):
-            if self.entries.get(k) == v:
-                continue
-            try:
-                self.map.update_raw(k, v)
-            except BpfError as exc:
-                failures.append((k, exc.strerror or str(exc)))
-                continue
-            self.entries[k] = v
-        return failures
+        if not self.batch:
+            return write_each(self.map, keys, values, self.entries.get, self.entries.__setitem__)
+        try:
+            self.map.update_columns(keys, values)
+        except BpfError as exc:
+            return after_failed_batch(self.map, keys, values, exc, self.reload, self.entries.get,
+                                      self.entries.__setitem__)
+        self.entries.update(zip(keys, values))
+        return []
 
     def remove(self, keys: list[bytes]) -> Failures:
         """Delete the keys (missing ones are no error); return those the kernel refused to delete."""
