@@ -41,7 +41,7 @@ from bpflb.model.types import (
     Mode,
     Problem,
 )
-from bpflb.sources.base import Snapshot, Source
+from bpflb.sources.base import ListingSource, Snapshot, Source
 
 log = logging.getLogger("bpflb.agent")
 LOGGED_CHANGES = 50        # frontend changes logged one by one per sync at INFO (the rest at DEBUG, then a summary)
@@ -167,8 +167,8 @@ class Agent:
         previous agent left are still to do. Each partial sync adds and updates, never removes what the
         partial view lacks (the datapath sweeps that at the first complete sync). Returns how many partial syncs
         ran; a failure only ends them (the complete sync that follows does everything)."""
-        partial = getattr(self.source, "partial_snapshot", None)
-        if partial is None:
+        source = self.source
+        if not isinstance(source, ListingSource):
             return 0
         done = added = removed = 0
         paused = gc.isenabled()
@@ -176,9 +176,9 @@ class Agent:
         try:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
-                snap = partial(0.5)
+                snap = source.partial_snapshot(0.5)
                 if snap is None:
-                    if getattr(self.source, "synced", True):
+                    if source.synced:
                         break
                     continue
                 t0 = time.monotonic()
@@ -191,10 +191,11 @@ class Agent:
         except Exception:
             log.exception("programming the Services as they are listed failed; the first complete sync does it")
         finally:
-            getattr(self.source, "end_partial", lambda: None)()
+            source.end_partial()
             # What the partial syncs built lives on and is acyclic; left in the youngest generation, the
             # first collection after this would walk every object of it (a fifth of a second at 10,000).
-            gc.freeze()
+            if done:
+                gc.freeze()
             if paused:
                 gc.enable()
         if done:

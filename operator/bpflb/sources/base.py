@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 KubeObject = dict[str, Any]
 
@@ -49,4 +49,22 @@ class Source(Protocol):
 
     def wait_for_change(self, timeout: float) -> bool:
         """Block up to timeout seconds; True when something may have changed since the last snapshot."""
+        ...
+
+
+@runtime_checkable
+class ListingSource(Source, Protocol):
+    """A source whose first lists come in pages the agent may program as they arrive (KubeSource)."""
+
+    @property
+    def synced(self) -> bool:
+        """Every resource has been listed once: snapshot() is complete."""
+        ...
+
+    def partial_snapshot(self, timeout: float) -> Snapshot | None:
+        """Before synced: the objects listed so far, each whole (None after timeout, or once synced)."""
+        ...
+
+    def end_partial(self) -> None:
+        """The consumer of partial snapshots is done: the lists go on at their own pace."""
         ...
