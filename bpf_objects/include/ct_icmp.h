@@ -154,7 +154,7 @@ static __always_inline int ct_icmp_ingress(struct __sk_buff *skb, const struct p
 				return TC_ACT_SHOT;
 			if (e->flags & CT_F_HOST)
 				return TC_ACT_OK;
-			return fib_forward(skb, osrc, e->client_addr, IPPROTO_ICMP);
+			return fib_forward(skb, osrc, e->client_addr, IPPROTO_ICMP, 0);
 		}
 	}
 	/* About a reply on its way to the client (SNAT, local backend, or a DSR pod's reply sent from the
@@ -169,7 +169,7 @@ static __always_inline int ct_icmp_ingress(struct __sk_buff *skb, const struct p
 			    (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_addr : e->client_addr,
 			    (e->flags & (CT_F_SNAT | CT_F_PORTMAP)) ? e->nat_port : e->client_port) < 0)
 		return TC_ACT_SHOT;
-	return fib_forward(skb, err.outer.saddr, e->backend_addr, IPPROTO_ICMP);
+	return fib_forward(skb, err.outer.saddr, e->backend_addr, IPPROTO_ICMP, 0);
 }
 
 /* tc egress: an ICMP error leaving the node about a request it DNAT'd to one of its pods (local

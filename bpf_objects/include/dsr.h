@@ -256,7 +256,7 @@ static __always_inline int dsr_mapped_ingress(struct __sk_buff *skb, struct pkt 
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
-	return fib_forward_sized(skb, p->t.saddr, p->t.daddr, p->t.proto, p->tot_len);
+	return fib_forward(skb, p->t.saddr, p->t.daddr, p->t.proto, p->tot_len);
 }
 
 /* Backend node, ingress: a request carrying a DSR option.  For one of its backends of the named

@@ -147,23 +147,15 @@ static __always_inline int skb_ip_df(struct __sk_buff *skb)
 	return (ip->frag_off & bpf_htons(IP_DF)) != 0;
 }
 
-/* Look up and forward in one step, for packets whose size does not change. */
-static __always_inline int fib_forward(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto)
-{
-	struct bpf_fib_lookup fib;
-	int rc = fib_lookup_v4(skb, &fib, saddr, daddr, proto, 0);
-
-	return fib_redirect(skb, &fib, rc);
-}
-
-/* fib_forward for a translated packet whose source is not the node's own (the client's, on the backend's
- * node), when the route may have a smaller MTU than the way it came (a pod's device, a route's mtu): such
- * a packet is too big for a redirect, which the device would drop without a word.  It goes to the kernel's
- * forwarding instead (TC_ACT_OK), which does what a router does: fragments it, or, with DF, answers
- * fragmentation needed (ct_icmp.h translates that error on its way out, as for any error the node's stack
- * sends about a translated packet).  Counted as pass_too_big. */
-static __always_inline int fib_forward_sized(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto,
-					     __u16 tot_len)
+/* Look up and forward in one step.  tot_len 0: the packet's size does not change (the route's device MTU
+ * is still checked, fib_params).  With tot_len, for a translated packet whose source is not the node's own
+ * (the client's, on the backend's node), when the route may have a smaller MTU than the way it came (a
+ * pod's device, a route's mtu): such a packet is too big for a redirect, which the device would drop
+ * without a word.  Either way, one too big goes to the kernel's forwarding instead (TC_ACT_OK), which does
+ * what a router does: fragments it, or, with DF, answers fragmentation needed (ct_icmp.h translates that
+ * error on its way out, as for any error the node's stack sends about a translated packet).  Counted as
+ * pass_too_big. */
+static __always_inline int fib_forward(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u8 proto, __u16 tot_len)
 {
 	struct bpf_fib_lookup fib;
 	int rc = fib_lookup_v4(skb, &fib, saddr, daddr, proto, skb->gso_size ? 0 : tot_len);

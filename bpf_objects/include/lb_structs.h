@@ -435,8 +435,8 @@ struct lb_frag_val {
  * DSR option, the overlay) or a smaller MTU towards the backend made too big for the path, translated and
  * handed to the kernel to fragment, as a router does (its forwarding, or its VXLAN device); with DF they are
  * answered with fragmentation needed (icmp_frag_needed) instead.  pass_too_big: packets the backend's node
- * delivers to a pod (a DSR request) that are too big for the route there, handed to the kernel's forwarding,
- * which fragments them or, with DF, answers fragmentation needed. */
+ * delivers to a pod (a DSR request), or ICMP errors forwarded about a flow, that are too big for the route
+ * there, handed to the kernel's forwarding, which fragments them or, with DF, answers fragmentation needed. */
 #define STAT_FWD_FRAGMENTED 72
 #define STAT_PASS_TOO_BIG 73
 

@@ -226,7 +226,7 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 		/* Only packets with IP options can be DSR requests for a pod of this node. */
 		rc = dsr_backend_ingress(skb, &p, cfg, bpf_ktime_get_ns());
 		if (rc == -2)
-			return fib_forward_sized(skb, p.t.saddr, p.t.daddr, p.t.proto, p.tot_len);
+			return fib_forward(skb, p.t.saddr, p.t.daddr, p.t.proto, p.tot_len);
 		if (rc >= 0)
 			return rc;
 	}

@@ -1,5 +1,5 @@
-"""BPF unit tests of packets too big for their next hop (nodeport.h's np_too_big, fib.h's
-fib_forward_sized, np_snat_reply's route check), on the real bpf_lb.o / bpf_xdp.o with BPF_PROG_TEST_RUN: a
+"""BPF unit tests of packets too big for their next hop (nodeport.h's np_too_big, fib.h's fib_forward with
+the packet's length, np_snat_reply's route check), on the real bpf_lb.o / bpf_xdp.o with BPF_PROG_TEST_RUN: a
 forwarded packet WITHOUT DF that bpflb's growth (the DSR option, the overlay) or a smaller MTU towards the
 backend makes too big is translated and handed to the kernel to fragment, as a router would (its forwarding:
 TC_ACT_OK; or, behind the overlay, its own VXLAN device: redirected unencapsulated), counted as fwd_fragmented;
