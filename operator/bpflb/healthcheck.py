@@ -176,6 +176,8 @@ class HealthServers:
         want = {_Listener(str(a), port) for port in checks for a in addrs}
         if self.proxy_listen is not None:
             want.add(_Listener(*self.proxy_listen))
+        if want == self._servers.keys():
+            return []           # (the loop's thread changes _servers only in a _call, which is not running)
         return list(self._call(self._reconcile(want)))
 
     @property

@@ -18,7 +18,9 @@ from bpflb.datapath.lbmaps import SyncReport
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.inspect import collect
 from bpflb.kubeapi import KubeClient, anonymous
+from bpflb.model import translate as translate_module
 from bpflb.model.endpoints import SliceEntry, slice_record
+from bpflb.model.translate import Translator, translate
 from bpflb.sources.base import Snapshot
 from bpflb.sources.kube import KubeSource
 from bpflb_lab.apiserver import EmulatedAPI
@@ -99,6 +101,55 @@ def test_watch_events_are_followed(client: KubeClient, source: KubeSource) -> No
     source.snapshot()
     client.merge_patch("/api/v1/nodes/node1", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert not source.wait_for_change(0.5)
+
+
+def test_each_snapshot_says_what_changed_since_the_one_before(
+        api: EmulatedAPI, client: KubeClient, source: KubeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot.changes: the Services and EndpointSlices the watch events changed since the source's previous
+    snapshot, each as it is now (None: deleted); nothing known after a re-list. A translator that read the
+    previous snapshot follows them instead of comparing the lists, and agrees with translate()."""
+    client.create("/api/v1/nodes", node())
+    client.create(SVC, service("echo", 30080))
+    client.create(SVC, service("other", 30081))
+    client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
+    client.create(EPS, endpoint_slice("other", "10.244.2.20"))
+    wait_for("every object", lambda: len(source.snapshot().endpointslices) == 2)
+    first = source.snapshot()
+    assert first.changes is not None and (first.changes.services, first.changes.endpointslices) == ({}, {})
+    translator = Translator("node1")
+    translator.translate(first)
+    client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30082}]}})
+    client.delete(f"{EPS}/other-abc")
+    wait_for("both events", lambda: len(source._slices.objects) == 1 and
+             source._services.objects[("default", "echo")]["spec"]["ports"][0]["nodePort"] == 30082)
+    snap = source.snapshot()
+    changes = snap.changes
+    assert changes is not None and (changes.since, changes.seq) == (first.changes.seq, first.changes.seq + 1)
+    assert list(changes.services) == ["default/echo"] and changes.services["default/echo"] is next(
+        s for s in snap.services if s["metadata"]["name"] == "echo")
+    assert changes.endpointslices == {"default/other-abc": None}
+    want = translate(snap, "node1").frontends
+    compared: list[int] = []
+    update = translate_module._Objects.update
+
+    def counting(self: Any, raws: list[Any]) -> set[str]:
+        compared.append(len(raws))
+        return update(self, raws)
+
+    monkeypatch.setattr(translate_module._Objects, "update", counting)
+    state = translator.translate(snap)
+    assert not compared and state.frontends == want
+    assert {fe.l4.port for fe in state.frontends.values()} == {30082, 30081}
+    source._list(source._services)          # a re-list (as after 410 Gone) that finds nothing new: nothing changed
+    same = source.snapshot()
+    assert same.changes is not None and (same.changes.services, same.changes.endpointslices) == ({}, {})
+    assert translator.translate(same).frontends == state.frontends and not compared
+    api.preload("v1", "services", [service("late", 30090)])      # not sent to the watchers: the re-list finds it
+    source._list(source._services)
+    relisted = source.snapshot()
+    assert relisted.changes is None                 # what changed is not known: the lists are compared
+    assert {fe.l4.port for fe in translator.translate(relisted).frontends.values()} == {30082, 30081, 30090}
+    assert compared
 
 
 def test_an_outage_keeps_the_objects_and_a_reconnect_resyncs(

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import cast
+import random
+from typing import Any, cast
+
+import pytest
 
 from bpflb.kubeapi import KubeObject
+from bpflb.model import translate as translate_module
 from bpflb.model.endpoints import slice_record
 from bpflb.model.translate import Translator, translate
-from bpflb.sources.base import Snapshot
+from bpflb.model.types import DesiredState
+from bpflb.sources.base import Changes, Snapshot, new_origin
 from tests.unit.helpers import NODE, endpoint, endpoint_slice, node, service
 
 _rv = itertools.count(1)
@@ -87,3 +92,96 @@ def test_the_sources_records_translate_as_the_objects_they_were_read_from() -> N
     assert got.frontends == want.frontends and got.problems == want.problems and got.notes == want.notes
     assert {p.obj for p in want.problems} >= {"EndpointSlice default/s2-abc", "EndpointSlice default/s4-abc"}
     assert any(fe.draining for fe in got.frontends.values())          # the rules were applied, not skipped
+
+
+class _Source:
+    """What KubeSource keeps and says, without the API: objects by namespace/name and the keys each change
+    touched since the last snapshot (None after a re-list: not known)."""
+
+    def __init__(self) -> None:
+        self.origin, self.seq = new_origin(), 0
+        self.services: dict[str, KubeObject] = {}
+        self.slices: dict[str, Any] = {}
+        self.changed: tuple[set[str], set[str]] | None = None
+
+    def put(self, kind: str, key: str, obj: Any) -> None:
+        objects = self.services if kind == "svc" else self.slices
+        if obj is None:
+            objects.pop(key, None)
+        else:
+            objects[key] = obj
+        if self.changed is not None:
+            self.changed[0 if kind == "svc" else 1].add(key)
+
+    def snapshot(self) -> Snapshot:
+        changes = None
+        if self.changed is not None:
+            changes = Changes(self.origin, self.seq, self.seq + 1,
+                              {k: self.services.get(k) for k in self.changed[0]},
+                              {k: self.slices.get(k) for k in self.changed[1]})
+        self.seq += 1
+        self.changed = (set(), set())
+        return Snapshot(services=list(self.services.values()), endpointslices=list(self.slices.values()),
+                        nodes=[node()], config={"bpfLBMode": "SNAT"}, changes=changes)
+
+
+def _outcome(state: DesiredState) -> tuple[Any, ...]:
+    return (state.frontends, sorted(map(str, state.problems)), sorted(map(str, state.notes)), state.health_checks,
+            dict(state.by_service), dict(state.service_rank))
+
+
+def test_following_the_sources_changes_equals_comparing_the_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source that says what changed (Snapshot.changes, as KubeSource does): the translator follows that
+    instead of comparing the lists, with the same result as a translator comparing them and as translate(),
+    through 300 random steps: Services added, changed, deleted, claiming each other's nodePorts; slices moved
+    between Services, emptied, deleted; re-lists (new objects, the same resourceVersions; the changes unknown);
+    a snapshot the translator never saw (the chain broken: it compares the lists)."""
+    compared = {"n": 0}
+    update = translate_module._Objects.update
+
+    def counting(self: Any, raws: list[Any]) -> set[str]:
+        compared["n"] += 1
+        return update(self, raws)
+
+    monkeypatch.setattr(translate_module._Objects, "update", counting)
+    rng = random.Random(7)
+    src = _Source()
+    follower, comparer = Translator(NODE), Translator(NODE)
+    names = [f"s{i}" for i in range(12)]
+    followed = 0
+    for step in range(300):
+        for _ in range(rng.randint(1, 3)):
+            name, what = rng.choice(names), rng.random()
+            if what < 0.4:
+                port = 30000 + rng.randrange(8)                 # 8 nodePorts for 12 Services: conflicts
+                obj = versioned(service(name, ports=[{"name": "http", "port": 80, "targetPort": 8080,
+                                                      "nodePort": port}]))
+                obj["metadata"]["creationTimestamp"] = f"2026-01-01T00:00:{rng.randrange(60):02d}Z"
+                src.put("svc", f"default/{name}", obj)
+            elif what < 0.5:
+                src.put("svc", f"default/{name}", None)
+            elif what < 0.85:
+                owner = rng.choice(names)
+                eps = [endpoint(f"10.0.{rng.randrange(4)}.{rng.randrange(1, 9)}", rng.choice([NODE, "node-b"]),
+                                f"{owner}-{i}") for i in range(rng.randrange(4))]
+                raw = versioned(endpoint_slice(owner, eps, name=f"{name}-slice"))
+                src.put("eps", f"default/{name}-slice", slice_record(raw))
+            else:
+                src.put("eps", f"default/{name}-slice", None)
+        if step % 50 == 49:               # a re-list: other objects with the same resourceVersions
+            src.services = {k: copy.deepcopy(v) for k, v in src.services.items()}
+            src.changed = None
+        if step % 70 == 69:
+            src.snapshot()                  # taken by someone else: the next one does not follow the last seen
+        snap = src.snapshot()
+        before = compared["n"]
+        got = follower.translate(snap)
+        if compared["n"] == before:
+            followed += 1
+        listed = Snapshot(services=snap.services, endpointslices=snap.endpointslices, nodes=snap.nodes,
+                          config=snap.config)
+        want = comparer.translate(listed)
+        assert _outcome(got) == _outcome(want), f"step {step}"
+        assert got.frontends == translate(listed, NODE).frontends, f"step {step}"
+        assert got.services_changed == want.services_changed and got.changes == want.changes, f"step {step}"
+    assert followed >= 280          # every step but the first, the re-lists and the broken chains

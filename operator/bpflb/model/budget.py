@@ -115,7 +115,7 @@ def _keys(frontends: tuple[Frontend, ...], node_addrs: AbstractSet[IPv4Address])
                                                  (DSR_MEMBERS, members), (VIEWS, views)) if keys}
 
 
-def by_service(state: DesiredState) -> dict[str, tuple[Frontend, ...]]:
+def by_service(state: DesiredState) -> Mapping[str, tuple[Frontend, ...]]:
     """The state's frontends grouped by Service (the translator's grouping when it made one)."""
     if state.by_service:
         return state.by_service

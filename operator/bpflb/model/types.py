@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from operator import itemgetter
@@ -214,8 +215,10 @@ class DesiredState:
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)      # by healthCheckNodePort
     # The frontends of each Service ("namespace/name"), and when each Service was created (its
     # metadata.creationTimestamp, "" when unknown): who is admitted first when the maps are short (model.budget).
-    by_service: dict[str, tuple[Frontend, ...]] = field(default_factory=dict)
-    service_rank: dict[str, str] = field(default_factory=dict)
+    # A Translator's state holds read-only views of its own, current until its next translation: read them in
+    # the sync that state is for (copying 10,000 entries each would be most of a one-change sync).
+    by_service: Mapping[str, tuple[Frontend, ...]] = field(default_factory=dict)
+    service_rank: Mapping[str, str] = field(default_factory=dict)
     # What differs from the state whose generation is `base` (the previous one its translator made): the
     # frontends added, replaced or gone, and the Services whose frontends did. None: not known, compare all.
     # Unchanged frontends are the same objects in both states.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +26,34 @@ def config_object(namespace: str = AGENT_CONFIG_NAMESPACE) -> str:
     return f"ConfigMap {namespace}/{AGENT_CONFIG_NAME}"
 
 
+def object_key(namespace: str | None, name: str) -> str:
+    """An object's identity as the model and Changes name it: "namespace/name" (namespace "default" when
+    empty, as the API server defaults it)."""
+    return f"{namespace or 'default'}/{name}"
+
+
+_ORIGINS = itertools.count(1)
+
+
+def new_origin() -> int:
+    """A number no other source of this process has (for Changes.origin)."""
+    return next(_ORIGINS)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a source's snapshot changed from its previous one: the Services and EndpointSlices
+    (object_key) replaced, added or deleted since then, each with its object now (None: deleted). A consumer
+    that translated the snapshot `since` of this `origin` may follow these instead of comparing the lists;
+    any other consumer compares them."""
+
+    origin: int              # the source that counts (new_origin(): snapshots of two sources never chain)
+    since: int               # the snapshot these changes follow
+    seq: int                 # this snapshot's number
+    services: dict[str, KubeObject | None]
+    endpointslices: dict[str, Any]
+
+
 @dataclass
 class Snapshot:
     """A consistent view of the objects the agent programs its node from (raw Kubernetes dicts)."""
@@ -38,6 +67,9 @@ class Snapshot:
     # Only some of the Services, their list still coming in (KubeSource.partial_snapshot): program what it
     # holds, remove nothing it lacks.
     partial: bool = False
+    # A source that can tell what changed since its previous snapshot says it here (KubeSource); None: not
+    # known, the consumer compares the lists. The lists are complete either way.
+    changes: Changes | None = None
 
 
 class Source(Protocol):

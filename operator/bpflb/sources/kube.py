@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bpflb.kubeapi import ApiError, KubeClient, KubeObject, backoff_delays
-from bpflb.sources.base import AGENT_CONFIG_NAME, AGENT_CONFIG_NAMESPACE, Snapshot
+from bpflb.sources.base import (
+    AGENT_CONFIG_NAME,
+    AGENT_CONFIG_NAMESPACE,
+    Changes,
+    Snapshot,
+    new_origin,
+    object_key,
+)
 
 log = logging.getLogger("bpflb.sources.kube")
 
@@ -104,6 +111,9 @@ class _Resource:
     versions: dict[tuple[str, str], str | None] = field(default_factory=dict)   # each object's resourceVersion
     listed: bool = False                         # one list succeeded since start
     partial: dict[tuple[str, str], Any] = field(default_factory=dict)   # the first list's records so far
+    # The keys whose object a watch event changed since the last snapshot(); None: not known (never handed
+    # over yet, or a list replaced the objects since).
+    changed: set[tuple[str, str]] | None = None
     version: str | None = None                   # where the watch resumes; None: list first
     connected: bool = False
     error: str | None = None
@@ -153,6 +163,8 @@ class KubeSource:
         self._threads: list[threading.Thread] = []
         self.last_config: dict[str, str] | None = None   # the agent ConfigMap data of the last snapshot
         self.relists = 0                # lists after the first one (410 Gone, or an outage's resync)
+        self._origin = new_origin()     # snapshot() numbers its snapshots and says what each changed (Changes)
+        self._seq = 0
         self.resources = [
             _Resource("Services", "/api/v1/services", view=service_view),
             _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices",
@@ -265,9 +277,17 @@ class KubeSource:
                                "nothing to program")
         self._changed.clear()
         with self._lock:
-            snap = Snapshot(services=list(self._services.objects.values()),
-                            endpointslices=list(self._slices.objects.values()),
-                            nodes=list(self._nodes.objects.values()), config_namespace=self.namespace)
+            services, slices = self._services, self._slices
+            changes = None
+            if services.changed is not None and slices.changed is not None:
+                changes = Changes(self._origin, self._seq, self._seq + 1,
+                                  {object_key(*k): services.objects.get(k) for k in services.changed},
+                                  {object_key(*k): slices.objects.get(k) for k in slices.changed})
+            self._seq += 1
+            services.changed, slices.changed = set(), set()
+            snap = Snapshot(services=list(services.objects.values()), endpointslices=list(slices.objects.values()),
+                            nodes=list(self._nodes.objects.values()), config_namespace=self.namespace,
+                            changes=changes)
         self._config_into(snap)
         self.last_config = snap.config
         return snap
@@ -374,6 +394,8 @@ class KubeSource:
             changed = not res.listed or fresh.keys() != objects.keys() or any(new for *_, new in items)
             res.objects = fresh
             res.versions = {key: v for key, v, _, _ in items}
+            if changed:
+                res.changed = None          # the next snapshot says nothing of what changed: compare the lists
             res.listed = True
             res.partial = {}
             if self.synced_at is None and all(r.listed for r in self.resources):
@@ -423,5 +445,7 @@ class KubeSource:
                 res.versions[key] = version
             else:
                 changed = False
+            if changed and res.changed is not None:
+                res.changed.add(key)
         if changed:
             self._changed.set()
