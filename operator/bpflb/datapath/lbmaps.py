@@ -125,7 +125,8 @@ def _from_be16(value: int) -> int:
 SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot, proto, pad
 SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
 BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
-_BACKEND_INTS = struct.Struct(">IHBB")     # the same bytes from the address and port as integers
+# An L4Addr's value shifted by a byte, with the flags below, is struct lb_backend in network order as
+# BACKEND packs it (addr, port, proto, flags): ((l4 << 8) | flags).to_bytes(8, "big").
 
 
 @functools.cache
@@ -144,7 +145,7 @@ def _svc_flags(kind: FrontendKind, local_only: bool, no_endpoints: bool, ranged:
 
 
 def svc_key(l4: L4Addr, slot: int) -> bytes:
-    return SVC_KEY.pack(l4.packed, l4[1].to_bytes(2, "big"), slot, l4[2])
+    return SVC_KEY.pack((l4 >> 24).to_bytes(4, "big"), (l4 >> 8 & 0xFFFF).to_bytes(2, "big"), slot, l4 & 0xFF)
 
 
 def _u32(value: int) -> bytes:
@@ -604,7 +605,7 @@ class LBMaps:
         flags = _svc_flags(fe.kind, fe.local_only, fe.no_endpoints, fe.source_ranges is not None,
                            fe.source_ranges_deny and not closed)
         l4 = fe.l4
-        addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
+        addr, port, proto = (l4 >> 24).to_bytes(4, "big"), (l4 >> 8 & 0xFFFF).to_bytes(2, "big"), l4 & 0xFF
         ids, slots, referenced = self._slot_values(fe.backends, fe.draining)
         master = (SVC_KEY.pack(addr, port, 0, proto),
                   SVC_VAL.pack(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
@@ -640,16 +641,16 @@ class LBMaps:
         ids = self._be_ids
         got, new = ids._ids.get, ids.get
         local_flag = const("LB_BE_F_LOCAL")
-        be_val, pack = self._be_val, _BACKEND_INTS.pack
+        be_val = self._be_val
         idents: list[int] = []
         for be in backends:
             l4 = be[0]
             ident = got(l4)
             idents.append(new(l4) if ident is None else ident)
-            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+            be_val[l4] = (l4 << 8 | (local_flag if be[3] else 0)).to_bytes(8, "big")
         for be in draining:
             l4 = be[0]
-            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+            be_val[l4] = (l4 << 8 | (local_flag if be[3] else 0)).to_bytes(8, "big")
         shared, pack_val = self._slot_val, SVC_VAL.pack
         values = b"".join([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
         referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
