@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bpflb.allocator import tune_allocator
+from bpflb.allocator import settle_allocator, tune_allocator
 from bpflb.datapath.lbmaps import BACKEND, BackendMirror, LBMaps
 from bpflb.datapath.memory import MemoryPins
 from bpflb.model.endpoints import _backends, _Slice, read_slice, slice_record
@@ -183,4 +183,4 @@ def test_a_restarted_lbmaps_shares_its_backend_objects_and_rewrites_nothing() ->
 
 
 def test_the_allocator_setting_is_harmless_to_repeat() -> None:
-    assert tune_allocator() == tune_allocator()
+    assert tune_allocator() == settle_allocator() == tune_allocator()
