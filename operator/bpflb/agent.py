@@ -199,6 +199,7 @@ class Agent:
                 gc.freeze()
             if paused:
                 gc.enable()
+            settle_allocator()      # the lists are in: what is still to come are the syncs' own tables
         if done:
             log.info("programmed the Services as they were listed, in %d partial syncs (%d frontends so far: %d "
                      "added, %d removed)", done, len(self.state.frontends) if self.state else 0, added, removed)
