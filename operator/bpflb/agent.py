@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from bpflb.allocator import settle_allocator
 from bpflb.datapath.base import Datapath, NodeProgram
 from bpflb.datapath.conntrack import Schedule, describe
 from bpflb.datapath.lbmaps import NodeConfig, SyncReport
@@ -198,6 +199,7 @@ class Agent:
                 gc.freeze()
             if paused:
                 gc.enable()
+            settle_allocator()      # the lists are in: what is still to come are the syncs' own tables
         if done:
             log.info("programmed the Services as they were listed, in %d partial syncs (%d frontends so far: %d "
                      "added, %d removed)", done, len(self.state.frontends) if self.state else 0, added, removed)
@@ -499,6 +501,8 @@ class Agent:
     def _observe(self, seconds: float, report: SyncReport | None) -> None:
         """The loop's bookkeeping for the probes and the metrics: ready after the first full sync."""
         if report is not None:
+            if not self.synced:
+                settle_allocator()      # the first sync's peak is behind: changes' tables from the heap
             self.synced = True
         if self.metrics is not None:
             result = "error" if self.last_error else "waiting" if report is None else "ok"

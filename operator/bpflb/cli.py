@@ -26,6 +26,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from bpflb.allocator import tune_allocator
+
+    tune_allocator()            # before any thread starts
     from bpflb.agent import Agent, AgentOptions, install_signal_handlers
     from bpflb.model.types import parse_port_range
     from bpflb.sources.files import FileSource

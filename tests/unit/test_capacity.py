@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bpflb.agent import Agent, AgentOptions
-from bpflb.datapath.lbmaps import ServiceMirror, svc_key
+from bpflb.datapath.lbmaps import BackendMirror, ServiceMirror, svc_key
 from bpflb.datapath.mapdiff import MapMirror
 from bpflb.datapath.memory import MemoryDatapath, MemoryPins
 from bpflb.model.budget import SLOTS_MAX
@@ -156,7 +156,7 @@ def test_a_refused_batch_leaves_the_mirror_equal_to_the_map(tmp_path: Path) -> N
     report = agent.run_once()
     assert report is not None and [f.frontend for f in report.failures] == [l4(NODE_INTERNAL, 30003)]
     assert datapath.maps is not None and datapath.cluster is not None
-    mirrors: list[MapMirror | ServiceMirror] = [datapath.maps._svc_m, datapath.maps._be_m, datapath.maps._mg_m,
+    mirrors: list[MapMirror | ServiceMirror | BackendMirror] = [datapath.maps._svc_m, datapath.maps._be_m, datapath.maps._mg_m,
                                                 datapath.maps._am_m, datapath.cluster.dsr_frontends,
                                                 datapath.cluster.local_backends]
     for mirror in mirrors:

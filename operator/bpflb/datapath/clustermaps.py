@@ -24,7 +24,7 @@ DSR_MEMBER = struct.Struct("=4s4s2s2sB3x")   # struct lb_dsr_member: fe_addr, be
 
 
 def l4_key(l4: L4Addr) -> bytes:
-    return L4_KEY.pack(l4.packed, l4[1].to_bytes(2, "big"), l4[2])
+    return L4_KEY.pack((l4 >> 24).to_bytes(4, "big"), (l4 >> 8 & 0xFFFF).to_bytes(2, "big"), l4 & 0xFF)
 
 
 def dsr_member_key(fe: L4Addr, be: L4Addr) -> bytes:

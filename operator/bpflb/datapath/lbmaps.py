@@ -125,7 +125,8 @@ def _from_be16(value: int) -> int:
 SVC_KEY = struct.Struct("=4s2sHB3x")       # struct lb_svc_key: addr, port, slot, proto, pad
 SVC_VAL = struct.Struct("=IHHIB3x")        # struct lb_svc_val: id, count, flags, affinity_timeout, algorithm
 BACKEND = struct.Struct("=4s2sBB")         # struct lb_backend: addr, port, proto, flags
-_BACKEND_INTS = struct.Struct(">IHBB")     # the same bytes from the address and port as integers
+# An L4Addr's value shifted by a byte, with the flags below, is struct lb_backend in network order as
+# BACKEND packs it (addr, port, proto, flags): ((l4 << 8) | flags).to_bytes(8, "big").
 
 
 @functools.cache
@@ -144,7 +145,7 @@ def _svc_flags(kind: FrontendKind, local_only: bool, no_endpoints: bool, ranged:
 
 
 def svc_key(l4: L4Addr, slot: int) -> bytes:
-    return SVC_KEY.pack(l4.packed, l4[1].to_bytes(2, "big"), slot, l4[2])
+    return SVC_KEY.pack((l4 >> 24).to_bytes(4, "big"), (l4 >> 8 & 0xFFFF).to_bytes(2, "big"), slot, l4 & 0xFF)
 
 
 def _u32(value: int) -> bytes:
@@ -252,7 +253,6 @@ class _Entries:
     slots: bytes                         # lb_services values of slots 1..n, one after the other
     blocks: Mapping[bytes, bytes]        # lb_maglev
     members: Mapping[bytes, bytes]       # lb_affinity_members
-    backends: tuple[L4Addr, ...]         # every backend it references: its slots' and its draining ones
     table: _TableKey | None = None
     view: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)     # lb_internal_view: what in-cluster
     ranges: Mapping[bytes, bytes] = field(default_factory=lambda: _NONE)   # clients get; lb_src_ranges: its
@@ -262,6 +262,14 @@ class _Entries:
     def n(self) -> int:
         """Its number of slots."""
         return len(self.slots) // _VAL
+
+    @property
+    def backends(self) -> list[L4Addr]:
+        """Every backend it references: its slots' and its draining ones (read from its frontend, not kept:
+        a tuple per Service port, 1.4 MiB at 10,000 Services)."""
+        fe = self.fe
+        return [b[0] for b in fe.backends] + [b[0] for b in fe.draining] if fe.draining else \
+            [b[0] for b in fe.backends]
 
 
 _SLOT_AT = slice(6, 8)                   # lb_svc_key.slot (host order) within the key
@@ -499,6 +507,135 @@ class ServiceMirror:
         return failures
 
 
+class _BackendEntries(Mapping[bytes, bytes]):
+    """A BackendMirror's entries as MapMirror.entries holds them (key bytes -> value bytes), made on demand."""
+
+    def __init__(self, mirror: BackendMirror) -> None:
+        self._mirror = mirror
+
+    def __getitem__(self, key: bytes) -> bytes:
+        value = self._mirror.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (_u32(ident) for ident in self._mirror.backends)
+
+    def __len__(self) -> int:
+        return len(self._mirror.backends)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and len(key) == 4 and int.from_bytes(key, "little") in self._mirror.backends
+
+
+class BackendMirror:
+    """lb_backends as the kernel holds it (MapMirror's rules: it follows every write the kernel accepted and is
+    re-read after a failure it cannot account for), kept by backend id: id -> the L4Addr its value names (the
+    same object the ids are kept by) and, apart, the few ids whose flags are not 0. A value is the L4Addr's
+    integer shifted by a byte with the flags below (struct lb_backend in network order), so nothing else needs
+    keeping: two bytes objects a backend (96 bytes; 5.5 MiB at 60,000 backends) are not."""
+
+    batch = True
+
+    def __init__(self, m: Map) -> None:
+        if m.value_size != BACKEND.size:
+            raise ValueError(f"lb_backends values are {m.value_size} bytes; lbmaps expects {BACKEND.size}")
+        self.map = m
+        self.backends: dict[int, L4Addr] = {}
+        self.flags: dict[int, int] = {}        # the ids whose value's flags are not 0
+        self.reloads = 0
+        self._read()
+
+    @property
+    def capacity(self) -> int:
+        return self.map.max_entries
+
+    @property
+    def entries(self) -> Mapping[bytes, bytes]:
+        """Every (key, value) as bytes, made when read (a comparison, inspection, tests)."""
+        return _BackendEntries(self)
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and len(key) == 4 and int.from_bytes(key, "little") in self.backends
+
+    def _read(self) -> None:
+        self.backends.clear()
+        self.flags.clear()
+        for k, v in self.map.items_raw():
+            self.put(k, v)
+
+    def reload(self) -> None:
+        self._read()
+        self.reloads += 1
+
+    def get(self, key: bytes) -> bytes | None:
+        ident = int.from_bytes(key, "little")
+        l4 = self.backends.get(ident)
+        if l4 is None:
+            return None
+        return (l4 << 8 | self.flags.get(ident, 0)).to_bytes(BACKEND.size, "big")
+
+    def put(self, key: bytes, value: bytes) -> None:
+        ident, whole = int.from_bytes(key, "little"), int.from_bytes(value, "big")
+        self._set(ident, L4Addr.of(whole >> 32, whole >> 16 & 0xFFFF, whole >> 8 & 0xFF), whole & 0xFF)
+
+    def _set(self, ident: int, l4: L4Addr, flags: int) -> None:
+        self.backends[ident] = l4
+        if flags:
+            self.flags[ident] = flags
+        elif self.flags:
+            self.flags.pop(ident, None)
+
+    def write_columns(self, keys: list[bytes], values: list[bytes],
+                      named: tuple[list[int], list[L4Addr]] | None = None) -> Failures:
+        """MapMirror.write_columns; named: each key's id and the L4Addr its value names (value >> 8), which
+        the mirror then keeps as they are (the ids' own objects) rather than new ones."""
+        if not keys:
+            return []
+        try:
+            self.map.update_columns(keys, values)
+        except BpfError as exc:
+            return after_failed_batch(self.map, keys, values, exc, self.reload, self.get, self.put)
+        if named is None:
+            for k, v in zip(keys, values, strict=True):
+                self.put(k, v)
+            return []
+        for ident, l4, v in zip(*named, values, strict=True):
+            self._set(ident, l4, v[-1])
+        return []
+
+    def remove(self, keys: list[bytes]) -> Failures:
+        """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
+        if not keys:
+            return []
+        try:
+            self.map.delete_many(keys)
+            for k in keys:
+                ident = int.from_bytes(k, "little")
+                self.backends.pop(ident, None)
+                self.flags.pop(ident, None)
+            return []
+        except BpfError:
+            self.reload()
+        failures: Failures = []
+        for k in keys:
+            if k not in self:
+                continue
+            try:
+                self.map.delete_raw(k)
+            except BpfError as exc:
+                failures.append((k, exc.strerror or str(exc)))
+                continue
+            ident = int.from_bytes(k, "little")
+            self.backends.pop(ident, None)
+            self.flags.pop(ident, None)
+        return failures
+
+
 class LBMaps:
     """The load-balancer maps of one node and the ids recorded in them.
 
@@ -527,7 +664,7 @@ class LBMaps:
         self.dsr_mapped: Map = obj.map("lb_dsr_mapped")      # closed by the conntrack collector (conntrack.py)
         if const("LB_MAGLEV_BLOCK") != _BLOCK or self.maglev.value_size != _BLOCK_BYTES:
             raise ValueError(f"lb_structs.h LB_MAGLEV_BLOCK is {const('LB_MAGLEV_BLOCK')}; lbmaps expects {_BLOCK}")
-        self._svc_m, self._be_m = ServiceMirror(self.services), MapMirror(self.backends)
+        self._svc_m, self._be_m = ServiceMirror(self.services), BackendMirror(self.backends)
         self._mg_m = MapMirror(self.maglev, batch=False)      # 16 KiB blocks: batching saves nothing measurable
         self._am_m = MapMirror(self.affinity_members)
         self._sr_m = MapMirror(self.src_ranges, batch=False)      # an LPM trie: no batch operations
@@ -546,21 +683,18 @@ class LBMaps:
         self._sr_used = 0                                 # lb_src_ranges entries programmed frontends hold
         self._table_params: tuple[int, int] | None = None
         # Within one sync: the slots of each backends tuple (by identity), each backend id's slot value.
-        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], bytes,
-                                         tuple[L4Addr, ...]]] = {}
+        self._per_tuple: dict[int, tuple[tuple[Backend, ...], tuple[Backend, ...], list[int], bytes]] = {}
         self._slot_val: dict[int, bytes] = {}
         self._recover_ids()
-        if len(self._svc_m) or self._be_m.entries:
+        if len(self._svc_m) or len(self._be_m):
             log.info("recovered %d frontends and %d backends from pinned maps",
                      len(self._svc_ids), len(self._be_ids))
 
     def _recover_ids(self) -> None:
         """Ids from the maps themselves (pins survive the agent): a restart rewrites nothing."""
         self._be_ids = IdPool()
-        for k, v in self._be_m.entries.items():
-            addr, port, proto, _flags = BACKEND.unpack(v)
-            self._be_ids.record(L4Addr(IPv4Address(addr), int.from_bytes(port, "big"), Proto(proto)),
-                                int.from_bytes(k, "little"))
+        for ident, l4 in self._be_m.backends.items():      # the mirror's objects, shared
+            self._be_ids.record(l4, ident)
         self._svc_ids = IdPool()
         for master, rec in self._svc_m.frontends.items():
             if rec[0] is not None:
@@ -604,8 +738,8 @@ class LBMaps:
         flags = _svc_flags(fe.kind, fe.local_only, fe.no_endpoints, fe.source_ranges is not None,
                            fe.source_ranges_deny and not closed)
         l4 = fe.l4
-        addr, port, proto = l4[0].to_bytes(4, "big"), l4[1].to_bytes(2, "big"), l4[2]
-        ids, slots, referenced = self._slot_values(fe.backends, fe.draining)
+        addr, port, proto = (l4 >> 24).to_bytes(4, "big"), (l4 >> 8 & 0xFFFF).to_bytes(2, "big"), l4 & 0xFF
+        ids, slots = self._slot_values(fe.backends, fe.draining)
         master = (SVC_KEY.pack(addr, port, 0, proto),
                   SVC_VAL.pack(sid, len(fe.backends), flags, fe.affinity_timeout, int(fe.algorithm)))
         blocks: Mapping[bytes, bytes] = _NONE
@@ -626,35 +760,33 @@ class LBMaps:
             view = {l4_key(fe.l4): _NOT_IN_CLUSTER}
         elif fe.internal is not None:
             view = {l4_key(fe.l4): l4_key(fe.internal)}
-        return _Entries(fe, sid, master, slots, blocks, members, referenced,
-                        table, view, ranges)
+        return _Entries(fe, sid, master, slots, blocks, members, table, view, ranges)
 
     def _slot_values(self, backends: tuple[Backend, ...], draining: tuple[Backend, ...]
-                     ) -> tuple[list[int], bytes, tuple[L4Addr, ...]]:
+                     ) -> tuple[list[int], bytes]:
         """The backend ids of a frontend's slots and their lb_services values (allocating the ids), and each
         backend's lb_backends value recorded (draining ones too: in no slot, but open flows find them).
         The frontends of one Service port share their backends (one tuple): done once per tuple in a sync."""
         known = self._per_tuple.get(id(backends))
         if known is not None and known[0] is backends and known[1] is draining:
-            return known[2], known[3], known[4]
+            return known[2], known[3]
         ids = self._be_ids
         got, new = ids._ids.get, ids.get
         local_flag = const("LB_BE_F_LOCAL")
-        be_val, pack = self._be_val, _BACKEND_INTS.pack
+        be_val = self._be_val
         idents: list[int] = []
         for be in backends:
             l4 = be[0]
             ident = got(l4)
             idents.append(new(l4) if ident is None else ident)
-            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+            be_val[l4] = (l4 << 8 | (local_flag if be[3] else 0)).to_bytes(8, "big")
         for be in draining:
             l4 = be[0]
-            be_val[l4] = pack(l4[0], l4[1], l4[2], local_flag if be[3] else 0)
+            be_val[l4] = (l4 << 8 | (local_flag if be[3] else 0)).to_bytes(8, "big")
         shared, pack_val = self._slot_val, SVC_VAL.pack
         values = b"".join([shared.get(i) or shared.setdefault(i, pack_val(i, 0, 0, 0, 0)) for i in idents])
-        referenced = tuple([b.l4 for b in backends] + [b.l4 for b in draining])
-        self._per_tuple[id(backends)] = (backends, draining, idents, values, referenced)
-        return idents, values, referenced
+        self._per_tuple[id(backends)] = (backends, draining, idents, values)
+        return idents, values
 
     def _set_maglev_config(self, m: int, seed: int) -> bool:
         zero = ffi().new("__u32 *", 0)
@@ -729,9 +861,9 @@ class LBMaps:
         # What lb_backends should hold of them, as two columns (a large sync's 60,000 without a pair each).
         want_be = [l4 for l4 in touched if refs[l4] > 0 and l4 in be_val]
         del touched
-        be_keys = [(known(l4) or bid(l4)).to_bytes(4, "little") for l4 in want_be]
+        be_idents = [known(l4) or bid(l4) for l4 in want_be]
+        be_keys = [ident.to_bytes(4, "little") for ident in be_idents]
         be_vals = [be_val[l4] for l4 in want_be]
-        del want_be
         self._be_val = {}
 
         svc, be_m, mg, am = self._svc_m, self._be_m, self._mg_m, self._am_m
@@ -777,8 +909,8 @@ class LBMaps:
             if mirror.capacity and len(mirror) - len(early[name]) + adds[name] > mirror.capacity:
                 early[name] += late[name]
                 late[name] = []
-        if be_m.capacity and len(be_m.entries) - len(early_be) + \
-                sum(1 for k in be_keys if k not in be_m.entries) > be_m.capacity:
+        if be_m.capacity and len(be_m) - len(early_be) + \
+                sum(1 for ident in be_idents if ident not in be_m.backends) > be_m.capacity:
             early_be, late_be = early_be + late_be, []
         report.frontends_removed = len(removed) + leftover_frontends
         report.slots_removed += self._remove(svc, early["svc"])
@@ -798,13 +930,15 @@ class LBMaps:
                 failed[l4] = WriteFailure(l4, plans[l4].fe.service, map_name, reason)
 
         # 1. backends first: a slot must never name a backend the datapath cannot find.
-        if be_m.entries:            # its keys are distinct
-            have_be = be_m.entries
-            changed_be = [i for i, (k, v) in enumerate(zip(be_keys, be_vals, strict=True)) if have_be.get(k) != v]
+        if len(be_m):               # its keys are distinct
+            have_be, have_flags = be_m.backends, be_m.flags
+            changed_be = [i for i, (ident, l4, v) in enumerate(zip(be_idents, want_be, be_vals, strict=True))
+                          if have_be.get(ident) != l4 or have_flags.get(ident, 0) != v[-1]]
             be_keys, be_vals = [be_keys[i] for i in changed_be], [be_vals[i] for i in changed_be]
-        bad_be = dict(be_m.write_columns(be_keys, be_vals))
+            be_idents, want_be = [be_idents[i] for i in changed_be], [want_be[i] for i in changed_be]
+        bad_be = dict(be_m.write_columns(be_keys, be_vals, (be_idents, want_be)))
         report.backends_written = len(be_keys) - len(bad_be)
-        del be_keys, be_vals
+        del be_keys, be_vals, be_idents, want_be
         if bad_be:
             for l4, p in plans.items():
                 for b in p.backends:
@@ -938,7 +1072,7 @@ class LBMaps:
                 fail(owner[k], mirror.map.name, why)
         return len(keys) - len(refused)
 
-    def _remove(self, mirror: MapMirror | ServiceMirror, keys: list[bytes]) -> int:
+    def _remove(self, mirror: MapMirror | ServiceMirror | BackendMirror, keys: list[bytes]) -> int:
         """Delete the keys the map holds; a refused delete only re-reads the mirror (nothing to refuse)."""
         present = [k for k in keys if k in mirror]
         bad = mirror.remove(present)

@@ -47,7 +47,7 @@ class _Endpoint:
     terminating: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Slice:
     ports: dict[tuple[str, Proto], int]     # (port name, protocol) -> backend port; first entry wins
     # Its endpoints, unless packed: (addresses, names, nodes), one entry per endpoint, each ready, serving and
@@ -57,14 +57,49 @@ class _Slice:
     # (name, address) and become backends as they are, with no rule to apply.
     plain: bool = False
     packed: tuple[tuple[int, ...], tuple[str, ...], tuple[str | None, ...]] | None = None
+    # A packed slice once translated: the node its backends were made for, then (port name, protocol), its
+    # backends, for each port asked so far. They replace the columns (packed is None then): the translation's
+    # Backend objects are the record itself, one tuple shared by the slice and every frontend of the port.
+    made: tuple[Any, ...] | None = None
+
+    @property
+    def columns(self) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str | None, ...]] | None:
+        """(addresses, names, nodes) of a packed slice, from its backends once they are made."""
+        if self.packed is not None or self.made is None:
+            return self.packed
+        backends: tuple[Backend, ...] = self.made[2]
+        return (tuple([b[0] >> 24 for b in backends]), tuple([b[1] for b in backends]),
+                tuple([b[2] for b in backends]))
 
     @property
     def endpoints(self) -> tuple[_Endpoint, ...]:
-        if self.packed is None:
+        columns = self.columns
+        if columns is None:
             return self.listed
-        ips, names, nodes = self.packed
+        ips, names, nodes = columns
         return tuple(_Endpoint(ip, name, node, True, True, False) for ip, name, node in zip(ips, names, nodes,
                                                                                              strict=True))
+
+    def backends(self, key: tuple[str, Proto], node_name: str) -> tuple[Backend, ...] | None:
+        """A packed slice's backends for the port key (None: the slice has no such port), as node_name sees
+        them; made once and kept (the columns give way to them), the same tuple every time."""
+        port = self.ports.get(key)
+        if port is None:
+            return None
+        made = self.made
+        if made is not None and made[0] == node_name:
+            for i in range(1, len(made), 2):
+                if made[i] == key:
+                    return made[i + 1]     # type: ignore[no-any-return]
+        columns = self.columns
+        assert columns is not None
+        ips, names, nodes = columns
+        p = int(key[1])
+        backends = tuple([_new(Backend, (_int_new(L4Addr, ip << 24 | port << 8 | p), name, node, node == node_name,
+                                         False)) for ip, name, node in zip(ips, names, nodes, strict=True)])
+        self.made = (node_name, key, backends) if made is None or made[0] != node_name else (*made, key, backends)
+        self.packed = None
+        return backends
 
 
 @dataclass(slots=True)
@@ -266,10 +301,13 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
     if len(slices) == 1 and slices[0].plain:
         return _plain_backends(slices[0], port_name, proto, node_name, local_only)
     chosen: dict[tuple[int, int], _Endpoint] = {}        # (address, port) -> endpoint
+    made: dict[L4Addr, Backend] = {}                     # packed slices' backends, used as they are
     for one in slices:
         port = one.ports.get((port_name, proto))
         if port is None:
             continue
+        if one.packed is not None or one.made is not None:
+            made.update((b[0], b) for b in one.backends((port_name, proto), node_name) or ())
         for ep in one.endpoints:
             seen = chosen.get((ep.ip, port))
             if seen is None or (ep.ready and not seen.ready):   # the same address in two slices: ready wins
@@ -281,8 +319,8 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
     if not eligible and not no_endpoints:
         eligible = [(port, ep) for port, ep in pool if ep.serving and ep.terminating]
     picked = {(ep.ip, port) for port, ep in eligible}
-    backends = [_backend(ep, port, proto, node_name) for port, ep in eligible]
-    draining = [_backend(ep, port, proto, node_name) for port, ep in pool if (ep.ip, port) not in picked]
+    backends = [_backend(ep, port, proto, node_name, made) for port, ep in eligible]
+    draining = [_backend(ep, port, proto, node_name, made) for port, ep in pool if (ep.ip, port) not in picked]
     backends.sort(key=_BACKEND_ORDER)
     draining.sort(key=_BACKEND_ORDER)
     return tuple(backends), tuple(draining), no_endpoints
@@ -290,30 +328,38 @@ def _backends(slices: list[_Slice], port_name: str, proto: Proto, node_name: str
 
 _BACKEND_ORDER = itemgetter(1, 0)          # (name, l4)
 _new = tuple.__new__
+_int_new = int.__new__
 
 
 def _plain_backends(one: _Slice, port_name: str, proto: Proto, node_name: str,
                     local_only: bool) -> tuple[tuple[Backend, ...], tuple[Backend, ...], bool]:
     """_backends of one plain slice (every endpoint ready, each address once, in backend order): the same
-    result, without the rules' bookkeeping (this runs for nearly every Service port of a large cluster)."""
+    result, without the rules' bookkeeping (this runs for nearly every Service port of a large cluster). A
+    packed slice's backends are its own (made once), shared by every frontend of the port."""
+    if one.packed is not None or one.made is not None:
+        backends = one.backends((port_name, proto), node_name)
+        if backends is None:
+            return (), (), True
+        if local_only:
+            return tuple([b for b in backends if b[3]]), (), not backends
+        return backends, (), not backends
     port = one.ports.get((port_name, proto))
     if port is None:
         return (), (), True
     p = int(proto)
-    if one.packed is not None:
-        ips, names, nodes = one.packed
-        if local_only:
-            return tuple([_new(Backend, (_new(L4Addr, (ip, port, p)), name, node, True, False))
-                          for ip, name, node in zip(ips, names, nodes, strict=True) if node == node_name]), (), not ips
-        return tuple([_new(Backend, (_new(L4Addr, (ip, port, p)), name, node, node == node_name, False))
-                      for ip, name, node in zip(ips, names, nodes, strict=True)]), (), not ips
     eps = one.endpoints
     if local_only:
         eps = tuple(ep for ep in eps if ep.node == node_name)
-    return tuple([_new(Backend, (_new(L4Addr, (ep.ip, port, p)), ep.name, ep.node, ep.node == node_name,
-                                 ep.terminating)) for ep in eps]), (), not one.endpoints
+    return tuple([_new(Backend, (_int_new(L4Addr, ep.ip << 24 | port << 8 | p), ep.name, ep.node,
+                                 ep.node == node_name, ep.terminating)) for ep in eps]), (), not one.endpoints
 
 
-def _backend(ep: _Endpoint, port: int, proto: Proto, node_name: str) -> Backend:
-    return _new(Backend, (_new(L4Addr, (ep.ip, port, int(proto))), ep.name, ep.node, ep.node == node_name,
-                          ep.terminating))
+def _backend(ep: _Endpoint, port: int, proto: Proto, node_name: str,
+             made: dict[L4Addr, Backend] | None = None) -> Backend:
+    l4: L4Addr = _int_new(L4Addr, ep.ip << 24 | port << 8 | int(proto))
+    if made:
+        same = made.get(l4)
+        if same is not None and same[1] == ep.name and same[3] == (ep.node == node_name) \
+                and not ep.terminating and same[2] == ep.node:
+            return same
+    return _new(Backend, (l4, ep.name, ep.node, ep.node == node_name, ep.terminating))

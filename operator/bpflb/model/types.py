@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from operator import itemgetter
@@ -67,46 +67,75 @@ class FrontendKind(enum.Enum):
     CLUSTER_IP = "ClusterIP"          # served to in-cluster clients only (socket LB, pod-facing tc)
 
 
-class L4Addr(tuple[int, int, int]):
+class L4Addr(int):
     """An address:port/protocol triple, the identity of a frontend or a backend.
 
-    A tuple of three integers underneath (address, port, protocol number): hashed and compared by the hundred
-    thousand on every large sync, which a tuple of ints does in C; ordered as (address, port, protocol)."""
+    One integer underneath, address << 24 | port << 8 | protocol number: 32 bytes, where a tuple of three
+    integers took 88 and its address 28 more (a large cluster holds a hundred thousand, one per endpoint).
+    Hashed, compared and ordered in C, by (address, port, protocol) as the tuple it was; read as one too
+    (l4[0], l4[1], l4[2], or address, port, proto = l4). Its value is also the lb_backend struct's leading
+    bytes in network order (lbmaps packs it as it is)."""
 
     __slots__ = ()
 
     def __new__(cls, addr: IPv4Address | int, port: int, proto: Proto | int) -> Self:
-        return tuple.__new__(cls, (addr if type(addr) is int else int(addr), port,
-                                   proto if type(proto) is int else int(proto)))
+        ip = addr if type(addr) is int else int(addr)
+        if not (0 <= ip <= 0xFFFFFFFF and 0 <= port <= 0xFFFF and 0 <= proto <= 0xFF):
+            raise ValueError(f"not an IPv4 address, port and protocol number: {addr!r}, {port!r}, {proto!r}")
+        return int.__new__(cls, ip << 24 | port << 8 | proto)
+
+    @classmethod
+    def of(cls, ip: int, port: int, proto: int) -> L4Addr:
+        """From integers already known to be in range (the endpoints' fast path: no check)."""
+        return _int_new(cls, ip << 24 | port << 8 | proto)
 
     @property
     def addr(self) -> IPv4Address:
-        return IPv4Address(self[0])
+        return IPv4Address(self >> 24)
 
     @property
     def ip(self) -> int:
         """The address as an integer."""
-        return self[0]
+        return self >> 24
 
     @property
     def packed(self) -> bytes:
         """The address in network order (4 bytes)."""
-        return self[0].to_bytes(4, "big")
+        return (self >> 24).to_bytes(4, "big")
 
-    port = property(itemgetter(1), doc="the port number")
+    @property
+    def port(self) -> int:
+        """The port number."""
+        return self >> 8 & 0xFFFF
 
     @property
     def proto(self) -> Proto:
-        return _PROTOS[self[2]]
+        return _PROTOS[self & 0xFF]
+
+    def __getitem__(self, i: int) -> int:
+        """(address, port, protocol number)[i], as the tuple it was."""
+        return (self >> 24, self >> 8 & 0xFFFF, self & 0xFF)[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self >> 24, self >> 8 & 0xFFFF, self & 0xFF))
+
+    def __len__(self) -> int:
+        return 3
 
     def __repr__(self) -> str:
-        return f"L4Addr(addr={self.addr!r}, port={self[1]}, proto={self.proto!r})"
+        return f"L4Addr(addr={self.addr!r}, port={self.port}, proto={self.proto!r})"
 
     def __str__(self) -> str:
-        return f"{self.addr}:{self[1]}/{self.proto.name}"
+        return f"{self.addr}:{self.port}/{self.proto.name}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
     def __reduce__(self) -> tuple[type[L4Addr], tuple[int, int, int]]:
-        return L4Addr, (self[0], self[1], self[2])
+        return L4Addr, (self >> 24, self >> 8 & 0xFFFF, self & 0xFF)
+
+
+_int_new = int.__new__
 
 
 _PROTOS = {int(p): p for p in Proto}

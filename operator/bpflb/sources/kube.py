@@ -74,10 +74,17 @@ def _intern_words(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
             obj[k] = sys.intern(value)
 
 
+# What stands for a Service's selector: the translation asks only whether there is one (a selector-less Service
+# without EndpointSlices is skipped), so its labels are not kept. Shared, never changed.
+SELECTOR_KEPT: dict[str, str] = {"(bpflb)": "a selector; its labels are not kept"}
+_IPV4_FAMILIES = ["IPv4"]          # spec.ipFamilies of nearly every Service, held once (never changed)
+
+
 def service_view(obj: KubeObject) -> KubeObject:
     """What the agent keeps of a Service: its spec, status.loadBalancer and the identity part of its metadata,
-    the words most Services repeat (namespace, type, port names and protocols, policies) held once each. A
-    field of the wrong type is kept as it came (the translation reports it)."""
+    the words most Services repeat (namespace, type, port names and protocols, policies) held once each, and
+    only whether it has a selector (SELECTOR_KEPT). A field of the wrong type is kept as it came (the
+    translation reports it)."""
     out: KubeObject = {"spec": obj["spec"]} if "spec" in obj else {}
     spec = out.get("spec")
     if type(spec) is dict:
@@ -86,6 +93,14 @@ def service_view(obj: KubeObject) -> KubeObject:
         for port in ports if type(ports) is list else ():
             if type(port) is dict:
                 _intern_words(port, _PORT_WORDS)
+        selector = spec.get("selector")
+        if type(selector) is dict and selector:
+            spec["selector"] = SELECTOR_KEPT
+        if spec.get("ipFamilies") == _IPV4_FAMILIES:
+            spec["ipFamilies"] = _IPV4_FAMILIES
+        cluster_ip, cluster_ips = spec.get("clusterIP"), spec.get("clusterIPs")
+        if type(cluster_ips) is list and cluster_ips and cluster_ips[0] == cluster_ip:
+            cluster_ips[0] = cluster_ip         # one string for both fields
     meta = obj.get("metadata")
     if meta is not None:
         out["metadata"] = {k: meta[k] for k in _SERVICE_METADATA if k in meta} if type(meta) is dict else meta
