@@ -164,7 +164,13 @@ def register_workshop(sub: Any) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _workshop_later(args: argparse.Namespace) -> int:
+    raise AssertionError("main() parses a workshop verb with the workshop's own parser")     # pragma: no cover
+
+
+def build_parser(workshop: bool = True) -> argparse.ArgumentParser:
+    """The command line; workshop=False leaves the workshop's verbs as names only (its package is not
+    imported: the agent and the operator, on every node, carry none of it in memory)."""
     parser = argparse.ArgumentParser(prog="bpflb", description="BPF load balancer for Kubernetes Services")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -254,12 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=cmd_inspect)
 
-    register_workshop(sub)
+    if workshop:
+        register_workshop(sub)
+    else:
+        for verb in WORKSHOP_VERBS:
+            sub.add_parser(verb, help="the lab and the benchmarks (bpflb_lab)",
+                           add_help=False).set_defaults(func=_workshop_later)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(workshop=bool(argv) and argv[0] in WORKSHOP_VERBS)
     args = parser.parse_args(argv)
     rc: int = args.func(args)
     return rc

@@ -86,3 +86,16 @@ def test_two_sibling_modules_importing_each_other_break_the_no_cycles_contract(t
     assert verdicts(done) == {**dict.fromkeys(contract_names(), "KEPT"), "no-cycles": "BROKEN"}
     said = " ".join(done.stdout.split())
     assert "allowed in bpflb.control." in said and (".status -> .events" in said or ".events -> .status" in said)
+
+
+def test_the_agent_and_the_operator_do_not_load_the_workshop() -> None:
+    """`bpflb agent|operator` leave the lab and benchmark package (bpflb_lab) unimported even where it is
+    installed (a checkout; the image has none): memory on every node; `bpflb lab` loads it."""
+    probe = ("import sys, bpflb.cli as c\n"
+             "c.cmd_agent = c.cmd_operator = lambda args: print('bpflb_lab' in sys.modules) or 0\n"
+             "c.main(sys.argv[1:])\n")
+    for argv, loaded in ((["agent", "--node-name", "n1", "--kube"], "False"), (["operator"], "False")):
+        run = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == loaded, (argv, run.stdout, run.stderr)
+    lab = subprocess.run([sys.executable, "-m", "bpflb", "lab", "-h"], capture_output=True, text=True, check=False)
+    assert lab.returncode == 0 and "usage: bpflb lab" in lab.stdout, lab.stderr

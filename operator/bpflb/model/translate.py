@@ -201,7 +201,6 @@ class _Objects:
         self.read = read
         self.rebind = rebind
         self.key = key
-        self.ids: set[int] = set()
         self.by_id: dict[int, _Object] = {}
         self.by_key: dict[str, list[int]] = {}
         self.winner: dict[str, _Object] = {}
@@ -213,9 +212,9 @@ class _Objects:
         """Follow the list; return the namespace/names whose object changed (appeared, went, replaced)."""
         order = list(map(id, raws))
         ids = set(order)
-        if ids == self.ids and len(ids) == len(raws):
+        if len(ids) == len(raws) and ids == self.by_id.keys():
             return set()
-        fresh = ids - self.ids
+        fresh = ids - self.by_id.keys()
         position: dict[int, int] = {}
         if len(ids) != len(raws) or len(fresh) > 8:
             position = dict(zip(order, range(len(order)), strict=True))
@@ -223,7 +222,7 @@ class _Objects:
             position = {new: order.index(new) for new in fresh}      # a few: found by a scan in C
         touched: set[str] = set()
         went: dict[str, _Object] = {}
-        for gone in self.ids - ids:
+        for gone in self.by_id.keys() - ids:
             obj = self.by_id.pop(gone)
             self.unnamed.pop(gone, None)
             if obj.key is not None:
@@ -247,7 +246,6 @@ class _Objects:
             else:
                 self.by_key.setdefault(obj.key, []).append(new)
                 touched.add(obj.key)
-        self.ids = ids
         for key in touched:
             holders = self.by_key.get(key) or []
             if not holders:
@@ -289,7 +287,7 @@ class _Objects:
                 continue
             if held == id(raw):
                 continue                        # the object the list held already
-            if id(raw) in self.ids or self.key(raw) != key:
+            if id(raw) in self.by_id or self.key(raw) != key:
                 return None
             old = self.by_id[held] if held is not None else None
             obj = None if old is not None and _same(old.source, raw) else self.read(raw, 0)
@@ -301,7 +299,6 @@ class _Objects:
             touched.add(key)
             if held is not None:
                 old = self.by_id.pop(held)
-                self.ids.discard(held)
                 del self.by_key[key]
                 if obj is None and raw is not None:      # another object, the same resourceVersion: a re-list
                     obj = old
@@ -313,7 +310,6 @@ class _Objects:
                 self.troubled.discard(key)
                 continue
             self.by_id[id(raw)] = obj
-            self.ids.add(id(raw))
             self.by_key[key] = [id(raw)]
             self.winner[key] = obj
             if obj.problems:
@@ -376,7 +372,8 @@ class Translator:
         self._svc_notes: dict[str, list[Problem]] = {}
         self._health: dict[str, HealthCheck] = {}                      # healthCheckNodePort asked, by Service
         self._rank: dict[str, str] = {}
-        self._claims: dict[L4Addr, list[tuple[str, int, Claim]]] = {}  # (service, claim index, claim), sorted
+        # Who wants each frontend: (service, claim index, claim), sorted; a tuple (nearly always of one).
+        self._claims: dict[L4Addr, tuple[tuple[str, int, Claim], ...]] = {}
         self._frontends: dict[L4Addr, Frontend] = {}
         self._conflicts: dict[L4Addr, list[Problem]] = {}
         self._owned: dict[str, tuple[Frontend, ...]] = {}
@@ -529,7 +526,7 @@ class Translator:
         for claim in known.claims:
             entries = self._claims.get(claim.l4)
             if entries is not None:
-                entries[:] = [e for e in entries if e[0] != key]
+                self._claims[claim.l4] = tuple([e for e in entries if e[0] != key])
                 touched.append(claim.l4)
         self._settle(touched, {key})
 
@@ -537,9 +534,11 @@ class Translator:
         for i, claim in enumerate(claims):
             entries = self._claims.get(claim.l4)
             if entries is None:             # nearly always: a frontend only one Service wants
-                self._claims[claim.l4] = [(key, i, claim)]
+                self._claims[claim.l4] = ((key, i, claim),)
             else:
-                bisect.insort(entries, (key, i, claim), key=lambda e: (e[0], e[1]))
+                more = list(entries)
+                bisect.insort(more, (key, i, claim), key=lambda e: (e[0], e[1]))
+                self._claims[claim.l4] = tuple(more)
         self._settle([c.l4 for c in claims], {key})
 
     def _settle(self, l4s: list[L4Addr], services: set[str]) -> None:
