@@ -13,6 +13,7 @@ from bpflb.datapath.lbmaps import SyncReport
 from bpflb.kubeapi import PAGE_SIZE, KubeClient, load_config
 from bpflb.metrics import AgentMetrics, MetricsServer
 from bpflb.model.endpoints import slice_record
+from bpflb.model.records import service_record
 from bpflb.sources.base import own_namespace
 from bpflb.sources.kube import KubeSource
 
@@ -23,7 +24,8 @@ def kube_parts(client: KubeClient, node_name: str, namespace: str | None = None)
     """The agent's view of the API and its node report, both in bpflb's namespace: namespace (the flag),
     else $POD_NAMESPACE (the chart's downward API), else kube-system."""
     ns = own_namespace(namespace)
-    source = KubeSource(client, node_name, namespace=ns, slice_view=slice_record, paced=True)
+    source = KubeSource(client, node_name, namespace=ns, slice_view=slice_record, service_record=service_record,
+                        paced=True)
     return source, NodeReporter(client, node_name, namespace=ns)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -39,6 +40,7 @@ from bpflb.model.frontends import (
     _translate_service,
     conflict,
 )
+from bpflb.model.records import ServiceRecord
 from bpflb.model.settings import CONFIG_OBJECT, decode_agent_config
 from bpflb.model.types import (
     AgentSettings,
@@ -139,7 +141,7 @@ def translate(snapshot: Snapshot, node_name: str) -> DesiredState:
 class _Service:
     """One Service as last translated: the objects it came from and what it asks for."""
 
-    raw: KubeObject
+    raw: KubeObject | ServiceRecord       # as the source handed it over (a record stays packed)
     slices: tuple[SliceEntry, ...]
     key: str
     created: str
@@ -152,7 +154,8 @@ class _Service:
 @dataclass(slots=True)
 class _Object:
     """One object of a snapshot list, known by its identity: its namespace/name (None when its metadata is
-    unusable), its checked metadata, and the problems reading it gave."""
+    unusable), its checked metadata (None for a ServiceRecord: read again from its view when translated), and
+    the problems reading it gave."""
 
     raw: Any
     key: str | None
@@ -170,18 +173,26 @@ def _quick_key(raw: Any) -> str | None:
     return object_key(namespace if type(namespace) is str else None, meta["name"])
 
 
+def _service_key(raw: Any) -> str | None:
+    """namespace/name of a Service, a record the source packed or a raw object."""
+    return raw.key if type(raw) is ServiceRecord else _quick_key(raw)
+
+
 def _slice_key(raw: Any) -> str | None:
     """namespace/name of an EndpointSlice, a record the source read already or a raw object."""
     return raw.key if type(raw) is SliceEntry else _quick_key(raw)
 
 
-def _same(a: KubeObject, b: KubeObject) -> bool:
+def _same(a: Any, b: Any) -> bool:
     """The same object for the translation: the same dict (sources hand unchanged objects over as they
-    were), or the same resourceVersion of the same object (a re-list)."""
+    were), or the same resourceVersion of the same object (a re-list); for two ServiceRecords, the same
+    resourceVersion and the same packed view (the uid, the name and the namespace in it)."""
     if a is b:
         return True
+    if type(a) is ServiceRecord and type(b) is ServiceRecord:
+        return bool(a.version) and a.version == b.version and a.key == b.key and a.packed == b.packed
     if type(a) is not dict or type(b) is not dict:
-        return False                # (records a source read already: the same only when the same record)
+        return False                # (slice records a source read already: the same only when the same record)
     meta_a, meta_b = a.get("metadata"), b.get("metadata")
     if not isinstance(meta_a, dict) or not isinstance(meta_b, dict):
         return False
@@ -329,6 +340,12 @@ class _Objects:
 
 def _read_service(raw: Any, index: int) -> _Object:
     problems: list[Problem] = []
+    if type(raw) is ServiceRecord:
+        # A record: its metadata checked on its view, not kept (read again when it is translated); its key
+        # the record's own string.
+        meta = _meta("Service", raw.view(), index, problems)
+        key = None if meta is None else raw.key if raw.key == meta.key else meta.key
+        return _Object(raw, key, None, problems or (), raw)
     meta = _meta("Service", raw, index, problems)
     return _Object(raw, None if meta is None else meta.key, meta, problems or (), raw)
 
@@ -363,7 +380,7 @@ class Translator:
         self.node_name = node_name
         self._config: tuple[tuple[dict[str, str] | None, str], AgentSettings, list[Problem]] | None = None
         self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool, bool] | None = None
-        self._service_objs = _Objects("Service", _read_service, _rebind_service)
+        self._service_objs = _Objects("Service", _read_service, _rebind_service, _service_key)
         self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice, _slice_key)
         self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
         self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
@@ -436,13 +453,20 @@ class Translator:
             if known is not None and key not in dirty and _same(known.raw, obj.raw):
                 known.raw = obj.raw                                       # a re-list: the same object
                 continue
-            assert obj.meta is not None
+            # A record is decoded for its translation alone (the view is not kept: _Service.raw keeps the record).
+            raw, meta = obj.raw, obj.meta
+            if type(raw) is ServiceRecord:
+                raw = raw.view()
+                meta = _meta("Service", raw, 0, [])
+            assert meta is not None
             ctx = _Context(node_name, node_addrs, settings, [])
             ordered = tuple(slices[k] for k in sorted(slices))
-            claims = _translate_service(obj.meta, obj.raw, [s.parsed for s in ordered if s.parsed is not None],
+            claims = _translate_service(meta, raw, [s.parsed for s in ordered if s.parsed is not None],
                                         bool(slices), ctx)
-            created = (obj.raw.get("metadata") or {}).get("creationTimestamp")
+            created = (raw.get("metadata") or {}).get("creationTimestamp")
             self._forget(key)
+            if type(created) is str:
+                created = sys.intern(created)        # (decoded afresh from a record: Services share seconds)
             self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
                                            claims, ctx.problems or (), ctx.notes or (), ctx.health)
             self._rank[key] = self._services[key].created
@@ -482,7 +506,11 @@ class Translator:
     def service_uid(self, key: str) -> str | None:
         """metadata.uid of the Service namespace/name as last translated (for Events about it)."""
         known = self._services.get(key)
-        uid = (known.raw.get("metadata") or {}).get("uid") if known is not None else None
+        if known is None:
+            return None
+        if type(known.raw) is ServiceRecord:
+            return known.raw.uid
+        uid = (known.raw.get("metadata") or {}).get("uid")
         return uid if isinstance(uid, str) else None
 
     def _update_slices(self, raws: list[KubeObject], changes: dict[str, Any] | None = None) -> set[str]:

@@ -150,15 +150,18 @@ class KubeSource:
     """Services, EndpointSlices, Nodes and the agent ConfigMap from the API, kept current by watches.
 
     Each object is reduced as it arrives (a list page, a watch event) to what the agent uses of it, and the
-    decoded dict is dropped: Services to service_view, EndpointSlices to what slice_view makes of them (the
-    agent passes the model's reader, whose records the translation takes as they are; by default the dict).
+    decoded dict is dropped: Services to service_view, then to what service_record makes of that (the agent
+    passes the model's, a record holding the view packed; by default the view itself), EndpointSlices to what
+    slice_view makes of them (the agent passes the model's reader, whose records the translation takes as
+    they are; by default the dict).
     An object whose resourceVersion did not change keeps the record made before (the same object), so a
     re-list of unchanged objects costs the translation nothing."""
 
     def __init__(self, client: KubeClient, node_name: str, *, namespace: str = AGENT_CONFIG_NAMESPACE,
                  backoff_first: float = BACKOFF_FIRST, backoff_max: float = BACKOFF_MAX,
                  watch_timeout: int = WATCH_TIMEOUT,
-                 slice_view: Callable[[KubeObject], Any] | None = None, paced: bool = False) -> None:
+                 slice_view: Callable[[KubeObject], Any] | None = None,
+                 service_record: Callable[[KubeObject], Any] | None = None, paced: bool = False) -> None:
         self.client = client
         self.node_name = node_name
         self.namespace = namespace
@@ -181,7 +184,8 @@ class KubeSource:
         self._origin = new_origin()     # snapshot() numbers its snapshots and says what each changed (Changes)
         self._seq = 0
         self.resources = [
-            _Resource("Services", "/api/v1/services", view=service_view),
+            _Resource("Services", "/api/v1/services",
+                      view=service_view if service_record is None else lambda obj: service_record(service_view(obj))),
             _Resource("EndpointSlices", "/apis/discovery.k8s.io/v1/endpointslices",
                       view=slice_view if slice_view is not None else lambda obj: obj),
             _Resource("Nodes", "/api/v1/nodes", view=_node_view),
