@@ -213,7 +213,8 @@ class _Objects:
         self.rebind = rebind
         self.key = key
         self.by_id: dict[int, _Object] = {}
-        self.by_key: dict[str, list[int]] = {}
+        # The objects (ids) holding each namespace/name: the one id (nearly always), a list when several do.
+        self.by_key: dict[str, int | list[int]] = {}
         self.winner: dict[str, _Object] = {}
         self.duplicates: dict[str, Sequence[Problem]] = {}
         self.unnamed: dict[int, Sequence[Problem]] = {}
@@ -237,7 +238,13 @@ class _Objects:
             obj = self.by_id.pop(gone)
             self.unnamed.pop(gone, None)
             if obj.key is not None:
-                self.by_key[obj.key].remove(gone)
+                held = self.by_key[obj.key]
+                if isinstance(held, list):
+                    held.remove(gone)
+                    if len(held) == 1:
+                        self.by_key[obj.key] = held[0]
+                else:
+                    del self.by_key[obj.key]
                 touched.add(obj.key)
                 went[obj.key] = obj
         for new in fresh:
@@ -255,17 +262,22 @@ class _Objects:
             if obj.key is None:
                 self.unnamed[new] = obj.problems
             else:
-                self.by_key.setdefault(obj.key, []).append(new)
+                others = self.by_key.get(obj.key)
+                if others is None:
+                    self.by_key[obj.key] = new
+                elif isinstance(others, list):
+                    others.append(new)
+                else:
+                    self.by_key[obj.key] = [others, new]
                 touched.add(obj.key)
         for key in touched:
-            holders = self.by_key.get(key) or []
-            if not holders:
-                self.by_key.pop(key, None)
+            holders = self.by_key.get(key)
+            if holders is None:
                 self.winner.pop(key, None)
                 self.duplicates.pop(key, None)
                 self.troubled.discard(key)
                 continue
-            if len(holders) > 1:
+            if isinstance(holders, list):              # (two or more)
                 if len(position) < len(raws):
                     position = dict(zip(order, range(len(order)), strict=True))
                 holders.sort(key=lambda h: position[h])
@@ -274,7 +286,7 @@ class _Objects:
                                                 "used")] * (len(holders) - 1)
             else:
                 self.duplicates.pop(key, None)
-            self.winner[key] = winner = self.by_id[holders[0]]
+            self.winner[key] = winner = self.by_id[holders if isinstance(holders, int) else holders[0]]
             if winner.problems:
                 self.troubled.add(key)
             else:
@@ -288,10 +300,9 @@ class _Objects:
         an object is not named by its key): the caller compares the lists."""
         plan: list[tuple[str, Any, int | None, _Object | None]] = []       # key, raw, the id it replaces, read
         for key, raw in changes.items():
-            holders = self.by_key.get(key)
-            if holders is not None and len(holders) != 1:
+            held = self.by_key.get(key)
+            if isinstance(held, list):
                 return None
-            held = holders[0] if holders else None
             if raw is None:
                 if held is not None:
                     plan.append((key, None, held, None))
@@ -321,7 +332,7 @@ class _Objects:
                 self.troubled.discard(key)
                 continue
             self.by_id[id(raw)] = obj
-            self.by_key[key] = [id(raw)]
+            self.by_key[key] = id(raw)
             self.winner[key] = obj
             if obj.problems:
                 self.troubled.add(key)
@@ -382,7 +393,8 @@ class Translator:
         self._context: tuple[tuple[IPv4Address, ...], Algorithm, bool, bool] | None = None
         self._service_objs = _Objects("Service", _read_service, _rebind_service, _service_key)
         self._slice_objs = _Objects("EndpointSlice", _read_slice_object, _rebind_slice, _slice_key)
-        self._by_svc: dict[tuple[str, str], dict[str, SliceEntry]] = {}
+        # Each Service's EndpointSlices: the one entry (nearly always), by slice namespace/name when several.
+        self._by_svc: dict[tuple[str, str], SliceEntry | dict[str, SliceEntry]] = {}
         self._slice_svc: dict[str, tuple[str, str]] = {}               # slice namespace/name -> its Service
         self._services: dict[str, _Service] = {}
         self._svc_problems: dict[str, list[Problem]] = {}
@@ -449,7 +461,7 @@ class Translator:
                 self._forget(key)
                 continue
             known = self._services.get(key)
-            slices = self._by_svc.get(tuple(key.split("/", 1)), {})     # type: ignore[arg-type]
+            slices = self._by_svc.get(tuple(key.split("/", 1)))     # type: ignore[arg-type]
             if known is not None and key not in dirty and _same(known.raw, obj.raw):
                 known.raw = obj.raw                                       # a re-list: the same object
                 continue
@@ -460,9 +472,10 @@ class Translator:
                 meta = _meta("Service", raw, 0, [])
             assert meta is not None
             ctx = _Context(node_name, node_addrs, settings, [])
-            ordered = tuple(slices[k] for k in sorted(slices))
+            ordered = () if slices is None else (slices,) if isinstance(slices, SliceEntry) else \
+                tuple(slices[k] for k in sorted(slices))
             claims = _translate_service(meta, raw, [s.parsed for s in ordered if s.parsed is not None],
-                                        bool(slices), ctx)
+                                        bool(ordered), ctx)
             created = (raw.get("metadata") or {}).get("creationTimestamp")
             self._forget(key)
             if type(created) is str:
@@ -508,7 +521,7 @@ class Translator:
         known = self._services.get(key)
         if known is None:
             return None
-        if type(known.raw) is ServiceRecord:
+        if isinstance(known.raw, ServiceRecord):
             return known.raw.uid
         uid = (known.raw.get("metadata") or {}).get("uid")
         return uid if isinstance(uid, str) else None
@@ -527,16 +540,27 @@ class Translator:
             before = None
             if svc is not None:
                 mine = self._by_svc[svc]
-                before = mine.pop(key, None)
+                if isinstance(mine, SliceEntry):
+                    before = mine                   # (the entry indexed under key: the only one)
+                    del self._by_svc[svc]
+                else:
+                    before = mine.pop(key, None)
+                    if len(mine) == 1:
+                        self._by_svc[svc] = next(iter(mine.values()))
                 if before is not entry or (entry is not None and entry.service != svc):
                     dirty.add("/".join(svc))
-                if not mine:
-                    del self._by_svc[svc]
             owner = entry.service if entry is not None else None
             if entry is not None and owner is not None:
                 if before is not entry or owner != svc:
                     dirty.add("/".join(owner))
-                self._by_svc.setdefault(owner, {})[key] = entry
+                held = self._by_svc.get(owner)
+                if held is None:
+                    self._by_svc[owner] = entry
+                elif isinstance(held, SliceEntry):
+                    assert held.key is not None             # (indexed: named)
+                    self._by_svc[owner] = {held.key: held, key: entry}
+                else:
+                    held[key] = entry
                 self._slice_svc[key] = owner
         return dirty
 
