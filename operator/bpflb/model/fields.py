@@ -136,14 +136,13 @@ class _Meta:
     name: str
     labels: dict[str, Any]
     annotations: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    key: str                      # namespace/name (one string, shared by what the translation makes)
 
 
-def _meta(kind: str, obj: Any, index: int, problems: list[Problem]) -> _Meta | None:
-    """Check a namespaced object's metadata; None (with a Problem) when the whole object must be skipped."""
+def _meta(kind: str, obj: Any, index: int, problems: list[Problem], known: str | None = None) -> _Meta | None:
+    """Check a namespaced object's metadata; None (with a Problem) when the whole object must be skipped.
+    known: the object's namespace/name as the caller holds it already (that string is used when it is the
+    same)."""
     if not isinstance(obj, dict):
         problems.append(Problem(f"{kind} #{index}", "(object)", f"must be a mapping; {_got(obj)}"))
         return None
@@ -166,4 +165,5 @@ def _meta(kind: str, obj: Any, index: int, problems: list[Problem]) -> _Meta | N
         problems.append(Problem(f"{kind} {namespace}/{name}", bad.field,
                                 f"{bad.reason}; the object is skipped"))
         return None
-    return _Meta(namespace, name, labels, annotations)
+    key = f"{namespace}/{name}"
+    return _Meta(namespace, name, labels, annotations, known if known == key and known is not None else key)

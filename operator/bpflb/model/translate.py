@@ -142,10 +142,9 @@ class _Service:
     """One Service as last translated: the objects it came from and what it asks for."""
 
     raw: KubeObject | ServiceRecord       # as the source handed it over (a record stays packed)
-    slices: tuple[SliceEntry, ...]
     key: str
     created: str
-    claims: list[Claim]
+    claims: tuple[Claim, ...]
     problems: Sequence[Problem]           # () when none (10,000 Services: no empty list each)
     notes: Sequence[Problem]
     health: HealthCheck | None
@@ -354,9 +353,8 @@ def _read_service(raw: Any, index: int) -> _Object:
     if type(raw) is ServiceRecord:
         # A record: its metadata checked on its view, not kept (read again when it is translated); its key
         # the record's own string.
-        meta = _meta("Service", raw.view(), index, problems)
-        key = None if meta is None else raw.key if raw.key == meta.key else meta.key
-        return _Object(raw, key, None, problems or (), raw)
+        meta = _meta("Service", raw.view(), index, problems, raw.key)
+        return _Object(raw, None if meta is None else meta.key, None, problems or (), raw)
     meta = _meta("Service", raw, index, problems)
     return _Object(raw, None if meta is None else meta.key, meta, problems or (), raw)
 
@@ -469,7 +467,7 @@ class Translator:
             raw, meta = obj.raw, obj.meta
             if type(raw) is ServiceRecord:
                 raw = raw.view()
-                meta = _meta("Service", raw, 0, [])
+                meta = _meta("Service", raw, 0, [], key)
             assert meta is not None
             ctx = _Context(node_name, node_addrs, settings, [])
             ordered = () if slices is None else (slices,) if isinstance(slices, SliceEntry) else \
@@ -480,8 +478,8 @@ class Translator:
             self._forget(key)
             if type(created) is str:
                 created = sys.intern(created)        # (decoded afresh from a record: Services share seconds)
-            self._services[key] = _Service(obj.raw, ordered, key, created if isinstance(created, str) else "",
-                                           claims, ctx.problems or (), ctx.notes or (), ctx.health)
+            self._services[key] = _Service(obj.raw, key, created if isinstance(created, str) else "",
+                                           tuple(claims), ctx.problems or (), ctx.notes or (), ctx.health)
             self._rank[key] = self._services[key].created
             if ctx.problems:
                 self._svc_problems[key] = ctx.problems
