@@ -121,7 +121,7 @@ def test_each_snapshot_says_what_changed_since_the_one_before(
     client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30082}]}})
     client.delete(f"{EPS}/other-abc")
     wait_for("both events", lambda: len(source._slices.objects) == 1 and
-             source._services.objects[("default", "echo")]["spec"]["ports"][0]["nodePort"] == 30082)
+             source._services.objects["default/echo"]["spec"]["ports"][0]["nodePort"] == 30082)
     snap = source.snapshot()
     changes = snap.changes
     assert changes is not None and (changes.since, changes.seq) == (first.changes.seq, first.changes.seq + 1)

@@ -122,22 +122,29 @@ class _Resource:
     params: dict[str, str] = field(default_factory=dict)
     keep: Callable[[KubeObject], bool] = lambda obj: True
     view: Callable[[KubeObject], Any] = lambda obj: obj     # what is kept of each object (the raw dict is not)
-    objects: dict[tuple[str, str], Any] = field(default_factory=dict)
-    versions: dict[tuple[str, str], str | None] = field(default_factory=dict)   # each object's resourceVersion
+    objects: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)   # each object's resourceVersion
     listed: bool = False                         # one list succeeded since start
-    partial: dict[tuple[str, str], Any] = field(default_factory=dict)   # the first list's records so far
+    partial: dict[str, Any] = field(default_factory=dict)   # the first list's records so far
     # The keys whose object a watch event changed since the last snapshot(); None: not known (never handed
     # over yet, or a list replaced the objects since).
-    changed: set[tuple[str, str]] | None = None
+    changed: set[str] | None = None
     version: str | None = None                   # where the watch resumes; None: list first
     connected: bool = False
     error: str | None = None
     outage_since: float | None = None
 
 
-def _key(obj: KubeObject) -> tuple[str, str]:
+def _key(obj: KubeObject) -> str:
+    """An object's namespace/name (sources.base.object_key), as the source indexes it."""
     meta = obj.get("metadata") or {}
-    return sys.intern(str(meta.get("namespace") or "")), str(meta.get("name") or "")
+    return object_key(str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+def _own_key(key: str, record: Any) -> str:
+    """key, or the same string a record holds already (a ServiceRecord's, a SliceEntry's: one string each)."""
+    held = getattr(record, "key", None)
+    return held if held == key and type(held) is str else key
 
 
 def _version(obj: KubeObject) -> str | None:
@@ -192,7 +199,7 @@ class KubeSource:
             _Resource(f"ConfigMap {namespace}/{AGENT_CONFIG_NAME}",
                       f"/api/v1/namespaces/{namespace}/configmaps",
                       params={"fieldSelector": f"metadata.name={AGENT_CONFIG_NAME}"},
-                      keep=lambda obj: _key(obj)[1] == AGENT_CONFIG_NAME),
+                      keep=lambda obj: (obj.get("metadata") or {}).get("name") == AGENT_CONFIG_NAME),
         ]
         self._services, self._slices, self._nodes, self._config = self.resources
 
@@ -300,8 +307,8 @@ class KubeSource:
             changes = None
             if services.changed is not None and slices.changed is not None:
                 changes = Changes(self._origin, self._seq, self._seq + 1,
-                                  {object_key(*k): services.objects.get(k) for k in services.changed},
-                                  {object_key(*k): slices.objects.get(k) for k in slices.changed})
+                                  {k: services.objects.get(k) for k in services.changed},
+                                  {k: slices.objects.get(k) for k in slices.changed})
             self._seq += 1
             services.changed, slices.changed = set(), set()
             snap = Snapshot(services=list(services.objects.values()), endpointslices=list(slices.objects.values()),
@@ -385,15 +392,16 @@ class KubeSource:
     def _list(self, res: _Resource) -> str | None:
         objects, versions = res.objects, res.versions     # only this resource's thread writes them
 
-        def reduce(obj: KubeObject) -> tuple[tuple[str, str], str | None, Any, bool] | None:
+        def reduce(obj: KubeObject) -> tuple[str, str | None, Any, bool] | None:
             """Each item as its page arrives: (key, resourceVersion, the record, whether it is new)."""
             if not res.keep(obj):
                 return None
             key, version = _key(obj), _version(obj)
             old = objects.get(key)
             if old is not None and version is not None and versions.get(key) == version:
-                return key, version, old, False
+                return _own_key(key, old), version, old, False
             record = res.view(obj)
+            key = _own_key(key, record)
             if first:
                 with self._lock:
                     # Paced while the agent programs the pages as they come: the list runs at most a page
