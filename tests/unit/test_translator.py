@@ -12,12 +12,15 @@ from typing import Any, cast
 import pytest
 
 from bpflb.kubeapi import KubeObject
+from bpflb.model import frontends as frontends_module
 from bpflb.model import translate as translate_module
 from bpflb.model.endpoints import slice_record
+from bpflb.model.records import ServiceRecord, service_record
 from bpflb.model.translate import Translator, translate
 from bpflb.model.types import DesiredState
 from bpflb.sources.base import Changes, Snapshot, new_origin
-from tests.unit.helpers import NODE, endpoint, endpoint_slice, node, service
+from bpflb.sources.kube import service_view
+from tests.unit.helpers import NODE, endpoint, endpoint_slice, lb_service, node, service
 
 _rv = itertools.count(1)
 
@@ -94,6 +97,116 @@ def test_the_sources_records_translate_as_the_objects_they_were_read_from() -> N
     assert any(fe.draining for fe in got.frontends.values())          # the rules were applied, not skipped
 
 
+def _records(views: list[KubeObject]) -> list[KubeObject]:
+    """ServiceRecords of views, typed as Snapshot types them (the Kubernetes source's view returns Any)."""
+    return cast(list[KubeObject], [service_record(copy.deepcopy(v)) for v in views])
+
+
+def _varied_services() -> list[KubeObject]:
+    """Services of every shape the translation reads, as the Kubernetes source's views: NodePort, LoadBalancer
+    with its status, externalIPs, externalTrafficPolicy Local with a healthCheckNodePort, session affinity,
+    annotations and labels, and broken ones (a bad field: a Problem; unusable metadata: skipped)."""
+    plain = service("plain", ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
+    lb = lb_service("lb", ingress=["198.51.100.7", "2001:db8::1"],
+                    ports=[{"name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP"},
+                           {"name": "dns", "port": 53, "nodePort": 30053, "protocol": "UDP"}])
+    local = lb_service("local", ingress=["198.51.100.8"], externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                       ports=[{"name": "http", "port": 80, "nodePort": 30082}])
+    ext = service("ext", type_="ClusterIP", clusterIP="10.96.0.10", clusterIPs=["10.96.0.10"],
+                  externalIPs=["192.0.2.50", NODE_INTERNAL_ADDR], sessionAffinity="ClientIP",
+                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}},
+                  ports=[{"name": "web", "port": 8080, "protocol": "TCP"}])
+    ext["metadata"]["labels"] = {"app": "ext", "tier": "front"}
+    ext["metadata"]["annotations"] = {"service.cilium.io/lb-algorithm": "maglev", "note": "Ünïcode ✓"}
+    broken = service("broken", ports=[{"name": "a", "port": 80, "nodePort": 30083, "protocol": "SCTP"},
+                                      {"name": "b", "port": 81, "nodePort": 99999},
+                                      {"name": "c", "port": 82, "nodePort": 30084}])
+    broken["metadata"]["annotations"] = {"service.cilium.io/lb-algorithm": "round-robin"}
+    bad_labels = service("bad-labels", ports=[{"name": "http", "port": 80, "nodePort": 30085}])
+    bad_labels["metadata"]["labels"] = ["not", "a", "mapping"]
+    other_proxy = service("other-proxy", ports=[{"name": "http", "port": 80, "nodePort": 30086}])
+    other_proxy["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "foo"}
+    selectorless = service("no-selector", selector={}, ports=[{"name": "http", "port": 80, "nodePort": 30087}])
+    nameless = service("x")
+    del nameless["metadata"]["name"]
+    odd_spec: KubeObject = {"metadata": {"name": "odd-spec", "namespace": "other"}, "spec": ["not", "a", "mapping"]}
+    no_namespace = service("no-ns", ports=[{"name": "http", "port": 80, "nodePort": 30088}])
+    del no_namespace["metadata"]["namespace"]
+    out = []
+    for i, svc in enumerate([plain, lb, local, ext, broken, bad_labels, other_proxy, selectorless, nameless,
+                             odd_spec, no_namespace]):
+        svc["metadata"].update(uid=f"00000000-0000-0000-0000-{i:012d}", resourceVersion=str(100 + i),
+                               creationTimestamp=f"2026-01-01T00:00:{i:02d}Z", managedFields=[{"manager": "x"}])
+        out.append(service_view(svc))
+    return out
+
+
+NODE_INTERNAL_ADDR = "192.0.2.1"
+
+
+def test_service_records_translate_exactly_as_the_views_they_were_made_from() -> None:
+    """The Kubernetes source keeps each Service as a ServiceRecord (its view packed): a record's view is the
+    view it was made from, and its translation equals the view's, Problems and notes word for word, whatever
+    the Service holds; the translator's uid of each is the view's."""
+    views = _varied_services()
+    records = _records(views)
+    assert [cast(ServiceRecord, r).view() for r in records] == views
+    assert all(cast(ServiceRecord, r).view() is not cast(ServiceRecord, r).view() for r in records)
+    slices = [endpoint_slice(name, [endpoint("10.0.0.1", NODE, f"{name}-a"), endpoint("10.0.0.2", "node-b")])
+              for name in ("plain", "lb", "local", "ext", "broken", "bad-labels", "other-proxy")]
+    config = {"bpfLBMode": "SNAT", "extraLoadBalancerAlgorithmsEnabled": "true"}
+    want_snap = Snapshot(services=views, endpointslices=slices, nodes=[node()], config=config)
+    got_snap = Snapshot(services=records, endpointslices=slices, nodes=[node()], config=config)
+    want, translator = translate(want_snap, NODE), Translator(NODE)
+    got = translator.translate(got_snap)
+    assert got.frontends == want.frontends and got.problems == want.problems and got.notes == want.notes
+    assert got.health_checks == want.health_checks and dict(got.service_rank) == dict(want.service_rank)
+    assert got.frontends and want.problems and want.notes and want.health_checks     # every rule had its say
+    assert {p.obj for p in want.problems} >= {"Service default/broken", "Service default/bad-labels",
+                                              "Service default/<unnamed #8>"}
+    uids = {f"{v['metadata'].get('namespace') or 'default'}/{v['metadata'].get('name')}": v["metadata"]["uid"]
+            for v in views}
+    for key in got.service_rank:
+        assert translator.service_uid(key) == uids[key]
+    assert translate(got_snap, NODE).frontends == want.frontends     # translate() reads records too
+
+
+def test_a_relist_of_service_records_with_the_same_resource_versions_retranslates_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records made again from the same objects (a re-list: new records, the same resourceVersions) are the
+    same Services: nothing is translated again; a new resourceVersion is."""
+    translated: list[str] = []
+    real = frontends_module._translate_service
+
+    def counting(meta: Any, *args: Any) -> Any:
+        translated.append(meta.key)
+        return real(meta, *args)
+
+    monkeypatch.setattr(translate_module, "_translate_service", counting)
+    snap = cluster()
+    views = [service_view(copy.deepcopy(s)) for s in snap.services]
+    translator = Translator(NODE)
+    records = Snapshot(services=_records(views), endpointslices=snap.endpointslices, nodes=snap.nodes,
+                       config=snap.config)
+    first = translator.translate(records)
+    assert len(translated) == 8 and first.frontends == translate(snap, NODE).frontends
+    translated.clear()
+    relisted = Snapshot(services=_records(views), endpointslices=copy.deepcopy(snap.endpointslices),
+                        nodes=snap.nodes, config=snap.config)
+    assert all(a == b and a is not b for a, b in zip(records.services, relisted.services, strict=True))
+    again = translator.translate(relisted)
+    assert translated == [] and again.changes == set() and again.services_changed == set()
+    assert all(again.frontends[k] is fe for k, fe in first.frontends.items())
+    views[2] = versioned(copy.deepcopy(views[2]))                  # a new version, the same content: read again
+    views[3] = versioned(copy.deepcopy(views[3]))
+    views[3]["spec"]["ports"][0]["nodePort"] = 31003
+    third = translator.translate(Snapshot(services=_records(views), endpointslices=relisted.endpointslices,
+                                          nodes=snap.nodes, config=snap.config))
+    assert sorted(translated) == ["default/s2", "default/s3"] == sorted(third.services_changed or ())
+    assert third.frontends == translate(Snapshot(services=views, endpointslices=relisted.endpointslices,
+                                                 nodes=snap.nodes, config=snap.config), NODE).frontends
+
+
 class _Source:
     """What KubeSource keeps and says, without the API: objects by namespace/name and the keys each change
     touched since the last snapshot (None after a re-list: not known)."""
@@ -130,12 +243,15 @@ def _outcome(state: DesiredState) -> tuple[Any, ...]:
             dict(state.by_service), dict(state.service_rank))
 
 
-def test_following_the_sources_changes_equals_comparing_the_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("records", [False, True], ids=["dicts", "service-records"])
+def test_following_the_sources_changes_equals_comparing_the_lists(monkeypatch: pytest.MonkeyPatch,
+                                                                  records: bool) -> None:
     """A source that says what changed (Snapshot.changes, as KubeSource does): the translator follows that
     instead of comparing the lists, with the same result as a translator comparing them and as translate(),
     through 300 random steps: Services added, changed, deleted, claiming each other's nodePorts; slices moved
     between Services, emptied, deleted; re-lists (new objects, the same resourceVersions; the changes unknown);
-    a snapshot the translator never saw (the chain broken: it compares the lists)."""
+    a snapshot the translator never saw (the chain broken: it compares the lists). The Services as dicts, or
+    as the ServiceRecords the agent's Kubernetes source keeps."""
     compared = {"n": 0}
     update = translate_module._Objects.update
 
@@ -157,7 +273,7 @@ def test_following_the_sources_changes_equals_comparing_the_lists(monkeypatch: p
                 obj = versioned(service(name, ports=[{"name": "http", "port": 80, "targetPort": 8080,
                                                       "nodePort": port}]))
                 obj["metadata"]["creationTimestamp"] = f"2026-01-01T00:00:{rng.randrange(60):02d}Z"
-                src.put("svc", f"default/{name}", obj)
+                src.put("svc", f"default/{name}", service_record(service_view(obj)) if records else obj)
             elif what < 0.5:
                 src.put("svc", f"default/{name}", None)
             elif what < 0.85:
@@ -169,7 +285,8 @@ def test_following_the_sources_changes_equals_comparing_the_lists(monkeypatch: p
             else:
                 src.put("eps", f"default/{name}-slice", None)
         if step % 50 == 49:               # a re-list: other objects with the same resourceVersions
-            src.services = {k: copy.deepcopy(v) for k, v in src.services.items()}
+            src.services = {k: service_record(v.view()) if isinstance(v, ServiceRecord) else copy.deepcopy(v)
+                            for k, v in src.services.items()}
             src.changed = None
         if step % 70 == 69:
             src.snapshot()                  # taken by someone else: the next one does not follow the last seen
