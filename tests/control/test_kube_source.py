@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -20,6 +20,7 @@ from bpflb.inspect import collect
 from bpflb.kubeapi import KubeClient, anonymous
 from bpflb.model import translate as translate_module
 from bpflb.model.endpoints import SliceEntry, slice_record
+from bpflb.model.records import ServiceRecord, service_record
 from bpflb.model.translate import Translator, translate
 from bpflb.sources.base import Snapshot
 from bpflb.sources.kube import KubeSource
@@ -152,6 +153,62 @@ def test_each_snapshot_says_what_changed_since_the_one_before(
     assert compared
 
 
+def test_the_agents_source_keeps_each_service_as_a_record_of_its_view(
+        api: EmulatedAPI, client: KubeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source as the agent makes it (kube_parts: service_record, slice_record) keeps each Service as a
+    ServiceRecord whose view is what a source of dicts keeps; a watch event's record is in Snapshot.changes and
+    the translator follows it, agreeing with translate(); a re-list that finds nothing new keeps the records."""
+    client.create("/api/v1/nodes", node())
+    client.create(SVC, service("echo", 30080))
+    client.create(SVC, service("other", 30081))
+    client.create(EPS, endpoint_slice("echo", "10.244.2.10"))
+    client.create(EPS, endpoint_slice("other", "10.244.2.20"))
+    src = KubeSource(KubeClient(anonymous(api.url)), "node1", backoff_first=0.05, backoff_max=0.2,
+                     slice_view=slice_record, service_record=service_record)
+    plain = KubeSource(KubeClient(anonymous(api.url)), "node1", backoff_first=0.05, backoff_max=0.2)
+    try:
+        src.snapshot()
+        first, dicts = src.snapshot(), plain.snapshot()         # (the second: it says what changed)
+        assert first.changes is not None
+        records: list[ServiceRecord] = [s for s in cast(list[Any], first.services) if isinstance(s, ServiceRecord)]
+        assert len(records) == len(first.services) == 2
+        assert sorted((r.view() for r in records), key=lambda v: v["metadata"]["name"]) == \
+            sorted(dicts.services, key=lambda v: v["metadata"]["name"])
+        assert {r.key for r in records} == {"default/echo", "default/other"} and \
+            all(r.version == r.view()["metadata"]["resourceVersion"] for r in records)
+        translator = Translator("node1")
+        assert translator.translate(first).frontends == translate(dicts, "node1").frontends
+        assert translator.service_uid("default/echo") == next(
+            s["metadata"]["uid"] for s in dicts.services if s["metadata"]["name"] == "echo")
+        client.merge_patch(f"{SVC}/echo", {"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30082}]}})
+        wait_for("the patch", lambda: src._services.objects["default/echo"].view()["spec"]["ports"][0]["nodePort"]
+                 == 30082)
+        snap = src.snapshot()
+        assert snap.changes is not None and list(snap.changes.services) == ["default/echo"]
+        echo = snap.changes.services["default/echo"]
+        assert isinstance(echo, ServiceRecord) and any(s is echo for s in snap.services)
+        want = translate(snap, "node1").frontends
+        compared: list[int] = []
+        update = translate_module._Objects.update
+
+        def counting(self: Any, raws: list[Any]) -> set[str]:
+            compared.append(len(raws))
+            return update(self, raws)
+
+        monkeypatch.setattr(translate_module._Objects, "update", counting)
+        state = translator.translate(snap)
+        assert not compared and state.frontends == want
+        assert {fe.l4.port for fe in state.frontends.values()} == {30082, 30081}
+        src._list(src._services)            # a re-list that finds nothing new: the same records, nothing changed
+        same = src.snapshot()
+        assert same.changes is not None and same.changes.services == {}
+        assert all(a is b for a, b in zip(same.services, snap.services, strict=True))
+        assert translator.translate(same).frontends == state.frontends and not compared
+    finally:
+        src.close()
+        plain.close()
+
+
 def test_an_outage_keeps_the_objects_and_a_reconnect_resyncs(
         api: EmulatedAPI, client: KubeClient, source: KubeSource) -> None:
     client.create("/api/v1/nodes", node())
@@ -253,7 +310,8 @@ def test_the_agent_programs_as_the_services_are_listed_and_a_failed_partial_sync
         client.create(SVC, service(f"svc{i}", 30080 + i))
         client.create(EPS, endpoint_slice(f"svc{i}", f"10.244.2.{10 + i}"))
     for fail in (False, True):
-        src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", slice_view=slice_record, paced=True)
+        src = KubeSource(KubeClient(anonymous(api.url), page_size=2), "node1", slice_view=slice_record,
+                         service_record=service_record, paced=True)
         agent = Agent(AgentOptions("node1", tmp_path / str(fail), device="eth0", health_servers=False), src,
                       datapath=MemoryDatapath(MemoryPins()))
         seen: list[int] = []
