@@ -152,6 +152,11 @@ def test_service_records_translate_exactly_as_the_views_they_were_made_from() ->
     records = _records(views)
     assert [cast(ServiceRecord, r).view() for r in records] == views
     assert all(cast(ServiceRecord, r).view() is not cast(ServiceRecord, r).view() for r in records)
+    # A record of unusable metadata has no key (the translator reads its view to say why); the others are read as
+    # they are (their metadata is plain).
+    assert [cast(ServiceRecord, r).key for r in records] == [
+        "default/plain", "default/lb", "default/local", "default/ext", "default/broken", None, "default/other-proxy",
+        "default/no-selector", None, "other/odd-spec", "default/no-ns"]
     slices = [endpoint_slice(name, [endpoint("10.0.0.1", NODE, f"{name}-a"), endpoint("10.0.0.2", "node-b")])
               for name in ("plain", "lb", "local", "ext", "broken", "bad-labels", "other-proxy")]
     config = {"bpfLBMode": "SNAT", "extraLoadBalancerAlgorithmsEnabled": "true"}

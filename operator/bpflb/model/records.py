@@ -19,8 +19,10 @@ _PACK = json.JSONEncoder(separators=(",", ":"), check_circular=False)   # ASCII:
 class ServiceRecord:
     """One Service as the Kubernetes source keeps it. Equal records are the same view of the same version.
 
-    key: "namespace/name" (sources.base.object_key) when the metadata names the object plainly, else None (the
-    translator then reads the view in full and says what is wrong with it); version: metadata.resourceVersion
+    key: "namespace/name" (sources.base.object_key) when the metadata is plain (a mapping: a non-empty string
+    name, a string namespace or none, labels and annotations mappings or none), else None: the translator reads
+    a record with a key as it is, and the view of one without (to say what is wrong with its metadata);
+    version: metadata.resourceVersion
     (a string, else None), held here and not in packed (the source's index of versions holds the same string);
     packed: the view, compact JSON, without its resourceVersion."""
 
@@ -56,8 +58,9 @@ def service_record(view: KubeObject) -> ServiceRecord:
     key = version = None
     if type(meta) is dict:
         name, namespace, rv = meta.get("name"), meta.get("namespace"), meta.get("resourceVersion")
-        if type(name) is str:
-            key = object_key(namespace if type(namespace) is str else None, name)
+        if type(name) is str and name and (namespace is None or type(namespace) is str) and \
+                all(meta.get(k) is None or type(meta.get(k)) is dict for k in ("labels", "annotations")):
+            key = object_key(namespace, name)
         if type(rv) is str:
             version = rv
             view = {**view, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}}

@@ -351,9 +351,10 @@ class _Objects:
 def _read_service(raw: Any, index: int) -> _Object:
     problems: list[Problem] = []
     if type(raw) is ServiceRecord:
-        # A record: its metadata checked on its view, not kept (read again when it is translated); its key
-        # the record's own string.
-        meta = _meta("Service", raw.view(), index, problems, raw.key)
+        # A record: one with a key has plain metadata (read when it is translated); one without, its view says why.
+        if raw.key is not None:
+            return _Object(raw, raw.key, None, (), raw)
+        meta = _meta("Service", raw.view(), index, problems)
         return _Object(raw, None if meta is None else meta.key, None, problems or (), raw)
     meta = _meta("Service", raw, index, problems)
     return _Object(raw, None if meta is None else meta.key, meta, problems or (), raw)
@@ -399,8 +400,9 @@ class Translator:
         self._svc_notes: dict[str, list[Problem]] = {}
         self._health: dict[str, HealthCheck] = {}                      # healthCheckNodePort asked, by Service
         self._rank: dict[str, str] = {}
-        # Who wants each frontend: (service, claim index, claim), sorted; a tuple (nearly always of one).
-        self._claims: dict[L4Addr, tuple[tuple[str, int, Claim], ...]] = {}
+        # Who wants each frontend: the one Claim (nearly always; its Service is its frontend's), else a tuple of
+        # (service, claim index, claim), sorted.
+        self._claims: dict[L4Addr, Claim | tuple[tuple[str, int, Claim], ...]] = {}
         self._frontends: dict[L4Addr, Frontend] = {}
         self._conflicts: dict[L4Addr, list[Problem]] = {}
         self._owned: dict[str, tuple[Frontend, ...]] = {}
@@ -574,19 +576,35 @@ class Translator:
             return
         touched = []
         for claim in known.claims:
-            entries = self._claims.get(claim.l4)
-            if entries is not None:
-                self._claims[claim.l4] = tuple([e for e in entries if e[0] != key])
-                touched.append(claim.l4)
+            held = self._claims.get(claim.l4)
+            if held is None:
+                continue
+            rest: Claim | tuple[tuple[str, int, Claim], ...]
+            if isinstance(held, Claim):
+                rest = () if held.frontend.service == key else held
+            else:
+                rest = tuple([e for e in held if e[0] != key])
+                if len(rest) == 1:
+                    rest = rest[0][2]
+            self._claims[claim.l4] = rest
+            touched.append(claim.l4)
         self._settle(touched, {key})
+
+    def _entries(self, held: Claim | tuple[tuple[str, int, Claim], ...]) -> tuple[tuple[str, int, Claim], ...]:
+        """A frontend's claims as (service, claim index, claim) tuples."""
+        if not isinstance(held, Claim):
+            return held
+        key = held.frontend.service
+        known = self._services[key]
+        return ((key, next(i for i, c in enumerate(known.claims) if c is held), held),)
 
     def _claim(self, key: str, claims: list[Claim]) -> None:
         for i, claim in enumerate(claims):
-            entries = self._claims.get(claim.l4)
-            if entries is None:             # nearly always: a frontend only one Service wants
-                self._claims[claim.l4] = ((key, i, claim),)
+            held = self._claims.get(claim.l4)
+            if not held:                    # nearly always: a frontend only one Service wants
+                self._claims[claim.l4] = claim
             else:
-                more = list(entries)
+                more = list(self._entries(held))
                 bisect.insort(more, (key, i, claim), key=lambda e: (e[0], e[1]))
                 self._claims[claim.l4] = tuple(more)
         self._settle([c.l4 for c in claims], {key})
@@ -604,12 +622,16 @@ class Translator:
                     self._changed.add(l4)
                 self._conflicts.pop(l4, None)
                 continue
-            first_key, _, first = entries[0]
+            others: tuple[tuple[str, int, Claim], ...]
+            if isinstance(entries, Claim):
+                first_key, first, others = entries.frontend.service, entries, ()
+            else:
+                (first_key, _, first), others = entries[0], entries[1:]
             if old is not first.frontend:
                 self._frontends[l4] = first.frontend
                 self._changed.add(l4)
             services.add(first_key)
-            lost = [conflict(k, c, first_key, first.port_index) for k, _, c in entries[1:]
+            lost = [conflict(k, c, first_key, first.port_index) for k, _, c in others
                     if not (k == first_key and c.port_index == first.port_index)]
             if lost:
                 self._conflicts[l4] = lost
