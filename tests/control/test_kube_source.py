@@ -57,6 +57,20 @@ def config(mode: str = "SNAT", **extra: str) -> dict[str, Any]:
             "data": {"bpfLBMode": mode, **extra}}
 
 
+def list_comparisons(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every list comparison the translator makes from now on (the length of each list compared): none when
+    it follows the source's changes instead."""
+    compared: list[int] = []
+    update = translate_module._Objects.update
+
+    def counting(self: Any, raws: list[Any]) -> set[str]:
+        compared.append(len(raws))
+        return update(self, raws)
+
+    monkeypatch.setattr(translate_module._Objects, "update", counting)
+    return compared
+
+
 @pytest.fixture
 def source(api: EmulatedAPI, client: KubeClient) -> Iterator[KubeSource]:
     src = KubeSource(KubeClient(anonymous(api.url)), "node1", backoff_first=0.05, backoff_max=0.2)
@@ -130,14 +144,7 @@ def test_each_snapshot_says_what_changed_since_the_one_before(
         s for s in snap.services if s["metadata"]["name"] == "echo")
     assert changes.endpointslices == {"default/other-abc": None}
     want = translate(snap, "node1").frontends
-    compared: list[int] = []
-    update = translate_module._Objects.update
-
-    def counting(self: Any, raws: list[Any]) -> set[str]:
-        compared.append(len(raws))
-        return update(self, raws)
-
-    monkeypatch.setattr(translate_module._Objects, "update", counting)
+    compared = list_comparisons(monkeypatch)
     state = translator.translate(snap)
     assert not compared and state.frontends == want
     assert {fe.l4.port for fe in state.frontends.values()} == {30082, 30081}
@@ -188,14 +195,7 @@ def test_the_agents_source_keeps_each_service_as_a_record_of_its_view(
         echo = snap.changes.services["default/echo"]
         assert isinstance(echo, ServiceRecord) and any(s is echo for s in snap.services)
         want = translate(snap, "node1").frontends
-        compared: list[int] = []
-        update = translate_module._Objects.update
-
-        def counting(self: Any, raws: list[Any]) -> set[str]:
-            compared.append(len(raws))
-            return update(self, raws)
-
-        monkeypatch.setattr(translate_module._Objects, "update", counting)
+        compared = list_comparisons(monkeypatch)
         state = translator.translate(snap)
         assert not compared and state.frontends == want
         assert {fe.l4.port for fe in state.frontends.values()} == {30082, 30081}

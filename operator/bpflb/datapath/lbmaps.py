@@ -24,7 +24,7 @@ from typing import Any
 from bpflb.datapath.clustermaps import l4_key
 from bpflb.datapath.libbpf import BpfError, const, ffi, lib, possible_cpus, stat_names
 from bpflb.datapath.loader import Map, MapSource
-from bpflb.datapath.mapdiff import Failures, MapMirror, after_failed_batch
+from bpflb.datapath.mapdiff import Failures, MapMirror, after_failed_batch, remove_keys
 from bpflb.model import maglev
 from bpflb.model.types import (
     NAT_PORT_RANGE_DEFAULT,
@@ -481,27 +481,7 @@ class ServiceMirror:
 
     def remove(self, keys: list[bytes]) -> Failures:
         """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
-        if not keys:
-            return []
-        try:
-            self.map.delete_many(keys)
-            for k in keys:
-                self._drop(k)
-            for master in {self.split(k)[0] for k in keys}:
-                self._compact(master)
-            return []
-        except BpfError:
-            self.reload()
-        failures: Failures = []
-        for k in keys:
-            if k not in self:
-                continue
-            try:
-                self.map.delete_raw(k)
-            except BpfError as exc:
-                failures.append((k, exc.strerror or str(exc)))
-                continue
-            self._drop(k)
+        failures = remove_keys(self.map, keys, True, self.reload, self.__contains__, self._drop)
         for master in {self.split(k)[0] for k in keys}:
             self._compact(master)
         return failures
@@ -610,30 +590,12 @@ class BackendMirror:
 
     def remove(self, keys: list[bytes]) -> Failures:
         """MapMirror.remove: delete the keys (missing ones are no error); return those the kernel refused."""
-        if not keys:
-            return []
-        try:
-            self.map.delete_many(keys)
-            for k in keys:
-                ident = int.from_bytes(k, "little")
-                self.backends.pop(ident, None)
-                self.flags.pop(ident, None)
-            return []
-        except BpfError:
-            self.reload()
-        failures: Failures = []
-        for k in keys:
-            if k not in self:
-                continue
-            try:
-                self.map.delete_raw(k)
-            except BpfError as exc:
-                failures.append((k, exc.strerror or str(exc)))
-                continue
+        def forget(k: bytes) -> None:
             ident = int.from_bytes(k, "little")
             self.backends.pop(ident, None)
             self.flags.pop(ident, None)
-        return failures
+
+        return remove_keys(self.map, keys, True, self.reload, self.__contains__, forget)
 
 
 class LBMaps:

@@ -47,6 +47,34 @@ def after_failed_batch(m: Map, keys: list[bytes], values: list[bytes], exc: BpfE
     return write_each(m, keys[done:], values[done:], held, put)
 
 
+def remove_keys(m: Map, keys: list[bytes], batch: bool, reload: Callable[[], None],
+                held: Callable[[bytes], bool], forget: Callable[[bytes], object]) -> Failures:
+    """Delete the keys (missing ones are no error) and forget each one the kernel deleted: in one batch, or,
+    when that stops (or batch is False), the kernel's truth read again (reload) and the keys still held one by
+    one; return those the kernel refused."""
+    if not keys:
+        return []
+    try:
+        if batch:
+            m.delete_many(keys)
+            for k in keys:
+                forget(k)
+            return []
+    except BpfError:
+        reload()
+    failures: Failures = []
+    for k in keys:
+        if not held(k):
+            continue
+        try:
+            m.delete_raw(k)
+        except BpfError as exc:
+            failures.append((k, exc.strerror or str(exc)))
+            continue
+        forget(k)
+    return failures
+
+
 class MapMirror:
     """One map and its entries as last written or read (recovered from the map itself: pins survive)."""
 
@@ -105,27 +133,9 @@ class MapMirror:
 
     def remove(self, keys: list[bytes]) -> Failures:
         """Delete the keys (missing ones are no error); return those the kernel refused to delete."""
-        if not keys:
-            return []
-        try:
-            if self.batch:
-                self.map.delete_many(keys)
-                for k in keys:
-                    self.entries.pop(k, None)
-                return []
-        except BpfError:
-            self.reload()
-        failures: Failures = []
-        for k in keys:
-            if k not in self.entries:
-                continue
-            try:
-                self.map.delete_raw(k)
-            except BpfError as exc:
-                failures.append((k, exc.strerror or str(exc)))
-                continue
-            self.entries.pop(k, None)
-        return failures
+        entries = self.entries
+        return remove_keys(self.map, keys, self.batch, self.reload, entries.__contains__,
+                           lambda k: entries.pop(k, None))
 
     def sync(self, want: Mapping[bytes, bytes]) -> tuple[int, Failures]:
         """Make the map hold exactly want: stale keys first (room before anything is added), then changed
