@@ -448,7 +448,7 @@ class Translator:
         # then not compared (two sets of 10,000 identities at 10,000 Services, most of a one-change sync).
         hint, seen = snapshot.changes, self._seen
         self._seen = None               # (until this translation is through: a failure compares next time)
-        if hint is not None and (seen is None or seen != (hint.origin, hint.since)):
+        if hint is not None and seen != (hint.origin, hint.since):
             hint = None
         dirty = self._update_slices(snapshot.endpointslices, None if hint is None else hint.endpointslices)
         touched = None if hint is None else self._service_objs.apply(hint.services)
