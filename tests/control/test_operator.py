@@ -106,7 +106,8 @@ def test_a_mode_change_updates_the_configuration_and_leaves_the_pod_template_alo
     assert after is not None and before is not None
     assert after["spec"]["template"] == before["spec"]["template"]
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]   # not even patched
-    assert any("bpfLBMode SNAT -> Hybrid" in e for e in events(client))
+    # The Events are posted after the handler's writes, so the ConfigMap can be seen first.
+    wait_for("the ConfigUpdated Event", lambda: any("bpfLBMode SNAT -> Hybrid" in e for e in events(client)))
     # svcSourceRangeCheck is accepted and reaches the agents the same way (they enforce the ranges).
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"settings": {"svcSourceRangeCheck": True}}})
     wait_for("svcSourceRangeCheck true in the ConfigMap",
