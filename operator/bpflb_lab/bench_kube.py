@@ -375,10 +375,8 @@ def _baseline_or_none(baseline: str | None) -> Path | None:
         return None
 
 
-def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="bpflb bench-kube")
+def add_arguments(parser: Any) -> None:
+    """bench-kube's verbs and options, on parser (an argparse parser: its own, or the bpflb command's)."""
     sub = parser.add_subparsers(dest="what", required=True)
     lat = sub.add_parser("latency", help="API change -> map entry: in a running `lab up --kube` (--name), or "
                                          "at scale beside a baseline (--services)")
@@ -394,7 +392,10 @@ def main(argv: list[str]) -> int:
         each.add_argument("--baseline", default=BASELINE,
                           help=f"a commit measured side by side (default {BASELINE}, main before issue 15); none: "
                                f"this code alone")
-    args = parser.parse_args(argv)
+
+
+def run(args: Any) -> int:
+    """Run the benchmark args name (parsed by add_arguments' parser) and print its figures as JSON."""
     baseline = None if args.baseline in ("", "none") else args.baseline
     if args.what == "latency":
         result = latency_at_scale(args.services, args.endpoints, args.changes, baseline) if args.services \
@@ -403,3 +404,11 @@ def main(argv: list[str]) -> int:
         result = fullsync(args.services, args.endpoints, baseline, args.rounds)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bpflb bench-kube")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -9,9 +9,9 @@ from typing import Any
 
 
 def cmd_bench_kube(args: argparse.Namespace) -> int:
-    from bpflb_lab.bench_kube import main as bench_main
+    from bpflb_lab.bench_kube import run
 
-    return bench_main(args.bench_args)
+    return run(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -80,9 +80,10 @@ def _counts(text: str | None) -> tuple[int, ...] | None:
 
 def register(sub: Any) -> None:
     """Add `bench-kube`, `bench` and `lab` to the bpflb command's subparsers."""
-    bk = sub.add_parser("bench-kube", help="control-plane benchmarks: `latency` (lab --kube) and `fullsync`",
-                        add_help=False)
-    bk.add_argument("bench_args", nargs=argparse.REMAINDER)
+    from bpflb_lab.bench_kube import add_arguments as bench_kube_arguments
+
+    bk = sub.add_parser("bench-kube", help="control-plane benchmarks: `latency` (lab --kube) and `fullsync`")
+    bench_kube_arguments(bk)
     bk.set_defaults(func=cmd_bench_kube)
 
     bench = sub.add_parser("bench", help="measure the datapath's per-packet cost (BPF_PROG_TEST_RUN), then "

@@ -1,5 +1,5 @@
-"""The `lab` command tree, run as a user would (`python -m bpflb_lab.lab ...` is `bpflb lab ...`), and the
-register(subparsers) contract the bpflb CLI relies on."""
+"""The `lab` command tree, run as a user would (`python -m bpflb_lab.lab ...` is `bpflb lab ...`), `bench-kube`'s
+parser, and the register(subparsers) contract the bpflb CLI relies on."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bpflb_lab.cli import register as bench_register
 from bpflb_lab.lab import Lab
 from bpflb_lab.lab.commands import register
 
@@ -30,6 +31,16 @@ def test_register_adds_the_lab_tree() -> None:
     assert callable(args.func)
     args = parser.parse_args(["lab", "exec", "node1", "--", "ip", "-o", "link"])
     assert args.host == "node1" and args.cmd[-3:] == ["ip", "-o", "link"]
+
+
+def test_bench_kube_answers_help_and_parses_its_verbs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bpflb", "bench-kube", "-h"], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "latency" in proc.stdout and "fullsync" in proc.stdout, proc.stderr
+    parser = argparse.ArgumentParser(prog="bpflb")
+    bench_register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench-kube", "fullsync", "--rounds", "3", "--baseline", "none"])
+    assert (args.what, args.rounds, args.services, args.baseline) == ("fullsync", 3, 10000, "none")
 
 
 def test_invalid_option_exits_with_a_clear_message() -> None:

@@ -105,11 +105,14 @@ def spoofed_syns(dst: str, dport: int, count: int, seed: int) -> int:
 
 
 def connect_until_answered(lab: Lab, within: float) -> tuple[float, list[str]]:
-    """A legitimate client's new connections until one is answered: (seconds it took, errors before)."""
+    """A legitimate client's new connections until one is answered: (seconds it took, errors before).
+    Each attempt may take one SYN retransmission (1 s): a port given back early can still be held by the
+    backend's half-open handshake with a spoofed source, which costs the new flow its first SYN
+    (docs/datapath.md, garbage collection)."""
     start = time.monotonic()
     errors: list[str] = []
     while time.monotonic() - start < within:
-        body, err = lab.http_get("client", f"http://{NODE1}:30080/hostname", timeout=1.0)
+        body, err = lab.http_get("client", f"http://{NODE1}:30080/hostname", timeout=2.5)
         if body in ("echo-a", "echo-b"):
             return time.monotonic() - start, errors
         errors.append(err or f"answer {body!r}")
