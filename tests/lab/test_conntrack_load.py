@@ -106,9 +106,10 @@ def spoofed_syns(dst: str, dport: int, count: int, seed: int) -> int:
 
 def connect_until_answered(lab: Lab, within: float) -> tuple[float, list[str]]:
     """A legitimate client's new connections until one is answered: (seconds it took, errors before).
-    Each attempt may take one SYN retransmission (1 s): a port given back early can still be held by the
-    backend's half-open handshake with a spoofed source, which costs the new flow its first SYN
-    (docs/datapath.md, garbage collection)."""
+    An attempt answers in about 0.1 s here; each is given 2.5 s, room for one SYN retransmission (1 s): a
+    port given back early can still be held by the backend's half-open handshake with a spoofed source (the
+    pods hold about 3,900 each after the floods), which costs the new flow its first SYN (docs/datapath.md,
+    garbage collection), and a loaded machine can be slow to start the probe."""
     start = time.monotonic()
     errors: list[str] = []
     while time.monotonic() - start < within:
