@@ -281,48 +281,17 @@ static __always_inline int np_ingress(struct __sk_buff *skb)
 	return np_forward(skb, &p, &fresh, cfg);
 }
 
-/* tc egress on the external device: replies of flows DNAT'd to a local backend, and replies of
- * DSR flows whose requests this node delivered to a local pod. */
-static __always_inline int np_egress(struct __sk_buff *skb)
+/* A reply of a flow DNAT'd to a pod of this node (rev, its reverse entry: a local backend, or a DSR
+ * request this node delivered to a local pod), shown from the frontend the client used.  A verdict, or
+ * -1 when rev is another kind of flow (one this node SNAT'd: its replies come back through lb_ingress). */
+static __always_inline int np_local_reply(struct __sk_buff *skb, struct pkt *p, struct ct_entry *rev)
 {
-	struct lb_config *cfg = config_get();
-	struct pkt p = {};
-	struct ct_entry *rev;
-	__u64 now;
-	int rc;
-
-	if (!cfg)
-		return TC_ACT_OK;
-	switch (frag_parse_pkt(skb, &p)) {
-	case PARSE_OK:
-		break;
-	case PARSE_OTHER_L4:
-		if (p.t.proto != IPPROTO_ICMP)
-			return TC_ACT_OK;
-		rc = ct_icmp_egress(skb, &p);
-		return rc >= 0 ? rc : TC_ACT_OK;
-	default:
-		return TC_ACT_OK;
-	}
-	rev = bpf_map_lookup_elem(&ct_rev, &p.t);
-	if (!rev) {
-		rc = hostnat_egress(skb, &p, cfg);
-		if (rc >= 0)
-			return rc;
-		if (dsr_untracked_reply(&p) && !direct_egress(&p, cfg, bpf_ktime_get_ns())) {
-			stat_inc(STAT_DROP_DSR_NO_STATE);
-			return TC_ACT_SHOT;
-		}
-		rc = tunnel_egress(skb, &p, cfg);
-		return rc >= 0 ? rc : TC_ACT_OK;
-	}
 	if (!(rev->flags & (CT_F_LOCAL | CT_F_DSR)))
-		return TC_ACT_OK;
-	now = bpf_ktime_get_ns();
-	ct_account(rev, &p, CT_DIR_REV, now);
+		return -1;
+	ct_account(rev, p, CT_DIR_REV, bpf_ktime_get_ns());
 	/* CT_F_PORTMAP: the pod answered the client's remapped port; the client's own port goes back. */
-	if (nat_rewrite(skb, &p, rev->fe_addr, rev->fe_port, p.t.daddr,
-			(rev->flags & CT_F_PORTMAP) ? rev->client_port : p.t.dport) < 0) {
+	if (nat_rewrite(skb, p, rev->fe_addr, rev->fe_port, p->t.daddr,
+			(rev->flags & CT_F_PORTMAP) ? rev->client_port : p->t.dport) < 0) {
 		stat_inc(STAT_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -330,19 +299,74 @@ static __always_inline int np_egress(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* tc egress on the overlay device (tunnelMode VXLAN).  The node's own connections to another node's pods
- * are routed through it: their inner packets leave here, before the kernel encapsulates them, and never
- * cross the external device's egress as TCP/UDP.  So they are moved off ports a SNAT'd flow holds here
- * (hostnat.h); their replies come back decapsulated through lb_ingress on this device.  Nothing else
- * is touched (the pods' own overlay traffic passes). */
+/* The part both egress programs start with: the replies np_local_reply shows from their frontend, and
+ * the ICMP errors about those flows (ct_icmp_egress).  A verdict, or -1: p is a parsed TCP/UDP packet
+ * (or a fragment followed to its flow) that no flow's reverse entry knows, for the program's own rules. */
+static __always_inline int np_egress_local(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ct_entry *rev;
+	int rc;
+
+	switch (frag_parse_pkt(skb, p)) {
+	case PARSE_OK:
+		break;
+	case PARSE_OTHER_L4:
+		if (p->t.proto != IPPROTO_ICMP)
+			return TC_ACT_OK;
+		rc = ct_icmp_egress(skb, p);
+		return rc >= 0 ? rc : TC_ACT_OK;
+	default:
+		return TC_ACT_OK;
+	}
+	rev = bpf_map_lookup_elem(&ct_rev, &p->t);
+	if (!rev)
+		return -1;
+	rc = np_local_reply(skb, p, rev);
+	return rc >= 0 ? rc : TC_ACT_OK;
+}
+
+/* tc egress on the external device: replies of flows DNAT'd to a local backend, and replies of
+ * DSR flows whose requests this node delivered to a local pod. */
+static __always_inline int np_egress(struct __sk_buff *skb)
+{
+	struct lb_config *cfg = config_get();
+	struct pkt p = {};
+	int rc;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	rc = np_egress_local(skb, &p);
+	if (rc >= 0)
+		return rc;
+	rc = hostnat_egress(skb, &p, cfg);
+	if (rc >= 0)
+		return rc;
+	if (dsr_untracked_reply(&p) && !direct_egress(&p, cfg, bpf_ktime_get_ns())) {
+		stat_inc(STAT_DROP_DSR_NO_STATE);
+		return TC_ACT_SHOT;
+	}
+	rc = tunnel_egress(skb, &p, cfg);
+	return rc >= 0 ? rc : TC_ACT_OK;
+}
+
+/* tc egress on the overlay device (tunnelMode VXLAN).  Two kinds of packets leave here, before the kernel
+ * encapsulates them, that never cross the external device's egress as TCP/UDP:
+ * - a local pod's reply to a client that is another node's pod (routed through the overlay), of a flow
+ *   this node DNAT'd to it: shown from the frontend, as lb_egress does on the external device;
+ * - the node's own connections to another node's pods: moved off ports a SNAT'd flow holds (hostnat.h);
+ *   their replies come back decapsulated through lb_ingress on this device.
+ * Nothing else is touched (the pods' own overlay traffic passes). */
 static __always_inline int np_overlay_egress(struct __sk_buff *skb)
 {
 	struct lb_config *cfg = config_get();
 	struct pkt p = {};
 	int rc;
 
-	if (!cfg || parse_pkt(skb, &p) != PARSE_OK)
+	if (!cfg)
 		return TC_ACT_OK;
+	rc = np_egress_local(skb, &p);
+	if (rc >= 0)
+		return rc;
 	rc = hostnat_egress(skb, &p, cfg);
 	return rc >= 0 ? rc : TC_ACT_OK;
 }

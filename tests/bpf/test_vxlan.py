@@ -22,6 +22,7 @@ from tests.bpf.packets import (
     CLIENT,
     CLIENT_MAC,
     ETH0_MAC,
+    LOCAL,
     LOCAL_POD,
     NODE1,
     NODE2,
@@ -189,3 +190,37 @@ def test_the_overlay_egress_touches_only_the_nodes_own_moved_connections(node: N
         runs = [node.obj.test_run("lb_overlay_egress", f, ifindex=node.eth0) for f in frames]
     assert [(r.retval, r.data) for r in runs] == [(TC_ACT_OK, f) for f in frames]
     assert node.maps.stats().get("host_nat", 0) == 0
+
+
+POD_CLIENT = "10.244.2.77"     # a pod of node2: it reaches node1's address natively, its answers come back by the overlay
+
+
+@pytest.mark.parametrize("mode", [Mode.SNAT, Mode.DSR])
+def test_a_local_backends_reply_to_another_nodes_pod_leaves_the_overlay_from_the_frontend(
+        node: Node, mode: Mode) -> None:
+    """Another node's pod connects to node1:30080, whose backend is node1's own pod (a local flow). The pod's
+    reply to a pod address is routed through the overlay device, not the external one: lb_overlay_egress shows
+    it from the frontend, as lb_egress does on the external device (the client's socket would reset a reply
+    from the pod's own address); an ICMP error the pod sends about the request likewise."""
+    overlay(node, mode, fe(NODE1, 30080, (LOCAL,)))
+    run = node.ingress(frame_in(TCP(sport=40000, dport=30080, flags="S", seq=1), src=POD_CLIENT))
+    assert Ether(run.data)[IP].dst == LOCAL_POD and Ether(run.data)[TCP].dport == 8080, f"\n{Ether(run.data)!r}"
+
+    def reply(src: str, sport: int) -> Packet:
+        return Ether(src=vtep(NODE1), dst=vtep(NODE2)) / IP(src=src, dst=POD_CLIENT, ttl=64, id=3) / \
+            TCP(sport=sport, dport=40000, flags="SA", seq=9, ack=2)
+
+    with entered(node.ns):
+        out = node.obj.test_run("lb_overlay_egress", bytes(reply(LOCAL_POD, 8080)), ifindex=node.eth0)
+    assert out.retval == TC_ACT_OK
+    assert out.data == bytes(reply(NODE1, 30080)), f"\n{Ether(out.data)!r}"
+    checksums_ok(out.data)
+
+    request = IP(src=POD_CLIENT, dst=LOCAL_POD, ttl=63, id=7) / TCP(sport=40000, dport=8080, flags="S", seq=1)
+    error = Ether(src=vtep(NODE1), dst=vtep(NODE2)) / IP(src=LOCAL_POD, dst=POD_CLIENT, ttl=64, id=4) / \
+        ICMP(type=3, code=3) / Raw(bytes(request)[:28])
+    with entered(node.ns):
+        out = node.obj.test_run("lb_overlay_egress", bytes(error), ifindex=node.eth0)
+    shown = Ether(out.data)
+    assert out.retval == TC_ACT_OK and (shown[IP].src, shown[IPerror].dst) == (NODE1, NODE1), f"\n{shown!r}"
+    assert (shown[IPerror].payload.sport, shown[IPerror].payload.dport) == (40000, 30080)

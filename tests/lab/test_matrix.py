@@ -121,6 +121,40 @@ def test_pod_to_pod_over_vxlan_never_shows_pod_addresses_on_the_underlay(lab: La
     assert not [ln for ln in bare_pods.lines or [] if "10.244." in ln], bare_pods.lines
 
 
+POD_CLIENT = "10.244.1.100"     # client-pod, on node1
+NODE3 = "198.18.0.13"
+
+
+@pytest.mark.parametrize("lab", ["VXLAN"], indirect=True)
+@pytest.mark.parametrize("mode", ["SNAT", "DSR", "Hybrid"])
+def test_a_pod_reaches_another_nodes_nodeport_served_by_that_nodes_own_pod(lab: Lab, mode: str) -> None:
+    """client-pod, on node1, to node2's eTP Local NodePorts (node2's own echo-a) and to node3's NodePorts
+    (echo-b on node3 itself, or echo-a on node2: DSR over the overlay in DSR mode). The request reaches the
+    node's address natively; the answer of a pod of the node that load-balanced it, or of a DSR backend's
+    node, goes to a pod address, so through the overlay device: it is shown from the frontend there
+    (lb_overlay_egress), or client-pod's socket would reset it. Every probe answered, each pod having seen
+    client-pod itself, unless SNAT'd to node2's pod (then node3)."""
+    from bpflb.inspect import collect
+
+    lab.set_mode(mode)
+    before = collect(lab.pin_root / "node2")["counters"].get("reply_dnat", 0)
+    for proto, addr, port in (("TCP", NODE2, 30180), ("UDP", NODE2, 30181), ("TCP", NODE3, 30080),
+                              ("UDP", NODE3, 30081)):
+        probes: list[Probe] = ([HttpProbe(addr, port, ("/clientip",), 2.0) for _ in range(6)] if proto == "TCP"
+                               else [UdpProbe(addr, port, ("hostname", "clientip"), 2.0) for _ in range(6)])
+        results = lab.probe("client-pod", probes, parallel=1)
+        case = f"{mode}/{proto} client-pod -> {addr}:{port}"
+        assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
+        snat = mode == "SNAT" or (mode == "Hybrid" and proto == "UDP")
+        for r in results:
+            want = NODE3 if (addr == NODE3 and r.pod == "echo-a" and snat) else POD_CLIENT
+            assert seen_ip(r.replies[-1]) == want, f"{case}: {r.pod} saw {r.replies[-1]}"
+            if addr == NODE2:
+                assert r.pod == "echo-a", case
+    # node2 showed its own pod's answers from the frontend: at least the 12 to its eTP Local NodePorts.
+    assert collect(lab.pin_root / "node2")["counters"].get("reply_dnat", 0) - before >= 12
+
+
 @pytest.mark.parametrize("mode", ["SNAT", "DSR"])
 def test_full_size_packets_cross_in_both_directions(lab: Lab, mode: str) -> None:
     """A 6 kB request and its 6 kB answer through node1: full-size segments (and GSO bursts) in both
