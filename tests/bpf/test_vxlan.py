@@ -1,10 +1,13 @@
 """BPF unit tests of the VXLAN paths: load-balanced requests to a backend on another node leave
 encapsulated (outer IPv4/UDP 8472/VXLAN VNI 1, the destination node's VTEP MAC inside), SNAT and DSR
 alike; replies from a local pod to another node's address are encapsulated on egress; growth past the
-path MTU answers ICMP fragmentation-needed.  Whole frames, outer and inner checksums asserted."""
+path MTU answers ICMP fragmentation-needed; a local pod's answer to another node's pod leaves the overlay
+device from the frontend.  Whole frames, outer and inner checksums asserted.  And the agent's overlay says
+when the node's strict rp_filter overrules its device's."""
 
 from __future__ import annotations
 
+import logging
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -15,7 +18,8 @@ from scapy.packet import Packet, Raw, bind_layers
 
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT
-from bpflb.model.cluster import NodeInfo
+from bpflb.datapath.overlay import VXLAN_DEV, Overlay
+from bpflb.model.cluster import NetworkSettings, NodeInfo, Tunnel
 from bpflb.model.types import Mode, Proto
 from bpflb_lab.lab.netns import entered
 from tests.bpf.packets import (
@@ -224,3 +228,28 @@ def test_a_local_backends_reply_to_another_nodes_pod_leaves_the_overlay_from_the
     shown = Ether(out.data)
     assert out.retval == TC_ACT_OK and (shown[IP].src, shown[IPerror].dst) == (NODE1, NODE1), f"\n{shown!r}"
     assert (shown[IPerror].payload.sport, shown[IPerror].payload.dport) == (40000, 30080)
+
+
+def test_a_strict_rp_filter_on_the_node_is_said_once(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """conf.all.rp_filter 1 overrules the overlay device's 0 (the kernel takes the larger): the agent's overlay
+    says so once, names the setting and what it drops, and leaves the node's setting as it is."""
+    rp_filter = "/proc/sys/net/ipv4/conf/all/rp_filter"
+    with entered(node.ns):
+        with open(rp_filter, "w") as f:
+            f.write("1")
+        overlay_ = Overlay("eth0")
+        with caplog.at_level(logging.WARNING, logger="bpflb.datapath.overlay"):
+            overlay_.apply(NetworkSettings(Tunnel.VXLAN), NODES[0], NODES[1:])
+            overlay_.apply(NetworkSettings(Tunnel.VXLAN, vni=2), NODES[0], NODES[1:])
+        said = [r.getMessage() for r in caplog.records if "rp_filter" in r.getMessage()]
+        assert len(said) == 1 and "net.ipv4.conf.all.rp_filter is 1" in said[0] and "DSR requests" in said[0], said
+        with open(rp_filter) as f:
+            assert f.read().strip() == "1"
+        with open(f"/proc/sys/net/ipv4/conf/{VXLAN_DEV}/rp_filter") as f:
+            assert f.read().strip() == "0"
+        caplog.clear()
+        with open(rp_filter, "w") as f:
+            f.write("2")
+        with caplog.at_level(logging.WARNING, logger="bpflb.datapath.overlay"):
+            Overlay("eth0").apply(NetworkSettings(Tunnel.VXLAN), NODES[0], NODES[1:])
+        assert not [r for r in caplog.records if "rp_filter" in r.getMessage()]

@@ -40,6 +40,20 @@ class Overlay:
     def __init__(self, underlay_dev: str) -> None:
         self.underlay_dev = underlay_dev
         self.applied: tuple[Any, ...] | None = None
+        self.told_rp_filter = False     # a strict conf.all.rp_filter said (once, until it changes)
+
+    def _check_rp_filter(self) -> None:
+        """The kernel applies max(conf.all, conf.<device>) of rp_filter: a strict conf.all (1) overrules the
+        overlay device's 0. Said once per agent, not changed: the node's own setting (Deckhouse's nodes set
+        0 everywhere, as Cilium asks)."""
+        with open("/proc/sys/net/ipv4/conf/all/rp_filter") as f:
+            strict = f.read().strip() == "1"
+        if strict and not self.told_rp_filter:
+            log.warning("net.ipv4.conf.all.rp_filter is 1 (strict), and the kernel applies the larger of it and "
+                        "%s's 0: it drops what arrives through the overlay from addresses it routes elsewhere "
+                        "(DSR requests from clients, answers from other nodes' addresses to this node's pods). "
+                        "Set net.ipv4.conf.all.rp_filter to 0 or 2 (loose) on this node", VXLAN_DEV)
+        self.told_rp_filter = strict
 
     def vxlan_ifindex(self) -> int | None:
         with IPRoute() as ipr:
@@ -67,6 +81,7 @@ class Overlay:
         idx = self._vxlan_device(ipr, settings, me, underlay[0], mtu, actions)
         with open(f"/proc/sys/net/ipv4/conf/{VXLAN_DEV}/rp_filter", "w") as f:
             f.write("0")   # decapsulated requests carry client addresses the node has no route to via the tunnel
+        self._check_rp_filter()
         if me.pod_cidrs:
             own = f"{_gateway(me.pod_cidrs[0])}/32"
             have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
