@@ -9,29 +9,12 @@
 #include "parse.h"
 #include "nat.h"
 #include "icmp.h"
-
-/* Cluster prefixes (pod CIDRs, node addresses /32) -> the underlay address of the node holding them. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct lb_cidr_key);
-	__type(value, struct lb_tunnel_ep);
-	__uint(max_entries, 4096);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_tunnel_map SEC(".maps");
+#include "nodes.h"
 
 struct vxlanhdr_ {
 	__be32 flags;          /* 0x08000000: the VNI is valid */
 	__be32 vni;            /* VNI << 8 */
 };
-
-/* The node at the other end of the tunnel for a cluster address, or NULL. */
-static __always_inline struct lb_tunnel_ep *tunnel_endpoint(__be32 addr)
-{
-	struct lb_cidr_key key = { .prefixlen = 32, .addr = addr };
-
-	return bpf_map_lookup_elem(&lb_tunnel_map, &key);
-}
 
 /* The VTEP MAC of a node: 0e:b1 followed by its underlay IPv4 address (the agent gives its VXLAN
  * device the same), so no MAC needs distributing. */

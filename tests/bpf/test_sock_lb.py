@@ -17,17 +17,19 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bpflb.datapath.cgroup import attach_cgroup, attached_programs, cgroup2_mountpoint, detach_cgroup
+from bpflb.datapath.clustermaps import ClusterMaps
 from bpflb.datapath.lbmaps import LBMaps, NodeConfig
 from bpflb.datapath.libbpf import BpfError
 from bpflb.datapath.loader import BpfObject, ensure_bpffs, load_lb, load_sock
 from bpflb.model import maglev
+from bpflb.model.cluster import NodeInfo
 from bpflb.model.translate import translate
 from bpflb.model.types import (
     AgentSettings,
@@ -401,6 +403,28 @@ def test_a_nodeport_from_inside_gets_the_internal_view(lab: SockLab) -> None:
     assert set(names(out)) == {"echo-a", "echo-c"} and all(r["peer"] == [NODE1, 30080] for r in out)
     lab.program(state(nodeport))                                     # its view is gone: its own (none)
     assert lab.one("tcp", NODE1, 30080)[0]["errno"] == EHOSTUNREACH
+
+
+def test_another_nodes_nodeport_from_inside_gets_the_internal_view_too(lab: SockLab) -> None:
+    """A NodePort addressed at another node of the cluster (an address the node map holds as a node's own)
+    is the same Service port: the pod gets the internal view here, as for this node's NodePort, and the
+    application sees the address it connected to. An address of no node, and a pod address of that node,
+    with the same port are not translated; nor is another node's address on a port that is no NodePort."""
+    other, pod_of_other, stranger = "198.18.0.12", "10.244.2.50", "198.18.0.99"
+    ClusterMaps(lab.lb).sync({}, set(), set(), [
+        NodeInfo("node1", IPv4Address(NODE1), (IPv4Network("10.244.1.0/24"),)),
+        NodeInfo("node2", IPv4Address(other), (IPv4Network("10.244.2.0/24"),))])
+    cip = cluster_ip(["echo-a", "echo-c"])
+    nodeport = Frontend(l4(NODE1, 30080), FrontendKind.NODEPORT, "default/echo", "", True, (), False,
+                        internal=cip.l4)
+    lab.program(state(cip, nodeport))
+    out = lab.one("tcp", other, 30080, count=12)
+    assert all("errno" not in r for r in out), out
+    assert set(names(out)) == {"echo-a", "echo-c"} and all(r["peer"] == [other, 30080] for r in out)
+    for addr, port in ((stranger, 30080), (pod_of_other, 30080), (other, 30081)):
+        assert lab.one("tcp", addr, port)[0]["errno"] == ENETUNREACH, (addr, port)   # untranslated: no route
+    lab.program(state(cip))                                           # the NodePort gone: not translated
+    assert lab.one("tcp", other, 30080)[0]["errno"] == ENETUNREACH
 
 
 def test_an_external_ip_is_translated_only_when_it_is_the_nodes_own(lab: SockLab) -> None:

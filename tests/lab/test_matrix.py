@@ -125,34 +125,71 @@ POD_CLIENT = "10.244.1.100"     # client-pod, on node1
 NODE3 = "198.18.0.13"
 
 
+def pod_veths(lab: Lab, node: str) -> list[str]:
+    """The host side of the node's pod veths."""
+    out = lab.exec(node, ["ip", "-o", "link", "show", "type", "veth"], check=True).stdout
+    return [ln.split(": ")[1].split("@")[0] for ln in out.splitlines() if "link-netns" in ln and "-pod-" in ln]
+
+
 @pytest.mark.parametrize("lab", ["VXLAN"], indirect=True)
 @pytest.mark.parametrize("mode", ["SNAT", "DSR", "Hybrid"])
-def test_a_pod_reaches_another_nodes_nodeport_served_by_that_nodes_own_pod(lab: Lab, mode: str) -> None:
-    """client-pod, on node1, to node2's eTP Local NodePorts (node2's own echo-a) and to node3's NodePorts
-    (echo-b on node3 itself, or echo-a on node2: DSR over the overlay in DSR mode). The request reaches the
-    node's address natively; the answer of a pod of the node that load-balanced it, or of a DSR backend's
-    node, goes to a pod address, so through the overlay device: it is shown from the frontend there
-    (lb_overlay_egress), or client-pod's socket would reset it. Every probe answered, each pod having seen
-    client-pod itself, unless SNAT'd to node2's pod (then node3)."""
+def test_a_pod_bpflb_does_not_see_reaches_another_nodes_nodeport_served_by_that_nodes_own_pod(
+        lab: Lab, mode: str) -> None:
+    """A cluster moving to bpflb node by node: client-pod's own node does not translate its traffic (here:
+    node1's pod path detached, the probe outside the socket LB's cgroup; a node still on kube-proxy, whose
+    rules match only its own addresses, is the same). Its requests to node2's eTP Local NodePorts (node2's
+    own echo-a) and to node3's NodePorts (echo-b on node3, or echo-a on node2: DSR over the overlay in DSR
+    mode) reach those nodes natively; the answer of a pod of the node that load-balanced it, or of a DSR
+    backend's node, goes to a pod address, so through the overlay device: it is shown from the frontend
+    there (lb_overlay_egress), or client-pod's socket would reset it. Every probe answered, each pod having
+    seen client-pod itself, unless SNAT'd to node2's pod (then node3). node1's agent is restarted after,
+    which attaches its pod path again."""
     from bpflb.inspect import collect
 
     lab.set_mode(mode)
     before = collect(lab.pin_root / "node2")["counters"].get("reply_dnat", 0)
-    for proto, addr, port in (("TCP", NODE2, 30180), ("UDP", NODE2, 30181), ("TCP", NODE3, 30080),
-                              ("UDP", NODE3, 30081)):
-        probes: list[Probe] = ([HttpProbe(addr, port, ("/clientip",), 2.0) for _ in range(6)] if proto == "TCP"
-                               else [UdpProbe(addr, port, ("hostname", "clientip"), 2.0) for _ in range(6)])
-        results = lab.probe("client-pod", probes, parallel=1)
-        case = f"{mode}/{proto} client-pod -> {addr}:{port}"
-        assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
-        snat = mode == "SNAT" or (mode == "Hybrid" and proto == "UDP")
-        for r in results:
-            want = NODE3 if (addr == NODE3 and r.pod == "echo-a" and snat) else POD_CLIENT
-            assert seen_ip(r.replies[-1]) == want, f"{case}: {r.pod} saw {r.replies[-1]}"
-            if addr == NODE2:
-                assert r.pod == "echo-a", case
+    veths = pod_veths(lab, "node1")
+    assert veths, "client-pod's veth on node1"
+    try:
+        for dev in veths:
+            lab.exec("node1", ["tc", "filter", "del", "dev", dev, "ingress"], check=True)
+        for proto, addr, port in (("TCP", NODE2, 30180), ("UDP", NODE2, 30181), ("TCP", NODE3, 30080),
+                                  ("UDP", NODE3, 30081)):
+            probes: list[Probe] = ([HttpProbe(addr, port, ("/clientip",), 2.0) for _ in range(6)] if proto == "TCP"
+                                   else [UdpProbe(addr, port, ("hostname", "clientip"), 2.0) for _ in range(6)])
+            results = lab.probe("client-pod", probes, parallel=1, in_cgroup=False)
+            case = f"{mode}/{proto} client-pod -> {addr}:{port}"
+            assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
+            snat = mode == "SNAT" or (mode == "Hybrid" and proto == "UDP")
+            for r in results:
+                want = NODE3 if (addr == NODE3 and r.pod == "echo-a" and snat) else POD_CLIENT
+                assert seen_ip(r.replies[-1]) == want, f"{case}: {r.pod} saw {r.replies[-1]}"
+                if addr == NODE2:
+                    assert r.pod == "echo-a", case
+    finally:
+        lab.restart_agent("node1")
     # node2 showed its own pod's answers from the frontend: at least the 12 to its eTP Local NodePorts.
     assert collect(lab.pin_root / "node2")["counters"].get("reply_dnat", 0) - before >= 12
+
+
+@pytest.mark.parametrize("mode", ["SNAT", "DSR", "Hybrid"])
+def test_pods_and_nodes_reach_every_nodes_nodeport_whichever_pod_answers(lab: Lab, mode: str) -> None:
+    """In-cluster clients to any node's NodePort get the port's internal view where they are, through the
+    socket LB (in the node's cgroup) or the pod path (a pod's process outside it), as Cilium's socket LB
+    gives it: nothing makes the trip to that node, so DSR never answers a pod from an address it did not
+    address -- echo-a through node1 to echo-a itself (a hairpin), node2 through node3 to node2's own
+    echo-a. Every request answered, by both pods over the runs, the pods seeing the client's own address
+    (or the hairpin's)."""
+    lab.set_mode(mode)
+    for client, in_cgroup in (("echo-a", True), ("echo-a", False), ("echo-b", False), ("node2", True)):
+        answered: set[str] = set()
+        for addr in (NODE1, NODE2, NODE3):
+            probes: list[Probe] = [HttpProbe(addr, 30080, ("/hostname",), 2.0) for _ in range(6)]
+            results = lab.probe(client, probes, parallel=1, in_cgroup=in_cgroup)
+            case = f"{mode} {client} ({'socket LB' if in_cgroup else 'pod path'}) -> {addr}:30080"
+            assert all(r.ok for r in results), f"{case}: {[r.error for r in results]}"
+            answered |= {r.pod for r in results if r.pod}
+        assert answered == {"echo-a", "echo-b"}, (mode, client, answered)     # 18 draws: both (p ~ 8e-6)
 
 
 @pytest.mark.parametrize("mode", ["SNAT", "DSR"])
