@@ -20,7 +20,7 @@ from bpflb.datapath.eastwest import EastWestMaps
 from bpflb.datapath.lbmaps import NodeConfig
 from bpflb.datapath.libbpf import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, const
 from bpflb.model import maglev
-from bpflb.model.cluster import dsr_backends, dsr_frontends, local_backends
+from bpflb.model.cluster import NodeInfo, dsr_backends, dsr_frontends, local_backends
 from bpflb.model.types import (
     AgentSettings,
     Algorithm,
@@ -41,6 +41,7 @@ from tests.bpf.packets import (
     LOCAL_POD_MAC,
     LXC_MAC,
     NODE1,
+    NODE2,
     REMOTE_POD,
     Node,
     XdpNode,
@@ -251,6 +252,26 @@ def test_a_nodeport_addressed_by_a_pod_gets_the_internal_view(node: Node) -> Non
     assert (Ether(reply.data)[IP].src, Ether(reply.data)[TCP].sport) == (NODE1, 30080)
     # From outside, the same NodePort keeps its external view: eTP Local without a local endpoint drops.
     assert node.ingress(frame_in(TCP(sport=40001, dport=30080, flags="S"))).retval == TC_ACT_SHOT
+
+
+def test_another_nodes_nodeport_addressed_by_a_pod_gets_the_internal_view_too(node: Node) -> None:
+    """node2's address (a node's own in the node map) with node1's NodePort: the same Service port, so the
+    pod path DNATs it to the internal view's backend here and shows the reply from node2's address. A pod
+    address of node2 with that port, and node2's address with a port that is no NodePort, pass untouched."""
+    node.cluster.sync({}, set(), set(), [NodeInfo("node1", IPv4Address(NODE1), (POD_CIDR,)),
+                                         NodeInfo("node2", IPv4Address(NODE2), (IPv4Network("10.244.2.0/24"),))])
+    service_cip = cip(["echo-c"])
+    nodeport = Frontend(l4(NODE1, 30080), FrontendKind.NODEPORT, "default/echo", "", True, (), False,
+                        internal=service_cip.l4)
+    node.program(state(service_cip, nodeport))
+    run = pod_in(node, from_pod(TCP(sport=40000, dport=30080, flags="S"), dst=NODE2))
+    assert run.retval == TC_ACT_OK and Ether(run.data)[IP].dst == REMOTE_PODS["echo-c"], f"\n{Ether(run.data)!r}"
+    reply = pod_out(node, to_pod(REMOTE_PODS["echo-c"], TCP(sport=8080, dport=40000, flags="SA")))
+    assert (Ether(reply.data)[IP].src, Ether(reply.data)[TCP].sport) == (NODE2, 30080)
+    for dst, port in (("10.244.2.50", 30080), (NODE2, 30081)):
+        frame = from_pod(TCP(sport=40001, dport=port, flags="S"), dst=dst)
+        out = pod_in(node, frame)
+        assert (out.retval, out.data) == (TC_ACT_OK, frame), (dst, port)
 
 
 def test_pod_flows_leave_the_external_device_untouched(node: Node) -> None:
