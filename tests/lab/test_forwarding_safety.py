@@ -289,10 +289,7 @@ def test_a_replaced_pod_keeping_its_address_is_reached_at_once(request: pytest.F
                       for addr, (t, n, _) in answered.items()))
     for addr, (took, attempts, why) in answered.items():
         assert took is not None, f"{addr}:30080 never reached the new echo-a in 5 s ({attempts} attempts; {why})"
-        # The first SYN on a quiet machine (0.1 s, one attempt). Once in CI both frontends first answered at
-        # 1.05 s (the 5th attempt): a second lost, to the agent's thread acting late on the bridge's event or
-        # to an ARP request retried after its 1 s (not determined). The bug this guards against cost 35-75 s.
-        assert took <= 2.0, f"{addr}:30080 reached the new echo-a only {took:.2f}s after the replacement ({why})"
+        assert took <= 1.0, f"{addr}:30080 reached the new echo-a only {took:.2f}s after the replacement ({why})"
     # node2 has forgotten the old MAC by now (it learned the new one, or it has no entry at all).
     assert old_mac not in lab.exec("node2", ["ip", "neigh", "show", ECHO_A]).stdout
 
