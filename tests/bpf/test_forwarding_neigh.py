@@ -267,3 +267,33 @@ def test_without_the_hygiene_the_kernel_keeps_the_dead_mac(bridged: Bridged) -> 
     assert neigh_state(node, "10.9.0.10", "cni0")[0] == old_mac
     with entered(node):
         assert not _first_syn_answered("10.9.0.10", 9)
+
+
+def test_an_address_asked_for_while_its_new_pod_came_up_is_resolved_without_the_kernels_wait(bridged: Bridged) -> None:
+    """Traffic to the address between the old pod's going and the new pod's coming leaves the kernel resolving it
+    (INCOMPLETE), asking again only after its retransmit time (here 10 s, 1 s by default). The watcher asks for
+    each address it forgot, from the bridge, until the kernel holds a new MAC: the new pod's reply completes the
+    pending entry at once, well before the kernel's own next request."""
+    node = bridged.node
+    with entered(node):
+        assert _first_syn_answered("10.9.0.10", 9)
+    old_mac = neigh_state(node, "10.9.0.10", "cni0")[0]
+    subprocess.run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.neigh.cni0.retrans_time_ms=10000"],
+                   check=True)
+    with entered(node):
+        hygiene = NeighbourHygiene()
+        hygiene.start()
+    try:
+        remove_pod(node, "a", bridged.pods["a"])
+        wait_for("the old pod's neighbour entry to be forgotten",
+                 lambda: neigh_state(node, "10.9.0.10", "cni0") == ("", ""))
+        with entered(node), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"while it is away", ("10.9.0.10", 9))             # the kernel starts resolving: no answer
+        assert neigh_state(node, "10.9.0.10", "cni0")[1] == "INCOMPLETE"
+        add_pod(node, "c", bridged.pods["a"], "10.9.0.10")
+        # Within 3 s of the new pod's coming, the kernel's own next request being 10 s away.
+        wait_for("the kernel's entry to hold the new pod's MAC",
+                 lambda: neigh_state(node, "10.9.0.10", "cni0")[0] == mac_of(bridged.pods["a"], "eth0"), timeout=3)
+        assert neigh_state(node, "10.9.0.10", "cni0")[0] != old_mac
+    finally:
+        hygiene.stop()

@@ -9,7 +9,13 @@ DELAY and PROBE; 35 s measured on a bridge with a fixed MAC).  Nothing in the Se
 MAC.  The bridge's own event is immediate, Kubernetes-independent, and names exactly the MAC that went
 away; the datapath (fib.h) then resolves through the kernel's neighbour table, so the new pod is reachable
 through bpflb and through the kernel's forwarding alike as soon as it answers ARP.  Entries an administrator
-made permanent are left alone.  Per-pod routed devices (no bridge) need none of this: deleting the device
+made permanent are left alone.
+
+Traffic to the address while the new pod is not up yet leaves the kernel resolving it (INCOMPLETE), and the
+kernel asks again only after its retransmit time (1 s): the new pod would be reached up to a second after it
+is up.  So for a few seconds after forgetting an address the watcher asks for it itself, every 0.1 s, from
+the bridge (an ARP request with the bridge's own MAC and address); the new pod's reply completes the
+kernel's pending entry at once, its queued packets with it (a reply to no pending entry is ignored).  Per-pod routed devices (no bridge) need none of this: deleting the device
 deletes its neighbours."""
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -36,6 +44,10 @@ NDA_MASTER = 9
 NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
+NUD_RESOLVED = 0x02 | 0x04 | 0x08 | 0x10     # REACHABLE, STALE, DELAY, PROBE: the kernel holds a MAC
+ETH_P_ARP = 0x0806
+PROBE_EVERY_S = 0.1      # how often a forgotten address is asked for ...
+PROBE_FOR_S = 5.0        # ... and for how long at most (until the kernel holds a new MAC for it)
 _NLMSG = struct.Struct("=IHHII")     # struct nlmsghdr
 _NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg: family, ifindex, state, flags, type
 _RTA = struct.Struct("=HH")          # struct rtattr
@@ -98,6 +110,36 @@ def forget(gone: StationGone, ipr: IPRoute) -> list[str]:
     return forgotten
 
 
+def arp_request(sender_mac: bytes, sender_ip: bytes, target_ip: bytes) -> bytes:
+    """A broadcast ARP request for target_ip from (sender_mac, sender_ip)."""
+    return (b"\xff" * 6 + sender_mac + struct.pack("!H", ETH_P_ARP) +
+            struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + sender_mac + sender_ip + b"\x00" * 6 + target_ip)
+
+
+@dataclass
+class _Probe:
+    """A forgotten address asked for until the kernel holds a MAC for it other than the one that left."""
+
+    addr: str
+    bridge: int
+    gone_mac: str
+    until: float
+
+
+def _bridge_source(ipr: IPRoute, bridge: int, addr: str) -> tuple[str, bytes, bytes] | None:
+    """(name, MAC, IPv4 address in addr's subnet) of the bridge, or None when it has no such address."""
+    links = ipr.get_links(bridge)
+    if not links:
+        return None
+    name, mac = links[0].get_attr("IFLA_IFNAME"), links[0].get_attr("IFLA_ADDRESS")
+    target = IPv4Address(addr)
+    for a in ipr.get_addr(index=bridge, family=socket.AF_INET):
+        net = IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)
+        if target in net and name and mac:
+            return str(name), bytes.fromhex(str(mac).replace(":", "")), IPv4Address(a.get_attr("IFA_ADDRESS")).packed
+    return None
+
+
 class NeighbourHygiene:
     """Watches this network namespace's bridges in a thread; start() once, stop() at the end."""
 
@@ -128,9 +170,11 @@ class NeighbourHygiene:
 
     def _run(self) -> None:
         assert self._sock is not None
-        with IPRoute() as ipr:
+        probes: list[_Probe] = []
+        with IPRoute() as ipr, socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self._sock], [], [], 0.5)
+                ready, _, _ = select.select([self._sock], [], [], PROBE_EVERY_S if probes else 0.5)
+                probes = self._ask(ipr, raw, probes)
                 if not ready:
                     continue
                 try:
@@ -144,8 +188,33 @@ class NeighbourHygiene:
                     except Exception:
                         log.exception("forgetting the neighbours of %s failed", gone.mac)
                         continue
+                    probes += [_Probe(a, gone.bridge, gone.mac, time.monotonic() + PROBE_FOR_S) for a in forgotten
+                               if gone.bridge]
                     if forgotten:
                         log.info("forgot neighbour %s (%s): that MAC left bridge ifindex %d; the next packet "
                                  "resolves the address again", ", ".join(forgotten), gone.mac, gone.bridge)
                     if self._on_forget is not None:
                         self._on_forget(gone, forgotten)
+
+    @staticmethod
+    def _ask(ipr: IPRoute, raw: socket.socket, probes: list[_Probe]) -> list[_Probe]:
+        """Ask once more for each forgotten address the kernel holds no new MAC for; the ones still to ask."""
+        now, left = time.monotonic(), []
+        for probe in probes:
+            if now > probe.until:
+                continue
+            try:
+                held = [n for n in ipr.get_neighbours(family=socket.AF_INET, dst=probe.addr, ifindex=probe.bridge)
+                        if n["state"] & NUD_RESOLVED and str(n.get_attr("NDA_LLADDR") or "").lower() != probe.gone_mac]
+                if held:
+                    continue
+                source = _bridge_source(ipr, probe.bridge, probe.addr)
+                if source is None:
+                    continue
+                name, mac, ip = source
+                raw.sendto(arp_request(mac, ip, IPv4Address(probe.addr).packed), (name, ETH_P_ARP))
+            except (OSError, NetlinkError) as exc:     # the bridge went away meanwhile, say
+                log.debug("asking for %s: %s", probe.addr, exc)
+                continue
+            left.append(probe)
+        return left
