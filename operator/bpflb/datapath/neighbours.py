@@ -13,9 +13,10 @@ made permanent are left alone.
 
 Traffic to the address while the new pod is not up yet leaves the kernel resolving it (INCOMPLETE), and the
 kernel asks again only after its retransmit time (1 s): the new pod would be reached up to a second after it
-is up.  So for a few seconds after forgetting an address the watcher asks for it itself, every 0.1 s, from
-the bridge (an ARP request with the bridge's own MAC and address); the new pod's reply completes the
-kernel's pending entry at once, its queued packets with it (a reply to no pending entry is ignored).  Per-pod routed devices (no bridge) need none of this: deleting the device
+is up.  So for a few seconds after a MAC leaves a bridge the watcher asks itself, every 0.1 s, for every
+address the kernel is still resolving on that bridge (an ARP request with the bridge's own MAC and address):
+the new pod's reply completes the kernel's pending entry at once, its queued packets with it.  This also
+covers a bridge that lost its last port, where the kernel flushed the entries itself on carrier loss.  Per-pod routed devices (no bridge) need none of this: deleting the device
 deletes its neighbours."""
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ NDA_MASTER = 9
 NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
-NUD_RESOLVED = 0x02 | 0x04 | 0x08 | 0x10     # REACHABLE, STALE, DELAY, PROBE: the kernel holds a MAC
+NUD_PENDING = 0x01 | 0x20                     # INCOMPLETE, FAILED: the kernel is resolving, or gave up for now
 ETH_P_ARP = 0x0806
-PROBE_EVERY_S = 0.1      # how often a forgotten address is asked for ...
-PROBE_FOR_S = 5.0        # ... and for how long at most (until the kernel holds a new MAC for it)
+PROBE_EVERY_S = 0.1      # how often the addresses pending on a bridge a MAC left are asked for ...
+PROBE_FOR_S = 5.0        # ... and for how long after it left
 _NLMSG = struct.Struct("=IHHII")     # struct nlmsghdr
 _NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg: family, ifindex, state, flags, type
 _RTA = struct.Struct("=HH")          # struct rtattr
@@ -118,11 +119,9 @@ def arp_request(sender_mac: bytes, sender_ip: bytes, target_ip: bytes) -> bytes:
 
 @dataclass
 class _Probe:
-    """A forgotten address asked for until the kernel holds a MAC for it other than the one that left."""
+    """A bridge a MAC left: its pending addresses are asked for until `until`."""
 
-    addr: str
     bridge: int
-    gone_mac: str
     until: float
 
 
@@ -188,8 +187,9 @@ class NeighbourHygiene:
                     except Exception:
                         log.exception("forgetting the neighbours of %s failed", gone.mac)
                         continue
-                    probes += [_Probe(a, gone.bridge, gone.mac, time.monotonic() + PROBE_FOR_S) for a in forgotten
-                               if gone.bridge]
+                    if gone.bridge:
+                        probes = [p for p in probes if p.bridge != gone.bridge]
+                        probes.append(_Probe(gone.bridge, time.monotonic() + PROBE_FOR_S))
                     if forgotten:
                         log.info("forgot neighbour %s (%s): that MAC left bridge ifindex %d; the next packet "
                                  "resolves the address again", ", ".join(forgotten), gone.mac, gone.bridge)
@@ -198,23 +198,21 @@ class NeighbourHygiene:
 
     @staticmethod
     def _ask(ipr: IPRoute, raw: socket.socket, probes: list[_Probe]) -> list[_Probe]:
-        """Ask once more for each forgotten address the kernel holds no new MAC for; the ones still to ask."""
+        """Ask once more for every address pending on each bridge a MAC left lately; the bridges still to watch."""
         now, left = time.monotonic(), []
         for probe in probes:
             if now > probe.until:
                 continue
-            try:
-                held = [n for n in ipr.get_neighbours(family=socket.AF_INET, dst=probe.addr, ifindex=probe.bridge)
-                        if n["state"] & NUD_RESOLVED and str(n.get_attr("NDA_LLADDR") or "").lower() != probe.gone_mac]
-                if held:
-                    continue
-                source = _bridge_source(ipr, probe.bridge, probe.addr)
-                if source is None:
-                    continue
-                name, mac, ip = source
-                raw.sendto(arp_request(mac, ip, IPv4Address(probe.addr).packed), (name, ETH_P_ARP))
-            except (OSError, NetlinkError) as exc:     # the bridge went away meanwhile, say
-                log.debug("asking for %s: %s", probe.addr, exc)
-                continue
             left.append(probe)
+            try:
+                for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=probe.bridge):
+                    if not n["state"] & NUD_PENDING:
+                        continue
+                    addr = str(n.get_attr("NDA_DST"))
+                    source = _bridge_source(ipr, probe.bridge, addr)
+                    if source is not None:
+                        name, mac, ip = source
+                        raw.sendto(arp_request(mac, ip, IPv4Address(addr).packed), (name, ETH_P_ARP))
+            except (OSError, NetlinkError) as exc:     # the bridge went away meanwhile, say
+                log.debug("asking for the addresses pending on bridge %d: %s", probe.bridge, exc)
         return left
