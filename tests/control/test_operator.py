@@ -200,8 +200,9 @@ def test_enabled_false_tells_the_agents_to_uninstall_then_removes_them(
     status = wait_for("Disabled", lambda: (s := mc_status(client)) and
                       condition(s, "Ready").get("reason") == "Disabled" and s)
     assert condition(status, "Progressing")["status"] == "False"
-    assert any("deleted DaemonSet kube-system/bpflb-agent: every agent removed its datapath" in e
-               for e in events(client))
+    # The Events are posted after the handler's writes (the status among them).
+    wait_for("the Event", lambda: any("deleted DaemonSet kube-system/bpflb-agent: every agent removed its datapath"
+                                      in e for e in events(client)))
 
     client.merge_patch(f"{MC_PATH}/cni-cilium", {"spec": {"enabled": True}})
     wait_for("the DaemonSet again", lambda: client.get(DS_PATH))
